@@ -1,0 +1,78 @@
+"""The interface between the public ops and an implementation (pure JAX or CUDA kernels).
+
+The ops in `normal.py` / `low_latency.py` validate arguments, apply autodiff rules and then call
+one of these methods per shard (inside `shard_map`). Token payloads travel as `parts`: a tuple of
+arrays sharing the leading token dimension (`(x,)` for bf16, `(x_fp8, scales)` for FP8).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Protocol
+
+import jax
+
+from .config import Config
+from .types import DispatchHandle, DispatchLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class RankContext:
+    """Static facts about the expert-parallel axis, known at trace time."""
+
+    axis_name: str
+    num_ranks: int
+    ranks_per_node: int
+
+    def rank(self) -> jax.Array:
+        return jax.lax.axis_index(self.axis_name)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_ranks // self.ranks_per_node
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchResult:
+    recv_parts: tuple
+    recv_topk_idx: Optional[jax.Array]
+    recv_topk_weights: Optional[jax.Array]
+    num_recv_tokens_per_expert: jax.Array
+    num_recv_tokens: jax.Array
+    handle: DispatchHandle
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyOptions:
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+    use_fp8: bool
+    round_scale: bool
+    use_ue8m0: bool
+
+
+class Backend(Protocol):
+    name: str
+
+    def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout: ...
+
+    def dispatch(self, ctx: RankContext, config: Config, parts: tuple, topk_idx, topk_weights,
+                 layout: DispatchLayout, num_experts: int, num_worst_tokens: int,
+                 expert_alignment: int) -> DispatchResult: ...
+
+    def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts: tuple,
+                        topk_weights=None) -> tuple:
+        """Returns (recv_parts, recv_topk_weights or None); padding rows are zero."""
+
+    def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights,
+                bias: tuple) -> tuple:
+        """Returns (combined_x bf16 [T, H], combined_topk_weights f32 [T, K] or None)."""
+
+    def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict: ...
+
+    def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
+        """Returns (recv_x, recv_count, recv_src_info, recv_layout_range, send_slot)."""
+
+    def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle,
+                                 use_logfmt: bool, zero_copy: bool) -> dict: ...
+
+    def low_latency_combine_recv(self, ctx: RankContext, transit: dict): ...

@@ -1,0 +1,196 @@
+"""`Buffer`: the host-side owner of the communication buffers of one expert-parallel mesh axis.
+
+It picks the implementation once (CUDA kernels on a GPU mesh when the library is built, pure
+JAX otherwise), holds the device state, and exposes the ops of SPEC.md; the ops themselves are
+called per shard, inside `jax.shard_map` over `axis_name`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import jax
+
+from . import low_latency as _ll
+from . import normal as _normal
+from .backend import RankContext
+from .config import (Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint)
+from .reference import BACKEND as REFERENCE_BACKEND
+from .validation import DeepEPError, axis_size, fail
+
+
+def _mesh_platform(mesh) -> str:
+    platforms = {d.platform for d in mesh.devices.flat}
+    return platforms.pop() if len(platforms) == 1 else "mixed"
+
+
+class Buffer:
+    """Communication buffers for expert parallelism over `mesh` axis `axis_name`.
+
+    Collective in a multi-process job: every process constructs it with the same arguments.
+    `ranks_per_node` overrides how many consecutive ranks share NVLink (tests use it to make
+    one machine play several nodes); by default it comes from the devices' hosts.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, mesh, axis_name: str = "ep", *, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, ranks_per_node: Optional[int] = None):
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise DeepEPError(f"Buffer: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if axis_name not in mesh.axis_names:
+            raise DeepEPError(f"Buffer: `axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
+                            ("num_qps_per_rank", num_qps_per_rank)):
+            if not isinstance(value, int) or value < 0:
+                raise DeepEPError(f"Buffer: `{name}` must be a non-negative int, got {value!r}")
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.num_ranks = int(mesh.shape[axis_name])
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        if ranks_per_node is None:
+            ranks_per_node = int(os.environ.get("JAX_DEEPEP_RANKS_PER_NODE", self.num_ranks))
+        if ranks_per_node <= 0 or self.num_ranks % ranks_per_node:
+            raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
+                              f"got {ranks_per_node}")
+        self.ranks_per_node = min(ranks_per_node, self.num_ranks)
+        self.backend = self._make_backend()
+        self._destroyed = False
+
+    def _make_backend(self):
+        choice = os.environ.get("JAX_DEEPEP_BACKEND", "auto")
+        if choice == "reference" or _mesh_platform(self.mesh) != "gpu":
+            return REFERENCE_BACKEND
+        from . import gpu
+
+        if not gpu.available():
+            if choice == "cuda":
+                raise DeepEPError(f"Buffer: JAX_DEEPEP_BACKEND=cuda but the CUDA library is unusable: "
+                                  f"{gpu.unavailable_reason()}")
+            warnings.warn(f"jax_deepep: CUDA library not available ({gpu.unavailable_reason()}); "
+                          "using the pure-JAX implementation")
+            return REFERENCE_BACKEND
+        return gpu.CudaBackend(self)
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def destroy(self):
+        """Free the device buffers (idempotent)."""
+        if not self._destroyed and hasattr(self.backend, "destroy"):
+            self.backend.destroy()
+        self._destroyed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    @property
+    def is_destroyed(self) -> bool:
+        return self._destroyed
+
+    # ---- configuration --------------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int):
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+            raise DeepEPError(f"Buffer.set_num_sms: `new_num_sms` must be a positive even int, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return default_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return default_combine_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- per-shard ops ----------------------------------------------------------------------
+    def _context(self, op: str) -> RankContext:
+        if self._destroyed:
+            fail(op, "this Buffer was destroyed")
+        size = axis_size(op, self.axis_name)
+        if size != self.num_ranks:
+            fail(op, f"axis {self.axis_name!r} has size {size} here but the Buffer was made for "
+                     f"{self.num_ranks} ranks")
+        return RankContext(self.axis_name, self.num_ranks, self.ranks_per_node)
+
+    def _config(self, op: str, config: Optional[Config], default: Config, hidden: int) -> Config:
+        if config is None:
+            config = default
+        elif not isinstance(config, Config):
+            fail(op, f"`config` must be a deepep.Config, got {type(config).__name__}")
+        if self.num_nvl_bytes:
+            need = config.get_nvl_buffer_size_hint(hidden * 2, self.num_ranks)
+            if self.num_nvl_bytes < need:
+                fail(op, f"the Buffer is too small: num_nvl_bytes={self.num_nvl_bytes} but this config and "
+                         f"hidden size {hidden} need {need} (Config.get_nvl_buffer_size_hint)")
+        return config
+
+    def get_dispatch_layout(self, topk_idx, num_experts: int):
+        ctx = self._context("get_dispatch_layout")
+        return _normal.get_dispatch_layout(self.backend, ctx, topk_idx, num_experts)
+
+    def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
+                 num_worst_tokens=None, expert_alignment=1, config=None):
+        ctx = self._context("dispatch")
+        hidden = (x[0] if isinstance(x, (tuple, list)) else x).shape[-1]
+        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks), hidden)
+        return _normal.dispatch(self.backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                num_experts=num_experts, layout=layout, handle=handle,
+                                num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment)
+
+    def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
+        ctx = self._context("combine")
+        config = self._config("combine", config, self.get_combine_config(self.num_ranks), y.shape[-1])
+        return _normal.combine(self.backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
+
+    def _low_latency_context(self, op: str, num_max_dispatch_tokens_per_rank=None, hidden=None,
+                             num_experts=None) -> RankContext:
+        ctx = self._context(op)
+        if not self.low_latency_mode:
+            fail(op, "needs a Buffer created with low_latency_mode=True")
+        if self.num_rdma_bytes <= 0:
+            fail(op, "needs a Buffer created with num_rdma_bytes > 0 "
+                     "(see Buffer.get_low_latency_rdma_size_hint)")
+        if hidden is not None and isinstance(num_experts, int) and isinstance(num_max_dispatch_tokens_per_rank, int):
+            need = low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks, num_experts)
+            if self.num_rdma_bytes < need:
+                fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but "
+                         f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}, hidden={hidden}, "
+                         f"num_experts={num_experts} need {need} (Buffer.get_low_latency_rdma_size_hint)")
+        return ctx
+
+    def low_latency_dispatch(self, x, topk_idx, *, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
+                             round_scale=False, use_ue8m0=False, return_recv_hook=False):
+        ctx = self._low_latency_context("low_latency_dispatch", num_max_dispatch_tokens_per_rank,
+                                        x.shape[-1] if hasattr(x, "shape") else None, num_experts)
+        return _ll.low_latency_dispatch(self.backend, ctx, x, topk_idx,
+                                        num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+                                        num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
+                                        use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
+
+    def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
+                            return_recv_hook=False):
+        ctx = self._low_latency_context("low_latency_combine")
+        return _ll.low_latency_combine(self.backend, ctx, y, topk_idx, topk_weights, handle,
+                                       use_logfmt=use_logfmt, zero_copy=zero_copy,
+                                       return_recv_hook=return_recv_hook)
+
+    def low_latency_recv(self, pending):
+        ctx = self._low_latency_context("low_latency_recv")
+        return _ll.low_latency_recv(self.backend, ctx, pending)
+
+    def __repr__(self):
+        return (f"Buffer(axis_name={self.axis_name!r}, num_ranks={self.num_ranks}, backend={self.backend.name}, "
+                f"low_latency_mode={self.low_latency_mode})")

@@ -1,0 +1,97 @@
+"""Kernel launch configuration and buffer-size hints (SPEC.md section 1)."""
+from __future__ import annotations
+
+import dataclasses
+
+# Upper bounds the kernels are built for; the hints size buffers for them.
+MAX_TOPK = 32
+MAX_NVL_PEERS = 8
+FP8_BLOCK = 128  # channels per FP8 scale
+_ALIGN = 128
+
+
+def _align(n: int, to: int = _ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """SM count and chunk sizes of the normal-mode kernels.
+
+    One channel uses two SMs (a sender and a receiver block), as in DeepEP, so `num_sms`
+    must be even. `num_max_nvl_chunked_recv_tokens` is the per-channel, per-peer ring size
+    in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
+    publishing its tail.
+    """
+
+    num_sms: int
+    num_max_nvl_chunked_send_tokens: int
+    num_max_nvl_chunked_recv_tokens: int
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self):
+        if self.num_sms <= 0 or self.num_sms % 2:
+            raise ValueError(f"Config.num_sms must be a positive even number, got {self.num_sms}")
+        for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                     "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)}")
+        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(
+                "Config.num_max_nvl_chunked_send_tokens must be <= num_max_nvl_chunked_recv_tokens, got "
+                f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer one rank needs for tokens of `hidden_bytes` bytes."""
+        num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
+        num_rdma_ranks = max(num_ranks // MAX_NVL_PEERS, 1)
+        slots = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
+        per_token = (hidden_bytes  # payload
+                     + MAX_TOPK * (4 + 4)  # top-k ids and weights
+                     + (hidden_bytes // FP8_BLOCK) * 4  # FP8 scales (upper bound)
+                     + 16)  # source index and metadata
+        counters = self.num_channels * num_nvl_ranks * (2 * num_rdma_ranks + 4) * 4
+        return _align(counters + slots * per_token)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
+        if num_ranks <= MAX_NVL_PEERS:
+            return 0
+        num_rdma_ranks = num_ranks // MAX_NVL_PEERS
+        slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
+        per_token = hidden_bytes + MAX_TOPK * 8 + (hidden_bytes // FP8_BLOCK) * 4 + 32
+        counters = self.num_channels * num_rdma_ranks * (MAX_NVL_PEERS * 2 + 2) * 4 * 2
+        return _align(counters + 2 * slots * per_token)
+
+
+def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
+    """Tuned defaults per rank count (smaller rings for more peers keep the buffer bounded)."""
+    recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
+    return Config(num_sms, 32, recv, 6, 256)
+
+
+def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+    recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
+    return Config(num_sms, 16, recv, 6, 256)
+
+
+def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                               num_experts: int) -> int:
+    """Bytes of symmetric buffer the low-latency kernels need (two alternating halves).
+
+    Each half holds one dispatch receive area (bf16 rows of every expert slot, big enough
+    for FP8 rows too) plus one combine receive area, and per-expert signalling counters.
+    """
+    m = num_max_dispatch_tokens_per_rank
+    dispatch_row = 16 + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
+    combine_row = hidden * 2
+    dispatch_recv = num_experts * m * dispatch_row
+    combine_recv = num_experts * m * combine_row
+    signals = num_experts * 4 * 2
+    half = _align(dispatch_recv) + _align(combine_recv) + _align(signals)
+    return 2 * half

@@ -1,0 +1,57 @@
+"""Per-128-channel FP8 (e4m3) casting, as the dispatch kernels do it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import FP8_BLOCK
+
+FP8_MAX = 448.0
+_MIN_AMAX = 1e-4  # keeps all-zero blocks from producing a zero scale
+
+
+def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = False):
+    """Cast `x [..., H]` to `(float8_e4m3fn [..., H], scales)`.
+
+    scale = amax(|block|) / 448 per 128 channels; `round_scale` rounds it up to a power of two.
+    Scales are f32 `[..., H // 128]`, or with `use_ue8m0` int32 `[..., H // 512]` holding four
+    UE8M0 bytes (the f32 exponent field) each, lowest channel block in the lowest byte.
+    """
+    *lead, h = x.shape
+    blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
+    amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)
+    scale = amax / FP8_MAX
+    if round_scale or use_ue8m0:
+        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+    q = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, h)
+    if not use_ue8m0:
+        return q, scale
+    return q, pack_ue8m0(scale)
+
+
+def pack_ue8m0(scale):
+    """Pack power-of-two f32 scales `[..., G]` (G % 4 == 0) into int32 `[..., G // 4]`."""
+    exponent = (jax.lax.bitcast_convert_type(scale, jnp.uint32) >> 23) & 0xFF
+    *lead, g = exponent.shape
+    exponent = exponent.reshape(*lead, g // 4, 4)
+    shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+    packed = jnp.sum(exponent << shifts, axis=-1, dtype=jnp.uint32)
+    return jax.lax.bitcast_convert_type(packed, jnp.int32)
+
+
+def unpack_ue8m0(packed):
+    """Inverse of `pack_ue8m0`: int32 `[..., G // 4]` -> f32 scales `[..., G]`."""
+    words = jax.lax.bitcast_convert_type(packed, jnp.uint32)
+    shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+    exponent = (words[..., None] >> shifts) & 0xFF
+    scale = jax.lax.bitcast_convert_type(exponent << 23, jnp.float32)
+    return scale.reshape(*packed.shape[:-1], packed.shape[-1] * 4)
+
+
+def per_block_cast_back(x_fp8, scales, dtype=jnp.bfloat16):
+    """Dequantise `(x_fp8, scales)`; int32 scales are read as packed UE8M0."""
+    if scales.dtype == jnp.int32:
+        scales = unpack_ue8m0(scales)
+    *lead, h = x_fp8.shape
+    blocks = x_fp8.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
+    return (blocks * scales[..., None]).reshape(*lead, h).astype(dtype)

@@ -1,0 +1,221 @@
+"""Normal-mode ops (SPEC.md section 2): validation, autodiff rules, then the backend.
+
+The rules: the cotangent of dispatch is a combine over the same handle; the cotangent of
+combine is a cached dispatch. They hold for any backend, so pure JAX and CUDA share them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import checking
+from .backend import RankContext
+from .config import Config
+from .types import DispatchHandle, DispatchLayout, DispatchOutput
+from .validation import expect_array, fail, index_dtypes, token_parts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable, trace-time arguments of one op (the custom_vjp's non-differentiable part)."""
+
+    backend: Any
+    ctx: RankContext
+    config: Config
+    num_experts: int = 0
+    num_worst_tokens: int = 0
+    expert_alignment: int = 1
+
+
+def _output(result, is_fp8: bool) -> DispatchOutput:
+    recv_x = tuple(result.recv_parts) if is_fp8 else result.recv_parts[0]
+    return DispatchOutput(recv_x, result.recv_topk_idx, result.recv_topk_weights,
+                          result.num_recv_tokens_per_expert, result.num_recv_tokens, result.handle)
+
+
+def _live_rows(handle: DispatchHandle, a):
+    """Zero the rows of a receive-side array past the true number of received tokens."""
+    live = jnp.arange(handle.capacity) < handle.num_recv_tokens
+    return jnp.where(live.reshape(-1, *([1] * (a.ndim - 1))), a, jnp.zeros((), a.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dispatch(static: _Static, parts, topk_weights, topk_idx, layout):
+    result = static.backend.dispatch(static.ctx, static.config, parts, topk_idx, topk_weights, layout,
+                                     static.num_experts, static.num_worst_tokens, static.expert_alignment)
+    return _output(result, len(parts) == 2)
+
+
+def _dispatch_fwd(static, parts, topk_weights, topk_idx, layout):
+    out = _dispatch(static, parts, topk_weights, topk_idx, layout)
+    return out, (out.handle, out.recv_topk_idx)
+
+
+def _dispatch_bwd(static, residuals, g: DispatchOutput):
+    handle, recv_topk_idx = residuals
+    if isinstance(g.recv_x, tuple):  # FP8 tokens carry no gradient
+        return None, None, None, None
+    g_w = g.recv_topk_weights
+    if g_w is not None:
+        g_w = jnp.where(recv_topk_idx >= 0, g_w, 0.0)
+    g_x, g_topk_weights = static.backend.combine(static.ctx, static.config, handle, g.recv_x, g_w, ())
+    return (g_x,), g_topk_weights, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cached_dispatch(static: _Static, parts, handle):
+    recv_parts, _ = static.backend.cached_dispatch(static.ctx, static.config, handle, parts)
+    return recv_parts
+
+
+def _cached_dispatch_fwd(static, parts, handle):
+    return _cached_dispatch(static, parts, handle), handle
+
+
+def _cached_dispatch_bwd(static, handle, g_parts):
+    if len(g_parts) == 2:
+        return None, None
+    g_x, _ = static.backend.combine(static.ctx, static.config, handle, g_parts[0], None, ())
+    return (g_x,), None
+
+
+_cached_dispatch.defvjp(_cached_dispatch_fwd, _cached_dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine(static: _Static, y, topk_weights, bias, handle):
+    return static.backend.combine(static.ctx, static.config, handle, y, topk_weights, bias)
+
+
+def _combine_fwd(static, y, topk_weights, bias, handle):
+    # Empty stand-ins remember how many bias terms there were (and their dtypes).
+    bias_marks = tuple(jnp.zeros((0,), b.dtype) for b in bias)
+    return _combine(static, y, topk_weights, bias, handle), (handle, bias_marks)
+
+
+def _combine_bwd(static, residuals, g):
+    handle, bias_marks = residuals
+    g_x, g_w = g
+    g_y, g_topk_weights = static.backend.cached_dispatch(static.ctx, static.config, handle, (g_x,), g_w)
+    g_y = _live_rows(handle, g_y[0])
+    if g_topk_weights is not None:
+        g_topk_weights = _live_rows(handle, g_topk_weights)
+    g_bias = tuple(g_x.astype(m.dtype) for m in bias_marks)
+    return g_y, g_topk_weights, g_bias, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def _check_topk(op: str, topk_idx, topk_weights, num_tokens: int):
+    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=(num_tokens, None))
+    if topk_weights is not None:
+        expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=topk_idx.shape)
+
+
+def _check_num_experts(op: str, num_experts, ctx: RankContext) -> int:
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        fail(op, f"`num_experts` must be a positive int, got {num_experts!r}")
+    if num_experts % ctx.num_ranks:
+        fail(op, f"`num_experts` ({num_experts}) must be divisible by the number of ranks ({ctx.num_ranks})")
+    return num_experts
+
+
+def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
+    op = "get_dispatch_layout"
+    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes())
+    _check_num_experts(op, num_experts, ctx)
+    checking.check_expert_ids(topk_idx, num_experts)
+    return backend.get_dispatch_layout(ctx, topk_idx, num_experts)
+
+
+def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, topk_weights=None,
+             num_experts: Optional[int] = None, layout: Optional[DispatchLayout] = None,
+             handle: Optional[DispatchHandle] = None, num_worst_tokens: Optional[int] = None,
+             expert_alignment: int = 1) -> DispatchOutput:
+    op = "dispatch"
+    if handle is not None:
+        return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle)
+    parts = token_parts(op, "x", x)
+    num_tokens = parts[0].shape[0]
+    if topk_idx is None and layout is None:
+        fail(op, "routing is missing: pass `topk_idx` with `layout` or `num_experts`, or a `handle`")
+    if topk_idx is not None:
+        _check_topk(op, topk_idx, topk_weights, num_tokens)
+    elif topk_weights is not None:
+        fail(op, "`topk_weights` needs `topk_idx`")
+    if layout is None:
+        if num_experts is None:
+            fail(op, "pass `layout` (from get_dispatch_layout) or `num_experts`")
+        _check_num_experts(op, num_experts, ctx)
+        checking.check_expert_ids(topk_idx, num_experts)
+        layout = backend.get_dispatch_layout(ctx, topk_idx, num_experts)
+    else:
+        _check_layout(op, layout, ctx, num_tokens)
+        layout_experts = layout.num_tokens_per_expert.shape[0]
+        if num_experts is not None and num_experts != layout_experts:
+            fail(op, f"`num_experts` ({num_experts}) disagrees with `layout` ({layout_experts} experts)")
+        num_experts = _check_num_experts(op, layout_experts, ctx)
+        if topk_idx is not None:
+            checking.check_expert_ids(topk_idx, num_experts)
+    if num_worst_tokens is None:
+        num_worst_tokens = ctx.num_ranks * num_tokens
+    if not isinstance(num_worst_tokens, int) or num_worst_tokens <= 0:
+        fail(op, f"`num_worst_tokens` must be a positive int (the receive capacity N), got {num_worst_tokens!r}")
+    if not isinstance(expert_alignment, int) or expert_alignment <= 0:
+        fail(op, f"`expert_alignment` must be a positive int, got {expert_alignment!r}")
+    static = _Static(backend, ctx, config, num_experts, num_worst_tokens, expert_alignment)
+    return _dispatch(static, parts, topk_weights, topk_idx, layout)
+
+
+def _check_layout(op: str, layout, ctx: RankContext, num_tokens: int):
+    if not isinstance(layout, DispatchLayout):
+        fail(op, f"`layout` must be a DispatchLayout from get_dispatch_layout, got {type(layout).__name__}")
+    expect_array(op, "layout.is_token_in_rank", layout.is_token_in_rank, ndim=2, dtypes=(jnp.bool_,),
+                 shape=(num_tokens, ctx.num_ranks))
+    expect_array(op, "layout.num_tokens_per_rank", layout.num_tokens_per_rank, ndim=1, dtypes=(jnp.int32,),
+                 shape=(ctx.num_ranks,))
+    expect_array(op, "layout.num_tokens_per_expert", layout.num_tokens_per_expert, ndim=1,
+                 dtypes=(jnp.int32,))
+
+
+def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle) -> DispatchOutput:
+    op = "dispatch"
+    extra = [n for n, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                            ("num_experts", num_experts), ("layout", layout)) if v is not None]
+    if extra:
+        fail(op, f"cached mode (`handle` given) takes no routing; got {', '.join('`%s`' % e for e in extra)}")
+    if not isinstance(handle, DispatchHandle):
+        fail(op, f"`handle` must be the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
+    parts = token_parts(op, "x", x, num_rows=handle.is_token_in_rank.shape[0])
+    recv_parts = _cached_dispatch(_Static(backend, ctx, config), parts, handle)
+    recv_x = tuple(recv_parts) if len(parts) == 2 else recv_parts[0]
+    return DispatchOutput(recv_x, None, None, handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
+
+
+def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle, *, topk_weights=None,
+            bias=None):
+    op = "combine"
+    if not isinstance(handle, DispatchHandle):
+        fail(op, f"`handle` must be the DispatchHandle of a dispatch, got {type(handle).__name__}")
+    num_tokens = handle.is_token_in_rank.shape[0]
+    expect_array(op, "y", y, ndim=2, dtypes=(jnp.bfloat16,), shape=(handle.capacity, None))
+    if topk_weights is not None:
+        expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,),
+                     shape=(handle.capacity, None))
+    if bias is None:
+        bias = ()
+    elif not isinstance(bias, (tuple, list)):
+        bias = (bias,)
+    if len(bias) > 2:
+        fail(op, f"`bias` must be None, one or two bf16 [T, H] arrays, got {len(bias)}")
+    for i, b in enumerate(bias):
+        expect_array(op, f"bias[{i}]", b, ndim=2, dtypes=(jnp.bfloat16,), shape=(num_tokens, y.shape[1]))
+    return _combine(_Static(backend, ctx, config), y, topk_weights, tuple(bias), handle)

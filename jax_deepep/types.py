@@ -1,0 +1,111 @@
+"""Named pytrees returned by the ops (SPEC.md sections 2 and 3).
+
+Every structure that crosses `jax.jit` / `jax.shard_map` / `custom_vjp` boundaries is a
+registered dataclass: its array fields are pytree leaves, its static fields are aux data.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import jax
+
+Array = jax.Array
+# A bf16 array, or the FP8 pair (float8_e4m3fn values, f32 per-128-channel scales).
+Tokens = Union[Array, tuple]
+
+
+def _pytree(*, static=()):
+    """Register a frozen dataclass as a pytree; `static` names non-array fields."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return jax.tree_util.register_dataclass(
+            cls,
+            data_fields=[f for f in fields if f not in static],
+            meta_fields=[f for f in fields if f in static],
+        )
+
+    return wrap
+
+
+@_pytree()
+class DispatchLayout:
+    """Where this rank's tokens go (output of `get_dispatch_layout`)."""
+
+    num_tokens_per_rank: Array  # i32[R]: tokens sent to each rank
+    num_tokens_per_rdma_rank: Optional[Array]  # i32[R // ranks_per_node] or None (one node)
+    num_tokens_per_expert: Array  # i32[E]: (token, k) pairs routed to each expert
+    is_token_in_rank: Array  # bool[T, R]
+
+
+@_pytree()
+class DispatchHandle:
+    """Everything `combine` and a cached `dispatch` need to replay one routing.
+
+    Sender side (this rank's T tokens) and receiver side (this rank's N receive rows).
+    """
+
+    is_token_in_rank: Array  # bool[T, R]
+    send_row: Array  # i32[T, R]: row of token t in rank d's receive buffer, -1 if not sent
+    recv_src_rank: Array  # i32[N]: source rank of each receive row, -1 for padding
+    recv_src_idx: Array  # i32[N]: source token index of each receive row, -1 for padding
+    recv_rank_prefix: Array  # i32[R]: first receive row of each source rank's block
+    num_recv_tokens: Array  # i32[]: true number of received tokens (may exceed N)
+    num_recv_tokens_per_expert: Array  # i32[E_l], aligned, as the first dispatch reported it
+    # Backend-specific arrays (e.g. per-channel prefix matrices of the CUDA kernels).
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        return self.recv_src_idx.shape[0]
+
+
+@_pytree()
+class DispatchOutput:
+    recv_x: Tokens  # [N, H] (or FP8 pair)
+    recv_topk_idx: Optional[Array]  # i32[N, K], local expert ids, -1 elsewhere
+    recv_topk_weights: Optional[Array]  # f32[N, K], 0 where recv_topk_idx == -1
+    num_recv_tokens_per_expert: Array  # i32[E_l], rounded up to expert_alignment
+    num_recv_tokens: Array  # i32[]
+    handle: DispatchHandle
+
+
+@_pytree(static=("num_max_dispatch_tokens_per_rank", "num_experts"))
+class LowLatencyHandle:
+    """What `low_latency_combine` needs to send expert outputs back."""
+
+    recv_src_info: Array  # i32[E_l, R*M]
+    recv_layout_range: Array  # i32[E_l, R, 2]: (offset, count) per source rank
+    recv_count: Array  # i32[E_l]
+    send_slot: Array  # i32[T, K]: row of (t, k) inside its expert's block on the destination
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+
+
+@_pytree(static=("pending", "options"))
+class LowLatencyDispatchOutput:
+    """Low-latency dispatch result.
+
+    With `return_recv_hook=True` the op returns this with `pending=True`: the sends are issued
+    and `buffer.low_latency_recv(out)` returns the completed output. `transit` carries the
+    backend's in-flight state between the two calls and is empty once complete.
+    """
+
+    recv_x: Any  # bf16 [E_l, R*M, H] or (fp8, scales)
+    recv_count: Optional[Array]
+    recv_src_info: Optional[Array]
+    recv_layout_range: Optional[Array]
+    handle: Optional[LowLatencyHandle]
+    transit: dict = dataclasses.field(default_factory=dict)
+    pending: bool = False
+    options: Any = None  # the LowLatencyOptions a pending dispatch completes with
+
+
+@_pytree()
+class PendingLowLatencyCombine:
+    """Result of `low_latency_combine(..., return_recv_hook=True)`; complete it with
+    `buffer.low_latency_recv(pending)`."""
+
+    transit: dict
