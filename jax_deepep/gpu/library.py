@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import os
 import pathlib
 
@@ -14,6 +15,12 @@ def _candidates():
     if env:
         yield pathlib.Path(env)
     yield pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
+    # Running from a source checkout shadows the installed package: look where pip put the library.
+    try:
+        yield pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(
+            f"jax_deepep/gpu/{LIBRARY_NAME}"))
+    except importlib.metadata.PackageNotFoundError:
+        pass
 
 
 @functools.lru_cache(maxsize=None)
