@@ -7,6 +7,7 @@
 """
 from . import fp8, reference
 from .buffer import Buffer
+from .build_info import build_info
 from .checking import checked
 from .config import Config
 from .gpu import available as cuda_available
@@ -17,7 +18,7 @@ from .validation import DeepEPError
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "DispatchHandle", "DispatchLayout", "DispatchOutput", "LowLatencyDispatchOutput",
+    "Buffer", "Config", "build_info", "DispatchHandle", "DispatchLayout", "DispatchOutput", "LowLatencyDispatchOutput",
     "LowLatencyHandle", "PendingLowLatencyCombine", "DeepEPError", "checked", "cuda_available", "fp8",
     "reference",
 ]
