@@ -35,8 +35,7 @@ def _ctx(op: str, axis_name: str, ranks_per_node=None) -> RankContext:
     return RankContext(axis_name, num_ranks, ranks_per_node or num_ranks)
 
 
-def _config(axis_name):
-    return default_combine_config(1, 2)  # unused by the reference; any valid Config
+_CONFIG = default_combine_config(1, 2)  # the pure-JAX ops take no launch configuration
 
 
 def get_dispatch_layout(topk_idx, num_experts, *, axis_name, ranks_per_node=None):
@@ -45,11 +44,11 @@ def get_dispatch_layout(topk_idx, num_experts, *, axis_name, ranks_per_node=None
 
 
 def dispatch(x, *, axis_name, **kwargs):
-    return _normal.dispatch(BACKEND, _ctx("dispatch", axis_name), _config(axis_name), x, **kwargs)
+    return _normal.dispatch(BACKEND, _ctx("dispatch", axis_name), _CONFIG, x, **kwargs)
 
 
 def combine(y, handle, *, axis_name, **kwargs):
-    return _normal.combine(BACKEND, _ctx("combine", axis_name), _config(axis_name), y, handle, **kwargs)
+    return _normal.combine(BACKEND, _ctx("combine", axis_name), _CONFIG, y, handle, **kwargs)
 
 
 def low_latency_dispatch(x, topk_idx, *, axis_name, **kwargs):
