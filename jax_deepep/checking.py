@@ -53,7 +53,9 @@ def checked(fn, **jit_kwargs):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         err, out = checked_fn(*args, **kwargs)
-        err.throw()
+        # Inside shard_map the error flags come back sharded over the mesh; checkify's host-side
+        # reduction sorts them, which explicitly sharded arrays refuse, so bring them to the host.
+        jax.device_get(err).throw()
         return out
 
     return run
