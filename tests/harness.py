@@ -1,0 +1,88 @@
+"""Test plumbing shared by the CPU suite: meshes over the "ep" axis, a runner that executes a
+per-rank function under `jax.jit(jax.shard_map(...))`, and random tokens and routing.
+
+Imported by the test modules after conftest.py has set XLA_FLAGS (8 virtual CPU devices).
+"""
+import functools
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "ep"
+RANK_COUNTS = (1, 2, 4, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def make_mesh(num_ranks: int) -> Mesh:
+    devices = jax.devices("cpu")
+    if len(devices) < num_ranks:
+        pytest.skip(f"needs {num_ranks} CPU devices, have {len(devices)} (XLA_FLAGS set too late?)")
+    return Mesh(np.array(devices[:num_ranks]), (AXIS,))
+
+
+def run_per_rank(mesh: Mesh, fn, *args):
+    """Run `fn` once per rank inside `jit(shard_map)` over "ep".
+
+    Every argument leaf has a leading rank axis of size R that is stripped inside; every output
+    leaf gains one, so scalars and pytrees (handles, pending results) come back as `[R, ...]`
+    numpy arrays.
+    """
+    spec = PartitionSpec(AXIS)
+    sharding = NamedSharding(mesh, spec)
+    args = jax.tree.map(lambda a: jax.device_put(a, sharding), args)
+
+    def body(*shards):
+        out = fn(*jax.tree.map(lambda a: a[0], shards))
+        return jax.tree.map(lambda a: a[None], out)
+
+    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))(*args)
+    return jax.device_get(out)
+
+
+def random_bf16(rng, shape):
+    """Normal values rounded to bf16 (returned as an ml_dtypes bf16 numpy array)."""
+    return rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+
+
+# Ids outside [-1, E) that must behave like -1.
+_BAD_IDS = (-2, -100, np.iinfo(np.int32).min)
+
+
+def random_topk(rng, num_ranks: int, num_tokens: int, top_k: int, num_experts: int, kind: str = "random"):
+    """int32 `[R, T, K]` routing: distinct experts per token, about 20% of the entries -1 and
+    about 10% of the tokens sent nowhere.
+
+    kind "hot": 90% of the tokens prefer experts [0, K) (mostly rank 0): very uneven receives.
+    kind "out_of_range": some -1 entries become ids outside [-1, E) (to behave like -1).
+    """
+    scores = rng.random((num_ranks, num_tokens, num_experts))
+    if kind == "hot":
+        hot = rng.random((num_ranks, num_tokens)) < 0.9
+        scores[..., :top_k] += np.where(hot, 10.0, 0.0)[..., None]
+    idx = np.argsort(-scores, axis=-1)[..., :top_k].astype(np.int32)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    idx[rng.random((num_ranks, num_tokens)) < 0.1] = -1
+    if kind == "out_of_range":
+        bad_ids = np.array(_BAD_IDS + (num_experts, num_experts + 3, np.iinfo(np.int32).max), np.int32)
+        spots = (idx == -1) & (rng.random(idx.shape) < 0.7)
+        idx[spots] = rng.choice(bad_ids, size=int(spots.sum()))
+    elif kind != "random" and kind != "hot":
+        raise ValueError(kind)
+    return idx
+
+
+def random_weights(rng, shape):
+    return rng.random(shape).astype(np.float32)
+
+
+
+def enable_x64():
+    """Context manager turning on 64-bit types (jax.enable_x64 in new jax, experimental before)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64 as experimental_enable_x64
+
+    return experimental_enable_x64()
