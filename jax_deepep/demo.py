@@ -106,7 +106,11 @@ def run(*, steps, tokens, hidden, ffn, experts, topk, data_parallel, score_func,
     params = moe.shard_params(moe.init_params(key_params, config), mesh, EXPERT)
     teacher = jax.random.normal(key_teacher, (hidden, hidden), jnp.float32) / np.sqrt(hidden)
     optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
+    # Leaves the optimizer makes off the mesh (the step count) go on it, as train_step returns them:
+    # otherwise the second step compiles again.
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+                             optimizer.init(params))
     ep_moe = moe.sharded_moe(buffer, config)
     batch_sharding = Batch(*(NamedSharding(mesh, P((DATA, EXPERT))),) * 3)
 
