@@ -1,0 +1,45 @@
+"""`cuda_shared_library`: a shared library whose .cu and .cc sources are each compiled by nvcc in an action
+of their own (Bazel runs them in parallel and rebuilds only what changed), then linked by nvcc (which
+links the CUDA runtime statically, as CMake does)."""
+
+def _object_path(name, src):
+    return "_objs/{}/{}.o".format(name, src)
+
+def cuda_shared_library(name, nvcc, srcs, hdrs = [], copts = [], linkopts = [], **kwargs):
+    """Builds lib<name>.so.
+
+    Args:
+      name: the library is lib<name>.so; the target is `name`.
+      nvcc: absolute path of the CUDA compiler.
+      srcs: .cu and .cc files (nvcc hands .cc files to the host compiler).
+      hdrs: headers every source may include; labels named in copts' $(execpath ...) go here too.
+      copts: nvcc flags for every source (make variables and $(execpath) expanded).
+      linkopts: nvcc flags for the link.
+      **kwargs: passed to the link rule (visibility, tags).
+    """
+    objects = []
+    for src in srcs:
+        obj = _object_path(name, src)
+        native.genrule(
+            name = "{}_compile_{}".format(name, src.replace("/", "_").replace(".", "_")),
+            srcs = [src] + hdrs,
+            outs = [obj],
+            cmd = "{nvcc} -c {copts} $(location {src}) -o $@".format(
+                nvcc = nvcc,
+                copts = " ".join(copts),
+                src = src,
+            ),
+            message = "nvcc " + src,
+        )
+        objects.append(obj)
+    native.genrule(
+        name = name,
+        srcs = objects,
+        outs = ["lib{}.so".format(name)],
+        cmd = "{nvcc} -shared $(SRCS) {linkopts} -o $@".format(
+            nvcc = nvcc,
+            linkopts = " ".join(linkopts),
+        ),
+        message = "nvcc -shared lib{}.so".format(name),
+        **kwargs
+    )
