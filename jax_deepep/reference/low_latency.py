@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ..backend import LowLatencyOptions, RankContext
 from ..fp8 import per_block_cast_to_fp8
-from .normal import valid_expert_ids
+from .normal import gather_rows, valid_expert_ids
 
 
 def _expert_slots(idx, num_experts: int):
@@ -24,10 +24,6 @@ def _expert_slots(idx, num_experts: int):
     rank_in_group = jnp.arange(flat.shape[0]) - group_start
     slots = jnp.zeros_like(flat).at[order].set(rank_in_group.astype(flat.dtype))
     return jnp.where(idx >= 0, slots.reshape(idx.shape), -1).astype(jnp.int32)
-
-
-def _gather_rows(a, rows):
-    return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
 
 
 def dispatch_send(ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
@@ -50,7 +46,7 @@ def dispatch_send(ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dic
 
     src_token = jnp.where(table < num_tokens, table, -1)
     return {
-        "parts": tuple(exchange(_gather_rows(p, table.ravel()).reshape(e, m, *p.shape[1:])) for p in parts),
+        "parts": tuple(exchange(gather_rows(p, table.ravel()).reshape(e, m, *p.shape[1:])) for p in parts),
         "src_token": exchange(src_token),
         "counts": exchange(counts),  # [R_src, E_l]
         "send_slot": send_slot,
@@ -74,7 +70,7 @@ def dispatch_recv(ctx: RankContext, opts: LowLatencyOptions, transit: dict):
 
     def compact(a):
         a = a.reshape(-1, *a.shape[3:])
-        return _gather_rows(a, flat.ravel()).reshape(*flat.shape, *a.shape[1:])
+        return gather_rows(a, flat.ravel()).reshape(*flat.shape, *a.shape[1:])
 
     recv_parts = tuple(compact(p) for p in transit["parts"])
     recv_x = recv_parts[0] if len(recv_parts) == 1 else recv_parts
@@ -92,7 +88,7 @@ def combine_send(ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt
     row = offsets.T[:, :, None] + j  # [R, E_l, M]
     valid = j < counts.T[:, :, None]
     flat = jnp.where(valid, jnp.arange(experts_per_rank)[None, :, None] * rows + row, -1)
-    send = _gather_rows(y.reshape(-1, hidden), flat.ravel()).reshape(ctx.num_ranks, experts_per_rank, m, hidden)
+    send = gather_rows(y.reshape(-1, hidden), flat.ravel()).reshape(ctx.num_ranks, experts_per_rank, m, hidden)
     back = jax.lax.all_to_all(send, ctx.axis_name, 0, 0)  # [R_dst, E_l, M, H] = [E, M, H]
     return {"back": back.reshape(-1, m, hidden), "topk_idx": topk_idx, "topk_weights": topk_weights,
             "send_slot": handle.send_slot}
@@ -107,6 +103,6 @@ def combine_recv(ctx: RankContext, transit: dict):
     w = jnp.where(idx >= 0, transit["topk_weights"].astype(jnp.float32), 0.0)
 
     def add_k(k, acc):
-        return acc + w[:, k, None] * _gather_rows(back, flat[:, k]).astype(jnp.float32)
+        return acc + w[:, k, None] * gather_rows(back, flat[:, k]).astype(jnp.float32)
 
     return jax.lax.fori_loop(1, idx.shape[1], add_k, add_k(0, 0)).astype(back.dtype)

@@ -55,8 +55,9 @@ def _send_table(is_token_in_rank, capacity: int):
     return table.at[dest, slot].set(token, mode="drop")
 
 
-def _gather_rows(a, rows):
-    """a[rows] with out-of-range rows giving zeros."""
+def gather_rows(a, rows):
+    """a[rows] with out-of-range rows, negative ones included, giving zeros (jnp.take would wrap -1)."""
+    rows = jnp.where(rows < 0, a.shape[0], rows)
     return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
 
 
@@ -65,10 +66,10 @@ def _forward(ctx: RankContext, handle: DispatchHandle, payload):
     num_tokens = handle.is_token_in_rank.shape[0]
     capacity = min(num_tokens, handle.capacity)
     table = _send_table(handle.is_token_in_rank, capacity)
-    send = _gather_rows(payload, table)  # [R, C, ...]
+    send = gather_rows(payload, table)  # [R, C, ...]
     recv = jax.lax.all_to_all(send, ctx.axis_name, 0, 0)  # [R_src, C, ...]
     recv = recv.reshape(ctx.num_ranks * capacity, *payload.shape[1:])
-    return _gather_rows(recv, _recv_flat_rows(handle, capacity))
+    return gather_rows(recv, _recv_flat_rows(handle, capacity))
 
 
 def _recv_flat_rows(handle: DispatchHandle, capacity: int):
@@ -88,14 +89,14 @@ def _backward(ctx: RankContext, handle: DispatchHandle, rows, accumulate_dtype):
     inverse = jnp.full((num_ranks * capacity,), -1, jnp.int32)
     inverse = inverse.at[jnp.where(flat >= 0, flat, num_ranks * capacity)].set(
         jnp.arange(handle.capacity, dtype=jnp.int32), mode="drop")
-    send = _gather_rows(rows, inverse).reshape(num_ranks, capacity, *rows.shape[1:])
+    send = gather_rows(rows, inverse).reshape(num_ranks, capacity, *rows.shape[1:])
     back = jax.lax.all_to_all(send, ctx.axis_name, 0, 0)  # [R_dst, C, ...]
     back = back.reshape(num_ranks * capacity, *rows.shape[1:])
     pos = _send_slots(handle.is_token_in_rank)
     flat_back = jnp.where((pos >= 0) & (pos < capacity), jnp.arange(num_ranks) * capacity + pos, -1)
     # Accumulate one destination at a time: memory stays O(T * H), not O(T * R * H).
     def add_rank(d, acc):
-        return acc + _gather_rows(back, flat_back[:, d]).astype(accumulate_dtype)
+        return acc + gather_rows(back, flat_back[:, d]).astype(accumulate_dtype)
 
     return jax.lax.fori_loop(1, num_ranks, add_rank, add_rank(0, 0))
 
