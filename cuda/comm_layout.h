@@ -1,0 +1,55 @@
+// Layout of one rank's communication buffer (shared by the host runtime and the kernels).
+//
+// The buffer starts with a header of counters and notify slots, followed by the token rings.
+// "Local" fields are only touched by the owning rank; "remote" fields are written by peers
+// through their mapping of this buffer (CUDA IPC or peer access).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define JDEEP_HOST_DEVICE __host__ __device__
+#else
+#define JDEEP_HOST_DEVICE
+#endif
+
+namespace jax_deepep {
+
+constexpr int kMaxRanks = 8;          // intranode NVLink peers
+constexpr int kMaxChannels = 128;     // one channel per SM pair (per SM when R == 1)
+constexpr int kMaxLocalExperts = 4096;
+constexpr size_t kRingAlignment = 4096;
+
+struct CommHeader {
+  // Local: the op counter that tags barrier flags and channel announcements.
+  uint32_t epoch;
+  uint32_t pad0[63];
+  // Local: totals of ring slots this rank pushed to / consumed from each peer, per channel.
+  // Every op drains its rings, so sender and receiver totals agree at each op's start.
+  uint64_t sent_total[kMaxChannels][kMaxRanks];
+  uint64_t consumed_total[kMaxChannels][kMaxRanks];
+  // Remote: barrier flag of each source rank, by epoch parity.
+  uint32_t barrier_flag[2][kMaxRanks];
+  // Remote: (epoch << 32 | slot count) a sender announces for its ring of each channel.
+  uint64_t channel_count[kMaxChannels][kMaxRanks];
+  // Remote: slots pushed into my ring by each source rank (tail) and slots each destination
+  // consumed of what I pushed (head), as monotonic totals.
+  uint64_t tail[kMaxChannels][kMaxRanks];
+  uint64_t head[kMaxChannels][kMaxRanks];
+  // Remote: notify data of each source rank by epoch parity: tokens it sends to every rank,
+  // then its token counts for my local experts.
+  int32_t notify[2][kMaxRanks][kMaxRanks + kMaxLocalExperts];
+};
+
+constexpr size_t ring_offset() {
+  return (sizeof(CommHeader) + kRingAlignment - 1) / kRingAlignment * kRingAlignment;
+}
+
+// Ring of (channel, source rank) inside the receiver's buffer: `slots` slots of `slot_bytes`.
+inline JDEEP_HOST_DEVICE size_t ring_position(int channel, int src, int num_ranks, int slots,
+                                                int slot_bytes) {
+  return ring_offset() + (static_cast<size_t>(channel) * num_ranks + src) * slots * slot_bytes;
+}
+
+}  // namespace jax_deepep
