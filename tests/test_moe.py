@@ -1,0 +1,152 @@
+"""The expert-parallel MoE layer (jax_deepep.moe) against the same model computed densely: outputs,
+loss and gradients (parameters and tokens), over 1, 2, 4, 8 expert ranks and a (data, expert) mesh,
+with padding tokens (expert id -1) and uneven routing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_deepep as deepep
+from jax_deepep import moe
+
+DATA, EXPERT = "data", "expert"
+TOKENS_PER_DEVICE = 24
+
+
+def make_mesh(data: int, expert: int) -> Mesh:
+    devices = jax.devices("cpu")
+    if len(devices) < data * expert:
+        pytest.skip(f"needs {data * expert} CPU devices, have {len(devices)}")
+    return Mesh(np.array(devices[:data * expert]).reshape(data, expert), (DATA, EXPERT))
+
+
+def relative_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def random_problem(config: moe.MoEConfig, num_tokens: int, seed: int):
+    """Parameters, tokens, a padding mask (about 15% routed nowhere) and a regression target.
+
+    A router bias towards the first experts makes the routing uneven (rank 0 receives the most).
+    """
+    keys = jax.random.split(jax.random.key(seed), 5)
+    params = moe.init_params(keys[0], config)
+    params["router"] = params["router"].at[:, : config.top_k].add(0.3)
+    x = jax.random.normal(keys[1], (num_tokens, config.hidden), jnp.float32).astype(jnp.bfloat16)
+    mask = jax.random.uniform(keys[2], (num_tokens,)) > 0.15
+    target = jax.random.normal(keys[3], (num_tokens, config.hidden), jnp.float32)
+    return params, x, mask, target
+
+
+def mse(y, target):
+    return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+
+def ep_vs_dense(mesh: Mesh, config: moe.MoEConfig, seed: int):
+    """(EP output, dense output, EP (loss, grads), dense (loss, grads)); grads w.r.t. params and x."""
+    num_tokens = TOKENS_PER_DEVICE * mesh.size
+    params, x, mask, target = random_problem(config, num_tokens, seed)
+    layer = moe.sharded_moe(deepep.Buffer(mesh, EXPERT), config)
+    tokens = NamedSharding(mesh, P((DATA, EXPERT)))
+    ep_params = moe.shard_params(params, mesh, EXPERT)
+    ep_x, ep_mask, ep_target = (jax.device_put(a, tokens) for a in (x, mask, target))
+
+    def ep_loss(params, x):
+        return mse(layer(params, x, ep_mask), ep_target)
+
+    def dense_loss(params, x):
+        return mse(moe.dense_moe(params, x, config, mask), target)
+
+    y_ep = jax.jit(layer)(ep_params, ep_x, ep_mask)
+    y_dense = jax.jit(moe.dense_moe, static_argnums=2)(params, x, config, mask)
+    grad_ep = jax.jit(jax.value_and_grad(ep_loss, argnums=(0, 1)))(ep_params, ep_x)
+    grad_dense = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))(params, x)
+    return y_ep, y_dense, grad_ep, grad_dense
+
+
+def assert_matches(y_ep, y_dense, grad_ep, grad_dense, tol=2e-2):
+    # bf16 rounding differs (EP rounds each rank's partial sum before combine): allow ~bf16 error.
+    assert relative_diff(y_ep, y_dense) < tol
+    (loss_ep, (g_params_ep, g_x_ep)), (loss_dense, (g_params_dense, g_x_dense)) = grad_ep, grad_dense
+    np.testing.assert_allclose(float(loss_ep), float(loss_dense), rtol=1e-3)
+    for name in g_params_dense:
+        assert relative_diff(g_params_ep[name], g_params_dense[name]) < tol, name
+    assert relative_diff(g_x_ep, g_x_dense) < tol
+
+
+CONFIG = moe.MoEConfig(hidden=128, ffn_hidden=64, num_experts=8, top_k=3)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_layer_matches_dense(num_ranks):
+    assert_matches(*ep_vs_dense(make_mesh(1, num_ranks), CONFIG, seed=num_ranks))
+
+
+def test_layer_on_data_and_expert_axes():
+    assert_matches(*ep_vs_dense(make_mesh(2, 4), CONFIG, seed=11))
+
+
+def test_fp8_sigmoid_router_without_normalisation():
+    config = moe.MoEConfig(hidden=256, ffn_hidden=64, num_experts=16, top_k=4, score_func="sigmoid",
+                           normalize_topk=False, use_fp8=True)
+    assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=5))
+
+
+def test_too_small_capacity_drops_tokens():
+    """With a capacity below what rank 0 receives, EP differs from dense (tokens are dropped)."""
+    config = moe.MoEConfig(hidden=128, ffn_hidden=64, num_experts=8, top_k=3, capacity=TOKENS_PER_DEVICE)
+    y_ep, y_dense, _, _ = ep_vs_dense(make_mesh(1, 4), config, seed=3)
+    assert relative_diff(y_ep, y_dense) > 0.1
+
+
+def test_group_by_expert():
+    recv_topk_idx = jnp.array([[1, -1], [0, 1], [-1, -1], [1, 0]], jnp.int32)
+    recv_topk_weights = jnp.array([[0.5, 0.0], [0.25, 0.75], [0.0, 0.0], [0.125, 0.375]], jnp.float32)
+    groups = moe.group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts=2)
+    np.testing.assert_array_equal(groups.group_sizes, [2, 3])
+    np.testing.assert_array_equal(groups.rows[:5], [1, 3, 0, 1, 3])
+    np.testing.assert_array_equal(groups.weights, [0.25, 0.375, 0.5, 0.75, 0.125, 0.0, 0.0, 0.0])
+
+
+def test_low_latency_layer_matches_dense():
+    mesh = make_mesh(1, 4)
+    config = moe.MoEConfig(hidden=128, ffn_hidden=64, num_experts=8, top_k=2, use_fp8=True)
+    max_tokens = 16
+    buffer = deepep.Buffer(mesh, EXPERT, low_latency_mode=True, num_rdma_bytes=deepep.Buffer.get_low_latency_rdma_size_hint(
+        max_tokens, config.hidden, mesh.size, config.num_experts))
+    params, x, mask, _ = random_problem(config, 12 * mesh.size, seed=7)
+    layer = moe.sharded_moe(buffer, config, low_latency_tokens=max_tokens)
+    tokens = NamedSharding(mesh, P((DATA, EXPERT)))
+    y_ep = jax.jit(layer)(moe.shard_params(params, mesh, EXPERT), jax.device_put(x, tokens),
+                          jax.device_put(mask, tokens))
+    y_dense = jax.jit(moe.dense_moe, static_argnums=2)(params, x, config, mask)
+    assert relative_diff(y_ep, y_dense) < 2e-2
+    assert not np.any(np.asarray(y_ep, np.float32)[~np.asarray(mask)])  # padding tokens get zeros
+
+
+def test_low_latency_overlap_runs_between_send_and_recv():
+    """`overlap()` is traced after the dispatch send and before its receive."""
+    mesh = make_mesh(1, 2)
+    config = moe.MoEConfig(hidden=128, ffn_hidden=64, num_experts=4, top_k=2)
+    buffer = deepep.Buffer(mesh, EXPERT, low_latency_mode=True, num_rdma_bytes=1 << 24)
+    params, x, _, _ = random_problem(config, 8 * mesh.size, seed=9)
+    events = []
+    recv = buffer.low_latency_recv
+
+    def tracking_recv(pending):
+        events.append("recv")
+        return recv(pending)
+
+    buffer.low_latency_recv = tracking_recv
+
+    def per_shard(params, x):
+        y, shared = moe.low_latency_moe(params, x, buffer, config, num_max_dispatch_tokens_per_rank=8,
+                                        overlap=lambda: events.append("overlap") or x * 2)
+        return y + shared
+
+    jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(moe.param_specs(EXPERT), P((DATA, EXPERT))),
+                          out_specs=P((DATA, EXPERT))))(moe.shard_params(params, mesh, EXPERT), x)
+    assert events == ["overlap", "recv", "recv"]
