@@ -1,0 +1,429 @@
+// Low-latency dispatch/combine kernels (layout and protocol: low_latency.cuh).
+//
+// Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
+// buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
+// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and raises the
+// host-visible error flag instead of spinning forever.
+#include "low_latency.cuh"
+
+#include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdio>
+
+namespace jax_deepep {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kChunkChannels = kWarpSize * 8;  // one warp pass: 8 channels (16 bf16 bytes) per lane
+constexpr float kFp8Max = 448.0f;
+constexpr float kMinAmax = 1e-4f;  // keeps all-zero blocks from producing a zero scale
+
+__device__ __forceinline__ long long global_time_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
+__device__ __forceinline__ int load_acquire_sys(const int* p) {
+  int v;
+  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_sys(int* p, int v) {
+  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
+  return *reinterpret_cast<volatile int*>(mem.error_flag) != 0;
+}
+
+// Spins until the signal at `p` carries `tag` in the bits selected by `tag_shift`; returns the
+// signal, or -1 after the timeout (or when an earlier wait already timed out).
+__device__ int wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer) {
+  if (timed_out_before(mem)) return -1;
+  const long long start = global_time_ns();
+  while (true) {
+    const int v = load_acquire_sys(p);
+    if ((static_cast<uint32_t>(v) >> tag_shift) == tag) return v;
+    if (global_time_ns() - start > mem.timeout_ns) {
+      if (!timed_out_before(mem)) {
+        printf("jax_deepep: low-latency %s on rank %d timed out waiting for rank %d\n",
+               kind == kDispatchTimeout ? "dispatch" : "combine", mem.rank, peer);
+      }
+      *reinterpret_cast<volatile int*>(mem.error_flag) = kind;
+      __threadfence_system();
+      return -1;
+    }
+  }
+}
+
+__device__ __forceinline__ size_t half_offset(uint32_t seq, const LowLatencyLayout& layout) {
+  return (seq & 1u) * layout.half_bytes;
+}
+
+__device__ __forceinline__ int* signals_at(char* base, uint32_t seq, const LowLatencyLayout& layout) {
+  return reinterpret_cast<int*>(base + half_offset(seq, layout) + layout.signal_offset);
+}
+
+// Smallest power of two >= s (s positive and normal), exactly.
+__device__ __forceinline__ float round_up_pow2(float s) {
+  uint32_t bits = __float_as_uint(s);
+  if (bits & 0x7fffffu) bits = (bits & 0x7f800000u) + 0x800000u;
+  return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ uint32_t pack_fp8x2(float a, float b) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+}
+
+// One warp pass over channels [chunk * 256, +256) of token row `src` into the staged row `dst`:
+// bf16 copied, or cast to e4m3 with one scale per 128 channels (16 lanes).
+__device__ void write_token_chunk(const __nv_bfloat16* src, char* dst, int hidden, int chunk, bool use_fp8,
+                                  bool round_scale) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int ch = chunk * kChunkChannels + lane * 8;
+  const bool valid = ch < hidden;
+  uint4 raw = valid ? *reinterpret_cast<const uint4*>(src + ch) : make_uint4(0, 0, 0, 0);
+  char* payload = dst + kRowHeaderBytes;
+  if (!use_fp8) {
+    if (valid) *reinterpret_cast<uint4*>(payload + ch * 2) = raw;
+    return;
+  }
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  float v[8];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+    amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+#pragma unroll
+  for (int mask = 8; mask >= 1; mask /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+  float scale = fmaxf(amax, kMinAmax) / kFp8Max;
+  if (round_scale) scale = round_up_pow2(scale);
+  uint2 packed;
+  packed.x = pack_fp8x2(v[0] / scale, v[1] / scale) | (pack_fp8x2(v[2] / scale, v[3] / scale) << 16);
+  packed.y = pack_fp8x2(v[4] / scale, v[5] / scale) | (pack_fp8x2(v[6] / scale, v[7] / scale) << 16);
+  if (valid) {
+    *reinterpret_cast<uint2*>(payload + ch) = packed;
+    if (lane % 16 == 0) reinterpret_cast<float*>(payload + hidden)[ch / kFp8Block] = scale;
+  }
+}
+
+__device__ __forceinline__ size_t dispatch_payload_bytes(int hidden, bool use_fp8) {
+  return kRowHeaderBytes + (use_fp8 ? hidden + (hidden / kFp8Block) * 4 : hidden * 2);
+}
+
+// One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
+// among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
+// e's rank, then publishes count tagged with the call number.
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, LowLatencyShape s,
+                                                                 LowLatencyLayout layout, const __nv_bfloat16* x,
+                                                                 const int* topk_idx, int* send_slot, int* token,
+                                                                 uint32_t seq, bool use_fp8, bool round_scale) {
+  extern __shared__ int slot_token[];  // [M]: the token in each slot
+  __shared__ int warp_matches[kWarps];
+  const int e = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  const int dst = e / experts_per_rank, local = e % experts_per_rank;
+  const int entries = s.num_tokens * s.top_k;
+  if (e == 0 && threadIdx.x == 0) token[0] = static_cast<int>(seq);
+
+  int matched = 0;
+  for (int start = 0; start < entries; start += kThreads) {
+    const int i = start + threadIdx.x;
+    const int id = i < entries ? topk_idx[i] : -1;
+    const bool mine = i < entries && id == e;
+    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_matches[warp] = __popc(ballot);
+    __syncthreads();
+    int before = matched, total = matched;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) before += warp_matches[w];
+      total += warp_matches[w];
+    }
+    if (mine) {
+      const int slot = before + __popc(ballot & ((1u << lane) - 1u));
+      if (slot < s.max_tokens) slot_token[slot] = i / s.top_k;
+      send_slot[i] = slot < s.max_tokens ? slot : -1;
+    } else if (e == 0 && i < entries && (id < 0 || id >= s.num_experts)) {
+      send_slot[i] = -1;  // ids outside [0, E) go nowhere
+    }
+    matched = total;
+    __syncthreads();
+  }
+  const int count = min(matched, s.max_tokens);
+
+  const size_t row_bytes = layout.dispatch_row_bytes;
+  const size_t half = half_offset(seq, layout);
+  const size_t first_row = (static_cast<size_t>(local) * mem.num_ranks + mem.rank) * s.max_tokens;
+  char* const peer = mem.peer[dst];
+  char* const rows = peer != nullptr ? peer + half + first_row * row_bytes
+                                     : mem.staging + static_cast<size_t>(e) * s.max_tokens * row_bytes;
+  const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
+  for (int item = warp; item < count * chunks; item += kWarps) {
+    const int j = item / chunks, chunk = item % chunks;
+    const int t = slot_token[j];
+    char* row = rows + j * row_bytes;
+    if (chunk == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
+    write_token_chunk(x + static_cast<size_t>(t) * s.hidden, row, s.hidden, chunk, use_fp8, round_scale);
+  }
+
+  const int signal = static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count));
+  const int signal_index = local * mem.num_ranks + mem.rank;
+  if (peer != nullptr) {
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) store_release_sys(signals_at(peer, seq, layout) + signal_index, signal);
+    return;
+  }
+  __syncthreads();
+  const size_t bytes = dispatch_payload_bytes(s.hidden, use_fp8);
+  for (int j = warp; j < count; j += kWarps) {
+    nvshmemx_putmem_nbi_warp(mem.local + half + (first_row + j) * row_bytes, rows + j * row_bytes, bytes, dst);
+  }
+  __syncwarp();
+  if (lane == 0) nvshmem_quiet();
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_int_p(signals_at(mem.local, seq, layout) + signal_index, signal, dst);
+}
+
+// Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
+// rows in (source rank, slot) order; the parts of one expert share its rows.
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, LowLatencyShape s,
+                                                                 LowLatencyLayout layout, const int* token,
+                                                                 void* recv_x, void* recv_scales, int* recv_count,
+                                                                 int* recv_src_info, int* recv_layout_range,
+                                                                 bool use_fp8, bool use_ue8m0) {
+  extern __shared__ int offsets[];  // [R + 1]
+  const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const int* signals = signals_at(mem.local, seq, layout) + local * num_ranks;
+  for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
+    const int v = wait_signal(signals + src, seq & 0xffffu, 16, mem, kDispatchTimeout, src);
+    offsets[src + 1] = v < 0 ? 0 : min(v & 0xffff, m);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    offsets[0] = 0;
+    for (int src = 0; src < num_ranks; ++src) offsets[src + 1] += offsets[src];
+  }
+  __syncthreads();
+  const int total = offsets[num_ranks];
+  const size_t rows_per_expert = static_cast<size_t>(num_ranks) * m;
+  if (blockIdx.y == 0) {
+    for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
+      recv_layout_range[(local * num_ranks + src) * 2] = offsets[src];
+      recv_layout_range[(local * num_ranks + src) * 2 + 1] = offsets[src + 1] - offsets[src];
+    }
+    if (threadIdx.x == 0) recv_count[local] = total;
+    for (size_t i = total + threadIdx.x; i < rows_per_expert; i += kThreads) {
+      recv_src_info[local * rows_per_expert + i] = -1;
+    }
+  }
+
+  const char* area = mem.local + half_offset(seq, layout);
+  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
+  const int groups = hidden / kFp8Block;
+  for (int item = blockIdx.y * kWarps + warp; item < total * chunks; item += gridDim.y * kWarps) {
+    const int i = item / chunks, chunk = item % chunks;
+    int src = 0;  // the source rank whose range holds row i
+    for (int lo = 0, hi = num_ranks - 1; lo <= hi;) {
+      const int mid = (lo + hi) / 2;
+      if (offsets[mid] <= i) {
+        src = mid;
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    while (offsets[src + 1] <= i) ++src;  // skip empty ranges sharing an offset
+    const int j = i - offsets[src];
+    const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * layout.dispatch_row_bytes;
+    const size_t out_row = local * rows_per_expert + i;
+    if (chunk == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
+    const char* payload = row + kRowHeaderBytes;
+    const int ch = chunk * kChunkChannels + lane * 8;
+    if (ch >= hidden) continue;
+    if (!use_fp8) {
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(recv_x) + out_row * hidden + ch) =
+          *reinterpret_cast<const uint4*>(payload + ch * 2);
+      continue;
+    }
+    *reinterpret_cast<uint2*>(static_cast<uint8_t*>(recv_x) + out_row * hidden + ch) =
+        *reinterpret_cast<const uint2*>(payload + ch);
+    const float* scales = reinterpret_cast<const float*>(payload + hidden);
+    const int group = ch / kFp8Block;
+    if (!use_ue8m0) {
+      if (lane % 16 == 0) static_cast<float*>(recv_scales)[out_row * groups + group] = scales[group];
+    } else if (group % 4 == 0 && lane % 16 == 0) {
+      uint32_t word = 0;  // four UE8M0 bytes (the f32 exponents), lowest group in the lowest byte
+      for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[group + b]) >> 23) & 0xffu) << (8 * b);
+      static_cast<int*>(recv_scales)[out_row * (groups / 4) + group / 4] = static_cast<int>(word);
+    }
+  }
+}
+
+// Blocks (local expert, destination rank): send the expert's rows of that source rank back into
+// slots [0, count) of the global expert on the destination, then flag the expert done there.
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, LowLatencyShape s,
+                                                                LowLatencyLayout layout, const __nv_bfloat16* y,
+                                                                const int* recv_layout_range, int* token,
+                                                                uint32_t seq) {
+  const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
+  const int experts_per_rank = s.num_experts / num_ranks;
+  const int e = mem.rank * experts_per_rank + local;
+  if (local == 0 && dst == 0 && threadIdx.x == 0) token[0] = static_cast<int>(seq);
+  const int rows_per_expert = num_ranks * m;
+  // A foreign handle must not make us read or write out of bounds.
+  const int offset = min(max(recv_layout_range[(local * num_ranks + dst) * 2], 0), rows_per_expert);
+  const int count = min(max(recv_layout_range[(local * num_ranks + dst) * 2 + 1], 0), min(m, rows_per_expert - offset));
+
+  const size_t row_bytes = layout.combine_row_bytes;
+  const size_t half = half_offset(seq, layout);
+  char* const peer = mem.peer[dst];
+  char* const rows =
+      peer != nullptr
+          ? peer + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes
+          : mem.staging + layout.combine_offset + (static_cast<size_t>(dst) * experts_per_rank + local) * m * row_bytes;
+  const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
+  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
+  for (int item = warp; item < count * chunks; item += kWarps) {
+    const int j = item / chunks, ch = (item % chunks) * kChunkChannels + lane * 8;
+    if (ch < hidden) {
+      *reinterpret_cast<uint4*>(rows + j * row_bytes + ch * 2) =
+          *reinterpret_cast<const uint4*>(src + static_cast<size_t>(j) * hidden + ch);
+    }
+  }
+
+  const int flag_index = s.num_experts + e;
+  if (peer != nullptr) {
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) store_release_sys(signals_at(peer, seq, layout) + flag_index, static_cast<int>(seq));
+    return;
+  }
+  __syncthreads();
+  if (warp == 0 && count > 0) {
+    nvshmemx_putmem_nbi_warp(mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes, rows,
+                             count * row_bytes, dst);
+    __syncwarp();
+    if (lane == 0) nvshmem_quiet();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_int_p(signals_at(mem.local, seq, layout) + flag_index, static_cast<int>(seq), dst);
+}
+
+// One block per token: wait until every expert has flagged this call, then reduce the token's
+// top-k rows with its weights in f32 and round to bf16 once.
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, LowLatencyShape s,
+                                                                LowLatencyLayout layout, const int* token,
+                                                                const int* topk_idx, const float* topk_weights,
+                                                                const int* send_slot, __nv_bfloat16* out) {
+  __shared__ const __nv_bfloat16* rows[32];
+  __shared__ float weights[32];
+  const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
+  for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
+    wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank);
+  }
+  const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
+  if (threadIdx.x < top_k) {
+    const int k = threadIdx.x;
+    const int id = topk_idx[t * top_k + k], slot = send_slot[t * top_k + k];
+    const bool valid = id >= 0 && id < s.num_experts && slot >= 0 && slot < s.max_tokens;
+    rows[k] = valid ? reinterpret_cast<const __nv_bfloat16*>(
+                          area + (static_cast<size_t>(id) * s.max_tokens + slot) * layout.combine_row_bytes)
+                    : nullptr;
+    weights[k] = topk_weights[t * top_k + k];
+  }
+  __syncthreads();
+  for (int ch = threadIdx.x * 8; ch < hidden; ch += blockDim.x * 8) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < top_k; ++k) {
+      if (rows[k] == nullptr) continue;
+      const uint4 raw = *reinterpret_cast<const uint4*>(rows[k] + ch);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(pairs[i]);
+        acc[2 * i] += weights[k] * f.x;
+        acc[2 * i + 1] += weights[k] * f.y;
+      }
+    }
+    uint4 packed;
+    __nv_bfloat162* result = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) result[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(t) * hidden + ch) = packed;
+  }
+}
+
+int num_sms() {
+  static const int sms = [] {
+    int device = 0, value = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device);
+    return value > 0 ? value : 1;
+  }();
+  return sms;
+}
+
+}  // namespace
+
+cudaError_t launch_low_latency_dispatch_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
+                                             const __nv_bfloat16* x, const int* topk_idx, int* send_slot,
+                                             int* token, uint32_t seq, bool use_fp8, bool round_scale) {
+  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
+  dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
+      mem, s, layout, x, topk_idx, send_slot, token, seq, use_fp8, round_scale);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
+                                             const int* token, void* recv_x, void* recv_scales, int* recv_count,
+                                             int* recv_src_info, int* recv_layout_range, bool use_fp8,
+                                             bool use_ue8m0) {
+  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
+  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  // Enough blocks to cover the SMs twice; the parts of one expert split its rows.
+  const int parts = std::max(1, std::min(32, (2 * num_sms() + experts_per_rank - 1) / experts_per_rank));
+  dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (mem.num_ranks + 1) * sizeof(int), stream>>>(
+      mem, s, layout, token, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, use_fp8, use_ue8m0);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
+                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
+                                            uint32_t seq) {
+  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
+  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  combine_send_kernel<<<dim3(experts_per_rank, mem.num_ranks), kThreads, 0, stream>>>(mem, s, layout, y,
+                                                                                      recv_layout_range, token, seq);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
+                                            const int* token, const int* topk_idx, const float* topk_weights,
+                                            const int* send_slot, __nv_bfloat16* out) {
+  if (s.num_tokens == 0) return cudaSuccess;
+  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
+  const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
+  const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
+  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, s, layout, token, topk_idx, topk_weights, send_slot,
+                                                            out);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_deepep

@@ -1,0 +1,129 @@
+#include "xla_ffi/nvshmem_runtime.h"
+
+#include <cuda_runtime.h>
+#include <nvshmem_host.h>
+
+#include <string>
+#include <vector>
+
+namespace jax_deepep {
+namespace {
+
+NvshmemRuntime g_runtime;
+bool g_initialized = false;
+std::string g_last_error;
+
+int fail(const std::string& message) {
+  g_last_error = message;
+  return 1;
+}
+
+int fail_cuda(const char* what, cudaError_t status) {
+  return fail(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+}  // namespace
+
+NvshmemRuntime* nvshmem_runtime() { return g_initialized ? &g_runtime : nullptr; }
+
+}  // namespace jax_deepep
+
+using jax_deepep::fail;
+using jax_deepep::fail_cuda;
+using jax_deepep::g_initialized;
+using jax_deepep::g_runtime;
+
+extern "C" {
+
+int jax_deepep_nvshmem_unique_id_size() { return static_cast<int>(sizeof(nvshmemx_uniqueid_t)); }
+
+int jax_deepep_nvshmem_get_unique_id(void* out) {
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  if (nvshmemx_get_uniqueid(&id) != 0) return fail("nvshmemx_get_uniqueid failed");
+  *static_cast<nvshmemx_uniqueid_t*>(out) = id;
+  return 0;
+}
+
+int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device, uint64_t num_bytes,
+                            double timeout_s) {
+  if (g_initialized) return fail("NVSHMEM is already initialised in this process (one low-latency Buffer at a time)");
+  cudaError_t status = cudaSetDevice(device);
+  if (status != cudaSuccess) return fail_cuda("cudaSetDevice", status);
+
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, static_cast<const nvshmemx_uniqueid_t*>(unique_id), &attr)) {
+    return fail("nvshmemx_set_attr_uniqueid_args failed");
+  }
+  if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) return fail("nvshmemx_init_attr failed");
+  if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks) {
+    nvshmem_finalize();
+    return fail("NVSHMEM assigned PE " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()) +
+                ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
+  }
+
+  // Receive halves, then one half of staging for puts to peers without a direct mapping.
+  const uint64_t staging_bytes = num_bytes / 2;
+  char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes));
+  if (buffer == nullptr) {
+    nvshmem_finalize();
+    return fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes) +
+                " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
+  }
+  // Signals start at zero on every PE before anyone can write one.
+  if ((status = cudaMemset(buffer, 0, num_bytes)) != cudaSuccess || (status = cudaDeviceSynchronize()) != cudaSuccess) {
+    return fail_cuda("clearing the symmetric buffer", status);
+  }
+  nvshmem_barrier_all();
+
+  std::vector<char*> peers(num_ranks);
+  for (int pe = 0; pe < num_ranks; ++pe) peers[pe] = static_cast<char*>(nvshmem_ptr(buffer, pe));
+  char** peers_device = nullptr;
+  if ((status = cudaMalloc(&peers_device, num_ranks * sizeof(char*))) != cudaSuccess ||
+      (status = cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice)) !=
+          cudaSuccess) {
+    return fail_cuda("copying the peer table", status);
+  }
+  int* flag_host = nullptr;
+  int* flag_device = nullptr;
+  if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
+      (status = cudaHostGetDevicePointer(&flag_device, flag_host, 0)) != cudaSuccess) {
+    return fail_cuda("allocating the timeout flag", status);
+  }
+  *flag_host = 0;
+
+  g_runtime = jax_deepep::NvshmemRuntime{};
+  g_runtime.memory.local = buffer;
+  g_runtime.memory.staging = buffer + num_bytes;
+  g_runtime.memory.peer = peers_device;
+  g_runtime.memory.error_flag = flag_device;
+  g_runtime.memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
+  g_runtime.memory.rank = rank;
+  g_runtime.memory.num_ranks = num_ranks;
+  g_runtime.num_bytes = num_bytes;
+  g_runtime.timeout_flag = flag_host;
+  g_initialized = true;
+  return 0;
+}
+
+int jax_deepep_nvshmem_finalize() {
+  if (!g_initialized) return 0;
+  g_initialized = false;
+  cudaError_t status = cudaDeviceSynchronize();  // no kernel of ours may still use the buffer
+  nvshmem_barrier_all();                         // nor a peer's
+  nvshmem_free(g_runtime.memory.local);
+  cudaFree(const_cast<char**>(g_runtime.memory.peer));
+  cudaFreeHost(g_runtime.timeout_flag);
+  nvshmem_finalize();
+  g_runtime = jax_deepep::NvshmemRuntime{};
+  if (status != cudaSuccess) return fail_cuda("synchronising before NVSHMEM finalize", status);
+  return 0;
+}
+
+const char* jax_deepep_nvshmem_last_error() { return jax_deepep::g_last_error.c_str(); }
+
+int jax_deepep_nvshmem_timeout_flag() {
+  if (!g_initialized) return 0;
+  return *reinterpret_cast<volatile int*>(g_runtime.timeout_flag);
+}
+
+}  // extern "C"

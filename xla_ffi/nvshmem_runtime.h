@@ -1,0 +1,42 @@
+// The process's NVSHMEM runtime for the low-latency kernels: one PE per process (one GPU), a
+// symmetric buffer of num_rdma_bytes (two alternating halves) plus one half of staging for
+// nvshmem puts, the peers' buffers mapped over NVLink where possible, and the kernels' timeout flag.
+//
+// Python (jax_deepep/gpu/low_latency.py) drives it through the extern "C" functions below; the
+// FFI handlers read it through nvshmem_runtime().
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/low_latency.cuh"
+
+namespace jax_deepep {
+
+struct NvshmemRuntime {
+  PeerMemory memory;
+  uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
+  int* timeout_flag = nullptr;  // host view of memory.error_flag (mapped pinned memory)
+  uint32_t dispatch_calls = 0;
+  uint32_t combine_calls = 0;
+};
+
+// The initialised runtime, or null.
+NvshmemRuntime* nvshmem_runtime();
+
+}  // namespace jax_deepep
+
+extern "C" {
+// Bytes of an NVSHMEM unique id.
+int jax_deepep_nvshmem_unique_id_size();
+// Writes a fresh unique id (call on PE 0 only); 0 on success.
+int jax_deepep_nvshmem_get_unique_id(void* out);
+// Joins the job as PE `rank` of `num_ranks` on CUDA device `device`; collective. 0 on success.
+int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device, uint64_t num_bytes,
+                            double timeout_s);
+// Frees the buffer and leaves NVSHMEM; collective. 0 on success.
+int jax_deepep_nvshmem_finalize();
+// Why the last call failed.
+const char* jax_deepep_nvshmem_last_error();
+// Nonzero once a kernel gave up waiting for a peer (kDispatchTimeout / kCombineTimeout).
+int jax_deepep_nvshmem_timeout_flag();
+}
