@@ -1,0 +1,148 @@
+"""The bench on CPU: it runs in a tiny configuration and writes JSON, and the JAX-native baselines
+give the same received rows and combined results as the pure-JAX reference."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import jax_deepep as deepep
+from jax_deepep import baselines, bench
+
+AXIS = bench.AXIS
+
+
+def _mesh(num_ranks):
+    devices = jax.devices("cpu")
+    if len(devices) < num_ranks:
+        pytest.skip(f"needs {num_ranks} CPU devices")
+    return Mesh(np.array(devices[:num_ranks]), (AXIS,))
+
+
+def _put(mesh, a):
+    return jax.device_put(a, NamedSharding(mesh, PartitionSpec(AXIS)))
+
+
+def _routing(rng, num_ranks, num_tokens, top_k, num_experts):
+    """Distinct experts per token, uneven loads, ~15% of entries and some whole tokens -1."""
+    scores = rng.random((num_ranks, num_tokens, num_experts)) + np.linspace(0, 0.3, num_experts)
+    idx = np.argsort(-scores, axis=-1)[..., :top_k].astype(np.int32)
+    idx[rng.random(idx.shape) < 0.15] = -1
+    idx[rng.random((num_ranks, num_tokens)) < 0.1] = -1
+    return idx, rng.random(idx.shape).astype(np.float32)
+
+
+def _tokens(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+
+
+def _assert_rows_equal(a, b, rows):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    for r, n in enumerate(rows):
+        np.testing.assert_array_equal(a[r, :n], b[r, :n])
+
+
+@pytest.mark.parametrize("transport", ["padded", "ring"])
+@pytest.mark.parametrize("num_ranks,capacity", [(1, None), (2, None), (4, None), (8, None), (4, 40)])
+def test_normal_baselines_match_reference(transport, num_ranks, capacity):
+    rng = np.random.default_rng([num_ranks, capacity or 0, len(transport)])
+    num_tokens, hidden, top_k, num_experts = 24, 256, 4, 16
+    mesh = _mesh(num_ranks)
+    idx, w = _routing(rng, num_ranks, num_tokens, top_k, num_experts)
+    x = _tokens(rng, (num_ranks, num_tokens, hidden))
+    args = [_put(mesh, a) for a in (x, idx, w)]
+    cap = capacity or num_ranks * num_tokens
+
+    def reference(x, idx, w):
+        out = deepep.reference.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts,
+                                        num_worst_tokens=cap, axis_name=AXIS)
+        y = out.recv_x * 2 - 1
+        combined, _ = deepep.reference.combine(y, out.handle, axis_name=AXIS)
+        fp8 = deepep.reference.dispatch(deepep.fp8.per_block_cast_to_fp8(x), handle=out.handle, axis_name=AXIS)
+        return out, combined, fp8.recv_x
+
+    def baseline(x, idx, w):
+        layout = deepep.reference.get_dispatch_layout(idx, num_experts, axis_name=AXIS)
+        out = baselines.dispatch(transport, x, idx, w, layout, axis_name=AXIS, num_experts=num_experts,
+                                 capacity=cap)
+        y = out.recv_parts[0] * 2 - 1
+        fp8 = baselines.dispatch(transport, deepep.fp8.per_block_cast_to_fp8(x), idx, w, layout, axis_name=AXIS,
+                                 num_experts=num_experts, capacity=cap)
+        return out, baselines.combine(transport, y, out.plan, axis_name=AXIS), fp8.recv_parts
+
+    ref, ref_combined, ref_fp8 = jax.device_get(bench.per_rank(mesh, reference)(*args))
+    got, got_combined, got_fp8 = jax.device_get(bench.per_rank(mesh, baseline)(*args))
+    np.testing.assert_array_equal(got.num_recv_tokens, ref.num_recv_tokens)
+    rows = np.minimum(ref.num_recv_tokens.reshape(-1), cap)
+    assert rows.min() > 0 and (capacity is None or ref.num_recv_tokens.max() > cap)  # the test means something
+    _assert_rows_equal(got.recv_parts[0], ref.recv_x, rows)
+    _assert_rows_equal(got.recv_topk_idx, ref.recv_topk_idx, rows)
+    _assert_rows_equal(got.recv_topk_weights, ref.recv_topk_weights, rows)
+    for got_part, ref_part in zip(got_fp8, ref_fp8):
+        _assert_rows_equal(got_part, ref_part, rows)
+    np.testing.assert_array_equal(np.asarray(got_combined, np.float32), np.asarray(ref_combined, np.float32))
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 8])
+def test_low_latency_baseline_matches_reference(num_ranks):
+    rng = np.random.default_rng(100 + num_ranks)
+    num_tokens, m, hidden, top_k, num_experts = 10, 12, 128, 4, 16
+    mesh = _mesh(num_ranks)
+    idx, w = _routing(rng, num_ranks, num_tokens, top_k, num_experts)
+    x = _tokens(rng, (num_ranks, num_tokens, hidden))
+    garbage = _tokens(rng, (num_ranks, num_experts // num_ranks, num_ranks * m, hidden))
+    args = [_put(mesh, a) for a in (x, idx, w, garbage)]
+
+    def reference(x, idx, w, _):
+        out = deepep.reference.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=m,
+                                                    num_experts=num_experts, use_fp8=False, axis_name=AXIS)
+        combined = deepep.reference.low_latency_combine(out.recv_x * 3, idx, w, out.handle, axis_name=AXIS)
+        return out, combined
+
+    def baseline(x, idx, w, buf):
+        out = baselines.low_latency_dispatch(x, idx, buf, axis_name=AXIS, num_experts=num_experts)
+        return out, baselines.low_latency_combine(out.recv_x * 3, w, out.plan, axis_name=AXIS)
+
+    ref, ref_combined = jax.device_get(bench.per_rank(mesh, reference)(*args))
+    got, got_combined = jax.device_get(bench.per_rank(mesh, baseline)(*args))
+    np.testing.assert_array_equal(got.plan.recv_count, ref.recv_count)
+    np.testing.assert_array_equal(got.plan.recv_layout_range, ref.recv_layout_range)
+    assert ref.recv_count.sum() > 0
+    for r in range(num_ranks):
+        for e, n in enumerate(ref.recv_count[r]):
+            np.testing.assert_array_equal(np.asarray(got.recv_x[r, e, :n], np.float32),
+                                          np.asarray(ref.recv_x[r, e, :n], np.float32))
+    np.testing.assert_allclose(np.asarray(got_combined, np.float32), np.asarray(ref_combined, np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode,tokens", [("normal", 32), ("low_latency", 8)])
+def test_bench_runs_and_writes_json(tmp_path, mode, tokens):
+    if len(jax.devices("cpu")) < 4:
+        pytest.skip("needs 4 CPU devices")
+    path = tmp_path / "bench.json"
+    bench.main(["--mode", mode, "--num-ranks", "4", "--num-tokens", str(tokens), "--hidden", "256",
+                "--num-topk", "4", "--num-experts", "16", "--warmup", "1", "--iters", "2", "--batch", "2",
+                "--rotations", "2", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["meta"]["mode"] == mode and data["meta"]["sizes"]["num_ranks"] == 4
+    by_name = {(r["op"], r["impl"], r["dtype"]): r for r in data["results"]}
+    for r in data["results"]:
+        assert "failed" not in r["note"] and "mismatch" not in r["note"], r
+    if mode == "normal":
+        assert by_name[("dispatch", "jax:ragged", "bf16")]["time_us"] is None  # skipped on XLA:CPU
+        assert "ragged" in by_name[("dispatch", "jax:ragged", "bf16")]["note"]
+        timed = [k for k, r in by_name.items() if r["time_us"]]
+        for key in [("copy", "ceiling", "bf16"), ("dispatch", "buffer[reference]", "bf16"),
+                    ("dispatch", "buffer[reference]", "fp8"), ("combine", "buffer[reference]", "bf16"),
+                    ("dispatch", "jax:padded", "bf16"), ("combine", "jax:ring", "bf16"),
+                    ("peer_copy", "ceiling", "bf16")]:
+            assert key in timed, key
+        assert by_name[("dispatch", "jax:padded", "bf16")]["gbps"] > 0
+    else:
+        for key in [("ll_dispatch", "buffer[reference]", "bf16"), ("ll_combine", "jax:padded", "bf16"),
+                    ("ll_dispatch", "jax:padded", "bf16")]:
+            assert by_name[key]["time_us"] > 0, key
