@@ -112,6 +112,18 @@ def route(router, x, config: MoEConfig, token_mask=None) -> Routing:
     return Routing(topk_idx, topk_weights, scores)
 
 
+def load_balancing_loss(routing: Routing, num_experts: int):
+    """Switch-Transformer auxiliary loss, E * sum_e (share of routed pairs to e) * (mean score of e);
+    1 when perfectly balanced. Over this shard's routed tokens."""
+    routed = routing.topk_idx >= 0
+    pairs = jnp.sum(jax.nn.one_hot(routing.topk_idx, num_experts, dtype=jnp.float32), axis=(0, 1))
+    share = pairs / jnp.maximum(jnp.sum(routed), 1)
+    token_routed = jnp.any(routed, axis=1, keepdims=True)
+    probs = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
+    mean_prob = jnp.sum(jnp.where(token_routed, probs, 0.0), axis=0) / jnp.maximum(jnp.sum(token_routed), 1)
+    return num_experts * jnp.sum(share * mean_prob)
+
+
 # ---- experts ------------------------------------------------------------------------------------
 
 def group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts: int) -> ExpertGroups:
