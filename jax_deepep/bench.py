@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -59,6 +60,8 @@ class Result:
     bytes_per_rank: Optional[float] = None
     gbps: Optional[float] = None
     vs_copy: Optional[float] = None
+    device_us: Optional[float] = None  # sum of this op's kernel times in a profile (--profile)
+    kernels: list = dataclasses.field(default_factory=list)  # [(kernel, us)], longest first
     note: str = ""
 
 
@@ -126,6 +129,7 @@ class Runner:
         self.args = args
         self.only = only
         self.results: list[Result] = []
+        self.timed_calls: list[tuple[Result, Callable[[int], object]]] = []
 
     def run(self, result: Result, call: Optional[Callable[[int], object]] = None, skip: str = ""):
         name = f"{result.op} {result.impl} {result.dtype}"
@@ -137,6 +141,7 @@ class Runner:
             try:
                 result.time_us, result.latency_us = measure(call, warmup=self.args.warmup, iters=self.args.iters,
                                                             batch=self.args.batch)
+                self.timed_calls.append((result, call))
             except Exception as e:  # keep the other measurements; the table says what failed
                 result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if self.args.verbose:
@@ -148,12 +153,52 @@ class Runner:
               flush=True)
         return result
 
+    def profile(self, path: str):
+        """Run each timed op once more under the profiler and record its kernels."""
+        labels = {}
+        with jax.profiler.trace(path, create_perfetto_trace=True):
+            for i, (result, call) in enumerate(self.timed_calls):
+                label = f"bench_op_{i}"
+                labels[label] = result
+                with jax.profiler.TraceAnnotation(label):
+                    jax.block_until_ready(call(1))
+        for label, kernels in device_kernels(path, labels).items():
+            result = labels[label]
+            result.device_us = sum(us for _, us in kernels)
+            result.kernels = kernels[:8]
+
     def fill_copy_ratios(self):
         ceiling = {r.dtype: r.gbps for r in self.results if r.op == "copy" and r.gbps}
         for r in self.results:
             if r.gbps and r.op != "copy":
                 base = ceiling.get(r.dtype) or ceiling.get("bf16")
                 r.vs_copy = r.gbps / base if base else None
+
+
+def device_kernels(path: str, labels) -> dict:
+    """{label: [(kernel, us)]}: the GPU kernels that ran inside each annotated region of the
+    perfetto trace under `path`, summed per kernel name, longest first."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not files:
+        return {}
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and "GPU" in str(e.get("args", {}).get("name", ""))}
+    windows = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
+               if e.get("ph") == "X" and e.get("name") in labels}
+    out = {}
+    for label, (start, end) in windows.items():
+        per_kernel: dict = {}
+        for e in events:
+            if e.get("ph") == "X" and e.get("pid") in device_pids and start <= e["ts"] <= end:
+                per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e["dur"])
+        out[label] = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return out
 
 
 def _rows_diff(a, b, rows):
@@ -198,6 +243,12 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     copy_fn = per_rank(mesh, jnp.copy)
     runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
                       note="device copy of the received bytes"), lambda i: copy_fn(srcs[i % 2]))
+    perm = per_rank(mesh, lambda key: jax.random.permutation(key[0], copy_rows))(
+        jax.random.split(keys[-2], R)[:, None])
+    gather_fn = per_rank(mesh, lambda a, rows: jnp.take(a, rows, axis=0, mode="fill", fill_value=0))
+    runner.run(Result("gather", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
+                      note="jnp.take of the received rows in a random order"),
+               lambda i: gather_fn(srcs[i % 2], perm))
     fp8_src = [per_rank(mesh, lambda a: a.astype(jnp.float8_e4m3fn))(s) for s in srcs]
     runner.run(Result("copy", "ceiling", "fp8", bytes_per_rank=rows * sizes.hidden,
                       note="device copy of the received FP8 values"), lambda i: copy_fn(fp8_src[i % 2]))
@@ -384,6 +435,8 @@ def parse_args(argv=None):
                    help="skip checking the baselines against the Buffer's results")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write a bar chart here (needs matplotlib)")
+    p.add_argument("--profile", default=None,
+                   help="profile each op once more into this folder and report its kernels (GPU)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -402,6 +455,15 @@ def main(argv=None):
     runner = Runner(args, args.only)
     (bench_low_latency if args.mode == "low_latency" else bench_normal)(runner, mesh, sizes, args)
     runner.fill_copy_ratios()
+    if args.profile:
+        try:
+            runner.profile(args.profile)
+        except Exception as e:  # the timings stand without the kernel breakdown
+            print(f"profiling failed: {type(e).__name__}: {e}", file=sys.stderr)
+        for r in runner.results:
+            if r.kernels:
+                print(f"{r.op} {r.impl} {r.dtype}: device {r.device_us:.1f} us = "
+                      + ", ".join(f"{name[:40]} {us:.1f}" for name, us in r.kernels))
     print(table(runner.results))
     meta = {"mode": args.mode, "sizes": dataclasses.asdict(sizes), "device": devices[0].device_kind,
             "platform": devices[0].platform, "jax": jax.__version__, "python": platform.python_version(),
