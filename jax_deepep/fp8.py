@@ -22,11 +22,18 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)
     scale = amax / FP8_MAX
     if round_scale or use_ue8m0:
-        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+        scale = _round_up_to_power_of_two(scale)
     q = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, h)
     if not use_ue8m0:
         return q, scale
     return q, pack_ue8m0(scale)
+
+
+def _round_up_to_power_of_two(scale):
+    """Exact for positive normal f32 (exp2(ceil(log2(.))) is not: XLA's exp2 misses powers of two)."""
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(exponent << 23, jnp.float32)
 
 
 def pack_ue8m0(scale):

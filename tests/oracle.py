@@ -164,6 +164,17 @@ def fp8_cast(x, *, round_scale: bool = False):
     return q.reshape(x.shape), scale
 
 
+def assert_fp8_values_close(got, want):
+    """e4m3 values equal up to the rounding of ties: x / scale may be computed as x * (1 / scale),
+    as DeepEP's kernels do, which can land a value one e4m3 step away."""
+    got, want = np.asarray(got).astype(np.float32), np.asarray(want).astype(np.float32)
+    if not got.size:
+        return
+    one_step = np.maximum(np.abs(got), np.abs(want)) * 2.0 ** -3 + 2.0 ** -9
+    assert np.all(np.abs(got - want) <= one_step), "FP8 values more than one e4m3 step apart"
+    assert np.mean(got == want) >= 0.98, f"only {np.mean(got == want):.1%} of the FP8 values are identical"
+
+
 def pack_ue8m0(scale):
     """Power-of-two f32 scales `[..., G]` -> int32 `[..., G // 4]`: the exponent bytes, block 4i
     in the lowest byte of word i."""
