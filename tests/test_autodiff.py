@@ -1,0 +1,130 @@
+"""Gradients (SPEC.md section 2, Autodiff) against dense numpy computations: the cotangent of
+dispatch is a combine over the same handle, the cotangent of combine a cached dispatch.
+
+Inside shard_map, `jax.grad` of each rank's loss differentiates the sum of all ranks' losses.
+"""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_deepep as deepep
+import oracle
+from harness import make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+
+T, H, K, E = 12, 128, 4, 24
+
+# (num_ranks, capacity): None is the default R * T; T with hot routing overflows.
+CASES = [(1, None), (2, None), (4, T), (8, None)]
+
+
+def _cotangent(rng, shape):
+    """bf16-representable f32 values, so that casting them to bf16 loses nothing."""
+    return random_bf16(rng, shape).astype(np.float32)
+
+
+def _as_f32(a):
+    return np.asarray(a).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_ranks,capacity", CASES)
+def test_dispatch_grad(rng, num_ranks, capacity):
+    mesh = make_mesh(num_ranks)
+    capacity = capacity or num_ranks * T
+    buffer = deepep.Buffer(mesh, "ep")
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot" if capacity < num_ranks * T else "out_of_range")
+    weights = random_weights(rng, (num_ranks, T, K))
+    g_x = _cotangent(rng, (num_ranks, capacity, H))
+    g_w = random_weights(rng, (num_ranks, capacity, K))
+
+    def per_rank(x, idx, w, g_x, g_w):
+        def loss(x, w):
+            out = buffer.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E, num_worst_tokens=capacity)
+            return jnp.sum(out.recv_x.astype(jnp.float32) * g_x) + jnp.sum(out.recv_topk_weights * g_w)
+
+        return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    grad_x, grad_w = run_per_rank(mesh, per_rank, x, topk_idx, weights, g_x, g_w)
+    want = oracle.dispatch([x], topk_idx, weights, E, capacity)
+    assert grad_x.dtype == ml_dtypes.bfloat16 and grad_w.dtype == np.float32
+    oracle.assert_rounded_once(grad_x, oracle.combine(g_x, want, T), oracle.combine(np.abs(g_x), want, T))
+    g_w_routed = np.stack([np.where(w.recv_topk_idx >= 0, g, 0.0) for w, g in zip(want, g_w)])
+    np.testing.assert_allclose(grad_w, oracle.combine(g_w_routed, want, T), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_ranks,capacity", CASES)
+def test_combine_grad(rng, num_ranks, capacity):
+    mesh = make_mesh(num_ranks)
+    capacity = capacity or num_ranks * T
+    buffer = deepep.Buffer(mesh, "ep")
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot" if capacity < num_ranks * T else "random")
+    y = random_bf16(rng, (num_ranks, capacity, H))
+    w = random_weights(rng, (num_ranks, capacity, K))
+    bias = (random_bf16(rng, (num_ranks, T, H)), random_bf16(rng, (num_ranks, T, H)))
+    g_x = _cotangent(rng, (num_ranks, T, H))
+    g_w = random_weights(rng, (num_ranks, T, K))
+
+    def per_rank(x, idx, y, w, bias, g_x, g_w):
+        handle = buffer.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=capacity).handle
+
+        def loss(y, w, bias):
+            combined_x, combined_w = buffer.combine(y, handle, topk_weights=w, bias=bias)
+            return jnp.sum(combined_x.astype(jnp.float32) * g_x) + jnp.sum(combined_w * g_w)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(y, w, bias)
+
+    grad_y, grad_w, grad_bias = run_per_rank(mesh, per_rank, x, topk_idx, y, w, bias, g_x, g_w)
+    want = oracle.dispatch([g_x, g_w], topk_idx, None, E, capacity)
+    assert grad_y.dtype == ml_dtypes.bfloat16 and grad_w.dtype == np.float32
+    for r, result in enumerate(want):  # rows past the received ones get zero cotangent
+        np.testing.assert_array_equal(_as_f32(grad_y[r]), result.recv_parts[0])
+        np.testing.assert_array_equal(grad_w[r], result.recv_parts[1])
+    for g_b in grad_bias:
+        np.testing.assert_array_equal(_as_f32(g_b), g_x)
+
+
+def test_cached_dispatch_grad(rng):
+    mesh = make_mesh(4)
+    buffer = deepep.Buffer(mesh, "ep")
+    x, x_next = random_bf16(rng, (4, T, H)), random_bf16(rng, (4, T, H))
+    topk_idx = random_topk(rng, 4, T, K, E)
+    g = _cotangent(rng, (4, 4 * T, H))
+
+    def per_rank(x, x_next, idx, g):
+        handle = buffer.dispatch(x, topk_idx=idx, num_experts=E).handle
+        loss = lambda x: jnp.sum(buffer.dispatch(x, handle=handle).recv_x.astype(jnp.float32) * g)  # noqa: E731
+        return jax.grad(loss)(x_next)
+
+    grad_x = run_per_rank(mesh, per_rank, x, x_next, topk_idx, g)
+    want = oracle.dispatch([x], topk_idx, None, E, 4 * T)
+    oracle.assert_rounded_once(grad_x, oracle.combine(g, want, T), oracle.combine(np.abs(g), want, T))
+
+
+@pytest.mark.parametrize("num_ranks", [2, 8])
+def test_moe_round_trip_grad_matches_dense(rng, num_ranks):
+    """dispatch -> per-rank expert (multiply by rank + 1) -> combine, against its dense form:
+    out[t] = sum over ranks d that receive t of (d + 1) * x[t], so
+    grad x[t] = sum over the same d of bf16((d + 1) * g[t]) (the expert's product is bf16)."""
+    mesh = make_mesh(num_ranks)
+    buffer = deepep.Buffer(mesh, "ep")
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E)
+    g = _cotangent(rng, (num_ranks, T, H))
+
+    def per_rank(x, idx, g):
+        def loss(x):
+            out = buffer.dispatch(x, topk_idx=idx, num_experts=E)
+            scale = (jax.lax.axis_index("ep") + 1).astype(jnp.bfloat16)
+            combined, _ = buffer.combine(out.recv_x * scale, out.handle)
+            return jnp.sum(combined.astype(jnp.float32) * g)
+
+        return jax.grad(loss)(x)
+
+    grad_x = run_per_rank(mesh, per_rank, x, topk_idx, g)
+    in_rank = np.stack([oracle.layout(topk_idx[s], E, num_ranks).is_token_in_rank for s in range(num_ranks)])
+    per_rank_terms = np.stack([_as_f32((g * (d + 1)).astype(ml_dtypes.bfloat16)) for d in range(num_ranks)])
+    exact = np.einsum("srd,dsrh->srh", in_rank.astype(np.float64), per_rank_terms.astype(np.float64))
+    oracle.assert_rounded_once(grad_x, exact, np.abs(exact))
