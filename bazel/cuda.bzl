@@ -5,7 +5,16 @@ links the CUDA runtime statically, as CMake does)."""
 def _object_path(name, src):
     return "_objs/{}/{}.o".format(name, src)
 
-def cuda_shared_library(name, nvcc, srcs, hdrs = [], copts = [], linkopts = [], **kwargs):
+def cuda_shared_library(
+        name,
+        nvcc,
+        srcs,
+        hdrs = [],
+        copts = [],
+        link_inputs = [],
+        linkopts = [],
+        relocatable_device_code = False,
+        **kwargs):
     """Builds lib<name>.so.
 
     Args:
@@ -13,10 +22,15 @@ def cuda_shared_library(name, nvcc, srcs, hdrs = [], copts = [], linkopts = [], 
       nvcc: absolute path of the CUDA compiler.
       srcs: .cu and .cc files (nvcc hands .cc files to the host compiler).
       hdrs: headers every source may include; labels named in copts' $(execpath ...) go here too.
-      copts: nvcc flags for every source (make variables and $(execpath) expanded).
-      linkopts: nvcc flags for the link.
+      copts: nvcc flags for every source (make variables and $(execpath) expanded); also passed to the
+        link, which device-links relocatable device code for the same architectures.
+      link_inputs: libraries to link; labels named in linkopts' $(execpath ...) go here too.
+      linkopts: further nvcc flags for the link.
+      relocatable_device_code: compile with -rdc=true (device code calling into other objects, such as
+        NVSHMEM's device library); nvcc then device-links at the link.
       **kwargs: passed to the link rule (visibility, tags).
     """
+    rdc = ["-rdc=true"] if relocatable_device_code else []
     objects = []
     for src in srcs:
         obj = _object_path(name, src)
@@ -26,7 +40,7 @@ def cuda_shared_library(name, nvcc, srcs, hdrs = [], copts = [], linkopts = [], 
             outs = [obj],
             cmd = "{nvcc} -c {copts} $(location {src}) -o $@".format(
                 nvcc = nvcc,
-                copts = " ".join(copts),
+                copts = " ".join(rdc + copts),
                 src = src,
             ),
             message = "nvcc " + src,
@@ -34,10 +48,12 @@ def cuda_shared_library(name, nvcc, srcs, hdrs = [], copts = [], linkopts = [], 
         objects.append(obj)
     native.genrule(
         name = name,
-        srcs = objects,
+        srcs = objects + link_inputs + hdrs,
         outs = ["lib{}.so".format(name)],
-        cmd = "{nvcc} -shared $(SRCS) {linkopts} -o $@".format(
+        cmd = "{nvcc} -shared {copts} {objects} {linkopts} -o $@".format(
             nvcc = nvcc,
+            copts = " ".join(rdc + copts),
+            objects = " ".join(["$(location {})".format(obj) for obj in objects]),
             linkopts = " ".join(linkopts),
         ),
         message = "nvcc -shared lib{}.so".format(name),

@@ -1,5 +1,7 @@
-"""Repository rule: the local Python that has jax installed (pip), as Bazel's Python toolchain, plus the
-XLA FFI headers that ship inside its jaxlib (`jax.ffi.include_dir()`).
+"""Repository rule: the local Python that has jax installed (pip), as Bazel's Python toolchain, plus what
+the CUDA libraries take from its packages: the XLA FFI headers that ship inside jaxlib
+(`jax.ffi.include_dir()`) and, when the nvidia-nvshmem-cu13 package is installed, NVSHMEM (`defs.bzl`
+says whether: NVSHMEM_FOUND).
 
 The interpreter is $PYTHON_BIN_PATH, else the first `python3` on PATH (an activated venv wins)."""
 
@@ -8,6 +10,11 @@ import sys
 import jax
 print(sys.executable)
 print(jax.ffi.include_dir())
+try:
+    import nvidia.nvshmem
+    print(list(nvidia.nvshmem.__path__)[0])
+except ImportError:
+    print("")
 """
 
 _BUILD = """
@@ -41,6 +48,23 @@ filegroup(
 exports_files(["jax_include/xla/ffi/api/ffi.h"])
 """
 
+# Only where NVSHMEM was found; compile with -I<dirname of nvshmem.h>, link with the two libraries.
+_NVSHMEM_BUILD = """
+filegroup(
+    name = "nvshmem_headers",
+    srcs = glob(["nvshmem/include/**"]),
+)
+
+exports_files([
+    "nvshmem/include/nvshmem.h",
+    "nvshmem/lib/libnvshmem_device.a",
+    "nvshmem/lib/libnvshmem_host.so.3",
+])
+"""
+
+# The two NVSHMEM libraries libjax_deepep_nvshmem.so links against.
+_NVSHMEM_LIBRARIES = ["lib/libnvshmem_device.a", "lib/libnvshmem_host.so.3"]
+
 def _find_python(repository_ctx):
     python = repository_ctx.os.environ.get("PYTHON_BIN_PATH") or repository_ctx.which("python3")
     if not python:
@@ -52,9 +76,18 @@ def _local_python_impl(repository_ctx):
     result = repository_ctx.execute([python, "-c", _PROBE])
     if result.return_code != 0:
         fail("{} cannot import jax (pip install jax): {}".format(python, result.stderr))
-    interpreter, jax_include = result.stdout.strip().split("\n")[-2:]
+    interpreter, jax_include, nvshmem = result.stdout.rstrip("\n").split("\n")[-3:]
     repository_ctx.symlink(jax_include, "jax_include")
-    repository_ctx.file("BUILD.bazel", _BUILD.format(interpreter = interpreter))
+    build = _BUILD.format(interpreter = interpreter)
+    nvshmem_found = bool(nvshmem) and all([
+        repository_ctx.path(nvshmem + "/" + library).exists
+        for library in _NVSHMEM_LIBRARIES
+    ])
+    if nvshmem_found:
+        repository_ctx.symlink(nvshmem, "nvshmem")
+        build += _NVSHMEM_BUILD
+    repository_ctx.file("BUILD.bazel", build)
+    repository_ctx.file("defs.bzl", "NVSHMEM_FOUND = {}\n".format(nvshmem_found))
 
 local_python = repository_rule(
     implementation = _local_python_impl,
