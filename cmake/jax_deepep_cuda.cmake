@@ -19,6 +19,11 @@ endif()
 message(STATUS "jax_deepep: XLA FFI headers in ${JAX_FFI_INCLUDE_DIR}")
 
 set(JAX_DEEPEP_CUDA_SOURCES
+  cuda/layout.cu
+  cuda/notify.cu
+  cuda/intranode_dispatch.cu
+  cuda/intranode_combine.cu
+  xla_ffi/intranode_ffi.cc
   xla_ffi/runtime.cc)
 
 add_library(jax_deepep_cuda SHARED ${JAX_DEEPEP_CUDA_SOURCES})
@@ -37,7 +42,7 @@ target_include_directories(jax_deepep_cuda PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
 # their warnings stay out of our build log.
 target_include_directories(jax_deepep_cuda SYSTEM PRIVATE ${JAX_FFI_INCLUDE_DIR})
 target_compile_options(jax_deepep_cuda PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:-O3 --use_fast_math=false -lineinfo -Xcompiler=-fvisibility=hidden>
+  $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo -Xcompiler=-fvisibility=hidden>
   $<$<COMPILE_LANGUAGE:CXX>:-O2 -Wall>)
 target_link_libraries(jax_deepep_cuda PRIVATE CUDA::cudart_static)
 

@@ -42,7 +42,7 @@ struct CommHeader {
   int32_t notify[2][kMaxRanks][kMaxRanks + kMaxLocalExperts];
 };
 
-constexpr size_t ring_offset() {
+JDEEP_HOST_DEVICE constexpr size_t ring_offset() {
   return (sizeof(CommHeader) + kRingAlignment - 1) / kRingAlignment * kRingAlignment;
 }
 

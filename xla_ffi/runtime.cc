@@ -81,20 +81,18 @@ RankState* find_rank_state(int64_t buffer_id, int device) {
 
 using jax_deepep::RankState;
 
-extern "C" {
+JAX_DEEPEP_EXPORT const char* jax_deepep_last_error() { return jax_deepep::last_error.c_str(); }
 
-const char* jax_deepep_last_error() { return jax_deepep::last_error.c_str(); }
+JAX_DEEPEP_EXPORT size_t jax_deepep_ring_offset() { return jax_deepep::ring_offset(); }
 
-size_t jax_deepep_ring_offset() { return jax_deepep::ring_offset(); }
+JAX_DEEPEP_EXPORT int jax_deepep_max_ranks() { return jax_deepep::kMaxRanks; }
 
-int jax_deepep_max_ranks() { return jax_deepep::kMaxRanks; }
+JAX_DEEPEP_EXPORT int jax_deepep_max_channels() { return jax_deepep::kMaxChannels; }
 
-int jax_deepep_max_channels() { return jax_deepep::kMaxChannels; }
-
-int jax_deepep_max_local_experts() { return jax_deepep::kMaxLocalExperts; }
+JAX_DEEPEP_EXPORT int jax_deepep_max_local_experts() { return jax_deepep::kMaxLocalExperts; }
 
 // Allocates and zeroes the buffer of `rank` on `device`; its peers are connected later.
-int jax_deepep_create(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes) {
+JAX_DEEPEP_EXPORT int jax_deepep_create(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes) {
   using namespace jax_deepep;
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks)
     return fail("jax_deepep_create: bad rank " + std::to_string(rank) + " of " + std::to_string(num_ranks));
@@ -119,7 +117,7 @@ int jax_deepep_create(int64_t buffer_id, int device, int rank, int num_ranks, si
 }
 
 // Writes the CUDA IPC handle of the buffer (CUDA_IPC_HANDLE_SIZE bytes) to `out`.
-int jax_deepep_ipc_handle(int64_t buffer_id, int device, char* out) {
+JAX_DEEPEP_EXPORT int jax_deepep_ipc_handle(int64_t buffer_id, int device, char* out) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
   if (!s) return jax_deepep::fail("jax_deepep_ipc_handle: no such buffer");
@@ -130,10 +128,10 @@ int jax_deepep_ipc_handle(int64_t buffer_id, int device, char* out) {
   return 0;
 }
 
-int jax_deepep_ipc_handle_size() { return static_cast<int>(sizeof(cudaIpcMemHandle_t)); }
+JAX_DEEPEP_EXPORT int jax_deepep_ipc_handle_size() { return static_cast<int>(sizeof(cudaIpcMemHandle_t)); }
 
 // Maps `peer_rank`'s buffer, living in another process, from its IPC handle.
-int jax_deepep_connect_ipc(int64_t buffer_id, int device, int peer_rank, const char* handle_bytes) {
+JAX_DEEPEP_EXPORT int jax_deepep_connect_ipc(int64_t buffer_id, int device, int peer_rank, const char* handle_bytes) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
   if (!s || peer_rank < 0 || peer_rank >= s->num_ranks || peer_rank == s->rank)
@@ -149,7 +147,7 @@ int jax_deepep_connect_ipc(int64_t buffer_id, int device, int peer_rank, const c
 }
 
 // Maps `peer_rank`'s buffer living on `peer_device` of this process (peer access).
-int jax_deepep_connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device) {
+JAX_DEEPEP_EXPORT int jax_deepep_connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
   RankState* peer = jax_deepep::lookup(buffer_id, peer_device);
@@ -174,7 +172,7 @@ int jax_deepep_connect_local(int64_t buffer_id, int device, int peer_rank, int p
 }
 
 // Unmaps the peers' buffers (every process does this before any buffer is freed).
-int jax_deepep_disconnect(int64_t buffer_id, int device) {
+JAX_DEEPEP_EXPORT int jax_deepep_disconnect(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
   if (!s) return 0;
@@ -184,7 +182,7 @@ int jax_deepep_disconnect(int64_t buffer_id, int device) {
 }
 
 // Frees the buffer (idempotent).
-int jax_deepep_destroy(int64_t buffer_id, int device) {
+JAX_DEEPEP_EXPORT int jax_deepep_destroy(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   auto it = jax_deepep::registry.find({buffer_id, device});
   if (it == jax_deepep::registry.end()) return 0;
@@ -199,10 +197,9 @@ int jax_deepep_destroy(int64_t buffer_id, int device) {
 }
 
 // The first kernel error code raised on this buffer (see KernelError), 0 if none.
-int jax_deepep_error_code(int64_t buffer_id, int device) {
+JAX_DEEPEP_EXPORT int jax_deepep_error_code(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
   return s ? *reinterpret_cast<volatile int*>(s->error_host) : 0;
 }
 
-}  // extern "C"

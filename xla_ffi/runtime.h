@@ -8,6 +8,9 @@
 #include "cuda/comm_layout.h"
 #include "cuda/rank_info.h"
 
+// Symbols Python loads from the library (the build hides everything else).
+#define JAX_DEEPEP_EXPORT extern "C" __attribute__((visibility("default")))
+
 namespace jax_deepep {
 
 struct RankState {

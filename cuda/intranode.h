@@ -1,0 +1,134 @@
+// Launchers of the normal-mode (intranode) kernels and their argument structs.
+//
+// Receive order is (source rank, source token index), so the row a token lands in on each rank
+// is a pure function of the layout (`send_row`, computed by the notify kernel). Senders put
+// rows for their own rank straight into the output; rows for a peer go through a ring of
+// slots in the peer's communication buffer (channel c carries the sender's tokens
+// [T*c/C, T*(c+1)/C) in order), and the peer's receiver block moves each slot to its row.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/comm_layout.h"
+#include "cuda/rank_info.h"
+
+namespace jax_deepep {
+
+struct LayoutArgs {
+  const int32_t* topk_idx;  // [T, K]
+  int num_tokens, num_topk, num_experts, num_ranks;
+  int32_t* num_tokens_per_rank;    // [R]
+  int32_t* num_tokens_per_expert;  // [E]
+  bool* is_token_in_rank;          // [T, R]
+};
+
+// Inputs and outputs of the notify step (count exchange and handle construction).
+struct NotifyArgs {
+  int num_tokens, capacity, num_experts, expert_alignment;
+  const bool* is_token_in_rank;          // [T, R]
+  const int32_t* num_tokens_per_rank;    // [R]
+  const int32_t* num_tokens_per_expert;  // [E]
+  int32_t* send_row;                     // [T, R]: destination row, -1 if not sent
+  int32_t* send_count_before;            // [T, R]: tokens before t sent to each rank
+  int32_t* send_offset;                  // [R]: first row of this rank's block on each rank
+  int32_t* recv_rank_prefix;             // [R]
+  int32_t* recv_src_rank;                // [N]
+  int32_t* num_recv_tokens;              // []
+  int32_t* num_recv_tokens_per_expert;   // [E_l], aligned
+};
+
+// One payload of a token row (the bf16 or FP8 values, or the FP8 scales).
+struct TokenPart {
+  const char* send;  // [T, row_bytes]
+  char* recv;        // [N, row_bytes]
+  int row_bytes;
+};
+
+struct RingShape {
+  int num_channels;  // C
+  int slots;         // slots per (channel, peer) ring
+  int chunk_tokens;  // tokens a sender moves between tail updates (<= slots)
+};
+
+// Bytes of one ring slot and the offsets inside it (16-byte aligned pieces).
+JDEEP_HOST_DEVICE constexpr int align16(int n) { return (n + 15) / 16 * 16; }
+
+struct DispatchSlot {
+  static constexpr int kMetaBytes = 16;  // source token index, destination row
+  int part_offset[2];
+  int topk_idx_offset, topk_weights_offset, bytes;
+};
+
+inline JDEEP_HOST_DEVICE DispatchSlot dispatch_slot(const int* part_bytes, int num_parts, int num_topk) {
+  DispatchSlot s{};
+  int at = DispatchSlot::kMetaBytes;
+  for (int p = 0; p < num_parts; ++p) {
+    s.part_offset[p] = at;
+    at += align16(part_bytes[p]);
+  }
+  s.topk_idx_offset = at;
+  at += align16(num_topk * 4);
+  s.topk_weights_offset = at;
+  at += align16(num_topk * 4);
+  s.bytes = at;
+  return s;
+}
+
+struct CombineSlot {
+  int weights_offset, bytes;
+};
+
+inline JDEEP_HOST_DEVICE CombineSlot combine_slot(int hidden, int num_topk) {
+  CombineSlot s{};
+  s.weights_offset = align16(hidden * 2);
+  s.bytes = s.weights_offset + align16(num_topk * 4);
+  return s;
+}
+
+struct DispatchArgs {
+  int num_tokens, capacity, num_topk, num_experts;
+  int num_parts;
+  TokenPart parts[2];
+  const int32_t* topk_idx;       // [T, K] global expert ids, or null
+  const float* topk_weights;     // [T, K] or null
+  int32_t* recv_topk_idx;        // [N, K] local ids, -1 elsewhere (null without topk_idx)
+  float* recv_topk_weights;      // [N, K] (null without topk_weights)
+  int32_t* recv_src_idx;         // [N], or null (cached mode)
+  const bool* is_token_in_rank;  // [T, R]
+  const int32_t* send_row;
+  const int32_t* send_count_before;
+  const int32_t* num_recv_tokens;
+  RingShape ring;
+  DispatchSlot slot;
+};
+
+struct CombineArgs {
+  int num_tokens, capacity, hidden, num_topk;
+  const __nv_bfloat16* y;        // [N, H]
+  const float* topk_weights;     // [N, K] or null
+  const __nv_bfloat16* bias[2];  // [T, H] or null
+  __nv_bfloat16* combined_x;     // [T, H]
+  float* combined_topk_weights;  // [T, K] or null
+  const bool* is_token_in_rank;
+  const int32_t* send_row;
+  const int32_t* send_count_before;
+  const int32_t* send_offset;
+  const int32_t* recv_src_idx;
+  const int32_t* recv_rank_prefix;
+  const int32_t* num_recv_tokens;
+  RingShape ring;
+  CombineSlot slot;
+};
+
+cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
+// Exchanges counts with every peer (a barrier too) and fills the handle arrays.
+cudaError_t launch_notify(const RankInfo& info, const NotifyArgs& args, cudaStream_t stream);
+// A barrier over all ranks: every peer finished its previous op (so all rings are drained).
+cudaError_t launch_barrier(const RankInfo& info, cudaStream_t stream);
+cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream);
+cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream);
+
+}  // namespace jax_deepep

@@ -1,0 +1,62 @@
+// Small device helpers shared by the intranode kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/comm_layout.h"
+
+namespace jax_deepep {
+
+constexpr int kIntranodeThreads = 512;
+constexpr int kIntranodeWarps = kIntranodeThreads / 32;
+
+// Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
+// so a ring carries its tokens in (source token index) order.
+struct TokenRange {
+  int first, last;
+};
+
+__device__ __forceinline__ TokenRange channel_tokens(int num_tokens, int channel, int num_channels) {
+  return {static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels),
+          static_cast<int>(static_cast<int64_t>(num_tokens) * (channel + 1) / num_channels)};
+}
+
+// Number of tokens before `t` (t may equal T) that this rank sends to rank `dst`.
+__device__ __forceinline__ int sent_before(const int32_t* send_count_before, const bool* is_token_in_rank,
+                                           int num_tokens, int num_ranks, int t, int dst) {
+  if (t < num_tokens) return send_count_before[static_cast<int64_t>(t) * num_ranks + dst];
+  if (num_tokens == 0) return 0;
+  const int64_t last = static_cast<int64_t>(num_tokens - 1) * num_ranks + dst;
+  return send_count_before[last] + (is_token_in_rank[last] ? 1 : 0);
+}
+
+// Warp role inside a block: warps are split into one group per peer rank.
+struct PeerGroup {
+  int peer;            // the rank this group serves; >= num_ranks for idle warps
+  int warp_in_group;
+  int warps;           // warps per group
+  int barrier_id;      // named barrier of the group (1..kMaxRanks)
+  bool leader;         // lane 0 of the group's first warp
+
+  __device__ __forceinline__ int threads() const { return warps * 32; }
+};
+
+__device__ __forceinline__ PeerGroup peer_group(int num_ranks) {
+  const int warp = threadIdx.x / 32;
+  PeerGroup g;
+  g.warps = kIntranodeWarps / num_ranks;
+  g.peer = warp / g.warps;
+  g.warp_in_group = warp % g.warps;
+  g.barrier_id = g.peer + 1;
+  g.leader = g.warp_in_group == 0 && threadIdx.x % 32 == 0;
+  return g;
+}
+
+// Address of slot `index` (a monotonic total, wrapped here) of ring (channel, src) in `buffer`.
+__device__ __forceinline__ char* ring_slot(char* buffer, int channel, int src, int num_ranks, int slots,
+                                           int slot_bytes, uint64_t index) {
+  return buffer + ring_position(channel, src, num_ranks, slots, slot_bytes) +
+         static_cast<size_t>(index % static_cast<uint64_t>(slots)) * slot_bytes;
+}
+
+}  // namespace jax_deepep

@@ -1,0 +1,209 @@
+// Normal-mode dispatch (and cached dispatch) over NVLink.
+//
+// Block 2c sends channel c, block 2c+1 receives it (with one rank, every block sends its own
+// channel). Inside a block the warps form one group per peer rank:
+//  - sender group for a peer: announces the channel's slot count, then pushes its tokens for
+//    that peer into the peer's ring chunk by chunk (waiting for ring space, publishing the tail);
+//    the group for this rank itself writes rows straight to their final output row;
+//  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
+//    publishes the head so the sender can reuse the slots.
+#include "cuda/device_sync.cuh"
+#include "cuda/intranode.h"
+#include "cuda/intranode_common.cuh"
+#include "cuda/warp_copy.cuh"
+
+namespace jax_deepep {
+namespace {
+
+// Where one token's row comes from: the sender's inputs or a ring slot.
+struct TokenSource {
+  const char* part[2];
+  const int32_t* topk_idx;   // global expert ids, or null
+  const float* topk_weights;  // or null
+};
+
+// Writes one received token into output row `row` (< capacity), converting expert ids to local.
+template <Source kSource>
+__device__ __forceinline__ void deliver(const DispatchArgs& args, int me, int experts_per_rank, int row, int token,
+                                        const TokenSource& src, int lane) {
+  for (int p = 0; p < args.num_parts; ++p) {
+    const int bytes = args.parts[p].row_bytes;
+    warp_copy<kSource>(args.parts[p].recv + static_cast<int64_t>(row) * bytes, src.part[p], bytes, lane);
+  }
+  if (lane < args.num_topk) {
+    const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
+    int local = -1;
+    if (src.topk_idx) {
+      const int e = reinterpret_cast<const volatile int32_t*>(src.topk_idx)[lane];
+      if (e >= 0 && e < args.num_experts && e / experts_per_rank == me) local = e - me * experts_per_rank;
+      args.recv_topk_idx[at] = local;
+    }
+    if (src.topk_weights) {
+      const float w = reinterpret_cast<const volatile float*>(src.topk_weights)[lane];
+      args.recv_topk_weights[at] = (src.topk_idx && local < 0) ? 0.0f : w;
+    }
+  }
+  if (lane == 0 && args.recv_src_idx) args.recv_src_idx[row] = token;
+}
+
+__device__ __forceinline__ TokenSource input_source(const DispatchArgs& args, int t) {
+  TokenSource s{};
+  for (int p = 0; p < args.num_parts; ++p) s.part[p] = args.parts[p].send + static_cast<int64_t>(t) * args.parts[p].row_bytes;
+  s.topk_idx = args.topk_idx ? args.topk_idx + static_cast<int64_t>(t) * args.num_topk : nullptr;
+  s.topk_weights = args.topk_weights ? args.topk_weights + static_cast<int64_t>(t) * args.num_topk : nullptr;
+  return s;
+}
+
+__device__ __forceinline__ TokenSource slot_source(const DispatchArgs& args, const DispatchSlot& slot, const char* p) {
+  TokenSource s{};
+  for (int i = 0; i < args.num_parts; ++i) s.part[i] = p + slot.part_offset[i];
+  s.topk_idx = args.topk_idx ? reinterpret_cast<const int32_t*>(p + slot.topk_idx_offset) : nullptr;
+  s.topk_weights = args.topk_weights ? reinterpret_cast<const float*>(p + slot.topk_weights_offset) : nullptr;
+  return s;
+}
+
+// Rows past the received tokens: no expert, zero weight, no source.
+__device__ void fill_padding(const DispatchArgs& args, int num_recv) {
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * kIntranodeWarps;
+  for (int row = max(num_recv, 0) + blockIdx.x * kIntranodeWarps + threadIdx.x / 32; row < args.capacity; row += warps) {
+    if (lane < args.num_topk) {
+      const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
+      if (args.recv_topk_idx) args.recv_topk_idx[at] = -1;
+      if (args.recv_topk_weights) args.recv_topk_weights[at] = 0.0f;
+    }
+    if (lane == 0 && args.recv_src_idx) args.recv_src_idx[row] = -1;
+  }
+}
+
+__device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, const PeerGroup& g, TokenRange range,
+                             int experts_per_rank) {
+  const int me = info.rank, lane = threadIdx.x % 32;
+  for (int t = range.first + g.warp_in_group; t < range.last; t += g.warps) {
+    const int row = args.send_row[static_cast<int64_t>(t) * info.num_ranks + me];
+    if (row < 0 || row >= args.capacity) continue;  // not sent here, or dropped (past capacity)
+    deliver<Source::kInput>(args, me, experts_per_rank, row, t, input_source(args, t), lane);
+  }
+}
+
+__device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, const DispatchSlot& slot,
+                             const PeerGroup& g, int channel, TokenRange range, uint32_t epoch) {
+  const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
+  const int slots = args.ring.slots;
+  CommHeader* mine = header_of(info.buffers[me]);
+  CommHeader* theirs = header_of(info.buffers[dst]);
+  auto before = [&](int t) {
+    return sent_before(args.send_count_before, args.is_token_in_rank, args.num_tokens, num_ranks, t, dst);
+  };
+  const int first = before(range.first);
+  const int count = before(range.last) - first;
+  const uint64_t base = mine->sent_total[channel][dst];
+  if (g.leader) store_release(&theirs->channel_count[channel][me], (static_cast<uint64_t>(epoch) << 32) | count);
+
+  for (int chunk = range.first; chunk < range.last; chunk += args.ring.chunk_tokens) {
+    const int chunk_end = min(chunk + args.ring.chunk_tokens, range.last);
+    const int sent_after = before(chunk_end) - first;
+    if (sent_after == before(chunk) - first) continue;
+    if (g.leader) {
+      wait_for(&mine->head[channel][dst], [&](uint64_t head) { return base + sent_after <= head + slots; }, info,
+               kRingSpaceTimeout, dst, channel);
+    }
+    named_barrier(g.barrier_id, g.threads());
+    for (int t = chunk + g.warp_in_group; t < chunk_end; t += g.warps) {
+      const int64_t at = static_cast<int64_t>(t) * num_ranks + dst;
+      if (!args.is_token_in_rank[at]) continue;
+      char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, slot.bytes,
+                          base + args.send_count_before[at] - first);
+      if (lane == 0) *reinterpret_cast<int2*>(p) = make_int2(t, args.send_row[at]);
+      const TokenSource src = input_source(args, t);
+      for (int i = 0; i < args.num_parts; ++i)
+        warp_copy<Source::kInput>(p + slot.part_offset[i], src.part[i], args.parts[i].row_bytes, lane);
+      if (lane < args.num_topk) {
+        if (src.topk_idx) reinterpret_cast<int32_t*>(p + slot.topk_idx_offset)[lane] = src.topk_idx[lane];
+        if (src.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = src.topk_weights[lane];
+      }
+    }
+    __threadfence_system();
+    named_barrier(g.barrier_id, g.threads());
+    if (g.leader) store_release(&theirs->tail[channel][me], base + sent_after);
+  }
+  if (g.leader) mine->sent_total[channel][dst] = base + count;
+}
+
+__device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args, const DispatchSlot& slot,
+                                  const PeerGroup& g, int channel, uint32_t epoch, int experts_per_rank) {
+  __shared__ int64_t shared_count[kMaxRanks];
+  const int me = info.rank, src = g.peer, lane = threadIdx.x % 32;
+  const int slots = args.ring.slots;
+  CommHeader* mine = header_of(info.buffers[me]);
+  CommHeader* theirs = header_of(info.buffers[src]);
+  const uint64_t base = mine->consumed_total[channel][src];
+  if (g.leader) {
+    const uint64_t v = wait_for(&mine->channel_count[channel][src],
+                                [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, info,
+                                kChannelCountTimeout, src, channel);
+    shared_count[src] = static_cast<uint32_t>(v >> 32) == epoch ? static_cast<int64_t>(v & 0xffffffffu) : 0;
+  }
+  named_barrier(g.barrier_id, g.threads());
+  const int64_t count = shared_count[src];
+  int64_t done = 0;
+  while (done < count) {
+    named_barrier(g.barrier_id, g.threads());  // everyone read shared_count[src] of the last round
+    if (g.leader) {
+      const uint64_t tail = wait_for(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, info,
+                                     kRingDataTimeout, src, channel);
+      int64_t ready = static_cast<int64_t>(tail - base) - done;
+      if (ready <= 0 || error_raised(info.error)) ready = count - done;  // gave up: drain garbage
+      shared_count[src] = min(ready, count - done);
+    }
+    named_barrier(g.barrier_id, g.threads());
+    const int64_t ready = shared_count[src];
+    for (int64_t k = g.warp_in_group; k < ready; k += g.warps) {
+      const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + k);
+      const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
+      if (meta.y < 0 || meta.y >= args.capacity) continue;  // dropped (past capacity)
+      deliver<Source::kRing>(args, me, experts_per_rank, meta.y, meta.x, slot_source(args, slot, p), lane);
+    }
+    done += ready;
+    __threadfence();
+    named_barrier(g.barrier_id, g.threads());
+    if (g.leader) store_release(&theirs->head[channel][me], base + done);
+  }
+  if (g.leader) mine->consumed_total[channel][src] = base + count;
+}
+
+__global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+  const int num_ranks = info.num_ranks, me = info.rank;
+  const bool solo = num_ranks == 1;
+  const int channel = solo ? blockIdx.x : blockIdx.x / 2;
+  const bool sender = solo || blockIdx.x % 2 == 0;
+  const int experts_per_rank = args.num_experts / num_ranks;
+  const uint32_t epoch = header_of(info.buffers[me])->epoch;  // set by the notify / barrier launch
+  const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
+  fill_padding(args, *args.num_recv_tokens);
+
+  const PeerGroup g = peer_group(num_ranks);
+  if (g.peer >= num_ranks) return;  // spare warps when R does not divide the warp count
+  if (sender) {
+    if (g.peer == me) {
+      send_to_self(info, args, g, range, experts_per_rank);
+    } else {
+      send_to_peer(info, args, args.slot, g, channel, range, epoch);
+    }
+  } else if (g.peer != me) {
+    receive_from_peer(info, args, args.slot, g, channel, epoch, experts_per_rank);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
+  DispatchArgs a = args;
+  const bool solo = info.num_ranks == 1;
+  if (solo) a.ring.num_channels *= 2;  // nothing to receive: every block sends its own channel
+  const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
+  dispatch_kernel<<<blocks, kIntranodeThreads, 0, stream>>>(info, a);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_deepep
