@@ -13,14 +13,18 @@ if ! command -v bazel >/dev/null; then
 fi
 
 flags=()
-# Debian's Bazel (it reports "no_version") would download rules_cc, rules_java and remote_coverage_tools:
-# use Debian's rules_java and the stand-ins in third_party/ instead.
-if [ "$(bazel --version)" = "bazel no_version" ]; then
+version="$(bazel --version)"
+if [ "$version" = "bazel no_version" ] || [[ "$version" == "bazel 4."* ]]; then
+  # Debian's Bazel 4.2.3 (it reports "no_version") would download rules_cc, rules_java and
+  # remote_coverage_tools: use Debian's rules_java and the stand-ins in third_party/ instead.
   flags+=(
     --override_repository=rules_java=/usr/share/bazel/rules/java
     --override_repository=rules_cc="$PWD/third_party/rules_cc"
     --override_repository=remote_coverage_tools="$PWD/third_party/remote_coverage_tools"
   )
+else
+  # Bazel 7: the WORKSPACE file alone (a flag Bazel 4 does not know, hence not in .bazelrc).
+  flags+=(--noenable_bzlmod)
 fi
 
 if [ $# -eq 0 ]; then set -- //...; fi
