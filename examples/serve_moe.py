@@ -132,7 +132,8 @@ def decode_step(params, cache, tokens, position, config: ModelConfig, mixture):
 def expert_parallel_mixture(buffer: deepep.Buffer, config: moe.MoEConfig, max_tokens: int):
     """Per shard: routed experts on the low-latency ops, the shared expert overlapping the dispatch."""
     def mixture(block, h):
-        routed, shared = moe.low_latency_moe(block["moe"], h, buffer, config, num_max_dispatch_tokens_per_rank=max_tokens,
+        routed, shared = moe.low_latency_moe(block["moe"], h, buffer, config,
+                                             num_max_dispatch_tokens_per_rank=max_tokens,
                                              overlap=lambda: shared_expert(block["shared"], h))
         return routed.astype(jnp.float32) + shared
     return mixture
@@ -163,17 +164,19 @@ def main(argv):
                          moe=moe.MoEConfig(hidden=hidden, ffn_hidden=ffn, num_experts=experts, top_k=topk,
                                            use_fp8=FLAGS.fp8))
     # M = the tokens each rank sends per step: its batch.
-    buffer = deepep.Buffer(mesh, AXIS, low_latency_mode=True, num_rdma_bytes=deepep.Buffer.get_low_latency_rdma_size_hint(
-        batch, hidden, len(devices), experts))
+    rdma_bytes = deepep.Buffer.get_low_latency_rdma_size_hint(batch, hidden, len(devices), experts)
+    buffer = deepep.Buffer(mesh, AXIS, low_latency_mode=True, num_rdma_bytes=rdma_bytes)
     logging.info("%d x %s devices, jax_deepep backend %s; %d layers, %d experts (top-%d), %s dispatch, "
                  "%d sequences/device", len(devices), devices[0].platform, buffer.backend.name, layers, experts, topk,
                  "FP8" if FLAGS.fp8 else "bf16", batch)
 
     specs = param_specs(config)
-    params = jax.jit(init_params, static_argnums=1,
-                     out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))(jax.random.key(FLAGS.seed), config)
+    def on_mesh(spec_tree):
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree)
+
+    params = jax.jit(init_params, static_argnums=1, out_shardings=on_mesh(specs))(jax.random.key(FLAGS.seed), config)
     num_sequences = batch * len(devices)
-    cache = jax.device_put(empty_cache(num_sequences, config), jax.tree.map(lambda s: NamedSharding(mesh, s), CACHE_SPECS))
+    cache = jax.device_put(empty_cache(num_sequences, config), on_mesh(CACHE_SPECS))
     tokens = jax.device_put(jax.random.randint(jax.random.key(FLAGS.seed + 1), (num_sequences,), 0, vocab, jnp.int32),
                             NamedSharding(mesh, SEQUENCES))
 

@@ -31,22 +31,24 @@ from jax.sharding import PartitionSpec as P
 from . import moe
 from .buffer import Buffer
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 6, "optimizer steps")
-flags.DEFINE_integer("tokens", 64, "tokens per device per step")
-flags.DEFINE_integer("hidden", 128, "model width (a multiple of 128 for --fp8)")
-flags.DEFINE_integer("ffn", 256, "width of each expert's SwiGLU")
-flags.DEFINE_integer("experts", 16, "experts in total (divisible by the expert-parallel size)")
-flags.DEFINE_integer("topk", 4, "experts per token")
-flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the remaining devices")
-flags.DEFINE_enum("score_func", "softmax", moe.SCORE_FUNCS, "router scores")
-flags.DEFINE_bool("fp8", False, "dispatch tokens as FP8")
-flags.DEFINE_float("padding", 0.125, "fraction of padding tokens (routed nowhere)")
-flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_float("loss_rtol", 1e-3, "allowed relative loss difference, EP vs dense")
+# Its own flag registry: importing the demo next to other absl programs (tests, tools) cannot clash.
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("steps", 6, "optimizer steps", flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 64, "tokens per device per step", flag_values=FLAGS)
+flags.DEFINE_integer("hidden", 128, "model width (a multiple of 128 for --fp8)", flag_values=FLAGS)
+flags.DEFINE_integer("ffn", 256, "width of each expert's SwiGLU", flag_values=FLAGS)
+flags.DEFINE_integer("experts", 16, "experts in total (divisible by the expert-parallel size)", flag_values=FLAGS)
+flags.DEFINE_integer("topk", 4, "experts per token", flag_values=FLAGS)
+flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the remaining devices",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("score_func", "softmax", moe.SCORE_FUNCS, "router scores", flag_values=FLAGS)
+flags.DEFINE_bool("fp8", False, "dispatch tokens as FP8", flag_values=FLAGS)
+flags.DEFINE_float("padding", 0.125, "fraction of padding tokens (routed nowhere)", flag_values=FLAGS)
+flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
+flags.DEFINE_float("loss_rtol", 1e-3, "allowed relative loss difference, EP vs dense", flag_values=FLAGS)
 flags.DEFINE_float("grad_rtol", 3e-2, "allowed relative gradient difference (norm of the difference / norm), "
-                   "per parameter; bf16 matmuls sum in different orders")
+                   "per parameter; bf16 matmuls sum in different orders", flag_values=FLAGS)
 
 DATA, EXPERT = "data", "expert"
 
@@ -164,7 +166,15 @@ def check(reports, loss_rtol: float, grad_rtol: float, out=print) -> bool:
 
 
 def main(argv=None) -> int:
-    FLAGS(sys.argv if argv is None else argv)
+    argv = sys.argv if argv is None else argv
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        print(f"{__doc__}\n{FLAGS.get_help()}")
+        return 0
+    try:
+        FLAGS(argv)
+    except flags.Error as error:
+        print(f"{error}\n\n{FLAGS.get_help()}", file=sys.stderr)
+        return 2
     options = {name: FLAGS[name].value for name in (
         "steps", "tokens", "hidden", "ffn", "experts", "topk", "data_parallel", "score_func", "fp8", "padding",
         "learning_rate", "seed", "loss_rtol", "grad_rtol")}

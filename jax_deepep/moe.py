@@ -251,7 +251,8 @@ def low_latency_moe(params: dict, x, buffer: Buffer, config: MoEConfig, *, num_m
     """
     x = x.astype(jnp.bfloat16)
     routing = route(params["router"], x, config, token_mask)
-    pending = buffer.low_latency_dispatch(x, routing.topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+    pending = buffer.low_latency_dispatch(x, routing.topk_idx,
+                                          num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
                                           num_experts=config.num_experts, use_fp8=config.use_fp8,
                                           return_recv_hook=True)
     overlapped = overlap() if overlap is not None else None

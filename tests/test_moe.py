@@ -115,8 +115,8 @@ def test_low_latency_layer_matches_dense():
     mesh = make_mesh(1, 4)
     config = moe.MoEConfig(hidden=128, ffn_hidden=64, num_experts=8, top_k=2, use_fp8=True)
     max_tokens = 16
-    buffer = deepep.Buffer(mesh, EXPERT, low_latency_mode=True, num_rdma_bytes=deepep.Buffer.get_low_latency_rdma_size_hint(
-        max_tokens, config.hidden, mesh.size, config.num_experts))
+    rdma_bytes = deepep.Buffer.get_low_latency_rdma_size_hint(max_tokens, config.hidden, mesh.size, config.num_experts)
+    buffer = deepep.Buffer(mesh, EXPERT, low_latency_mode=True, num_rdma_bytes=rdma_bytes)
     params, x, mask, _ = random_problem(config, 12 * mesh.size, seed=7)
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=max_tokens)
     tokens = NamedSharding(mesh, P((DATA, EXPERT)))
