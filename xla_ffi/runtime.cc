@@ -196,6 +196,13 @@ JAX_DEEPEP_EXPORT int jax_deepep_destroy(int64_t buffer_id, int device) {
   return 0;
 }
 
+// Free device memory as the driver reports it (for leak checks).
+JAX_DEEPEP_EXPORT size_t jax_deepep_device_free_bytes(int device) {
+  jax_deepep::DeviceGuard guard(device);
+  size_t free_bytes = 0, total_bytes = 0;
+  return cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess ? free_bytes : 0;
+}
+
 // The first kernel error code raised on this buffer (see KernelError), 0 if none.
 JAX_DEEPEP_EXPORT int jax_deepep_error_code(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);

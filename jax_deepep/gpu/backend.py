@@ -1,0 +1,215 @@
+"""`CudaBackend`: the normal-mode ops as our CUDA kernels, called as XLA FFI custom calls.
+
+Every method runs per shard inside `shard_map`. The custom calls find this rank's
+communication buffer by the Buffer's id and the device they run on; ring sizes come from the
+`Config` (clamped to what the buffer holds). Handles carry two extra sender-side arrays in
+`DispatchHandle.extras`: `send_count_before` (i32[T, R], tokens before t sent to each rank)
+and `send_offset` (i32[R], first row of this rank's block on each rank). Configurations the
+kernels do not cover (more than 8 ranks, several nodes) and the low-latency ops use the pure-JAX
+implementation.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import reference
+from ..backend import DispatchResult, RankContext
+from ..config import Config
+from ..reference.normal import valid_expert_ids
+from ..types import DispatchHandle, DispatchLayout
+from ..validation import fail
+from . import runtime
+from .library import library
+
+# Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
+DEFAULT_NUM_NVL_BYTES = 512 << 20
+
+_TARGETS = {
+    "jax_deepep_layout": "jax_deepep_layout_ffi",
+    "jax_deepep_dispatch": "jax_deepep_dispatch_ffi",
+    "jax_deepep_cached_dispatch": "jax_deepep_cached_dispatch_ffi",
+    "jax_deepep_combine": "jax_deepep_combine_ffi",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def register_targets():
+    lib = library()
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+
+
+def _i64(v) -> np.int64:
+    return np.int64(v)
+
+
+def _shape(a, rows=None):
+    return jax.ShapeDtypeStruct(((rows,) if rows is not None else a.shape[:1]) + tuple(a.shape[1:]), a.dtype)
+
+
+def _sender_extras(handle: DispatchHandle):
+    """`send_count_before` and `send_offset`, rebuilt when the handle came from another backend."""
+    if "send_count_before" in handle.extras:
+        return handle.extras["send_count_before"], handle.extras["send_offset"]
+    in_rank = handle.is_token_in_rank.astype(jnp.int32)
+    count_before = jnp.cumsum(in_rank, axis=0, dtype=jnp.int32) - in_rank
+    offset = jnp.max(jnp.where(handle.is_token_in_rank, handle.send_row - count_before, 0), axis=0)
+    return count_before, offset.astype(jnp.int32)
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, buffer):
+        lib = runtime._lib()
+        self.num_ranks = buffer.num_ranks
+        self._native = buffer.num_ranks <= lib.jax_deepep_max_ranks() and buffer.ranks_per_node == buffer.num_ranks
+        self._max_channels = int(lib.jax_deepep_max_channels()) // 2
+        self._max_local_experts = int(lib.jax_deepep_max_local_experts())
+        self.comm = None
+        if not self._native:
+            warnings.warn(f"jax_deepep: the CUDA kernels cover one node of up to {lib.jax_deepep_max_ranks()} "
+                          f"ranks; {buffer.num_ranks} ranks with {buffer.ranks_per_node} per node use the "
+                          "pure-JAX implementation")
+            return
+        register_targets()
+        self.comm = runtime.CommBuffers(buffer.mesh, buffer.axis_name,
+                                        buffer.num_nvl_bytes or DEFAULT_NUM_NVL_BYTES)
+
+    def destroy(self):
+        if self.comm is not None:
+            self.comm.destroy()
+
+    def error_codes(self) -> dict:
+        """Kernel errors raised so far ({device ordinal: code}); see cuda/rank_info.h."""
+        return {} if self.comm is None else self.comm.error_codes()
+
+    # ---- launch shapes ------------------------------------------------------------------------
+    def _ring(self, op: str, ctx: RankContext, config: Config, slot_bytes: int, chunk_tokens: int) -> dict:
+        channels = config.num_channels
+        if channels > self._max_channels:
+            fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
+        slots = config.num_max_nvl_chunked_recv_tokens
+        if ctx.num_ranks > 1:
+            slots = min(slots, self.comm.ring_bytes // (channels * ctx.num_ranks * slot_bytes))
+            if slots < chunk_tokens:
+                fail(op, f"the Buffer is too small: num_nvl_bytes={self.comm.num_bytes} holds {slots} ring slots "
+                         f"of {slot_bytes} bytes per channel and peer, the config needs at least {chunk_tokens}")
+        return dict(buffer_id=_i64(self.comm.buffer_id), num_channels=_i64(channels), ring_slots=_i64(slots),
+                    chunk_tokens=_i64(chunk_tokens))
+
+    # ---- normal mode ----------------------------------------------------------------------------
+    def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
+        if not self._native:
+            return reference.BACKEND.get_dispatch_layout(ctx, topk_idx, num_experts)
+        num_tokens = topk_idx.shape[0]
+        per_rank, per_expert, in_rank = jax.ffi.ffi_call(
+            "jax_deepep_layout",
+            (jax.ShapeDtypeStruct((ctx.num_ranks,), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+             jax.ShapeDtypeStruct((num_tokens, ctx.num_ranks), jnp.bool_)),
+        )(valid_expert_ids(topk_idx, num_experts), num_experts=_i64(num_experts), num_ranks=_i64(ctx.num_ranks))
+        return DispatchLayout(per_rank, None, per_expert, in_rank)
+
+    def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
+                 num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
+        if not self._native:
+            return reference.BACKEND.dispatch(ctx, config, parts, topk_idx, topk_weights, layout, num_experts,
+                                              num_worst_tokens, expert_alignment)
+        if num_experts // ctx.num_ranks > self._max_local_experts:
+            fail("dispatch", f"at most {self._max_local_experts} experts per rank, got {num_experts // ctx.num_ranks}")
+        lib = runtime._lib()
+        n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
+        has_topk, has_weights = topk_idx is not None, topk_weights is not None
+        num_topk = topk_idx.shape[1] if has_topk else 0
+        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
+        slot_bytes = lib.jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
+        attrs = self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        args = list(parts)
+        results = [_shape(p, n) for p in parts]
+        if has_topk:
+            args.append(valid_expert_ids(topk_idx, num_experts))
+            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.int32))
+        if has_weights:
+            args.append(topk_weights.astype(jnp.float32))
+            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
+        args += [layout.is_token_in_rank, layout.num_tokens_per_rank, layout.num_tokens_per_expert]
+        i32 = jnp.int32
+        results += [jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), i32),
+                    jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
+                    jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
+                    jax.ShapeDtypeStruct((num_experts // r,), i32)]
+        out = list(jax.ffi.ffi_call("jax_deepep_dispatch", tuple(results), has_side_effect=True)(
+            *args, num_parts=_i64(len(parts)), has_topk=has_topk, has_weights=has_weights,
+            num_experts=_i64(num_experts), expert_alignment=_i64(expert_alignment), **attrs))
+        recv_parts = tuple(out[:len(parts)])
+        rest = out[len(parts):]
+        recv_topk_idx = rest.pop(0) if has_topk else None
+        recv_topk_weights = rest.pop(0) if has_weights else None
+        (recv_src_idx, recv_src_rank, send_row, send_count_before, send_offset, recv_rank_prefix, num_recv_tokens,
+         per_expert) = rest
+        handle = DispatchHandle(
+            is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=recv_src_rank,
+            recv_src_idx=recv_src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv_tokens,
+            num_recv_tokens_per_expert=per_expert,
+            extras={"send_count_before": send_count_before, "send_offset": send_offset})
+        return DispatchResult(recv_parts, recv_topk_idx, recv_topk_weights, per_expert, num_recv_tokens, handle)
+
+    def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
+        if not self._native:
+            return reference.BACKEND.cached_dispatch(ctx, config, handle, parts, topk_weights)
+        lib = runtime._lib()
+        n = handle.capacity
+        has_weights = topk_weights is not None
+        num_topk = topk_weights.shape[1] if has_weights else 0
+        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
+        slot_bytes = lib.jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
+        attrs = self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        send_count_before, _ = _sender_extras(handle)
+        args = list(parts) + ([topk_weights.astype(jnp.float32)] if has_weights else [])
+        args += [handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens]
+        results = [_shape(p, n) for p in parts]
+        if has_weights:
+            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
+        out = jax.ffi.ffi_call("jax_deepep_cached_dispatch", tuple(results), has_side_effect=True)(
+            *args, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
+        return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
+
+    def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
+        hidden = y.shape[1]
+        if not self._native or hidden % 8:
+            return reference.BACKEND.combine(ctx, config, handle, y, topk_weights, bias)
+        lib = runtime._lib()
+        has_weights = topk_weights is not None
+        num_topk = topk_weights.shape[1] if has_weights else 0
+        slot_bytes = lib.jax_deepep_combine_slot_bytes(hidden, num_topk)
+        attrs = self._ring("combine", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        send_count_before, send_offset = _sender_extras(handle)
+        num_tokens = handle.is_token_in_rank.shape[0]
+        args = [y] + ([topk_weights.astype(jnp.float32)] if has_weights else []) + list(bias)
+        args += [handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
+                 handle.recv_rank_prefix, handle.num_recv_tokens]
+        results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
+        if has_weights:
+            results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
+        out = jax.ffi.ffi_call("jax_deepep_combine", tuple(results), has_side_effect=True)(
+            *args, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
+        return out[0], (out[1] if has_weights else None)
+
+    # ---- low-latency mode: the pure-JAX implementation for now ----------------------------------
+    def low_latency_dispatch_send(self, ctx, opts, x, topk_idx):
+        return reference.BACKEND.low_latency_dispatch_send(ctx, opts, x, topk_idx)
+
+    def low_latency_dispatch_recv(self, ctx, opts, transit):
+        return reference.BACKEND.low_latency_dispatch_recv(ctx, opts, transit)
+
+    def low_latency_combine_send(self, ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy):
+        return reference.BACKEND.low_latency_combine_send(ctx, y, topk_idx, topk_weights, handle, use_logfmt,
+                                                          zero_copy)
+
+    def low_latency_combine_recv(self, ctx, transit):
+        return reference.BACKEND.low_latency_combine_recv(ctx, transit)

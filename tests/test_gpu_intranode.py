@@ -1,0 +1,457 @@
+"""GPU tests of the intranode CUDA kernels (jax_deepep/gpu/backend.py) against the numpy oracle.
+
+Every check runs in fresh worker processes (this file run as a script): R = 1 in one process, and
+R = 2 and 4 as that many processes sharing GPU 0 (jax.distributed; the buffers are mapped through
+CUDA IPC; no XLA collectives between the processes, so each one compares its own shard with the
+oracle computed from the same seeded global data). The R = 1 worker also times dispatch and
+combine (JAX_DEEPEP_TIMING_JSON names where the numbers go).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+TESTS = pathlib.Path(__file__).resolve().parent
+ROOT = TESTS.parent
+AXIS = "ep"
+WORKER_TIMEOUT_S = 540
+
+
+# ---- the pytest side: launch the workers ------------------------------------------------------
+def _skip_reason():
+    if not (pathlib.Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+        return "needs a CUDA GPU"
+    sys.path.insert(0, str(ROOT))
+    from jax_deepep import gpu
+
+    if not gpu.available():
+        return gpu.unavailable_reason()
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(num_ranks: int):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["JAX_DEEPEP_BACKEND"] = "cuda"
+    if num_ranks == 1:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.6 / num_ranks:.2f}"
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--num-ranks", str(num_ranks),
+                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(num_ranks)]
+    outputs, deadline = [], time.time() + WORKER_TIMEOUT_S
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            outputs.append(p.communicate()[0] + "\n[killed: worker timed out]")
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
+    assert all(p.returncode == 0 for p in procs), f"a worker failed (R={num_ranks}); see the output above"
+
+
+@pytest.mark.gpu
+def test_intranode_one_rank():
+    _run_workers(1)
+
+
+@pytest.mark.gpu
+def test_intranode_two_ranks_on_one_gpu():
+    _run_workers(2)
+
+
+@pytest.mark.gpu
+def test_intranode_four_ranks_on_one_gpu():
+    _run_workers(4)
+
+
+# ---- the worker side ----------------------------------------------------------------------------
+class Worker:
+    """One rank: a Buffer over the global mesh, ops run on global data, checks of its own shard."""
+
+    def __init__(self, rank: int, num_ranks: int):
+        import jax
+        from jax.sharding import Mesh
+
+        import jax_deepep as deepep
+
+        self.rank, self.num_ranks = rank, num_ranks
+        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+        self.buffer = deepep.Buffer(self.mesh, AXIS)
+        assert self.buffer.backend.name == "cuda", self.buffer.backend.name
+        self.failures = []
+        self._compiled = {}
+
+    def compile(self, fn):
+        """jit(shard_map(fn)) per shard: arguments and results carry a leading rank axis."""
+        import jax
+        from jax.sharding import PartitionSpec
+
+        if fn not in self._compiled:
+            spec = PartitionSpec(AXIS)
+
+            def body(*shards):
+                out = fn(*(s[0] for s in shards))
+                return jax.tree.map(lambda a: a[None], out)
+
+            self._compiled[fn] = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec,
+                                                       check_vma=False))
+        return self._compiled[fn]
+
+    def place(self, a):
+        """A global `[R, ...]` numpy array as an array sharded over the ranks."""
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
+                                            lambda i: a[i])
+
+    @staticmethod
+    def local(out):
+        """This rank's part of a result, as numpy (leading rank axis stripped)."""
+        import jax
+
+        return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
+
+    def run(self, fn, *arrays):
+        return self.local(self.compile(fn)(*(self.place(a) for a in arrays)))
+
+    def check(self, name, fn):
+        try:
+            fn()
+            print(f"ok   {name}", flush=True)
+        except Exception as exc:  # keep going: one device run should report every failure
+            self.failures.append(name)
+            print(f"FAIL {name}: {exc}", flush=True)
+            traceback.print_exc()
+
+
+def _same(got, want, what):
+    """Exact equality (payloads are random normals: no NaNs)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    differ = got.astype(np.float64) != want.astype(np.float64)
+    if differ.any():
+        raise AssertionError(f"{what}: {int(differ.sum())} elements differ, first at {np.argwhere(differ)[:3].tolist()}")
+
+
+def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random", fp8=False, capacity=None,
+                   alignment=1, with_weights=True, combine=True, cached=True, bias=2):
+    """One dispatch (+ cached dispatch, + combine) on fresh random data, checked against the oracle."""
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    import oracle
+    from harness import random_bf16, random_topk, random_weights
+    from jax_deepep import fp8 as fp8_ops
+
+    r, d = w.num_ranks, w.rank
+    idx = random_topk(rng, r, tokens, topk, experts, kind)
+    x = random_bf16(rng, (r, tokens, hidden))
+    weights = random_weights(rng, (r, tokens, topk))
+    n = capacity or r * tokens
+    y_scale = random_bf16(rng, (r, n, hidden))
+    biases = [random_bf16(rng, (r, tokens, hidden)) for _ in range(bias)]
+    if fp8:
+        q, s = fp8_ops.per_block_cast_to_fp8(jnp.asarray(x))
+        parts = [np.asarray(q), np.asarray(s)]
+    else:
+        parts = [x]
+    buffer = w.buffer
+
+    num_parts = len(parts)
+
+    def body(*args):
+        parts_, (idx_, weights_, y_), bias_ = args[:num_parts], args[num_parts:num_parts + 3], args[num_parts + 3:]
+        tokens_in = tuple(parts_) if fp8 else parts_[0]
+        layout = buffer.get_dispatch_layout(idx_, experts)
+        out = buffer.dispatch(tokens_in, topk_idx=idx_, topk_weights=weights_ if with_weights else None,
+                              layout=layout, num_worst_tokens=capacity, expert_alignment=alignment)
+        result = {"layout": layout, "recv_x": out.recv_x, "recv_topk_idx": out.recv_topk_idx,
+                  "recv_topk_weights": out.recv_topk_weights, "per_expert": out.num_recv_tokens_per_expert,
+                  "num_recv": out.num_recv_tokens, "src_idx": out.handle.recv_src_idx,
+                  "src_rank": out.handle.recv_src_rank}
+        if cached:
+            result["cached_x"] = buffer.dispatch(tokens_in, handle=out.handle).recv_x
+        if combine:
+            live = (jnp.arange(out.handle.capacity) < out.num_recv_tokens)[:, None]
+            rows = out.recv_x[0].astype(jnp.float32) * out.recv_x[1].repeat(128, axis=1) if fp8 \
+                else out.recv_x.astype(jnp.float32)
+            yy = jnp.where(live, rows * y_.astype(jnp.float32), 0.0).astype(jnp.bfloat16)
+            ww = out.recv_topk_weights if with_weights else None
+            result["combined"] = buffer.combine(yy, out.handle, topk_weights=ww, bias=tuple(bias_) or None)
+            result["y"] = yy
+        return result
+
+    got = w.run(body, *parts, idx, weights, y_scale, *biases)
+
+    want_layout = oracle.layout(idx[d], experts, r)
+    _same(got["layout"].num_tokens_per_rank, want_layout.num_tokens_per_rank.astype(np.int32), "num_tokens_per_rank")
+    _same(got["layout"].num_tokens_per_expert, want_layout.num_tokens_per_expert.astype(np.int32),
+          "num_tokens_per_expert")
+    _same(got["layout"].is_token_in_rank, want_layout.is_token_in_rank, "is_token_in_rank")
+
+    everyone = oracle.dispatch(parts, idx, weights if with_weights else None, experts, n, alignment)
+    mine = everyone[d]
+    kept = mine.received.num_kept
+    assert int(got["num_recv"]) == mine.received.num_recv_tokens, "num_recv_tokens"
+    _same(got["per_expert"], mine.num_recv_tokens_per_expert.astype(np.int32), "num_recv_tokens_per_expert")
+    recv = got["recv_x"] if fp8 else (got["recv_x"],)
+    for i, (g, want) in enumerate(zip(recv, mine.recv_parts)):
+        _same(np.asarray(g)[:kept], np.asarray(want)[:kept], f"recv part {i}")
+        if cached:
+            cached_part = got["cached_x"][i] if fp8 else got["cached_x"]
+            _same(np.asarray(cached_part)[:kept], np.asarray(want)[:kept], f"cached recv part {i}")
+    _same(got["recv_topk_idx"], mine.recv_topk_idx.astype(np.int32), "recv_topk_idx")
+    if with_weights:
+        _same(got["recv_topk_weights"], mine.recv_topk_weights, "recv_topk_weights")
+    src_rank = np.full(n, -1, np.int32)
+    src_idx = np.full(n, -1, np.int32)
+    src_rank[:kept] = mine.received.src_rank[:kept]
+    src_idx[:kept] = mine.received.src_token[:kept]
+    _same(got["src_rank"], src_rank, "recv_src_rank")
+    _same(got["src_idx"], src_idx, "recv_src_idx")
+    if combine:
+        # Every rank's y is needed for the oracle: rebuild it from the oracle's receive rows.
+        ys = []
+        for s, other in enumerate(everyone):
+            k = other.received.num_kept
+            rows = other.recv_parts[0].astype(np.float32)
+            if fp8:
+                rows = rows * np.repeat(other.recv_parts[1], 128, axis=1)
+            yy = np.zeros((n, hidden), np.float32)
+            yy[:k] = rows[:k] * y_scale[s, :k].astype(np.float32)
+            ys.append(yy.astype(ml_dtypes.bfloat16))
+        ys = np.stack(ys)
+        _same(got["y"][:kept], ys[d][:kept], "combine input y (rebuilt)")
+        exact = oracle.combine(ys, everyone, tokens, [b for b in biases])[d]
+        combined_x, combined_w = got["combined"]
+        oracle.assert_rounded_once(combined_x, exact, np.abs(exact) + 1.0)
+        if with_weights:
+            wrows = np.stack([o.recv_topk_weights for o in everyone])
+            exact_w = oracle.combine(wrows, everyone, tokens)[d]
+            np.testing.assert_allclose(combined_w, exact_w, rtol=1e-6, atol=1e-6)
+
+
+def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
+    """Gradients of a jitted dispatch -> scale -> combine step match the pure-JAX backend (R = 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_deepep as deepep
+    from harness import random_bf16, random_topk, random_weights
+
+    idx = random_topk(rng, 1, tokens, topk, experts)
+    x = random_bf16(rng, (1, tokens, hidden))
+    weights = random_weights(rng, (1, tokens, topk))
+    g = random_bf16(rng, (1, tokens, hidden)).astype(np.float32)
+
+    def step(buffer_or_ref):
+        def loss(x_, w_, idx_, g_):
+            out = buffer_or_ref.dispatch(x_, topk_idx=idx_, topk_weights=w_, num_experts=experts)
+            scale = jnp.sum(out.recv_topk_weights, axis=1, keepdims=True)
+            y = (out.recv_x.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+            combined, _ = buffer_or_ref.combine(y, out.handle, topk_weights=out.recv_topk_weights)
+            return jnp.sum(combined.astype(jnp.float32) * g_)
+
+        def body(x_, w_, idx_, g_):
+            value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
+            return value, grads[0], grads[1]
+
+        return body
+
+    class Reference:  # the pure-JAX ops with the Buffer's call signature
+        def dispatch(self, x_, **kw):
+            return deepep.reference.dispatch(x_, axis_name=AXIS, **kw)
+
+        def combine(self, y_, handle, **kw):
+            return deepep.reference.combine(y_, handle, axis_name=AXIS, **kw)
+
+    got = w.run(step(w.buffer), x, weights, idx, g)
+    want = w.run(step(Reference()), x, weights, idx, g)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    _same(np.asarray(got[1]).view(np.uint16), np.asarray(want[1]).view(np.uint16), "grad x")
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+
+
+def check_pressure(w: Worker, seed: int, rounds: int):
+    """`rounds` dispatch + combine rounds, fresh routing and data each round, one compiled step."""
+    import jax.numpy as jnp
+
+    import oracle
+    from harness import random_bf16, random_topk
+
+    r, d, tokens, hidden, topk, experts = w.num_ranks, w.rank, 128, 256, 4, 8 * w.num_ranks
+    buffer = w.buffer
+
+    def body(x_, idx_):
+        out = buffer.dispatch(x_, topk_idx=idx_, num_experts=experts)
+        combined, _ = buffer.combine(out.recv_x, out.handle)
+        return out.recv_x, out.num_recv_tokens, combined
+
+    for i in range(rounds):
+        rng = np.random.default_rng(seed + i)
+        idx = random_topk(rng, r, tokens, topk, experts, "hot" if i % 3 == 0 else "random")
+        x = random_bf16(rng, (r, tokens, hidden))
+        recv_x, num_recv, combined = w.run(body, x, idx)
+        everyone = oracle.dispatch([x], idx, None, experts, r * tokens)
+        kept = everyone[d].received.num_kept
+        assert int(num_recv) == everyone[d].received.num_recv_tokens, f"round {i}: num_recv_tokens"
+        _same(recv_x[:kept], everyone[d].recv_parts[0][:kept], f"round {i}: recv_x")
+        exact = oracle.combine(np.stack([o.recv_parts[0] for o in everyone]), everyone, tokens)[d]
+        oracle.assert_rounded_once(combined, exact, np.abs(exact) + 1.0)
+
+
+def check_recreate(w: Worker, times: int):
+    """Destroy and re-create the Buffer `times` times: device memory comes back every time."""
+    import jax
+
+    import jax_deepep as deepep
+    from harness import random_bf16, random_topk
+    from jax_deepep.gpu import runtime
+
+    ordinal = jax.local_devices()[0].local_hardware_id
+    w.buffer.destroy()
+    before = runtime.device_free_bytes(ordinal)
+    for i in range(times):
+        w.buffer = deepep.Buffer(w.mesh, AXIS)
+        rng = np.random.default_rng(1000 + i)
+        x = random_bf16(rng, (w.num_ranks, 64, 128))
+        idx = random_topk(rng, w.num_ranks, 64, 2, 2 * w.num_ranks)
+        w.run(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=2 * w.num_ranks).num_recv_tokens, x, idx)
+        w.buffer.destroy()
+    after = runtime.device_free_bytes(ordinal)
+    leaked = before - after
+    assert leaked < 64 << 20, f"{leaked} bytes of device memory not returned after {times} re-creations"
+    w.buffer = deepep.Buffer(w.mesh, AXIS)
+
+
+def time_ops(w: Worker, out_path):
+    """R = 1 timing: T=4096, H=7168, K=8, E=256; dispatch, combine and a plain device copy of the
+    received bytes, each as the per-iteration time of a jitted loop (loop of 40 minus loop of 10)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_deepep as deepep
+    from harness import random_bf16
+
+    tokens, hidden, topk, experts = 4096, 7168, 8, 256
+    rng = np.random.default_rng(7)
+    idx = np.argsort(-rng.random((1, tokens, experts)), axis=-1)[..., :topk].astype(np.int32)
+    x = random_bf16(rng, (1, tokens, hidden))
+    x_global, idx_global = w.place(x), w.place(idx)
+    results = {}
+    buffer = w.buffer
+    for num_sms in (20, 64, 128):
+        config = deepep.Config(num_sms, 32, 512)
+
+        def loops(n, what):
+            def body(x_, idx_):
+                layout = buffer.get_dispatch_layout(idx_, experts)
+                first = buffer.dispatch(x_, topk_idx=idx_, layout=layout, config=config)
+
+                def one(i, acc):
+                    if what == "dispatch":
+                        out = buffer.dispatch(x_, topk_idx=idx_, layout=layout, config=config)
+                        return acc + out.num_recv_tokens.astype(jnp.float32)
+                    if what == "cached_dispatch":
+                        out = buffer.dispatch(x_, handle=first.handle, config=config)
+                        return acc + out.recv_x[0, 0].astype(jnp.float32)
+                    if what == "combine":
+                        combined, _ = buffer.combine(first.recv_x, first.handle, config=config)
+                        return acc + combined[0, 0].astype(jnp.float32)
+                    copy = jax.lax.optimization_barrier(-(first.recv_x + acc.astype(jnp.bfloat16)))
+                    return acc + copy[0, 0].astype(jnp.float32)
+
+                return jax.lax.fori_loop(0, n, one, jnp.float32(0))
+
+            return body
+
+        for what in ("dispatch", "cached_dispatch", "combine", "copy"):
+            times = {}
+            for n in (10, 40):
+                fn = w.compile(loops(n, what))
+                jax.block_until_ready(fn(x_global, idx_global))  # compile + warm up
+                samples = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(x_global, idx_global))
+                    samples.append(time.perf_counter() - start)
+                times[n] = min(samples)
+            per_iter_us = (times[40] - times[10]) / 30 * 1e6
+            results[f"{what}@{num_sms}sms"] = per_iter_us
+            print(f"time {what:16s} num_sms={num_sms:3d}: {per_iter_us:8.1f} us per op", flush=True)
+    recv_bytes = tokens * hidden * 2
+    results["recv_bytes"] = recv_bytes
+    if out_path:
+        pathlib.Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def worker_main(rank: int, num_ranks: int, port: int) -> int:
+    import jax
+
+    if num_ranks > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
+    w = Worker(rank, num_ranks)
+    rng = np.random.default_rng(1234)  # the same global data in every process
+    experts = 16 * num_ranks
+    common = dict(tokens=256, hidden=512, topk=8, experts=experts)
+    w.check("dispatch/combine bf16", lambda: check_dispatch(w, rng, **common))
+    w.check("uneven routing (hot experts)", lambda: check_dispatch(w, rng, kind="hot", **common))
+    w.check("out-of-range ids behave like -1", lambda: check_dispatch(w, rng, kind="out_of_range", **common))
+    w.check("fp8 dispatch", lambda: check_dispatch(w, rng, fp8=True, **common))
+    w.check("capacity overflow (rows past N dropped)",
+            lambda: check_dispatch(w, rng, capacity=96, kind="hot", **common))
+    w.check("expert alignment 4, no weights, one bias",
+            lambda: check_dispatch(w, rng, alignment=4, with_weights=False, bias=1, **common))
+    w.check("H=7168 bf16, T=1024", lambda: check_dispatch(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
+    if num_ranks == 1:
+        w.check("gradient through a jitted step", lambda: check_gradient(w, rng, tokens=256, hidden=512, topk=4,
+                                                                          experts=32))
+    w.check("pressure: 200 rounds", lambda: check_pressure(w, 4321, 200))
+    w.check("destroy/re-create 20 times", lambda: check_recreate(w, 20))
+    errors = w.buffer.backend.error_codes()
+    if errors:
+        w.failures.append("kernel errors")
+        print(f"FAIL kernel error codes {errors}")
+    if num_ranks == 1 and os.environ.get("JAX_DEEPEP_TIME", "1") == "1":
+        w.check("timing", lambda: time_ops(w, os.environ.get("JAX_DEEPEP_TIMING_JSON")))
+    w.buffer.destroy()
+    print(f"rank {rank}: {len(w.failures)} failures {w.failures}", flush=True)
+    return 1 if w.failures else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--num-ranks", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    a = parser.parse_args()
+    sys.exit(worker_main(a.rank, a.num_ranks, a.port))
