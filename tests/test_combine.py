@@ -126,3 +126,26 @@ def test_combine_when_every_token_goes_to_the_last_rank(rng, num_ranks):
     y, w = _expert_outputs(rng, want, num_ranks * T)
     bias = [random_bf16(rng, (num_ranks, T, H))]
     check_combine(*_run(mesh, x, topk_idx, y, w, bias, num_ranks * T), want, y, w, bias)
+
+
+def test_handle_crosses_jit_boundaries(rng):
+    """A handle returned from one jitted step drives combine and a cached dispatch in another."""
+    num_ranks = 4
+    mesh = make_mesh(num_ranks)
+    buffer = deepep.Buffer(mesh, "ep")
+    x, x_next = random_bf16(rng, (num_ranks, T, H)), random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot")
+    handle = run_per_rank(mesh, lambda x, idx: buffer.dispatch(x, topk_idx=idx, num_experts=E).handle, x, topk_idx)
+    assert isinstance(handle, deepep.DispatchHandle)
+    want = oracle.dispatch([x_next], topk_idx, None, E, num_ranks * T)
+    y, w = _expert_outputs(rng, want, num_ranks * T)
+
+    def later_step(x_next, y, w, handle):
+        recv = buffer.dispatch(x_next, handle=handle).recv_x
+        return recv, buffer.combine(y, handle, topk_weights=w)
+
+    recv, (got_x, got_w) = run_per_rank(mesh, later_step, x_next, y, w, handle)
+    for r, result in enumerate(want):
+        kept = result.received.num_kept
+        np.testing.assert_array_equal(recv[r, :kept].astype(np.float32), result.recv_parts[0][:kept].astype(np.float32))
+    check_combine(got_x, got_w, want, y, w, [])

@@ -206,3 +206,30 @@ def test_low_latency_int64_ids_with_x64(rng):
             mesh, x, jnp.asarray(topk_idx, jnp.int64), weights, y, use_fp8=False)
     check_receive_layout(count, src_info, layout_range, received)
     check_combined(combined, y, weights, received)
+
+
+@pytest.mark.parametrize("option", ["zero_copy", "use_logfmt"])
+def test_low_latency_combine_options(rng, option):
+    """zero_copy changes only how bytes move: exact. use_logfmt may compress the payload (DeepEP's
+    LogFMT is lossy), so it is held to a few percent of the terms' magnitude."""
+    num_ranks = 2
+    mesh = make_mesh(num_ranks)
+    buffer = low_latency_buffer(mesh)
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E)
+    weights = random_weights(rng, (num_ranks, T, K))
+    received = oracle.low_latency_receive(topk_idx, E)
+    y = _expert_outputs(rng, received, num_ranks, H, E)
+
+    def per_rank(x, idx, w, y):
+        ll = buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=False)
+        return buffer.low_latency_combine(y, idx, w, ll.handle, **{option: True})
+
+    combined = run_per_rank(mesh, per_rank, x, topk_idx, weights, y)
+    if option == "zero_copy":
+        check_combined(combined, y, weights, received)
+        return
+    y32 = y.astype(np.float32)
+    exact = oracle.low_latency_combine(y32, weights, received, T)
+    magnitude = oracle.low_latency_combine(np.abs(np.nan_to_num(y32)), weights, received, T)
+    assert np.all(np.abs(combined.astype(np.float64) - exact) <= 0.05 * magnitude + 1e-6)
