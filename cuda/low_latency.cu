@@ -42,14 +42,15 @@ __device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
   return *reinterpret_cast<volatile int*>(mem.error_flag) != 0;
 }
 
-// Spins until the signal at `p` carries `tag` in the bits selected by `tag_shift`; returns the
-// signal, or -1 after the timeout (or when an earlier wait already timed out).
-__device__ int wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer) {
-  if (timed_out_before(mem)) return -1;
+// Spins until the signal at `p` carries `tag` in the bits above `tag_shift` and stores it in
+// *value; false after the timeout (or at once when an earlier wait already timed out).
+__device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer,
+                            int* value) {
+  if (timed_out_before(mem)) return false;
   const long long start = global_time_ns();
   while (true) {
-    const int v = load_acquire_sys(p);
-    if ((static_cast<uint32_t>(v) >> tag_shift) == tag) return v;
+    *value = load_acquire_sys(p);
+    if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
     if (global_time_ns() - start > mem.timeout_ns) {
       if (!timed_out_before(mem)) {
         printf("jax_deepep: low-latency %s on rank %d timed out waiting for rank %d\n",
@@ -57,7 +58,7 @@ __device__ int wait_signal(const int* p, uint32_t tag, int tag_shift, const Peer
       }
       *reinterpret_cast<volatile int*>(mem.error_flag) = kind;
       __threadfence_system();
-      return -1;
+      return false;
     }
   }
 }
@@ -208,8 +209,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int* signals = signals_at(mem.local, seq, layout) + local * num_ranks;
   for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
-    const int v = wait_signal(signals + src, seq & 0xffffu, 16, mem, kDispatchTimeout, src);
-    offsets[src + 1] = v < 0 ? 0 : min(v & 0xffff, m);
+    int signal = 0;
+    const bool arrived = wait_signal(signals + src, seq & 0xffffu, 16, mem, kDispatchTimeout, src, &signal);
+    offsets[src + 1] = arrived ? min(signal & 0xffff, m) : 0;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -235,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const int groups = hidden / kFp8Block;
   for (int item = blockIdx.y * kWarps + warp; item < total * chunks; item += gridDim.y * kWarps) {
     const int i = item / chunks, chunk = item % chunks;
-    int src = 0;  // the source rank whose range holds row i
+    int src = 0;  // the last source rank whose range starts at or before row i: it holds row i
     for (int lo = 0, hi = num_ranks - 1; lo <= hi;) {
       const int mid = (lo + hi) / 2;
       if (offsets[mid] <= i) {
@@ -245,7 +247,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
         hi = mid - 1;
       }
     }
-    while (offsets[src + 1] <= i) ++src;  // skip empty ranges sharing an offset
     const int j = i - offsets[src];
     const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * layout.dispatch_row_bytes;
     const size_t out_row = local * rows_per_expert + i;
@@ -336,7 +337,8 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
   for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
-    wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank);
+    int flag = 0;
+    wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank, &flag);
   }
   const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
   if (threadIdx.x < top_k) {

@@ -10,7 +10,8 @@ namespace jax_deepep {
 namespace {
 
 NvshmemRuntime g_runtime;
-bool g_initialized = false;
+bool g_nvshmem_up = false;  // nvshmemx_init_attr done
+bool g_allocated = false;   // g_runtime holds a live buffer
 std::string g_last_error;
 
 int fail(const std::string& message) {
@@ -24,13 +25,14 @@ int fail_cuda(const char* what, cudaError_t status) {
 
 }  // namespace
 
-NvshmemRuntime* nvshmem_runtime() { return g_initialized ? &g_runtime : nullptr; }
+NvshmemRuntime* nvshmem_runtime() { return g_allocated ? &g_runtime : nullptr; }
 
 }  // namespace jax_deepep
 
 using jax_deepep::fail;
 using jax_deepep::fail_cuda;
-using jax_deepep::g_initialized;
+using jax_deepep::g_allocated;
+using jax_deepep::g_nvshmem_up;
 using jax_deepep::g_runtime;
 
 extern "C" {
@@ -44,32 +46,36 @@ int jax_deepep_nvshmem_get_unique_id(void* out) {
   return 0;
 }
 
-int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device, uint64_t num_bytes,
-                            double timeout_s) {
-  if (g_initialized) return fail("NVSHMEM is already initialised in this process (one low-latency Buffer at a time)");
-  cudaError_t status = cudaSetDevice(device);
+int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device) {
+  if (g_nvshmem_up) return fail("NVSHMEM is already initialised in this process");
+  const cudaError_t status = cudaSetDevice(device);
   if (status != cudaSuccess) return fail_cuda("cudaSetDevice", status);
-
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, static_cast<const nvshmemx_uniqueid_t*>(unique_id), &attr)) {
     return fail("nvshmemx_set_attr_uniqueid_args failed");
   }
   if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) return fail("nvshmemx_init_attr failed");
+  g_nvshmem_up = true;
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks) {
-    nvshmem_finalize();
     return fail("NVSHMEM assigned PE " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()) +
                 ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
   }
+  return 0;
+}
 
+int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
+  if (!g_nvshmem_up) return fail("NVSHMEM is not initialised");
+  if (g_allocated) return fail("a low-latency buffer already exists in this process (destroy it first)");
+  const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
   // Receive halves, then one half of staging for puts to peers without a direct mapping.
   const uint64_t staging_bytes = num_bytes / 2;
   char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes));
   if (buffer == nullptr) {
-    nvshmem_finalize();
     return fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes) +
                 " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
   // Signals start at zero on every PE before anyone can write one.
+  cudaError_t status;
   if ((status = cudaMemset(buffer, 0, num_bytes)) != cudaSuccess || (status = cudaDeviceSynchronize()) != cudaSuccess) {
     return fail_cuda("clearing the symmetric buffer", status);
   }
@@ -101,28 +107,34 @@ int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int 
   g_runtime.memory.num_ranks = num_ranks;
   g_runtime.num_bytes = num_bytes;
   g_runtime.timeout_flag = flag_host;
-  g_initialized = true;
+  g_allocated = true;
+  return 0;
+}
+
+int jax_deepep_nvshmem_free() {
+  if (!g_allocated) return 0;
+  g_allocated = false;
+  const cudaError_t status = cudaDeviceSynchronize();  // none of our kernels may still use the buffer
+  nvshmem_barrier_all();                               // nor a peer's
+  nvshmem_free(g_runtime.memory.local);
+  cudaFree(const_cast<char**>(g_runtime.memory.peer));
+  cudaFreeHost(g_runtime.timeout_flag);
+  g_runtime = jax_deepep::NvshmemRuntime{};
+  if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);
   return 0;
 }
 
 int jax_deepep_nvshmem_finalize() {
-  if (!g_initialized) return 0;
-  g_initialized = false;
-  cudaError_t status = cudaDeviceSynchronize();  // no kernel of ours may still use the buffer
-  nvshmem_barrier_all();                         // nor a peer's
-  nvshmem_free(g_runtime.memory.local);
-  cudaFree(const_cast<char**>(g_runtime.memory.peer));
-  cudaFreeHost(g_runtime.timeout_flag);
-  nvshmem_finalize();
-  g_runtime = jax_deepep::NvshmemRuntime{};
-  if (status != cudaSuccess) return fail_cuda("synchronising before NVSHMEM finalize", status);
-  return 0;
+  const int status = jax_deepep_nvshmem_free();
+  if (g_nvshmem_up) nvshmem_finalize();
+  g_nvshmem_up = false;
+  return status;
 }
 
 const char* jax_deepep_nvshmem_last_error() { return jax_deepep::g_last_error.c_str(); }
 
 int jax_deepep_nvshmem_timeout_flag() {
-  if (!g_initialized) return 0;
+  if (!g_allocated) return 0;
   return *reinterpret_cast<volatile int*>(g_runtime.timeout_flag);
 }
 

@@ -1,6 +1,8 @@
 // The process's NVSHMEM runtime for the low-latency kernels: one PE per process (one GPU), a
 // symmetric buffer of num_rdma_bytes (two alternating halves) plus one half of staging for
 // nvshmem puts, the peers' buffers mapped over NVLink where possible, and the kernels' timeout flag.
+// NVSHMEM itself is initialised once per process (it cannot be re-initialised after finalize);
+// each low-latency Buffer allocates and frees its own symmetric buffer.
 //
 // Python (jax_deepep/gpu/low_latency.py) drives it through the extern "C" functions below; the
 // FFI handlers read it through nvshmem_runtime().
@@ -20,7 +22,7 @@ struct NvshmemRuntime {
   uint32_t combine_calls = 0;
 };
 
-// The initialised runtime, or null.
+// The runtime with an allocated buffer, or null.
 NvshmemRuntime* nvshmem_runtime();
 
 }  // namespace jax_deepep
@@ -31,9 +33,12 @@ int jax_deepep_nvshmem_unique_id_size();
 // Writes a fresh unique id (call on PE 0 only); 0 on success.
 int jax_deepep_nvshmem_get_unique_id(void* out);
 // Joins the job as PE `rank` of `num_ranks` on CUDA device `device`; collective. 0 on success.
-int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device, uint64_t num_bytes,
-                            double timeout_s);
-// Frees the buffer and leaves NVSHMEM; collective. 0 on success.
+int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device);
+// Allocates the symmetric buffer (num_bytes of receive halves + staging); collective. 0 on success.
+int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s);
+// Frees the symmetric buffer once every PE's kernels are done; collective. 0 on success.
+int jax_deepep_nvshmem_free();
+// Leaves NVSHMEM (at process exit); frees the buffer first if needed. 0 on success.
 int jax_deepep_nvshmem_finalize();
 // Why the last call failed.
 const char* jax_deepep_nvshmem_last_error();

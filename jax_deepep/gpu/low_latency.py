@@ -1,0 +1,260 @@
+"""Low-latency mode on NVSHMEM: `libjax_deepep_nvshmem.so` (cuda/low_latency.cu, xla_ffi/) as XLA
+FFI custom calls.
+
+`LowLatencyKernels` owns one Buffer's symmetric memory and provides the four low-latency Backend
+methods (see `jax_deepep.backend.Backend`). NVSHMEM runs one PE per process, PE = the process's
+position on the expert-parallel axis; it is initialised once per process (NVSHMEM cannot be
+initialised again after finalize) and finalised at exit, while each Buffer allocates and frees
+its own symmetric buffer.
+
+Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
+that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
+which buffer half to read. `sizes` is a zero-size array whose shape carries the static sizes
+(E, M, H) to the recv call, since `transit` holds arrays only.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import importlib.metadata
+import os
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..backend import LowLatencyOptions, RankContext
+from ..config import FP8_BLOCK
+from ..validation import DeepEPError
+
+LIBRARY_NAME = "libjax_deepep_nvshmem.so"
+_HOST_LIBRARY = "libnvshmem_host.so.3"
+_UNIQUE_ID_KEY = "jax_deepep/nvshmem_unique_id"
+_DEFAULT_TIMEOUT_S = 20.0
+_HEAP_MARGIN_BYTES = 256 << 20
+_TARGETS = ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_bf16", "jax_deepep_ll_dispatch_recv_fp8",
+            "jax_deepep_ll_combine_send", "jax_deepep_ll_combine_recv")
+
+
+def nvshmem_dir() -> Optional[pathlib.Path]:
+    """The folder of the nvidia-nvshmem-cu13 package (include/, lib/), or None."""
+    try:
+        import nvidia.nvshmem as package
+    except ImportError:
+        return None
+    for path in package.__path__:
+        if (pathlib.Path(path) / "lib" / _HOST_LIBRARY).exists():
+            return pathlib.Path(path)
+    return None
+
+
+def _candidates():
+    env = os.environ.get("JAX_DEEPEP_NVSHMEM_LIBRARY")
+    if env:
+        yield pathlib.Path(env)
+    yield pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
+    try:  # a source checkout shadows the installed package: look where pip put the library
+        yield pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(f"jax_deepep/gpu/{LIBRARY_NAME}"))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(ctypes library with its FFI targets registered, None) or (None, reason)."""
+    path = next((p for p in _candidates() if p.exists()), None)
+    if path is None:
+        return None, f"{LIBRARY_NAME} was not built (needs nvcc and nvidia-nvshmem-cu13 at install time)"
+    nv = nvshmem_dir()
+    if nv is None:
+        return None, "NVSHMEM is missing: pip install nvidia-nvshmem-cu13"
+    try:
+        # The library links libnvshmem_host.so.3 by soname only: load it from the package first.
+        ctypes.CDLL(str(nv / "lib" / _HOST_LIBRARY), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return None, f"{path} failed to load: {e}"
+    lib.jax_deepep_nvshmem_get_unique_id.argtypes = [ctypes.c_void_p]
+    lib.jax_deepep_nvshmem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.jax_deepep_nvshmem_alloc.argtypes = [ctypes.c_uint64, ctypes.c_double]
+    lib.jax_deepep_nvshmem_last_error.restype = ctypes.c_char_p
+    for name in _TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
+    return lib, None
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1] or ""
+
+
+def _library():
+    lib, reason = _load()
+    if lib is None:
+        raise DeepEPError(f"jax_deepep low-latency kernels unavailable: {reason}")
+    return lib
+
+
+def _check(lib, status: int, what: str):
+    if status != 0:
+        raise DeepEPError(f"jax_deepep NVSHMEM {what} failed: {lib.jax_deepep_nvshmem_last_error().decode()}")
+
+
+def timeout_flag() -> int:
+    """Nonzero once a low-latency kernel of this process gave up waiting for a peer (1 dispatch, 2 combine)."""
+    lib, _ = _load()
+    return lib.jax_deepep_nvshmem_timeout_flag() if lib is not None else 0
+
+
+# ---- the process's NVSHMEM PE ----------------------------------------------------------------
+_pe: Optional[tuple] = None  # (rank, num_ranks) once NVSHMEM is up
+
+
+def _unique_id(lib, rank: int, num_ranks: int) -> ctypes.Array:
+    """PE 0 makes the id; the others read it from the jax.distributed key-value store."""
+    size = lib.jax_deepep_nvshmem_unique_id_size()
+    buf = ctypes.create_string_buffer(size)
+    if num_ranks == 1:
+        _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
+        return buf
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    if client is None:
+        raise DeepEPError("Buffer: a low-latency Buffer over several processes needs jax.distributed.initialize() "
+                          "first (its key-value store carries the NVSHMEM unique id)")
+    if rank == 0:
+        _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
+        client.key_value_set(_UNIQUE_ID_KEY, buf.raw.hex())
+    else:
+        buf.raw = bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, 300_000))
+    return buf
+
+
+def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: int):
+    global _pe
+    if _pe is not None:
+        if _pe != (rank, num_ranks):
+            raise DeepEPError(f"Buffer: this process is already NVSHMEM PE {_pe[0]} of {_pe[1]}; a low-latency "
+                              f"Buffer as rank {rank} of {num_ranks} needs a new process")
+        return
+    # The symmetric heap is sized once, at init; never shrink a size the user chose.
+    if int(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "0") or 0) < heap_bytes:
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap_bytes)
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
+    uid = _unique_id(lib, rank, num_ranks)
+    _check(lib, lib.jax_deepep_nvshmem_init(uid, rank, num_ranks, device_ordinal), "init")
+    _pe = (rank, num_ranks)
+    atexit.register(lib.jax_deepep_nvshmem_finalize)
+
+
+def _own_device_and_rank(mesh, axis_name: str):
+    """This process's one device in `mesh` and its index on `axis_name`."""
+    others = [name for name in mesh.axis_names if name != axis_name and mesh.shape[name] != 1]
+    if others:
+        raise DeepEPError(f"Buffer: low-latency mode needs a mesh whose only non-trivial axis is {axis_name!r} "
+                          f"(one NVSHMEM PE per rank), got axes {dict(mesh.shape)}")
+    devices = list(mesh.devices.reshape(-1))
+    mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+    if len(mine) != 1:
+        raise DeepEPError(f"Buffer: low-latency mode needs exactly one GPU of the mesh per process (NVSHMEM runs one "
+                          f"PE per process); process {jax.process_index()} owns {len(mine)}. Start one process per GPU.")
+    return devices[mine[0]], mine[0]
+
+
+# ---- the ops ---------------------------------------------------------------------------------
+def _static_sizes(*sizes: int):
+    return jnp.zeros((0, *sizes), jnp.int8)
+
+
+def _int32_ids(topk_idx, num_experts: int):
+    """Ids outside [0, E) become -1 (before narrowing int64 ids)."""
+    return jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).astype(jnp.int32)
+
+
+class LowLatencyKernels:
+    """The low-latency Backend methods of one Buffer, on NVSHMEM."""
+
+    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None):
+        lib = _library()
+        device, rank = _own_device_and_rank(mesh, axis_name)
+        num_ranks = int(mesh.shape[axis_name])
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+        _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
+        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s), "symmetric buffer allocation")
+        self._lib = lib
+        self.rank, self.num_ranks = rank, num_ranks
+        self._live = True
+
+    def destroy(self):
+        """Free the symmetric buffer (collective; idempotent)."""
+        if self._live:
+            self._live = False
+            _check(self._lib, self._lib.jax_deepep_nvshmem_free(), "free")
+
+    def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
+        idx = _int32_ids(topk_idx, opts.num_experts)
+        send_slot, token = jax.ffi.ffi_call(
+            "jax_deepep_ll_dispatch_send",
+            (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
+            has_side_effect=True,
+        )(x, idx, num_ranks=np.int64(ctx.num_ranks),
+          num_max_dispatch_tokens_per_rank=np.int64(opts.num_max_dispatch_tokens_per_rank),
+          num_experts=np.int64(opts.num_experts), use_fp8=np.int64(opts.use_fp8),
+          round_scale=np.int64(opts.round_scale or opts.use_ue8m0))
+        sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
+        return {"token": token, "send_slot": send_slot, "sizes": sizes}
+
+    def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
+        num_experts, m, hidden = transit["sizes"].shape[1:]
+        experts_per_rank, rows = num_experts // ctx.num_ranks, ctx.num_ranks * m
+        meta = (jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
+                jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
+                jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32))
+        attrs = dict(num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
+                     num_experts=np.int64(num_experts))
+        if opts.use_fp8:
+            scales = (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
+                      if opts.use_ue8m0 else
+                      jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32))
+            out = jax.ffi.ffi_call(
+                "jax_deepep_ll_dispatch_recv_fp8",
+                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn), scales) + meta,
+                has_side_effect=True,
+            )(transit["token"], use_ue8m0=np.int64(opts.use_ue8m0), **attrs)
+            recv_x, (recv_count, recv_src_info, layout_range) = (out[0], out[1]), out[2:]
+        else:
+            recv_x, recv_count, recv_src_info, layout_range = jax.ffi.ffi_call(
+                "jax_deepep_ll_dispatch_recv_bf16",
+                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16),) + meta,
+                has_side_effect=True,
+            )(transit["token"], **attrs)
+        return recv_x, recv_count, recv_src_info, layout_range, transit["send_slot"]
+
+    def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
+                                 zero_copy: bool) -> dict:
+        del use_logfmt, zero_copy  # bf16 rows always travel as they are
+        m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
+        token = jax.ffi.ffi_call("jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
+                                 has_side_effect=True)(
+            y, handle.recv_layout_range, num_ranks=np.int64(ctx.num_ranks),
+            num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
+        return {"token": token, "topk_idx": _int32_ids(topk_idx, num_experts),
+                "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
+                "sizes": _static_sizes(num_experts, m, y.shape[2])}
+
+    def low_latency_combine_recv(self, ctx: RankContext, transit: dict):
+        num_experts, m, hidden = transit["sizes"].shape[1:]
+        num_tokens = transit["topk_idx"].shape[0]
+        return jax.ffi.ffi_call("jax_deepep_ll_combine_recv",
+                                jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16), has_side_effect=True)(
+            transit["token"], transit["topk_idx"], transit["topk_weights"], transit["send_slot"],
+            num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
+            num_experts=np.int64(num_experts))

@@ -1,0 +1,354 @@
+"""GPU tests of the NVSHMEM low-latency kernels (jax_deepep/gpu/low_latency.py) against the numpy oracle.
+
+Every check runs in fresh worker processes (this file run as a script), since NVSHMEM lives once
+per process: R = 1 in one process, and R = 2 as two processes sharing GPU 0 (two NVSHMEM PEs,
+jax.distributed; no XLA collectives between them, so each process compares its own shard with the
+oracle computed from the same seeded global data). The R = 1 worker also times the kernels
+(JAX_DEEPEP_TIMING_JSON names where the numbers go) and ends with the timeout check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+TESTS = pathlib.Path(__file__).resolve().parent
+ROOT = TESTS.parent
+AXIS = "ep"
+WORKER_TIMEOUT_S = 540
+TIMEOUT_CHECK_S = 3.0  # the R = 1 worker's kernel timeout, short so the timeout check is quick
+
+
+# ---- the pytest side: launch the workers ------------------------------------------------------
+def _skip_reason():
+    if not (pathlib.Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+        return "needs a CUDA GPU"
+    sys.path.insert(0, str(ROOT))
+    from jax_deepep.gpu import low_latency
+
+    if not any(p.exists() for p in low_latency._candidates()):
+        return f"{low_latency.LIBRARY_NAME} was not built"
+    if low_latency.nvshmem_dir() is None:
+        return "nvidia-nvshmem-cu13 is not installed"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(num_ranks: int):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    if num_ranks == 1:
+        env["JAX_DEEPEP_TIMEOUT_S"] = str(TIMEOUT_CHECK_S)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.15"
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--num-ranks", str(num_ranks),
+                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(num_ranks)]
+    outputs, deadline = [], time.time() + WORKER_TIMEOUT_S
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            outputs.append(p.communicate()[0] + "\n[killed: worker timed out]")
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
+    assert all(p.returncode == 0 for p in procs), f"a worker failed (R={num_ranks}); see the output above"
+
+
+@pytest.mark.gpu
+def test_low_latency_one_rank():
+    _run_workers(1)
+
+
+@pytest.mark.gpu
+def test_low_latency_two_ranks_on_one_gpu():
+    _run_workers(2)
+
+
+# ---- the worker side ----------------------------------------------------------------------------
+class Worker:
+    """One rank: builds the kernels object, runs dispatch + combine on global data, checks its shard."""
+
+    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int):
+        import jax
+        from jax.sharding import Mesh
+
+        from jax_deepep.gpu.low_latency import LowLatencyKernels
+
+        self.rank, self.num_ranks = rank, num_ranks
+        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+        self.kernels = LowLatencyKernels(self.mesh, AXIS, num_rdma_bytes)
+        self.failures = []
+        self._compiled = {}
+
+    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, repeats=1, combine=True):
+        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, repeats, combine)
+        if key in self._compiled:
+            return self._compiled[key]
+        import jax
+        from jax.sharding import PartitionSpec
+
+        from jax_deepep import low_latency as ops
+        from jax_deepep.backend import RankContext
+
+        ctx = RankContext(AXIS, self.num_ranks, self.num_ranks)
+        kernels = self.kernels
+
+        def body(x, idx, w, y):
+            results = []
+            for _ in range(repeats):
+                out = ops.low_latency_dispatch(kernels, ctx, x[0], idx[0], num_max_dispatch_tokens_per_rank=m,
+                                               num_experts=e, use_fp8=use_fp8, round_scale=round_scale,
+                                               use_ue8m0=use_ue8m0, return_recv_hook=hook)
+                if hook:
+                    out = ops.low_latency_recv(kernels, ctx, out)
+                combined = None
+                if combine:
+                    combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle,
+                                                       return_recv_hook=hook)
+                    if hook:
+                        combined = ops.low_latency_recv(kernels, ctx, combined)
+                recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
+                results.append((recv, out.recv_count, out.recv_src_info, out.recv_layout_range, combined))
+            return jax.tree.map(lambda a: a[None], results[-1])
+
+        spec = PartitionSpec(AXIS)
+        fn = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
+        self._compiled[key] = fn
+        return fn
+
+    def _global(self, a):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
+                                            lambda index: a[index])
+
+    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook, repeats=1, combine=True):
+        import jax
+
+        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, repeats, combine)
+        out = fn(*(self._global(a) for a in data))
+        return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
+
+    def check(self, name, fn):
+        try:
+            fn()
+            print(f"ok   {name}")
+        except Exception as exc:  # keep going: one device run should report every failure
+            self.failures.append(name)
+            print(f"FAIL {name}: {exc}")
+            traceback.print_exc()
+
+
+def make_data(rng, num_ranks, t, h, k, e, m, kind):
+    from harness import random_bf16, random_topk, random_weights
+
+    idx = random_topk(rng, num_ranks, t, k, e, kind)
+    x = random_bf16(rng, (num_ranks, t, h))
+    w = random_weights(rng, (num_ranks, t, k))
+    y = random_bf16(rng, (num_ranks, e // num_ranks, num_ranks * m, h))
+    return x, idx, w, y
+
+
+def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook):
+    import oracle
+
+    x, idx, w, y = data
+    d = worker.rank
+    recv, count, src_info, layout_range, combined = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook)
+    received = oracle.low_latency_receive(idx, e)
+    mine = received[d]
+
+    def layout():
+        np.testing.assert_array_equal(count, mine.recv_count, "recv_count")
+        np.testing.assert_array_equal(layout_range, mine.recv_layout_range, "recv_layout_range")
+        for local, rows in enumerate(mine.rows):
+            n = len(rows)
+            np.testing.assert_array_equal(src_info[local, :n], rows[:, 1], f"recv_src_info of expert {local}")
+            assert np.all(src_info[local, n:] == -1), f"recv_src_info padding of expert {local}"
+
+    def payload():
+        for local, rows in enumerate(mine.rows):
+            n = len(rows)
+            if n == 0:
+                continue
+            sent = np.asarray(x)[rows[:, 0], rows[:, 1]]
+            if not use_fp8:
+                np.testing.assert_array_equal(recv[0][local, :n].view(np.uint16), sent.view(np.uint16),
+                                              f"bf16 rows of expert {local}")
+                continue
+            q_ref, s_ref = oracle.fp8_cast(sent, round_scale=round_scale or use_ue8m0)
+            q, scales = recv[0][local, :n], recv[1][local, :n]
+            if use_ue8m0:
+                np.testing.assert_array_equal(scales, oracle.pack_ue8m0(s_ref), f"UE8M0 scales of expert {local}")
+                scales = oracle.unpack_ue8m0(scales)
+            else:  # amax / 448 may be a division or a multiplication by 1 / 448: one ulp apart
+                np.testing.assert_allclose(scales, s_ref, rtol=2.5e-7, atol=0, err_msg=f"scales of expert {local}")
+            # A scale one ulp off can move a value sitting on a rounding boundary by one FP8 step.
+            mismatched = int(np.sum(q.view(np.uint8) != q_ref.view(np.uint8)))
+            assert mismatched <= q.size // 200, f"{mismatched} FP8 values of expert {local} differ from the oracle's"
+            if mismatched:
+                print(f"note: {mismatched} of {q.size} FP8 values of expert {local} one step off the oracle's")
+            back = oracle.fp8_dequant(q, scales)
+            exact = sent.astype(np.float32)
+            err = np.linalg.norm(back - exact) / max(np.linalg.norm(exact), 1e-30)
+            assert err < (0.08 if round_scale or use_ue8m0 else 0.05), f"FP8 round trip error {err:.4f}"
+
+    def combine():
+        exact = oracle.low_latency_combine(y, w, received, x.shape[1])[d]
+        terms = oracle.low_latency_combine(np.abs(np.asarray(y, np.float64)), np.abs(w), received, x.shape[1])[d]
+        oracle.assert_rounded_once(combined, exact, terms)
+
+    worker.check(f"{name}: counts, layout ranges, source info", layout)
+    worker.check(f"{name}: received payload", payload)
+    worker.check(f"{name}: combine", combine)
+
+
+VARIANTS = (  # (use_fp8, round_scale, use_ue8m0, return_recv_hook)
+    (False, False, False, False),
+    (True, False, False, True),
+    (True, True, False, False),
+    (True, True, True, True),
+)
+BIG = dict(t=128, h=7168, k=8, e=32, m=128)
+ROUNDS = dict(t=40, h=512, k=6, e=16, m=48)
+TIMING = dict(t=128, h=7168, k=8, e=288, m=128)
+
+
+def correctness(worker, seed):
+    n = worker.num_ranks
+    for i, variant in enumerate(VARIANTS):
+        rng = np.random.default_rng(seed + i)
+        kind = ("random", "hot", "out_of_range", "random")[i]
+        data = make_data(rng, n, BIG["t"], BIG["h"], BIG["k"], BIG["e"], BIG["m"], kind)
+        check_dispatch_combine(worker, f"R={n} T=128 H=7168 {kind} fp8/round/ue8m0/hook={variant}", data,
+                               BIG["m"], BIG["e"], *variant)
+    start = time.time()
+    failures_before = len(worker.failures)
+    for r in range(100):  # back to back, fresh data each round, the variants in turn
+        rng = np.random.default_rng(seed + 1000 + r)
+        kind = ("random", "hot", "out_of_range")[r % 3]
+        data = make_data(rng, n, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], kind)
+        check_dispatch_combine(worker, f"round {r} {kind}", data, ROUNDS["m"], ROUNDS["e"],
+                               *VARIANTS[r % len(VARIANTS)])
+        if len(worker.failures) > failures_before + 6:
+            print("too many failures, stopping the rounds")
+            break
+    print(f"100 rounds in {time.time() - start:.1f} s")
+
+
+def timing(worker, path):
+    """Per-op time at T = 128, H = 7168, top-8, E = 288 on one rank, from jitted batches of 10 ops."""
+    import jax
+
+    repeats, calls = 10, 30
+    rng = np.random.default_rng(7)
+    data = make_data(rng, 1, TIMING["t"], TIMING["h"], TIMING["k"], TIMING["e"], TIMING["m"], "random")
+    check_dispatch_combine(worker, "timing size: fp8 dispatch + combine", data, TIMING["m"], TIMING["e"],
+                           True, False, False, False)
+    args = [worker._global(a) for a in data]
+    results = {}
+    for label, use_fp8, combine in (("dispatch_fp8", True, False), ("dispatch_bf16", False, False),
+                                    ("dispatch_fp8+combine", True, True)):
+        fn = worker._function(TIMING["m"], TIMING["e"], use_fp8, False, False, False, repeats, combine)
+        jax.block_until_ready(fn(*args))
+        samples = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples.append((time.perf_counter() - start) / repeats * 1e6)
+        results[label] = float(np.median(samples))
+    results["combine"] = results["dispatch_fp8+combine"] - results["dispatch_fp8"]
+    results["config"] = dict(TIMING, num_ranks=1, repeats_per_jit=repeats, jit_calls=calls,
+                             device=str(jax.devices()[0].device_kind))
+    print("timing (us per op, median):", json.dumps(results))
+    if path:
+        pathlib.Path(path).write_text(json.dumps(results, indent=1))
+
+
+def timeout_check(worker):
+    """A recv whose send never happened gives up after the timeout, and later ops then raise."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_deepep.gpu import low_latency
+
+    e, m, h = ROUNDS["e"], ROUNDS["m"], ROUNDS["h"]
+
+    def never_sent():
+        shapes = (jax.ShapeDtypeStruct((e, m, h), jnp.bfloat16), jax.ShapeDtypeStruct((e,), jnp.int32),
+                  jax.ShapeDtypeStruct((e, m), jnp.int32), jax.ShapeDtypeStruct((e, 1, 2), jnp.int32))
+        call = jax.ffi.ffi_call("jax_deepep_ll_dispatch_recv_bf16", shapes, has_side_effect=True)
+        token = jnp.array([0xfff0], jnp.int32)  # a call number no send used
+        start = time.time()
+        jax.block_until_ready(jax.jit(lambda tok: call(tok, num_ranks=np.int64(1),
+                                                       num_max_dispatch_tokens_per_rank=np.int64(m),
+                                                       num_experts=np.int64(e)))(token))
+        waited = time.time() - start
+        assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the recv returned after {waited:.1f} s"
+        assert low_latency.timeout_flag() == 1, f"timeout flag {low_latency.timeout_flag()}"
+
+    def later_ops_raise():
+        rng = np.random.default_rng(3)
+        data = make_data(rng, 1, 8, h, ROUNDS["k"], e, m, "random")
+        with pytest.raises(Exception, match="timed out"):
+            worker.run(data, m, e, False, False, False, False)
+
+    worker.check("timeout: a recv without its send gives up", never_sent)
+    worker.check("timeout: later ops raise", later_ops_raise)
+
+
+def worker_main(args):
+    import jax
+
+    if args.num_ranks > 1:
+        jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_ranks, args.rank)
+    from jax_deepep.config import low_latency_rdma_size_hint
+
+    sizes = [BIG, ROUNDS] + ([TIMING] if args.num_ranks == 1 else [])
+    num_rdma_bytes = max(low_latency_rdma_size_hint(s["m"], s["h"], args.num_ranks, s["e"]) for s in sizes)
+    worker = Worker(args.rank, args.num_ranks, num_rdma_bytes)
+    worker.check("correctness", lambda: correctness(worker, seed=1234))
+    if args.num_ranks == 1:
+        worker.check("timing", lambda: timing(worker, os.environ.get("JAX_DEEPEP_TIMING_JSON")))
+        timeout_check(worker)
+    else:
+        worker.kernels.destroy()
+    print(f"rank {args.rank}: {len(worker.failures)} failures: {worker.failures}")
+    return 1 if worker.failures else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--num-ranks", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    sys.exit(worker_main(parser.parse_args()))
