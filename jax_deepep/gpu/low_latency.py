@@ -144,9 +144,8 @@ def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: 
             raise DeepEPError(f"Buffer: this process is already NVSHMEM PE {_pe[0]} of {_pe[1]}; a low-latency "
                               f"Buffer as rank {rank} of {num_ranks} needs a new process")
         return
-    # The symmetric heap is sized once, at init; never shrink a size the user chose.
-    if int(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "0") or 0) < heap_bytes:
-        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap_bytes)
+    # The symmetric heap is sized once, at init, from the first Buffer unless the user chose a size.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
     uid = _unique_id(lib, rank, num_ranks)
     _check(lib, lib.jax_deepep_nvshmem_init(uid, rank, num_ranks, device_ordinal), "init")
