@@ -101,47 +101,84 @@ def random_routing(mesh: Mesh, key, sizes: Sizes, masked: float = 0.02):
     return jax.jit(make, out_shardings=(sharding, sharding))()
 
 
-def measure(call: Callable[[int], object], *, warmup: int, iters: int, batch: int):
-    """(median per-call time over batches, median single-call latency), in us."""
-    jax.block_until_ready(call(0))  # compile
-    for i in range(warmup):
-        jax.block_until_ready(call(i))
-    per_call, latency = [], []
-    step = 0
+class Repeated:
+    """One executable that applies a per-rank `op(*args, state) -> (out, state)` to each of the
+    `reps` input sets in turn, each application after the previous one has finished (an
+    optimization barrier joins them), threading `state` through and donating it: ops whose
+    output buffers are reused in place (ragged receive buffers) keep them across calls.
+
+    Several applications per executable amortise the host's per-call dispatch (about 60 us on
+    an H100), which would otherwise dominate ops of that size.
+    """
+
+    def __init__(self, mesh: Mesh, op, arg_sets: list, state=None):
+        def body(arg_sets, state):
+            outs, prev = [], None
+            for args in arg_sets:
+                if prev is not None:
+                    prev, args = jax.lax.optimization_barrier((prev, args))
+                out, state = op(*args, state)
+                outs.append(out)
+                prev = out
+            return outs, state
+
+        self.reps = len(arg_sets)
+        self.arg_sets = arg_sets
+        self.state = state
+        self.fn = per_rank(mesh, body, donate_argnums=() if state is None else (1,))
+
+    def __call__(self):
+        outs, self.state = self.fn(self.arg_sets, self.state)
+        return outs
+
+
+def stateless(op):
+    """An op without state, in the form `Repeated` takes."""
+    return lambda *args: (op(*args[:-1]), args[-1])
+
+
+def measure(call: Repeated, *, warmup: int, iters: int, batch: int):
+    """(median per-op time over batches, median per-op time of single blocked calls), in us."""
+    jax.block_until_ready(call())  # compile
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    per_op, latency = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
-        outs = [call(step + b) for b in range(batch)]
+        outs = [call() for _ in range(batch)]
         jax.block_until_ready(outs)
-        per_call.append((time.perf_counter() - t0) / batch)
-        step += batch
+        per_op.append((time.perf_counter() - t0) / (batch * call.reps))
         del outs
         t0 = time.perf_counter()
-        jax.block_until_ready(call(step))
-        latency.append(time.perf_counter() - t0)
-        step += 1
-    return statistics.median(per_call) * 1e6, statistics.median(latency) * 1e6
+        jax.block_until_ready(call())
+        latency.append((time.perf_counter() - t0) / call.reps)
+    return statistics.median(per_op) * 1e6, statistics.median(latency) * 1e6
 
 
 class Runner:
     """Times ops one after another, keeps going when one fails, and fills in bandwidths."""
 
-    def __init__(self, args, only: Optional[str]):
+    def __init__(self, mesh: Mesh, args):
+        self.mesh = mesh
         self.args = args
-        self.only = only
         self.results: list[Result] = []
-        self.timed_calls: list[tuple[Result, Callable[[int], object]]] = []
+        self.timed: list[tuple[Result, Repeated]] = []
 
-    def run(self, result: Result, call: Optional[Callable[[int], object]] = None, skip: str = ""):
-        name = f"{result.op} {result.impl} {result.dtype}"
-        if self.only and self.only not in name:
+    def wanted(self, result: Result) -> bool:
+        return not self.args.only or self.args.only in f"{result.op} {result.impl} {result.dtype}"
+
+    def run(self, result: Result, op=None, arg_sets=None, state=None, skip: str = ""):
+        """Time `op` (in `Repeated`'s form) over `arg_sets`, or record why it was skipped."""
+        if not self.wanted(result):
             return result
         if skip:
             result.note = skip
         else:
             try:
+                call = Repeated(self.mesh, op, arg_sets, state)
                 result.time_us, result.latency_us = measure(call, warmup=self.args.warmup, iters=self.args.iters,
                                                             batch=self.args.batch)
-                self.timed_calls.append((result, call))
+                self.timed.append((result, call))
             except Exception as e:  # keep the other measurements; the table says what failed
                 result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if self.args.verbose:
@@ -149,23 +186,23 @@ class Runner:
         if result.time_us and result.bytes_per_rank:
             result.gbps = result.bytes_per_rank / (result.time_us * 1e-6) / 1e9
         self.results.append(result)
-        print(f"  {name}: {result.time_us and round(result.time_us, 1)} us {result.note}", file=sys.stderr,
-              flush=True)
+        print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
+              f"{result.note}", file=sys.stderr, flush=True)
         return result
 
     def profile(self, path: str):
-        """Run each timed op once more under the profiler and record its kernels."""
+        """Run each timed op once more under the profiler and record its kernels (per op)."""
         labels = {}
         with jax.profiler.trace(path, create_perfetto_trace=True):
-            for i, (result, call) in enumerate(self.timed_calls):
+            for i, (result, call) in enumerate(self.timed):
                 label = f"bench_op_{i}"
-                labels[label] = result
+                labels[label] = (result, call.reps)
                 with jax.profiler.TraceAnnotation(label):
-                    jax.block_until_ready(call(1))
+                    jax.block_until_ready(call())
         for label, kernels in device_kernels(path, labels).items():
-            result = labels[label]
-            result.device_us = sum(us for _, us in kernels)
-            result.kernels = kernels[:8]
+            result, reps = labels[label]
+            result.device_us = sum(us for _, us in kernels) / reps
+            result.kernels = [(name, us / reps) for name, us in kernels[:8]]
 
     def fill_copy_ratios(self):
         ceiling = {r.dtype: r.gbps for r in self.results if r.op == "copy" and r.gbps}
@@ -209,94 +246,127 @@ def _rows_diff(a, b, rows):
 
 # ---- normal mode --------------------------------------------------------------------------------
 
+def _input_sets(mesh: Mesh, sizes: Sizes, args):
+    """`args.rotations` independent (x, topk_idx, topk_weights) sets: fresh tokens and routing
+    per set, so that no work is shared (or cached) between the repetitions of an op."""
+    keys = jax.random.split(jax.random.PRNGKey(args.seed), 2 * args.rotations)
+    return [(random_tokens(mesh, keys[2 * i], sizes), *random_routing(mesh, keys[2 * i + 1], sizes))
+            for i in range(args.rotations)]
+
+
 def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
-    R, E = sizes.num_ranks, sizes.num_experts
-    keys = jax.random.split(jax.random.PRNGKey(args.seed), args.rotations + 2)
-    xs = [random_tokens(mesh, keys[i], sizes) for i in range(args.rotations)]
-    topk_idx, topk_weights = random_routing(mesh, keys[-1], sizes)
+    R, E, H = sizes.num_ranks, sizes.num_experts, sizes.hidden
+    sets = _input_sets(mesh, sizes, args)
     to_fp8 = per_rank(mesh, lambda x: per_block_cast_to_fp8(x))
-    xs_fp8 = [to_fp8(x) for x in xs]
+    fp8_xs = [to_fp8(x) for x, _, _ in sets]
 
     config = Buffer.get_dispatch_config(R)
-    nvl_bytes = max(config.get_nvl_buffer_size_hint(sizes.hidden * 2, R),
-                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(sizes.hidden * 2, R))
+    nvl_bytes = max(config.get_nvl_buffer_size_hint(H * 2, R),
+                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
     buffer = Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
     impl = f"buffer[{buffer.backend.name}]"
 
     layout_fn = per_rank(mesh, lambda idx: buffer.get_dispatch_layout(idx, E))
-    layout = layout_fn(topk_idx)
+    layouts = [layout_fn(idx) for _, idx, _ in sets]
     dispatch_fn = per_rank(mesh, lambda x, idx, w, lay: buffer.dispatch(x, topk_idx=idx, topk_weights=w, layout=lay))
-    first = dispatch_fn(xs[0], topk_idx, topk_weights, layout)
-    recv_rows = np.asarray(first.num_recv_tokens).reshape(R)
+    firsts = [dispatch_fn(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)]
+    recv_rows = np.stack([np.asarray(f.num_recv_tokens).reshape(R) for f in firsts])  # [sets, R]
     rows = float(np.mean(recv_rows))
-    capacity = first.recv_x.shape[1]
-    bf16_bytes = rows * sizes.hidden * 2
-    fp8_bytes = rows * (sizes.hidden + sizes.hidden // FP8_BLOCK * 4)
+    capacity = firsts[0].recv_x.shape[1]
+    bf16_bytes = rows * H * 2
+    fp8_bytes = rows * (H + H // FP8_BLOCK * 4)
     print(f"received tokens per rank: {recv_rows.tolist()} (capacity {capacity})", file=sys.stderr)
-    ys = [random_tokens(mesh, keys[i], sizes, rows=capacity) for i in range(args.rotations)]
-    n = args.rotations
+    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), len(sets) + 1)
+    ys = [random_tokens(mesh, k, sizes, rows=capacity) for k in keys[:-1]]
+    handles = [f.handle for f in firsts]
 
-    # Ceilings: one device copy of the received bytes (and a peer copy when there are peers).
+    # Ceilings: a device copy of the received bytes, a row gather of them, a peer copy.
     copy_rows = max(int(round(rows)), 1)
-    src = random_tokens(mesh, keys[0], sizes, rows=copy_rows)
-    srcs = [src, random_tokens(mesh, keys[1], sizes, rows=copy_rows)]
-    copy_fn = per_rank(mesh, jnp.copy)
-    runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
-                      note="device copy of the received bytes"), lambda i: copy_fn(srcs[i % 2]))
-    perm = per_rank(mesh, lambda key: jax.random.permutation(key[0], copy_rows))(
-        jax.random.split(keys[-2], R)[:, None])
-    gather_fn = per_rank(mesh, lambda a, rows: jnp.take(a, rows, axis=0, mode="fill", fill_value=0))
-    runner.run(Result("gather", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
-                      note="jnp.take of the received rows in a random order"),
-               lambda i: gather_fn(srcs[i % 2], perm))
-    fp8_src = [per_rank(mesh, lambda a: a.astype(jnp.float8_e4m3fn))(s) for s in srcs]
-    runner.run(Result("copy", "ceiling", "fp8", bytes_per_rank=rows * sizes.hidden,
-                      note="device copy of the received FP8 values"), lambda i: copy_fn(fp8_src[i % 2]))
+    srcs = [random_tokens(mesh, k, sizes, rows=copy_rows) for k in keys[:-1]]
+    fp8_srcs = [per_rank(mesh, lambda a: a.astype(jnp.float8_e4m3fn))(a) for a in srcs]
+    perm = per_rank(mesh, lambda key: jax.random.permutation(key[0], copy_rows))(jax.random.split(keys[-1], R)[:, None])
+    runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes, note="device copy of the received bytes"),
+               stateless(jnp.copy), [(a,) for a in srcs])
+    runner.run(Result("copy", "ceiling", "fp8", bytes_per_rank=rows * H, note="device copy of the received FP8 values"),
+               stateless(jnp.copy), [(a,) for a in fp8_srcs])
+    for as_words in (False, True):
+        runner.run(Result("gather", "ceiling" + ("/u32" if as_words else ""), "bf16", bytes_per_rank=bf16_bytes,
+                          note="jnp.take of the received rows in a random order"
+                               + (", as uint32 words" if as_words else "")),
+                   stateless(lambda a, p, w=as_words: _gather_rows(a, p, w)), [(a, perm) for a in srcs])
     if R > 1:
-        peer_fn = per_rank(mesh, lambda a: jax.lax.ppermute(a, AXIS, [(i, (i + 1) % R) for i in range(R)]))
         runner.run(Result("peer_copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
-                          note="ppermute of the received bytes to the next rank"), lambda i: peer_fn(srcs[i % 2]))
+                          note="ppermute of the received bytes to the next rank"),
+                   stateless(lambda a: baselines._shift(a, AXIS, R, 1)), [(a,) for a in srcs])
 
-    runner.run(Result("layout", impl, "-"), lambda i: layout_fn(topk_idx))
-    runner.run(Result("dispatch", impl, "bf16", bytes_per_rank=bf16_bytes),
-               lambda i: dispatch_fn(xs[i % n], topk_idx, topk_weights, layout))
-    runner.run(Result("dispatch", impl, "fp8", bytes_per_rank=fp8_bytes),
-               lambda i: dispatch_fn(xs_fp8[i % n], topk_idx, topk_weights, layout))
-    handle = first.handle
+    runner.run(Result("layout", impl, "-"), stateless(lambda idx: buffer.get_dispatch_layout(idx, E)),
+               [(idx,) for _, idx, _ in sets])
+    dispatch_op = stateless(lambda x, idx, w, lay: buffer.dispatch(x, topk_idx=idx, topk_weights=w, layout=lay))
+    runner.run(Result("dispatch", impl, "bf16", bytes_per_rank=bf16_bytes), dispatch_op,
+               [(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)])
+    runner.run(Result("dispatch", impl, "fp8", bytes_per_rank=fp8_bytes), dispatch_op,
+               [(xf, idx, w, lay) for (_, idx, w), lay, xf in zip(sets, layouts, fp8_xs)])
     combine_fn = per_rank(mesh, lambda y, h: buffer.combine(y, h)[0])
     runner.run(Result("combine", impl, "bf16", bytes_per_rank=bf16_bytes),
-               lambda i: combine_fn(ys[i % n], handle))
+               stateless(lambda y, h: buffer.combine(y, h)[0]), list(zip(ys, handles)))
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     for transport in baselines.TRANSPORTS:
-        name = f"jax:{transport}"
-        skip = "XLA:CPU has no ragged-all-to-all" if transport == "ragged" and on_cpu else ""
+        for as_words in (False, True):
+            name = f"jax:{transport}" + ("/u32" if as_words else "")
+            skip = "XLA:CPU has no ragged-all-to-all" if transport == "ragged" and on_cpu else ""
+            if not any(runner.wanted(Result(op, name, dt)) for op, dt in
+                       (("dispatch", "bf16"), ("dispatch", "fp8"), ("combine", "bf16"))):
+                continue
+            ragged = transport == "ragged"
 
-        def dispatch_base(x, idx, w, lay, transport=transport):
-            return baselines.dispatch(transport, x, idx, w, lay, axis_name=AXIS, num_experts=E, capacity=capacity)
+            def dispatch_op(x, idx, w, lay, buffers, transport=transport, as_words=as_words):
+                out = baselines.dispatch(transport, x, idx, w, lay, axis_name=AXIS, num_experts=E,
+                                         capacity=capacity, recv_buffers=buffers, as_words=as_words)
+                if buffers is None:
+                    return out, None
+                return dataclasses.replace(out, recv_parts=()), out.recv_parts  # the rows live in the state
 
-        def combine_base(y, plan, transport=transport):
-            return baselines.combine(transport, y, plan, axis_name=AXIS)
+            def combine_op(y, plan, back, transport=transport, as_words=as_words):
+                out = baselines.combine(transport, y, plan, axis_name=AXIS, return_buffer=back, as_words=as_words)
+                return out.combined_x, out.return_buffer
 
-        base_dispatch = per_rank(mesh, dispatch_base)
-        base_combine = per_rank(mesh, combine_base)
-        if not skip and args.check:
-            skip = _check_baseline(base_dispatch, base_combine, dispatch_fn, combine_fn, xs[0], topk_idx,
-                                   topk_weights, layout, ys[0], handle, recv_rows)
-        runner.run(Result("dispatch", name, "bf16", bytes_per_rank=bf16_bytes),
-                   lambda i, f=base_dispatch: f(xs[i % n], topk_idx, topk_weights, layout), skip)
-        runner.run(Result("dispatch", name, "fp8", bytes_per_rank=fp8_bytes),
-                   lambda i, f=base_dispatch: f(xs_fp8[i % n], topk_idx, topk_weights, layout), skip)
-        plan = None if skip else base_dispatch(xs[0], topk_idx, topk_weights, layout).plan
-        runner.run(Result("combine", name, "bf16", bytes_per_rank=bf16_bytes),
-                   lambda i, f=base_combine: f(ys[i % n], plan), skip)
+            single = per_rank(mesh, lambda *a: dispatch_op(*a, None)[0])
+            plans = [] if skip else [single(x, idx, w, lay).plan for (x, idx, w), lay in zip(sets, layouts)]
+            if not skip and args.check:
+                skip = _check_baseline(single, per_rank(mesh, lambda y, p: combine_op(y, p, None)[0]),
+                                       firsts[0], combine_fn(ys[0], handles[0]), sets[0], layouts[0], ys[0],
+                                       recv_rows[0])
+
+            def zeros(like):
+                return jax.device_put(jnp.zeros(like.shape, like.dtype), like.sharding)
+
+            x_buffers = (zeros(firsts[0].recv_x),) if ragged else None
+            fp8_buffers = tuple(zeros(a) for a in to_fp8(firsts[0].recv_x)) if ragged else None
+            runner.run(Result("dispatch", name, "bf16", bytes_per_rank=bf16_bytes), dispatch_op,
+                       [(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)], x_buffers, skip)
+            runner.run(Result("dispatch", name, "fp8", bytes_per_rank=fp8_bytes), dispatch_op,
+                       [(xf, idx, w, lay) for (_, idx, w), lay, xf in zip(sets, layouts, fp8_xs)], fp8_buffers, skip)
+            back = None
+            if ragged and not skip:
+                block = min(sizes.num_tokens, capacity)
+                back = jax.device_put(jnp.zeros((R, R * block, H), jnp.bfloat16),
+                                      NamedSharding(mesh, PartitionSpec(AXIS)))
+            runner.run(Result("combine", name, "bf16", bytes_per_rank=bf16_bytes), combine_op, list(zip(ys, plans)),
+                       back, skip)
     buffer.destroy()
 
 
-def _check_baseline(base_dispatch, base_combine, dispatch_fn, combine_fn, x, idx, w, layout, y, handle,
-                    recv_rows) -> str:
+def _gather_rows(a, rows, as_words: bool):
+    if not as_words:
+        return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
+    words, restore = baselines._as_words(a)
+    return restore(jnp.take(words, rows, axis=0, mode="fill", fill_value=0))
+
+
+def _check_baseline(dispatch_fn, combine_fn, ours, combined, inputs, layout, y, recv_rows) -> str:
     """Empty string when the baseline gives the Buffer's rows and combined result, else why not."""
-    ours, theirs = dispatch_fn(x, idx, w, layout), base_dispatch(x, idx, w, layout)
+    theirs = dispatch_fn(*inputs, layout)
     errors = []
     if not np.array_equal(np.asarray(ours.num_recv_tokens).ravel(), np.asarray(theirs.num_recv_tokens).ravel()):
         errors.append("num_recv_tokens")
@@ -306,8 +376,7 @@ def _check_baseline(base_dispatch, base_combine, dispatch_fn, combine_fn, x, idx
         errors.append("recv_topk_idx")
     if _rows_diff(ours.recv_topk_weights, theirs.recv_topk_weights, recv_rows) != 0.0:
         errors.append("recv_topk_weights")
-    combined = combine_fn(y, handle)
-    base_combined = base_combine(y, theirs.plan)
+    base_combined = combine_fn(y, theirs.plan)
     scale = float(np.max(np.abs(np.asarray(combined, np.float32)), initial=1.0))
     if _rows_diff(combined, base_combined, [combined.shape[1]] * combined.shape[0]) > 1e-2 * scale:
         errors.append("combine")
@@ -317,68 +386,59 @@ def _check_baseline(base_dispatch, base_combine, dispatch_fn, combine_fn, x, idx
 # ---- low-latency mode ---------------------------------------------------------------------------
 
 def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
-    R, E, M = sizes.num_ranks, sizes.num_experts, sizes.num_tokens
-    keys = jax.random.split(jax.random.PRNGKey(args.seed), args.rotations + 2)
-    xs = [random_tokens(mesh, keys[i], sizes) for i in range(args.rotations)]
-    topk_idx, topk_weights = random_routing(mesh, keys[-1], sizes)
-    n = args.rotations
-    num_pairs = float(np.sum(np.asarray(topk_idx) >= 0)) / R  # (token, expert) pairs sent per rank
-    bf16_bytes = num_pairs * sizes.hidden * 2
-    fp8_bytes = num_pairs * (sizes.hidden + sizes.hidden // FP8_BLOCK * 4)
+    R, E, M, H = sizes.num_ranks, sizes.num_experts, sizes.num_tokens, sizes.hidden
+    sets = _input_sets(mesh, sizes, args)
+    num_pairs = float(np.mean([np.sum(np.asarray(idx) >= 0) for _, idx, _ in sets])) / R  # sent per rank
+    bf16_bytes = num_pairs * H * 2
+    fp8_bytes = num_pairs * (H + H // FP8_BLOCK * 4)
 
-    rdma_bytes = Buffer.get_low_latency_rdma_size_hint(M, sizes.hidden, R, E)
+    rdma_bytes = Buffer.get_low_latency_rdma_size_hint(M, H, R, E)
     buffer = Buffer(mesh, AXIS, num_rdma_bytes=rdma_bytes, low_latency_mode=True)
     impl = f"buffer[{buffer.backend.name}]"
 
-    copy_src = [random_tokens(mesh, keys[i], sizes, rows=max(int(num_pairs), 1)) for i in range(2)]
-    copy_fn = per_rank(mesh, jnp.copy)
+    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), len(sets))
+    srcs = [random_tokens(mesh, k, sizes, rows=max(int(num_pairs), 1)) for k in keys]
     runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
-                      note="device copy of the received (token, expert) rows"), lambda i: copy_fn(copy_src[i % 2]))
+                      note="device copy of the received (token, expert) rows"), stateless(jnp.copy), [(a,) for a in srcs])
 
-    def ll_dispatch(use_fp8):
-        return per_rank(mesh, lambda x, idx: buffer.low_latency_dispatch(
-            x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=use_fp8))
+    def ll_dispatch(x, idx, use_fp8):
+        return buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=use_fp8)
 
-    bf16_dispatch = ll_dispatch(False)
-    first = bf16_dispatch(xs[0], topk_idx)
-    runner.run(Result("ll_dispatch", impl, "bf16", bytes_per_rank=bf16_bytes),
-               lambda i: bf16_dispatch(xs[i % n], topk_idx))
-    fp8_dispatch = ll_dispatch(True)
-    runner.run(Result("ll_dispatch", impl, "fp8", bytes_per_rank=fp8_bytes),
-               lambda i: fp8_dispatch(xs[i % n], topk_idx))
-    ys = [jax.random.normal(keys[i], first.recv_x.shape, jnp.bfloat16) for i in range(n)]
-    ys = [jax.device_put(y, NamedSharding(mesh, PartitionSpec(AXIS))) for y in ys]
-    ll_combine = per_rank(mesh, lambda y, idx, w, h: buffer.low_latency_combine(y, idx, w, h))
+    firsts = [per_rank(mesh, lambda x, i: ll_dispatch(x, i, False))(x, idx) for x, idx, _ in sets]
+    for use_fp8 in (False, True):
+        runner.run(Result("ll_dispatch", impl, "fp8" if use_fp8 else "bf16",
+                          bytes_per_rank=fp8_bytes if use_fp8 else bf16_bytes),
+                   stateless(lambda x, i, f=use_fp8: ll_dispatch(x, i, f)), [(x, idx) for x, idx, _ in sets])
+    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+    ys = [jax.device_put(jax.random.normal(k, firsts[0].recv_x.shape, jnp.bfloat16), sharding) for k in keys]
     runner.run(Result("ll_combine", impl, "bf16", bytes_per_rank=bf16_bytes),
-               lambda i: ll_combine(ys[i % n], topk_idx, topk_weights, first.handle))
+               stateless(lambda y, i, w, h: buffer.low_latency_combine(y, i, w, h)),
+               [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(ys, sets, firsts)])
 
-    base_dispatch_fn = per_rank(mesh, lambda x, idx, buf: baselines.low_latency_dispatch(
-        x, idx, buf, axis_name=AXIS, num_experts=E), donate_argnums=(2,))
-    state = {"buf": jnp.zeros_like(first.recv_x)}
+    def base_dispatch(x, idx, buf):
+        out = baselines.low_latency_dispatch(x, idx, buf, axis_name=AXIS, num_experts=E)
+        return out.plan, out.recv_x  # the rows live in the (donated) state
 
-    def base_dispatch(i):
-        """The receive buffer is donated, so the caller keeps (and waits on) the plan only; it comes
-        from the same executable as the rows."""
-        out = base_dispatch_fn(xs[i % n], topk_idx, state["buf"])
-        state["buf"] = out.recv_x
-        return out
+    def empty_buffer():
+        return jax.device_put(jnp.zeros(firsts[0].recv_x.shape, jnp.bfloat16), sharding)
 
+    single = per_rank(mesh, base_dispatch)
+    outs = [single(x, idx, empty_buffer()) for x, idx, _ in sets]
     check = ""
     if args.check:
-        out = base_dispatch(0)
-        counts = np.asarray(first.recv_count)
-        mismatch = not np.array_equal(counts, np.asarray(out.plan.recv_count))
-        ours, theirs = np.asarray(first.recv_x, np.float32), np.asarray(out.recv_x, np.float32)
-        for r in range(R):
-            for e in range(counts.shape[1]):
-                mismatch |= not np.array_equal(ours[r, e, :counts[r, e]], theirs[r, e, :counts[r, e]])
-        check = "mismatch vs Buffer" if mismatch else ""
+        for (plan, recv_x), first in zip(outs, firsts):
+            counts = np.asarray(first.recv_count)
+            ours, theirs = np.asarray(first.recv_x, np.float32), np.asarray(recv_x, np.float32)
+            same = np.array_equal(counts, np.asarray(plan.recv_count)) and all(
+                np.array_equal(ours[r, e, :counts[r, e]], theirs[r, e, :counts[r, e]])
+                for r in range(R) for e in range(counts.shape[1]))
+            check = check or ("" if same else "mismatch vs Buffer")
     runner.run(Result("ll_dispatch", "jax:padded", "bf16", bytes_per_rank=bf16_bytes,
-                      note="in place into a donated receive buffer"), lambda i: base_dispatch(i).plan, check)
-    plan = base_dispatch(0).plan
-    base_combine = per_rank(mesh, lambda y, w, p: baselines.low_latency_combine(y, w, p, axis_name=AXIS))
+                      note=check or "in place into a donated receive buffer"),
+               base_dispatch, [(x, idx) for x, idx, _ in sets], empty_buffer(), check)
     runner.run(Result("ll_combine", "jax:padded", "bf16", bytes_per_rank=bf16_bytes),
-               lambda i: base_combine(ys[i % n], topk_weights, plan), check)
+               stateless(lambda y, w, p: baselines.low_latency_combine(y, w, p, axis_name=AXIS)),
+               [(y, w, plan) for y, (_, _, w), (plan, _) in zip(ys, sets, outs)], None, check)
     buffer.destroy()
 
 
@@ -452,7 +512,7 @@ def main(argv=None):
     mesh = Mesh(np.array(devices[:num_ranks]), (AXIS,))
     print(f"jax {jax.__version__}, {num_ranks} x {devices[0].device_kind}, {args.mode} mode, {sizes}",
           file=sys.stderr)
-    runner = Runner(args, args.only)
+    runner = Runner(mesh, args)
     (bench_low_latency if args.mode == "low_latency" else bench_normal)(runner, mesh, sizes, args)
     runner.fill_copy_ratios()
     if args.profile:

@@ -45,10 +45,11 @@ def _assert_rows_equal(a, b, rows):
         np.testing.assert_array_equal(a[r, :n], b[r, :n])
 
 
+@pytest.mark.parametrize("as_words", [False, True], ids=["native", "u32"])
 @pytest.mark.parametrize("transport", ["padded", "ring"])
 @pytest.mark.parametrize("num_ranks,capacity", [(1, None), (2, None), (4, None), (8, None), (4, 40)])
-def test_normal_baselines_match_reference(transport, num_ranks, capacity):
-    rng = np.random.default_rng([num_ranks, capacity or 0, len(transport)])
+def test_normal_baselines_match_reference(transport, as_words, num_ranks, capacity):
+    rng = np.random.default_rng([num_ranks, capacity or 0, len(transport), as_words])
     num_tokens, hidden, top_k, num_experts = 24, 256, 4, 16
     mesh = _mesh(num_ranks)
     idx, w = _routing(rng, num_ranks, num_tokens, top_k, num_experts)
@@ -67,11 +68,13 @@ def test_normal_baselines_match_reference(transport, num_ranks, capacity):
     def baseline(x, idx, w):
         layout = deepep.reference.get_dispatch_layout(idx, num_experts, axis_name=AXIS)
         out = baselines.dispatch(transport, x, idx, w, layout, axis_name=AXIS, num_experts=num_experts,
-                                 capacity=cap)
+                                 capacity=cap, as_words=as_words)
         y = out.recv_parts[0] * 2 - 1
         fp8 = baselines.dispatch(transport, deepep.fp8.per_block_cast_to_fp8(x), idx, w, layout, axis_name=AXIS,
-                                 num_experts=num_experts, capacity=cap)
-        return out, baselines.combine(transport, y, out.plan, axis_name=AXIS), fp8.recv_parts
+                                 num_experts=num_experts, capacity=cap, as_words=as_words)
+        combined = baselines.combine(transport, y, out.plan, axis_name=AXIS, as_words=as_words)
+        assert combined.return_buffer is None
+        return out, combined.combined_x, fp8.recv_parts
 
     ref, ref_combined, ref_fp8 = jax.device_get(bench.per_rank(mesh, reference)(*args))
     got, got_combined, got_fp8 = jax.device_get(bench.per_rank(mesh, baseline)(*args))
@@ -117,6 +120,29 @@ def test_low_latency_baseline_matches_reference(num_ranks):
                                           np.asarray(ref.recv_x[r, e, :n], np.float32))
     np.testing.assert_allclose(np.asarray(got_combined, np.float32), np.asarray(ref_combined, np.float32),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_buffers_are_for_ragged_only():
+    mesh = _mesh(1)
+    x = jnp.zeros((1, 4, 128), jnp.bfloat16)
+    idx = jnp.zeros((1, 4, 2), jnp.int32)
+
+    def run(x, idx):
+        layout = deepep.reference.get_dispatch_layout(idx, 4, axis_name=AXIS)
+        return baselines.dispatch("padded", x, idx, jnp.ones(idx.shape), layout, axis_name=AXIS, num_experts=4,
+                                  recv_buffers=(x,))
+
+    with pytest.raises(ValueError, match="ragged"):
+        bench.per_rank(mesh, run)(_put(mesh, x), _put(mesh, idx))
+
+
+def test_as_words_round_trip():
+    rng = np.random.default_rng(7)
+    for a in (jnp.asarray(_tokens(rng, (5, 6, 8))), jnp.asarray(rng.random((5, 3)), jnp.float32),
+              jnp.asarray(_tokens(rng, (5, 8))).astype(jnp.float8_e4m3fn), jnp.zeros((5, 3), jnp.bfloat16)):
+        words, restore = baselines._as_words(a)
+        assert words.dtype == (jnp.uint32 if a.dtype.itemsize * a[0].size % 4 == 0 else a.dtype)
+        np.testing.assert_array_equal(np.asarray(restore(words), np.float32), np.asarray(a, np.float32))
 
 
 @pytest.mark.parametrize("mode,tokens", [("normal", 32), ("low_latency", 8)])
