@@ -10,10 +10,11 @@ tokens a rank receives (the ones staying on the rank included) over the time; FP
 1-byte values plus the f32 scales. `vs copy` is that bandwidth over the bandwidth of a plain
 device copy of the same bytes (1.0 = as fast as a copy).
 
-Timing: every op is compiled and warmed up first, then timed as batches of back-to-back calls
-(host dispatch overlaps device work) with `block_until_ready` after each batch; the reported time
-is the median over batches of the per-call time. Inputs rotate over several random sets so that
-consecutive calls do not hit the cache with the same data.
+Timing: one executable applies the op to several independent random input sets (tokens and
+routing) in turn; it is compiled and warmed up first, then timed as batches of back-to-back
+calls with `block_until_ready` after each batch. `time us` is the median over batches of the
+wall time per op; `kernel us` (with --profile) is the sum of the op's GPU kernel times in a
+profile, DeepEP's way of timing.
 """
 from __future__ import annotations
 
@@ -449,11 +450,11 @@ def _fmt(v, digits=1):
 
 
 def table(results) -> str:
-    lines = [f"{'op':<12} {'impl':<20} {'dtype':<5} {'time us':>9} {'GB/s':>8} {'vs copy':>8}  note",
-             "-" * 80]
+    lines = [f"{'op':<12} {'impl':<20} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'GB/s':>8} {'vs copy':>8}  note",
+             "-" * 90]
     for r in results:
-        lines.append(f"{r.op:<12} {r.impl:<20} {r.dtype:<5} {_fmt(r.time_us):>9} {_fmt(r.gbps):>8} "
-                     f"{_fmt(r.vs_copy, 3):>8}  {r.note}")
+        lines.append(f"{r.op:<12} {r.impl:<20} {r.dtype:<5} {_fmt(r.time_us):>9} {_fmt(r.device_us):>9} "
+                     f"{_fmt(r.gbps):>8} {_fmt(r.vs_copy, 3):>8}  {r.note}")
     return "\n".join(lines)
 
 
@@ -487,8 +488,9 @@ def parse_args(argv=None):
     p.add_argument("--num-ranks", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="timed batches (the median is reported)")
-    p.add_argument("--batch", type=int, default=10, help="back-to-back calls per timed batch")
-    p.add_argument("--rotations", type=int, default=4, help="random input sets cycled through")
+    p.add_argument("--batch", type=int, default=5, help="back-to-back executables per timed batch")
+    p.add_argument("--rotations", type=int, default=None,
+                   help="independent input sets, each run once per executable (4; 8 in low_latency)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="time only ops whose 'op impl dtype' contains this")
     p.add_argument("--no-check", dest="check", action="store_false",
@@ -508,6 +510,7 @@ def main(argv=None):
     if num_ranks > len(devices):
         raise SystemExit(f"--num-ranks {num_ranks}: only {len(devices)} local devices")
     num_tokens = args.num_tokens or (128 if args.mode == "low_latency" else 4096)
+    args.rotations = args.rotations or (8 if args.mode == "low_latency" else 4)
     sizes = Sizes(num_ranks, num_tokens, args.hidden, args.num_topk, args.num_experts)
     mesh = Mesh(np.array(devices[:num_ranks]), (AXIS,))
     print(f"jax {jax.__version__}, {num_ranks} x {devices[0].device_kind}, {args.mode} mode, {sizes}",
