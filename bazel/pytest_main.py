@@ -7,7 +7,7 @@ import pytest
 # Libraries that tests/BUILD.bazel names by their path in the runfiles directory (where a test starts).
 # They are built only where nvcc exists: an absent one is unset, a present one made absolute so that it
 # still resolves after a test changes directory.
-_OPTIONAL_LIBRARY_VARIABLES = ("JAX_DEEPEP_LIBRARY",)
+_OPTIONAL_LIBRARY_VARIABLES = ("JAX_DEEPEP_LIBRARY", "JAX_DEEPEP_NVSHMEM_LIBRARY")
 
 
 def main() -> int:
