@@ -54,8 +54,9 @@ def test_combine_matches_oracle(mesh, rng, num_bias):
     bias = [random_bf16(rng, (num_ranks, T, H)) for _ in range(num_bias)]
     got_x, got_w = _run(mesh, x, topk_idx, y, w, bias, capacity)
     check_combine(got_x, got_w, want, y, w, bias)
-    expected_unsent = sum((b[:, 0].astype(np.float32) for b in bias), np.zeros((num_ranks, H), np.float32))
-    np.testing.assert_array_equal(got_x[:, 0].astype(np.float32), expected_unsent.astype(ml_dtypes.bfloat16).astype(np.float32))
+    unsent = sum((b[:, 0].astype(np.float32) for b in bias), np.zeros((num_ranks, H), np.float32))
+    np.testing.assert_array_equal(got_x[:, 0].astype(np.float32),
+                                  unsent.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_combine_hot_expert_sums_many_ranks(rng):
