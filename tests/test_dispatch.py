@@ -17,7 +17,7 @@ def check_dispatch(got, want: list, *, with_topk: bool = True):
     parts = got.recv_x if isinstance(got.recv_x, tuple) else (got.recv_x,)
     for r, w in enumerate(want):
         kept = w.received.num_kept
-        assert got.num_recv_tokens.dtype == np.int32
+        assert got.num_recv_tokens.dtype == np.int32 and got.num_recv_tokens.shape == (len(want),)
         assert int(got.num_recv_tokens[r]) == w.received.num_recv_tokens
         assert len(parts) == len(w.recv_parts)
         for part, expected in zip(parts, w.recv_parts):

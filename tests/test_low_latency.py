@@ -233,3 +233,21 @@ def test_low_latency_combine_options(rng, option):
     exact = oracle.low_latency_combine(y32, weights, received, T)
     magnitude = oracle.low_latency_combine(np.abs(np.nan_to_num(y32)), weights, received, T)
     assert np.all(np.abs(combined.astype(np.float64) - exact) <= 0.05 * magnitude + 1e-6)
+
+
+def test_low_latency_handle_crosses_jit_boundaries(rng):
+    """The handle of one jitted dispatch step drives the combine of another."""
+    num_ranks = 4
+    mesh = make_mesh(num_ranks)
+    buffer = low_latency_buffer(mesh)
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot")
+    weights = random_weights(rng, (num_ranks, T, K))
+    received = oracle.low_latency_receive(topk_idx, E)
+    y = _expert_outputs(rng, received, num_ranks, H, E)
+    handle = run_per_rank(mesh, lambda x, idx: buffer.low_latency_dispatch(
+        x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E).handle, x, topk_idx)
+    assert isinstance(handle, deepep.LowLatencyHandle)
+    combined = run_per_rank(mesh, lambda y, idx, w, handle: buffer.low_latency_combine(y, idx, w, handle),
+                            y, topk_idx, weights, handle)
+    check_combined(combined, y, weights, received)
