@@ -537,7 +537,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in runner.results]}, f, indent=1)
     if args.png:
-        plot(runner.results, args.png, f"{args.mode}: {sizes} on {devices[0].device_kind}")
+        plot(runner.results, args.png, f"{args.mode} mode, R={sizes.num_ranks} T={sizes.num_tokens} H={sizes.hidden} "
+                                        f"K={sizes.num_topk} E={sizes.num_experts}, {devices[0].device_kind}")
     return runner.results
 
 
