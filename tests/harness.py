@@ -86,3 +86,12 @@ def enable_x64():
     from jax.experimental import enable_x64 as experimental_enable_x64
 
     return experimental_enable_x64()
+
+
+def int64_ids_beyond_int32(topk_idx):
+    """int64 copy of `topk_idx` where some -1 entries become ids that wrap into [0, E) when
+    truncated to int32 (2**32 + e): they are out of range and must still behave like -1."""
+    idx = np.asarray(topk_idx).astype(np.int64)
+    spots = np.argwhere(idx == -1)[::2]
+    idx[tuple(spots.T)] = (1 << 32) + np.arange(len(spots)) % 4
+    return idx

@@ -7,7 +7,8 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import enable_x64, make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_topk, random_weights,
+                     run_per_rank)
 
 T, H, K, E = 12, 128, 4, 24
 
@@ -153,7 +154,7 @@ def test_capacity_overflow(rng, num_ranks):
 def test_dispatch_int64_ids_with_x64(rng):
     mesh = make_mesh(2)
     x = random_bf16(rng, (2, T, H))
-    topk_idx = random_topk(rng, 2, T, K, E, "out_of_range").astype(np.int64)
+    topk_idx = int64_ids_beyond_int32(random_topk(rng, 2, T, K, E, "out_of_range"))
     weights = random_weights(rng, (2, T, K))
     buffer = deepep.Buffer(mesh, "ep")
     with enable_x64():

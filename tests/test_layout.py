@@ -5,7 +5,7 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import enable_x64, make_mesh, random_topk, run_per_rank
+from harness import enable_x64, int64_ids_beyond_int32, make_mesh, random_topk, run_per_rank
 
 T, K = 12, 4
 
@@ -63,7 +63,7 @@ def test_layout_several_nodes(rng, ranks_per_node):
 
 def test_layout_int64_ids_with_x64(rng):
     mesh = make_mesh(2)
-    topk_idx = random_topk(rng, 2, T, K, 8, "out_of_range").astype(np.int64)
+    topk_idx = int64_ids_beyond_int32(random_topk(rng, 2, T, K, 8, "out_of_range"))
     with enable_x64():
         got = _layouts(mesh, jnp.asarray(topk_idx, jnp.int64), 8)
     for r in range(2):

@@ -7,7 +7,8 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import enable_x64, make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_topk, random_weights,
+                     run_per_rank)
 
 T, M, H, K, E = 6, 8, 128, 4, 24
 
@@ -197,7 +198,7 @@ def test_low_latency_recv_hook(rng, num_ranks, use_fp8):
 def test_low_latency_int64_ids_with_x64(rng):
     mesh = make_mesh(2)
     x = random_bf16(rng, (2, T, H))
-    topk_idx = random_topk(rng, 2, T, K, E, "out_of_range").astype(np.int64)
+    topk_idx = int64_ids_beyond_int32(random_topk(rng, 2, T, K, E, "out_of_range"))
     weights = random_weights(rng, (2, T, K))
     received = oracle.low_latency_receive(topk_idx, E)
     y = _expert_outputs(rng, received, 2, H, E)

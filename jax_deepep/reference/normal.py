@@ -17,9 +17,9 @@ from ..types import DispatchHandle, DispatchLayout
 
 
 def valid_expert_ids(topk_idx, num_experts: int):
-    """int32 ids with anything outside [0, E) replaced by -1."""
-    idx = topk_idx.astype(jnp.int32)
-    return jnp.where((idx >= 0) & (idx < num_experts), idx, -1)
+    """int32 ids with anything outside [0, E) replaced by -1 (checked before narrowing int64 ids,
+    which would otherwise wrap into range)."""
+    return jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).astype(jnp.int32)
 
 
 def get_dispatch_layout(ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
