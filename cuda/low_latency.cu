@@ -39,13 +39,15 @@ __device__ __forceinline__ void store_release_sys(int* p, int v) {
 }
 
 __device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
-  return *reinterpret_cast<volatile int*>(mem.error_flag) != 0;
+  return *reinterpret_cast<volatile int*>(mem.timeout_flag) != 0;
 }
 
 // Spins until the signal at `p` carries `tag` in the bits above `tag_shift` and stores it in
 // *value; false after the timeout (or at once when an earlier wait already timed out).
 __device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer,
                             int* value) {
+  *value = load_acquire_sys(p);
+  if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
   if (timed_out_before(mem)) return false;
   const long long start = global_time_ns();
   while (true) {
@@ -56,7 +58,8 @@ __device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const Pee
         printf("jax_deepep: low-latency %s on rank %d timed out waiting for rank %d\n",
                kind == kDispatchTimeout ? "dispatch" : "combine", mem.rank, peer);
       }
-      *reinterpret_cast<volatile int*>(mem.error_flag) = kind;
+      *reinterpret_cast<volatile int*>(mem.timeout_flag) = kind;
+      *reinterpret_cast<volatile int*>(mem.timeout_flag_host) = kind;
       __threadfence_system();
       return false;
     }

@@ -48,7 +48,8 @@ struct PeerMemory {
   char* local;                // this PE's symmetric buffer (both halves)
   char* staging;              // symmetric, one half's size: source of nvshmem puts
   char* const* peer;          // device array [R]: peer's buffer mapped here (NVLink/P2P), or null
-  int* error_flag;            // host-mapped; nonzero once a wait timed out
+  int* timeout_flag;          // device memory; nonzero once a wait timed out (polled by kernels)
+  int* timeout_flag_host;     // host-mapped copy of it, which the host reads without a sync
   long long timeout_ns;
   int rank;
   int num_ranks;

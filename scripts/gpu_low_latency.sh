@@ -30,3 +30,27 @@ export JAX_DEEPEP_TIMING_JSON="$out_dir/low_latency_timing.json"
 export PYTHONUNBUFFERED=1
 set -o pipefail
 "$python" -m pytest -v -s -p no:cacheprovider tests/test_gpu_low_latency.py 2>&1 | tee "$out_dir/test.log"
+
+# Kernel durations at the timing size (R = 1), from Nsight Compute when it is there.
+if command -v ncu >/dev/null; then
+  PYTHONPATH="$PWD:$PWD/tests" XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout 240 ncu --clock-control none \
+    --target-processes all -k "regex:(dispatch|combine)_(send|recv)_kernel" --launch-count 40 \
+    --metrics gpu__time_duration.sum --csv --log-file "$out_dir/ncu.csv" \
+    "$python" tests/test_gpu_low_latency.py --rank 0 --num-ranks 1 --profile >"$out_dir/ncu_run.log" 2>&1 \
+    || tail -20 "$out_dir/ncu_run.log"
+  "$python" - "$out_dir/ncu.csv" <<'PY' | tee "$out_dir/ncu_summary.txt"
+import csv, statistics, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
+head = rows[0]
+name, value, unit = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
+times = {}
+for i, r in enumerate(rows[1:]):  # launch order: 5 FP8 rounds, then 5 bf16 rounds, 4 kernels each
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r[unit], float("nan"))
+    kernel = next(k for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv") if k in r[name])
+    mode = "fp8" if i < 20 else "bf16"
+    times.setdefault(f"{kernel} ({mode})", []).append(float(r[value].replace(",", "")) * scale)
+print("kernel durations (us; ncu, T=128 H=7168 K=8 E=288, R=1):")
+for kernel, ts in times.items():
+    print(f"  {kernel:22s} median {statistics.median(ts):8.1f}  min {min(ts):8.1f}  max {max(ts):8.1f}  n={len(ts)}")
+PY
+fi

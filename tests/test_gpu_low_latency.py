@@ -294,6 +294,19 @@ def timing(worker, path):
         pathlib.Path(path).write_text(json.dumps(results, indent=1))
 
 
+def profile(worker):
+    """Five rounds of FP8 and of bf16 dispatch + combine at the timing size, for ncu to time the kernels."""
+    import jax
+
+    rng = np.random.default_rng(11)
+    data = make_data(rng, 1, TIMING["t"], TIMING["h"], TIMING["k"], TIMING["e"], TIMING["m"], "random")
+    args = [worker._global(a) for a in data]
+    for use_fp8 in (True, False):
+        fn = worker._function(TIMING["m"], TIMING["e"], use_fp8, False, False, False)
+        for _ in range(5):
+            jax.block_until_ready(fn(*args))
+
+
 def timeout_check(worker):
     """A recv whose send never happened gives up after the timeout, and later ops then raise."""
     import jax
@@ -334,8 +347,13 @@ def worker_main(args):
     from jax_deepep.config import low_latency_rdma_size_hint
 
     sizes = [BIG, ROUNDS] + ([TIMING] if args.num_ranks == 1 else [])
+    if args.profile:
+        sizes = [TIMING]
     num_rdma_bytes = max(low_latency_rdma_size_hint(s["m"], s["h"], args.num_ranks, s["e"]) for s in sizes)
     worker = Worker(args.rank, args.num_ranks, num_rdma_bytes)
+    if args.profile:
+        worker.check("profile", lambda: profile(worker))
+        return 1 if worker.failures else 0
     worker.check("correctness", lambda: correctness(worker, seed=1234))
     if args.num_ranks == 1:
         worker.check("timing", lambda: timing(worker, os.environ.get("JAX_DEEPEP_TIMING_JSON")))
@@ -350,5 +368,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="only run the kernels for a profiler (R = 1)")
     sys.exit(worker_main(parser.parse_args()))

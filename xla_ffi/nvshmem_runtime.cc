@@ -89,10 +89,15 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
           cudaSuccess) {
     return fail_cuda("copying the peer table", status);
   }
+  // The kernels poll the flag in device memory and copy it to mapped host memory for the host.
   int* flag_host = nullptr;
+  int* flag_host_mapped = nullptr;
   int* flag_device = nullptr;
   if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
-      (status = cudaHostGetDevicePointer(&flag_device, flag_host, 0)) != cudaSuccess) {
+      (status = cudaHostGetDevicePointer(&flag_host_mapped, flag_host, 0)) != cudaSuccess ||
+      (status = cudaMalloc(&flag_device, sizeof(int))) != cudaSuccess ||
+      (status = cudaMemset(flag_device, 0, sizeof(int))) != cudaSuccess ||
+      (status = cudaDeviceSynchronize()) != cudaSuccess) {
     return fail_cuda("allocating the timeout flag", status);
   }
   *flag_host = 0;
@@ -101,7 +106,8 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
   g_runtime.memory.local = buffer;
   g_runtime.memory.staging = buffer + num_bytes;
   g_runtime.memory.peer = peers_device;
-  g_runtime.memory.error_flag = flag_device;
+  g_runtime.memory.timeout_flag = flag_device;
+  g_runtime.memory.timeout_flag_host = flag_host_mapped;
   g_runtime.memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
   g_runtime.memory.rank = rank;
   g_runtime.memory.num_ranks = num_ranks;
@@ -118,6 +124,7 @@ int jax_deepep_nvshmem_free() {
   nvshmem_barrier_all();                               // nor a peer's
   nvshmem_free(g_runtime.memory.local);
   cudaFree(const_cast<char**>(g_runtime.memory.peer));
+  cudaFree(g_runtime.memory.timeout_flag);
   cudaFreeHost(g_runtime.timeout_flag);
   g_runtime = jax_deepep::NvshmemRuntime{};
   if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);

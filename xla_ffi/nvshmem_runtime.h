@@ -17,7 +17,7 @@ namespace jax_deepep {
 struct NvshmemRuntime {
   PeerMemory memory;
   uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
-  int* timeout_flag = nullptr;  // host view of memory.error_flag (mapped pinned memory)
+  int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
   uint32_t dispatch_calls = 0;
   uint32_t combine_calls = 0;
 };
