@@ -4,14 +4,17 @@
 Normal mode, three transports, one shared plan:
   * `padded`: one `all_to_all` of fixed-size blocks, `[R, C, H]` with C = min(T, N).
   * `ragged`: one `ragged_all_to_all` of the rows sorted by destination (no padding on the
-    wire, received rows land compact). Not implemented by XLA:CPU.
+    wire, received rows land compact), each peer's rows split into many updates so that XLA's
+    copy kernel gets enough blocks. Not implemented by XLA:CPU.
   * `ring`:   R - 1 `ppermute`s of one block each (shift k sends to rank + k), which XLA may
     overlap with the gathers of the next block.
 
-What keeps them fast (the naive versions ran 100x slower than a copy): no scatter touches token
-rows. The sender's order comes from small int arrays (a sort of [R, T] booleans, cumulative
-sums), every movement of rows is a single gather (`jnp.take`) of whole rows, the receiver
-compacts with one more gather, and combine sums R gathers in one fused expression.
+What keeps them fast (the naive versions ran 100x slower than a copy): no scatter or sort
+touches token rows. The plan is small int32 work (cumulative sums, one scatter of T * R slot
+numbers), every movement of rows is a gather (`jnp.take`) of whole rows, the receiver compacts
+with one more gather (XLA composes the two where no collective sits between them), and combine
+sums its R gathers in one fused f32 expression. `as_words=True` moves rows as uint32 words.
+docs/PERFORMANCE.md has the measurements behind each choice.
 
 Receive order is the same as `Buffer.dispatch`: rows ordered by (source rank, source token).
 Low-latency mode (`low_latency_dispatch` / `low_latency_combine`) moves only the valid
@@ -48,7 +51,7 @@ def _take_rows(a, rows):
     return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
 
 
-def _as_words(a):
+def uint32_view(a):
     """View rows of `a` as uint32 words (XLA's gathers move 4-byte elements faster than 1- or
     2-byte ones) and return the inverse view; rows whose size is no multiple of 4 stay as they are."""
     per_word = 4 // a.dtype.itemsize
@@ -148,7 +151,7 @@ def _unpack_topk(packed, rank, num_experts: int, num_ranks: int, live):
     return jnp.where(mine, local, -1), jnp.where(mine, weights, 0.0)
 
 
-def _shift(a, axis_name: str, num_ranks: int, shift: int):
+def ring_shift(a, axis_name: str, num_ranks: int, shift: int):
     """Rank i's `a` arrives on rank i + shift (cyclic)."""
     return jax.lax.ppermute(a, axis_name, [(i, (i + shift) % num_ranks) for i in range(num_ranks)])
 
@@ -167,7 +170,7 @@ def _forward_ring(plan: ExchangePlan, part, axis_name: str, buffer):
     for shift in range(num_ranks):  # block k comes from rank - k
         dest = (rank + shift) % num_ranks
         blk = _take_rows(part, jax.lax.dynamic_index_in_dim(plan.send_table, dest, keepdims=False))
-        received.append(_shift(blk, axis_name, num_ranks, shift) if shift else blk)
+        received.append(ring_shift(blk, axis_name, num_ranks, shift) if shift else blk)
     stacked = jnp.concatenate(received, axis=0)
     # Receive row in source-rank order -> position in the shift order.
     src, j = plan.recv_block_row // block, plan.recv_block_row % block
@@ -227,8 +230,8 @@ def _move(move, payload, buffer, as_words: bool):
     """Run `move(payload, buffer)` on the rows viewed as uint32 words when `as_words`."""
     if not as_words:
         return move(payload, buffer)
-    words, restore = _as_words(payload)
-    return restore(move(words, None if buffer is None else _as_words(buffer)[0]))
+    words, restore = uint32_view(payload)
+    return restore(move(words, None if buffer is None else uint32_view(buffer)[0]))
 
 
 def dispatch(transport: str, x, topk_idx, topk_weights, layout: DispatchLayout, *, axis_name: str,
@@ -295,7 +298,7 @@ def _return_ring(plan: ExchangePlan, y, axis_name: str, buffer):
     received = []
     for shift in range(num_ranks):
         blk = _take_rows(y, jax.lax.dynamic_index_in_dim(table, (rank + shift) % num_ranks, keepdims=False))
-        received.append(_shift(blk, axis_name, num_ranks, shift) if shift else blk)
+        received.append(ring_shift(blk, axis_name, num_ranks, shift) if shift else blk)
     return jnp.concatenate(received, axis=0)
 
 

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -298,7 +298,7 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     if R > 1:
         runner.run(Result("peer_copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
                           note="ppermute of the received bytes to the next rank"),
-                   stateless(lambda a: baselines._shift(a, AXIS, R, 1)), [(a,) for a in srcs])
+                   stateless(lambda a: baselines.ring_shift(a, AXIS, R, 1)), [(a,) for a in srcs])
 
     runner.run(Result("layout", impl, "-"), stateless(lambda idx: buffer.get_dispatch_layout(idx, E)),
                [(idx,) for _, idx, _ in sets])
@@ -361,7 +361,7 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
 def _gather_rows(a, rows, as_words: bool):
     if not as_words:
         return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
-    words, restore = baselines._as_words(a)
+    words, restore = baselines.uint32_view(a)
     return restore(jnp.take(words, rows, axis=0, mode="fill", fill_value=0))
 
 
@@ -400,7 +400,8 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), len(sets))
     srcs = [random_tokens(mesh, k, sizes, rows=max(int(num_pairs), 1)) for k in keys]
     runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
-                      note="device copy of the received (token, expert) rows"), stateless(jnp.copy), [(a,) for a in srcs])
+                      note="device copy of the received (token, expert) rows"),
+               stateless(jnp.copy), [(a,) for a in srcs])
 
     def ll_dispatch(x, idx, use_fp8):
         return buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=use_fp8)

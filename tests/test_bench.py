@@ -140,7 +140,7 @@ def test_as_words_round_trip():
     rng = np.random.default_rng(7)
     for a in (jnp.asarray(_tokens(rng, (5, 6, 8))), jnp.asarray(rng.random((5, 3)), jnp.float32),
               jnp.asarray(_tokens(rng, (5, 8))).astype(jnp.float8_e4m3fn), jnp.zeros((5, 3), jnp.bfloat16)):
-        words, restore = baselines._as_words(a)
+        words, restore = baselines.uint32_view(a)
         assert words.dtype == (jnp.uint32 if a.dtype.itemsize * a[0].size % 4 == 0 else a.dtype)
         np.testing.assert_array_equal(np.asarray(restore(words), np.float32), np.asarray(a, np.float32))
 
