@@ -45,7 +45,7 @@ head = rows[0]
 name, value, unit = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
 times = {}
 for i, r in enumerate(rows[1:]):  # launch order: 5 FP8 rounds, then 5 bf16 rounds, 4 kernels each
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r[unit], float("nan"))
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r[unit]]
     kernel = next(k for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv") if k in r[name])
     mode = "fp8" if i < 20 else "bf16"
     times.setdefault(f"{kernel} ({mode})", []).append(float(r[value].replace(",", "")) * scale)
