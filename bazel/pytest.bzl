@@ -8,7 +8,7 @@ def pytest_files(srcs, deps = [], data = [], env = {}, **kwargs):
       srcs: the pytest files.
       deps: py_library targets every test imports.
       data: files every test needs (conftest.py, helper modules, pyproject.toml for pytest's settings).
-      env: environment of every test; $(rootpath ...) values are made absolute by the runner.
+      env: environment of every test (bazel/pytest_main.py resolves the library paths it names).
       **kwargs: passed to each py_test (size, timeout, tags).
     """
     for src in srcs:
