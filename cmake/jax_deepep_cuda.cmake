@@ -45,5 +45,8 @@ target_compile_options(jax_deepep_cuda PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo -Xcompiler=-fvisibility=hidden>
   $<$<COMPILE_LANGUAGE:CXX>:-O2 -Wall>)
 target_link_libraries(jax_deepep_cuda PRIVATE CUDA::cudart_static)
+target_link_options(jax_deepep_cuda PRIVATE
+  "LINKER:--version-script=${CMAKE_CURRENT_SOURCE_DIR}/cmake/jax_deepep_cuda.map")
+set_property(TARGET jax_deepep_cuda APPEND PROPERTY LINK_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/cmake/jax_deepep_cuda.map)
 
 install(TARGETS jax_deepep_cuda LIBRARY DESTINATION jax_deepep/gpu)

@@ -26,7 +26,7 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes,
     const int4* s = static_cast<const int4*>(src);
     int4* d = static_cast<int4*>(dst);
     const int n = bytes / 16;
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;  // 4 KiB in flight per warp
     int i = lane;
     for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
       int4 v[kUnroll];

@@ -29,7 +29,7 @@ def _load():
     for path in _candidates():
         if path.exists():
             try:
-                return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL), None
+                return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL), None
             except OSError as e:
                 return None, f"{path} failed to load: {e}"
     return None, f"{LIBRARY_NAME} was not built (install with a CUDA compiler present, see README)"
