@@ -1,5 +1,6 @@
 """The example scripts run end to end in --short mode (subprocesses on 8 virtual CPU devices)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,19 @@ REPO = Path(__file__).parent.parent
 EXAMPLES = REPO / "examples"
 
 
-def run_example(name: str, *args: str) -> str:
+def example_command(name: str, *args: str, devices: int = 8):
+    """(argv, env) running examples/<name> --short on `devices` CPU devices."""
     script = EXAMPLES / name
     if not script.exists():
         pytest.skip(f"{script} is not here")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, str(script), "--short", *args], env=env, capture_output=True, text=True,
-                            timeout=300)
+    return [sys.executable, str(script), "--short", *args], env
+
+
+def run_example(name: str, *args: str) -> str:
+    argv, env = example_command(name, *args)
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
@@ -32,3 +38,25 @@ def test_train_moe_short():
 def test_serve_moe_short():
     output = run_example("serve_moe.py")
     assert "expert-parallel vs dense" in output
+
+
+def test_train_moe_two_processes():
+    """Multi-host path: two processes (4 CPU devices each) joined by jax.distributed, the expert
+    axis spanning both."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for process_id in range(2):
+        argv, env = example_command("train_moe.py", "--distributed", f"--coordinator_address=localhost:{port}",
+                                    "--num_processes=2", f"--process_id={process_id}", devices=4)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # no-op for a process that has exited
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+        assert "2 processes, 8 x cpu devices, mesh {'data': 1, 'expert': 8}" in output
+        assert "dispatch/combine share" in output
