@@ -1,5 +1,7 @@
 """Normal-mode dispatch (SPEC.md section 2) against the numpy oracle: bf16 and FP8 tokens,
 uneven and out-of-range routing, cached mode, expert alignment and a too-small capacity."""
+import functools
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -38,7 +40,12 @@ def check_dispatch(got, want: list, *, with_topk: bool = True):
             np.testing.assert_array_equal(got.recv_topk_weights[r], w.recv_topk_weights)
 
 
-def _dispatch_with_layout(buffer, **kwargs):
+@functools.lru_cache(maxsize=None)
+def _dispatch_with_layout(num_ranks: int, **kwargs):
+    """Per-rank layout + dispatch; one function object per configuration, so tests that differ
+    only in data share one compilation."""
+    buffer = deepep.Buffer(make_mesh(num_ranks), "ep")
+
     def per_rank(x, idx, w):
         layout = buffer.get_dispatch_layout(idx, E)
         return buffer.dispatch(x, topk_idx=idx, topk_weights=w, layout=layout, **kwargs)
@@ -52,7 +59,7 @@ def test_dispatch_bf16_matches_oracle(mesh, rng, kind):
     x = random_bf16(rng, (num_ranks, T, H))
     topk_idx = random_topk(rng, num_ranks, T, K, E, kind)
     weights = random_weights(rng, (num_ranks, T, K))
-    got = run_per_rank(mesh, _dispatch_with_layout(deepep.Buffer(mesh, "ep")), x, topk_idx, weights)
+    got = run_per_rank(mesh, _dispatch_with_layout(mesh.size), x, topk_idx, weights)
     assert got.recv_x.shape == (num_ranks, num_ranks * T, H)  # default capacity R * T
     check_dispatch(got, oracle.dispatch([x], topk_idx, weights, E, num_ranks * T))
 
@@ -94,7 +101,7 @@ def test_dispatch_fp8_pair(rng, num_ranks):
     values, scales = oracle.fp8_cast(rng.standard_normal((num_ranks, T, h)) * 3)
     topk_idx = random_topk(rng, num_ranks, T, K, E, "hot")
     weights = random_weights(rng, (num_ranks, T, K))
-    got = run_per_rank(mesh, _dispatch_with_layout(deepep.Buffer(mesh, "ep")), (values, scales), topk_idx, weights)
+    got = run_per_rank(mesh, _dispatch_with_layout(mesh.size), (values, scales), topk_idx, weights)
     assert isinstance(got.recv_x, tuple)
     assert got.recv_x[0].dtype == ml_dtypes.float8_e4m3fn and got.recv_x[1].dtype == np.float32
     check_dispatch(got, oracle.dispatch([values, scales], topk_idx, weights, E, num_ranks * T))
@@ -127,7 +134,7 @@ def test_expert_alignment(rng, expert_alignment):
     x = random_bf16(rng, (4, T, H))
     topk_idx = random_topk(rng, 4, T, K, E, "hot")
     weights = random_weights(rng, (4, T, K))
-    per_rank = _dispatch_with_layout(deepep.Buffer(mesh, "ep"), expert_alignment=expert_alignment)
+    per_rank = _dispatch_with_layout(mesh.size, expert_alignment=expert_alignment)
     got = run_per_rank(mesh, per_rank, x, topk_idx, weights)
     assert np.all(got.num_recv_tokens_per_expert % expert_alignment == 0)
     check_dispatch(got, oracle.dispatch([x], topk_idx, weights, E, 4 * T, expert_alignment))
@@ -141,7 +148,7 @@ def test_capacity_overflow(rng, num_ranks, capacity):
     x = random_bf16(rng, (num_ranks, T, H))
     topk_idx = random_topk(rng, num_ranks, T, K, E, "hot")
     weights = random_weights(rng, (num_ranks, T, K))
-    per_rank = _dispatch_with_layout(deepep.Buffer(mesh, "ep"), num_worst_tokens=capacity)
+    per_rank = _dispatch_with_layout(mesh.size, num_worst_tokens=capacity)
     got = run_per_rank(mesh, per_rank, x, topk_idx, weights)
     want = oracle.dispatch([x], topk_idx, weights, E, capacity)
     assert got.recv_x.shape == (num_ranks, capacity, H)
@@ -155,7 +162,6 @@ def test_dispatch_int64_ids_with_x64(rng):
     x = random_bf16(rng, (2, T, H))
     topk_idx = int64_ids_beyond_int32(random_topk(rng, 2, T, K, E, "out_of_range"))
     weights = random_weights(rng, (2, T, K))
-    buffer = deepep.Buffer(mesh, "ep")
     with enable_x64():
-        got = run_per_rank(mesh, _dispatch_with_layout(buffer), x, jnp.asarray(topk_idx, jnp.int64), weights)
+        got = run_per_rank(mesh, _dispatch_with_layout(2), x, jnp.asarray(topk_idx, jnp.int64), weights)
     check_dispatch(got, oracle.dispatch([x], topk_idx, weights, E, 2 * T))
