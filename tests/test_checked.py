@@ -1,6 +1,7 @@
 """Checked mode (SPEC.md section 4): `deepep.checked(fn)` raises on expert ids outside [-1, E)
 that the plain ops treat as -1."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import checkify
@@ -19,8 +20,11 @@ def _buffer(mesh):
 
 def _ops(buffer):
     """Per-rank functions of (x, topk_idx, topk_weights), one per op that reads expert ids."""
+    def in_range(i):  # the routing a caller would have computed from valid ids
+        return jnp.where((i >= 0) & (i < E), i, -1)
+
     def ll_combine(x, i, w):
-        ll = buffer.low_latency_dispatch(x, np.int32(0) * i, num_max_dispatch_tokens_per_rank=M, num_experts=E,
+        ll = buffer.low_latency_dispatch(x, in_range(i), num_max_dispatch_tokens_per_rank=M, num_experts=E,
                                          use_fp8=False)
         return buffer.low_latency_combine(ll.recv_x, i, w, ll.handle)
 
@@ -28,7 +32,7 @@ def _ops(buffer):
         "get_dispatch_layout": lambda x, i, w: buffer.get_dispatch_layout(i, E).num_tokens_per_expert,
         "dispatch_num_experts": lambda x, i, w: buffer.dispatch(x, topk_idx=i, num_experts=E).recv_x,
         "dispatch_layout": lambda x, i, w: buffer.dispatch(
-            x, topk_idx=i, layout=buffer.get_dispatch_layout(np.int32(0) * i, E)).recv_x,
+            x, topk_idx=i, layout=buffer.get_dispatch_layout(in_range(i), E)).recv_x,
         "low_latency_dispatch": lambda x, i, w: buffer.low_latency_dispatch(
             x, i, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=False).recv_count,
         "low_latency_combine": ll_combine,
