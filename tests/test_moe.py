@@ -150,3 +150,16 @@ def test_low_latency_overlap_runs_between_send_and_recv():
     jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(moe.param_specs(EXPERT), P((DATA, EXPERT))),
                           out_specs=P((DATA, EXPERT))))(moe.shard_params(params, mesh, EXPERT), x)
     assert events == ["overlap", "recv", "recv"]
+
+
+def test_load_balancing_loss():
+    num_experts = 4
+    # Every expert gets the same share of pairs and of probability: the loss is 1.
+    balanced = moe.Routing(topk_idx=jnp.array([[0, 1], [2, 3], [-1, -1]], jnp.int32),
+                           topk_weights=jnp.array([[0.5, 0.5], [0.5, 0.5], [0.0, 0.0]], jnp.float32),
+                           scores=jnp.array([[0.25] * 4, [0.25] * 4, [1.0, 0.0, 0.0, 0.0]], jnp.float32))
+    np.testing.assert_allclose(moe.load_balancing_loss(balanced, num_experts), 1.0, rtol=1e-6)
+    # Everything on expert 0 with all the probability: the loss is E.
+    collapsed = moe.Routing(topk_idx=jnp.array([[0], [0]], jnp.int32), topk_weights=jnp.ones((2, 1), jnp.float32),
+                            scores=jnp.array([[1.0, 0.0, 0.0, 0.0]] * 2, jnp.float32))
+    np.testing.assert_allclose(moe.load_balancing_loss(collapsed, num_experts), num_experts, rtol=1e-6)
