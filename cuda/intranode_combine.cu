@@ -86,21 +86,43 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + static_cast<int64_t>(t) * args.hidden : nullptr);
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + static_cast<int64_t>(t) * args.hidden : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
-  for (int i = lane; i < vectors; i += 32) {
-    float acc[8] = {};
+  // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
+  constexpr int kUnroll = 4;
+  for (int first = lane; first < vectors; first += 32 * kUnroll) {
+    float acc[kUnroll][8] = {};
+    int4 v[kUnroll];
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
       if (d >= info.num_ranks || !rows.row[d]) continue;
-      const int4* p = reinterpret_cast<const int4*>(rows.row[d]) + i;
-      accumulate(acc, d == me ? __ldg(p) : __ldcv(p));
-    }
-    if (bias0) accumulate(acc, __ldg(bias0 + i));
-    if (bias1) accumulate(acc, __ldg(bias1 + i));
-    int4 packed;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+      const int4* p = reinterpret_cast<const int4*>(rows.row[d]);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-    out[i] = packed;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + 32 * u;
+        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : (d == me ? __ldg(p + i) : __ldcv(p + i));
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
+    }
+    for (const int4* bias : {bias0, bias1}) {
+      if (!bias) continue;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + 32 * u;
+        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : __ldg(bias + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = first + 32 * u;
+      if (i >= vectors) continue;
+      int4 packed;
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
+      out[i] = packed;
+    }
   }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;

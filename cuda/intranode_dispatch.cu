@@ -7,6 +7,7 @@
 //    the group for this rank itself writes rows straight to their final output row;
 //  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
 //    publishes the head so the sender can reuse the slots.
+#include "cuda/bulk_copy.cuh"
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
@@ -22,13 +23,23 @@ struct TokenSource {
   const float* topk_weights;  // or null
 };
 
+// One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
+template <Source kSource>
+__device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* src, int bytes, int lane) {
+  if (bulk_copyable(dst, src, bytes)) {
+    if (lane == 0) pipe.copy(dst, src, bytes);
+  } else {
+    warp_copy<kSource>(dst, src, bytes, lane);
+  }
+}
+
 // Writes one received token into output row `row` (< capacity), converting expert ids to local.
 template <Source kSource>
-__device__ __forceinline__ void deliver(const DispatchArgs& args, int me, int experts_per_rank, int row, int token,
-                                        const TokenSource& src, int lane) {
+__device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe, int me, int experts_per_rank,
+                                        int row, int token, const TokenSource& src, int lane) {
   for (int p = 0; p < args.num_parts; ++p) {
     const int bytes = args.parts[p].row_bytes;
-    warp_copy<kSource>(args.parts[p].recv + static_cast<int64_t>(row) * bytes, src.part[p], bytes, lane);
+    copy_row<kSource>(pipe, args.parts[p].recv + static_cast<int64_t>(row) * bytes, src.part[p], bytes, lane);
   }
   if (lane < args.num_topk) {
     const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
@@ -76,17 +87,17 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
   }
 }
 
-__device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, const PeerGroup& g, TokenRange range,
-                             int experts_per_rank) {
+__device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const PeerGroup& g,
+                             TokenRange range, int experts_per_rank) {
   const int me = info.rank, lane = threadIdx.x % 32;
   for (int t = range.first + g.warp_in_group; t < range.last; t += g.warps) {
     const int row = args.send_row[static_cast<int64_t>(t) * info.num_ranks + me];
     if (row < 0 || row >= args.capacity) continue;  // not sent here, or dropped (past capacity)
-    deliver<Source::kInput>(args, me, experts_per_rank, row, t, input_source(args, t), lane);
+    deliver<Source::kInput>(args, pipe, me, experts_per_rank, row, t, input_source(args, t), lane);
   }
 }
 
-__device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, const DispatchSlot& slot,
+__device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const DispatchSlot& slot,
                              const PeerGroup& g, int channel, TokenRange range, uint32_t epoch) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -117,12 +128,14 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, con
       if (lane == 0) *reinterpret_cast<int2*>(p) = make_int2(t, args.send_row[at]);
       const TokenSource src = input_source(args, t);
       for (int i = 0; i < args.num_parts; ++i)
-        warp_copy<Source::kInput>(p + slot.part_offset[i], src.part[i], args.parts[i].row_bytes, lane);
+        copy_row<Source::kInput>(pipe, p + slot.part_offset[i], src.part[i], args.parts[i].row_bytes, lane);
       if (lane < args.num_topk) {
         if (src.topk_idx) reinterpret_cast<int32_t*>(p + slot.topk_idx_offset)[lane] = src.topk_idx[lane];
         if (src.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = src.topk_weights[lane];
       }
     }
+    if (lane == 0) pipe.drain();
+    __syncwarp();
     __threadfence_system();
     named_barrier(g.barrier_id, g.threads());
     if (g.leader) store_release(&theirs->tail[channel][me], base + sent_after);
@@ -130,8 +143,9 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, con
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args, const DispatchSlot& slot,
-                                  const PeerGroup& g, int channel, uint32_t epoch, int experts_per_rank) {
+__device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe,
+                                  const DispatchSlot& slot, const PeerGroup& g, int channel, uint32_t epoch,
+                                  int experts_per_rank) {
   __shared__ int64_t shared_count[kMaxRanks];
   const int me = info.rank, src = g.peer, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -158,11 +172,13 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
     }
     named_barrier(g.barrier_id, g.threads());
     const int64_t ready = shared_count[src];
+    // The slots were acquired through generic loads; the bulk engine reads them next.
+    if (lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
     for (int64_t k = g.warp_in_group; k < ready; k += g.warps) {
       const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + k);
       const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
       if (meta.y < 0 || meta.y >= args.capacity) continue;  // dropped (past capacity)
-      deliver<Source::kRing>(args, me, experts_per_rank, meta.y, meta.x, slot_source(args, slot, p), lane);
+      deliver<Source::kRing>(args, pipe, me, experts_per_rank, meta.y, meta.x, slot_source(args, slot, p), lane);
     }
     done += ready;
     __threadfence();
@@ -182,17 +198,21 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, *args.num_recv_tokens);
 
+  extern __shared__ __align__(128) char bulk_shared[];
+  BulkPipe pipe;
+  pipe.init(bulk_shared, threadIdx.x / 32);
   const PeerGroup g = peer_group(num_ranks);
   if (g.peer >= num_ranks) return;  // spare warps when R does not divide the warp count
   if (sender) {
     if (g.peer == me) {
-      send_to_self(info, args, g, range, experts_per_rank);
+      send_to_self(info, args, pipe, g, range, experts_per_rank);
     } else {
-      send_to_peer(info, args, args.slot, g, channel, range, epoch);
+      send_to_peer(info, args, pipe, args.slot, g, channel, range, epoch);
     }
   } else if (g.peer != me) {
-    receive_from_peer(info, args, args.slot, g, channel, epoch, experts_per_rank);
+    receive_from_peer(info, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
   }
+  if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
 }
 
 }  // namespace
@@ -202,7 +222,10 @@ cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cuda
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to receive: every block sends its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  dispatch_kernel<<<blocks, kIntranodeThreads, 0, stream>>>(info, a);
+  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;
+  cudaError_t err = cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
+  if (err != cudaSuccess) return err;
+  dispatch_kernel<<<blocks, kIntranodeThreads, kShared, stream>>>(info, a);
   return cudaGetLastError();
 }
 

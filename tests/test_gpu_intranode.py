@@ -329,8 +329,18 @@ def check_pressure(w: Worker, seed: int, rounds: int):
         oracle.assert_rounded_once(combined, exact, np.abs(exact) + 1.0)
 
 
+def _all_processes_here(name: str):
+    """Wait for every process (the key-value store's barrier: no XLA collective)."""
+    import jax
+    from jax._src import distributed
+
+    if jax.process_count() > 1:
+        distributed.global_state.client.wait_at_barrier(f"test_gpu_intranode/{name}", 120_000)
+
+
 def check_recreate(w: Worker, times: int):
-    """Destroy and re-create the Buffer `times` times: device memory comes back every time."""
+    """Destroy and re-create the Buffer `times` times: device memory comes back every time (the GPU
+    is shared by every process, so each measurement waits for all of them)."""
     import jax
 
     import jax_deepep as deepep
@@ -339,7 +349,9 @@ def check_recreate(w: Worker, times: int):
 
     ordinal = jax.local_devices()[0].local_hardware_id
     w.buffer.destroy()
+    _all_processes_here("recreate/before")
     before = runtime.device_free_bytes(ordinal)
+    _all_processes_here("recreate/measured")
     for i in range(times):
         w.buffer = deepep.Buffer(w.mesh, AXIS)
         rng = np.random.default_rng(1000 + i)
@@ -347,6 +359,7 @@ def check_recreate(w: Worker, times: int):
         idx = random_topk(rng, w.num_ranks, 64, 2, 2 * w.num_ranks)
         w.run(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=2 * w.num_ranks).num_recv_tokens, x, idx)
         w.buffer.destroy()
+    _all_processes_here("recreate/after")
     after = runtime.device_free_bytes(ordinal)
     leaked = before - after
     assert leaked < 64 << 20, f"{leaked} bytes of device memory not returned after {times} re-creations"
@@ -355,7 +368,7 @@ def check_recreate(w: Worker, times: int):
 
 def time_ops(w: Worker, out_path):
     """R = 1 timing: T=4096, H=7168, K=8, E=256; dispatch, combine and a plain device copy of the
-    received bytes, each as the per-iteration time of a jitted loop (loop of 40 minus loop of 10)."""
+    received bytes, each as the time per op of a jitted program of many (24 ops minus 4 ops, over 20)."""
     import jax
     import jax.numpy as jnp
 
@@ -369,34 +382,36 @@ def time_ops(w: Worker, out_path):
     x_global, idx_global = w.place(x), w.place(idx)
     results = {}
     buffer = w.buffer
-    for num_sms in (20, 64, 128):
+    for num_sms in (int(v) for v in os.environ.get("JAX_DEEPEP_TIMING_SMS", "20,64,128").split(",")):
         config = deepep.Config(num_sms, 32, 512)
 
         def loops(n, what):
+            # n ops back to back in one program (unrolled: an XLA while loop would sync with the
+            # host every iteration); each feeds a scalar into the next so none can be dropped.
             def body(x_, idx_):
                 layout = buffer.get_dispatch_layout(idx_, experts)
                 first = buffer.dispatch(x_, topk_idx=idx_, layout=layout, config=config)
-
-                def one(i, acc):
+                acc = jnp.float32(0)
+                for _ in range(n):
                     if what == "dispatch":
                         out = buffer.dispatch(x_, topk_idx=idx_, layout=layout, config=config)
-                        return acc + out.num_recv_tokens.astype(jnp.float32)
-                    if what == "cached_dispatch":
+                        acc = acc + out.num_recv_tokens.astype(jnp.float32)
+                    elif what == "cached_dispatch":
                         out = buffer.dispatch(x_, handle=first.handle, config=config)
-                        return acc + out.recv_x[0, 0].astype(jnp.float32)
-                    if what == "combine":
+                        acc = acc + out.recv_x[0, 0].astype(jnp.float32)
+                    elif what == "combine":
                         combined, _ = buffer.combine(first.recv_x, first.handle, config=config)
-                        return acc + combined[0, 0].astype(jnp.float32)
-                    copy = jax.lax.optimization_barrier(-(first.recv_x + acc.astype(jnp.bfloat16)))
-                    return acc + copy[0, 0].astype(jnp.float32)
-
-                return jax.lax.fori_loop(0, n, one, jnp.float32(0))
+                        acc = acc + combined[0, 0].astype(jnp.float32)
+                    else:
+                        copy = jax.lax.optimization_barrier(-(first.recv_x + acc.astype(jnp.bfloat16)))
+                        acc = acc + copy[0, 0].astype(jnp.float32)
+                return acc
 
             return body
 
         for what in ("dispatch", "cached_dispatch", "combine", "copy"):
             times = {}
-            for n in (10, 40):
+            for n in (4, 24):
                 fn = w.compile(loops(n, what))
                 jax.block_until_ready(fn(x_global, idx_global))  # compile + warm up
                 samples = []
@@ -405,7 +420,7 @@ def time_ops(w: Worker, out_path):
                     jax.block_until_ready(fn(x_global, idx_global))
                     samples.append(time.perf_counter() - start)
                 times[n] = min(samples)
-            per_iter_us = (times[40] - times[10]) / 30 * 1e6
+            per_iter_us = (times[24] - times[4]) / 20 * 1e6
             results[f"{what}@{num_sms}sms"] = per_iter_us
             print(f"time {what:16s} num_sms={num_sms:3d}: {per_iter_us:8.1f} us per op", flush=True)
     recv_bytes = tokens * hidden * 2
@@ -414,12 +429,16 @@ def time_ops(w: Worker, out_path):
         pathlib.Path(out_path).write_text(json.dumps(results, indent=1))
 
 
-def worker_main(rank: int, num_ranks: int, port: int) -> int:
+def worker_main(rank: int, num_ranks: int, port: int, timing_only: bool = False) -> int:
     import jax
 
     if num_ranks > 1:
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
     w = Worker(rank, num_ranks)
+    if timing_only:
+        time_ops(w, os.environ.get("JAX_DEEPEP_TIMING_JSON"))
+        w.buffer.destroy()
+        return 0
     rng = np.random.default_rng(1234)  # the same global data in every process
     experts = 16 * num_ranks
     common = dict(tokens=256, hidden=512, topk=8, experts=experts)
@@ -456,5 +475,6 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--timing-only", action="store_true", help="only time the ops (R = 1)")
     a = parser.parse_args()
-    sys.exit(worker_main(a.rank, a.num_ranks, a.port))
+    sys.exit(worker_main(a.rank, a.num_ranks, a.port, a.timing_only))
