@@ -65,7 +65,7 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, const P
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ __forceinline__ void accumulate(float (&acc)[8], int4 v) {
+__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -80,49 +80,67 @@ struct TokenRows {
   const char* row[kMaxRanks];  // null where t was not sent (or was dropped)
 };
 
-__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t) {
-  const int me = info.rank, lane = threadIdx.x % 32;
+// Rows are staged in shared memory through cp.async (kCombineStages pieces in flight per warp, no
+// registers held), then summed from there. A lane only reads the vectors it copied itself, so it
+// needs no barrier, only its own wait_group.
+constexpr int kCombineStages = 3;
+constexpr int kStageVectors = 768;  // 12 KiB of staging per warp
+constexpr int kCombineSharedBytes = kIntranodeWarps * kStageVectors * 16;
+
+__device__ __forceinline__ void async_load16(int4* shared, const int4* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared))),
+               "l"(global)
+               : "memory");
+}
+
+__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+__device__ __forceinline__ void async_wait_all_but_newest() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kCombineStages - 1) : "memory");
+}
+
+__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t,
+                              int4* stage) {
+  const int me = info.rank, lane = threadIdx.x % 32, num_ranks = info.num_ranks;
   const int vectors = args.hidden / 8;
   const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + static_cast<int64_t>(t) * args.hidden : nullptr);
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + static_cast<int64_t>(t) * args.hidden : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
-  // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
-  constexpr int kUnroll = 4;
-  for (int first = lane; first < vectors; first += 32 * kUnroll) {
-    float acc[kUnroll][8] = {};
-    int4 v[kUnroll];
+  // A stage holds one piece of every rank's row: [R][piece] vectors.
+  const int piece = kStageVectors / (kCombineStages * num_ranks) / 32 * 32;
+  const int pieces = (vectors + piece - 1) / piece;
+  auto issue = [&](int p) {
+    if (p < pieces) {
+      int4* st = stage + (p % kCombineStages) * num_ranks * piece;
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= info.num_ranks || !rows.row[d]) continue;
-      const int4* p = reinterpret_cast<const int4*>(rows.row[d]);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = first + 32 * u;
-        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : (d == me ? __ldg(p + i) : __ldcv(p + i));
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (d >= num_ranks || !rows.row[d]) continue;
+        const int4* g = reinterpret_cast<const int4*>(rows.row[d]) + static_cast<int64_t>(p) * piece;
+        for (int j = lane; j < piece && p * piece + j < vectors; j += 32) async_load16(st + d * piece + j, g + j);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
     }
-    for (const int4* bias : {bias0, bias1}) {
-      if (!bias) continue;
+    async_commit();  // empty groups keep the group count uniform at the tail
+  };
+  for (int p = 0; p < kCombineStages; ++p) issue(p);
+  for (int p = 0; p < pieces; ++p) {
+    async_wait_all_but_newest();
+    const int4* st = stage + (p % kCombineStages) * num_ranks * piece;
+    for (int j = lane; j < piece && p * piece + j < vectors; j += 32) {
+      const int i = p * piece + j;
+      float acc[8] = {};
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = first + 32 * u;
-        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : __ldg(bias + i);
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (d < num_ranks && rows.row[d]) accumulate(acc, st[d * piece + j]);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = first + 32 * u;
-      if (i >= vectors) continue;
+      if (bias0) accumulate(acc, __ldg(bias0 + i));
+      if (bias1) accumulate(acc, __ldg(bias1 + i));
       int4 packed;
       __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
+      for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(acc[2 * k], acc[2 * k + 1]);
       out[i] = packed;
     }
+    issue(p + kCombineStages);
   }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;
@@ -140,7 +158,7 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
-__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel) {
+__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel, int4* stage) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
   const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32;
@@ -185,7 +203,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
           rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, index);
         }
       }
-      combine_token(info, args, rows, t);
+      combine_token(info, args, rows, t, stage);
     }
     __threadfence();
     __syncthreads();
@@ -202,7 +220,8 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
   if (!sender) {
-    receive_tokens(info, args, channel);
+    extern __shared__ __align__(128) int4 combine_stage[];
+    receive_tokens(info, args, channel, combine_stage + (threadIdx.x / 32) * kStageVectors);
     return;
   }
   const PeerGroup g = peer_group(num_ranks);
@@ -216,7 +235,10 @@ cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaSt
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to send: every block receives its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  combine_kernel<<<blocks, kIntranodeThreads, 0, stream>>>(info, a);
+  cudaError_t err =
+      cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kCombineSharedBytes);
+  if (err != cudaSuccess) return err;
+  combine_kernel<<<blocks, kIntranodeThreads, kCombineSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

@@ -27,22 +27,11 @@ export JAX_DEEPEP_TIMING_JSON=$LOGS/timing.json
   grep -E "^(ok|FAIL|time|rank|----|E |FAILED|PASSED|SKIPPED)|passed|failed|Error|error" | head -150
 status=${PIPESTATUS[0]}
 
-# Kernel times of the R = 1 timing run, from Nsight Systems when it is installed.
-NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
-if [ -n "$NSYS" ] && [ "${PROFILE:-1}" = 1 ]; then
-  echo "== kernel profile (nsys)"
-  PYTHONPATH=$PWD:$PWD/tests JAX_DEEPEP_TIMING_SMS=${PROFILE_SMS:-20} XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 \
-    "$NSYS" profile -o /tmp/jax_deepep_profile --force-overwrite true -t cuda "$PY" tests/test_gpu_intranode.py \
-    --rank 0 --num-ranks 1 --port 0 --timing-only > "$LOGS/profile.log" 2>&1
-  "$NSYS" stats -q --report cuda_gpu_kern_sum --format csv /tmp/jax_deepep_profile.nsys-rep > "$LOGS/kernels.csv" 2>/dev/null
-  echo "kernels at num_sms=${PROFILE_SMS:-20} (medians over every launch of the timing run):"
-  "$PY" - "$LOGS/kernels.csv" <<'PY'
-import csv, sys
-rows = list(csv.DictReader(l for l in open(sys.argv[1]) if "," in l))
-for r in rows[:14]:
-    print(f"{r['Name'][:60]:60s} n={r['Instances']:>6s} med={float(r['Med (ns)'])/1e3:8.1f} us")
-PY
-else
-  echo "(no nsys: kernel profile skipped)"
+# Kernel durations of the R = 1 timing (torch's CUPTI profiler, where torch is installed).
+if [ "${PROFILE:-1}" = 1 ]; then
+  echo "== kernel durations"
+  PYTHONPATH=$PWD:$PWD/tests JAX_DEEPEP_TIMING_SMS=${PROFILE_SMS:-20} JAX_DEEPEP_KERNEL_TIMES=1 \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 "$PY" tests/test_gpu_intranode.py --rank 0 --num-ranks 1 --port 0 \
+    --timing-only 2>&1 | tee "$LOGS/kernels.log" | grep -E "^(kernel|time)"
 fi
 exit "$status"

@@ -366,6 +366,20 @@ def check_recreate(w: Worker, times: int):
     w.buffer = deepep.Buffer(w.mesh, AXIS)
 
 
+def print_kernel_times(run, label):
+    """GPU kernel durations of `run()` through torch's CUPTI profiler (it sees every kernel of the
+    process, JAX's too), where torch is installed."""
+    try:
+        import torch.profiler as tp
+    except ImportError:
+        return
+    with tp.profile(activities=[tp.ProfilerActivity.CUDA]) as prof:
+        run()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
+        print(f"kernel {label:22s} {e.key[:48]:48s} n={e.count:3d} avg={e.device_time_total / e.count:8.1f} us",
+              flush=True)
+
+
 def time_ops(w: Worker, out_path):
     """R = 1 timing: T=4096, H=7168, K=8, E=256; dispatch, combine and a plain device copy of the
     received bytes, each as the time per op of a jitted program of many (24 ops minus 4 ops, over 20)."""
@@ -420,6 +434,8 @@ def time_ops(w: Worker, out_path):
                     jax.block_until_ready(fn(x_global, idx_global))
                     samples.append(time.perf_counter() - start)
                 times[n] = min(samples)
+                if n == 24 and os.environ.get("JAX_DEEPEP_KERNEL_TIMES") == "1":
+                    print_kernel_times(lambda: jax.block_until_ready(fn(x_global, idx_global)), f"{what}@{num_sms}")
             per_iter_us = (times[24] - times[4]) / 20 * 1e6
             results[f"{what}@{num_sms}sms"] = per_iter_us
             print(f"time {what:16s} num_sms={num_sms:3d}: {per_iter_us:8.1f} us per op", flush=True)
