@@ -5,16 +5,17 @@ says whether: NVSHMEM_FOUND).
 
 The interpreter is $PYTHON_BIN_PATH, else the first `python3` on PATH (an activated venv wins)."""
 
+# Prints `key=value` lines: interpreter, jax_include and nvshmem (empty without the package).
 _PROBE = """
 import sys
 import jax
-print(sys.executable)
-print(jax.ffi.include_dir())
+print("interpreter=" + sys.executable)
+print("jax_include=" + jax.ffi.include_dir())
 try:
     import nvidia.nvshmem
-    print(list(nvidia.nvshmem.__path__)[0])
+    print("nvshmem=" + list(nvidia.nvshmem.__path__)[0])
 except ImportError:
-    print("")
+    print("nvshmem=")
 """
 
 _BUILD = """
@@ -76,9 +77,10 @@ def _local_python_impl(repository_ctx):
     result = repository_ctx.execute([python, "-c", _PROBE])
     if result.return_code != 0:
         fail("{} cannot import jax (pip install jax): {}".format(python, result.stderr))
-    interpreter, jax_include, nvshmem = result.stdout.rstrip("\n").split("\n")[-3:]
-    repository_ctx.symlink(jax_include, "jax_include")
-    build = _BUILD.format(interpreter = interpreter)
+    found = dict([line.split("=", 1) for line in result.stdout.splitlines() if "=" in line])
+    repository_ctx.symlink(found["jax_include"], "jax_include")
+    build = _BUILD.format(interpreter = found["interpreter"])
+    nvshmem = found["nvshmem"]
     nvshmem_found = bool(nvshmem) and all([
         repository_ctx.path(nvshmem + "/" + library).exists
         for library in _NVSHMEM_LIBRARIES
