@@ -97,6 +97,15 @@ def gradient_diff(grads: dict, dense_grads: dict) -> float:
     return max(relative_diff(grads[name], dense_grads[name], floor) for name in dense_grads)
 
 
+def describe_routing(params, batch: Batch, config: moe.MoEConfig, num_ranks: int) -> str:
+    """How uneven the routing of `batch` is: tokens each expert rank receives, unrouted tokens."""
+    idx = np.asarray(moe.route(params["router"], batch.x, config, batch.token_mask).topk_idx)
+    dest = np.where(idx >= 0, idx // (config.num_experts // num_ranks), -1)
+    received = [int(np.sum(np.any(dest == r, axis=1))) for r in range(num_ranks)]
+    return (f"routing of step 0: tokens received per expert rank {received}; "
+            f"{int(np.sum(np.all(idx < 0, axis=1)))} padding tokens routed nowhere (expert id -1)")
+
+
 def run(*, steps, tokens, hidden, ffn, experts, topk, data_parallel, score_func, fp8, padding, learning_rate,
         seed, out=print) -> list:
     """Train for `steps` steps; one StepReport per step (EP and dense loss, their differences)."""
@@ -141,13 +150,17 @@ def run(*, steps, tokens, hidden, ffn, experts, topk, data_parallel, score_func,
 
     dense_value_and_grad = jax.jit(jax.value_and_grad(dense_loss))
 
-    out(f"{'step':>4} {'loss (EP)':>12} {'loss (dense)':>12} {'loss diff':>10} {'grad diff':>10} {'step ms':>9}")
     reports = []
     for step in range(steps):
         batch = make_batch(jax.random.fold_in(key_data, step), tokens * len(devices), hidden, padding, teacher)
         batch = jax.device_put(batch, batch_sharding)
         # The dense model runs on one device, at the parameters the EP step starts from.
-        dense_value, dense_grads = dense_value_and_grad(*jax.device_put((params, batch), devices[0]))
+        dense_params, dense_batch = jax.device_put((params, batch), devices[0])
+        dense_value, dense_grads = dense_value_and_grad(dense_params, dense_batch)
+        if step == 0:
+            out(describe_routing(dense_params, dense_batch, config, mesh.shape[EXPERT]))
+            out(f"{'step':>4} {'loss (EP)':>12} {'loss (dense)':>12} {'loss diff':>10} {'grad diff':>10} "
+                f"{'step ms':>9}")
         start = time.perf_counter()
         new_params, opt_state, loss, grads = jax.block_until_ready(train_step(params, opt_state, batch))
         seconds = time.perf_counter() - start
