@@ -1,4 +1,5 @@
-"""Finding and loading the compiled library (`libjax_deepep_cuda.so`) built by CMake."""
+"""Finding and loading the compiled libraries built by CMake (`libjax_deepep_cuda.so`, and
+`libjax_deepep_nvshmem.so` for the low-latency mode)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,15 +11,15 @@ import pathlib
 LIBRARY_NAME = "libjax_deepep_cuda.so"
 
 
-def _candidates():
-    env = os.environ.get("JAX_DEEPEP_LIBRARY")
+def candidates(name: str, env_var: str):
+    """Where library `name` may be: `$env_var`, next to this file, then in the installed package."""
+    env = os.environ.get(env_var)
     if env:
         yield pathlib.Path(env)
-    yield pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
+    yield pathlib.Path(__file__).resolve().parent / name
     # Running from a source checkout shadows the installed package: look where pip put the library.
     try:
-        yield pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(
-            f"jax_deepep/gpu/{LIBRARY_NAME}"))
+        yield pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(f"jax_deepep/gpu/{name}"))
     except importlib.metadata.PackageNotFoundError:
         pass
 
@@ -26,7 +27,7 @@ def _candidates():
 @functools.lru_cache(maxsize=None)
 def _load():
     """(ctypes library, None) or (None, reason)."""
-    for path in _candidates():
+    for path in candidates(LIBRARY_NAME, "JAX_DEEPEP_LIBRARY"):
         if path.exists():
             try:
                 return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL), None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
-import importlib.metadata
 import os
 import pathlib
 from typing import Optional
@@ -29,6 +28,7 @@ import numpy as np
 from ..backend import LowLatencyOptions, RankContext
 from ..config import FP8_BLOCK
 from ..validation import DeepEPError
+from .library import candidates
 
 LIBRARY_NAME = "libjax_deepep_nvshmem.so"
 _HOST_LIBRARY = "libnvshmem_host.so.3"
@@ -51,21 +51,10 @@ def nvshmem_dir() -> Optional[pathlib.Path]:
     return None
 
 
-def _candidates():
-    env = os.environ.get("JAX_DEEPEP_NVSHMEM_LIBRARY")
-    if env:
-        yield pathlib.Path(env)
-    yield pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
-    try:  # a source checkout shadows the installed package: look where pip put the library
-        yield pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(f"jax_deepep/gpu/{LIBRARY_NAME}"))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-
-
 @functools.lru_cache(maxsize=None)
 def _load():
     """(ctypes library with its FFI targets registered, None) or (None, reason)."""
-    path = next((p for p in _candidates() if p.exists()), None)
+    path = next((p for p in candidates(LIBRARY_NAME, "JAX_DEEPEP_NVSHMEM_LIBRARY") if p.exists()), None)
     if path is None:
         return None, f"{LIBRARY_NAME} was not built (needs nvcc and nvidia-nvshmem-cu13 at install time)"
     nv = nvshmem_dir()
