@@ -126,11 +126,15 @@ def load_balancing_loss(routing: Routing, num_experts: int):
 
 # ---- experts ------------------------------------------------------------------------------------
 
-def group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts: int) -> ExpertGroups:
-    """Sort the (row, k) pairs of a receive buffer by local expert (receive rows come by source)."""
+def group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts: int,
+                    max_pairs: Optional[int] = None) -> ExpertGroups:
+    """Sort the (row, k) pairs of a receive buffer by local expert (receive rows come by source).
+
+    Pairs of no local expert sort last; `max_pairs` keeps only the first that many.
+    """
     num_rows, top_k = recv_topk_idx.shape
     expert = jnp.where(recv_topk_idx >= 0, recv_topk_idx, num_local_experts).ravel()
-    order = jnp.argsort(expert, stable=True)
+    order = jnp.argsort(expert, stable=True)[:max_pairs]
     group_sizes = jnp.bincount(expert, length=num_local_experts + 1)[:num_local_experts].astype(jnp.int32)
     weights = jnp.where(recv_topk_idx >= 0, recv_topk_weights, 0.0).ravel()
     return ExpertGroups(rows=(order // top_k).astype(jnp.int32), weights=weights[order], group_sizes=group_sizes)
@@ -159,9 +163,15 @@ def swiglu(w_gate, w_up, w_down, x):
 
 
 def local_experts(params: dict, recv_x, recv_topk_idx, recv_topk_weights):
-    """Weighted sum over k of each receive row's local experts: bf16 `[N, H]`, ready to combine."""
+    """Weighted sum over k of each receive row's local experts: bf16 `[N, H]`, ready to combine.
+
+    A token's k experts must be distinct (as top-k picks them): then a row has at most
+    min(K, E_l) local pairs, and only N * min(K, E_l) rows go through the expert matmuls.
+    """
     num_local_experts = params["w_gate"].shape[0]
-    groups = group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts)
+    num_rows, top_k = recv_topk_idx.shape
+    groups = group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts,
+                             max_pairs=num_rows * min(top_k, num_local_experts))
     out = grouped_swiglu(params["w_gate"], params["w_up"], params["w_down"],
                          jnp.take(recv_x, groups.rows, axis=0), groups.group_sizes)
     y = jnp.zeros((recv_x.shape[0], out.shape[1]), jnp.float32)

@@ -109,6 +109,9 @@ def test_group_by_expert():
     np.testing.assert_array_equal(groups.group_sizes, [2, 3])
     np.testing.assert_array_equal(groups.rows[:5], [1, 3, 0, 1, 3])
     np.testing.assert_array_equal(groups.weights, [0.25, 0.375, 0.5, 0.75, 0.125, 0.0, 0.0, 0.0])
+    kept = moe.group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts=2, max_pairs=5)
+    np.testing.assert_array_equal(kept.rows, groups.rows[:5])
+    np.testing.assert_array_equal(kept.group_sizes, [2, 3])
 
 
 def test_low_latency_layer_matches_dense():
