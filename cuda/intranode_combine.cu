@@ -9,6 +9,7 @@
 //    biases, round to bf16 once.
 #include <cuda_bf16.h>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
@@ -30,7 +31,8 @@ __device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int 
   return lo;
 }
 
-__device__ void send_back(const RankInfo& info, const CombineArgs& args, const PeerGroup& g, int channel) {
+__device__ void send_back(const RankInfo& info, const CombineArgs& args, BulkPipe& pipe, const PeerGroup& g,
+                          int channel) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
@@ -54,10 +56,17 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, const P
     for (int i = chunk + g.warp_in_group; i < chunk_end; i += g.warps) {
       const int64_t row = first_row + i;
       char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, args.slot.bytes, base + i);
-      warp_copy<Source::kInput>(p, args.y + row * args.hidden, row_bytes, lane);
+      const char* src = reinterpret_cast<const char*>(args.y + row * args.hidden);
+      if (bulk_copyable(p, src, row_bytes)) {
+        if (lane == 0) pipe.copy(p, src, row_bytes);
+      } else {
+        warp_copy<Source::kInput>(p, src, row_bytes, lane);
+      }
       if (args.topk_weights && lane < args.num_topk)
         reinterpret_cast<float*>(p + args.slot.weights_offset)[lane] = args.topk_weights[row * args.num_topk + lane];
     }
+    if (lane == 0) pipe.drain();
+    __syncwarp();
     __threadfence_system();
     named_barrier(g.barrier_id, g.threads());
     if (g.leader) store_release(&theirs->tail[channel][me], base + chunk_end);
@@ -65,7 +74,7 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, const P
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v) {
+__device__ __forceinline__ void accumulate(float (&acc)[8], int4 v) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -80,67 +89,49 @@ struct TokenRows {
   const char* row[kMaxRanks];  // null where t was not sent (or was dropped)
 };
 
-// Rows are staged in shared memory through cp.async (kCombineStages pieces in flight per warp, no
-// registers held), then summed from there. A lane only reads the vectors it copied itself, so it
-// needs no barrier, only its own wait_group.
-constexpr int kCombineStages = 3;
-constexpr int kStageVectors = 768;  // 12 KiB of staging per warp
-constexpr int kCombineSharedBytes = kIntranodeWarps * kStageVectors * 16;
-
-__device__ __forceinline__ void async_load16(int4* shared, const int4* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared))),
-               "l"(global)
-               : "memory");
-}
-
-__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-__device__ __forceinline__ void async_wait_all_but_newest() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kCombineStages - 1) : "memory");
-}
-
-__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t,
-                              int4* stage) {
-  const int me = info.rank, lane = threadIdx.x % 32, num_ranks = info.num_ranks;
+__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t) {
+  const int me = info.rank, lane = threadIdx.x % 32;
   const int vectors = args.hidden / 8;
   const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + static_cast<int64_t>(t) * args.hidden : nullptr);
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + static_cast<int64_t>(t) * args.hidden : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
-  // A stage holds one piece of every rank's row: [R][piece] vectors.
-  const int piece = kStageVectors / (kCombineStages * num_ranks) / 32 * 32;
-  const int pieces = (vectors + piece - 1) / piece;
-  auto issue = [&](int p) {
-    if (p < pieces) {
-      int4* st = stage + (p % kCombineStages) * num_ranks * piece;
+  // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
+  constexpr int kUnroll = 4;
+  for (int first = lane; first < vectors; first += 32 * kUnroll) {
+    float acc[kUnroll][8] = {};
+    int4 v[kUnroll];
 #pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) {
-        if (d >= num_ranks || !rows.row[d]) continue;
-        const int4* g = reinterpret_cast<const int4*>(rows.row[d]) + static_cast<int64_t>(p) * piece;
-        for (int j = lane; j < piece && p * piece + j < vectors; j += 32) async_load16(st + d * piece + j, g + j);
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (d >= info.num_ranks || !rows.row[d]) continue;
+      const int4* p = reinterpret_cast<const int4*>(rows.row[d]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + 32 * u;
+        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : (d == me ? __ldg(p + i) : __ldcv(p + i));
       }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
     }
-    async_commit();  // empty groups keep the group count uniform at the tail
-  };
-  for (int p = 0; p < kCombineStages; ++p) issue(p);
-  for (int p = 0; p < pieces; ++p) {
-    async_wait_all_but_newest();
-    const int4* st = stage + (p % kCombineStages) * num_ranks * piece;
-    for (int j = lane; j < piece && p * piece + j < vectors; j += 32) {
-      const int i = p * piece + j;
-      float acc[8] = {};
+    for (const int4* bias : {bias0, bias1}) {
+      if (!bias) continue;
 #pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) {
-        if (d < num_ranks && rows.row[d]) accumulate(acc, st[d * piece + j]);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + 32 * u;
+        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : __ldg(bias + i);
       }
-      if (bias0) accumulate(acc, __ldg(bias0 + i));
-      if (bias1) accumulate(acc, __ldg(bias1 + i));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = first + 32 * u;
+      if (i >= vectors) continue;
       int4 packed;
       __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(acc[2 * k], acc[2 * k + 1]);
+      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
       out[i] = packed;
     }
-    issue(p + kCombineStages);
   }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;
@@ -158,7 +149,7 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
-__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel, int4* stage) {
+__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
   const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32;
@@ -180,8 +171,10 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
   }
   __syncthreads();
 
-  for (int chunk = range.first; chunk < range.last; chunk += args.ring.chunk_tokens) {
-    const int chunk_end = min(chunk + args.ring.chunk_tokens, range.last);
+  // With one rank there is no ring to release: the whole channel is one chunk.
+  const int chunk_tokens = num_ranks == 1 ? max(range.last - range.first, 1) : args.ring.chunk_tokens;
+  for (int chunk = range.first; chunk < range.last; chunk += chunk_tokens) {
+    const int chunk_end = min(chunk + chunk_tokens, range.last);
     if (d < num_ranks && d != me) {
       const uint64_t need = base[d] + filled(chunk_end, d);
       wait_for(&mine->tail[channel][d], [need](uint64_t tail) { return tail >= need; }, info, kRingDataTimeout, d,
@@ -203,7 +196,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
           rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, index);
         }
       }
-      combine_token(info, args, rows, t, stage);
+      combine_token(info, args, rows, t);
     }
     __threadfence();
     __syncthreads();
@@ -220,12 +213,15 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
   if (!sender) {
-    extern __shared__ __align__(128) int4 combine_stage[];
-    receive_tokens(info, args, channel, combine_stage + (threadIdx.x / 32) * kStageVectors);
+    receive_tokens(info, args, channel);
     return;
   }
+  extern __shared__ __align__(128) char bulk_shared[];
+  BulkPipe pipe;
+  pipe.init(bulk_shared, threadIdx.x / 32);
   const PeerGroup g = peer_group(num_ranks);
-  if (g.peer < num_ranks && g.peer != info.rank) send_back(info, args, g, channel);
+  if (g.peer < num_ranks && g.peer != info.rank) send_back(info, args, pipe, g, channel);
+  if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
 }
 
 }  // namespace
@@ -235,10 +231,10 @@ cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaSt
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to send: every block receives its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  cudaError_t err =
-      cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kCombineSharedBytes);
+  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;  // sender blocks stage rows for the bulk engine
+  cudaError_t err = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
   if (err != cudaSuccess) return err;
-  combine_kernel<<<blocks, kIntranodeThreads, kCombineSharedBytes, stream>>>(info, a);
+  combine_kernel<<<blocks, kIntranodeThreads, kShared, stream>>>(info, a);
   return cudaGetLastError();
 }
 
