@@ -25,17 +25,14 @@ struct LayoutArgs {
   bool* is_token_in_rank;          // [T, R]
 };
 
-// Inputs and outputs of the notify step (count exchange and handle construction).
+// Inputs and outputs of the notify step (the count exchange; per-token positions are computed
+// by the dispatch kernel, one channel per block).
 struct NotifyArgs {
-  int num_tokens, capacity, num_experts, expert_alignment;
-  const bool* is_token_in_rank;          // [T, R]
+  int num_experts, expert_alignment;
   const int32_t* num_tokens_per_rank;    // [R]
   const int32_t* num_tokens_per_expert;  // [E]
-  int32_t* send_row;                     // [T, R]: destination row, -1 if not sent
-  int32_t* send_count_before;            // [T, R]: tokens before t sent to each rank
   int32_t* send_offset;                  // [R]: first row of this rank's block on each rank
   int32_t* recv_rank_prefix;             // [R]
-  int32_t* recv_src_rank;                // [N]
   int32_t* num_recv_tokens;              // []
   int32_t* num_recv_tokens_per_expert;   // [E_l], aligned
 };
@@ -97,9 +94,17 @@ struct DispatchArgs {
   int32_t* recv_topk_idx;        // [N, K] local ids, -1 elsewhere (null without topk_idx)
   float* recv_topk_weights;      // [N, K] (null without topk_weights)
   int32_t* recv_src_idx;         // [N], or null (cached mode)
+  int32_t* recv_src_rank;        // [N], or null (cached mode)
   const bool* is_token_in_rank;  // [T, R]
+  // [T, R]: destination row (-1 if not sent) and tokens before t sent to each rank. A first
+  // (non-cached) dispatch computes them, each sender block for its channel, into `positions`.
   const int32_t* send_row;
   const int32_t* send_count_before;
+  struct Positions {
+    int32_t* send_row;
+    int32_t* send_count_before;
+    const int32_t* send_offset;  // [R] from the notify step
+  } positions;                   // all null in cached mode
   const int32_t* num_recv_tokens;
   RingShape ring;
   DispatchSlot slot;

@@ -36,7 +36,7 @@ __device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* 
 // Writes one received token into output row `row` (< capacity), converting expert ids to local.
 template <Source kSource>
 __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe, int me, int experts_per_rank,
-                                        int row, int token, const TokenSource& src, int lane) {
+                                        int row, int source_rank, int token, const TokenSource& src, int lane) {
   for (int p = 0; p < args.num_parts; ++p) {
     const int bytes = args.parts[p].row_bytes;
     copy_row<kSource>(pipe, args.parts[p].recv + static_cast<int64_t>(row) * bytes, src.part[p], bytes, lane);
@@ -55,6 +55,7 @@ __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe
     }
   }
   if (lane == 0 && args.recv_src_idx) args.recv_src_idx[row] = token;
+  if (lane == 0 && args.recv_src_rank) args.recv_src_rank[row] = source_rank;
 }
 
 __device__ __forceinline__ TokenSource input_source(const DispatchArgs& args, int t) {
@@ -84,6 +85,59 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
       if (args.recv_topk_weights) args.recv_topk_weights[at] = 0.0f;
     }
     if (lane == 0 && args.recv_src_idx) args.recv_src_idx[row] = -1;
+    if (lane == 0 && args.recv_src_rank) args.recv_src_rank[row] = -1;
+  }
+}
+
+// Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
+// Counts tokens before the channel, then scans the channel a block-width at a time (ballots).
+__device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range) {
+  __shared__ int running[kMaxRanks];
+  __shared__ int warp_totals[kIntranodeWarps][kMaxRanks];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x < kMaxRanks) running[threadIdx.x] = 0;
+  __syncthreads();
+  int before[kMaxRanks] = {};
+  for (int t = threadIdx.x; t < range.first; t += blockDim.x) {
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d)
+      if (d < num_ranks) before[d] += args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d] ? 1 : 0;
+  }
+#pragma unroll
+  for (int d = 0; d < kMaxRanks; ++d) {
+    const int sum = __reduce_add_sync(0xffffffff, before[d]);
+    if (lane == 0 && d < num_ranks && sum) atomicAdd(&running[d], sum);
+  }
+  __syncthreads();
+  for (int first = range.first; first < range.last; first += blockDim.x) {
+    const int t = first + threadIdx.x;
+    const bool valid = t < range.last;
+    unsigned ballots[kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      const bool sent = valid && d < num_ranks && args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d];
+      ballots[d] = __ballot_sync(0xffffffff, sent);
+      if (lane == 0) warp_totals[warp][d] = __popc(ballots[d]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (d >= num_ranks) continue;
+      int count = running[d] + __popc(ballots[d] & ((1u << lane) - 1));
+      for (int w = 0; w < warp; ++w) count += warp_totals[w][d];
+      if (valid) {
+        const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
+        args.positions.send_count_before[at] = count;
+        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? args.positions.send_offset[d] + count : -1;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < num_ranks) {
+      int total = 0;
+      for (int w = 0; w < kIntranodeWarps; ++w) total += warp_totals[w][threadIdx.x];
+      running[threadIdx.x] += total;
+    }
+    __syncthreads();
   }
 }
 
@@ -93,7 +147,7 @@ __device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, Bul
   for (int t = range.first + g.warp_in_group; t < range.last; t += g.warps) {
     const int row = args.send_row[static_cast<int64_t>(t) * info.num_ranks + me];
     if (row < 0 || row >= args.capacity) continue;  // not sent here, or dropped (past capacity)
-    deliver<Source::kInput>(args, pipe, me, experts_per_rank, row, t, input_source(args, t), lane);
+    deliver<Source::kInput>(args, pipe, me, experts_per_rank, row, me, t, input_source(args, t), lane);
   }
 }
 
@@ -103,10 +157,14 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
   CommHeader* theirs = header_of(info.buffers[dst]);
+  // Tokens before t (in [range.first, range.last]) sent to dst; reads only this channel's
+  // tokens, whose positions this block computed.
+  const int first = range.first < range.last ? args.send_count_before[static_cast<int64_t>(range.first) * num_ranks + dst] : 0;
   auto before = [&](int t) {
-    return sent_before(args.send_count_before, args.is_token_in_rank, args.num_tokens, num_ranks, t, dst);
+    if (t == range.first) return first;
+    const int64_t prev = static_cast<int64_t>(t - 1) * num_ranks + dst;
+    return args.send_count_before[prev] + (args.is_token_in_rank[prev] ? 1 : 0);
   };
-  const int first = before(range.first);
   const int count = before(range.last) - first;
   const uint64_t base = mine->sent_total[channel][dst];
   if (g.leader) store_release(&theirs->channel_count[channel][me], (static_cast<uint64_t>(epoch) << 32) | count);
@@ -178,7 +236,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
       const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + k);
       const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
       if (meta.y < 0 || meta.y >= args.capacity) continue;  // dropped (past capacity)
-      deliver<Source::kRing>(args, pipe, me, experts_per_rank, meta.y, meta.x, slot_source(args, slot, p), lane);
+      deliver<Source::kRing>(args, pipe, me, experts_per_rank, meta.y, src, meta.x, slot_source(args, slot, p), lane);
     }
     done += ready;
     __threadfence();
@@ -197,6 +255,10 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
   const uint32_t epoch = header_of(info.buffers[me])->epoch;  // set by the notify / barrier launch
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, *args.num_recv_tokens);
+  if (sender && args.positions.send_row) {
+    compute_positions(args, num_ranks, range);
+    __syncthreads();
+  }
 
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;

@@ -1,4 +1,4 @@
-// The notify step of dispatch (count exchange + handle arrays) and the plain barrier that
+// The notify step of dispatch (count exchange, receive prefixes, per-expert counts) and the plain barrier that
 // starts cached dispatch and combine. One block; each launch advances this rank's epoch.
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
@@ -6,46 +6,7 @@
 namespace jax_deepep {
 namespace {
 
-constexpr int kNotifyThreads = 1024;
-constexpr int kNotifyWarps = kNotifyThreads / 32;
-
-__device__ __forceinline__ int warp_inclusive_scan(int v) {
-  const int lane = threadIdx.x % 32;
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int up = __shfl_up_sync(0xffffffff, v, offset);
-    if (lane >= offset) v += up;
-  }
-  return v;
-}
-
-// Block-wide exclusive scan of kMaxRanks counters per thread at once, plus the block totals.
-__device__ void block_exclusive_scan(int (&value)[kMaxRanks], int (&total)[kMaxRanks]) {
-  __shared__ int warp_prefix[kNotifyWarps + 1][kMaxRanks];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int inclusive[kMaxRanks];
-#pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) {
-    inclusive[d] = warp_inclusive_scan(value[d]);
-    if (lane == 31) warp_prefix[warp][d] = inclusive[d];
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      const int own = warp_prefix[lane][d];
-      const int scanned = warp_inclusive_scan(own);
-      warp_prefix[lane][d] = scanned - own;
-      if (lane == 31) warp_prefix[kNotifyWarps][d] = scanned;
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) {
-    value[d] = warp_prefix[warp][d] + inclusive[d] - value[d];
-    total[d] = warp_prefix[kNotifyWarps][d];
-  }
-  __syncthreads();
-}
+constexpr int kNotifyThreads = 256;
 
 // Raises this rank's flag for `epoch` on every rank, then waits for every rank's flag.
 // Whatever a thread wrote to peers before calling is visible to them once they pass.
@@ -100,7 +61,6 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(RankInfo info
   // 2. The count matrix counts[src][dst] and what follows from it.
   const volatile int32_t(*notify)[kMaxRanks + kMaxLocalExperts] = header_of(info.buffers[me])->notify[parity];
   __shared__ int counts[kMaxRanks][kMaxRanks];
-  __shared__ int offset_on[kMaxRanks];  // first row of my block on each rank
   for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x)
     counts[i / num_ranks][i % num_ranks] = notify[i / num_ranks][i % num_ranks];
   __syncthreads();
@@ -109,7 +69,6 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(RankInfo info
     int offset = 0, prefix = 0;
     for (int s = 0; s < me; ++s) offset += counts[s][r];
     for (int s = 0; s < r; ++s) prefix += counts[s][me];
-    offset_on[r] = offset;
     args.send_offset[r] = offset;
     args.recv_rank_prefix[r] = prefix;
   }
@@ -121,41 +80,6 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(RankInfo info
     for (int s = 0; s < num_ranks; ++s) n += notify[s][num_ranks + e];
     const int a = args.expert_alignment;
     args.num_recv_tokens_per_expert[e] = (n + a - 1) / a * a;
-  }
-  for (int r = threadIdx.x; r < args.capacity; r += blockDim.x) {
-    int src = -1;
-    if (r < num_recv) {
-      int end = 0;
-      for (src = 0; src < num_ranks; ++src) {
-        end += counts[src][me];
-        if (r < end) break;
-      }
-    }
-    args.recv_src_rank[r] = src;
-  }
-  __syncthreads();
-
-  // 3. Per-token positions: each thread scans a contiguous run of tokens.
-  const int per_thread = (args.num_tokens + blockDim.x - 1) / blockDim.x;
-  const int first = min(args.num_tokens, static_cast<int>(threadIdx.x) * per_thread);
-  const int last = min(args.num_tokens, first + per_thread);
-  int before[kMaxRanks] = {}, total[kMaxRanks];
-  for (int t = first; t < last; ++t) {
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d)
-      if (d < num_ranks) before[d] += args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d] ? 1 : 0;
-  }
-  block_exclusive_scan(before, total);
-  for (int t = first; t < last; ++t) {
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= num_ranks) continue;
-      const int64_t i = static_cast<int64_t>(t) * num_ranks + d;
-      const bool sent = args.is_token_in_rank[i];
-      args.send_count_before[i] = before[d];
-      args.send_row[i] = sent ? offset_on[d] + before[d] : -1;
-      before[d] += sent ? 1 : 0;
-    }
   }
   finish_epoch(info, epoch);
 }

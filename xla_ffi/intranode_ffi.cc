@@ -131,7 +131,7 @@ ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id,
     d.num_topk = has_topk ? static_cast<int>(topk.dimensions()[1]) : 0;
     d.topk_weights = has_weights ? in.next_data<float>() : nullptr;
     NotifyArgs n{};
-    n.is_token_in_rank = in.next_data<bool>();
+    d.is_token_in_rank = in.next_data<bool>();
     n.num_tokens_per_rank = in.next_data<int32_t>();
     n.num_tokens_per_expert = in.next_data<int32_t>();
 
@@ -143,22 +143,20 @@ ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id,
     d.recv_topk_idx = has_topk ? out.next_data<int32_t>() : nullptr;
     d.recv_topk_weights = has_weights ? out.next_data<float>() : nullptr;
     d.recv_src_idx = out.next_data<int32_t>();
-    n.recv_src_rank = out.next_data<int32_t>();
-    n.send_row = out.next_data<int32_t>();
-    n.send_count_before = out.next_data<int32_t>();
+    d.recv_src_rank = out.next_data<int32_t>();
+    d.positions.send_row = out.next_data<int32_t>();
+    d.positions.send_count_before = out.next_data<int32_t>();
     n.send_offset = out.next_data<int32_t>();
     n.recv_rank_prefix = out.next_data<int32_t>();
     n.num_recv_tokens = out.next_data<int32_t>();
     n.num_recv_tokens_per_expert = out.next_data<int32_t>();
 
-    n.num_tokens = d.num_tokens;
-    n.capacity = d.capacity;
     n.num_experts = static_cast<int>(num_experts);
     n.expert_alignment = static_cast<int>(expert_alignment);
     d.num_experts = n.num_experts;
-    d.is_token_in_rank = n.is_token_in_rank;
-    d.send_row = n.send_row;
-    d.send_count_before = n.send_count_before;
+    d.positions.send_offset = n.send_offset;
+    d.send_row = d.positions.send_row;
+    d.send_count_before = d.positions.send_count_before;
     d.num_recv_tokens = n.num_recv_tokens;
     d.ring = RingShape{static_cast<int>(num_channels), static_cast<int>(ring_slots), static_cast<int>(chunk_tokens)};
     const int part_bytes[2] = {d.parts[0].row_bytes, d.parts[1].row_bytes};
