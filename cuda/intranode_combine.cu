@@ -89,12 +89,11 @@ struct TokenRows {
   const char* row[kMaxRanks];  // null where t was not sent (or was dropped)
 };
 
-__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t) {
+// Sums token t's rows (f32, rank order), adds the biases and rounds once into `out`.
+__device__ void combine_row(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, const int4* bias0,
+                            const int4* bias1, int4* out) {
   const int me = info.rank, lane = threadIdx.x % 32;
   const int vectors = args.hidden / 8;
-  const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + static_cast<int64_t>(t) * args.hidden : nullptr);
-  const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + static_cast<int64_t>(t) * args.hidden : nullptr);
-  int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
   // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
   constexpr int kUnroll = 4;
   for (int first = lane; first < vectors; first += 32 * kUnroll) {
@@ -133,6 +132,29 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
       out[i] = packed;
     }
   }
+}
+
+__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t,
+                              BulkPipe& pipe) {
+  const int me = info.rank, lane = threadIdx.x % 32;
+  int sources = 0;
+  const char* only = nullptr;
+#pragma unroll
+  for (int d = 0; d < kMaxRanks; ++d) {
+    if (d < info.num_ranks && rows.row[d]) {
+      ++sources;
+      only = rows.row[d];
+    }
+  }
+  const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + static_cast<int64_t>(t) * args.hidden : nullptr);
+  const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + static_cast<int64_t>(t) * args.hidden : nullptr);
+  int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
+  if (sources == 1 && !bias0 && !bias1 && bulk_copyable(out, only, args.hidden * 2)) {
+    // One term and no bias: the f32 sum rounds back to that very row, so copy it (bulk engine).
+    if (lane == 0) pipe.copy(reinterpret_cast<char*>(out), only, args.hidden * 2);
+  } else {
+    combine_row(info, args, rows, bias0, bias1, out);
+  }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;
 #pragma unroll
@@ -149,7 +171,7 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
-__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel) {
+__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel, BulkPipe& pipe) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
   const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32;
@@ -181,6 +203,8 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
                channel);
     }
     __syncthreads();
+    // The ring slots were acquired through generic loads; the bulk engine may read them next.
+    if (threadIdx.x % 32 == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
     for (int t = chunk + warp; t < chunk_end; t += kIntranodeWarps) {
       TokenRows rows;
 #pragma unroll
@@ -196,7 +220,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
           rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, index);
         }
       }
-      combine_token(info, args, rows, t);
+      combine_token(info, args, rows, t, pipe);
     }
     __threadfence();
     __syncthreads();
@@ -212,15 +236,15 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
-  if (!sender) {
-    receive_tokens(info, args, channel);
-    return;
-  }
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
-  const PeerGroup g = peer_group(num_ranks);
-  if (g.peer < num_ranks && g.peer != info.rank) send_back(info, args, pipe, g, channel);
+  if (sender) {
+    const PeerGroup g = peer_group(num_ranks);
+    if (g.peer < num_ranks && g.peer != info.rank) send_back(info, args, pipe, g, channel);
+  } else {
+    receive_tokens(info, args, channel, pipe);
+  }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
 }
 
@@ -231,7 +255,7 @@ cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaSt
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to send: every block receives its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;  // sender blocks stage rows for the bulk engine
+  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;  // staging for the bulk engine
   cudaError_t err = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
   if (err != cudaSuccess) return err;
   combine_kernel<<<blocks, kIntranodeThreads, kShared, stream>>>(info, a);
