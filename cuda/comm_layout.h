@@ -46,6 +46,9 @@ JDEEP_HOST_DEVICE constexpr size_t ring_offset() {
   return (sizeof(CommHeader) + kRingAlignment - 1) / kRingAlignment * kRingAlignment;
 }
 
+// jax_deepep/config.py (NVL_HEADER_BYTES) sizes buffers with room for this header.
+static_assert(ring_offset() <= 320 * 1024, "update NVL_HEADER_BYTES in jax_deepep/config.py");
+
 // Ring of (channel, source rank) inside the receiver's buffer: `slots` slots of `slot_bytes`.
 inline JDEEP_HOST_DEVICE size_t ring_position(int channel, int src, int num_ranks, int slots,
                                                 int slot_bytes) {

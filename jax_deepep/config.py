@@ -8,6 +8,9 @@ MAX_TOPK = 32
 MAX_NVL_PEERS = 8
 FP8_BLOCK = 128  # channels per FP8 scale
 _ALIGN = 128
+# The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),
+# rounded up; the rings follow it.
+NVL_HEADER_BYTES = 320 << 10
 
 
 def _align(n: int, to: int = _ALIGN) -> int:
@@ -49,14 +52,12 @@ class Config:
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer one rank needs for tokens of `hidden_bytes` bytes."""
         num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
-        num_rdma_ranks = max(num_ranks // MAX_NVL_PEERS, 1)
         slots = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
         per_token = (hidden_bytes  # payload
                      + MAX_TOPK * (4 + 4)  # top-k ids and weights
                      + (hidden_bytes // FP8_BLOCK) * 4  # FP8 scales (upper bound)
-                     + 16)  # source index and metadata
-        counters = self.num_channels * num_nvl_ranks * (2 * num_rdma_ranks + 4) * 4
-        return _align(counters + slots * per_token)
+                     + 48)  # source index, destination row, 16-byte alignment of each piece
+        return _align(NVL_HEADER_BYTES + slots * per_token)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
