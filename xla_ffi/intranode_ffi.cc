@@ -6,8 +6,9 @@
 // each handler and mirrored by jax_deepep/gpu/backend.py.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "cuda/intranode.h"
 #include "xla/ffi/api/ffi.h"
@@ -69,8 +70,6 @@ int64_t row_bytes(const ffi::AnyBuffer& b) {
   return dims.size() < 1 || dims[0] == 0 ? 0 : static_cast<int64_t>(b.size_bytes() / dims[0]);
 }
 
-RankState* state_or_null(int64_t buffer_id, int32_t device) { return find_rank_state(buffer_id, device); }
-
 ffi::Error no_state(int64_t buffer_id, int32_t device) {
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                     "jax_deepep: no communication buffer " + std::to_string(buffer_id) + " on device " +
@@ -112,7 +111,7 @@ ffi::Error layout_impl(cudaStream_t stream, int64_t num_experts, int64_t num_ran
 ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id, int64_t num_parts, bool has_topk,
                          bool has_weights, int64_t num_experts, int64_t expert_alignment, int64_t num_channels,
                          int64_t ring_slots, int64_t chunk_tokens, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  RankState* s = state_or_null(buffer_id, device);
+  RankState* s = find_rank_state(buffer_id, device);
   if (!s) return no_state(buffer_id, device);
   try {
     ArgReader in(args);
@@ -177,7 +176,7 @@ ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id,
 ffi::Error cached_dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id, int64_t num_parts,
                                 bool has_weights, int64_t num_channels, int64_t ring_slots, int64_t chunk_tokens,
                                 ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  RankState* s = state_or_null(buffer_id, device);
+  RankState* s = find_rank_state(buffer_id, device);
   if (!s) return no_state(buffer_id, device);
   try {
     ArgReader in(args);
@@ -225,7 +224,7 @@ ffi::Error cached_dispatch_impl(cudaStream_t stream, int32_t device, int64_t buf
 ffi::Error combine_impl(cudaStream_t stream, int32_t device, int64_t buffer_id, int64_t num_bias, bool has_weights,
                         int64_t num_channels, int64_t ring_slots, int64_t chunk_tokens, ffi::RemainingArgs args,
                         ffi::RemainingRets rets) {
-  RankState* s = state_or_null(buffer_id, device);
+  RankState* s = find_rank_state(buffer_id, device);
   if (!s) return no_state(buffer_id, device);
   try {
     ArgReader in(args);
