@@ -95,7 +95,7 @@ __device__ void combine_row(const RankInfo& info, const CombineArgs& args, const
   const int me = info.rank, lane = threadIdx.x % 32;
   const int vectors = args.hidden / 8;
   // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = 6;
   for (int first = lane; first < vectors; first += 32 * kUnroll) {
     float acc[kUnroll][8] = {};
     int4 v[kUnroll];

@@ -416,6 +416,9 @@ def time_ops(w: Worker, out_path):
                     elif what == "combine":
                         combined, _ = buffer.combine(first.recv_x, first.handle, config=config)
                         acc = acc + combined[0, 0].astype(jnp.float32)
+                    elif what == "combine_bias":
+                        combined, _ = buffer.combine(first.recv_x, first.handle, bias=x_, config=config)
+                        acc = acc + combined[0, 0].astype(jnp.float32)
                     else:
                         copy = jax.lax.optimization_barrier(-(first.recv_x + acc.astype(jnp.bfloat16)))
                         acc = acc + copy[0, 0].astype(jnp.float32)
@@ -423,7 +426,7 @@ def time_ops(w: Worker, out_path):
 
             return body
 
-        for what in ("dispatch", "cached_dispatch", "combine", "copy"):
+        for what in ("dispatch", "cached_dispatch", "combine", "combine_bias", "copy"):
             times = {}
             for n in (4, 24):
                 fn = w.compile(loops(n, what))
