@@ -5,8 +5,8 @@ communication buffer by the Buffer's id and the device they run on; ring sizes c
 `Config` (clamped to what the buffer holds). Handles carry two extra sender-side arrays in
 `DispatchHandle.extras`: `send_count_before` (i32[T, R], tokens before t sent to each rank)
 and `send_offset` (i32[R], first row of this rank's block on each rank). Configurations the
-kernels do not cover (more than 8 ranks, several nodes) and the low-latency ops use the pure-JAX
-implementation.
+kernels do not cover (more than 8 ranks, several nodes) use the pure-JAX implementation. The
+low-latency ops run the NVSHMEM kernels of `gpu/low_latency.py` when that library was built.
 """
 from __future__ import annotations
 
@@ -62,10 +62,24 @@ def _sender_extras(handle: DispatchHandle):
     return count_before, offset.astype(jnp.int32)
 
 
+def _low_latency_kernels(buffer):
+    """The NVSHMEM low-latency kernels of a low-latency Buffer (None: the ops use pure JAX)."""
+    if not (buffer.low_latency_mode and buffer.num_rdma_bytes > 0):
+        return None
+    from . import low_latency
+
+    if not low_latency.available():
+        warnings.warn("jax_deepep: low-latency ops use the pure-JAX implementation: "
+                      + low_latency.unavailable_reason())
+        return None
+    return low_latency.LowLatencyKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes)
+
+
 class CudaBackend:
     name = "cuda"
 
     def __init__(self, buffer):
+        self._low_latency = _low_latency_kernels(buffer)
         lib = runtime._lib()
         self.num_ranks = buffer.num_ranks
         self._native = buffer.num_ranks <= lib.jax_deepep_max_ranks() and buffer.ranks_per_node == buffer.num_ranks
@@ -84,6 +98,8 @@ class CudaBackend:
     def destroy(self):
         if self.comm is not None:
             self.comm.destroy()
+        if self._low_latency is not None:
+            self._low_latency.destroy()
 
     def error_codes(self) -> dict:
         """Kernel errors raised so far ({device ordinal: code}); see cuda/rank_info.h."""
@@ -200,16 +216,19 @@ class CudaBackend:
             *args, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
 
-    # ---- low-latency mode: the pure-JAX implementation for now ----------------------------------
+    # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------
+    @property
+    def _ll(self):
+        return self._low_latency if self._low_latency is not None else reference.BACKEND
+
     def low_latency_dispatch_send(self, ctx, opts, x, topk_idx):
-        return reference.BACKEND.low_latency_dispatch_send(ctx, opts, x, topk_idx)
+        return self._ll.low_latency_dispatch_send(ctx, opts, x, topk_idx)
 
     def low_latency_dispatch_recv(self, ctx, opts, transit):
-        return reference.BACKEND.low_latency_dispatch_recv(ctx, opts, transit)
+        return self._ll.low_latency_dispatch_recv(ctx, opts, transit)
 
     def low_latency_combine_send(self, ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy):
-        return reference.BACKEND.low_latency_combine_send(ctx, y, topk_idx, topk_weights, handle, use_logfmt,
-                                                          zero_copy)
+        return self._ll.low_latency_combine_send(ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy)
 
     def low_latency_combine_recv(self, ctx, transit):
-        return reference.BACKEND.low_latency_combine_recv(ctx, transit)
+        return self._ll.low_latency_combine_recv(ctx, transit)
