@@ -55,6 +55,9 @@ function(jax_deepep_add_nvshmem_library)
   target_link_directories(jax_deepep_nvshmem PRIVATE "${nvshmem_dir}/lib")
   # The host library is found at run time through the preload in jax_deepep/gpu/low_latency.py.
   target_link_libraries(jax_deepep_nvshmem PRIVATE "${nvshmem_dir}/lib/libnvshmem_device.a" -l:libnvshmem_host.so.3)
+  target_link_options(jax_deepep_nvshmem PRIVATE
+    "LINKER:--version-script=${JAX_DEEPEP_SOURCE_ROOT}/cmake/jax_deepep_nvshmem.map")
+  set_property(TARGET jax_deepep_nvshmem APPEND PROPERTY LINK_DEPENDS "${JAX_DEEPEP_SOURCE_ROOT}/cmake/jax_deepep_nvshmem.map")
   install(TARGETS jax_deepep_nvshmem LIBRARY DESTINATION jax_deepep/gpu)
   message(STATUS "jax_deepep: building libjax_deepep_nvshmem with NVSHMEM from ${nvshmem_dir}")
 endfunction()
