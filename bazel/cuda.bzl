@@ -2,6 +2,10 @@
 of their own (Bazel runs them in parallel and rebuilds only what changed), then linked by nvcc (which
 links the CUDA runtime statically, as CMake does)."""
 
+# nvcc names its temporaries $TMPDIR/tmpxft_<pid>_...: actions in PID-namespaced sandboxes share pids,
+# so each nvcc gets a fresh temporary directory of its own.
+_PRIVATE_TMPDIR = "export TMPDIR=$$(mktemp -d) && trap 'rm -rf \"$$TMPDIR\"' EXIT && "
+
 def _object_path(name, src):
     return "_objs/{}/{}.o".format(name, src)
 
@@ -38,7 +42,7 @@ def cuda_shared_library(
             name = "{}_compile_{}".format(name, src.replace("/", "_").replace(".", "_")),
             srcs = [src] + hdrs,
             outs = [obj],
-            cmd = "{nvcc} -c {copts} $(location {src}) -o $@".format(
+            cmd = _PRIVATE_TMPDIR + "{nvcc} -c {copts} $(location {src}) -o $@".format(
                 nvcc = nvcc,
                 copts = " ".join(rdc + copts),
                 src = src,
@@ -50,7 +54,7 @@ def cuda_shared_library(
         name = name,
         srcs = objects + link_inputs + hdrs,
         outs = ["lib{}.so".format(name)],
-        cmd = "{nvcc} -shared {copts} {objects} {linkopts} -o $@".format(
+        cmd = _PRIVATE_TMPDIR + "{nvcc} -shared {copts} {objects} {linkopts} -o $@".format(
             nvcc = nvcc,
             copts = " ".join(rdc + copts),
             objects = " ".join(["$(location {})".format(obj) for obj in objects]),
