@@ -24,6 +24,7 @@ from ..reference.normal import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout
 from ..validation import fail
 from . import runtime
+from .ffi_call import ffi_call
 from .library import library
 
 # Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
@@ -124,11 +125,12 @@ class CudaBackend:
         if not self._native:
             return reference.BACKEND.get_dispatch_layout(ctx, topk_idx, num_experts)
         num_tokens = topk_idx.shape[0]
-        per_rank, per_expert, in_rank = jax.ffi.ffi_call(
+        per_rank, per_expert, in_rank = ffi_call(
             "jax_deepep_layout",
             (jax.ShapeDtypeStruct((ctx.num_ranks,), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
              jax.ShapeDtypeStruct((num_tokens, ctx.num_ranks), jnp.bool_)),
-        )(valid_expert_ids(topk_idx, num_experts), num_experts=_i64(num_experts), num_ranks=_i64(ctx.num_ranks))
+            valid_expert_ids(topk_idx, num_experts), axis_name=ctx.axis_name, has_side_effect=False,
+            num_experts=_i64(num_experts), num_ranks=_i64(ctx.num_ranks))
         return DispatchLayout(per_rank, None, per_expert, in_rank)
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
@@ -159,8 +161,8 @@ class CudaBackend:
                     jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
                     jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
                     jax.ShapeDtypeStruct((num_experts // r,), i32)]
-        out = list(jax.ffi.ffi_call("jax_deepep_dispatch", tuple(results), has_side_effect=True)(
-            *args, num_parts=_i64(len(parts)), has_topk=has_topk, has_weights=has_weights,
+        out = list(ffi_call(
+            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)), has_topk=has_topk, has_weights=has_weights,
             num_experts=_i64(num_experts), expert_alignment=_i64(expert_alignment), **attrs))
         recv_parts = tuple(out[:len(parts)])
         rest = out[len(parts):]
@@ -191,8 +193,8 @@ class CudaBackend:
         results = [_shape(p, n) for p in parts]
         if has_weights:
             results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
-        out = jax.ffi.ffi_call("jax_deepep_cached_dispatch", tuple(results), has_side_effect=True)(
-            *args, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
+        out = ffi_call(
+            "jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
         return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
@@ -212,8 +214,8 @@ class CudaBackend:
         results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
         if has_weights:
             results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
-        out = jax.ffi.ffi_call("jax_deepep_combine", tuple(results), has_side_effect=True)(
-            *args, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
+        out = ffi_call(
+            "jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
 
     # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------

@@ -28,6 +28,7 @@ import numpy as np
 from ..backend import LowLatencyOptions, RankContext
 from ..config import FP8_BLOCK
 from ..validation import DeepEPError
+from .ffi_call import ffi_call
 from .library import candidates
 
 LIBRARY_NAME = "libjax_deepep_nvshmem.so"
@@ -51,10 +52,15 @@ def nvshmem_dir() -> Optional[pathlib.Path]:
     return None
 
 
+def library_path() -> Optional[pathlib.Path]:
+    """Where the built `libjax_deepep_nvshmem.so` is (without loading it), or None."""
+    return next((p for p in candidates(LIBRARY_NAME, "JAX_DEEPEP_NVSHMEM_LIBRARY") if p.exists()), None)
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     """(ctypes library with its FFI targets registered, None) or (None, reason)."""
-    path = next((p for p in candidates(LIBRARY_NAME, "JAX_DEEPEP_NVSHMEM_LIBRARY") if p.exists()), None)
+    path = library_path()
     if path is None:
         return None, f"{LIBRARY_NAME} was not built (needs nvcc and nvidia-nvshmem-cu13 at install time)"
     nv = nvshmem_dir()
@@ -189,11 +195,10 @@ class LowLatencyKernels:
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = _int32_ids(topk_idx, opts.num_experts)
-        send_slot, token = jax.ffi.ffi_call(
+        send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-            has_side_effect=True,
-        )(x, idx, num_ranks=np.int64(ctx.num_ranks),
+            x, idx, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
           num_max_dispatch_tokens_per_rank=np.int64(opts.num_max_dispatch_tokens_per_rank),
           num_experts=np.int64(opts.num_experts), use_fp8=np.int64(opts.use_fp8),
           round_scale=np.int64(opts.round_scale or opts.use_ue8m0))
@@ -212,27 +217,25 @@ class LowLatencyKernels:
             scales = (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
                       if opts.use_ue8m0 else
                       jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32))
-            out = jax.ffi.ffi_call(
+            out = ffi_call(
                 "jax_deepep_ll_dispatch_recv_fp8",
                 (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn), scales) + meta,
-                has_side_effect=True,
-            )(transit["token"], use_ue8m0=np.int64(opts.use_ue8m0), **attrs)
+                transit["token"], axis_name=ctx.axis_name, use_ue8m0=np.int64(opts.use_ue8m0), **attrs)
             recv_x, (recv_count, recv_src_info, layout_range) = (out[0], out[1]), out[2:]
         else:
-            recv_x, recv_count, recv_src_info, layout_range = jax.ffi.ffi_call(
+            recv_x, recv_count, recv_src_info, layout_range = ffi_call(
                 "jax_deepep_ll_dispatch_recv_bf16",
                 (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16),) + meta,
-                has_side_effect=True,
-            )(transit["token"], **attrs)
+                transit["token"], axis_name=ctx.axis_name, **attrs)
         return recv_x, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
                                  zero_copy: bool) -> dict:
         del use_logfmt, zero_copy  # bf16 rows always travel as they are
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
-        token = jax.ffi.ffi_call("jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-                                 has_side_effect=True)(
-            y, handle.recv_layout_range, num_ranks=np.int64(ctx.num_ranks),
+        token = ffi_call(
+            "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
+            y, handle.recv_layout_range, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
             num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
         return {"token": token, "topk_idx": _int32_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
@@ -241,8 +244,8 @@ class LowLatencyKernels:
     def low_latency_combine_recv(self, ctx: RankContext, transit: dict):
         num_experts, m, hidden = transit["sizes"].shape[1:]
         num_tokens = transit["topk_idx"].shape[0]
-        return jax.ffi.ffi_call("jax_deepep_ll_combine_recv",
-                                jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16), has_side_effect=True)(
+        return ffi_call(
+            "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["topk_idx"], transit["topk_weights"], transit["send_slot"],
-            num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
+            axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
             num_experts=np.int64(num_experts))

@@ -1,0 +1,28 @@
+"""`ffi_call`: one of our XLA FFI custom calls, per shard, with outputs typed as per-shard data.
+
+Inside `shard_map` JAX tracks which mesh axes a value varies over. A custom call's outputs come
+back typed as the same on every shard, but ours are per-rank data (they depend on what the other
+ranks sent), and custom_vjp rules require a cotangent typed like its primal. So every output is
+marked as varying over the expert-parallel axis and over every axis its inputs vary over.
+"""
+from __future__ import annotations
+
+import jax
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10+; older versions call it `vma`
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def ffi_call(target: str, results, *args, axis_name: str, has_side_effect: bool = True, **attrs):
+    """`jax.ffi.ffi_call(target, results)(*args, **attrs)`, outputs varying like the inputs and `axis_name`."""
+    out = jax.ffi.ffi_call(target, results, has_side_effect=has_side_effect)(*args, **attrs)
+    axes = frozenset({axis_name}).union(*(_varying_axes(a) for a in args))
+
+    def mark(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(mark, out)
