@@ -34,6 +34,7 @@ step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_
 TAIL=45 step bench_normal 200 "$PY" -m jax_deepep.bench --json "$LOGS/normal.json" --png "$LOGS/normal.png" \
   --profile /tmp/jax_deepep_profile_normal
 step serve_moe 120 "$PY" examples/serve_moe.py --check
+step serve_moe_bf16 120 "$PY" examples/serve_moe.py --check --nofp8
 step demo 120 "$PY" -m jax_deepep.demo
 step train_moe 150 "$PY" examples/train_moe.py
 TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency --json "$LOGS/low_latency.json" \
