@@ -12,9 +12,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -22,16 +19,17 @@ import traceback
 import numpy as np
 import pytest
 
+import gpu_workers
+
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 AXIS = "ep"
-WORKER_TIMEOUT_S = 540
 TIMEOUT_CHECK_S = 3.0  # the R = 1 worker's kernel timeout, short so the timeout check is quick
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
 def _skip_reason():
-    if not (pathlib.Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+    if not gpu_workers.has_gpu():
         return "needs a CUDA GPU"
     sys.path.insert(0, str(ROOT))
     from jax_deepep.gpu import low_latency
@@ -43,42 +41,16 @@ def _skip_reason():
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(num_ranks: int):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    port = _free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env = gpu_workers.worker_env(num_ranks, 0.4 if num_ranks == 1 else 0.15)
     env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
     if num_ranks == 1:
         env["JAX_DEEPEP_TIMEOUT_S"] = str(TIMEOUT_CHECK_S)
-        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.15"
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--num-ranks", str(num_ranks),
-                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(num_ranks)]
-    outputs, deadline = [], time.time() + WORKER_TIMEOUT_S
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            outputs.append(p.communicate()[0] + "\n[killed: worker timed out]")
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
-    assert all(p.returncode == 0 for p in procs), f"a worker failed (R={num_ranks}); see the output above"
+    gpu_workers.run_workers(__file__, num_ranks, env)
 
 
 @pytest.mark.gpu
