@@ -141,7 +141,8 @@ def expert_parallel_mixture(buffer: deepep.Buffer, config: moe.MoEConfig, max_to
 
 def dense_mixture(config: moe.MoEConfig):
     def mixture(block, h):
-        return moe.dense_moe(block["moe"], h, config).astype(jnp.float32) + shared_expert(block["shared"], h)
+        routed = moe.dense_moe(block["moe"], h, config, bf16_expert_outputs=True)  # as the low-latency path rounds
+        return routed.astype(jnp.float32) + shared_expert(block["shared"], h)
     return mixture
 
 

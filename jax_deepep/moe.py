@@ -236,9 +236,13 @@ def moe_from_routing(params: dict, x, routing: Routing, buffer: Buffer, config: 
     return combined
 
 
-def dense_moe(params: dict, x, config: MoEConfig, token_mask=None):
+def dense_moe(params: dict, x, config: MoEConfig, token_mask=None, *, bf16_expert_outputs: bool = False):
     """The same model on one device with all experts: every expert sees every token, the router's
-    weights select. For checking `moe_layer`; costs E / K times the expert compute."""
+    weights select. For checking `moe_layer`; costs E / K times the expert compute.
+
+    `bf16_expert_outputs=True` rounds each expert's output to bf16 before the weighted sum, as
+    `low_latency_moe` does (its experts' rows travel back as bf16): without it, that rounding alone
+    moves a 2-layer decoder's logits by about 2% (measured with examples/serve_moe.py)."""
     x = x.astype(jnp.bfloat16)
     routing = route(params["router"], x, config, token_mask)
     if config.use_fp8:  # the experts see what FP8 dispatch delivers; gradients pass straight through
@@ -248,6 +252,8 @@ def dense_moe(params: dict, x, config: MoEConfig, token_mask=None):
     gates = jnp.sum(jax.nn.one_hot(routing.topk_idx, config.num_experts, dtype=jnp.float32)
                     * routing.topk_weights[..., None], axis=1)  # [T, E]; one_hot(-1) is all zeros
     every_expert = jax.vmap(swiglu, in_axes=(0, 0, 0, None))(params["w_gate"], params["w_up"], params["w_down"], x)
+    if bf16_expert_outputs:
+        every_expert = every_expert.astype(jnp.bfloat16).astype(jnp.float32)
     return jnp.einsum("te,eth->th", gates, every_expert).astype(jnp.bfloat16)
 
 

@@ -1,6 +1,8 @@
 """The expert-parallel MoE layer (jax_deepep.moe) against the same model computed densely: outputs,
 loss and gradients (parameters and tokens), over 1, 2, 4, 8 expert ranks and a (data, expert) mesh,
 with padding tokens (expert id -1) and uneven routing."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,8 +127,9 @@ def test_low_latency_layer_matches_dense():
     tokens = NamedSharding(mesh, P((DATA, EXPERT)))
     y_ep = jax.jit(layer)(moe.shard_params(params, mesh, EXPERT), jax.device_put(x, tokens),
                           jax.device_put(mask, tokens))
-    y_dense = jax.jit(moe.dense_moe, static_argnums=2)(params, x, config, mask)
-    assert relative_diff(y_ep, y_dense) < 2e-2
+    dense = functools.partial(moe.dense_moe, config=config, bf16_expert_outputs=True)  # rounds as the LL path does
+    y_dense = jax.jit(dense)(params, x, token_mask=mask)
+    assert relative_diff(y_ep, y_dense) < 5e-3
     assert not np.any(np.asarray(y_ep, np.float32)[~np.asarray(mask)])  # padding tokens get zeros
 
 
