@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: build both CUDA libraries with the root CMake, run every GPU test,
 # the normal benchmark, both examples and the demo on the CUDA backend, then the low-latency benchmark
-# (most wanted first: a call cut short still brings back the first logs).
+# (most wanted first: a call cut short still brings back the first logs), and last the normal bench
+# without XLA command buffers, to test where the wall-time overhead of our ops comes from.
 # Each step has its own time limit; logs, JSON and charts go to $OUT (default /tmp/jax_deepep_gpu_all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +40,8 @@ step demo 120 "$PY" -m jax_deepep.demo
 step train_moe 150 "$PY" examples/train_moe.py
 TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency --json "$LOGS/low_latency.json" \
   --png "$LOGS/low_latency.png" --profile /tmp/jax_deepep_profile_ll
+# Is the wall-time gap over the kernels XLA's command buffers? Without them the baselines pay per-kernel
+# launches too; if their wall time then rises to ours, the fix is command-buffer-compatible handlers.
+TAIL=12 step bench_no_command_buffers 150 env XLA_FLAGS=--xla_gpu_enable_command_buffer= \
+  "$PY" -m jax_deepep.bench --json "$LOGS/normal_no_command_buffers.json"
 exit "$status"
