@@ -61,7 +61,7 @@ class Backend(Protocol):
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts: tuple,
                         topk_weights=None) -> tuple:
-        """Returns (recv_parts, recv_topk_weights or None); padding rows are zero."""
+        """Returns (recv_parts, recv_topk_weights or None); rows past num_recv_tokens are unspecified."""
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights,
                 bias: tuple) -> tuple:
