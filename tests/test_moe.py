@@ -1,6 +1,7 @@
 """The expert-parallel MoE layer (jax_deepep.moe) against the same model computed densely: outputs,
 loss and gradients (parameters and tokens), over 1, 2, 4, 8 expert ranks and a (data, expert) mesh,
 with padding tokens (expert id -1) and uneven routing."""
+import dataclasses
 import functools
 
 import jax
@@ -47,11 +48,40 @@ def mse(y, target):
     return jnp.mean((y.astype(jnp.float32) - target) ** 2)
 
 
-def ep_vs_dense(mesh: Mesh, config: moe.MoEConfig, seed: int):
+class NaNPaddingBackend:
+    """The pure-JAX backend, but receive rows past num_recv_tokens hold NaN: SPEC leaves them
+    unspecified and the CUDA kernels do not write them, so the layer must never let them leak."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, f"nan-padding({inner.name})"
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @staticmethod
+    def _poison(parts, num_recv_tokens):
+        def poison(a):
+            live = (jnp.arange(a.shape[0]) < num_recv_tokens).reshape(-1, *([1] * (a.ndim - 1)))
+            return jnp.where(live, a, jnp.asarray(jnp.nan, a.dtype))
+        return tuple(poison(a) for a in parts)
+
+    def dispatch(self, *args, **kwargs):
+        result = self.inner.dispatch(*args, **kwargs)
+        return dataclasses.replace(result, recv_parts=self._poison(result.recv_parts, result.num_recv_tokens))
+
+    def cached_dispatch(self, ctx, config, handle, parts, topk_weights=None):
+        recv_parts, recv_w = self.inner.cached_dispatch(ctx, config, handle, parts, topk_weights)
+        return self._poison(recv_parts, handle.num_recv_tokens), recv_w
+
+
+def ep_vs_dense(mesh: Mesh, config: moe.MoEConfig, seed: int, nan_padding: bool = False):
     """(EP output, dense output, EP (loss, grads), dense (loss, grads)); grads w.r.t. params and x."""
     num_tokens = TOKENS_PER_DEVICE * mesh.size
     params, x, mask, target = random_problem(config, num_tokens, seed)
-    layer = moe.sharded_moe(deepep.Buffer(mesh, EXPERT), config)
+    buffer = deepep.Buffer(mesh, EXPERT)
+    if nan_padding:
+        buffer.backend = NaNPaddingBackend(buffer.backend)
+    layer = moe.sharded_moe(buffer, config)
     tokens = NamedSharding(mesh, P((DATA, EXPERT)))
     ep_params = moe.shard_params(params, mesh, EXPERT)
     ep_x, ep_mask, ep_target = (jax.device_put(a, tokens) for a in (x, mask, target))
@@ -95,6 +125,12 @@ def test_fp8_sigmoid_router_without_normalisation():
     config = moe.MoEConfig(hidden=256, ffn_hidden=64, num_experts=16, top_k=4, score_func="sigmoid",
                            normalize_topk=False, use_fp8=True)
     assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=5))
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_unwritten_padding_rows_never_leak(use_fp8):
+    config = dataclasses.replace(CONFIG, use_fp8=use_fp8)
+    assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=13, nan_padding=True))
 
 
 def test_too_small_capacity_drops_tokens():
