@@ -120,6 +120,12 @@ class CudaBackend:
         return dict(buffer_id=_i64(self.comm.buffer_id), num_channels=_i64(channels), ring_slots=_i64(slots),
                     chunk_tokens=_i64(chunk_tokens))
 
+    def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
+        """Ring attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
+        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
+        slot_bytes = runtime._lib().jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
+        return self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
         if not self._native:
@@ -140,13 +146,10 @@ class CudaBackend:
                                               num_worst_tokens, expert_alignment)
         if num_experts // ctx.num_ranks > self._max_local_experts:
             fail("dispatch", f"at most {self._max_local_experts} experts per rank, got {num_experts // ctx.num_ranks}")
-        lib = runtime._lib()
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
         has_topk, has_weights = topk_idx is not None, topk_weights is not None
         num_topk = topk_idx.shape[1] if has_topk else 0
-        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
-        slot_bytes = lib.jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
-        attrs = self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        attrs = self._dispatch_ring(ctx, config, parts, num_topk)
         args = list(parts)
         results = [_shape(p, n) for p in parts]
         if has_topk:
@@ -162,8 +165,9 @@ class CudaBackend:
                     jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
                     jax.ShapeDtypeStruct((num_experts // r,), i32)]
         out = list(ffi_call(
-            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)), has_topk=has_topk, has_weights=has_weights,
-            num_experts=_i64(num_experts), expert_alignment=_i64(expert_alignment), **attrs))
+            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)),
+            has_topk=has_topk, has_weights=has_weights, num_experts=_i64(num_experts),
+            expert_alignment=_i64(expert_alignment), **attrs))
         recv_parts = tuple(out[:len(parts)])
         rest = out[len(parts):]
         recv_topk_idx = rest.pop(0) if has_topk else None
@@ -180,21 +184,18 @@ class CudaBackend:
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
         if not self._native:
             return reference.BACKEND.cached_dispatch(ctx, config, handle, parts, topk_weights)
-        lib = runtime._lib()
         n = handle.capacity
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
-        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
-        slot_bytes = lib.jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
-        attrs = self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        attrs = self._dispatch_ring(ctx, config, parts, num_topk)
         send_count_before, _ = _sender_extras(handle)
         args = list(parts) + ([topk_weights.astype(jnp.float32)] if has_weights else [])
         args += [handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens]
         results = [_shape(p, n) for p in parts]
         if has_weights:
             results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
-        out = ffi_call(
-            "jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
+        out = ffi_call("jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
+                       num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
         return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
@@ -214,8 +215,8 @@ class CudaBackend:
         results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
         if has_weights:
             results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
-        out = ffi_call(
-            "jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
+        out = ffi_call("jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name,
+                       num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
 
     # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..backend import LowLatencyOptions, RankContext
 from ..config import FP8_BLOCK
+from ..reference.normal import valid_expert_ids
 from ..validation import DeepEPError
 from .ffi_call import ffi_call
 from .library import candidates
@@ -167,11 +168,6 @@ def _static_sizes(*sizes: int):
     return jnp.zeros((0, *sizes), jnp.int8)
 
 
-def _int32_ids(topk_idx, num_experts: int):
-    """Ids outside [0, E) become -1 (before narrowing int64 ids)."""
-    return jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).astype(jnp.int32)
-
-
 class LowLatencyKernels:
     """The low-latency Backend methods of one Buffer, on NVSHMEM."""
 
@@ -194,7 +190,7 @@ class LowLatencyKernels:
             _check(self._lib, self._lib.jax_deepep_nvshmem_free(), "free")
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
-        idx = _int32_ids(topk_idx, opts.num_experts)
+        idx = valid_expert_ids(topk_idx, opts.num_experts)
         send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
@@ -237,7 +233,7 @@ class LowLatencyKernels:
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
             y, handle.recv_layout_range, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
             num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
-        return {"token": token, "topk_idx": _int32_ids(topk_idx, num_experts),
+        return {"token": token, "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
                 "sizes": _static_sizes(num_experts, m, y.shape[2])}
 
