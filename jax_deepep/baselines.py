@@ -23,7 +23,6 @@ decoding loop keeps its buffers.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
@@ -31,15 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .reference.normal import valid_expert_ids
-from .types import DispatchLayout
+from .types import DispatchLayout, pytree_dataclass
 
 TRANSPORTS = ("padded", "ragged", "ring")
-
-
-def _pytree(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
 
 
 def _exclusive_cumsum(a, axis=0):
@@ -76,7 +69,7 @@ def _block_of(row, starts):
 
 # ---- normal mode --------------------------------------------------------------------------------
 
-@_pytree
+@pytree_dataclass()
 class ExchangePlan:
     """Where every row goes, for one rank; pure int32 bookkeeping (no token data).
 
@@ -121,7 +114,7 @@ def make_plan(layout: DispatchLayout, axis_name: str, capacity: int) -> Exchange
                         recv_block_row, num_recv_tokens)
 
 
-@_pytree
+@pytree_dataclass()
 class BaselineDispatch:
     recv_parts: tuple  # each [N, ...]: rows [0, num_recv_tokens) valid
     recv_topk_idx: jax.Array  # i32[N, K] local expert ids, -1 elsewhere
@@ -130,7 +123,7 @@ class BaselineDispatch:
     plan: ExchangePlan
 
 
-@_pytree
+@pytree_dataclass()
 class BaselineCombine:
     combined_x: jax.Array  # bf16 [T, H]
     return_buffer: Optional[jax.Array]  # ragged only: the [R * C, H] rows that came back (donatable)
@@ -336,7 +329,7 @@ def combine(transport: str, y, plan: ExchangePlan, *, axis_name: str, return_buf
 
 # ---- low-latency mode ---------------------------------------------------------------------------
 
-@_pytree
+@pytree_dataclass()
 class LowLatencyPlan:
     """Bookkeeping of one low-latency dispatch, reused by its combine.
 
@@ -350,7 +343,7 @@ class LowLatencyPlan:
     recv_layout_range: jax.Array  # i32 [E_l, R, 2]: (offset, count) per source rank
 
 
-@_pytree
+@pytree_dataclass()
 class BaselineLowLatencyDispatch:
     recv_x: jax.Array  # bf16 [E_l, R * M, H]; rows past recv_count keep the buffer's old data
     plan: LowLatencyPlan

@@ -15,7 +15,7 @@ Array = jax.Array
 Tokens = Union[Array, tuple]
 
 
-def _pytree(*, static=()):
+def pytree_dataclass(*, static=()):
     """Register a frozen dataclass as a pytree; `static` names non-array fields."""
 
     def wrap(cls):
@@ -30,7 +30,7 @@ def _pytree(*, static=()):
     return wrap
 
 
-@_pytree()
+@pytree_dataclass()
 class DispatchLayout:
     """Where this rank's tokens go (output of `get_dispatch_layout`)."""
 
@@ -40,7 +40,7 @@ class DispatchLayout:
     is_token_in_rank: Array  # bool[T, R]
 
 
-@_pytree()
+@pytree_dataclass()
 class DispatchHandle:
     """Everything `combine` and a cached `dispatch` need to replay one routing.
 
@@ -62,7 +62,7 @@ class DispatchHandle:
         return self.recv_src_idx.shape[0]
 
 
-@_pytree()
+@pytree_dataclass()
 class DispatchOutput:
     recv_x: Tokens  # [N, H] (or FP8 pair)
     recv_topk_idx: Optional[Array]  # i32[N, K], local expert ids, -1 elsewhere
@@ -72,7 +72,7 @@ class DispatchOutput:
     handle: DispatchHandle
 
 
-@_pytree(static=("num_max_dispatch_tokens_per_rank", "num_experts"))
+@pytree_dataclass(static=("num_max_dispatch_tokens_per_rank", "num_experts"))
 class LowLatencyHandle:
     """What `low_latency_combine` needs to send expert outputs back."""
 
@@ -84,7 +84,7 @@ class LowLatencyHandle:
     num_experts: int
 
 
-@_pytree(static=("pending", "options"))
+@pytree_dataclass(static=("pending", "options"))
 class LowLatencyDispatchOutput:
     """Low-latency dispatch result.
 
@@ -103,7 +103,7 @@ class LowLatencyDispatchOutput:
     options: Any = None  # the LowLatencyOptions a pending dispatch completes with
 
 
-@_pytree()
+@pytree_dataclass()
 class PendingLowLatencyCombine:
     """Result of `low_latency_combine(..., return_recv_hook=True)`; complete it with
     `buffer.low_latency_recv(pending)`."""
