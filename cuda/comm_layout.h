@@ -17,7 +17,7 @@
 namespace jax_deepep {
 
 constexpr int kMaxRanks = 8;          // intranode NVLink peers
-constexpr int kMaxChannels = 128;     // one channel per SM pair (per SM when R == 1)
+constexpr int kMaxChannels = 160;     // one channel per SM pair (per SM when R == 1); Hopper has 132 SMs
 constexpr int kMaxLocalExperts = 4096;
 constexpr size_t kRingAlignment = 4096;
 

@@ -128,6 +128,12 @@ struct CombineArgs {
   CombineSlot slot;
 };
 
+// Raise the kernels' shared-memory limits on the current device. Called once per Buffer and
+// device, outside the handlers, which may run under CUDA-graph capture.
+cudaError_t prepare_layout();
+cudaError_t prepare_dispatch();
+cudaError_t prepare_combine();
+
 cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
 // Exchanges counts with every peer (a barrier too) and fills the handle arrays.
 cudaError_t launch_notify(const RankInfo& info, const NotifyArgs& args, cudaStream_t stream);

@@ -232,6 +232,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
+  if (!buffer_alive(info)) return;
   const int num_ranks = info.num_ranks;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
@@ -250,15 +251,16 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
 
 }  // namespace
 
+cudaError_t prepare_combine() {
+  return cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kIntranodeSharedBytes);
+}
+
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
   CombineArgs a = args;
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to send: every block receives its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;  // staging for the bulk engine
-  cudaError_t err = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
-  if (err != cudaSuccess) return err;
-  combine_kernel<<<blocks, kIntranodeThreads, kShared, stream>>>(info, a);
+  combine_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

@@ -3,12 +3,14 @@
 
 #include <cstdint>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/comm_layout.h"
 
 namespace jax_deepep {
 
 constexpr int kIntranodeThreads = 512;
 constexpr int kIntranodeWarps = kIntranodeThreads / 32;
+constexpr int kIntranodeSharedBytes = kIntranodeWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
 
 // Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
 // so a ring carries its tokens in (source token index) order.

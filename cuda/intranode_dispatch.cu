@@ -247,6 +247,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+  if (!buffer_alive(info)) return;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
@@ -279,15 +280,16 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
 
 }  // namespace
 
+cudaError_t prepare_dispatch() {
+  return cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kIntranodeSharedBytes);
+}
+
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
   DispatchArgs a = args;
   const bool solo = info.num_ranks == 1;
   if (solo) a.ring.num_channels *= 2;  // nothing to receive: every block sends its own channel
   const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
-  constexpr int kShared = kIntranodeWarps * kBulkWarpBytes;
-  cudaError_t err = cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
-  if (err != cudaSuccess) return err;
-  dispatch_kernel<<<blocks, kIntranodeThreads, kShared, stream>>>(info, a);
+  dispatch_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

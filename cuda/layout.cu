@@ -38,15 +38,19 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(LayoutArgs args)
 
 }  // namespace
 
+cudaError_t prepare_layout() {
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  return err;
+}
+
 cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int32_t) * args.num_ranks, stream);
   if (err != cudaSuccess || args.num_tokens == 0) return err;
   const size_t shared = sizeof(int32_t) * (args.num_experts + args.num_ranks);
-  if (shared > 48 * 1024) {
-    err = cudaFuncSetAttribute(layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (err != cudaSuccess) return err;
-  }
   const int blocks = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
   layout_kernel<<<blocks, kLayoutThreads, shared, stream>>>(args);
   return cudaGetLastError();

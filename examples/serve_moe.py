@@ -157,6 +157,8 @@ def main(argv):
         FLAGS.steps, FLAGS.batch_per_device, FLAGS.vocab, FLAGS.hidden, FLAGS.heads, FLAGS.ffn, FLAGS.experts,
         FLAGS.topk, FLAGS.layers)
     check = FLAGS.check or FLAGS.short
+    if check:  # f32 matmuls in full precision (GPUs default to TF32), so the comparison sees dispatch/combine only
+        jax.config.update("jax_default_matmul_precision", "highest")
     if FLAGS.short:
         steps, batch, vocab, hidden, heads, ffn, experts, topk, layers = 4, 4, 64, 128, 2, 128, 8, 2, 1
     devices = jax.devices()

@@ -13,8 +13,10 @@ device copy of the same bytes (1.0 = as fast as a copy).
 Timing: one executable applies the op to several independent random input sets (tokens and
 routing) in turn; it is compiled and warmed up first, then timed as batches of back-to-back
 calls with `block_until_ready` after each batch. `time us` is the median over batches of the
-wall time per op; `kernel us` (with --profile) is the sum of the op's GPU kernel times in a
-profile, DeepEP's way of timing.
+wall time per op (host work included: for ops of tens of microseconds the host's launches can
+dominate). With --profile each op runs once more under the profiler: `kernel us` is the sum of
+its GPU kernel times (DeepEP's way of timing, and then the time GB/s is computed from), `span us`
+the time from its first kernel's start to its last kernel's end (gaps between kernels included).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Result:
     gbps: Optional[float] = None
     vs_copy: Optional[float] = None
     device_us: Optional[float] = None  # sum of this op's kernel times in a profile (--profile)
+    span_us: Optional[float] = None  # first kernel start to last kernel end in that profile, per op
     kernels: list = dataclasses.field(default_factory=list)  # [(kernel, us)], longest first
     note: str = ""
 
@@ -109,19 +112,19 @@ class Repeated:
     output buffers are reused in place (ragged receive buffers) keep them across calls.
 
     Several applications per executable amortise the host's per-call dispatch (about 60 us on
-    an H100), which would otherwise dominate ops of that size.
+    an H100), which would otherwise dominate ops of that size; only the last application's
+    outputs leave the executable (the barrier keeps the others alive), so the host's per-output
+    work does not grow with the repetitions either.
     """
 
     def __init__(self, mesh: Mesh, op, arg_sets: list, state=None):
         def body(arg_sets, state):
-            outs, prev = [], None
+            out = None
             for args in arg_sets:
-                if prev is not None:
-                    prev, args = jax.lax.optimization_barrier((prev, args))
+                if out is not None:
+                    out, args = jax.lax.optimization_barrier((out, args))
                 out, state = op(*args, state)
-                outs.append(out)
-                prev = out
-            return outs, state
+            return out, state
 
         self.reps = len(arg_sets)
         self.arg_sets = arg_sets
@@ -184,8 +187,6 @@ class Runner:
                 result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if self.args.verbose:
                     traceback.print_exc()
-        if result.time_us and result.bytes_per_rank:
-            result.gbps = result.bytes_per_rank / (result.time_us * 1e-6) / 1e9
         self.results.append(result)
         print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
               f"{result.note}", file=sys.stderr, flush=True)
@@ -200,12 +201,19 @@ class Runner:
                 labels[label] = (result, call.reps)
                 with jax.profiler.TraceAnnotation(label):
                     jax.block_until_ready(call())
-        for label, kernels in device_kernels(path, labels).items():
+        for label, (kernels, span) in device_kernels(path, labels).items():
             result, reps = labels[label]
             result.device_us = sum(us for _, us in kernels) / reps
+            result.span_us = span / reps
             result.kernels = [(name, us / reps) for name, us in kernels[:8]]
 
-    def fill_copy_ratios(self):
+    def fill_bandwidths(self):
+        """GB/s from the kernel time where profiled (DeepEP's definition), else the wall time, and
+        the ratio to the copy ceiling of the same dtype."""
+        for r in self.results:
+            t = r.device_us or r.time_us
+            if t and r.bytes_per_rank:
+                r.gbps = r.bytes_per_rank / (t * 1e-6) / 1e9
         ceiling = {r.dtype: r.gbps for r in self.results if r.op == "copy" and r.gbps}
         for r in self.results:
             if r.gbps and r.op != "copy":
@@ -214,8 +222,9 @@ class Runner:
 
 
 def device_kernels(path: str, labels) -> dict:
-    """{label: [(kernel, us)]}: the GPU kernels that ran inside each annotated region of the
-    perfetto trace under `path`, summed per kernel name, longest first."""
+    """{label: ([(kernel, us)], span us)}: the GPU kernels that ran inside each annotated region
+    of the perfetto trace under `path`, summed per kernel name, longest first, and the time from
+    the first kernel's start to the last one's end (idle gaps between kernels included)."""
     import glob
     import gzip
 
@@ -232,10 +241,12 @@ def device_kernels(path: str, labels) -> dict:
     out = {}
     for label, (start, end) in windows.items():
         per_kernel: dict = {}
+        first, last = float("inf"), 0.0
         for e in events:
             if e.get("ph") == "X" and e.get("pid") in device_pids and start <= e["ts"] <= end:
                 per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e["dur"])
-        out[label] = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+                first, last = min(first, float(e["ts"])), max(last, float(e["ts"]) + float(e["dur"]))
+        out[label] = (sorted(per_kernel.items(), key=lambda kv: -kv[1]), max(last - first, 0.0))
     return out
 
 
@@ -451,10 +462,11 @@ def _fmt(v, digits=1):
 
 
 def table(results) -> str:
-    lines = [f"{'op':<12} {'impl':<20} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'GB/s':>8} {'vs copy':>8}  note",
-             "-" * 90]
+    lines = [f"{'op':<12} {'impl':<20} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'span us':>9} {'GB/s':>8} "
+             f"{'vs copy':>8}  note", "-" * 100]
     for r in results:
         lines.append(f"{r.op:<12} {r.impl:<20} {r.dtype:<5} {_fmt(r.time_us):>9} {_fmt(r.device_us):>9} "
+                     f"{_fmt(r.span_us):>9} "
                      f"{_fmt(r.gbps):>8} {_fmt(r.vs_copy, 3):>8}  {r.note}")
     return "\n".join(lines)
 
@@ -479,6 +491,18 @@ def plot(results, path: str, title: str):
     fig.savefig(path, dpi=120)
 
 
+def _num_sms(value: str, device) -> int:
+    if value == "max":
+        count = getattr(device, "core_count", None)
+        if not count:
+            raise SystemExit(f"--num-sms max: {device.platform} devices report no SM count")
+        return count // 2 * 2
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"--num-sms: a number or 'max', got {value!r}") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jax_deepep.bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("normal", "low_latency"), default="normal")
@@ -492,6 +516,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=5, help="back-to-back executables per timed batch")
     p.add_argument("--rotations", type=int, default=None,
                    help="independent input sets, each run once per executable (4; 8 in low_latency)")
+    p.add_argument("--num-sms", default=None,
+                   help="SMs of the normal-mode kernels: a number, or 'max' for all of the device's (even) "
+                        "(Buffer.set_num_sms; default: Buffer.num_sms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="time only ops whose 'op impl dtype' contains this")
     p.add_argument("--no-check", dest="check", action="store_false",
@@ -516,10 +543,11 @@ def main(argv=None):
     mesh = Mesh(np.array(devices[:num_ranks]), (AXIS,))
     print(f"jax {jax.__version__}, {num_ranks} x {devices[0].device_kind}, {args.mode} mode, {sizes}",
           file=sys.stderr)
+    if args.num_sms:
+        Buffer.set_num_sms(_num_sms(args.num_sms, devices[0]))
     runner = Runner(mesh, args)
     # The Buffer outlives the profile, which runs its ops once more.
     buffer = (bench_low_latency if args.mode == "low_latency" else bench_normal)(runner, mesh, sizes, args)
-    runner.fill_copy_ratios()
     if args.profile:
         try:
             runner.profile(args.profile)
@@ -529,12 +557,13 @@ def main(argv=None):
             if r.kernels:
                 print(f"{r.op} {r.impl} {r.dtype}: device {r.device_us:.1f} us = "
                       + ", ".join(f"{name[:40]} {us:.1f}" for name, us in r.kernels))
+    runner.fill_bandwidths()
     jax.effects_barrier()
     buffer.destroy()
     print(table(runner.results))
     meta = {"mode": args.mode, "sizes": dataclasses.asdict(sizes), "device": devices[0].device_kind,
             "platform": devices[0].platform, "jax": jax.__version__, "python": platform.python_version(),
-            "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch,
+            "num_sms": Buffer.num_sms, "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch,
                        "rotations": args.rotations},
             "command": "python -m jax_deepep.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# On the GPU machine, one call: build both CUDA libraries with the root CMake, run every GPU test,
-# the normal benchmark, both examples and the demo on the CUDA backend, then the low-latency benchmark
-# (most wanted first: a call cut short still brings back the first logs), and last the normal bench
-# without XLA command buffers, to test where the wall-time overhead of our ops comes from.
-# Each step has its own time limit; logs, JSON and charts go to $OUT (default /tmp/jax_deepep_gpu_all).
+# On the GPU machine, in one device call: build both CUDA libraries with the root CMake, then run the
+# named steps (all of them by default, most wanted first, so a call cut short still brings back the
+# first logs):
+#   bash scripts/gpu_all.sh [STEP ...]
+# Steps: gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency
+#        bench_no_command_buffers
+# Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
+# $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
+# /tmp/jax_deepep_gpu_all without $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}
-LOGS=${OUT:-/tmp/jax_deepep_gpu_all}
-mkdir -p "$LOGS"
+LOGS=/tmp/jax_deepep_gpu_all
+rm -rf "$LOGS" && mkdir -p "$LOGS"
+[ -n "${OUT:-}" ] && trap 'tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" .' EXIT
 NV=$("$PY" -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])")
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 export JAX_DEEPEP_LIBRARY=$PWD/build/gpu_all/libjax_deepep_cuda.so
@@ -27,21 +32,37 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and 
   [ "$rc" = 0 ] || status=1
 }
 
+bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a profile, trace kept
+  local name=$1; shift
+  TAIL=45 step "$name" 200 "$PY" -m jax_deepep.bench --json "$LOGS/$name.json" --png "$LOGS/$name.png" \
+    --profile "/tmp/jax_deepep_profile_$name" "$@"
+  find "/tmp/jax_deepep_profile_$name" -name perfetto_trace.json.gz -exec cp {} "$LOGS/$name.trace.json.gz" \;
+}
+
+run_step() {
+  case $1 in
+    gpu_tests) step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_intranode.py \
+                 tests/test_gpu_low_latency.py ;;
+    bench_normal) bench_normal bench_normal ;;
+    bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
+    serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
+               step serve_moe_bf16 120 "$PY" examples/serve_moe.py --check --nofp8 ;;
+    demo) step demo 120 "$PY" -m jax_deepep.demo ;;
+    train_moe) step train_moe 150 "$PY" examples/train_moe.py ;;
+    bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \
+                         --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" --profile /tmp/jax_deepep_profile_ll ;;
+    # Without XLA's command buffers the baselines pay one host launch per kernel, as our custom calls do.
+    bench_no_command_buffers) XLA_FLAGS=--xla_gpu_enable_command_buffer= bench_normal bench_no_command_buffers ;;
+    *) echo "unknown step $1"; status=1 ;;
+  esac
+}
+
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step build 240 bash -c "cmake -S . -B build/gpu_all -DPython_EXECUTABLE=$PY -DCMAKE_BUILD_TYPE=Release &&
                         cmake --build build/gpu_all -j 16"
 [ "$status" = 0 ] || exit 1
-step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_intranode.py tests/test_gpu_low_latency.py
-TAIL=45 step bench_normal 200 "$PY" -m jax_deepep.bench --json "$LOGS/normal.json" --png "$LOGS/normal.png" \
-  --profile /tmp/jax_deepep_profile_normal
-step serve_moe 120 "$PY" examples/serve_moe.py --check
-step serve_moe_bf16 120 "$PY" examples/serve_moe.py --check --nofp8
-step demo 120 "$PY" -m jax_deepep.demo
-step train_moe 150 "$PY" examples/train_moe.py
-TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency --json "$LOGS/low_latency.json" \
-  --png "$LOGS/low_latency.png" --profile /tmp/jax_deepep_profile_ll
-# Is the wall-time gap over the kernels XLA's command buffers? Without them the baselines pay per-kernel
-# launches too; if their wall time then rises to ours, the fix is command-buffer-compatible handlers.
-TAIL=12 step bench_no_command_buffers 150 env XLA_FLAGS=--xla_gpu_enable_command_buffer= \
-  "$PY" -m jax_deepep.bench --json "$LOGS/normal_no_command_buffers.json"
+steps=("$@")
+[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency
+                                bench_no_command_buffers)
+for s in "${steps[@]}"; do run_step "$s"; done
 exit "$status"

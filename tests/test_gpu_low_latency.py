@@ -3,14 +3,12 @@
 Every check runs in fresh worker processes (this file run as a script), since NVSHMEM lives once
 per process: R = 1 in one process, and R = 2 as two processes sharing GPU 0 (two NVSHMEM PEs,
 jax.distributed; no XLA collectives between them, so each process compares its own shard with the
-oracle computed from the same seeded global data). The R = 1 worker also times the kernels
-(JAX_DEEPEP_TIMING_JSON names where the numbers go) and ends with the timeout check.
+oracle computed from the same seeded global data). The R = 1 worker also checks the bench's size
+and ends with the timeout check. Timing lives in `python -m jax_deepep.bench --mode low_latency`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
 import sys
 import time
@@ -79,8 +77,8 @@ class Worker:
         self.failures = []
         self._compiled = {}
 
-    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, repeats=1, combine=True):
-        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, repeats, combine)
+    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook):
+        key = (m, e, use_fp8, round_scale, use_ue8m0, hook)
         if key in self._compiled:
             return self._compiled[key]
         import jax
@@ -93,22 +91,17 @@ class Worker:
         kernels = self.kernels
 
         def body(x, idx, w, y):
-            results = []
-            for _ in range(repeats):
-                out = ops.low_latency_dispatch(kernels, ctx, x[0], idx[0], num_max_dispatch_tokens_per_rank=m,
-                                               num_experts=e, use_fp8=use_fp8, round_scale=round_scale,
-                                               use_ue8m0=use_ue8m0, return_recv_hook=hook)
-                if hook:
-                    out = ops.low_latency_recv(kernels, ctx, out)
-                combined = None
-                if combine:
-                    combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle,
-                                                       return_recv_hook=hook)
-                    if hook:
-                        combined = ops.low_latency_recv(kernels, ctx, combined)
-                recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
-                results.append((recv, out.recv_count, out.recv_src_info, out.recv_layout_range, combined))
-            return jax.tree.map(lambda a: a[None], results[-1])
+            out = ops.low_latency_dispatch(kernels, ctx, x[0], idx[0], num_max_dispatch_tokens_per_rank=m,
+                                           num_experts=e, use_fp8=use_fp8, round_scale=round_scale,
+                                           use_ue8m0=use_ue8m0, return_recv_hook=hook)
+            if hook:
+                out = ops.low_latency_recv(kernels, ctx, out)
+            combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle, return_recv_hook=hook)
+            if hook:
+                combined = ops.low_latency_recv(kernels, ctx, combined)
+            recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
+            return jax.tree.map(lambda a: a[None], (recv, out.recv_count, out.recv_src_info, out.recv_layout_range,
+                                                    combined))
 
         spec = PartitionSpec(AXIS)
         fn = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
@@ -123,10 +116,10 @@ class Worker:
         return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
                                             lambda index: a[index])
 
-    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook, repeats=1, combine=True):
+    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook):
         import jax
 
-        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, repeats, combine)
+        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook)
         out = fn(*(self._global(a) for a in data))
         return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
 
@@ -212,7 +205,7 @@ VARIANTS = (  # (use_fp8, round_scale, use_ue8m0, return_recv_hook)
 )
 BIG = dict(t=128, h=7168, k=8, e=32, m=128)
 ROUNDS = dict(t=40, h=512, k=6, e=16, m=48)
-TIMING = dict(t=128, h=7168, k=8, e=288, m=128)
+BENCH = dict(t=128, h=7168, k=8, e=288, m=128)
 
 
 def correctness(worker, seed):
@@ -237,46 +230,12 @@ def correctness(worker, seed):
     print(f"100 rounds in {time.time() - start:.1f} s")
 
 
-def timing(worker, path):
-    """Per-op time at T = 128, H = 7168, top-8, E = 288 on one rank, from jitted batches of 10 ops."""
-    import jax
-
-    repeats, calls = 10, 30
+def bench_size(worker):
+    """The bench's size (T = 128, H = 7168, top-8, E = 288) on one rank, FP8 dispatch + combine."""
     rng = np.random.default_rng(7)
-    data = make_data(rng, 1, TIMING["t"], TIMING["h"], TIMING["k"], TIMING["e"], TIMING["m"], "random")
-    check_dispatch_combine(worker, "timing size: fp8 dispatch + combine", data, TIMING["m"], TIMING["e"],
+    data = make_data(rng, 1, BENCH["t"], BENCH["h"], BENCH["k"], BENCH["e"], BENCH["m"], "random")
+    check_dispatch_combine(worker, "bench size: fp8 dispatch + combine", data, BENCH["m"], BENCH["e"],
                            True, False, False, False)
-    args = [worker._global(a) for a in data]
-    results = {}
-    for label, use_fp8, combine in (("dispatch_fp8", True, False), ("dispatch_bf16", False, False),
-                                    ("dispatch_fp8+combine", True, True)):
-        fn = worker._function(TIMING["m"], TIMING["e"], use_fp8, False, False, False, repeats, combine)
-        jax.block_until_ready(fn(*args))
-        samples = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples.append((time.perf_counter() - start) / repeats * 1e6)
-        results[label] = float(np.median(samples))
-    results["combine"] = results["dispatch_fp8+combine"] - results["dispatch_fp8"]
-    results["config"] = dict(TIMING, num_ranks=1, repeats_per_jit=repeats, jit_calls=calls,
-                             device=str(jax.devices()[0].device_kind))
-    print("timing (us per op, median):", json.dumps(results))
-    if path:
-        pathlib.Path(path).write_text(json.dumps(results, indent=1))
-
-
-def profile(worker):
-    """Five rounds of FP8 and of bf16 dispatch + combine at the timing size, for ncu to time the kernels."""
-    import jax
-
-    rng = np.random.default_rng(11)
-    data = make_data(rng, 1, TIMING["t"], TIMING["h"], TIMING["k"], TIMING["e"], TIMING["m"], "random")
-    args = [worker._global(a) for a in data]
-    for use_fp8 in (True, False):
-        fn = worker._function(TIMING["m"], TIMING["e"], use_fp8, False, False, False)
-        for _ in range(5):
-            jax.block_until_ready(fn(*args))
 
 
 def timeout_check(worker):
@@ -318,17 +277,12 @@ def worker_main(args):
         jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_ranks, args.rank)
     from jax_deepep.config import low_latency_rdma_size_hint
 
-    sizes = [BIG, ROUNDS] + ([TIMING] if args.num_ranks == 1 else [])
-    if args.profile:
-        sizes = [TIMING]
+    sizes = [BIG, ROUNDS] + ([BENCH] if args.num_ranks == 1 else [])
     num_rdma_bytes = max(low_latency_rdma_size_hint(s["m"], s["h"], args.num_ranks, s["e"]) for s in sizes)
     worker = Worker(args.rank, args.num_ranks, num_rdma_bytes)
-    if args.profile:
-        worker.check("profile", lambda: profile(worker))
-        return 1 if worker.failures else 0
     worker.check("correctness", lambda: correctness(worker, seed=1234))
     if args.num_ranks == 1:
-        worker.check("timing", lambda: timing(worker, os.environ.get("JAX_DEEPEP_TIMING_JSON")))
+        bench_size(worker)
         timeout_check(worker)
     else:
         worker.kernels.destroy()
@@ -341,5 +295,4 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="only run the kernels for a profiler (R = 1)")
     sys.exit(worker_main(parser.parse_args()))

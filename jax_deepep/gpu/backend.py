@@ -99,6 +99,10 @@ class CudaBackend:
     def destroy(self):
         if self.comm is not None:
             self.comm.destroy()
+            # Compiled executables may hold this Buffer's launches in captured CUDA graphs. On the
+            # device those kernels now do nothing (cuda/rank_info.h); dropping JAX's caches makes
+            # the next call of a jitted function retrace, and fail with "this Buffer was destroyed".
+            jax.clear_caches()
         if self._low_latency is not None:
             self._low_latency.destroy()
 
