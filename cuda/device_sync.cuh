@@ -36,11 +36,6 @@ __device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// False in a kernel replayed (from a captured CUDA graph) after its Buffer was destroyed.
-__device__ __forceinline__ bool buffer_alive(const RankInfo& info) {
-  return *reinterpret_cast<const volatile int64_t*>(info.live) == info.id;
-}
-
 __device__ __forceinline__ uint64_t global_time_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -129,7 +129,7 @@ struct CombineArgs {
 };
 
 // Raise the kernels' shared-memory limits on the current device. Called once per Buffer and
-// device, outside the handlers, which may run under CUDA-graph capture.
+// device, so the handlers spend no host call on it per launch.
 cudaError_t prepare_layout();
 cudaError_t prepare_dispatch();
 cudaError_t prepare_combine();

@@ -232,7 +232,6 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
-  if (!buffer_alive(info)) return;
   const int num_ranks = info.num_ranks;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;

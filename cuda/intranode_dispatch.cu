@@ -247,7 +247,6 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
-  if (!buffer_alive(info)) return;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;

@@ -37,14 +37,12 @@ __device__ void finish_epoch(const RankInfo& info, uint32_t epoch) {
 }
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) barrier_kernel(RankInfo info) {
-  if (!buffer_alive(info)) return;
   const uint32_t epoch = next_epoch(info);
   barrier_all(info, epoch);
   finish_epoch(info, epoch);
 }
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(RankInfo info, NotifyArgs args) {
-  if (!buffer_alive(info)) return;
   const int num_ranks = info.num_ranks, me = info.rank;
   const int experts_per_rank = args.num_experts / num_ranks;
   const uint32_t epoch = next_epoch(info);

@@ -1,8 +1,6 @@
 // What a kernel needs to know about its rank and the peers' communication buffers.
 #pragma once
 
-#include <cstdint>
-
 #include "cuda/comm_layout.h"
 
 namespace jax_deepep {
@@ -12,11 +10,6 @@ struct RankInfo {
   int num_ranks;
   char* buffers[kMaxRanks];  // buffers[r]: rank r's communication buffer, mapped here
   int* error;                // host-mapped; nonzero once a wait timed out
-  // The Buffer's liveness cell (device memory that outlives the Buffer) and the id it holds while
-  // the Buffer lives. XLA may replay a launch from a captured CUDA graph after the Buffer was
-  // destroyed; such a kernel finds another id there and returns before touching any memory.
-  const int64_t* live;
-  int64_t id;
 };
 
 // Error codes a kernel raises (first one wins).

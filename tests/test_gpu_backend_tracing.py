@@ -51,3 +51,5 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
 
     traced = jax.jit(jax.value_and_grad(loss)).trace(params)
     assert "jax_deepep_combine" in str(traced.jaxpr) and "jax_deepep_cached_dispatch" in str(traced.jaxpr)
+    # Without effects the training step keeps JAX's C++ dispatch path (gpu/ffi_call.py says why).
+    assert not traced.jaxpr.effects, traced.jaxpr.effects

@@ -2,11 +2,6 @@
 // its (Buffer id, device ordinal), decodes its buffers and launches on XLA's stream; none of
 // them synchronises with the host.
 //
-// All four are command-buffer compatible: XLA may capture their launches into a CUDA graph and
-// replay it without calling the handler again. That is sound because every launch argument is
-// fixed for given XLA buffers: op counters and ring totals live in the device header, not on the
-// host. A replay after the Buffer was destroyed is caught on the device (RankInfo::live).
-//
 // Argument order (optional ones present when the matching attribute says so) is documented at
 // each handler and mirrored by jax_deepep/gpu/backend.py.
 #include <cuda_runtime.h>
@@ -288,8 +283,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_layout_ffi, jax_deepep::layout_impl,
                                   .Arg<jax_deepep::I32Matrix>()
                                   .Ret<jax_deepep::I32Vector>()
                                   .Ret<jax_deepep::I32Vector>()
-                                  .Ret<jax_deepep::BoolMatrix>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Ret<jax_deepep::BoolMatrix>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_dispatch_ffi, jax_deepep::dispatch_impl,
                               ffi::Ffi::Bind()
@@ -305,8 +299,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_dispatch_ffi, jax_deepep::dispatch_impl
                                   .Attr<int64_t>("ring_slots")
                                   .Attr<int64_t>("chunk_tokens")
                                   .RemainingArgs()
-                                  .RemainingRets(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_cached_dispatch_ffi, jax_deepep::cached_dispatch_impl,
                               ffi::Ffi::Bind()
@@ -319,8 +312,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_cached_dispatch_ffi, jax_deepep::cached
                                   .Attr<int64_t>("ring_slots")
                                   .Attr<int64_t>("chunk_tokens")
                                   .RemainingArgs()
-                                  .RemainingRets(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_combine_ffi, jax_deepep::combine_impl,
                               ffi::Ffi::Bind()
@@ -333,8 +325,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_combine_ffi, jax_deepep::combine_impl,
                                   .Attr<int64_t>("ring_slots")
                                   .Attr<int64_t>("chunk_tokens")
                                   .RemainingArgs()
-                                  .RemainingRets(),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .RemainingRets());
 
 // Ring slot sizes, so Python can size rings at trace time.
 JAX_DEEPEP_EXPORT int jax_deepep_dispatch_slot_bytes(int part0_bytes, int part1_bytes, int num_parts, int num_topk) {

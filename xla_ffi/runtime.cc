@@ -10,7 +10,6 @@
 #include <mutex>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "cuda/intranode.h"
 
@@ -20,16 +19,6 @@ namespace {
 std::mutex registry_mutex;
 std::map<std::pair<int64_t, int>, std::unique_ptr<RankState>> registry;
 thread_local std::string last_error;
-
-// Liveness cells of each device: allocated once and never freed, so a kernel replayed from a
-// captured CUDA graph after its Buffer was destroyed still reads valid memory (and finds the
-// cell cleared or reused under another id). Cells are recycled; ids never are.
-constexpr int kLiveCells = 1024;  // Buffers alive at once on one device
-struct LiveCells {
-  int64_t* cells = nullptr;
-  std::vector<int64_t*> free;
-};
-std::map<int, LiveCells> live_cells;
 
 int fail(const std::string& what, cudaError_t err) {
   last_error = what + ": " + cudaGetErrorString(err);
@@ -46,20 +35,6 @@ int fail(const std::string& what) {
     cudaError_t err_ = (call);                           \
     if (err_ != cudaSuccess) return ::jax_deepep::fail(#call, err_); \
   } while (0)
-
-// Sets a free liveness cell of the current device to `id` (registry_mutex held).
-int64_t* take_live_cell(int device, int64_t id) {
-  LiveCells& pool = live_cells[device];
-  if (!pool.cells) {
-    if (cudaMalloc(&pool.cells, kLiveCells * sizeof(int64_t)) != cudaSuccess) return nullptr;
-    for (int i = kLiveCells - 1; i >= 0; --i) pool.free.push_back(pool.cells + i);
-  }
-  if (pool.free.empty()) return nullptr;
-  int64_t* cell = pool.free.back();
-  if (cudaMemcpy(cell, &id, sizeof(id), cudaMemcpyHostToDevice) != cudaSuccess) return nullptr;
-  pool.free.pop_back();
-  return cell;
-}
 
 RankState* lookup(int64_t buffer_id, int device) {
   auto it = registry.find({buffer_id, device});
@@ -96,8 +71,6 @@ RankInfo RankState::info() const {
   out.num_ranks = num_ranks;
   for (int r = 0; r < kMaxRanks; ++r) out.buffers[r] = peers[r];
   out.error = error_device;
-  out.live = live;
-  out.id = id;
   return out;
 }
 
@@ -126,7 +99,6 @@ JAX_DEEPEP_EXPORT int jax_deepep_create(int64_t buffer_id, int device, int rank,
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks)
     return fail("jax_deepep_create: bad rank " + std::to_string(rank) + " of " + std::to_string(num_ranks));
   if (num_bytes < ring_offset()) return fail("jax_deepep_create: buffer smaller than its header");
-  if (buffer_id <= 0) return fail("jax_deepep_create: buffer ids start at 1");
   std::lock_guard<std::mutex> lock(registry_mutex);
   if (lookup(buffer_id, device)) return fail("jax_deepep_create: buffer already exists on this device");
   DeviceGuard guard(device);
@@ -143,9 +115,6 @@ JAX_DEEPEP_EXPORT int jax_deepep_create(int64_t buffer_id, int device, int rank,
   JDEEP_TRY(prepare_layout());
   JDEEP_TRY(prepare_dispatch());
   JDEEP_TRY(prepare_combine());
-  s->id = buffer_id;
-  s->live = take_live_cell(device, buffer_id);
-  if (!s->live) return fail("jax_deepep_create: no liveness cell left (too many Buffers alive on one device)");
   JDEEP_TRY(cudaDeviceSynchronize());
   s->peers[rank] = s->local;
   registry[{buffer_id, device}] = std::move(s);
@@ -226,9 +195,6 @@ JAX_DEEPEP_EXPORT int jax_deepep_destroy(int64_t buffer_id, int device) {
   jax_deepep::DeviceGuard guard(device);
   JDEEP_TRY(cudaDeviceSynchronize());
   if (jax_deepep::close_peers(s)) return 1;
-  const int64_t dead = 0;
-  JDEEP_TRY(cudaMemcpy(s.live, &dead, sizeof(dead), cudaMemcpyHostToDevice));
-  jax_deepep::live_cells[device].free.push_back(s.live);
   JDEEP_TRY(cudaFree(s.local));
   JDEEP_TRY(cudaFreeHost(s.error_host));
   jax_deepep::registry.erase(it);

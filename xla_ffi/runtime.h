@@ -23,8 +23,6 @@ struct RankState {
   bool peer_is_ipc[kMaxRanks] = {};         // opened with cudaIpcOpenMemHandle (must be closed)
   int* error_host = nullptr;                // host-mapped error code kernels raise
   int* error_device = nullptr;
-  int64_t id = 0;                           // the Buffer id
-  int64_t* live = nullptr;                  // liveness cell (RankInfo::live), holds `id` while alive
 
   RankInfo info() const;
   size_t ring_bytes() const { return num_bytes - ring_offset(); }

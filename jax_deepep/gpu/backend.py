@@ -99,10 +99,6 @@ class CudaBackend:
     def destroy(self):
         if self.comm is not None:
             self.comm.destroy()
-            # Compiled executables may hold this Buffer's launches in captured CUDA graphs. On the
-            # device those kernels now do nothing (cuda/rank_info.h); dropping JAX's caches makes
-            # the next call of a jitted function retrace, and fail with "this Buffer was destroyed".
-            jax.clear_caches()
         if self._low_latency is not None:
             self._low_latency.destroy()
 
@@ -169,7 +165,8 @@ class CudaBackend:
                     jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
                     jax.ShapeDtypeStruct((num_experts // r,), i32)]
         out = list(ffi_call(
-            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)),
+            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, has_side_effect=False,
+            num_parts=_i64(len(parts)),
             has_topk=has_topk, has_weights=has_weights, num_experts=_i64(num_experts),
             expert_alignment=_i64(expert_alignment), **attrs))
         recv_parts = tuple(out[:len(parts)])
@@ -199,7 +196,7 @@ class CudaBackend:
         if has_weights:
             results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
         out = ffi_call("jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
-                       num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
+                       has_side_effect=False, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
         return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
@@ -220,7 +217,7 @@ class CudaBackend:
         if has_weights:
             results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
         out = ffi_call("jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name,
-                       num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
+                       has_side_effect=False, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
 
     # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------
