@@ -1,7 +1,6 @@
-// Memory-ordering primitives and bounded waits for signalling between ranks.
+// Bounded waits for signalling between ranks (the primitives are in memory_order.cuh).
 //
-// Peers' buffers are reached through CUDA IPC or peer mappings, so every flag is read and
-// written at system scope. A wait gives up after kWaitTimeoutNs, raises the rank's error code
+// A wait gives up after kWaitTimeoutNs, raises the rank's error code
 // (the first one sticks) and returns; once an error is raised every later wait returns at once,
 // so a dead peer makes the kernels finish with garbage instead of hanging.
 #pragma once
@@ -10,37 +9,12 @@
 #include <cstdio>
 
 #include "cuda/comm_layout.h"
+#include "cuda/memory_order.cuh"
 #include "cuda/rank_info.h"
 
 namespace jax_deepep {
 
 constexpr uint64_t kWaitTimeoutNs = 5ull * 1000 * 1000 * 1000;
-
-__device__ __forceinline__ uint64_t load_acquire(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t global_time_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 __device__ __forceinline__ bool error_raised(const int* error) {
   return *reinterpret_cast<const volatile int*>(error) != kNoError;

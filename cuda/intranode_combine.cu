@@ -256,9 +256,7 @@ cudaError_t prepare_combine() {
 
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
   CombineArgs a = args;
-  const bool solo = info.num_ranks == 1;
-  if (solo) a.ring.num_channels *= 2;  // nothing to send: every block receives its own channel
-  const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
+  const int blocks = intranode_blocks(info, a.ring);  // one rank: every block receives its own channel
   combine_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }

@@ -5,12 +5,22 @@
 
 #include "cuda/bulk_copy.cuh"
 #include "cuda/comm_layout.h"
+#include "cuda/intranode.h"
+#include "cuda/rank_info.h"
 
 namespace jax_deepep {
 
 constexpr int kIntranodeThreads = 512;
 constexpr int kIntranodeWarps = kIntranodeThreads / 32;
 constexpr int kIntranodeSharedBytes = kIntranodeWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
+
+// Blocks of a dispatch or combine launch: a sender and a receiver block per channel, or with one
+// rank (nothing crosses ranks) one block per channel and twice the channels.
+inline int intranode_blocks(const RankInfo& info, RingShape& ring) {
+  if (info.num_ranks > 1) return 2 * ring.num_channels;
+  ring.num_channels *= 2;
+  return ring.num_channels;
+}
 
 // Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
 // so a ring carries its tokens in (source token index) order.

@@ -285,9 +285,7 @@ cudaError_t prepare_dispatch() {
 
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
   DispatchArgs a = args;
-  const bool solo = info.num_ranks == 1;
-  if (solo) a.ring.num_channels *= 2;  // nothing to receive: every block sends its own channel
-  const int blocks = solo ? a.ring.num_channels : 2 * a.ring.num_channels;
+  const int blocks = intranode_blocks(info, a.ring);  // one rank: every block sends its own channel
   dispatch_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }

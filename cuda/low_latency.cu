@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "cuda/memory_order.cuh"
+
 namespace jax_deepep {
 namespace {
 
@@ -23,22 +25,6 @@ constexpr int kChunkChannels = kWarpSize * 8;  // one warp pass: 8 channels (16 
 constexpr float kFp8Max = 448.0f;
 constexpr float kMinAmax = 1e-4f;  // keeps all-zero blocks from producing a zero scale
 
-__device__ __forceinline__ long long global_time_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return static_cast<long long>(t);
-}
-
-__device__ __forceinline__ int load_acquire_sys(const int* p) {
-  int v;
-  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release_sys(int* p, int v) {
-  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 __device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
   return *reinterpret_cast<volatile int*>(mem.timeout_flag) != 0;
 }
@@ -47,14 +33,14 @@ __device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
 // *value; false after the timeout (or at once when an earlier wait already timed out).
 __device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer,
                             int* value) {
-  *value = load_acquire_sys(p);
+  *value = load_acquire(p);
   if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
   if (timed_out_before(mem)) return false;
-  const long long start = global_time_ns();
+  const uint64_t start = global_time_ns();
   while (true) {
-    *value = load_acquire_sys(p);
+    *value = load_acquire(p);
     if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
-    if (global_time_ns() - start > mem.timeout_ns) {
+    if (global_time_ns() - start > static_cast<uint64_t>(mem.timeout_ns)) {
       if (!timed_out_before(mem)) {
         printf("jax_deepep: low-latency %s on rank %d timed out waiting for rank %d\n",
                kind == kDispatchTimeout ? "dispatch" : "combine", mem.rank, peer);
@@ -186,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) store_release_sys(signals_at(peer, seq, layout) + signal_index, signal);
+    if (threadIdx.x == 0) store_release(signals_at(peer, seq, layout) + signal_index, signal);
     return;
   }
   __syncthreads();
@@ -314,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) store_release_sys(signals_at(peer, seq, layout) + flag_index, static_cast<int>(seq));
+    if (threadIdx.x == 0) store_release(signals_at(peer, seq, layout) + flag_index, static_cast<int>(seq));
     return;
   }
   __syncthreads();
