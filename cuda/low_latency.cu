@@ -53,6 +53,15 @@ __device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const Pee
   }
 }
 
+// Indices into PeerMemory::call_numbers.
+constexpr int kDispatchCall = 0;
+constexpr int kCombineCall = 1;
+
+// Numbers a send call: token[0] = ++counter. Its send and recv kernels (later on the stream) read it.
+__global__ void next_call_number_kernel(uint32_t* counter, int* token) {
+  token[0] = static_cast<int>(++*counter);
+}
+
 __device__ __forceinline__ size_t half_offset(uint32_t seq, const LowLatencyLayout& layout) {
   return (seq & 1u) * layout.half_bytes;
 }
@@ -117,15 +126,15 @@ __device__ __forceinline__ size_t dispatch_payload_bytes(int hidden, bool use_fp
 // e's rank, then publishes count tagged with the call number.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, LowLatencyShape s,
                                                                  LowLatencyLayout layout, const __nv_bfloat16* x,
-                                                                 const int* topk_idx, int* send_slot, int* token,
-                                                                 uint32_t seq, bool use_fp8, bool round_scale) {
+                                                                 const int* topk_idx, int* send_slot,
+                                                                 const int* token, bool use_fp8, bool round_scale) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
   __shared__ int warp_matches[kWarps];
   const int e = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
-  if (e == 0 && threadIdx.x == 0) token[0] = static_cast<int>(seq);
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
 
   int matched = 0;
   for (int start = 0; start < entries; start += kThreads) {
@@ -267,13 +276,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
 // slots [0, count) of the global expert on the destination, then flag the expert done there.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, LowLatencyShape s,
                                                                 LowLatencyLayout layout, const __nv_bfloat16* y,
-                                                                const int* recv_layout_range, int* token,
-                                                                uint32_t seq) {
+                                                                const int* recv_layout_range, const int* token) {
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
   const int experts_per_rank = s.num_experts / num_ranks;
   const int e = mem.rank * experts_per_rank + local;
-  if (local == 0 && dst == 0 && threadIdx.x == 0) token[0] = static_cast<int>(seq);
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int rows_per_expert = num_ranks * m;
   // A foreign handle must not make us read or write out of bounds.
   const int offset = min(max(recv_layout_range[(local * num_ranks + dst) * 2], 0), rows_per_expert);
@@ -376,10 +384,11 @@ int num_sms() {
 
 cudaError_t launch_low_latency_dispatch_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
                                              const __nv_bfloat16* x, const int* topk_idx, int* send_slot,
-                                             int* token, uint32_t seq, bool use_fp8, bool round_scale) {
+                                             int* token, bool use_fp8, bool round_scale) {
   const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
+  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kDispatchCall, token);
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
-      mem, s, layout, x, topk_idx, send_slot, token, seq, use_fp8, round_scale);
+      mem, s, layout, x, topk_idx, send_slot, token, use_fp8, round_scale);
   return cudaGetLastError();
 }
 
@@ -397,12 +406,12 @@ cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemo
 }
 
 cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
-                                            uint32_t seq) {
+                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token) {
   const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
   const int experts_per_rank = s.num_experts / mem.num_ranks;
+  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kCombineCall, token);
   combine_send_kernel<<<dim3(experts_per_rank, mem.num_ranks), kThreads, 0, stream>>>(mem, s, layout, y,
-                                                                                      recv_layout_range, token, seq);
+                                                                                      recv_layout_range, token);
   return cudaGetLastError();
 }
 

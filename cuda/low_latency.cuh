@@ -53,6 +53,9 @@ struct PeerMemory {
   long long timeout_ns;
   int rank;
   int num_ranks;
+  // Device memory [2]: the last dispatch and combine call numbers. Each send launch counts its call
+  // on the device, so no host state ties a launch to its call and XLA may treat the ops as pure.
+  uint32_t* call_numbers;
 };
 
 struct LowLatencyShape {
@@ -69,10 +72,10 @@ constexpr int kCombineTimeout = 2;
 
 // Sends this rank's tokens (FP8-cast in flight when use_fp8) to every expert's rank and signals
 // each expert's count. Writes send_slot [T, K] (row of (t, k) in its expert block, -1 when not
-// sent) and token[0] = seq, which the recv call reads.
+// sent) and token[0] = this call's number, which the recv call reads.
 cudaError_t launch_low_latency_dispatch_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
                                              const __nv_bfloat16* x, const int* topk_idx, int* send_slot,
-                                             int* token, uint32_t seq, bool use_fp8, bool round_scale);
+                                             int* token, bool use_fp8, bool round_scale);
 
 // Waits for every source rank's counts, then packs the rows of each local expert in
 // (source rank, source token) order into recv_x [E_l, R*M, H] (bf16 or fp8 + scales).
@@ -83,9 +86,9 @@ cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemo
                                              bool use_ue8m0);
 
 // Sends each local expert's rows back to their source ranks and flags each expert as done.
+// token[0] = this call's number, as in dispatch.
 cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
-                                            uint32_t seq);
+                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token);
 
 // Waits for every expert's flag, then out[t] = sum_k w[t, k] * row of (t, k), in f32.
 cudaError_t launch_low_latency_combine_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,

@@ -18,11 +18,11 @@ from jax_deepep.gpu import available, unavailable_reason
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
 
 
-def _buffer_with_cuda_backend(mesh, axis_name):
+def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
     from jax_deepep.gpu import runtime
     from jax_deepep.gpu.backend import CudaBackend
 
-    buffer = Buffer(mesh, axis_name)  # the pure-JAX backend on CPU devices
+    buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backend on CPU devices
     lib = runtime._lib()
     backend = object.__new__(CudaBackend)  # no device memory: only tracing follows
     backend.num_ranks, backend._native, backend._low_latency = buffer.num_ranks, True, None
@@ -52,4 +52,22 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
     traced = jax.jit(jax.value_and_grad(loss)).trace(params)
     assert "jax_deepep_combine" in str(traced.jaxpr) and "jax_deepep_cached_dispatch" in str(traced.jaxpr)
     # Without effects the training step keeps JAX's C++ dispatch path (gpu/ffi_call.py says why).
+    assert not traced.jaxpr.effects, traced.jaxpr.effects
+
+
+def test_low_latency_moe_traces_through_cuda_kernels():
+    """The decoding layer on the NVSHMEM kernels' custom calls, also free of effects."""
+    from jax_deepep.gpu.low_latency import LowLatencyKernels
+
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = _buffer_with_cuda_backend(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
+    buffer.backend._low_latency = object.__new__(LowLatencyKernels)  # no NVSHMEM: only tracing follows
+    config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
+    params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
+    layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 256)), NamedSharding(mesh, P("expert")))
+    traced = jax.jit(layer).trace(params, x)
+    for target in ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_fp8", "jax_deepep_ll_combine_send",
+                   "jax_deepep_ll_combine_recv"):
+        assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects

@@ -1,10 +1,10 @@
 // XLA FFI handlers of the low-latency kernels (cuda/low_latency.cu), one per custom call.
 //
 // The send and recv halves of each op are separate custom calls so that XLA may schedule other
-// work between them (SPEC.md's return_recv_hook). The send call numbers the op (per kind, per
-// process: every rank issues the same sequence of ops) and writes that number into a small
-// `token` output; the recv call takes the token as an input, which both orders the two calls and
-// tells the recv kernels which buffer half and signal tag to wait for.
+// work between them (SPEC.md's return_recv_hook). The send launch numbers the op on the device (a
+// counter per kind and process: every rank runs the same program, so the same sequence of ops) and
+// writes that number into a small `token` output; the recv call takes the token as an input, which
+// both orders the two calls and tells the recv kernels which buffer half and signal tag to wait for.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -87,10 +87,9 @@ ffi::Error DispatchSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const LowLatencyShape shape{static_cast<int>(x_dims[0]), static_cast<int>(idx_dims[1]),
                               static_cast<int>(x_dims[1]), static_cast<int>(max_tokens),
                               static_cast<int>(num_experts)};
-  const uint32_t seq = ++rt->dispatch_calls;
   return launched(launch_low_latency_dispatch_send(
                       stream, rt->memory, shape, reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
-                      topk_idx.typed_data(), send_slot->typed_data(), token->typed_data(), seq, use_fp8 != 0,
+                      topk_idx.typed_data(), send_slot->typed_data(), token->typed_data(), use_fp8 != 0,
                       round_scale != 0),
                   "dispatch send");
 }
@@ -146,10 +145,9 @@ ffi::Error CombineSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> y, ffi::Buffe
   if (rt == nullptr) return error;
   const LowLatencyShape shape{0, 0, static_cast<int>(dims[2]), static_cast<int>(max_tokens),
                               static_cast<int>(num_experts)};
-  const uint32_t seq = ++rt->combine_calls;
   return launched(launch_low_latency_combine_send(stream, rt->memory, shape,
                                                   reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                                  recv_layout_range.typed_data(), token->typed_data(), seq),
+                                                  recv_layout_range.typed_data(), token->typed_data()),
                   "combine send");
 }
 

@@ -93,12 +93,15 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
   int* flag_host = nullptr;
   int* flag_host_mapped = nullptr;
   int* flag_device = nullptr;
+  uint32_t* call_numbers = nullptr;
   if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
       (status = cudaHostGetDevicePointer(&flag_host_mapped, flag_host, 0)) != cudaSuccess ||
       (status = cudaMalloc(&flag_device, sizeof(int))) != cudaSuccess ||
       (status = cudaMemset(flag_device, 0, sizeof(int))) != cudaSuccess ||
+      (status = cudaMalloc(&call_numbers, 2 * sizeof(uint32_t))) != cudaSuccess ||
+      (status = cudaMemset(call_numbers, 0, 2 * sizeof(uint32_t))) != cudaSuccess ||
       (status = cudaDeviceSynchronize()) != cudaSuccess) {
-    return fail_cuda("allocating the timeout flag", status);
+    return fail_cuda("allocating the timeout flag and call counters", status);
   }
   *flag_host = 0;
 
@@ -111,6 +114,7 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
   g_runtime.memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
   g_runtime.memory.rank = rank;
   g_runtime.memory.num_ranks = num_ranks;
+  g_runtime.memory.call_numbers = call_numbers;
   g_runtime.num_bytes = num_bytes;
   g_runtime.timeout_flag = flag_host;
   g_allocated = true;
@@ -125,6 +129,7 @@ int jax_deepep_nvshmem_free() {
   nvshmem_free(g_runtime.memory.local);
   cudaFree(const_cast<char**>(g_runtime.memory.peer));
   cudaFree(g_runtime.memory.timeout_flag);
+  cudaFree(g_runtime.memory.call_numbers);
   cudaFreeHost(g_runtime.timeout_flag);
   g_runtime = jax_deepep::NvshmemRuntime{};
   if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);

@@ -18,8 +18,6 @@ struct NvshmemRuntime {
   PeerMemory memory;
   uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
   int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
-  uint32_t dispatch_calls = 0;
-  uint32_t combine_calls = 0;
 };
 
 // The runtime with an allocated buffer, or null.

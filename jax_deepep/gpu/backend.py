@@ -135,7 +135,7 @@ class CudaBackend:
             "jax_deepep_layout",
             (jax.ShapeDtypeStruct((ctx.num_ranks,), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
              jax.ShapeDtypeStruct((num_tokens, ctx.num_ranks), jnp.bool_)),
-            valid_expert_ids(topk_idx, num_experts), axis_name=ctx.axis_name, has_side_effect=False,
+            valid_expert_ids(topk_idx, num_experts), axis_name=ctx.axis_name,
             num_experts=_i64(num_experts), num_ranks=_i64(ctx.num_ranks))
         return DispatchLayout(per_rank, None, per_expert, in_rank)
 
@@ -165,7 +165,7 @@ class CudaBackend:
                     jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
                     jax.ShapeDtypeStruct((num_experts // r,), i32)]
         out = list(ffi_call(
-            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, has_side_effect=False,
+            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
             num_parts=_i64(len(parts)),
             has_topk=has_topk, has_weights=has_weights, num_experts=_i64(num_experts),
             expert_alignment=_i64(expert_alignment), **attrs))
@@ -196,7 +196,7 @@ class CudaBackend:
         if has_weights:
             results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
         out = ffi_call("jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
-                       has_side_effect=False, num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
+                       num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
         return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
@@ -217,7 +217,7 @@ class CudaBackend:
         if has_weights:
             results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
         out = ffi_call("jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name,
-                       has_side_effect=False, num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
+                       num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
 
     # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------

@@ -5,11 +5,10 @@ back typed as the same on every shard, but ours are per-rank data (they depend o
 ranks sent), and custom_vjp rules require a cotangent typed like its primal. So every output is
 marked as varying over the expert-parallel axis and over every axis its inputs vary over.
 
-`has_side_effect` is explicit at every call. The normal-mode ops say False: they are functions of
-their inputs and every rank runs the same program, so if XLA drops an unused one it drops it on
-every rank alike. A side effect would also take the whole program off JAX's C++ dispatch path (a
-Python dispatch of about a millisecond per call). The low-latency ops say True: their call numbers
-are counted on the host and pair each send with its receive, so none may be dropped.
+None of our custom calls declares a side effect: each is a function of its inputs plus state kept
+on the device (epochs, ring totals, call numbers), and every rank runs the same program, so if XLA
+drops an unused call it drops it on every rank alike. A side effect would take the whole program
+off JAX's C++ dispatch path (a Python dispatch of about a millisecond per call).
 """
 from __future__ import annotations
 
@@ -22,9 +21,9 @@ def _varying_axes(x) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
-def ffi_call(target: str, results, *args, axis_name: str, has_side_effect: bool, **attrs):
+def ffi_call(target: str, results, *args, axis_name: str, **attrs):
     """`jax.ffi.ffi_call(target, results)(*args, **attrs)`, outputs varying like the inputs and `axis_name`."""
-    out = jax.ffi.ffi_call(target, results, has_side_effect=has_side_effect)(*args, **attrs)
+    out = jax.ffi.ffi_call(target, results)(*args, **attrs)
     axes = frozenset({axis_name}).union(*(_varying_axes(a) for a in args))
 
     def mark(x):

@@ -194,7 +194,7 @@ class LowLatencyKernels:
         send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-            x, idx, axis_name=ctx.axis_name, has_side_effect=True, num_ranks=np.int64(ctx.num_ranks),
+            x, idx, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
             num_max_dispatch_tokens_per_rank=np.int64(opts.num_max_dispatch_tokens_per_rank),
             num_experts=np.int64(opts.num_experts), use_fp8=np.int64(opts.use_fp8),
             round_scale=np.int64(opts.round_scale or opts.use_ue8m0))
@@ -216,14 +216,14 @@ class LowLatencyKernels:
             out = ffi_call(
                 "jax_deepep_ll_dispatch_recv_fp8",
                 (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn), scales) + meta,
-                transit["token"], axis_name=ctx.axis_name, has_side_effect=True, use_ue8m0=np.int64(opts.use_ue8m0),
+                transit["token"], axis_name=ctx.axis_name, use_ue8m0=np.int64(opts.use_ue8m0),
                 **attrs)
             recv_x, (recv_count, recv_src_info, layout_range) = (out[0], out[1]), out[2:]
         else:
             recv_x, recv_count, recv_src_info, layout_range = ffi_call(
                 "jax_deepep_ll_dispatch_recv_bf16",
                 (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16),) + meta,
-                transit["token"], axis_name=ctx.axis_name, has_side_effect=True, **attrs)
+                transit["token"], axis_name=ctx.axis_name, **attrs)
         return recv_x, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
@@ -232,7 +232,7 @@ class LowLatencyKernels:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name, has_side_effect=True,
+            y, handle.recv_layout_range, axis_name=ctx.axis_name,
             num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
             num_experts=np.int64(num_experts))
         return {"token": token, "topk_idx": valid_expert_ids(topk_idx, num_experts),
@@ -245,5 +245,5 @@ class LowLatencyKernels:
         return ffi_call(
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["topk_idx"], transit["topk_weights"], transit["send_slot"],
-            axis_name=ctx.axis_name, has_side_effect=True, num_ranks=np.int64(ctx.num_ranks),
+            axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
             num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
