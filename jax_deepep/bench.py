@@ -565,8 +565,8 @@ def main(argv=None):
     print(table(runner.results))
     meta = {"mode": args.mode, "sizes": dataclasses.asdict(sizes), "device": devices[0].device_kind,
             "platform": devices[0].platform, "jax": jax.__version__, "python": platform.python_version(),
-            "num_sms": Buffer.num_sms, "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch,
-                       "rotations": args.rotations},
+            "num_sms": Buffer.num_sms,
+            "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "rotations": args.rotations},
             "command": "python -m jax_deepep.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         with open(args.json, "w") as f:

@@ -4,7 +4,6 @@
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
 # Steps: gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency
-#        bench_no_command_buffers
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
 # /tmp/jax_deepep_gpu_all without $OUT.
@@ -50,9 +49,8 @@ run_step() {
     demo) step demo 120 "$PY" -m jax_deepep.demo ;;
     train_moe) step train_moe 150 "$PY" examples/train_moe.py ;;
     bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \
-                         --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" --profile /tmp/jax_deepep_profile_ll ;;
-    # Without XLA's command buffers the baselines pay one host launch per kernel, as our custom calls do.
-    bench_no_command_buffers) XLA_FLAGS=--xla_gpu_enable_command_buffer= bench_normal bench_no_command_buffers ;;
+                         --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
+                         --profile /tmp/jax_deepep_profile_ll ;;
     *) echo "unknown step $1"; status=1 ;;
   esac
 }
@@ -62,7 +60,6 @@ step build 240 bash -c "cmake -S . -B build/gpu_all -DPython_EXECUTABLE=$PY -DCM
                         cmake --build build/gpu_all -j 16"
 [ "$status" = 0 ] || exit 1
 steps=("$@")
-[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency
-                                bench_no_command_buffers)
+[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency)
 for s in "${steps[@]}"; do run_step "$s"; done
 exit "$status"

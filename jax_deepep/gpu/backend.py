@@ -165,8 +165,7 @@ class CudaBackend:
                     jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
                     jax.ShapeDtypeStruct((num_experts // r,), i32)]
         out = list(ffi_call(
-            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
-            num_parts=_i64(len(parts)),
+            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)),
             has_topk=has_topk, has_weights=has_weights, num_experts=_i64(num_experts),
             expert_alignment=_i64(expert_alignment), **attrs))
         recv_parts = tuple(out[:len(parts)])
