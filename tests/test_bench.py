@@ -172,3 +172,14 @@ def test_bench_runs_and_writes_json(tmp_path, mode, tokens):
         for key in [("ll_dispatch", "buffer[reference]", "bf16"), ("ll_combine", "jax:padded", "bf16"),
                     ("ll_dispatch", "jax:padded", "bf16")]:
             assert by_name[key]["time_us"] > 0, key
+
+
+def test_num_sms_flag():
+    cpu = jax.devices()[0]
+    assert bench._num_sms("24", cpu) == 24
+    gpu_like = type("Device", (), {"core_count": 133, "platform": "gpu"})()
+    assert bench._num_sms("max", gpu_like) == 132  # all SMs, rounded down to even
+    with pytest.raises(SystemExit, match="no SM count"):
+        bench._num_sms("max", cpu)
+    with pytest.raises(SystemExit, match="a number or 'max'"):
+        bench._num_sms("many", cpu)
