@@ -66,6 +66,8 @@ int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int 
 int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
   if (!g_nvshmem_up) return fail("NVSHMEM is not initialised");
   if (g_allocated) return fail("a low-latency buffer already exists in this process (destroy it first)");
+  // The kernels compare elapsed nanoseconds with it unsigned: it must be positive and representable.
+  if (!(timeout_s > 0.0 && timeout_s < 1e9)) return fail("the timeout must be in (0, 1e9) seconds");
   const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
   // Receive halves, then one half of staging for puts to peers without a direct mapping.
   const uint64_t staging_bytes = num_bytes / 2;

@@ -6,9 +6,10 @@ ranks sent), and custom_vjp rules require a cotangent typed like its primal. So 
 marked as varying over the expert-parallel axis and over every axis its inputs vary over.
 
 None of our custom calls declares a side effect: each is a function of its inputs plus state kept
-on the device (epochs, ring totals, call numbers), and every rank runs the same program, so if XLA
-drops an unused call it drops it on every rank alike. A side effect would take the whole program
-off JAX's C++ dispatch path (a Python dispatch of about a millisecond per call).
+on the device (epochs, ring totals, call numbers), and every rank runs the same program (same JAX,
+XLA and flags in every process), so if XLA drops or merges calls it does so on every rank alike.
+A side effect would take the whole program off JAX's C++ dispatch path (a Python dispatch of about
+a millisecond per call).
 """
 from __future__ import annotations
 

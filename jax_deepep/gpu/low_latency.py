@@ -177,6 +177,9 @@ class LowLatencyKernels:
         num_ranks = int(mesh.shape[axis_name])
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+        if not 0 < timeout_s < 1e9:
+            raise DeepEPError(f"Buffer: the low-latency timeout must be in (0, 1e9) seconds, got {timeout_s} "
+                              "(JAX_DEEPEP_TIMEOUT_S)")
         _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
         _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s), "symmetric buffer allocation")
         self._lib = lib
