@@ -108,9 +108,6 @@ struct DispatchArgs {
   const int32_t* num_recv_tokens;
   RingShape ring;
   DispatchSlot slot;
-  // With one rank there is nothing to exchange: no notify launch, and the dispatch kernel fills
-  // these outputs itself (all null otherwise, and in cached mode).
-  NotifyArgs one_rank_notify;
 };
 
 struct CombineArgs {
@@ -138,10 +135,9 @@ cudaError_t prepare_dispatch();
 cudaError_t prepare_combine();
 
 cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
-// Exchanges counts with every peer (a barrier too) and fills the handle arrays (R > 1).
+// Exchanges counts with every peer (a barrier too) and fills the handle arrays.
 cudaError_t launch_notify(const RankInfo& info, const NotifyArgs& args, cudaStream_t stream);
-// A barrier over all ranks: every peer finished its previous op (so all rings are drained). Not
-// needed with one rank.
+// A barrier over all ranks: every peer finished its previous op (so all rings are drained).
 cudaError_t launch_barrier(const RankInfo& info, cudaStream_t stream);
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream);

@@ -89,24 +89,9 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
   }
 }
 
-// The notify step's outputs for one rank (block 0; see DispatchArgs::one_rank_notify).
-__device__ void notify_one_rank(const NotifyArgs& n) {
-  for (int e = threadIdx.x; e < n.num_experts; e += blockDim.x) {
-    const int a = n.expert_alignment;
-    n.num_recv_tokens_per_expert[e] = (n.num_tokens_per_expert[e] + a - 1) / a * a;
-  }
-  if (threadIdx.x == 0) {
-    n.send_offset[0] = 0;
-    n.recv_rank_prefix[0] = 0;
-    *n.num_recv_tokens = n.num_tokens_per_rank[0];
-  }
-}
-
 // Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
 // Counts tokens before the channel, then scans the channel a block-width at a time (ballots).
-// `send_offset` is null with one rank (offset 0; block 0 is still writing the notify outputs).
-__device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range,
-                                  const int32_t* send_offset) {
+__device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range) {
   __shared__ int running[kMaxRanks];
   __shared__ int warp_totals[kIntranodeWarps][kMaxRanks];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -143,8 +128,7 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
       if (valid) {
         const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
         args.positions.send_count_before[at] = count;
-        const int offset = send_offset ? send_offset[d] : 0;
-        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? offset + count : -1;
+        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? args.positions.send_offset[d] + count : -1;
       }
     }
     __syncthreads();
@@ -270,12 +254,9 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
   const int experts_per_rank = args.num_experts / num_ranks;
   const uint32_t epoch = header_of(info.buffers[me])->epoch;  // set by the notify / barrier launch
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
-  const NotifyArgs& own = args.one_rank_notify;
-  const bool notify_here = own.num_tokens_per_rank != nullptr;
-  if (notify_here && blockIdx.x == 0) notify_one_rank(own);
-  fill_padding(args, notify_here ? own.num_tokens_per_rank[0] : *args.num_recv_tokens);
+  fill_padding(args, *args.num_recv_tokens);
   if (sender && args.positions.send_row) {
-    compute_positions(args, num_ranks, range, notify_here ? nullptr : args.positions.send_offset);
+    compute_positions(args, num_ranks, range);
     __syncthreads();
   }
 

@@ -164,11 +164,7 @@ ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id,
     if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
 
     const RankInfo info = s->info();
-    if (info.num_ranks == 1) {
-      d.one_rank_notify = n;  // nothing to exchange: the dispatch kernel writes these outputs
-    } else if (ffi::Error e = cuda_error(launch_notify(info, n, stream), "notify kernel"); e.failure()) {
-      return e;
-    }
+    if (ffi::Error e = cuda_error(launch_notify(info, n, stream), "notify kernel"); e.failure()) return e;
     return cuda_error(launch_dispatch(info, d, stream), "dispatch kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
@@ -215,9 +211,7 @@ ffi::Error cached_dispatch_impl(cudaStream_t stream, int32_t device, int64_t buf
     if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
 
     const RankInfo info = s->info();
-    if (info.num_ranks > 1) {
-      if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
-    }
+    if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
     return cuda_error(launch_dispatch(info, d, stream), "cached dispatch kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
@@ -266,9 +260,7 @@ ffi::Error combine_impl(cudaStream_t stream, int32_t device, int64_t buffer_id, 
     if (ffi::Error e = check_ring(*s, c.ring, c.slot.bytes); e.failure()) return e;
 
     const RankInfo info = s->info();
-    if (info.num_ranks > 1) {
-      if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
-    }
+    if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
     return cuda_error(launch_combine(info, c, stream), "combine kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
