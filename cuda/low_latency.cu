@@ -21,8 +21,12 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kChunkChannels = kWarpSize * 8;  // one warp pass: 8 channels (16 bf16 bytes) per lane
+constexpr int kChunkChannels = kWarpSize * 8;  // one warp chunk: 8 channels (16 bf16 bytes) per lane
+// Chunks a warp loads before it stores any: several loads in flight per lane instead of one.
+constexpr int kPassChunks = 4;
+constexpr int kPassChannels = kPassChunks * kChunkChannels;
 constexpr float kFp8Max = 448.0f;
+constexpr float kInverseFp8Max = 1.0f / kFp8Max;
 constexpr float kMinAmax = 1e-4f;  // keeps all-zero blocks from producing a zero scale
 
 __device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
@@ -81,14 +85,19 @@ __device__ __forceinline__ uint32_t pack_fp8x2(float a, float b) {
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
 }
 
-// One warp pass over channels [chunk * 256, +256) of token row `src` into the staged row `dst`:
-// bf16 copied, or cast to e4m3 with one scale per 128 channels (16 lanes).
-__device__ void write_token_chunk(const __nv_bfloat16* src, char* dst, int hidden, int chunk, bool use_fp8,
-                                  bool round_scale) {
+// This lane's 8 channels of chunk `chunk` (channels [chunk * 256, +256)) of a bf16 row, zeros past
+// the row's end.
+__device__ __forceinline__ uint4 load_chunk(const __nv_bfloat16* row, int hidden, int chunk) {
+  const int ch = chunk * kChunkChannels + threadIdx.x % kWarpSize * 8;
+  return ch < hidden ? *reinterpret_cast<const uint4*>(row + ch) : make_uint4(0, 0, 0, 0);
+}
+
+// Writes chunk `chunk` of a token (`raw`: this lane's load_chunk) into the staged row `dst`: bf16
+// copied, or cast to e4m3 with one scale per 128 channels (16 lanes). The whole warp calls it.
+__device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, bool use_fp8, bool round_scale) {
   const int lane = threadIdx.x % kWarpSize;
   const int ch = chunk * kChunkChannels + lane * 8;
   const bool valid = ch < hidden;
-  uint4 raw = valid ? *reinterpret_cast<const uint4*>(src + ch) : make_uint4(0, 0, 0, 0);
   char* payload = dst + kRowHeaderBytes;
   if (!use_fp8) {
     if (valid) *reinterpret_cast<uint4*>(payload + ch * 2) = raw;
@@ -106,11 +115,17 @@ __device__ void write_token_chunk(const __nv_bfloat16* src, char* dst, int hidde
   }
 #pragma unroll
   for (int mask = 8; mask >= 1; mask /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
-  float scale = fmaxf(amax, kMinAmax) / kFp8Max;
-  if (round_scale) scale = round_up_pow2(scale);
+  // The arithmetic of jax_deepep/fp8.py (and DeepEP): scale = amax * f32(1 / 448), values times
+  // 448 / amax (times 1 / scale, exact, when the scale is a power of two).
+  amax = fmaxf(amax, kMinAmax);
+  float scale = amax * kInverseFp8Max, inverse = kFp8Max / amax;
+  if (round_scale) {
+    scale = round_up_pow2(scale);
+    inverse = 1.0f / scale;
+  }
   uint2 packed;
-  packed.x = pack_fp8x2(v[0] / scale, v[1] / scale) | (pack_fp8x2(v[2] / scale, v[3] / scale) << 16);
-  packed.y = pack_fp8x2(v[4] / scale, v[5] / scale) | (pack_fp8x2(v[6] / scale, v[7] / scale) << 16);
+  packed.x = pack_fp8x2(v[0] * inverse, v[1] * inverse) | (pack_fp8x2(v[2] * inverse, v[3] * inverse) << 16);
+  packed.y = pack_fp8x2(v[4] * inverse, v[5] * inverse) | (pack_fp8x2(v[6] * inverse, v[7] * inverse) << 16);
   if (valid) {
     *reinterpret_cast<uint2*>(payload + ch) = packed;
     if (lane % 16 == 0) reinterpret_cast<float*>(payload + hidden)[ch / kFp8Block] = scale;
@@ -168,12 +183,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   char* const rows = peer != nullptr ? peer + half + first_row * row_bytes
                                      : mem.staging + static_cast<size_t>(e) * s.max_tokens * row_bytes;
   const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
-  for (int item = warp; item < count * chunks; item += kWarps) {
-    const int j = item / chunks, chunk = item % chunks;
+  const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+  for (int item = warp; item < count * passes; item += kWarps) {
+    const int j = item / passes, first = item % passes * kPassChunks;
     const int t = slot_token[j];
     char* row = rows + j * row_bytes;
-    if (chunk == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
-    write_token_chunk(x + static_cast<size_t>(t) * s.hidden, row, s.hidden, chunk, use_fp8, round_scale);
+    if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
+    const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
+    uint4 raw[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, use_fp8, round_scale);
   }
 
   const int signal = static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count));
@@ -232,10 +254,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   }
 
   const char* area = mem.local + half_offset(seq, layout);
-  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
+  const int passes = (hidden + kPassChannels - 1) / kPassChannels;
   const int groups = hidden / kFp8Block;
-  for (int item = blockIdx.y * kWarps + warp; item < total * chunks; item += gridDim.y * kWarps) {
-    const int i = item / chunks, chunk = item % chunks;
+  for (int item = blockIdx.y * kWarps + warp; item < total * passes; item += gridDim.y * kWarps) {
+    const int i = item / passes, first = item % passes * kPassChunks;
     int src = 0;  // the last source rank whose range starts at or before row i: it holds row i
     for (int lo = 0, hi = num_ranks - 1; lo <= hi;) {
       const int mid = (lo + hi) / 2;
@@ -249,43 +271,72 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     const int j = i - offsets[src];
     const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * layout.dispatch_row_bytes;
     const size_t out_row = local * rows_per_expert + i;
-    if (chunk == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
+    if (first == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
     const char* payload = row + kRowHeaderBytes;
-    const int ch = chunk * kChunkChannels + lane * 8;
-    if (ch >= hidden) continue;
+    int channel[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) channel[u] = (first + u) * kChunkChannels + lane * 8;
     if (!use_fp8) {
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(recv_x) + out_row * hidden + ch) =
-          *reinterpret_cast<const uint4*>(payload + ch * 2);
+      uint4 v[kPassChunks];
+#pragma unroll
+      for (int u = 0; u < kPassChunks; ++u)
+        if (channel[u] < hidden) v[u] = *reinterpret_cast<const uint4*>(payload + channel[u] * 2);
+#pragma unroll
+      for (int u = 0; u < kPassChunks; ++u)
+        if (channel[u] < hidden)
+          *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(recv_x) + out_row * hidden + channel[u]) = v[u];
       continue;
     }
-    *reinterpret_cast<uint2*>(static_cast<uint8_t*>(recv_x) + out_row * hidden + ch) =
-        *reinterpret_cast<const uint2*>(payload + ch);
+    uint2 v[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (channel[u] < hidden) v[u] = *reinterpret_cast<const uint2*>(payload + channel[u]);
     const float* scales = reinterpret_cast<const float*>(payload + hidden);
-    const int group = ch / kFp8Block;
-    if (!use_ue8m0) {
-      if (lane % 16 == 0) static_cast<float*>(recv_scales)[out_row * groups + group] = scales[group];
-    } else if (group % 4 == 0 && lane % 16 == 0) {
-      uint32_t word = 0;  // four UE8M0 bytes (the f32 exponents), lowest group in the lowest byte
-      for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[group + b]) >> 23) & 0xffu) << (8 * b);
-      static_cast<int*>(recv_scales)[out_row * (groups / 4) + group / 4] = static_cast<int>(word);
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) {
+      const int ch = channel[u];
+      if (ch >= hidden) continue;
+      *reinterpret_cast<uint2*>(static_cast<uint8_t*>(recv_x) + out_row * hidden + ch) = v[u];
+      const int group = ch / kFp8Block;
+      if (!use_ue8m0) {
+        if (lane % 16 == 0) static_cast<float*>(recv_scales)[out_row * groups + group] = scales[group];
+      } else if (group % 4 == 0 && lane % 16 == 0) {
+        uint32_t word = 0;  // four UE8M0 bytes (the f32 exponents), lowest group in the lowest byte
+        for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[group + b]) >> 23) & 0xffu) << (8 * b);
+        static_cast<int*>(recv_scales)[out_row * (groups / 4) + group / 4] = static_cast<int>(word);
+      }
     }
   }
 }
 
+// Rows [offset, offset + count) of local expert `local`'s block in y hold the tokens of source
+// rank `src`, clamped so that a foreign handle cannot make us read or write out of bounds.
+struct SourceRows {
+  int offset, count;
+};
+
+__device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, int local, int src, int num_ranks,
+                                                  int m) {
+  const int rows_per_expert = num_ranks * m;
+  const int offset = min(max(recv_layout_range[(local * num_ranks + src) * 2], 0), rows_per_expert);
+  const int count = min(max(recv_layout_range[(local * num_ranks + src) * 2 + 1], 0), min(m, rows_per_expert - offset));
+  return {offset, count};
+}
+
 // Blocks (local expert, destination rank): send the expert's rows of that source rank back into
 // slots [0, count) of the global expert on the destination, then flag the expert done there.
+// Rows for this rank itself stay in y: the recv kernel reads them there.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, LowLatencyShape s,
                                                                 LowLatencyLayout layout, const __nv_bfloat16* y,
                                                                 const int* recv_layout_range, const int* token) {
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (dst == mem.rank) return;
   const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
   const int experts_per_rank = s.num_experts / num_ranks;
   const int e = mem.rank * experts_per_rank + local;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int rows_per_expert = num_ranks * m;
-  // A foreign handle must not make us read or write out of bounds.
-  const int offset = min(max(recv_layout_range[(local * num_ranks + dst) * 2], 0), rows_per_expert);
-  const int count = min(max(recv_layout_range[(local * num_ranks + dst) * 2 + 1], 0), min(m, rows_per_expert - offset));
+  const auto [offset, count] = source_rows(recv_layout_range, local, dst, num_ranks, m);
 
   const size_t row_bytes = layout.combine_row_bytes;
   const size_t half = half_offset(seq, layout);
@@ -295,12 +346,16 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
           ? peer + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes
           : mem.staging + layout.combine_offset + (static_cast<size_t>(dst) * experts_per_rank + local) * m * row_bytes;
   const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
-  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
-  for (int item = warp; item < count * chunks; item += kWarps) {
-    const int j = item / chunks, ch = (item % chunks) * kChunkChannels + lane * 8;
-    if (ch < hidden) {
-      *reinterpret_cast<uint4*>(rows + j * row_bytes + ch * 2) =
-          *reinterpret_cast<const uint4*>(src + static_cast<size_t>(j) * hidden + ch);
+  const int passes = (hidden + kPassChannels - 1) / kPassChannels;
+  for (int item = warp; item < count * passes; item += kWarps) {
+    const int j = item / passes, first = item % passes * kPassChunks;
+    uint4 v[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) v[u] = load_chunk(src + static_cast<size_t>(j) * hidden, hidden, first + u);
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) {
+      const int ch = (first + u) * kChunkChannels + lane * 8;
+      if (ch < hidden) *reinterpret_cast<uint4*>(rows + j * row_bytes + ch * 2) = v[u];
     }
   }
 
@@ -322,30 +377,39 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
   if (threadIdx.x == 0) nvshmem_int_p(signals_at(mem.local, seq, layout) + flag_index, static_cast<int>(seq), dst);
 }
 
-// One block per token: wait until every expert has flagged this call, then reduce the token's
-// top-k rows with its weights in f32 and round to bf16 once.
+// One block per token: wait until every other rank's experts have flagged this call, then reduce
+// the token's top-k rows (this rank's experts' rows straight from y) with its weights in f32 and
+// round to bf16 once.
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, LowLatencyShape s,
                                                                 LowLatencyLayout layout, const int* token,
+                                                                const __nv_bfloat16* y, const int* recv_layout_range,
                                                                 const int* topk_idx, const float* topk_weights,
                                                                 const int* send_slot, __nv_bfloat16* out) {
   __shared__ const __nv_bfloat16* rows[32];
   __shared__ float weights[32];
-  const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden;
+  const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
   const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
   for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
     int flag = 0;
-    wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank, &flag);
+    if (e / experts_per_rank != mem.rank) wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank, &flag);
   }
   const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
   if (threadIdx.x < top_k) {
     const int k = threadIdx.x;
     const int id = topk_idx[t * top_k + k], slot = send_slot[t * top_k + k];
-    const bool valid = id >= 0 && id < s.num_experts && slot >= 0 && slot < s.max_tokens;
-    rows[k] = valid ? reinterpret_cast<const __nv_bfloat16*>(
-                          area + (static_cast<size_t>(id) * s.max_tokens + slot) * layout.combine_row_bytes)
-                    : nullptr;
+    const __nv_bfloat16* row = nullptr;
+    if (id >= 0 && id < s.num_experts && slot >= 0 && slot < m) {
+      const int local = id - mem.rank * experts_per_rank;
+      if (id / experts_per_rank != mem.rank) {
+        row = reinterpret_cast<const __nv_bfloat16*>(area + (static_cast<size_t>(id) * m + slot) *
+                                                                layout.combine_row_bytes);
+      } else if (const SourceRows own = source_rows(recv_layout_range, local, mem.rank, num_ranks, m); slot < own.count) {
+        row = y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) * hidden;
+      }
+    }
+    rows[k] = row;
     weights[k] = topk_weights[t * top_k + k];
   }
   __syncthreads();
@@ -416,14 +480,15 @@ cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemor
 }
 
 cudaError_t launch_low_latency_combine_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const int* token, const int* topk_idx, const float* topk_weights,
-                                            const int* send_slot, __nv_bfloat16* out) {
+                                            const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
+                                            const int* topk_idx, const float* topk_weights, const int* send_slot,
+                                            __nv_bfloat16* out) {
   if (s.num_tokens == 0) return cudaSuccess;
   const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
   const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
   const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, s, layout, token, topk_idx, topk_weights, send_slot,
-                                                            out);
+  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, s, layout, token, y, recv_layout_range, topk_idx,
+                                                            topk_weights, send_slot, out);
   return cudaGetLastError();
 }
 

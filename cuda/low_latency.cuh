@@ -85,14 +85,16 @@ cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemo
                                              int* recv_src_info, int* recv_layout_range, bool use_fp8,
                                              bool use_ue8m0);
 
-// Sends each local expert's rows back to their source ranks and flags each expert as done.
-// token[0] = this call's number, as in dispatch.
+// Sends each local expert's rows back to the other source ranks and flags each expert as done
+// there (this rank's own rows stay in y for the recv). token[0] = this call's number, as in dispatch.
 cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
                                             const __nv_bfloat16* y, const int* recv_layout_range, int* token);
 
-// Waits for every expert's flag, then out[t] = sum_k w[t, k] * row of (t, k), in f32.
+// Waits for every other rank's experts' flags, then out[t] = sum_k w[t, k] * row of (t, k), in f32;
+// the rows of this rank's experts come straight from y (the send's input) and recv_layout_range.
 cudaError_t launch_low_latency_combine_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const int* token, const int* topk_idx, const float* topk_weights,
-                                            const int* send_slot, __nv_bfloat16* out);
+                                            const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
+                                            const int* topk_idx, const float* topk_weights, const int* send_slot,
+                                            __nv_bfloat16* out);
 
 }  // namespace jax_deepep

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import FP8_BLOCK
 
 FP8_MAX = 448.0
+_INVERSE_FP8_MAX = np.float32(1.0 / FP8_MAX)
 _MIN_AMAX = 1e-4  # keeps all-zero blocks from producing a zero scale
 
 
@@ -16,14 +18,22 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     scale = amax(|block|) / 448 per 128 channels; `round_scale` rounds it up to a power of two.
     Scales are f32 `[..., H // 128]`, or with `use_ue8m0` int32 `[..., H // 512]` holding four
     UE8M0 bytes (the f32 exponent field) each, lowest channel block in the lowest byte.
+
+    The arithmetic is fixed so that XLA (on every platform), the CUDA kernels and the tests' numpy
+    oracle round alike, as DeepEP's kernels compute it: scale = amax * f32(1 / 448) and values
+    x * (448 / amax) (x * (1 / scale) with `round_scale`). A division by a broadcast scale would not
+    do: XLA rewrites it into a multiplication by the reciprocal, which moves ties of bf16 inputs.
     """
     *lead, h = x.shape
     blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)
-    scale = amax / FP8_MAX
+    scale = amax * _INVERSE_FP8_MAX
     if round_scale or use_ue8m0:
         scale = _round_up_to_power_of_two(scale)
-    q = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, h)
+        inverse = 1.0 / scale  # exact: a power of two
+    else:
+        inverse = FP8_MAX / amax
+    q = (blocks * inverse[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, h)
     if not use_ue8m0:
         return q, scale
     return q, pack_ue8m0(scale)

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from .buffer import Buffer
 from .fp8 import per_block_cast_back, per_block_cast_to_fp8
+from .rounding import round_to
 from .types import DispatchOutput
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -253,8 +254,8 @@ def dense_moe(params: dict, x, config: MoEConfig, token_mask=None, *, bf16_exper
                     * routing.topk_weights[..., None], axis=1)  # [T, E]; one_hot(-1) is all zeros
     every_expert = jax.vmap(swiglu, in_axes=(0, 0, 0, None))(params["w_gate"], params["w_up"], params["w_down"], x)
     if bf16_expert_outputs:
-        every_expert = every_expert.astype(jnp.bfloat16).astype(jnp.float32)
-    return jnp.einsum("te,eth->th", gates, every_expert).astype(jnp.bfloat16)
+        every_expert = round_to(every_expert, jnp.bfloat16).astype(jnp.float32)
+    return round_to(jnp.einsum("te,eth->th", gates, every_expert), jnp.bfloat16)
 
 
 # ---- decoding on the low-latency ops --------------------------------------------------------------

@@ -151,13 +151,19 @@ ffi::Error CombineSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> y, ffi::Buffe
                   "combine send");
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::S32> topk_idx,
+ffi::Error CombineRecv(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::BF16> y,
+                       ffi::Buffer<ffi::S32> recv_layout_range, ffi::Buffer<ffi::S32> topk_idx,
                        ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> send_slot,
                        ffi::ResultBuffer<ffi::BF16> out, int64_t num_ranks, int64_t max_tokens, int64_t num_experts) {
   const auto idx_dims = topk_idx.dimensions();
   const auto out_dims = out->dimensions();
   if (idx_dims.size() != 2 || out_dims.size() != 2 || idx_dims[0] != out_dims[0] || idx_dims[1] > kMaxTopk) {
     return invalid("combine expects topk_idx [T, K <= 32] and an output [T, H]");
+  }
+  const auto y_dims = y.dimensions();
+  if (y_dims.size() != 3 || y_dims[0] * num_ranks != num_experts || y_dims[1] != num_ranks * max_tokens ||
+      y_dims[2] != out_dims[1] || recv_layout_range.element_count() != y_dims[0] * num_ranks * 2) {
+    return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
   ffi::Error error;
   NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, out_dims[1], num_experts, &error);
@@ -166,7 +172,8 @@ ffi::Error CombineRecv(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Bu
                               static_cast<int>(out_dims[1]), static_cast<int>(max_tokens),
                               static_cast<int>(num_experts)};
   return launched(launch_low_latency_combine_recv(stream, rt->memory, shape, token.typed_data(),
-                                                  topk_idx.typed_data(), topk_weights.typed_data(),
+                                                  reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
+                                                  recv_layout_range.typed_data(), topk_idx.typed_data(), topk_weights.typed_data(),
                                                   send_slot.typed_data(),
                                                   reinterpret_cast<__nv_bfloat16*>(out->typed_data())),
                   "combine recv");
@@ -229,6 +236,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

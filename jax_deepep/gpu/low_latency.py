@@ -238,7 +238,8 @@ class LowLatencyKernels:
             y, handle.recv_layout_range, axis_name=ctx.axis_name,
             num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
             num_experts=np.int64(num_experts))
-        return {"token": token, "topk_idx": valid_expert_ids(topk_idx, num_experts),
+        return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
+                "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
                 "sizes": _static_sizes(num_experts, m, y.shape[2])}
 
@@ -247,6 +248,7 @@ class LowLatencyKernels:
         num_tokens = transit["topk_idx"].shape[0]
         return ffi_call(
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
-            transit["token"], transit["topk_idx"], transit["topk_weights"], transit["send_slot"],
+            transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
+            transit["topk_weights"], transit["send_slot"],
             axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
             num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))

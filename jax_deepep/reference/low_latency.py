@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ..backend import LowLatencyOptions, RankContext
 from ..fp8 import per_block_cast_to_fp8
+from ..rounding import round_to
 from .normal import gather_rows, valid_expert_ids
 
 
@@ -105,4 +106,4 @@ def combine_recv(ctx: RankContext, transit: dict):
     def add_k(k, acc):
         return acc + w[:, k, None] * gather_rows(back, flat[:, k]).astype(jnp.float32)
 
-    return jax.lax.fori_loop(1, idx.shape[1], add_k, add_k(0, 0)).astype(back.dtype)
+    return round_to(jax.lax.fori_loop(1, idx.shape[1], add_k, add_k(0, 0)), back.dtype)
