@@ -66,24 +66,44 @@ def test_low_latency_four_ranks_on_one_gpu():
     _run_workers(4)
 
 
+def test_checks_accept_the_pure_jax_ops(monkeypatch):
+    """On CPU: the worker's checks pass with the pure-JAX backend in place of the kernels, so a GPU
+    failure points at the kernels, not at this file. Two ranks as two CPU devices of one process;
+    the worker checks rank 0's shard."""
+    import jax
+
+    from jax_deepep.gpu import low_latency
+    from jax_deepep.reference import ReferenceBackend
+
+    monkeypatch.setattr(low_latency, "LowLatencyKernels", lambda mesh, axis_name, num_rdma_bytes: ReferenceBackend())
+    worker = Worker(0, 2, 0, devices=jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    for variant in VARIANTS:
+        data = make_data(rng, 2, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], "hot")
+        check_dispatch_combine(worker, f"pure JAX, fp8/round/ue8m0/hook={variant}", data, ROUNDS["m"], ROUNDS["e"],
+                               *variant)
+    two_pairs_per_program(worker, seed=0)
+    assert not worker.failures
+
+
 # ---- the worker side ----------------------------------------------------------------------------
 class Worker:
     """One rank: builds the kernels object, runs dispatch + combine on global data, checks its shard."""
 
-    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int):
+    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int, devices=None):
         import jax
         from jax.sharding import Mesh
 
         from jax_deepep.gpu.low_latency import LowLatencyKernels
 
         self.rank, self.num_ranks = rank, num_ranks
-        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+        self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
         self.kernels = LowLatencyKernels(self.mesh, AXIS, num_rdma_bytes)
         self.failures = []
         self._compiled = {}
 
-    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook):
-        key = (m, e, use_fp8, round_scale, use_ue8m0, hook)
+    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, pairs):
+        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, pairs)
         if key in self._compiled:
             return self._compiled[key]
         import jax
@@ -95,7 +115,7 @@ class Worker:
         ctx = RankContext(AXIS, self.num_ranks, self.num_ranks)
         kernels = self.kernels
 
-        def body(x, idx, w, y):
+        def pair(x, idx, w, y):
             out = ops.low_latency_dispatch(kernels, ctx, x[0], idx[0], num_max_dispatch_tokens_per_rank=m,
                                            num_experts=e, use_fp8=use_fp8, round_scale=round_scale,
                                            use_ue8m0=use_ue8m0, return_recv_hook=hook)
@@ -107,6 +127,9 @@ class Worker:
             recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
             return jax.tree.map(lambda a: a[None], (recv, out.recv_count, out.recv_src_info, out.recv_layout_range,
                                                     combined))
+
+        def body(*arrays):  # `pairs` independent dispatch + combine pairs in one program
+            return tuple(pair(*arrays[4 * i:4 * i + 4]) for i in range(pairs))
 
         spec = PartitionSpec(AXIS)
         fn = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
@@ -122,11 +145,15 @@ class Worker:
                                             lambda index: a[index])
 
     def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook):
+        return self.run_pairs([data], m, e, use_fp8, round_scale, use_ue8m0, hook)[0]
+
+    def run_pairs(self, datas, m, e, use_fp8, round_scale, use_ue8m0, hook):
+        """Runs one program with a dispatch + combine pair per data set; this rank's results per pair."""
         import jax
 
-        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook)
-        out = fn(*(self._global(a) for a in data))
-        return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
+        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, len(datas))
+        out = fn(*(self._global(a) for data in datas for a in data))
+        return [jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], o) for o in out]
 
     def check(self, name, fn):
         try:
@@ -148,12 +175,15 @@ def make_data(rng, num_ranks, t, h, k, e, m, kind):
     return x, idx, w, y
 
 
-def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook):
+def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook, result=None):
+    """Checks `result` (this rank's outputs for `data`; run here when None) against the oracle."""
     import oracle
 
     x, idx, w, y = data
     d = worker.rank
-    recv, count, src_info, layout_range, combined = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook)
+    if result is None:
+        result = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook)
+    recv, count, src_info, layout_range, combined = result
     received = oracle.low_latency_receive(idx, e)
     mine = received[d]
 
@@ -233,6 +263,22 @@ def correctness(worker, seed):
             print("too many failures, stopping the rounds")
             break
     print(f"100 rounds in {time.time() - start:.1f} s")
+    two_pairs_per_program(worker, seed)
+
+
+def two_pairs_per_program(worker, seed):
+    """Two independent dispatch + combine pairs in one program, as two MoE layers would be, five
+    times: XLA may interleave their sends and receives, which the two buffer halves must allow."""
+    n = worker.num_ranks
+    for r in range(5):
+        rng = np.random.default_rng(seed + 2000 + r)
+        variant = VARIANTS[r % len(VARIANTS)]
+        datas = [make_data(rng, n, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], kind)
+                 for kind in ("random", "hot")]
+        results = worker.run_pairs(datas, ROUNDS["m"], ROUNDS["e"], *variant)
+        for i, (data, result) in enumerate(zip(datas, results)):
+            check_dispatch_combine(worker, f"two pairs per program, round {r}, pair {i}", data, ROUNDS["m"],
+                                   ROUNDS["e"], *variant, result=result)
 
 
 def bench_size(worker):
