@@ -20,7 +20,6 @@ message(STATUS "jax_deepep: XLA FFI headers in ${JAX_FFI_INCLUDE_DIR}")
 
 set(JAX_DEEPEP_CUDA_SOURCES
   cuda/layout.cu
-  cuda/notify.cu
   cuda/intranode_dispatch.cu
   cuda/intranode_combine.cu
   xla_ffi/intranode_ffi.cc

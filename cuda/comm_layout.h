@@ -22,9 +22,11 @@ constexpr int kMaxLocalExperts = 4096;
 constexpr size_t kRingAlignment = 4096;
 
 struct CommHeader {
-  // Local: the op counter that tags barrier flags and channel announcements.
+  // Local: ops this rank finished (tags barrier flags and channel announcements), and the blocks
+  // of the running op that finished (the last one advances the epoch; cuda/op_sync.cuh).
   uint32_t epoch;
-  uint32_t pad0[63];
+  uint32_t blocks_done;
+  uint32_t pad0[62];
   // Local: totals of ring slots this rank pushed to / consumed from each peer, per channel.
   // Every op drains its rings, so sender and receiver totals agree at each op's start.
   uint64_t sent_total[kMaxChannels][kMaxRanks];

@@ -1,7 +1,7 @@
 // Launchers of the normal-mode (intranode) kernels and their argument structs.
 //
 // Receive order is (source rank, source token index), so the row a token lands in on each rank
-// is a pure function of the layout (`send_row`, computed by the notify kernel). Senders put
+// is a pure function of the layout (`send_row`, computed by the dispatch kernel). Senders put
 // rows for their own rank straight into the output; rows for a peer go through a ring of
 // slots in the peer's communication buffer (channel c carries the sender's tokens
 // [T*c/C, T*(c+1)/C) in order), and the peer's receiver block moves each slot to its row.
@@ -25,8 +25,8 @@ struct LayoutArgs {
   bool* is_token_in_rank;          // [T, R]
 };
 
-// Inputs and outputs of the notify step (the count exchange; per-token positions are computed
-// by the dispatch kernel, one channel per block).
+// Inputs and outputs of a first dispatch's count exchange (cuda/notify.cuh; per-token positions
+// are computed by the sender blocks, one channel each).
 struct NotifyArgs {
   int num_experts, expert_alignment;
   const int32_t* num_tokens_per_rank;    // [R]
@@ -103,9 +103,9 @@ struct DispatchArgs {
   struct Positions {
     int32_t* send_row;
     int32_t* send_count_before;
-    const int32_t* send_offset;  // [R] from the notify step
-  } positions;                   // all null in cached mode
-  const int32_t* num_recv_tokens;
+  } positions;                      // null in cached mode
+  NotifyArgs notify;                // a first dispatch's count exchange (unused in cached mode)
+  const int32_t* num_recv_tokens;   // cached mode: from the handle
   RingShape ring;
   DispatchSlot slot;
 };
@@ -135,10 +135,8 @@ cudaError_t prepare_dispatch();
 cudaError_t prepare_combine();
 
 cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
-// Exchanges counts with every peer (a barrier too) and fills the handle arrays.
-cudaError_t launch_notify(const RankInfo& info, const NotifyArgs& args, cudaStream_t stream);
-// A barrier over all ranks: every peer finished its previous op (so all rings are drained).
-cudaError_t launch_barrier(const RankInfo& info, cudaStream_t stream);
+// One kernel per op: each starts with the barrier over all ranks (cuda/op_sync.cuh), and a first
+// dispatch also exchanges the counts and fills the handle's arrays.
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream);
 

@@ -1,4 +1,5 @@
-// Normal-mode combine over NVLink: the reverse of dispatch.
+// Normal-mode combine over NVLink: the reverse of dispatch, one kernel per op (every block first
+// passes the op barrier of cuda/op_sync.cuh).
 //
 // Block 2c sends channel c, block 2c+1 receives it (with one rank every block receives).
 //  - sender warps, one group per peer s: the rows this rank received from s whose source tokens
@@ -13,6 +14,7 @@
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/op_sync.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -222,6 +224,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
       }
       combine_token(info, args, rows, t, pipe);
     }
+    if (threadIdx.x % 32 == 0) pipe.flush();  // the ring slots are read: the senders may refill them
     __threadfence();
     __syncthreads();
     if (d < num_ranks && d != me)
@@ -236,6 +239,9 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
+  const uint32_t epoch = op_epoch(info);
+  if (blockIdx.x == 0) announce_op(info, epoch);
+  wait_for_peers(info, epoch);
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
@@ -246,6 +252,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo 
     receive_tokens(info, args, channel, pipe);
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
+  finish_op(info, epoch);
 }
 
 }  // namespace

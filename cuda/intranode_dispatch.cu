@@ -1,7 +1,8 @@
-// Normal-mode dispatch (and cached dispatch) over NVLink.
+// Normal-mode dispatch (and cached dispatch) over NVLink, one kernel per op.
 //
-// Block 2c sends channel c, block 2c+1 receives it (with one rank, every block sends its own
-// channel). Inside a block the warps form one group per peer rank:
+// Every block first passes the op barrier (cuda/op_sync.cuh); a first dispatch exchanges its
+// counts on the way (cuda/notify.cuh). Block 2c sends channel c, block 2c+1 receives it (with one
+// rank, every block sends its own channel). Inside a block the warps form one group per peer rank:
 //  - sender group for a peer: announces the channel's slot count, then pushes its tokens for
 //    that peer into the peer's ring chunk by chunk (waiting for ring space, publishing the tail);
 //    the group for this rank itself writes rows straight to their final output row;
@@ -11,6 +12,8 @@
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/notify.cuh"
+#include "cuda/op_sync.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -91,7 +94,8 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
 
 // Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
 // Counts tokens before the channel, then scans the channel a block-width at a time (ballots).
-__device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range) {
+__device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range,
+                                  const int (&send_offset)[kMaxRanks]) {
   __shared__ int running[kMaxRanks];
   __shared__ int warp_totals[kIntranodeWarps][kMaxRanks];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -128,7 +132,7 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
       if (valid) {
         const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
         args.positions.send_count_before[at] = count;
-        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? args.positions.send_offset[d] + count : -1;
+        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? send_offset[d] + count : -1;
       }
     }
     __syncthreads();
@@ -239,6 +243,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
       deliver<Source::kRing>(args, pipe, me, experts_per_rank, meta.y, src, meta.x, slot_source(args, slot, p), lane);
     }
     done += ready;
+    if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
     __threadfence();
     named_barrier(g.barrier_id, g.threads());
     if (g.leader) store_release(&theirs->head[channel][me], base + done);
@@ -247,16 +252,24 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+  __shared__ RankCounts counts;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = solo || blockIdx.x % 2 == 0;
+  const bool first = args.positions.send_row != nullptr;  // not cached: exchange counts, compute positions
   const int experts_per_rank = args.num_experts / num_ranks;
-  const uint32_t epoch = header_of(info.buffers[me])->epoch;  // set by the notify / barrier launch
+  const uint32_t epoch = op_epoch(info);
+  if (blockIdx.x == 0) {
+    if (first) post_counts(info, args.notify, epoch);
+    announce_op(info, epoch);
+  }
+  wait_for_peers(info, epoch);
+  if (first) read_counts(info, args.notify, epoch, counts);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
-  fill_padding(args, *args.num_recv_tokens);
-  if (sender && args.positions.send_row) {
-    compute_positions(args, num_ranks, range);
+  fill_padding(args, first ? counts.num_recv : *args.num_recv_tokens);
+  if (sender && first) {
+    compute_positions(args, num_ranks, range, counts.send_offset);
     __syncthreads();
   }
 
@@ -264,17 +277,19 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
   const PeerGroup g = peer_group(num_ranks);
-  if (g.peer >= num_ranks) return;  // spare warps when R does not divide the warp count
-  if (sender) {
-    if (g.peer == me) {
-      send_to_self(info, args, pipe, g, range, experts_per_rank);
-    } else {
-      send_to_peer(info, args, pipe, args.slot, g, channel, range, epoch);
+  if (g.peer < num_ranks) {  // spare warps when R does not divide the warp count
+    if (sender) {
+      if (g.peer == me) {
+        send_to_self(info, args, pipe, g, range, experts_per_rank);
+      } else {
+        send_to_peer(info, args, pipe, args.slot, g, channel, range, epoch);
+      }
+    } else if (g.peer != me) {
+      receive_from_peer(info, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
     }
-  } else if (g.peer != me) {
-    receive_from_peer(info, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
+  finish_op(info, epoch);
 }
 
 }  // namespace

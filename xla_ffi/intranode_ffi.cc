@@ -1,6 +1,6 @@
 // XLA FFI handlers of the normal (intranode) mode. Each looks up the communication buffer of
-// its (Buffer id, device ordinal), decodes its buffers and launches on XLA's stream; none of
-// them synchronises with the host.
+// its (Buffer id, device ordinal), decodes its buffers and launches one kernel on XLA's stream;
+// none of them synchronises with the host.
 //
 // Argument order (optional ones present when the matching attribute says so) is documented at
 // each handler and mirrored by jax_deepep/gpu/backend.py.
@@ -153,19 +153,16 @@ ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, int64_t buffer_id,
     n.num_experts = static_cast<int>(num_experts);
     n.expert_alignment = static_cast<int>(expert_alignment);
     d.num_experts = n.num_experts;
-    d.positions.send_offset = n.send_offset;
+    d.notify = n;
     d.send_row = d.positions.send_row;
     d.send_count_before = d.positions.send_count_before;
-    d.num_recv_tokens = n.num_recv_tokens;
     d.ring = RingShape{static_cast<int>(num_channels), static_cast<int>(ring_slots), static_cast<int>(chunk_tokens)};
     const int part_bytes[2] = {d.parts[0].row_bytes, d.parts[1].row_bytes};
     d.slot = dispatch_slot(part_bytes, d.num_parts, d.num_topk);
     if (n.num_experts / s->num_ranks > kMaxLocalExperts) return invalid("jax_deepep: too many local experts");
     if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
 
-    const RankInfo info = s->info();
-    if (ffi::Error e = cuda_error(launch_notify(info, n, stream), "notify kernel"); e.failure()) return e;
-    return cuda_error(launch_dispatch(info, d, stream), "dispatch kernel");
+    return cuda_error(launch_dispatch(s->info(), d, stream), "dispatch kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
   }
@@ -210,9 +207,7 @@ ffi::Error cached_dispatch_impl(cudaStream_t stream, int32_t device, int64_t buf
     d.slot = dispatch_slot(part_bytes, d.num_parts, d.num_topk);
     if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
 
-    const RankInfo info = s->info();
-    if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
-    return cuda_error(launch_dispatch(info, d, stream), "cached dispatch kernel");
+    return cuda_error(launch_dispatch(s->info(), d, stream), "cached dispatch kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
   }
@@ -259,9 +254,7 @@ ffi::Error combine_impl(cudaStream_t stream, int32_t device, int64_t buffer_id, 
     c.slot = combine_slot(c.hidden, c.num_topk);
     if (ffi::Error e = check_ring(*s, c.ring, c.slot.bytes); e.failure()) return e;
 
-    const RankInfo info = s->info();
-    if (ffi::Error e = cuda_error(launch_barrier(info, stream), "barrier kernel"); e.failure()) return e;
-    return cuda_error(launch_combine(info, c, stream), "combine kernel");
+    return cuda_error(launch_combine(s->info(), c, stream), "combine kernel");
   } catch (const std::exception& e) {
     return invalid(e.what());
   }

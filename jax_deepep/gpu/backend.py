@@ -49,6 +49,13 @@ def _i64(v) -> np.int64:
     return np.int64(v)
 
 
+def _kernel_expert_ids(topk_idx, num_experts: int):
+    """Expert ids as the kernels take them: int32 ids go in as they are (the kernels treat
+    anything outside [0, E) as -1 themselves); wider ids are narrowed by `valid_expert_ids`,
+    which checks them first (narrowing could wrap them into range)."""
+    return topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, num_experts)
+
+
 def _shape(a, rows=None):
     return jax.ShapeDtypeStruct(((rows,) if rows is not None else a.shape[:1]) + tuple(a.shape[1:]), a.dtype)
 
@@ -135,7 +142,7 @@ class CudaBackend:
             "jax_deepep_layout",
             (jax.ShapeDtypeStruct((ctx.num_ranks,), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
              jax.ShapeDtypeStruct((num_tokens, ctx.num_ranks), jnp.bool_)),
-            valid_expert_ids(topk_idx, num_experts), axis_name=ctx.axis_name,
+            _kernel_expert_ids(topk_idx, num_experts), axis_name=ctx.axis_name,
             num_experts=_i64(num_experts), num_ranks=_i64(ctx.num_ranks))
         return DispatchLayout(per_rank, None, per_expert, in_rank)
 
@@ -153,7 +160,7 @@ class CudaBackend:
         args = list(parts)
         results = [_shape(p, n) for p in parts]
         if has_topk:
-            args.append(valid_expert_ids(topk_idx, num_experts))
+            args.append(_kernel_expert_ids(topk_idx, num_experts))
             results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.int32))
         if has_weights:
             args.append(topk_weights.astype(jnp.float32))
