@@ -86,9 +86,17 @@ __device__ __forceinline__ void accumulate(float (&acc)[8], int4 v) {
   }
 }
 
-// Where token t's rows are: this rank's own row in `y`, or a slot of a peer's ring.
+// Where a token's rows are: this rank's own row in `y`, or a slot of a peer's ring.
+// A token's rows as positions: this rank's row in `y`, or the slot index in a peer's ring past
+// what this channel's op started with; -1 where it was not sent (or was dropped).
+struct TokenPositions {
+  int token;
+  int at[kMaxRanks];
+};
+
 struct TokenRows {
-  const char* row[kMaxRanks];  // null where t was not sent (or was dropped)
+  int token;
+  const char* row[kMaxRanks];  // null where it was not sent (or was dropped)
 };
 
 // Sums token t's rows (f32, rank order), adds the biases and rounds once into `out`.
@@ -136,9 +144,8 @@ __device__ void combine_row(const RankInfo& info, const CombineArgs& args, const
   }
 }
 
-__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, int t,
-                              BulkPipe& pipe) {
-  const int me = info.rank, lane = threadIdx.x % 32;
+__device__ void combine_token(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, BulkPipe& pipe) {
+  const int me = info.rank, lane = threadIdx.x % 32, t = rows.token;
   int sources = 0;
   const char* only = nullptr;
 #pragma unroll
@@ -176,6 +183,7 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
 __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel, BulkPipe& pipe) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
+  __shared__ int sent_first[kMaxRanks];  // tokens before the channel sent to each rank
   const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
@@ -192,6 +200,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
   if (d < num_ranks) {
     base[d] = mine->consumed_total[channel][d];
     limit[d] = args.capacity - args.send_offset[d];
+    sent_first[d] = before(range.first, d);
   }
   __syncthreads();
 
@@ -207,23 +216,33 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
     __syncthreads();
     // The ring slots were acquired through generic loads; the bulk engine may read them next.
     if (threadIdx.x % 32 == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
-    for (int t = chunk + warp; t < chunk_end; t += kIntranodeWarps) {
-      TokenRows rows;
+    // Each token's row positions are loaded one token ahead of its copy or sum (as small ints,
+    // which stay in registers across the sum).
+    auto positions = [&](int t) {
+      TokenPositions p;
+      p.token = t;
 #pragma unroll
       for (int r = 0; r < kMaxRanks; ++r) {
-        rows.row[r] = nullptr;
+        p.at[r] = -1;
         if (r >= num_ranks) continue;
         const int row = args.send_row[static_cast<int64_t>(t) * num_ranks + r];
         if (row < 0 || row >= args.capacity) continue;
-        if (r == me) {
-          rows.row[r] = reinterpret_cast<const char*>(args.y + static_cast<int64_t>(row) * args.hidden);
-        } else {
-          const uint64_t index = base[r] + before(t, r) - before(range.first, r);
-          rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, index);
-        }
+        p.at[r] = r == me ? row : before(t, r) - sent_first[r];
       }
-      combine_token(info, args, rows, t, pipe);
-    }
+      return p;
+    };
+    for_each_ahead(chunk + warp, chunk_end, kIntranodeWarps, positions, [&](const TokenPositions& p) {
+      TokenRows rows;
+      rows.token = p.token;
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r) {
+        rows.row[r] = nullptr;
+        if (p.at[r] < 0) continue;
+        rows.row[r] = r == me ? reinterpret_cast<const char*>(args.y + static_cast<int64_t>(p.at[r]) * args.hidden)
+                              : ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, base[r] + p.at[r]);
+      }
+      combine_token(info, args, rows, pipe);
+    });
     if (threadIdx.x % 32 == 0) pipe.flush();  // the ring slots are read: the senders may refill them
     __threadfence();
     __syncthreads();

@@ -64,6 +64,19 @@ __device__ __forceinline__ PeerGroup peer_group(int num_ranks) {
   return g;
 }
 
+// Runs body(load(i)) for i = first, first + step, ... < last, calling load(i + step) before body(i):
+// the next item's loads are in flight while the current one is copied.
+template <typename Load, typename Body>
+__device__ __forceinline__ void for_each_ahead(int first, int last, int step, Load load, Body body) {
+  if (first >= last) return;
+  auto next = load(first);
+  for (int i = first; i < last; i += step) {
+    const auto current = next;
+    if (i + step < last) next = load(i + step);
+    body(current);
+  }
+}
+
 // Address of slot `index` (a monotonic total, wrapped here) of ring (channel, src) in `buffer`.
 __device__ __forceinline__ char* ring_slot(char* buffer, int channel, int src, int num_ranks, int slots,
                                            int slot_bytes, uint64_t index) {

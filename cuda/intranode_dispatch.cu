@@ -19,12 +19,51 @@
 namespace jax_deepep {
 namespace {
 
-// Where one token's row comes from: the sender's inputs or a ring slot.
-struct TokenSource {
+// One token as a warp moves it: where its payload parts are, and its metadata, loaded into
+// registers one token ahead of its copy (for_each_ahead) so that no warp waits on a small load
+// queued behind the bulk traffic. Lanes below K hold one expert id and weight each.
+struct Token {
   const char* part[2];
-  const int32_t* topk_idx;   // global expert ids, or null
-  const float* topk_weights;  // or null
+  int index;       // source token index
+  int row;         // destination row on the receiver (-1: not sent there)
+  bool sent;       // sender side: sent to the rank the warp serves
+  int position;    // sender side: tokens before it sent to that rank
+  int32_t expert;  // global expert id (raw: the receiver range-checks it), or -1
+  float weight;
 };
+
+// Sender side: token t of the inputs, as sent to rank `dst`.
+__device__ __forceinline__ Token input_token(const DispatchArgs& args, int num_ranks, int t, int dst, int lane) {
+  Token k;
+#pragma unroll
+  for (int p = 0; p < 2; ++p)
+    k.part[p] = p < args.num_parts ? args.parts[p].send + static_cast<int64_t>(t) * args.parts[p].row_bytes : nullptr;
+  const int64_t at = static_cast<int64_t>(t) * num_ranks + dst;
+  const int64_t pick = static_cast<int64_t>(t) * args.num_topk + lane;
+  k.index = t;
+  k.row = args.send_row[at];  // plain loads: a first dispatch wrote these positions in this launch
+  k.position = args.send_count_before[at];
+  k.sent = __ldg(reinterpret_cast<const unsigned char*>(args.is_token_in_rank) + at) != 0;
+  k.expert = args.topk_idx && lane < args.num_topk ? __ldg(args.topk_idx + pick) : -1;
+  k.weight = args.topk_weights && lane < args.num_topk ? __ldg(args.topk_weights + pick) : 0.0f;
+  return k;
+}
+
+// Receiver side: the token in ring slot `p` (written by a peer: cache-volatile loads).
+__device__ __forceinline__ Token ring_token(const DispatchArgs& args, const DispatchSlot& slot, const char* p, int lane) {
+  Token k;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) k.part[i] = p + slot.part_offset[i];
+  const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
+  k.index = meta.x;
+  k.row = meta.y;
+  k.sent = true;
+  k.position = 0;
+  const bool picks = lane < args.num_topk;
+  k.expert = args.topk_idx && picks ? __ldcv(reinterpret_cast<const int*>(p + slot.topk_idx_offset) + lane) : -1;
+  k.weight = args.topk_weights && picks ? __ldcv(reinterpret_cast<const float*>(p + slot.topk_weights_offset) + lane) : 0.0f;
+  return k;
+}
 
 // One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
 template <Source kSource>
@@ -36,45 +75,25 @@ __device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* 
   }
 }
 
-// Writes one received token into output row `row` (< capacity), converting expert ids to local.
+// Writes token `k` into its output row (< capacity), converting expert ids to local ones.
 template <Source kSource>
 __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe, int me, int experts_per_rank,
-                                        int row, int source_rank, int token, const TokenSource& src, int lane) {
-  for (int p = 0; p < args.num_parts; ++p) {
+                                        const Token& k, int source_rank, int lane) {
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {  // constant indices keep `k` in registers
+    if (p >= args.num_parts) break;
     const int bytes = args.parts[p].row_bytes;
-    copy_row<kSource>(pipe, args.parts[p].recv + static_cast<int64_t>(row) * bytes, src.part[p], bytes, lane);
+    copy_row<kSource>(pipe, args.parts[p].recv + static_cast<int64_t>(k.row) * bytes, k.part[p], bytes, lane);
   }
   if (lane < args.num_topk) {
-    const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
-    int local = -1;
-    if (src.topk_idx) {
-      const int e = reinterpret_cast<const volatile int32_t*>(src.topk_idx)[lane];
-      if (e >= 0 && e < args.num_experts && e / experts_per_rank == me) local = e - me * experts_per_rank;
-      args.recv_topk_idx[at] = local;
-    }
-    if (src.topk_weights) {
-      const float w = reinterpret_cast<const volatile float*>(src.topk_weights)[lane];
-      args.recv_topk_weights[at] = (src.topk_idx && local < 0) ? 0.0f : w;
-    }
+    const int64_t at = static_cast<int64_t>(k.row) * args.num_topk + lane;
+    const int e = k.expert;
+    const bool mine = e >= 0 && e < args.num_experts && e / experts_per_rank == me;
+    if (args.topk_idx) args.recv_topk_idx[at] = mine ? e - me * experts_per_rank : -1;
+    if (args.topk_weights) args.recv_topk_weights[at] = (args.topk_idx && !mine) ? 0.0f : k.weight;
   }
-  if (lane == 0 && args.recv_src_idx) args.recv_src_idx[row] = token;
-  if (lane == 0 && args.recv_src_rank) args.recv_src_rank[row] = source_rank;
-}
-
-__device__ __forceinline__ TokenSource input_source(const DispatchArgs& args, int t) {
-  TokenSource s{};
-  for (int p = 0; p < args.num_parts; ++p) s.part[p] = args.parts[p].send + static_cast<int64_t>(t) * args.parts[p].row_bytes;
-  s.topk_idx = args.topk_idx ? args.topk_idx + static_cast<int64_t>(t) * args.num_topk : nullptr;
-  s.topk_weights = args.topk_weights ? args.topk_weights + static_cast<int64_t>(t) * args.num_topk : nullptr;
-  return s;
-}
-
-__device__ __forceinline__ TokenSource slot_source(const DispatchArgs& args, const DispatchSlot& slot, const char* p) {
-  TokenSource s{};
-  for (int i = 0; i < args.num_parts; ++i) s.part[i] = p + slot.part_offset[i];
-  s.topk_idx = args.topk_idx ? reinterpret_cast<const int32_t*>(p + slot.topk_idx_offset) : nullptr;
-  s.topk_weights = args.topk_weights ? reinterpret_cast<const float*>(p + slot.topk_weights_offset) : nullptr;
-  return s;
+  if (lane == 0 && args.recv_src_idx) args.recv_src_idx[k.row] = k.index;
+  if (lane == 0 && args.recv_src_rank) args.recv_src_rank[k.row] = source_rank;
 }
 
 // Rows past the received tokens: no expert, zero weight, no source.
@@ -101,11 +120,29 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (threadIdx.x < kMaxRanks) running[threadIdx.x] = 0;
   __syncthreads();
+  // The flags of the tokens before the channel, 16 bytes per thread and load: late channels would
+  // otherwise chain several loads, each queued behind the other blocks' bulk traffic.
   int before[kMaxRanks] = {};
-  for (int t = threadIdx.x; t < range.first; t += blockDim.x) {
+  const unsigned char* flags = reinterpret_cast<const unsigned char*>(args.is_token_in_rank);
+  const int flag_bytes = range.first * num_ranks;
+  for (int i = threadIdx.x * 16; i < flag_bytes; i += blockDim.x * 16) {
+    union {
+      uint4 v;
+      unsigned char b[16];
+    } chunk;
+    if (i + 16 <= flag_bytes) {
+      chunk.v = __ldg(reinterpret_cast<const uint4*>(flags + i));
+    } else {
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d)
-      if (d < num_ranks) before[d] += args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d] ? 1 : 0;
+      for (int j = 0; j < 16; ++j) chunk.b[j] = i + j < flag_bytes ? flags[i + j] : 0;
+    }
+    int d = i % num_ranks;  // destination of byte j: (i + j) % R
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r) before[r] += (r == d && chunk.b[j]) ? 1 : 0;
+      d = d + 1 == num_ranks ? 0 : d + 1;
+    }
   }
 #pragma unroll
   for (int d = 0; d < kMaxRanks; ++d) {
@@ -148,11 +185,13 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
 __device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const PeerGroup& g,
                              TokenRange range, int experts_per_rank) {
   const int me = info.rank, lane = threadIdx.x % 32;
-  for (int t = range.first + g.warp_in_group; t < range.last; t += g.warps) {
-    const int row = args.send_row[static_cast<int64_t>(t) * info.num_ranks + me];
-    if (row < 0 || row >= args.capacity) continue;  // not sent here, or dropped (past capacity)
-    deliver<Source::kInput>(args, pipe, me, experts_per_rank, row, me, t, input_source(args, t), lane);
-  }
+  for_each_ahead(
+      range.first + g.warp_in_group, range.last, g.warps,
+      [&](int t) { return input_token(args, info.num_ranks, t, me, lane); },
+      [&](const Token& k) {
+        if (k.row < 0 || k.row >= args.capacity) return;  // not sent here, or dropped (past capacity)
+        deliver<Source::kInput>(args, pipe, me, experts_per_rank, k, me, lane);
+      });
 }
 
 __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const DispatchSlot& slot,
@@ -182,20 +221,22 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
                kRingSpaceTimeout, dst, channel);
     }
     named_barrier(g.barrier_id, g.threads());
-    for (int t = chunk + g.warp_in_group; t < chunk_end; t += g.warps) {
-      const int64_t at = static_cast<int64_t>(t) * num_ranks + dst;
-      if (!args.is_token_in_rank[at]) continue;
-      char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, slot.bytes,
-                          base + args.send_count_before[at] - first);
-      if (lane == 0) *reinterpret_cast<int2*>(p) = make_int2(t, args.send_row[at]);
-      const TokenSource src = input_source(args, t);
-      for (int i = 0; i < args.num_parts; ++i)
-        copy_row<Source::kInput>(pipe, p + slot.part_offset[i], src.part[i], args.parts[i].row_bytes, lane);
-      if (lane < args.num_topk) {
-        if (src.topk_idx) reinterpret_cast<int32_t*>(p + slot.topk_idx_offset)[lane] = src.topk_idx[lane];
-        if (src.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = src.topk_weights[lane];
-      }
-    }
+    for_each_ahead(
+        chunk + g.warp_in_group, chunk_end, g.warps, [&](int t) { return input_token(args, num_ranks, t, dst, lane); },
+        [&](const Token& k) {
+          if (!k.sent) return;
+          char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, slot.bytes, base + k.position - first);
+          if (lane == 0) *reinterpret_cast<int2*>(p) = make_int2(k.index, k.row);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (i >= args.num_parts) break;
+            copy_row<Source::kInput>(pipe, p + slot.part_offset[i], k.part[i], args.parts[i].row_bytes, lane);
+          }
+          if (lane < args.num_topk) {
+            if (args.topk_idx) reinterpret_cast<int32_t*>(p + slot.topk_idx_offset)[lane] = k.expert;
+            if (args.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = k.weight;
+          }
+        });
     if (lane == 0) pipe.drain();
     __syncwarp();
     __threadfence_system();
@@ -236,12 +277,16 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
     const int64_t ready = shared_count[src];
     // The slots were acquired through generic loads; the bulk engine reads them next.
     if (lane == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
-    for (int64_t k = g.warp_in_group; k < ready; k += g.warps) {
-      const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + k);
-      const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
-      if (meta.y < 0 || meta.y >= args.capacity) continue;  // dropped (past capacity)
-      deliver<Source::kRing>(args, pipe, me, experts_per_rank, meta.y, src, meta.x, slot_source(args, slot, p), lane);
-    }
+    for_each_ahead(
+        g.warp_in_group, static_cast<int>(ready), g.warps,
+        [&](int i) {
+          const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + i);
+          return ring_token(args, slot, p, lane);
+        },
+        [&](const Token& k) {
+          if (k.row < 0 || k.row >= args.capacity) return;  // dropped (past capacity)
+          deliver<Source::kRing>(args, pipe, me, experts_per_rank, k, src, lane);
+        });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
     __threadfence();
