@@ -40,8 +40,8 @@ bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a 
 
 run_step() {
   case $1 in
-    gpu_tests) step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_intranode.py \
-                 tests/test_gpu_low_latency.py ;;
+    gpu_tests) step gpu_tests 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_intranode.py \
+                 tests/test_gpu_low_latency.py tests/test_gpu_fp8.py ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
