@@ -86,7 +86,6 @@ __device__ __forceinline__ void accumulate(float (&acc)[8], int4 v) {
   }
 }
 
-// Where a token's rows are: this rank's own row in `y`, or a slot of a peer's ring.
 // A token's rows as positions: this rank's row in `y`, or the slot index in a peer's ring past
 // what this channel's op started with; -1 where it was not sent (or was dropped).
 struct TokenPositions {
@@ -94,6 +93,7 @@ struct TokenPositions {
   int at[kMaxRanks];
 };
 
+// Where a token's rows are: this rank's own row in `y`, or a slot of a peer's ring.
 struct TokenRows {
   int token;
   const char* row[kMaxRanks];  // null where it was not sent (or was dropped)
