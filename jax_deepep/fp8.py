@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import FP8_BLOCK
+from .rounding import round_to
 
 FP8_MAX = 448.0
 _INVERSE_FP8_MAX = np.float32(1.0 / FP8_MAX)
@@ -23,6 +24,11 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     oracle round alike, as DeepEP's kernels compute it: scale = amax * f32(1 / 448) and values
     x * (448 / amax) (x * (1 / scale) with `round_scale`). A division by a broadcast scale would not
     do: XLA rewrites it into a multiplication by the reciprocal, which moves ties of bf16 inputs.
+    Nor does XLA:GPU's f32 division (a quarter of its `448 / amax` quotients are an ulp off the
+    IEEE quotient the kernels and numpy compute, measured on the H200), hence
+    `_correctly_rounded_quotient`.
+    The e4m3 values are rounded through a barrier (`round_to`): otherwise XLA:GPU folds a cast
+    followed by `per_block_cast_back` in the same program into no rounding at all.
     """
     *lead, h = x.shape
     blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
@@ -30,13 +36,48 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     scale = amax * _INVERSE_FP8_MAX
     if round_scale or use_ue8m0:
         scale = _round_up_to_power_of_two(scale)
-        inverse = 1.0 / scale  # exact: a power of two
+        inverse = _correctly_rounded_quotient(1.0, scale)  # a power of two
     else:
-        inverse = FP8_MAX / amax
-    q = (blocks * inverse[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, h)
+        inverse = _correctly_rounded_quotient(FP8_MAX, amax)
+    q = round_to(blocks * inverse[..., None], jnp.float8_e4m3fn).reshape(*lead, h)
     if not use_ue8m0:
         return q, scale
     return q, pack_ue8m0(scale)
+
+
+def _correctly_rounded_quotient(numerator: float, denominator):
+    """`numerator / denominator` rounded to nearest even, as IEEE f32 division, from integer steps.
+
+    `numerator` is a positive normal f32 constant; `denominator` positive normal f32 (an amax of
+    at least `_MIN_AMAX`, or a scale). The significands are divided bit by bit (26 quotient bits:
+    the 24 kept, a round bit and one more when the quotient's significand is below 1), the rest
+    of the remainder decides ties. Other denominators (inf, NaN), and quotients outside the normal
+    range, fall back to XLA's division.
+    """
+    num_bits = int(np.float32(numerator).view(np.uint32))
+    num_exponent, num_significand = num_bits >> 23, jnp.uint32((num_bits & 0x7FFFFF) | 0x800000)
+    bits = jax.lax.bitcast_convert_type(denominator, jnp.uint32)
+    exponent = (bits >> 23).astype(jnp.int32)
+    significand = (bits & 0x7FFFFF) | 0x800000
+    remainder, quotient = jnp.broadcast_to(num_significand, bits.shape), jnp.zeros_like(bits)
+    for _ in range(26):  # quotient = floor(num_significand * 2^25 / significand), in [2^24, 2^26)
+        bit = remainder >= significand
+        quotient = (quotient << 1) | bit.astype(jnp.uint32)
+        remainder = (remainder - jnp.where(bit, significand, 0)) << 1
+    wide = quotient >= (1 << 25)  # significand ratio >= 1: one more bit to drop
+    drop = jnp.where(wide, 2, 1).astype(jnp.uint32)
+    kept = quotient >> drop
+    dropped = quotient & ((jnp.uint32(1) << drop) - 1)
+    half = jnp.uint32(1) << (drop - 1)
+    round_up = (dropped > half) | ((dropped == half) & ((remainder != 0) | ((kept & 1) == 1)))
+    kept = kept + round_up.astype(jnp.uint32)
+    carry = kept >= (1 << 24)  # rounding overflowed to the next power of two
+    kept = jnp.where(carry, kept >> 1, kept)
+    result_exponent = num_exponent - exponent + 127 - 1 + wide.astype(jnp.int32) + carry.astype(jnp.int32)
+    result = (result_exponent.astype(jnp.uint32) << 23) | (kept & 0x7FFFFF)
+    exact = jax.lax.bitcast_convert_type(result, jnp.float32)
+    usable = (exponent > 0) & (exponent < 255) & (result_exponent > 0) & (result_exponent < 255)
+    return jnp.where(usable, exact, np.float32(numerator) / denominator)
 
 
 def _round_up_to_power_of_two(scale):
@@ -66,9 +107,10 @@ def unpack_ue8m0(packed):
 
 
 def per_block_cast_back(x_fp8, scales, dtype=jnp.bfloat16):
-    """Dequantise `(x_fp8, scales)`; int32 scales are read as packed UE8M0."""
+    """Dequantise `(x_fp8, scales)`; int32 scales are read as packed UE8M0. The result is rounded
+    to `dtype` for good (`round_to`), as a kernel's bf16 output is, whatever reads it next."""
     if scales.dtype == jnp.int32:
         scales = unpack_ue8m0(scales)
     *lead, h = x_fp8.shape
     blocks = x_fp8.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
-    return (blocks * scales[..., None]).reshape(*lead, h).astype(dtype)
+    return round_to((blocks * scales[..., None]).reshape(*lead, h), dtype)

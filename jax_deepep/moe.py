@@ -247,9 +247,7 @@ def dense_moe(params: dict, x, config: MoEConfig, token_mask=None, *, bf16_exper
     x = x.astype(jnp.bfloat16)
     routing = route(params["router"], x, config, token_mask)
     if config.use_fp8:  # the experts see what FP8 dispatch delivers; gradients pass straight through
-        # The barrier keeps XLA:GPU from folding the f32 -> fp8 -> f32 converts into nothing.
-        x_fp8 = jax.lax.optimization_barrier(per_block_cast_to_fp8(x))
-        x = x + jax.lax.stop_gradient(per_block_cast_back(*x_fp8) - x)
+        x = x + jax.lax.stop_gradient(per_block_cast_back(*per_block_cast_to_fp8(x)) - x)
     gates = jnp.sum(jax.nn.one_hot(routing.topk_idx, config.num_experts, dtype=jnp.float32)
                     * routing.topk_weights[..., None], axis=1)  # [T, E]; one_hot(-1) is all zeros
     every_expert = jax.vmap(swiglu, in_axes=(0, 0, 0, None))(params["w_gate"], params["w_up"], params["w_down"], x)

@@ -31,6 +31,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and 
   [ "$rc" = 0 ] || status=1
 }
 
+gpu_test() {  # gpu_test NAME LIMIT_S FILE: one GPU test file; workers stop before the limit, logs kept
+  local name=$1 limit=$2 file=$3
+  JAX_DEEPEP_WORKER_TIMEOUT_S=$((limit - 20)) JAX_DEEPEP_WORKER_LOGS="$LOGS/workers" \
+    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file"
+  pkill -9 -f "$file" 2>/dev/null  # workers of a run cut short must not hold the GPU for the next step
+}
+
 bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a profile, trace kept
   local name=$1; shift
   TAIL=45 step "$name" 200 "$PY" -m jax_deepep.bench --json "$LOGS/$name.json" --png "$LOGS/$name.png" \
@@ -40,8 +47,9 @@ bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a 
 
 run_step() {
   case $1 in
-    gpu_tests) step gpu_tests 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_intranode.py \
-                 tests/test_gpu_low_latency.py tests/test_gpu_fp8.py ;;
+    gpu_tests) gpu_test gpu_fp8 90 tests/test_gpu_fp8.py
+               gpu_test gpu_intranode 240 tests/test_gpu_intranode.py
+               gpu_test gpu_low_latency 260 tests/test_gpu_low_latency.py ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check

@@ -5,6 +5,7 @@ R = 1 runs in one process; R > 1 runs as that many processes sharing the first v
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pathlib
 import shutil
@@ -15,7 +16,9 @@ import time
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
-WORKER_TIMEOUT_S = 540
+# A worker running past this is killed (JAX_DEEPEP_WORKER_TIMEOUT_S overrides it; a device script
+# sets it below its own step limit, so the workers' output still comes back).
+WORKER_TIMEOUT_S = float(os.environ.get("JAX_DEEPEP_WORKER_TIMEOUT_S", 540))
 
 
 def has_gpu() -> bool:
@@ -41,20 +44,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, num_ranks: int, env: dict):
-    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits 0."""
+def run_workers(script: str, num_ranks: int, env: dict, tag: str = ""):
+    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits 0.
+
+    With JAX_DEEPEP_WORKER_LOGS set, each worker writes its output to a file in that folder as it
+    goes, so a run cut short from outside still leaves what every rank printed (`tag` tells
+    variants with the same R apart there).
+    """
     port = _free_port()
+    log_dir = os.environ.get("JAX_DEEPEP_WORKER_LOGS")
+    logs = []
+    for r in range(num_ranks):
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            logs.append(open(pathlib.Path(log_dir) / f"{pathlib.Path(script).stem}_R{num_ranks}{tag}_rank{r}.log", "w+"))
+        else:
+            logs.append(subprocess.PIPE)
     procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--num-ranks", str(num_ranks),
-                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "--port", str(port)], env=env, stdout=logs[r], stderr=subprocess.STDOUT,
                               text=True) for r in range(num_ranks)]
     outputs, deadline = [], time.time() + WORKER_TIMEOUT_S
     for p in procs:
         try:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0] or "")
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            outputs.append(p.communicate()[0] + "\n[killed: worker timed out]")
+            outputs.append((p.communicate()[0] or "") + "\n[killed: worker timed out]")
+    for r, log in enumerate(logs):
+        if log is not subprocess.PIPE:
+            log.seek(0)
+            outputs[r] = log.read() + outputs[r]
+            log.close()
     for r, (p, out) in enumerate(zip(procs, outputs)):
         print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
     assert all(p.returncode == 0 for p in procs), f"a worker failed (R={num_ranks}); see the output above"
+
+
+def arm_watchdog():
+    """In a worker: print every thread's Python stack shortly before the launcher kills it."""
+    faulthandler.enable()  # a crash in native code still names the Python frame
+    faulthandler.dump_traceback_later(max(1.0, WORKER_TIMEOUT_S - 15), exit=False)

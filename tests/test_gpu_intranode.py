@@ -395,9 +395,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
 
 
 if __name__ == "__main__":
-    import faulthandler
-
-    faulthandler.enable()  # a crash in native code still names the Python frame
+    gpu_workers.arm_watchdog()
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)

@@ -3,12 +3,15 @@
 Every check runs in fresh worker processes (this file run as a script), since NVSHMEM lives once
 per process: R = 1 in one process, and R = 2 and 4 as processes sharing GPU 0 (NVSHMEM PEs,
 jax.distributed; no XLA collectives between them, so each process compares its own shard with the
-oracle computed from the same seeded global data). The R = 1 worker also checks the bench's size
-and ends with the timeout check. Timing lives in `python -m jax_deepep.bench --mode low_latency`.
+oracle computed from the same seeded global data). R = 2 and 4 run again as nodes of one and two
+ranks (`direct_group`): rows to a peer on another "node" travel as nvshmem puts from the staging
+buffer, as across hosts, although all PEs share the GPU. The R = 1 worker also checks the bench's
+size and ends with the timeout check. Timing lives in `python -m jax_deepep.bench --mode low_latency`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -23,6 +26,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 AXIS = "ep"
 TIMEOUT_CHECK_S = 3.0  # the R = 1 worker's kernel timeout, short so the timeout check is quick
+_DIRECT_GROUP_VARIABLE = "JAX_DEEPEP_TEST_DIRECT_GROUP"  # the workers' `direct_group` (0: every peer)
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
@@ -39,7 +43,7 @@ def _skip_reason():
     return None
 
 
-def _run_workers(num_ranks: int):
+def _run_workers(num_ranks: int, direct_group: int = 0):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -48,7 +52,11 @@ def _run_workers(num_ranks: int):
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     if num_ranks == 1:
         env["JAX_DEEPEP_TIMEOUT_S"] = str(TIMEOUT_CHECK_S)
-    gpu_workers.run_workers(__file__, num_ranks, env)
+    tag = ""
+    if direct_group:
+        env[_DIRECT_GROUP_VARIABLE] = str(direct_group)
+        tag = f"_direct{direct_group}"
+    gpu_workers.run_workers(__file__, num_ranks, env, tag)
 
 
 @pytest.mark.gpu
@@ -66,6 +74,16 @@ def test_low_latency_four_ranks_on_one_gpu():
     _run_workers(4)
 
 
+@pytest.mark.gpu
+def test_low_latency_puts_two_nodes_of_one_rank():
+    _run_workers(2, direct_group=1)
+
+
+@pytest.mark.gpu
+def test_low_latency_puts_two_nodes_of_two_ranks():
+    _run_workers(4, direct_group=2)
+
+
 def test_checks_accept_the_pure_jax_ops(monkeypatch):
     """On CPU: the worker's checks pass with the pure-JAX backend in place of the kernels, so a GPU
     failure points at the kernels, not at this file. Two ranks as two CPU devices of one process;
@@ -75,7 +93,7 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     from jax_deepep.gpu import low_latency
     from jax_deepep.reference import ReferenceBackend
 
-    monkeypatch.setattr(low_latency, "LowLatencyKernels", lambda mesh, axis_name, num_rdma_bytes: ReferenceBackend())
+    monkeypatch.setattr(low_latency, "LowLatencyKernels", lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend())
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
@@ -90,7 +108,7 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
 class Worker:
     """One rank: builds the kernels object, runs dispatch + combine on global data, checks its shard."""
 
-    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int, devices=None):
+    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int, devices=None, direct_group=None):
         import jax
         from jax.sharding import Mesh
 
@@ -98,7 +116,7 @@ class Worker:
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        self.kernels = LowLatencyKernels(self.mesh, AXIS, num_rdma_bytes)
+        self.kernels = LowLatencyKernels(self.mesh, AXIS, num_rdma_bytes, direct_group=direct_group)
         self.failures = []
         self._compiled = {}
 
@@ -330,7 +348,8 @@ def worker_main(args):
 
     sizes = [BIG, ROUNDS] + ([BENCH] if args.num_ranks == 1 else [])
     num_rdma_bytes = max(low_latency_rdma_size_hint(s["m"], s["h"], args.num_ranks, s["e"]) for s in sizes)
-    worker = Worker(args.rank, args.num_ranks, num_rdma_bytes)
+    worker = Worker(args.rank, args.num_ranks, num_rdma_bytes,
+                    direct_group=int(os.environ.get(_DIRECT_GROUP_VARIABLE, 0)) or None)
     worker.check("correctness", lambda: correctness(worker, seed=1234))
     if args.num_ranks == 1:
         bench_size(worker)
@@ -342,6 +361,7 @@ def worker_main(args):
 
 
 if __name__ == "__main__":
+    gpu_workers.arm_watchdog()
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)

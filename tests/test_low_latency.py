@@ -156,6 +156,27 @@ def test_low_latency_fp8(rng, num_ranks, round_scale):
     check_combined(combined, y, weights, received)
 
 
+@pytest.mark.parametrize("numerator", [448.0, 1.0])
+def test_fp8_cast_divides_as_ieee(rng, numerator):
+    """The cast's `448 / amax` (and `1 / scale`) is the IEEE f32 quotient bit for bit, which the
+    kernels and the oracle compute and XLA:GPU's division is not (fp8.py)."""
+    import jax
+
+    from jax_deepep.fp8 import _correctly_rounded_quotient
+
+    denominators = np.concatenate([
+        np.abs(rng.standard_normal(50000)).astype(np.float32) + np.float32(1e-4),
+        np.abs(rng.standard_normal(50000)).astype(ml_dtypes.bfloat16).astype(np.float32) + np.float32(1e-4),
+        np.exp(rng.uniform(-80, 80, 50000)).astype(np.float32),
+        (2.0 ** np.arange(-100, 100)).astype(np.float32),
+        np.array([1e-4, 448, 1, 3.3e38, 2.35e-38], np.float32)])
+    got = np.asarray(jax.jit(lambda d: _correctly_rounded_quotient(numerator, d))(denominators))
+    with np.errstate(over="ignore", under="ignore"):
+        want = np.float32(numerator) / denominators
+    normal = np.abs(want) >= np.finfo(np.float32).tiny  # beyond that it falls back to XLA's division
+    np.testing.assert_array_equal(got[normal].view(np.uint32), want[normal].view(np.uint32))
+
+
 @pytest.mark.parametrize("num_ranks", [1, 4])
 def test_low_latency_fp8_ue8m0(rng, num_ranks):
     """UE8M0 scales: int32 [E_l, R*M, H // 512], four exponent bytes each, lowest block lowest."""

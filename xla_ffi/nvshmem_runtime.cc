@@ -63,12 +63,15 @@ int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int 
   return 0;
 }
 
-int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
+int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_group) {
   if (!g_nvshmem_up) return fail("NVSHMEM is not initialised");
   if (g_allocated) return fail("a low-latency buffer already exists in this process (destroy it first)");
   // The kernels compare elapsed nanoseconds with it unsigned: it must be positive and representable.
   if (!(timeout_s > 0.0 && timeout_s < 1e9)) return fail("the timeout must be in (0, 1e9) seconds");
   const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
+  if (direct_group < 1 || num_ranks % direct_group != 0) {
+    return fail("the direct-peer group must divide the number of ranks, got " + std::to_string(direct_group));
+  }
   // Receive halves, then one half of staging for puts to peers without a direct mapping.
   const uint64_t staging_bytes = num_bytes / 2;
   char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes));
@@ -84,7 +87,11 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s) {
   nvshmem_barrier_all();
 
   std::vector<char*> peers(num_ranks);
-  for (int pe = 0; pe < num_ranks; ++pe) peers[pe] = static_cast<char*>(nvshmem_ptr(buffer, pe));
+  for (int pe = 0; pe < num_ranks; ++pe) {
+    // Outside the group a peer is another node even where nvshmem_ptr maps it (all PEs on one GPU).
+    const bool direct = pe == rank || pe / direct_group == rank / direct_group;
+    peers[pe] = direct ? static_cast<char*>(nvshmem_ptr(buffer, pe)) : nullptr;
+  }
   char** peers_device = nullptr;
   if ((status = cudaMalloc(&peers_device, num_ranks * sizeof(char*))) != cudaSuccess ||
       (status = cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice)) !=

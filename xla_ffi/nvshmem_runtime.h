@@ -33,7 +33,9 @@ int jax_deepep_nvshmem_get_unique_id(void* out);
 // Joins the job as PE `rank` of `num_ranks` on CUDA device `device`; collective. 0 on success.
 int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device);
 // Allocates the symmetric buffer (num_bytes of receive halves + staging); collective. 0 on success.
-int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s);
+// Peers in this PE's group of `direct_group` consecutive ranks get loads/stores through the
+// mapping nvshmem_ptr gives (where it gives one); all others get nvshmem puts.
+int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_group);
 // Frees the symmetric buffer once every PE's kernels are done; collective. 0 on success.
 int jax_deepep_nvshmem_free();
 // Leaves NVSHMEM (at process exit); frees the buffer first if needed. 0 on success.

@@ -80,7 +80,10 @@ def _low_latency_kernels(buffer):
         warnings.warn("jax_deepep: low-latency ops use the pure-JAX implementation: "
                       + low_latency.unavailable_reason())
         return None
-    return low_latency.LowLatencyKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes)
+    # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
+    direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
+    return low_latency.LowLatencyKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes,
+                                         direct_group=direct_group)
 
 
 class CudaBackend:

@@ -75,7 +75,7 @@ def _load():
         return None, f"{path} failed to load: {e}"
     lib.jax_deepep_nvshmem_get_unique_id.argtypes = [ctypes.c_void_p]
     lib.jax_deepep_nvshmem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.jax_deepep_nvshmem_alloc.argtypes = [ctypes.c_uint64, ctypes.c_double]
+    lib.jax_deepep_nvshmem_alloc.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
     lib.jax_deepep_nvshmem_last_error.restype = ctypes.c_char_p
     for name in _TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
@@ -171,17 +171,26 @@ def _static_sizes(*sizes: int):
 class LowLatencyKernels:
     """The low-latency Backend methods of one Buffer, on NVSHMEM."""
 
-    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None):
+    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
+                 direct_group: Optional[int] = None):
+        """`direct_group`: peers in this rank's group of that many consecutive ranks are written with
+        loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts.
+        By default every peer may be direct; a Buffer passes its `ranks_per_node`, or 1 without
+        `allow_nvlink_for_low_latency_mode`."""
         lib = _library()
         device, rank = _own_device_and_rank(mesh, axis_name)
         num_ranks = int(mesh.shape[axis_name])
+        direct_group = num_ranks if direct_group is None else direct_group
+        if direct_group < 1 or num_ranks % direct_group:
+            raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({num_ranks}), "
+                              f"got {direct_group}")
         if timeout_s is None:
             timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
         if not 0 < timeout_s < 1e9:
             raise DeepEPError(f"Buffer: the low-latency timeout must be in (0, 1e9) seconds, got {timeout_s} "
                               "(JAX_DEEPEP_TIMEOUT_S)")
         _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
-        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s), "symmetric buffer allocation")
+        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group), "symmetric buffer allocation")
         self._lib = lib
         self.rank, self.num_ranks = rank, num_ranks
         self._live = True
