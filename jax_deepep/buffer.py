@@ -30,7 +30,8 @@ class Buffer:
 
     Collective in a multi-process job: every process constructs it with the same arguments.
     `ranks_per_node` overrides how many consecutive ranks share NVLink (tests use it to make
-    one machine play several nodes); by default it comes from the devices' hosts.
+    one machine play several nodes); by default `JAX_DEEPEP_RANKS_PER_NODE`, else the whole axis is
+    one node (an axis of several nodes runs the pure-JAX implementation for now).
     """
 
     num_sms: int = 20
