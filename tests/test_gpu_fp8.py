@@ -10,6 +10,11 @@ so this runs the comparison on the GPU, in a worker process with the GPU visible
   round through e4m3 and bf16 exactly as the dequantised cast (XLA:GPU once folded the pair away);
 - for the record, how often XLA's own f32 `448 / amax` is the IEEE quotient (on the H200: 73-77%).
 Inputs: normal, heavy-tailed and tiny-magnitude bf16 rows.
+Then one low-latency MoE layer (`moe.low_latency_moe`, FP8 and bf16) on the same data with the
+CUDA kernels, with the pure-JAX buffer and as the dense twin: the received rows must be identical
+and the outputs agree to 1e-6. (`examples/serve_moe.py --check` compares two separately compiled
+2-layer decoders instead; FP8's rounding steps turn their ulp-level differences upstream of a
+layer into logit differences of a few 1e-2 there, so that check is only meaningful in bf16.)
 """
 from __future__ import annotations
 
@@ -24,9 +29,13 @@ import oracle
 
 
 @pytest.mark.gpu
-def test_xla_fp8_cast_matches_the_oracle_on_the_gpu():
+def test_fp8_cast_and_layer_match_on_the_gpu():
     if not gpu_workers.has_gpu():
         pytest.skip("needs a CUDA GPU")
+    from jax_deepep.gpu import low_latency
+
+    if low_latency.library_path() is None or low_latency.nvshmem_dir() is None:
+        pytest.skip("the low-latency library or NVSHMEM is missing")
     gpu_workers.run_workers(__file__, 1, gpu_workers.worker_env(1, 0.3))
 
 
@@ -75,10 +84,75 @@ def worker_main() -> int:
             except AssertionError as exc:
                 print(f"FAIL {kind}: {what}: {exc}")
                 failures.append(f"{kind} {what}")
+    failures += layer_checks()
     if failures:
         print("FAILED: " + "; ".join(failures))
         return 1
     return 0
+
+
+def layer_checks() -> list:
+    """One low-latency MoE layer: CUDA kernels vs the pure-JAX buffer vs the dense twin."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    import jax_deepep as deepep
+    from jax_deepep import moe
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: the comparison sees the ops only
+    mesh = jax.make_mesh((1,), ("ep",))
+    t, h, e = 16, 256, 16
+    size = deepep.Buffer.get_low_latency_rdma_size_hint(t, h, 1, e)
+    buffers = {}
+    for backend in ("cuda", "reference"):
+        os.environ["JAX_DEEPEP_BACKEND"] = backend
+        buffers[backend] = deepep.Buffer(mesh, "ep", low_latency_mode=True, num_rdma_bytes=size)
+        assert buffers[backend].backend.name == backend, buffers[backend].backend.name
+    failures = []
+    for use_fp8 in (True, False):
+        config = moe.MoEConfig(hidden=h, ffn_hidden=512, num_experts=e, top_k=4, use_fp8=use_fp8)
+        params = moe.init_params(jax.random.key(0), config)
+        for seed in range(3):
+            x = (jax.random.normal(jax.random.key(seed + 1), (t, h)) * 3).astype(jnp.bfloat16)
+            outputs = {}
+            for backend, buffer in buffers.items():
+                def layer(p, x, buffer=buffer):
+                    routing = moe.route(p["router"], x, config)
+                    received = buffer.low_latency_dispatch(x, routing.topk_idx, num_max_dispatch_tokens_per_rank=t,
+                                                           num_experts=e, use_fp8=use_fp8)
+                    y, _ = moe.low_latency_moe(p, x, buffer, config, num_max_dispatch_tokens_per_rank=t)
+                    parts = received.recv_x if use_fp8 else (received.recv_x,)
+                    return y, parts, received.recv_count
+
+                spec = PartitionSpec()
+                fn = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False))
+                outputs[backend] = jax.tree.map(np.asarray, fn(params, x))
+            dense = np.asarray(jax.jit(lambda p, x: moe.dense_moe(p, x, config, bf16_expert_outputs=True))(params, x),
+                               np.float32)
+            name = f"layer {'fp8' if use_fp8 else 'bf16'} seed {seed}"
+            (y_cuda, parts_cuda, count), (y_ref, parts_ref, count_ref) = outputs["cuda"], outputs["reference"]
+            problems = []
+            if not np.array_equal(count, count_ref):
+                problems.append(f"recv_count {count} != {count_ref}")
+            else:
+                for a, b in zip(parts_cuda, parts_ref):
+                    differ = sum(int(np.sum(a[i, :c].astype(np.float32) != b[i, :c].astype(np.float32)))
+                                 for i, c in enumerate(count))
+                    if differ:
+                        problems.append(f"{differ} received elements differ")
+            for what, want in (("pure-JAX layer", y_ref), ("dense twin", dense)):
+                got, want = y_cuda.astype(np.float32), want.astype(np.float32)
+                rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                print(f"{name}: kernels vs {what}: {rel:.2e}")
+                if rel > 1e-6:
+                    problems.append(f"vs {what} {rel:.2e}")
+            print(f"{'FAIL' if problems else 'ok  '} {name} {'; '.join(problems)}")
+            if problems:
+                failures.append(name)
+    return failures
 
 
 if __name__ == "__main__":
