@@ -53,13 +53,12 @@ def run_workers(script: str, num_ranks: int, env: dict, tag: str = ""):
     """
     port = _free_port()
     log_dir = os.environ.get("JAX_DEEPEP_WORKER_LOGS")
-    logs = []
-    for r in range(num_ranks):
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            logs.append(open(pathlib.Path(log_dir) / f"{pathlib.Path(script).stem}_R{num_ranks}{tag}_rank{r}.log", "w+"))
-        else:
-            logs.append(subprocess.PIPE)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        stem = f"{pathlib.Path(log_dir) / pathlib.Path(script).stem}_R{num_ranks}{tag}"
+        logs = [open(f"{stem}_rank{r}.log", "w+") for r in range(num_ranks)]
+    else:
+        logs = [subprocess.PIPE] * num_ranks
     procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--num-ranks", str(num_ranks),
                                "--port", str(port)], env=env, stdout=logs[r], stderr=subprocess.STDOUT,
                               text=True) for r in range(num_ranks)]

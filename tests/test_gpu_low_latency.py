@@ -93,7 +93,8 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     from jax_deepep.gpu import low_latency
     from jax_deepep.reference import ReferenceBackend
 
-    monkeypatch.setattr(low_latency, "LowLatencyKernels", lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend())
+    monkeypatch.setattr(low_latency, "LowLatencyKernels",
+                        lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend())
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:

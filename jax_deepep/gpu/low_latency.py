@@ -190,7 +190,8 @@ class LowLatencyKernels:
             raise DeepEPError(f"Buffer: the low-latency timeout must be in (0, 1e9) seconds, got {timeout_s} "
                               "(JAX_DEEPEP_TIMEOUT_S)")
         _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
-        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group), "symmetric buffer allocation")
+        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group),
+               "symmetric buffer allocation")
         self._lib = lib
         self.rank, self.num_ranks = rank, num_ranks
         self._live = True
