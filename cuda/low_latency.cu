@@ -325,10 +325,14 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 
 // Blocks (local expert, destination rank): send the expert's rows of that source rank back into
 // slots [0, count) of the global expert on the destination, then flag the expert done there.
-// Rows for this rank itself stay in y: the recv kernel reads them there.
+// Rows for this rank itself stay in y: the recv kernel reads them there. A mapped peer gets the
+// rows stored straight from y; any other peer gets nvshmem puts, from a staged copy of the rows,
+// or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
+// contiguous in y and in the destination, so each warp puts one run of them.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, LowLatencyShape s,
                                                                 LowLatencyLayout layout, const __nv_bfloat16* y,
-                                                                const int* recv_layout_range, const int* token) {
+                                                                const int* recv_layout_range, const int* token,
+                                                                bool zero_copy) {
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (dst == mem.rank) return;
   const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
@@ -341,13 +345,14 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
   const size_t row_bytes = layout.combine_row_bytes;
   const size_t half = half_offset(seq, layout);
   char* const peer = mem.peer[dst];
+  const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
+  const bool put_from_y = peer == nullptr && zero_copy;
   char* const rows =
       peer != nullptr
           ? peer + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes
           : mem.staging + layout.combine_offset + (static_cast<size_t>(dst) * experts_per_rank + local) * m * row_bytes;
-  const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
   const int passes = (hidden + kPassChannels - 1) / kPassChannels;
-  for (int item = warp; item < count * passes; item += kWarps) {
+  for (int item = warp; !put_from_y && item < count * passes; item += kWarps) {
     const int j = item / passes, first = item % passes * kPassChunks;
     uint4 v[kPassChunks];
 #pragma unroll
@@ -367,9 +372,12 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
     return;
   }
   __syncthreads();
-  if (warp == 0 && count > 0) {
-    nvshmemx_putmem_nbi_warp(mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes, rows,
-                             count * row_bytes, dst);
+  const char* source = put_from_y ? reinterpret_cast<const char*>(src) : rows;
+  const int first_row = count * warp / kWarps, end_row = count * (warp + 1) / kWarps;
+  if (end_row > first_row) {
+    char* dst_rows = mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes;
+    nvshmemx_putmem_nbi_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes,
+                             (end_row - first_row) * row_bytes, dst);
     __syncwarp();
     if (lane == 0) nvshmem_quiet();
   }
@@ -470,12 +478,14 @@ cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemo
 }
 
 cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token) {
+                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
+                                            bool zero_copy) {
   const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kCombineCall, token);
   combine_send_kernel<<<dim3(experts_per_rank, mem.num_ranks), kThreads, 0, stream>>>(mem, s, layout, y,
-                                                                                      recv_layout_range, token);
+                                                                                      recv_layout_range, token,
+                                                                                      zero_copy);
   return cudaGetLastError();
 }
 

@@ -87,8 +87,11 @@ cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemo
 
 // Sends each local expert's rows back to the other source ranks and flags each expert as done
 // there (this rank's own rows stay in y for the recv). token[0] = this call's number, as in dispatch.
+// zero_copy: nvshmem puts read y itself, which must lie in memory registered with NVSHMEM,
+// instead of a staged copy of the rows.
 cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token);
+                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
+                                            bool zero_copy);
 
 // Waits for every other rank's experts' flags, then out[t] = sum_k w[t, k] * row of (t, k), in f32;
 // the rows of this rank's experts come straight from y (the send's input) and recv_layout_range.

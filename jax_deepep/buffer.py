@@ -188,6 +188,14 @@ class Buffer:
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
                                        return_recv_hook=return_recv_hook)
 
+    def get_next_low_latency_combine_buffer(self, handle):
+        """DeepEP's way to let the expert GEMM write its output into the combine's send buffer. In JAX
+        XLA owns every array, so the direction is reversed: `low_latency_combine(..., zero_copy=True)`
+        sends `y` straight out of XLA's memory (registered with NVSHMEM) with no staging copy."""
+        del handle
+        fail("get_next_low_latency_combine_buffer", "JAX arrays cannot be written in place; compute `y` as "
+             "usual and pass zero_copy=True to low_latency_combine, which sends it from where XLA put it")
+
     def low_latency_recv(self, pending):
         ctx = self._low_latency_context("low_latency_recv")
         return _ll.low_latency_recv(self.backend, ctx, pending)

@@ -222,6 +222,14 @@ def test_destroyed_buffer():
     _check(exc_info, ["destroyed"])
 
 
+def test_next_combine_buffer_points_to_zero_copy():
+    """DeepEP's get_next_low_latency_combine_buffer has no JAX form: the error says what replaces it."""
+    buffer = low_latency_buffer(make_mesh(R))
+    with pytest.raises(deepep.DeepEPError) as exc_info:
+        buffer.get_next_low_latency_combine_buffer(None)
+    _check(exc_info, ["get_next_low_latency_combine_buffer", "zero_copy=True"])
+
+
 def test_bad_ids_in_data_are_no_trace_error():
     """Out-of-range ids are data, not a trace-time error (they behave like -1; see test_checked)."""
     mesh = make_mesh(R)

@@ -4,8 +4,9 @@ Every check runs in fresh worker processes (this file run as a script), since NV
 per process: R = 1 in one process, and R = 2 and 4 as processes sharing GPU 0 (NVSHMEM PEs,
 jax.distributed; no XLA collectives between them, so each process compares its own shard with the
 oracle computed from the same seeded global data). R = 2 and 4 run again as nodes of one and two
-ranks (`direct_group`): rows to a peer on another "node" travel as nvshmem puts from the staging
-buffer, as across hosts, although all PEs share the GPU. The R = 1 worker also checks the bench's
+ranks (`direct_group`): rows to a peer on another "node" travel as nvshmem puts, as across hosts,
+although all PEs share the GPU; combine puts from the staging buffer, or with `zero_copy` (half
+of the variants) straight from y. The R = 1 worker also checks the bench's
 size and ends with the timeout check. Timing lives in `python -m jax_deepep.bench --mode low_latency`.
 """
 from __future__ import annotations
@@ -99,8 +100,8 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
         data = make_data(rng, 2, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], "hot")
-        check_dispatch_combine(worker, f"pure JAX, fp8/round/ue8m0/hook={variant}", data, ROUNDS["m"], ROUNDS["e"],
-                               *variant)
+        check_dispatch_combine(worker, f"pure JAX, fp8/round/ue8m0/hook/zero_copy={variant}", data, ROUNDS["m"],
+                               ROUNDS["e"], *variant)
     two_pairs_per_program(worker, seed=0)
     assert not worker.failures
 
@@ -121,8 +122,8 @@ class Worker:
         self.failures = []
         self._compiled = {}
 
-    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, pairs):
-        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, pairs)
+    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs):
+        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs)
         if key in self._compiled:
             return self._compiled[key]
         import jax
@@ -140,7 +141,8 @@ class Worker:
                                            use_ue8m0=use_ue8m0, return_recv_hook=hook)
             if hook:
                 out = ops.low_latency_recv(kernels, ctx, out)
-            combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle, return_recv_hook=hook)
+            combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle, zero_copy=zero_copy,
+                                               return_recv_hook=hook)
             if hook:
                 combined = ops.low_latency_recv(kernels, ctx, combined)
             recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
@@ -163,14 +165,14 @@ class Worker:
         return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
                                             lambda index: a[index])
 
-    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook):
-        return self.run_pairs([data], m, e, use_fp8, round_scale, use_ue8m0, hook)[0]
+    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy):
+        return self.run_pairs([data], m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy)[0]
 
-    def run_pairs(self, datas, m, e, use_fp8, round_scale, use_ue8m0, hook):
+    def run_pairs(self, datas, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy):
         """Runs one program with a dispatch + combine pair per data set; this rank's results per pair."""
         import jax
 
-        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, len(datas))
+        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, len(datas))
         out = fn(*(self._global(a) for data in datas for a in data))
         return [jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], o) for o in out]
 
@@ -194,14 +196,14 @@ def make_data(rng, num_ranks, t, h, k, e, m, kind):
     return x, idx, w, y
 
 
-def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook, result=None):
+def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, result=None):
     """Checks `result` (this rank's outputs for `data`; run here when None) against the oracle."""
     import oracle
 
     x, idx, w, y = data
     d = worker.rank
     if result is None:
-        result = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook)
+        result = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy)
     recv, count, src_info, layout_range, combined = result
     received = oracle.low_latency_receive(idx, e)
     mine = received[d]
@@ -251,11 +253,11 @@ def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_u
     worker.check(f"{name}: combine", combine)
 
 
-VARIANTS = (  # (use_fp8, round_scale, use_ue8m0, return_recv_hook)
-    (False, False, False, False),
-    (True, False, False, True),
-    (True, True, False, False),
-    (True, True, True, True),
+VARIANTS = (  # (use_fp8, round_scale, use_ue8m0, return_recv_hook, zero_copy)
+    (False, False, False, False, False),
+    (True, False, False, True, True),
+    (True, True, False, False, True),
+    (True, True, True, True, False),
 )
 BIG = dict(t=128, h=7168, k=8, e=32, m=128)
 ROUNDS = dict(t=40, h=512, k=6, e=16, m=48)
@@ -268,7 +270,7 @@ def correctness(worker, seed):
         rng = np.random.default_rng(seed + i)
         kind = ("random", "hot", "out_of_range", "random")[i]
         data = make_data(rng, n, BIG["t"], BIG["h"], BIG["k"], BIG["e"], BIG["m"], kind)
-        check_dispatch_combine(worker, f"R={n} T=128 H=7168 {kind} fp8/round/ue8m0/hook={variant}", data,
+        check_dispatch_combine(worker, f"R={n} T=128 H=7168 {kind} fp8/round/ue8m0/hook/zero_copy={variant}", data,
                                BIG["m"], BIG["e"], *variant)
     start = time.time()
     failures_before = len(worker.failures)
@@ -305,7 +307,7 @@ def bench_size(worker):
     rng = np.random.default_rng(7)
     data = make_data(rng, 1, BENCH["t"], BENCH["h"], BENCH["k"], BENCH["e"], BENCH["m"], "random")
     check_dispatch_combine(worker, "bench size: fp8 dispatch + combine", data, BENCH["m"], BENCH["e"],
-                           True, False, False, False)
+                           True, False, False, False, False)
 
 
 def timeout_check(worker):
@@ -334,7 +336,7 @@ def timeout_check(worker):
         rng = np.random.default_rng(3)
         data = make_data(rng, 1, 8, h, ROUNDS["k"], e, m, "random")
         with pytest.raises(Exception, match="timed out"):
-            worker.run(data, m, e, False, False, False, False)
+            worker.run(data, m, e, False, False, False, False, False)
 
     worker.check("timeout: a recv without its send gives up", never_sent)
     worker.check("timeout: later ops raise", later_ops_raise)

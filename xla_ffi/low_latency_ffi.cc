@@ -135,7 +135,8 @@ ffi::Error DispatchRecvFp8(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi
 }
 
 ffi::Error CombineSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> y, ffi::Buffer<ffi::S32> recv_layout_range,
-                       ffi::ResultBuffer<ffi::S32> token, int64_t num_ranks, int64_t max_tokens, int64_t num_experts) {
+                       ffi::ResultBuffer<ffi::S32> token, int64_t num_ranks, int64_t max_tokens, int64_t num_experts,
+                       int64_t zero_copy) {
   const auto dims = y.dimensions();
   if (dims.size() != 3 || dims[0] * num_ranks != num_experts || dims[1] != num_ranks * max_tokens) {
     return invalid("combine y must be [E / R, R * M, H]");
@@ -143,11 +144,16 @@ ffi::Error CombineSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> y, ffi::Buffe
   ffi::Error error;
   NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, dims[2], num_experts, &error);
   if (rt == nullptr) return error;
+  // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
+  const bool put_from_y = zero_copy != 0 && rt->has_put_peers;
+  if (std::string why; put_from_y && !register_put_source(y.untyped_data(), y.size_bytes(), &why)) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepep low-latency: zero_copy combine: " + why);
+  }
   const LowLatencyShape shape{0, 0, static_cast<int>(dims[2]), static_cast<int>(max_tokens),
                               static_cast<int>(num_experts)};
   return launched(launch_low_latency_combine_send(stream, rt->memory, shape,
                                                   reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                                  recv_layout_range.typed_data(), token->typed_data()),
+                                                  recv_layout_range.typed_data(), token->typed_data(), put_from_y),
                   "combine send");
 }
 
@@ -231,7 +237,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("num_ranks")
                                   .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("zero_copy"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                               ffi::Ffi::Bind()

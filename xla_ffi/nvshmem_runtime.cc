@@ -1,8 +1,11 @@
 #include "xla_ffi/nvshmem_runtime.h"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <nvshmem_host.h>
+#include <nvshmemx.h>
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -13,6 +16,14 @@ NvshmemRuntime g_runtime;
 bool g_nvshmem_up = false;  // nvshmemx_init_attr done
 bool g_allocated = false;   // g_runtime holds a live buffer
 std::string g_last_error;
+
+// Device allocations registered with NVSHMEM as put sources, [base, base + size); dropped with the buffer.
+struct Registration {
+  uintptr_t base;
+  size_t size;
+};
+std::vector<Registration> g_registrations;
+std::mutex g_registrations_mutex;
 
 int fail(const std::string& message) {
   g_last_error = message;
@@ -26,6 +37,39 @@ int fail_cuda(const char* what, cudaError_t status) {
 }  // namespace
 
 NvshmemRuntime* nvshmem_runtime() { return g_allocated ? &g_runtime : nullptr; }
+
+bool register_put_source(const void* ptr, size_t bytes, std::string* error) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
+  std::lock_guard<std::mutex> lock(g_registrations_mutex);
+  for (const Registration& r : g_registrations) {
+    if (start >= r.base && start + bytes <= r.base + r.size) return true;
+  }
+  // The allocation holding ptr, from the driver (fetched through the runtime: no libcuda link).
+  using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  static GetAddressRange get_address_range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetAddressRange>(fn);
+  }();
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (get_address_range == nullptr ||
+      get_address_range(&base, &size, static_cast<CUdeviceptr>(start)) != CUDA_SUCCESS) {
+    *error = "the device allocation holding y could not be found (cuMemGetAddressRange)";
+    return false;
+  }
+  if (nvshmemx_buffer_register(reinterpret_cast<void*>(base), size) != 0) {
+    *error = "nvshmemx_buffer_register of the " + std::to_string(size) + "-byte allocation holding y failed";
+    return false;
+  }
+  g_registrations.push_back({static_cast<uintptr_t>(base), size});
+  return true;
+}
 
 }  // namespace jax_deepep
 
@@ -89,9 +133,11 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
   std::vector<char*> peers(num_ranks);
   for (int pe = 0; pe < num_ranks; ++pe) {
     // Outside the group a peer is another node even where nvshmem_ptr maps it (all PEs on one GPU).
-    const bool direct = pe == rank || pe / direct_group == rank / direct_group;
+    const bool direct = pe / direct_group == rank / direct_group;
     peers[pe] = direct ? static_cast<char*>(nvshmem_ptr(buffer, pe)) : nullptr;
   }
+  bool has_put_peers = false;
+  for (int pe = 0; pe < num_ranks; ++pe) has_put_peers |= pe != rank && peers[pe] == nullptr;
   char** peers_device = nullptr;
   if ((status = cudaMalloc(&peers_device, num_ranks * sizeof(char*))) != cudaSuccess ||
       (status = cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice)) !=
@@ -126,6 +172,7 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
   g_runtime.memory.call_numbers = call_numbers;
   g_runtime.num_bytes = num_bytes;
   g_runtime.timeout_flag = flag_host;
+  g_runtime.has_put_peers = has_put_peers;
   g_allocated = true;
   return 0;
 }
@@ -135,6 +182,11 @@ int jax_deepep_nvshmem_free() {
   g_allocated = false;
   const cudaError_t status = cudaDeviceSynchronize();  // none of our kernels may still use the buffer
   nvshmem_barrier_all();                               // nor a peer's
+  {
+    std::lock_guard<std::mutex> lock(jax_deepep::g_registrations_mutex);
+    for (const auto& r : jax_deepep::g_registrations) nvshmemx_buffer_unregister(reinterpret_cast<void*>(r.base));
+    jax_deepep::g_registrations.clear();
+  }
   nvshmem_free(g_runtime.memory.local);
   cudaFree(const_cast<char**>(g_runtime.memory.peer));
   cudaFree(g_runtime.memory.timeout_flag);

@@ -8,7 +8,9 @@
 // FFI handlers read it through nvshmem_runtime().
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "cuda/low_latency.cuh"
 
@@ -18,10 +20,16 @@ struct NvshmemRuntime {
   PeerMemory memory;
   uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
   int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
+  bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
 };
 
 // The runtime with an allocated buffer, or null.
 NvshmemRuntime* nvshmem_runtime();
+
+// Makes [ptr, ptr + bytes) usable as the local source of nvshmem puts: registers the whole device
+// allocation holding it with NVSHMEM (once; XLA's buffers live in a few large allocations), so a
+// zero-copy combine can put rows straight out of XLA's memory. False with `error` set on failure.
+bool register_put_source(const void* ptr, size_t bytes, std::string* error);
 
 }  // namespace jax_deepep
 

@@ -241,13 +241,13 @@ class LowLatencyKernels:
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
                                  zero_copy: bool) -> dict:
-        del use_logfmt, zero_copy  # bf16 rows always travel as they are
+        del use_logfmt  # bf16 rows always travel as they are
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
             y, handle.recv_layout_range, axis_name=ctx.axis_name,
             num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
-            num_experts=np.int64(num_experts))
+            num_experts=np.int64(num_experts), zero_copy=np.int64(zero_copy))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
