@@ -1,5 +1,5 @@
-# libjax_deepep_nvshmem.so: the low-latency kernels over NVSHMEM (cuda/low_latency.cu) with their
-# XLA FFI handlers and the NVSHMEM runtime (xla_ffi/). A library of its own because it needs
+# libjax_deepep_nvshmem.so: the kernels over NVSHMEM (cuda/low_latency.cu, cuda/internode.cu) with
+# their XLA FFI handlers and the NVSHMEM runtime (xla_ffi/). A library of its own because it needs
 # relocatable device code linked against libnvshmem_device.a, which the intranode library does not.
 # NVSHMEM comes from the pip package nvidia-nvshmem-cu13; without it the library is skipped.
 option(JAX_DEEPEP_WITH_NVSHMEM "Build the NVSHMEM low-latency library when NVSHMEM is found" ON)
@@ -34,7 +34,9 @@ function(jax_deepep_add_nvshmem_library)
 
   add_library(jax_deepep_nvshmem SHARED
     "${JAX_DEEPEP_SOURCE_ROOT}/cuda/low_latency.cu"
+    "${JAX_DEEPEP_SOURCE_ROOT}/cuda/internode.cu"
     "${JAX_DEEPEP_SOURCE_ROOT}/xla_ffi/low_latency_ffi.cc"
+    "${JAX_DEEPEP_SOURCE_ROOT}/xla_ffi/internode_ffi.cc"
     "${JAX_DEEPEP_SOURCE_ROOT}/xla_ffi/nvshmem_runtime.cc")
   set_target_properties(jax_deepep_nvshmem PROPERTIES
     CUDA_ARCHITECTURES "${JAX_DEEPEP_NVSHMEM_CUDA_ARCHITECTURES}"

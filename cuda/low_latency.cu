@@ -3,7 +3,7 @@
 // Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
 // buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
 // a quiet and then the signal put. Every wait gives up after mem.timeout_ns and raises the
-// host-visible error flag instead of spinning forever.
+// host-visible error flag instead of spinning forever (nvshmem_peers.cuh).
 #include "low_latency.cuh"
 
 #include <cuda_fp8.h>
@@ -28,43 +28,6 @@ constexpr int kPassChannels = kPassChunks * kChunkChannels;
 constexpr float kFp8Max = 448.0f;
 constexpr float kInverseFp8Max = 1.0f / kFp8Max;
 constexpr float kMinAmax = 1e-4f;  // keeps all-zero blocks from producing a zero scale
-
-__device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
-  return *reinterpret_cast<volatile int*>(mem.timeout_flag) != 0;
-}
-
-// Spins until the signal at `p` carries `tag` in the bits above `tag_shift` and stores it in
-// *value; false after the timeout (or at once when an earlier wait already timed out).
-__device__ bool wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind, int peer,
-                            int* value) {
-  *value = load_acquire(p);
-  if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
-  if (timed_out_before(mem)) return false;
-  const uint64_t start = global_time_ns();
-  while (true) {
-    *value = load_acquire(p);
-    if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
-    if (global_time_ns() - start > static_cast<uint64_t>(mem.timeout_ns)) {
-      if (!timed_out_before(mem)) {
-        printf("jax_deepep: low-latency %s on rank %d timed out waiting for rank %d\n",
-               kind == kDispatchTimeout ? "dispatch" : "combine", mem.rank, peer);
-      }
-      *reinterpret_cast<volatile int*>(mem.timeout_flag) = kind;
-      *reinterpret_cast<volatile int*>(mem.timeout_flag_host) = kind;
-      __threadfence_system();
-      return false;
-    }
-  }
-}
-
-// Indices into PeerMemory::call_numbers.
-constexpr int kDispatchCall = 0;
-constexpr int kCombineCall = 1;
-
-// Numbers a send call: token[0] = ++counter. Its send and recv kernels (later on the stream) read it.
-__global__ void next_call_number_kernel(uint32_t* counter, int* token) {
-  token[0] = static_cast<int>(++*counter);
-}
 
 __device__ __forceinline__ size_t half_offset(uint32_t seq, const LowLatencyLayout& layout) {
   return (seq & 1u) * layout.half_bytes;
@@ -453,6 +416,8 @@ int num_sms() {
 }
 
 }  // namespace
+
+__global__ void next_call_number_kernel(uint32_t* counter, int* token) { token[0] = static_cast<int>(++*counter); }
 
 cudaError_t launch_low_latency_dispatch_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
                                              const __nv_bfloat16* x, const int* topk_idx, int* send_slot,

@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/nvshmem_peers.cuh"
+
 namespace jax_deepep {
 
 constexpr int kFp8Block = 128;    // channels per FP8 scale
@@ -43,21 +45,6 @@ inline LowLatencyLayout make_low_latency_layout(int64_t max_tokens, int64_t hidd
   return l;
 }
 
-// Where this PE's symmetric memory is and how to reach the others.
-struct PeerMemory {
-  char* local;                // this PE's symmetric buffer (both halves)
-  char* staging;              // symmetric, one half's size: source of nvshmem puts
-  char* const* peer;          // device array [R]: peer's buffer mapped here (NVLink/P2P), or null
-  int* timeout_flag;          // device memory; nonzero once a wait timed out (polled by kernels)
-  int* timeout_flag_host;     // host-mapped copy of it, which the host reads without a sync
-  long long timeout_ns;
-  int rank;
-  int num_ranks;
-  // Device memory [2]: the last dispatch and combine call numbers. Each send launch counts its call
-  // on the device, so no host state ties a launch to its call and XLA may treat the ops as pure.
-  uint32_t* call_numbers;
-};
-
 struct LowLatencyShape {
   int num_tokens;   // T (senders)
   int top_k;        // K
@@ -65,10 +52,6 @@ struct LowLatencyShape {
   int max_tokens;   // M
   int num_experts;  // E
 };
-
-// Error flag values (which wait timed out).
-constexpr int kDispatchTimeout = 1;
-constexpr int kCombineTimeout = 2;
 
 // Sends this rank's tokens (FP8-cast in flight when use_fp8) to every expert's rank and signals
 // each expert's count. Writes send_slot [T, K] (row of (t, k) in its expert block, -1 when not

@@ -12,6 +12,7 @@
 
 #include "cuda/intranode.h"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/ffi_readers.h"
 #include "xla_ffi/runtime.h"
 
 namespace ffi = xla::ffi;
@@ -31,39 +32,6 @@ ffi::Error cuda_error(cudaError_t err, const char* what) {
 }
 
 ffi::Error invalid(const std::string& what) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, what); }
-
-// Sequential access to RemainingArgs / RemainingRets.
-class ArgReader {
- public:
-  explicit ArgReader(const ffi::RemainingArgs& args) : args_(args) {}
-  ffi::AnyBuffer next() {
-    auto b = args_.get<ffi::AnyBuffer>(at_++);
-    if (!b.has_value()) throw std::runtime_error("jax_deepep: missing FFI argument " + std::to_string(at_ - 1));
-    return *b;
-  }
-  template <typename T>
-  const T* next_data() { return static_cast<const T*>(next().untyped_data()); }
-
- private:
-  const ffi::RemainingArgs& args_;
-  size_t at_ = 0;
-};
-
-class RetReader {
- public:
-  explicit RetReader(const ffi::RemainingRets& rets) : rets_(rets) {}
-  ffi::AnyBuffer next() {
-    auto b = rets_.get<ffi::AnyBuffer>(at_++);
-    if (!b.has_value()) throw std::runtime_error("jax_deepep: missing FFI result " + std::to_string(at_ - 1));
-    return **b;
-  }
-  template <typename T>
-  T* next_data() { return static_cast<T*>(next().untyped_data()); }
-
- private:
-  const ffi::RemainingRets& rets_;
-  size_t at_ = 0;
-};
 
 int64_t row_bytes(const ffi::AnyBuffer& b) {
   auto dims = b.dimensions();

@@ -38,8 +38,7 @@ NvshmemRuntime* checked_runtime(int64_t num_ranks, int64_t max_tokens, int64_t h
   }
   if (const int flag = jax_deepep_nvshmem_timeout_flag(); flag != 0) {
     *error = ffi::Error(ffi::ErrorCode::kDeadlineExceeded,
-                        std::string("jax_deepep low-latency: an earlier ") +
-                            (flag == kDispatchTimeout ? "dispatch" : "combine") +
+                        std::string("jax_deepep low-latency: an earlier ") + timeout_kind_name(flag) +
                             " timed out waiting for a peer rank; the buffer is unusable, destroy the Buffer");
     return nullptr;
   }

@@ -109,7 +109,7 @@ int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int 
 
 int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_group) {
   if (!g_nvshmem_up) return fail("NVSHMEM is not initialised");
-  if (g_allocated) return fail("a low-latency buffer already exists in this process (destroy it first)");
+  if (g_allocated) return fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
   // The kernels compare elapsed nanoseconds with it unsigned: it must be positive and representable.
   if (!(timeout_s > 0.0 && timeout_s < 1e9)) return fail("the timeout must be in (0, 1e9) seconds");
   const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
@@ -136,8 +136,11 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
     const bool direct = pe / direct_group == rank / direct_group;
     peers[pe] = direct ? static_cast<char*>(nvshmem_ptr(buffer, pe)) : nullptr;
   }
-  bool has_put_peers = false;
-  for (int pe = 0; pe < num_ranks; ++pe) has_put_peers |= pe != rank && peers[pe] == nullptr;
+  bool has_put_peers = false, group_mapped = true;
+  for (int pe = 0; pe < num_ranks; ++pe) {
+    has_put_peers |= pe != rank && peers[pe] == nullptr;
+    group_mapped &= pe / direct_group != rank / direct_group || peers[pe] != nullptr;
+  }
   char** peers_device = nullptr;
   if ((status = cudaMalloc(&peers_device, num_ranks * sizeof(char*))) != cudaSuccess ||
       (status = cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice)) !=
@@ -149,14 +152,17 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
   int* flag_host_mapped = nullptr;
   int* flag_device = nullptr;
   uint32_t* call_numbers = nullptr;
+  unsigned long long* traffic = nullptr;
   if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
       (status = cudaHostGetDevicePointer(&flag_host_mapped, flag_host, 0)) != cudaSuccess ||
       (status = cudaMalloc(&flag_device, sizeof(int))) != cudaSuccess ||
       (status = cudaMemset(flag_device, 0, sizeof(int))) != cudaSuccess ||
-      (status = cudaMalloc(&call_numbers, 2 * sizeof(uint32_t))) != cudaSuccess ||
-      (status = cudaMemset(call_numbers, 0, 2 * sizeof(uint32_t))) != cudaSuccess ||
+      (status = cudaMalloc(&call_numbers, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
+      (status = cudaMemset(call_numbers, 0, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
+      (status = cudaMalloc(&traffic, 4 * sizeof(unsigned long long))) != cudaSuccess ||
+      (status = cudaMemset(traffic, 0, 4 * sizeof(unsigned long long))) != cudaSuccess ||
       (status = cudaDeviceSynchronize()) != cudaSuccess) {
-    return fail_cuda("allocating the timeout flag and call counters", status);
+    return fail_cuda("allocating the timeout flag and counters", status);
   }
   *flag_host = 0;
 
@@ -173,6 +179,9 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
   g_runtime.num_bytes = num_bytes;
   g_runtime.timeout_flag = flag_host;
   g_runtime.has_put_peers = has_put_peers;
+  g_runtime.group_mapped = group_mapped;
+  g_runtime.direct_group = direct_group;
+  g_runtime.traffic = traffic;
   g_allocated = true;
   return 0;
 }
@@ -191,6 +200,7 @@ int jax_deepep_nvshmem_free() {
   cudaFree(const_cast<char**>(g_runtime.memory.peer));
   cudaFree(g_runtime.memory.timeout_flag);
   cudaFree(g_runtime.memory.call_numbers);
+  cudaFree(g_runtime.traffic);
   cudaFreeHost(g_runtime.timeout_flag);
   g_runtime = jax_deepep::NvshmemRuntime{};
   if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);
@@ -205,6 +215,12 @@ int jax_deepep_nvshmem_finalize() {
 }
 
 const char* jax_deepep_nvshmem_last_error() { return jax_deepep::g_last_error.c_str(); }
+
+int jax_deepep_internode_traffic(uint64_t* out) {
+  if (!g_allocated) return fail("no NVSHMEM buffer");
+  const cudaError_t status = cudaMemcpy(out, g_runtime.traffic, 4 * sizeof(uint64_t), cudaMemcpyDeviceToHost);
+  return status == cudaSuccess ? 0 : fail_cuda("reading the traffic counters", status);
+}
 
 int jax_deepep_nvshmem_timeout_flag() {
   if (!g_allocated) return 0;

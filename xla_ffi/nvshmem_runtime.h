@@ -21,6 +21,9 @@ struct NvshmemRuntime {
   uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
   int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
   bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
+  bool group_mapped = false;    // every peer of this PE's direct group is mapped (nvshmem_ptr)
+  int direct_group = 0;         // ranks per group of directly written peers (a node)
+  unsigned long long* traffic = nullptr;  // device [4]: internode rows and bytes put (dispatch, combine)
 };
 
 // The runtime with an allocated buffer, or null.
@@ -50,6 +53,9 @@ int jax_deepep_nvshmem_free();
 int jax_deepep_nvshmem_finalize();
 // Why the last call failed.
 const char* jax_deepep_nvshmem_last_error();
-// Nonzero once a kernel gave up waiting for a peer (kDispatchTimeout / kCombineTimeout).
+// Nonzero once a kernel gave up waiting for a peer (which: the k*Timeout values of nvshmem_peers.cuh).
 int jax_deepep_nvshmem_timeout_flag();
+// Copies the internode network traffic counters (dispatch rows, bytes, combine rows, bytes) to out[4]
+// (synchronises the device; for tests). 0 on success.
+int jax_deepep_internode_traffic(uint64_t* out);
 }

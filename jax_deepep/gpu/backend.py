@@ -4,9 +4,11 @@ Every method runs per shard inside `shard_map`. The custom calls find this rank'
 communication buffer by the Buffer's id and the device they run on; ring sizes come from the
 `Config` (clamped to what the buffer holds). Handles carry two extra sender-side arrays in
 `DispatchHandle.extras`: `send_count_before` (i32[T, R], tokens before t sent to each rank)
-and `send_offset` (i32[R], first row of this rank's block on each rank). Configurations the
-kernels do not cover (more than 8 ranks, several nodes) use the pure-JAX implementation. The
-low-latency ops run the NVSHMEM kernels of `gpu/low_latency.py` when that library was built.
+and `send_offset` (i32[R], first row of this rank's block on each rank). An axis of several nodes
+runs the NVSHMEM internode kernels of `gpu/internode.py` when the Buffer has `num_rdma_bytes`;
+other configurations the kernels do not cover (one node of more than 8 ranks) use the pure-JAX
+implementation. The low-latency ops run the NVSHMEM kernels of `gpu/low_latency.py` when that
+library was built.
 """
 from __future__ import annotations
 
@@ -86,11 +88,29 @@ def _low_latency_kernels(buffer):
                                          direct_group=direct_group)
 
 
+def _internode_kernels(buffer):
+    """The NVSHMEM internode kernels of a normal Buffer over several nodes (None: not that case, or
+    they cannot run here, with a warning)."""
+    if buffer.low_latency_mode or buffer.ranks_per_node == buffer.num_ranks or buffer.num_rdma_bytes <= 0:
+        return None
+    from . import internode, low_latency
+
+    if not low_latency.available():
+        warnings.warn("jax_deepep: internode ops use the pure-JAX implementation: " + low_latency.unavailable_reason())
+        return None
+    if buffer.ranks_per_node > internode.MAX_RANKS_PER_NODE:
+        warnings.warn(f"jax_deepep: the internode kernels take nodes of up to {internode.MAX_RANKS_PER_NODE} ranks; "
+                      f"{buffer.ranks_per_node} per node use the pure-JAX implementation")
+        return None
+    return internode.InternodeKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node)
+
+
 class CudaBackend:
     name = "cuda"
 
     def __init__(self, buffer):
         self._low_latency = _low_latency_kernels(buffer)
+        self._internode = _internode_kernels(buffer)
         lib = runtime._lib()
         self.num_ranks = buffer.num_ranks
         self._native = buffer.num_ranks <= lib.jax_deepep_max_ranks() and buffer.ranks_per_node == buffer.num_ranks
@@ -98,6 +118,8 @@ class CudaBackend:
         self._max_local_experts = int(lib.jax_deepep_max_local_experts())
         self.comm = None
         if not self._native:
+            if self._internode is not None:
+                return
             warnings.warn(f"jax_deepep: the CUDA kernels cover one node of up to {lib.jax_deepep_max_ranks()} "
                           f"ranks; {buffer.num_ranks} ranks with {buffer.ranks_per_node} per node use the "
                           "pure-JAX implementation")
@@ -109,6 +131,8 @@ class CudaBackend:
     def destroy(self):
         if self.comm is not None:
             self.comm.destroy()
+        if self._internode is not None:
+            self._internode.destroy()
         if self._low_latency is not None:
             self._low_latency.destroy()
 
@@ -151,6 +175,9 @@ class CudaBackend:
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
+        if self._internode is not None:
+            return self._internode.dispatch(ctx, parts, topk_idx, topk_weights, layout, num_experts,
+                                            num_worst_tokens, expert_alignment)
         if not self._native:
             return reference.BACKEND.dispatch(ctx, config, parts, topk_idx, topk_weights, layout, num_experts,
                                               num_worst_tokens, expert_alignment)
@@ -192,6 +219,8 @@ class CudaBackend:
         return DispatchResult(recv_parts, recv_topk_idx, recv_topk_weights, per_expert, num_recv_tokens, handle)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
+        if self._internode is not None and "forwarded" in handle.extras:
+            return self._internode.cached_dispatch(ctx, handle, parts, topk_weights)
         if not self._native:
             return reference.BACKEND.cached_dispatch(ctx, config, handle, parts, topk_weights)
         n = handle.capacity
@@ -210,6 +239,8 @@ class CudaBackend:
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
         hidden = y.shape[1]
+        if self._internode is not None and "forwarded" in handle.extras and hidden % 8 == 0:
+            return self._internode.combine(ctx, handle, y, topk_weights, bias)
         if not self._native or hidden % 8:
             return reference.BACKEND.combine(ctx, config, handle, y, topk_weights, bias)
         lib = runtime._lib()

@@ -1,5 +1,6 @@
 """Low-latency mode on NVSHMEM: `libjax_deepep_nvshmem.so` (cuda/low_latency.cu, xla_ffi/) as XLA
-FFI custom calls.
+FFI custom calls, and the process's NVSHMEM set-up, which the internode kernels (`internode.py`,
+same library) share.
 
 `LowLatencyKernels` owns one Buffer's symmetric memory and provides the four low-latency Backend
 methods (see `jax_deepep.backend.Backend`). NVSHMEM runs one PE per process, PE = the process's
@@ -38,7 +39,8 @@ _UNIQUE_ID_KEY = "jax_deepep/nvshmem_unique_id"
 _DEFAULT_TIMEOUT_S = 20.0
 _HEAP_MARGIN_BYTES = 256 << 20
 _TARGETS = ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_bf16", "jax_deepep_ll_dispatch_recv_fp8",
-            "jax_deepep_ll_combine_send", "jax_deepep_ll_combine_recv")
+            "jax_deepep_ll_combine_send", "jax_deepep_ll_combine_recv", "jax_deepep_internode_dispatch",
+            "jax_deepep_internode_combine")
 
 
 def nvshmem_dir() -> Optional[pathlib.Path]:
@@ -77,6 +79,9 @@ def _load():
     lib.jax_deepep_nvshmem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.jax_deepep_nvshmem_alloc.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
     lib.jax_deepep_nvshmem_last_error.restype = ctypes.c_char_p
+    lib.jax_deepep_internode_traffic.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+    lib.jax_deepep_internode_dispatch_bytes.restype = ctypes.c_uint64
+    lib.jax_deepep_internode_combine_bytes.restype = ctypes.c_uint64
     for name in _TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
     return lib, None
@@ -153,13 +158,14 @@ def _own_device_and_rank(mesh, axis_name: str):
     """This process's one device in `mesh` and its index on `axis_name`."""
     others = [name for name in mesh.axis_names if name != axis_name and mesh.shape[name] != 1]
     if others:
-        raise DeepEPError(f"Buffer: low-latency mode needs a mesh whose only non-trivial axis is {axis_name!r} "
-                          f"(one NVSHMEM PE per rank), got axes {dict(mesh.shape)}")
+        raise DeepEPError(f"Buffer: NVSHMEM (low-latency or internode mode) needs a mesh whose only non-trivial "
+                          f"axis is {axis_name!r} (one NVSHMEM PE per rank), got axes {dict(mesh.shape)}")
     devices = list(mesh.devices.reshape(-1))
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
     if len(mine) != 1:
-        raise DeepEPError(f"Buffer: low-latency mode needs exactly one GPU of the mesh per process (NVSHMEM runs one "
-                          f"PE per process); process {jax.process_index()} owns {len(mine)}. Start one process per GPU.")
+        raise DeepEPError(f"Buffer: NVSHMEM (low-latency or internode mode) needs exactly one GPU of the mesh per "
+                          f"process (one PE per process); process {jax.process_index()} owns {len(mine)}. Start one "
+                          "process per GPU.")
     return devices[mine[0]], mine[0]
 
 
@@ -168,39 +174,50 @@ def _static_sizes(*sizes: int):
     return jnp.zeros((0, *sizes), jnp.int8)
 
 
+def open_symmetric_buffer(mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
+                          direct_group: Optional[int] = None):
+    """Joins NVSHMEM (once per process) and allocates this Buffer's symmetric buffer; (library, rank,
+    number of ranks). `direct_group`: peers in this rank's group of that many consecutive ranks
+    are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
+    get nvshmem puts. By default every peer may be direct."""
+    lib = _library()
+    device, rank = _own_device_and_rank(mesh, axis_name)
+    num_ranks = int(mesh.shape[axis_name])
+    direct_group = num_ranks if direct_group is None else direct_group
+    if direct_group < 1 or num_ranks % direct_group:
+        raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({num_ranks}), "
+                          f"got {direct_group}")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+    if not 0 < timeout_s < 1e9:
+        raise DeepEPError(f"Buffer: the NVSHMEM kernels' timeout must be in (0, 1e9) seconds, got {timeout_s} "
+                          "(JAX_DEEPEP_TIMEOUT_S)")
+    _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
+    _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group), "symmetric buffer allocation")
+    return lib, rank, num_ranks
+
+
+def close_symmetric_buffer(lib):
+    """Frees the symmetric buffer (collective)."""
+    _check(lib, lib.jax_deepep_nvshmem_free(), "free")
+
+
 class LowLatencyKernels:
     """The low-latency Backend methods of one Buffer, on NVSHMEM."""
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
                  direct_group: Optional[int] = None):
-        """`direct_group`: peers in this rank's group of that many consecutive ranks are written with
-        loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts.
-        By default every peer may be direct; a Buffer passes its `ranks_per_node`, or 1 without
-        `allow_nvlink_for_low_latency_mode`."""
-        lib = _library()
-        device, rank = _own_device_and_rank(mesh, axis_name)
-        num_ranks = int(mesh.shape[axis_name])
-        direct_group = num_ranks if direct_group is None else direct_group
-        if direct_group < 1 or num_ranks % direct_group:
-            raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({num_ranks}), "
-                              f"got {direct_group}")
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
-        if not 0 < timeout_s < 1e9:
-            raise DeepEPError(f"Buffer: the low-latency timeout must be in (0, 1e9) seconds, got {timeout_s} "
-                              "(JAX_DEEPEP_TIMEOUT_S)")
-        _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
-        _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group),
-               "symmetric buffer allocation")
-        self._lib = lib
-        self.rank, self.num_ranks = rank, num_ranks
+        """`direct_group`: see `open_symmetric_buffer`; a Buffer passes its `ranks_per_node`, or 1
+        without `allow_nvlink_for_low_latency_mode`."""
+        self._lib, self.rank, self.num_ranks = open_symmetric_buffer(mesh, axis_name, num_rdma_bytes, timeout_s,
+                                                                     direct_group=direct_group)
         self._live = True
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
         if self._live:
             self._live = False
-            _check(self._lib, self._lib.jax_deepep_nvshmem_free(), "free")
+            close_symmetric_buffer(self._lib)
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)

@@ -1,0 +1,581 @@
+// Internode dispatch/combine kernels (protocol and layout: internode.cuh).
+//
+// Dispatch: (1) send: one block per destination node stages the tokens bound there and puts
+// them into the inbox of this rank's RDMA peer on that node (a local copy for its own node); one
+// more block notifies every rank of this rank's counts. (2) forward: one block per source node
+// places each inbox row at its final row on every rank of this node that it goes to. (3) recv:
+// copies the landed rows into XLA's outputs and builds the handle.
+// Combine: (1) return: rows back to their forwarder over NVLink; (2) reduce: one block per source
+// node sums them per token in f32 and puts the partial to the source; (3) finish: sums partials.
+#include "internode.cuh"
+
+#include <cuda_bf16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+
+#include "cuda/memory_order.cuh"
+
+namespace jax_deepep {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+
+size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+__device__ __forceinline__ int tagged(uint32_t seq, int value) {
+  return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(value & 0xffff));
+}
+
+// Waits for a tagged count of call `seq`; 0 after a timeout.
+__device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
+  int value = 0;
+  return wait_signal(p, seq & 0xffffu, 16, mem, kind, peer, &value) ? (value & 0xffff) : 0;
+}
+
+__device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
+  int value = 0;
+  wait_signal(p, seq, 0, mem, kind, peer, &value);
+}
+
+// The whole warp copies `bytes` bytes, 16 at a time where both ends and the size allow.
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, size_t bytes) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 15) == 0) {
+    for (size_t i = lane * 16; i < bytes; i += kWarpSize * 16) {
+      *reinterpret_cast<int4*>(dst + i) = *reinterpret_cast<const int4*>(src + i);
+    }
+  } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 3) == 0) {
+    for (size_t i = lane * 4; i < bytes; i += kWarpSize * 4) {
+      *reinterpret_cast<int*>(dst + i) = *reinterpret_cast<const int*>(src + i);
+    }
+  } else {
+    for (size_t i = lane; i < bytes; i += kWarpSize) dst[i] = src[i];
+  }
+}
+
+// Block-wide exclusive prefix of `flag` over the threads of one pass (in thread order); returns
+// this thread's position and adds the pass total to *running (shared, read by all after).
+__device__ int block_prefix(bool flag, int* warp_counts, int* running) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = *running, total = *running;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += warp_counts[w];
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *running = total;
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+struct Topology {
+  int rank, num_ranks, per_node, nodes, node, local;
+  __device__ explicit Topology(const PeerMemory& mem, int ranks_per_node)
+      : rank(mem.rank), num_ranks(mem.num_ranks), per_node(ranks_per_node), nodes(mem.num_ranks / ranks_per_node),
+        node(mem.rank / ranks_per_node), local(mem.rank % ranks_per_node) {}
+};
+
+// ---- dispatch -------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, InternodeTraffic traffic,
+                                                                 size_t region, InternodeDispatchShape s,
+                                                                 InternodeDispatchLayout l, InternodeDispatchIn in,
+                                                                 const int* token) {
+  extern __shared__ int scratch[];  // send blocks: [T] token | mask << 16; notify block: [R + E] counts
+  __shared__ int warp_counts[kWarps];
+  __shared__ int running;
+  const Topology topo(mem, s.ranks_per_node);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const size_t half = (seq & 1u) * l.half_bytes;
+
+  if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
+    const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
+    for (int i = threadIdx.x; i < R + E; i += kThreads) scratch[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < T * R; i += kThreads)
+      if (in.is_token_in_rank[i]) atomicAdd(&scratch[i % R], 1);
+    for (int i = threadIdx.x; E > 0 && i < T * s.top_k; i += kThreads) {
+      const int e = in.ids[i];
+      if (e >= 0 && e < E) atomicAdd(&scratch[R + e], 1);
+    }
+    __syncthreads();
+    int* staged = reinterpret_cast<int*>(mem.staging + l.staged_counts);
+    for (int i = threadIdx.x; i < R + E; i += kThreads) staged[i] = tagged(seq, scratch[i]);
+    __syncthreads();
+    for (int d = warp; d < R; d += kWarps) {
+      const size_t counts_at = half + l.counts + static_cast<size_t>(topo.rank) * R * 4;
+      const size_t experts_at = half + l.expert_counts + static_cast<size_t>(topo.rank) * experts_per_rank * 4;
+      const int* my_experts = staged + R + d * experts_per_rank;
+      if (char* peer = mem.peer[d]) {
+        for (int i = lane; i < R; i += kWarpSize) store_release(reinterpret_cast<int*>(peer + region + counts_at) + i, staged[i]);
+        for (int i = lane; i < experts_per_rank; i += kWarpSize)
+          store_release(reinterpret_cast<int*>(peer + region + experts_at) + i, my_experts[i]);
+      } else {
+        nvshmemx_putmem_nbi_warp(mem.local + region + counts_at, staged, R * 4, d);
+        if (experts_per_rank > 0)
+          nvshmemx_putmem_nbi_warp(mem.local + region + experts_at, my_experts, experts_per_rank * 4, d);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) nvshmem_quiet();
+    return;
+  }
+
+  // Send block for node m: tokens going to any rank of node m, in token order.
+  const int m = blockIdx.x, dst = m * topo.per_node + topo.local;
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int start = 0; start < T; start += kThreads) {
+    const int t = start + threadIdx.x;
+    int mask = 0;
+    if (t < T)
+      for (int j = 0; j < topo.per_node; ++j) mask |= in.is_token_in_rank[t * R + m * topo.per_node + j] ? 1 << j : 0;
+    const int slot = block_prefix(mask != 0, warp_counts, &running);
+    if (mask != 0) scratch[slot] = t | mask << 16;
+  }
+  __syncthreads();
+  const int count = running;
+  char* const peer = mem.peer[dst];
+  const size_t inbox_at = region + half + l.inbox + static_cast<size_t>(topo.node) * T * l.row_bytes;
+  char* const rows = peer != nullptr ? peer + inbox_at : mem.staging + static_cast<size_t>(m) * T * l.row_bytes;
+  for (int j = warp; j < count; j += kWarps) {
+    const int t = scratch[j] & 0xffff, mask = scratch[j] >> 16;
+    char* row = rows + j * l.row_bytes;
+    if (lane == 0) *reinterpret_cast<int4*>(row) = make_int4(topo.rank, t, mask, 0);
+    if (s.has_ids && lane < s.top_k) reinterpret_cast<int*>(row + l.ids_at)[lane] = in.ids[t * s.top_k + lane];
+    if (s.has_weights && lane < s.top_k)
+      reinterpret_cast<float*>(row + l.weights_at)[lane] = in.weights[t * s.top_k + lane];
+    for (int p = 0; p < s.num_parts; ++p)
+      warp_copy(row + l.part_at[p], static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
+                s.part_bytes[p]);
+  }
+  const size_t signal_at = region + half + l.inbox_signals + topo.node * 4;
+  if (peer != nullptr) {
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged(seq, count));
+    return;
+  }
+  __syncthreads();
+  const int first = count * warp / kWarps, end = count * (warp + 1) / kWarps;
+  if (end > first) {
+    nvshmemx_putmem_nbi_warp(mem.local + inbox_at + first * l.row_bytes, rows + first * l.row_bytes,
+                             (end - first) * l.row_bytes, dst);
+    __syncwarp();
+    if (lane == 0) nvshmem_quiet();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(traffic.counters + 0, static_cast<unsigned long long>(count));
+    atomicAdd(traffic.counters + 1, static_cast<unsigned long long>(count) * l.row_bytes);
+    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged(seq, count), dst);
+  }
+}
+
+// One block per source node n: the inbox rows from rank (n, this local index) go to their final
+// rows on every rank of this node they are bound for.
+__global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_t region, InternodeDispatchShape s,
+                                                           InternodeDispatchLayout l, const int* token,
+                                                           int* forwarded) {
+  __shared__ int base[kInternodeMaxRanksPerNode], running[kInternodeMaxRanksPerNode];
+  __shared__ int warp_counts[kInternodeMaxRanksPerNode][kWarps];
+  __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
+  __shared__ int count;
+  const Topology topo(mem, s.ranks_per_node);
+  const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks, L = topo.per_node;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const int* counts = reinterpret_cast<const int*>(half + l.counts);
+  if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
+    int sum = 0;
+    for (int s2 = 0; s2 < src; ++s2)
+      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, mem, kInternodeDispatchTimeout, s2);
+    base[threadIdx.x] = sum;
+    running[threadIdx.x] = 0;
+  }
+  if (threadIdx.x == 0)
+    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, mem,
+                           kInternodeDispatchTimeout, src),
+                T);
+  for (int t = threadIdx.x; t < T; t += kThreads) forwarded[n * T + t] = 0;
+  __syncthreads();
+  const char* inbox = half + l.inbox + static_cast<size_t>(n) * T * l.row_bytes;
+  for (int start = 0; start < count; start += kThreads) {
+    const int j = start + threadIdx.x;
+    const int mask = j < count ? reinterpret_cast<const int*>(inbox + j * l.row_bytes)[2] : 0;
+    int kept = 0;
+    for (int d = 0; d < L; ++d) {  // rank of row j among the rows bound for local rank d
+      const bool bound = (mask >> d) & 1;
+      const unsigned ballot = __ballot_sync(0xffffffffu, bound);
+      if (lane == 0) warp_counts[d][warp] = __popc(ballot);
+      __syncthreads();
+      int before = running[d], total = running[d];
+      for (int w = 0; w < kWarps; ++w) {
+        if (w < warp) before += warp_counts[d][w];
+        total += warp_counts[d][w];
+      }
+      const int row = base[d] + before + __popc(ballot & ((1u << lane) - 1u));
+      dest_row[threadIdx.x][d] = bound && row < s.capacity ? row : -1;
+      kept |= bound && row < s.capacity ? 1 << d : 0;
+      __syncthreads();
+      if (threadIdx.x == 0) running[d] = total;
+    }
+    if (j < count) {
+      const int t = reinterpret_cast<const int*>(inbox + j * l.row_bytes)[1];
+      if (t >= 0 && t < T) forwarded[n * T + t] = static_cast<int>(0x80000000u | kept);
+    }
+    __syncthreads();
+    const int rows_here = min(kThreads, count - start);
+    for (int p = warp; p < rows_here * L; p += kWarps) {
+      const int jj = p / L, d = p % L, row = dest_row[jj][d];
+      if (row < 0) continue;
+      char* peer = mem.peer[topo.node * L + d];
+      warp_copy(peer + region + (seq & 1u) * l.half_bytes + l.landing + static_cast<size_t>(row) * l.row_bytes,
+                inbox + static_cast<size_t>(start + jj) * l.row_bytes, l.row_bytes);
+    }
+    __syncthreads();
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < L) {
+    char* peer = mem.peer[topo.node * L + threadIdx.x];
+    store_release(reinterpret_cast<int*>(peer + region + (seq & 1u) * l.half_bytes + l.forward_signals) +
+                      topo.local * topo.nodes + n,
+                  static_cast<int>(seq));
+  }
+}
+
+// Waits until every forwarder of this node is done with every source node; true on every thread.
+__device__ void wait_forwarded(const PeerMemory& mem, const Topology& topo, const char* half,
+                               const InternodeDispatchLayout& l, uint32_t seq) {
+  const int* signals = reinterpret_cast<const int*>(half + l.forward_signals);
+  for (int i = threadIdx.x; i < topo.per_node * topo.nodes; i += blockDim.x)
+    wait_call(signals + i, seq, mem, kInternodeDispatchTimeout, topo.node * topo.per_node + i / topo.nodes);
+  __syncthreads();
+}
+
+// Block 0: handle metadata; every block: copies of the landed rows into the outputs.
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, size_t region,
+                                                                 InternodeDispatchShape s, InternodeDispatchLayout l,
+                                                                 const bool* is_token_in_rank, const int* token,
+                                                                 InternodeDispatchOut out, int expert_alignment) {
+  extern __shared__ int prefix[];  // [R + 1]: first row of each source rank, then the total
+  __shared__ int warp_counts[kWarps];
+  __shared__ int running;
+  const Topology topo(mem, s.ranks_per_node);
+  const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const int* counts = reinterpret_cast<const int*>(half + l.counts);
+  wait_forwarded(mem, topo, half, l, seq);
+  for (int src = threadIdx.x; src < R; src += kThreads)
+    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, mem, kInternodeDispatchTimeout, src);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    prefix[0] = 0;
+    for (int src = 0; src < R; ++src) prefix[src + 1] += prefix[src];
+  }
+  __syncthreads();
+  const int total = prefix[R], kept = min(total, s.capacity);
+  const int experts_per_rank = s.has_ids ? s.num_experts / R : 0;
+
+  if (blockIdx.x == 0) {
+    for (int src = threadIdx.x; src < R; src += kThreads) out.recv_rank_prefix[src] = prefix[src];
+    if (threadIdx.x == 0) *out.num_recv = total;
+    const int* expert_counts = reinterpret_cast<const int*>(half + l.expert_counts);
+    for (int e = threadIdx.x; e < experts_per_rank && out.per_expert != nullptr; e += kThreads) {
+      int sum = 0;
+      for (int src = 0; src < R; ++src)
+        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, mem, kInternodeDispatchTimeout, src);
+      out.per_expert[e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+    }
+    for (int d = 0; d < R; ++d) {  // this rank's rows on rank d: its first row there, then in token order
+      if (threadIdx.x == 0) {
+        int row = 0;
+        for (int src = 0; src < topo.rank; ++src)
+          row += wait_count(counts + src * R + d, seq, mem, kInternodeDispatchTimeout, src);
+        running = row;
+      }
+      __syncthreads();
+      for (int start = 0; start < T; start += kThreads) {
+        const int t = start + threadIdx.x;
+        const bool sent = t < T && is_token_in_rank[t * R + d];
+        const int row = block_prefix(sent, warp_counts, &running);
+        if (t < T) out.send_row[t * R + d] = sent ? row : -1;
+      }
+    }
+  }
+
+  for (int i = blockIdx.x * kWarps + warp; i < s.capacity; i += gridDim.x * kWarps) {
+    const char* row = half + l.landing + static_cast<size_t>(i) * l.row_bytes;
+    const bool live = i < kept;
+    if (lane == 0) {
+      out.src_rank[i] = live ? reinterpret_cast<const int*>(row)[0] : -1;
+      out.src_idx[i] = live ? reinterpret_cast<const int*>(row)[1] : -1;
+    }
+    int local = -1;
+    if (s.has_ids && lane < s.top_k) {
+      const int e = live ? reinterpret_cast<const int*>(row + l.ids_at)[lane] : -1;
+      local = e >= 0 && e < s.num_experts && e / experts_per_rank == topo.rank ? e % experts_per_rank : -1;
+      out.ids[i * s.top_k + lane] = local;
+    }
+    if (s.has_weights && lane < s.top_k) {
+      const float w = live ? reinterpret_cast<const float*>(row + l.weights_at)[lane] : 0.0f;
+      out.weights[i * s.top_k + lane] = s.has_ids && local < 0 ? 0.0f : w;
+    }
+    if (!live) continue;
+    for (int p = 0; p < s.num_parts; ++p)
+      warp_copy(static_cast<char*>(out.part[p]) + static_cast<size_t>(i) * s.part_bytes[p], row + l.part_at[p],
+                s.part_bytes[p]);
+  }
+}
+
+// ---- combine --------------------------------------------------------------------------------
+// Rows back to their forwarder (rank (this node, source's local index)), at [this local][n][t].
+__global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, size_t region,
+                                                                  InternodeCombineShape s, InternodeCombineLayout l,
+                                                                  InternodeCombineIn in, const int* token) {
+  const Topology topo(mem, s.ranks_per_node);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, L = topo.per_node;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const size_t half = (seq & 1u) * l.half_bytes;
+  const int rows = min(max(*in.num_recv, 0), s.capacity);
+  for (int i = blockIdx.x * kWarps + warp; i < rows; i += gridDim.x * kWarps) {
+    const int src = in.src_rank[i], t = in.src_idx[i];
+    if (src < 0 || src >= topo.num_ranks || t < 0 || t >= T) continue;
+    char* peer = mem.peer[topo.node * L + src % L];
+    char* dst = peer + region + half + l.returns +
+                ((static_cast<size_t>(topo.local) * topo.nodes + src / L) * T + t) * l.return_bytes;
+    warp_copy(dst, reinterpret_cast<const char*>(in.y + static_cast<size_t>(i) * s.hidden), s.hidden * 2);
+    if (in.weights != nullptr && lane < s.top_k)
+      reinterpret_cast<float*>(dst + s.hidden * 2)[lane] = in.weights[i * s.top_k + lane];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < L) {
+    char* peer = mem.peer[topo.node * L + threadIdx.x];
+    store_release(reinterpret_cast<int*>(peer + region + half + l.return_signals) +
+                      topo.local * kInternodeReturnBlocks + blockIdx.x,
+                  static_cast<int>(seq));
+  }
+}
+
+// One block per source node n: per token of source (n, this local index) that this node got,
+// the f32 sum of the rows its ranks returned, put to the source as partial [this node][t].
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem, InternodeTraffic traffic,
+                                                                  size_t region, InternodeCombineShape s,
+                                                                  InternodeCombineLayout l, const int* forwarded,
+                                                                  const int* token) {
+  __shared__ int sent;
+  const Topology topo(mem, s.ranks_per_node);
+  const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const size_t half = (seq & 1u) * l.half_bytes;
+  const char* mine = mem.local + region + half;
+  const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
+  for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
+    wait_call(signals + i, seq, mem, kInternodeCombineTimeout, topo.node * L + i / kInternodeReturnBlocks);
+  if (threadIdx.x == 0) sent = 0;
+  __syncthreads();
+  const bool local_source = src == topo.rank;
+  const size_t partial_at = half + l.partials + static_cast<size_t>(topo.node) * T * l.partial_bytes;
+  char* const partials = local_source ? mem.local + region + partial_at
+                                      : mem.staging + static_cast<size_t>(n) * T * l.partial_bytes;
+  int my_rows = 0;
+  for (int t = warp; t < T; t += kWarps) {
+    const int f = forwarded[n * T + t];
+    if (f >= 0) continue;  // bit 31 clear: the token did not come to this node
+    char* out = partials + static_cast<size_t>(t) * l.partial_bytes;
+    for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int d = 0; d < L; ++d) {
+        if (!((f >> d) & 1)) continue;
+        const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
+        const uint4 raw = *reinterpret_cast<const uint4*>(row + ch * 2);
+        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 v = __bfloat1622float2(pairs[i]);
+          acc[2 * i] += v.x;
+          acc[2 * i + 1] += v.y;
+        }
+      }
+      reinterpret_cast<float4*>(out + ch * 4)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      reinterpret_cast<float4*>(out + ch * 4)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+    if (lane < s.top_k) {
+      float w = 0.0f;
+      for (int d = 0; d < L; ++d) {
+        if (!((f >> d) & 1)) continue;
+        const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
+        w += reinterpret_cast<const float*>(row + H * 2)[lane];
+      }
+      reinterpret_cast<float*>(out + H * 4)[lane] = w;
+    }
+    __syncwarp();
+    if (!local_source) {
+      nvshmemx_putmem_nbi_warp(mem.local + partial_at + static_cast<size_t>(t) * l.partial_bytes, out, l.partial_bytes,
+                               src);
+      ++my_rows;
+    }
+  }
+  if (!local_source) {
+    __syncwarp();
+    if (lane == 0) {
+      nvshmem_quiet();
+      atomicAdd(&sent, my_rows);
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  int* signal = reinterpret_cast<int*>(mem.local + region + half + l.partial_signals) + topo.node;
+  if (local_source) {
+    store_release(signal, static_cast<int>(seq));
+  } else {
+    atomicAdd(traffic.counters + 2, static_cast<unsigned long long>(sent));
+    atomicAdd(traffic.counters + 3, static_cast<unsigned long long>(sent) * l.partial_bytes);
+    nvshmem_int_p(signal, static_cast<int>(seq), src);
+  }
+}
+
+// One block per token: the partials of the nodes it went to, in node order, plus biases, rounded once.
+__global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem, size_t region,
+                                                                  InternodeCombineShape s, InternodeCombineLayout l,
+                                                                  InternodeCombineIn in, InternodeCombineOut out,
+                                                                  const int* token) {
+  __shared__ int went[64];
+  __shared__ int num_went;
+  const Topology topo(mem, s.ranks_per_node);
+  const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
+  for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
+    wait_call(signals + m, seq, mem, kInternodeCombineTimeout, m * L + topo.local);
+  if (threadIdx.x == 0) {
+    num_went = 0;
+    for (int m = 0; m < topo.nodes && num_went < 64; ++m) {
+      bool any = false;
+      for (int d = 0; d < L; ++d) any |= in.is_token_in_rank[t * R + m * L + d];
+      if (any) went[num_went++] = m;
+    }
+  }
+  __syncthreads();
+  for (int ch = threadIdx.x * 8; ch < H; ch += blockDim.x * 8) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < num_went; ++i) {
+      const float4* p = reinterpret_cast<const float4*>(
+          half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes + ch * 4);
+      const float4 a = p[0], b = p[1];
+      acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
+      acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
+    }
+    for (int b = 0; b < s.num_bias; ++b) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 v = __bfloat1622float2(pairs[i]);
+        acc[2 * i] += v.x;
+        acc[2 * i + 1] += v.y;
+      }
+    }
+    uint4 packed;
+    __nv_bfloat162* result = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) result[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + ch) = packed;
+  }
+  if (out.weights != nullptr && threadIdx.x < s.top_k) {
+    float w = 0.0f;
+    for (int i = 0; i < num_went; ++i)
+      w += reinterpret_cast<const float*>(half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
+                                          H * 4)[threadIdx.x];
+    out.weights[t * s.top_k + threadIdx.x] = w;
+  }
+}
+
+}  // namespace
+
+InternodeDispatchLayout make_internode_dispatch_layout(const InternodeDispatchShape& s, int num_ranks) {
+  InternodeDispatchLayout l{};
+  const size_t k = s.top_k, nodes = num_ranks / s.ranks_per_node, T = s.num_tokens;
+  l.ids_at = 16;
+  l.weights_at = l.ids_at + (s.has_ids ? k * 4 : 0);
+  size_t at = align16(l.weights_at + (s.has_weights ? k * 4 : 0));
+  for (int p = 0; p < 2; ++p) {
+    l.part_at[p] = at;
+    at = align16(at + (p < s.num_parts ? s.part_bytes[p] : 0));
+  }
+  l.row_bytes = at;
+  const size_t experts_per_rank = s.has_ids ? s.num_experts / num_ranks : 0;
+  l.counts = 0;
+  l.expert_counts = align16(l.counts + static_cast<size_t>(num_ranks) * num_ranks * 4);
+  l.inbox = align16(l.expert_counts + num_ranks * experts_per_rank * 4);
+  l.inbox_signals = l.inbox + nodes * T * l.row_bytes;
+  l.landing = align16(l.inbox_signals + nodes * 4);
+  l.forward_signals = l.landing + static_cast<size_t>(s.capacity) * l.row_bytes;
+  l.half_bytes = (l.forward_signals + s.ranks_per_node * nodes * 4 + 255) / 256 * 256;
+  l.staged_counts = nodes * T * l.row_bytes;
+  l.staging_bytes = l.staged_counts + (num_ranks + (s.has_ids ? s.num_experts : 0)) * 4;
+  return l;
+}
+
+InternodeCombineLayout make_internode_combine_layout(const InternodeCombineShape& s, int num_ranks) {
+  InternodeCombineLayout l{};
+  const size_t nodes = num_ranks / s.ranks_per_node, T = s.num_tokens;
+  l.return_bytes = align16(s.hidden * 2 + s.top_k * 4);
+  l.partial_bytes = align16(s.hidden * 4 + s.top_k * 4);
+  l.returns = 0;
+  l.return_signals = static_cast<size_t>(s.ranks_per_node) * nodes * T * l.return_bytes;
+  l.partials = align16(l.return_signals + s.ranks_per_node * kInternodeReturnBlocks * 4);
+  l.partial_signals = l.partials + nodes * T * l.partial_bytes;
+  l.half_bytes = (l.partial_signals + nodes * 4 + 255) / 256 * 256;
+  l.staging_bytes = nodes * T * l.partial_bytes;
+  return l;
+}
+
+cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
+                                      const InternodeDispatchShape& s, const InternodeDispatchIn& in,
+                                      const InternodeDispatchOut& out, int expert_alignment) {
+  const InternodeDispatchLayout l = make_internode_dispatch_layout(s, mem.num_ranks);
+  const int nodes = mem.num_ranks / s.ranks_per_node;
+  const size_t region = 0;  // the dispatch region starts the buffer
+  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeDispatchCall, out.token);
+  const size_t send_shared = std::max<size_t>(s.num_tokens, mem.num_ranks + (s.has_ids ? s.num_experts : 0)) * 4;
+  dispatch_send_kernel<<<nodes + 1, kThreads, send_shared, stream>>>(mem, traffic, region, s, l, in, out.token);
+  forward_kernel<<<nodes, kThreads, 0, stream>>>(mem, region, s, l, out.token, out.forwarded);
+  const int blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
+  dispatch_recv_kernel<<<blocks, kThreads, (mem.num_ranks + 1) * 4, stream>>>(
+      mem, region, s, l, in.is_token_in_rank, out.token, out, expert_alignment);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_internode_combine(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
+                                     size_t region_bytes, const InternodeCombineShape& s, const InternodeCombineIn& in,
+                                     const InternodeCombineOut& out) {
+  const InternodeCombineLayout l = make_internode_combine_layout(s, mem.num_ranks);
+  const int nodes = mem.num_ranks / s.ranks_per_node;
+  const size_t region = region_bytes;  // the combine region follows the dispatch region
+  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeCombineCall, out.token);
+  combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(mem, region, s, l, in, out.token);
+  combine_reduce_kernel<<<nodes, kThreads, 0, stream>>>(mem, traffic, region, s, l, in.forwarded, out.token);
+  if (s.num_tokens > 0) {
+    const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
+    const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
+    combine_finish_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, region, s, l, in, out, out.token);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace jax_deepep

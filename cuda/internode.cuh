@@ -1,0 +1,135 @@
+// Internode normal mode (SPEC.md section 2 over several nodes) on NVSHMEM: a token crosses the
+// network once per destination node, to its "RDMA peer" there (same local index), which forwards
+// it over NVLink to the ranks of that node that need it. Combine runs the other way: each rank
+// returns its rows to the forwarder over NVLink, the forwarder sums its node's rows in f32 and
+// puts one f32 partial per (token, node) back; the source sums the partials and rounds once.
+//
+// Every row's place is a pure function of the counts every rank notifies: receive order is
+// (source rank, source token), as in intranode mode. The symmetric buffer holds a dispatch region
+// and a combine region, each of two halves used by alternate calls (call number & 1); signals
+// carry the call number (nvshmem_peers.cuh). Ranks of one node must be mapped (nvshmem_ptr).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/nvshmem_peers.cuh"
+
+namespace jax_deepep {
+
+constexpr int kInternodeMaxTopk = 32;
+constexpr int kInternodeMaxRanksPerNode = 8;
+constexpr int kInternodeMaxTokens = 32767;  // counts travel in 16 bits beside the call number
+constexpr int kInternodeReturnBlocks = 32;  // blocks of the combine's return kernel (each signals)
+
+struct InternodeDispatchShape {
+  int num_tokens;     // T per rank
+  int capacity;       // N receive rows
+  int top_k;          // K ids and/or weights per token (0: neither)
+  bool has_ids, has_weights;
+  int num_parts;      // 1 (bf16) or 2 (FP8 values + scales)
+  int part_bytes[2];  // bytes per token of each part
+  int num_experts;    // E (0 without ids)
+  int ranks_per_node; // L
+};
+
+// One dispatched token (inbox and landing rows): a 16-byte header (source rank, source token,
+// mask of the node's ranks it goes to), K ids, K weights, then each part, each 16-byte aligned.
+struct InternodeDispatchLayout {
+  size_t row_bytes, ids_at, weights_at, part_at[2];
+  // Within one half of the dispatch region:
+  size_t counts;           // int [R src][R dst], tagged: tokens src sends to dst
+  size_t expert_counts;    // int [R src][E / R], tagged: tokens src sends to each of this rank's experts
+  size_t inbox;            // rows [nodes][T]: tokens from this rank's RDMA peer on each node
+  size_t inbox_signals;    // int [nodes], tagged row counts
+  size_t landing;          // rows [N]: the received tokens in their final order
+  size_t forward_signals;  // int [L forwarder][nodes source node]: call number when forwarded
+  size_t half_bytes;
+  size_t staging_bytes;    // put sources: rows [nodes][T], then R + E tagged counts
+  size_t staged_counts;
+};
+
+InternodeDispatchLayout make_internode_dispatch_layout(const InternodeDispatchShape& s, int num_ranks);
+
+struct InternodeCombineShape {
+  int num_tokens;  // T per rank
+  int capacity;    // N
+  int hidden;      // H (bf16 channels, a multiple of 8)
+  int top_k;       // K weights per row (0: none)
+  int num_bias;    // 0, 1 or 2 bf16 [T, H]
+  int ranks_per_node;
+};
+
+struct InternodeCombineLayout {
+  size_t return_bytes;   // a row returned to its forwarder: bf16 [H], then f32 weights [K]
+  size_t partial_bytes;  // a node's partial sum for a token: f32 [H], then f32 weights [K]
+  // Within one half of the combine region:
+  size_t returns;         // rows [L returning rank][nodes][T]
+  size_t return_signals;  // int [L][kInternodeReturnBlocks]
+  size_t partials;        // rows [nodes][T]
+  size_t partial_signals; // int [nodes]
+  size_t half_bytes;
+  size_t staging_bytes;   // partial rows [nodes][T]
+};
+
+InternodeCombineLayout make_internode_combine_layout(const InternodeCombineShape& s, int num_ranks);
+
+// The dispatch and combine regions: [0, region) and [region, 2 * region) of the symmetric buffer.
+inline size_t internode_region_bytes(size_t num_bytes) { return num_bytes / 2 / 256 * 256; }
+
+// Device counters of this PE's network traffic: dispatch rows and bytes, combine rows and bytes.
+struct InternodeTraffic {
+  unsigned long long* counters;  // [4]
+};
+
+struct InternodeDispatchIn {
+  const void* part[2];
+  const int* ids;                 // [T, K] or null
+  const float* weights;           // [T, K] or null
+  const bool* is_token_in_rank;   // [T, R]
+};
+
+struct InternodeDispatchOut {
+  void* part[2];            // [N, part bytes]
+  int* ids;                 // [N, K] local expert ids (-1 elsewhere), or null
+  float* weights;           // [N, K], or null
+  int* src_rank;            // [N] (-1 past the received rows)
+  int* src_idx;             // [N]
+  int* send_row;            // [T, R]: row of each token on each rank (-1 when not sent)
+  int* recv_rank_prefix;    // [R]
+  int* num_recv;            // []
+  int* per_expert;          // [E / R] (rounded up to expert_alignment), or null
+  int* forwarded;           // [nodes, T]: bit 31 when forwarded to this node, bits of the ranks that kept it
+  int* token;               // [1]: the call number
+};
+
+// Dispatch (and cached dispatch, without ids): notify + network send, forward, receive.
+cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
+                                      const InternodeDispatchShape& s, const InternodeDispatchIn& in,
+                                      const InternodeDispatchOut& out, int expert_alignment);
+
+struct InternodeCombineIn {
+  const uint16_t* y;              // bf16 [N, H]
+  const float* weights;           // [N, K] or null
+  const uint16_t* bias[2];        // bf16 [T, H] or null
+  const int* src_rank;            // [N]
+  const int* src_idx;             // [N]
+  const int* num_recv;            // []
+  const bool* is_token_in_rank;   // [T, R]
+  const int* forwarded;           // [nodes, T]
+};
+
+struct InternodeCombineOut {
+  uint16_t* x;       // bf16 [T, H]
+  float* weights;    // [T, K] or null
+  int* token;        // [1]
+};
+
+// region_bytes: internode_region_bytes of the buffer (where the combine region starts).
+cudaError_t launch_internode_combine(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
+                                     size_t region_bytes, const InternodeCombineShape& s, const InternodeCombineIn& in,
+                                     const InternodeCombineOut& out);
+
+}  // namespace jax_deepep
