@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const size_t half = (seq & 1u) * l.half_bytes;
+  const size_t half = (seq & 1u) * l.half_stride;
 
   if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
     const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks, L = topo.per_node;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
     int sum = 0;
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
       const int jj = p / L, d = p % L, row = dest_row[jj][d];
       if (row < 0) continue;
       char* peer = mem.peer[topo.node * L + d];
-      warp_copy(peer + region + (seq & 1u) * l.half_bytes + l.landing + static_cast<size_t>(row) * l.row_bytes,
+      warp_copy(peer + region + (seq & 1u) * l.half_stride + l.landing + static_cast<size_t>(row) * l.row_bytes,
                 inbox + static_cast<size_t>(start + jj) * l.row_bytes, l.row_bytes);
     }
     __syncthreads();
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   __syncthreads();
   if (threadIdx.x < L) {
     char* peer = mem.peer[topo.node * L + threadIdx.x];
-    store_release(reinterpret_cast<int*>(peer + region + (seq & 1u) * l.half_bytes + l.forward_signals) +
+    store_release(reinterpret_cast<int*>(peer + region + (seq & 1u) * l.half_stride + l.forward_signals) +
                       topo.local * topo.nodes + n,
                   static_cast<int>(seq));
   }
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const Topology topo(mem, s.ranks_per_node);
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   wait_forwarded(mem, topo, half, l, seq);
   for (int src = threadIdx.x; src < R; src += kThreads)
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, L = topo.per_node;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const size_t half = (seq & 1u) * l.half_bytes;
+  const size_t half = (seq & 1u) * l.half_stride;
   const int rows = min(max(*in.num_recv, 0), s.capacity);
   for (int i = blockIdx.x * kWarps + warp; i < rows; i += gridDim.x * kWarps) {
     const int src = in.src_rank[i], t = in.src_idx[i];
@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const size_t half = (seq & 1u) * l.half_bytes;
+  const size_t half = (seq & 1u) * l.half_stride;
   const char* mine = mem.local + region + half;
   const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
   for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   if (threadIdx.x == 0) sent = 0;
   __syncthreads();
   const bool local_source = src == topo.rank;
-  const size_t partial_at = half + l.partials + static_cast<size_t>(topo.node) * T * l.partial_bytes;
-  char* const partials = local_source ? mem.local + region + partial_at
+  const size_t partial_at = region + half + l.partials + static_cast<size_t>(topo.node) * T * l.partial_bytes;
+  char* const partials = local_source ? mem.local + partial_at
                                       : mem.staging + static_cast<size_t>(n) * T * l.partial_bytes;
   int my_rows = 0;
   for (int t = warp; t < T; t += kWarps) {
@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   const Topology topo(mem, s.ranks_per_node);
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const char* half = mem.local + region + (seq & 1u) * l.half_bytes;
+  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
     wait_call(signals + m, seq, mem, kInternodeCombineTimeout, m * L + topo.local);
@@ -546,9 +546,11 @@ InternodeCombineLayout make_internode_combine_layout(const InternodeCombineShape
 }
 
 cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                      const InternodeDispatchShape& s, const InternodeDispatchIn& in,
-                                      const InternodeDispatchOut& out, int expert_alignment) {
-  const InternodeDispatchLayout l = make_internode_dispatch_layout(s, mem.num_ranks);
+                                      size_t region_bytes, const InternodeDispatchShape& s,
+                                      const InternodeDispatchIn& in, const InternodeDispatchOut& out,
+                                      int expert_alignment) {
+  InternodeDispatchLayout l = make_internode_dispatch_layout(s, mem.num_ranks);
+  l.half_stride = region_bytes / 2;
   const int nodes = mem.num_ranks / s.ranks_per_node;
   const size_t region = 0;  // the dispatch region starts the buffer
   next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeDispatchCall, out.token);
@@ -564,7 +566,8 @@ cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem
 cudaError_t launch_internode_combine(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
                                      size_t region_bytes, const InternodeCombineShape& s, const InternodeCombineIn& in,
                                      const InternodeCombineOut& out) {
-  const InternodeCombineLayout l = make_internode_combine_layout(s, mem.num_ranks);
+  InternodeCombineLayout l = make_internode_combine_layout(s, mem.num_ranks);
+  l.half_stride = region_bytes / 2;
   const int nodes = mem.num_ranks / s.ranks_per_node;
   const size_t region = region_bytes;  // the combine region follows the dispatch region
   next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeCombineCall, out.token);

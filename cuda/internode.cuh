@@ -46,7 +46,9 @@ struct InternodeDispatchLayout {
   size_t inbox_signals;    // int [nodes], tagged row counts
   size_t landing;          // rows [N]: the received tokens in their final order
   size_t forward_signals;  // int [L forwarder][nodes source node]: call number when forwarded
-  size_t half_bytes;
+  size_t half_bytes;       // what one call uses
+  size_t half_stride;      // where the second half starts: half the region, whatever the call's sizes,
+                           // so consecutive calls of different sizes never overlap
   size_t staging_bytes;    // put sources: rows [nodes][T], then R + E tagged counts
   size_t staged_counts;
 };
@@ -71,6 +73,7 @@ struct InternodeCombineLayout {
   size_t partials;        // rows [nodes][T]
   size_t partial_signals; // int [nodes]
   size_t half_bytes;
+  size_t half_stride;     // as in InternodeDispatchLayout
   size_t staging_bytes;   // partial rows [nodes][T]
 };
 
@@ -106,9 +109,11 @@ struct InternodeDispatchOut {
 };
 
 // Dispatch (and cached dispatch, without ids): notify + network send, forward, receive.
+// region_bytes: internode_region_bytes of the buffer (the dispatch region starts it).
 cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                      const InternodeDispatchShape& s, const InternodeDispatchIn& in,
-                                      const InternodeDispatchOut& out, int expert_alignment);
+                                      size_t region_bytes, const InternodeDispatchShape& s,
+                                      const InternodeDispatchIn& in, const InternodeDispatchOut& out,
+                                      int expert_alignment);
 
 struct InternodeCombineIn {
   const uint16_t* y;              // bf16 [N, H]

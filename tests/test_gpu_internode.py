@@ -104,7 +104,7 @@ def check_traffic(w: Worker, seed: int):
     got = {k: after[k] - before[k] for k in after}
     assert got["dispatch_rows"] == sent, f"dispatch rows {got['dispatch_rows']} != {sent}"
     assert got["combine_rows"] == forwarded, f"combine rows {got['combine_rows']} != {forwarded}"
-    row_bytes = 16 + hidden * 2  # header + bf16 payload (no ids or weights in this call)
+    row_bytes = 16 + (topk * 4 + 15) // 16 * 16 + hidden * 2  # header, ids (16-byte aligned), bf16 payload
     assert got["dispatch_bytes"] == sent * row_bytes, got
     print(f"traffic: {got}", flush=True)
 

@@ -147,7 +147,8 @@ ffi::Error Dispatch(cudaStream_t stream, int64_t num_parts, bool has_ids, bool h
     if (rt == nullptr) return error;
     const InternodeDispatchLayout layout = make_internode_dispatch_layout(s, static_cast<int>(num_ranks));
     if (ffi::Error e = fits(*rt, layout.half_bytes, layout.staging_bytes); e.failure()) return e;
-    return launched(launch_internode_dispatch(stream, rt->memory, InternodeTraffic{rt->traffic}, s, in, out,
+    return launched(launch_internode_dispatch(stream, rt->memory, InternodeTraffic{rt->traffic},
+                                              internode_region_bytes(rt->num_bytes), s, in, out,
                                               static_cast<int>(expert_alignment)),
                     "dispatch");
   } catch (const std::exception& e) {
