@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       const size_t experts_at = half + l.expert_counts + static_cast<size_t>(topo.rank) * experts_per_rank * 4;
       const int* my_experts = staged + R + d * experts_per_rank;
       if (char* peer = mem.peer[d]) {
-        for (int i = lane; i < R; i += kWarpSize) store_release(reinterpret_cast<int*>(peer + region + counts_at) + i, staged[i]);
+        for (int i = lane; i < R; i += kWarpSize)
+          store_release(reinterpret_cast<int*>(peer + region + counts_at) + i, staged[i]);
         for (int i = lane; i < experts_per_rank; i += kWarpSize)
           store_release(reinterpret_cast<int*>(peer + region + experts_at) + i, my_experts[i]);
       } else {
@@ -189,7 +190,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
   __shared__ int count;
   const Topology topo(mem, s.ranks_per_node);
-  const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks, L = topo.per_node;
+  const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks;
+  const int L = topo.per_node;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;

@@ -166,7 +166,9 @@ ffi::Error Combine(cudaStream_t stream, bool has_weights, int64_t num_bias, int6
     InternodeCombineIn in{};
     const ffi::AnyBuffer y = in_args.next();
     const auto y_dims = y.dimensions();
-    if (y_dims.size() != 2 || y_dims[1] % 8 != 0) return invalid("combine expects y bf16 [N, H] with H a multiple of 8");
+    if (y_dims.size() != 2 || y_dims[1] % 8 != 0) {
+      return invalid("combine expects y bf16 [N, H] with H a multiple of 8");
+    }
     s.capacity = static_cast<int>(y_dims[0]);
     s.hidden = static_cast<int>(y_dims[1]);
     in.y = static_cast<const uint16_t*>(y.untyped_data());
