@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
 
 namespace jax_deepep {
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
                                                                  size_t region, InternodeDispatchShape s,
                                                                  InternodeDispatchLayout l, InternodeDispatchIn in,
                                                                  const int* token) {
-  extern __shared__ int scratch[];  // send blocks: [T] token | mask << 16; notify block: [R + E] counts
+  extern __shared__ int scratch[];  // [T]: token | mask << 16
   __shared__ int warp_counts[kWarps];
   __shared__ int running;
   const Topology topo(mem, s.ranks_per_node);
@@ -97,17 +98,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
 
   if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
     const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
-    for (int i = threadIdx.x; i < R + E; i += kThreads) scratch[i] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < T * R; i += kThreads)
-      if (in.is_token_in_rank[i]) atomicAdd(&scratch[i % R], 1);
-    for (int i = threadIdx.x; E > 0 && i < T * s.top_k; i += kThreads) {
-      const int e = in.ids[i];
-      if (e >= 0 && e < E) atomicAdd(&scratch[R + e], 1);
-    }
-    __syncthreads();
     int* staged = reinterpret_cast<int*>(mem.staging + l.staged_counts);
-    for (int i = threadIdx.x; i < R + E; i += kThreads) staged[i] = tagged(seq, scratch[i]);
+    for (int i = threadIdx.x; i < R + E; i += kThreads)
+      staged[i] = tagged(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
     __syncthreads();
     for (int d = warp; d < R; d += kWarps) {
       const size_t counts_at = half + l.counts + static_cast<size_t>(topo.rank) * R * 4;
@@ -186,13 +179,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
                                                            InternodeDispatchLayout l, const int* token,
                                                            int* forwarded) {
   __shared__ int base[kInternodeMaxRanksPerNode], running[kInternodeMaxRanksPerNode];
-  __shared__ int warp_counts[kInternodeMaxRanksPerNode][kWarps];
+  __shared__ int warp_counts[kWarps];
   __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
   __shared__ int count;
   const Topology topo(mem, s.ranks_per_node);
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks;
   const int L = topo.per_node;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
@@ -216,19 +209,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
     int kept = 0;
     for (int d = 0; d < L; ++d) {  // rank of row j among the rows bound for local rank d
       const bool bound = (mask >> d) & 1;
-      const unsigned ballot = __ballot_sync(0xffffffffu, bound);
-      if (lane == 0) warp_counts[d][warp] = __popc(ballot);
-      __syncthreads();
-      int before = running[d], total = running[d];
-      for (int w = 0; w < kWarps; ++w) {
-        if (w < warp) before += warp_counts[d][w];
-        total += warp_counts[d][w];
-      }
-      const int row = base[d] + before + __popc(ballot & ((1u << lane) - 1u));
+      const int row = base[d] + block_prefix(bound, warp_counts, &running[d]);
       dest_row[threadIdx.x][d] = bound && row < s.capacity ? row : -1;
       kept |= bound && row < s.capacity ? 1 << d : 0;
-      __syncthreads();
-      if (threadIdx.x == 0) running[d] = total;
     }
     if (j < count) {
       const int t = reinterpret_cast<const int*>(inbox + j * l.row_bytes)[1];
@@ -402,14 +385,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
       for (int d = 0; d < L; ++d) {
         if (!((f >> d) & 1)) continue;
         const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + ch * 2);
-        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 v = __bfloat1622float2(pairs[i]);
-          acc[2 * i] += v.x;
-          acc[2 * i + 1] += v.y;
-        }
+        accumulate(acc, *reinterpret_cast<const uint4*>(row + ch * 2));
       }
       reinterpret_cast<float4*>(out + ch * 4)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
       reinterpret_cast<float4*>(out + ch * 4)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
@@ -483,14 +459,7 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
       acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
     }
     for (int b = 0; b < s.num_bias; ++b) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 v = __bfloat1622float2(pairs[i]);
-        acc[2 * i] += v.x;
-        acc[2 * i + 1] += v.y;
-      }
+      accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
     }
     uint4 packed;
     __nv_bfloat162* result = reinterpret_cast<__nv_bfloat162*>(&packed);
@@ -556,8 +525,8 @@ cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem
   const int nodes = mem.num_ranks / s.ranks_per_node;
   const size_t region = 0;  // the dispatch region starts the buffer
   next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeDispatchCall, out.token);
-  const size_t send_shared = std::max<size_t>(s.num_tokens, mem.num_ranks + (s.has_ids ? s.num_experts : 0)) * 4;
-  dispatch_send_kernel<<<nodes + 1, kThreads, send_shared, stream>>>(mem, traffic, region, s, l, in, out.token);
+  dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(mem, traffic, region, s, l, in,
+                                                                                     out.token);
   forward_kernel<<<nodes, kThreads, 0, stream>>>(mem, region, s, l, out.token, out.forwarded);
   const int blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
   dispatch_recv_kernel<<<blocks, kThreads, (mem.num_ranks + 1) * 4, stream>>>(

@@ -92,6 +92,8 @@ struct InternodeDispatchIn {
   const int* ids;                 // [T, K] or null
   const float* weights;           // [T, K] or null
   const bool* is_token_in_rank;   // [T, R]
+  const int* tokens_per_rank;     // [R]: the layout's count of tokens bound for each rank
+  const int* tokens_per_expert;   // [E]: the layout's count per expert, or null without ids
 };
 
 struct InternodeDispatchOut {

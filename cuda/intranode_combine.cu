@@ -10,6 +10,7 @@
 //    biases, round to bf16 once.
 #include <cuda_bf16.h>
 
+#include "cuda/bf16x8.cuh"
 #include "cuda/bulk_copy.cuh"
 #include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
@@ -74,16 +75,6 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, BulkPip
     if (g.leader) store_release(&theirs->tail[channel][me], base + chunk_end);
   }
   if (g.leader) mine->sent_total[channel][dst] = base + count;
-}
-
-__device__ __forceinline__ void accumulate(float (&acc)[8], int4 v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
 }
 
 // A token's rows as positions: this rank's row in `y`, or the slot index in a peer's ring past

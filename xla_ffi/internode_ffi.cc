@@ -4,7 +4,8 @@
 //
 // Operand order (optional ones present when the attribute says so), mirrored by
 // jax_deepep/gpu/internode.py:
-//   dispatch: parts..., [ids i32 [T, K]], [weights f32 [T, K]], is_token_in_rank bool [T, R]
+//   dispatch: parts..., [ids i32 [T, K]], [weights f32 [T, K]], is_token_in_rank bool [T, R],
+//             num_tokens_per_rank i32 [R], [num_tokens_per_expert i32 [E] (with ids)]
 //          -> parts [N, ...]..., [ids [N, K]], [weights [N, K]], src_rank [N], src_idx [N],
 //             send_row [T, R], recv_rank_prefix [R], num_recv [], per_expert [E / R or 0],
 //             forwarded [nodes, T], token [1]
@@ -19,6 +20,7 @@
 #include "cuda/internode.cuh"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_readers.h"
+#include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
 
 namespace ffi = xla::ffi;
@@ -32,19 +34,9 @@ ffi::Error invalid(const std::string& message) {
 
 // The runtime, checked for an internode op over `num_ranks` ranks in nodes of `ranks_per_node`.
 NvshmemRuntime* usable_runtime(int64_t num_ranks, int64_t ranks_per_node, ffi::Error* error) {
-  NvshmemRuntime* rt = nvshmem_runtime();
-  if (rt == nullptr) {
-    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                        "jax_deepep internode: NVSHMEM is not set up in this process (a Buffer with "
-                        "num_rdma_bytes > 0 over several nodes sets it up)");
-    return nullptr;
-  }
-  if (const int flag = jax_deepep_nvshmem_timeout_flag(); flag != 0) {
-    *error = ffi::Error(ffi::ErrorCode::kDeadlineExceeded,
-                        std::string("jax_deepep internode: an earlier ") + timeout_kind_name(flag) +
-                            " timed out waiting for a peer rank; the buffer is unusable, destroy the Buffer");
-    return nullptr;
-  }
+  NvshmemRuntime* rt = live_nvshmem_runtime("internode", "a Buffer with num_rdma_bytes > 0 over several nodes "
+                                             "sets it up", error);
+  if (rt == nullptr) return nullptr;
   if (num_ranks != rt->memory.num_ranks || ranks_per_node < 1 || ranks_per_node > kInternodeMaxRanksPerNode ||
       num_ranks % ranks_per_node != 0 || ranks_per_node != rt->direct_group) {
     *error = invalid("the op runs over " + std::to_string(num_ranks) + " ranks in nodes of " +
@@ -71,11 +63,7 @@ ffi::Error fits(const NvshmemRuntime& rt, size_t half_bytes, size_t staging_byte
   return ffi::Error::Success();
 }
 
-ffi::Error launched(cudaError_t status, const char* what) {
-  if (status == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("jax_deepep internode: launching ") + what + ": " + cudaGetErrorString(status));
-}
+ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "internode", what); }
 
 int64_t per_token_bytes(const ffi::AnyBuffer& b) {
   const auto dims = b.dimensions();
@@ -115,6 +103,8 @@ ffi::Error Dispatch(cudaStream_t stream, int64_t num_parts, bool has_ids, bool h
     }
     const ffi::AnyBuffer in_rank = in_args.next();
     in.is_token_in_rank = static_cast<const bool*>(in_rank.untyped_data());
+    in.tokens_per_rank = in_args.next_data<int>();
+    in.tokens_per_expert = has_ids ? in_args.next_data<int>() : nullptr;
     const int64_t num_ranks = in_rank.dimensions()[1];
     if (num_tokens > kInternodeMaxTokens || s.top_k > kInternodeMaxTopk || expert_alignment < 1 ||
         (has_ids && (num_experts <= 0 || num_experts % num_ranks != 0))) {

@@ -12,6 +12,7 @@
 
 #include "cuda/low_latency.cuh"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
 
 namespace ffi = xla::ffi;
@@ -29,19 +30,9 @@ ffi::Error invalid(const std::string& message) {
 // The runtime, checked against the op's static sizes; `error` set when unusable.
 NvshmemRuntime* checked_runtime(int64_t num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
                                 ffi::Error* error) {
-  NvshmemRuntime* rt = nvshmem_runtime();
-  if (rt == nullptr) {
-    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                        "jax_deepep low-latency: NVSHMEM is not initialised in this process (create the Buffer with "
-                        "low_latency_mode=True and num_rdma_bytes > 0 first)");
-    return nullptr;
-  }
-  if (const int flag = jax_deepep_nvshmem_timeout_flag(); flag != 0) {
-    *error = ffi::Error(ffi::ErrorCode::kDeadlineExceeded,
-                        std::string("jax_deepep low-latency: an earlier ") + timeout_kind_name(flag) +
-                            " timed out waiting for a peer rank; the buffer is unusable, destroy the Buffer");
-    return nullptr;
-  }
+  NvshmemRuntime* rt = live_nvshmem_runtime("low-latency", "create the Buffer with low_latency_mode=True and "
+                                             "num_rdma_bytes > 0 first", error);
+  if (rt == nullptr) return nullptr;
   if (num_ranks != rt->memory.num_ranks) {
     *error = invalid("the op runs over " + std::to_string(num_ranks) + " ranks but NVSHMEM has " +
                      std::to_string(rt->memory.num_ranks) + " PEs");
@@ -64,11 +55,7 @@ NvshmemRuntime* checked_runtime(int64_t num_ranks, int64_t max_tokens, int64_t h
   return rt;
 }
 
-ffi::Error launched(cudaError_t status, const char* what) {
-  if (status == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("jax_deepep low-latency: launching ") + what + ": " + cudaGetErrorString(status));
-}
+ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
 ffi::Error DispatchSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> topk_idx,
                         ffi::ResultBuffer<ffi::S32> send_slot, ffi::ResultBuffer<ffi::S32> token, int64_t num_ranks,

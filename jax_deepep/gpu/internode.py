@@ -57,8 +57,9 @@ class InternodeKernels:
             fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but these sizes need {need} "
                      "in internode mode")
 
-    def _dispatch_call(self, ctx: RankContext, parts, ids, weights, is_token_in_rank, num_experts: int,
-                       capacity: int, expert_alignment: int, op: str):
+    def _dispatch_call(self, ctx: RankContext, parts, ids, weights, is_token_in_rank, counts: tuple,
+                       num_experts: int, capacity: int, expert_alignment: int, op: str):
+        """`counts`: the layout's tokens per rank, and per expert with `ids` (what the kernel notifies)."""
         num_tokens = parts[0].shape[0]
         top_k = ids.shape[1] if ids is not None else (weights.shape[1] if weights is not None else 0)
         sizes = [_per_token_bytes(p) for p in parts] + [0]
@@ -74,7 +75,7 @@ class InternodeKernels:
         if weights is not None:
             args.append(weights.astype(jnp.float32))
             results.append(jax.ShapeDtypeStruct((capacity, top_k), jnp.float32))
-        args.append(is_token_in_rank)
+        args += [is_token_in_rank, *counts]
         experts_per_rank = num_experts // r if ids is not None else 0
         results += [jax.ShapeDtypeStruct((capacity,), i32), jax.ShapeDtypeStruct((capacity,), i32),
                     jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((r,), i32),
@@ -94,9 +95,10 @@ class InternodeKernels:
     def dispatch(self, ctx: RankContext, parts, topk_idx, topk_weights, layout: DispatchLayout, num_experts: int,
                  num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
         ids = None if topk_idx is None else valid_expert_ids(topk_idx, num_experts)
+        counts = (layout.num_tokens_per_rank,) + ((layout.num_tokens_per_expert,) if ids is not None else ())
         recv_parts, recv_ids, recv_weights, meta = self._dispatch_call(
-            ctx, parts, ids, topk_weights, layout.is_token_in_rank, num_experts, num_worst_tokens, expert_alignment,
-            "dispatch")
+            ctx, parts, ids, topk_weights, layout.is_token_in_rank, counts, num_experts, num_worst_tokens,
+            expert_alignment, "dispatch")
         src_rank, src_idx, send_row, recv_rank_prefix, num_recv, per_expert, forwarded = meta
         handle = DispatchHandle(
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=src_rank,
@@ -105,8 +107,9 @@ class InternodeKernels:
         return DispatchResult(recv_parts, recv_ids, recv_weights, per_expert, num_recv, handle)
 
     def cached_dispatch(self, ctx: RankContext, handle: DispatchHandle, parts, topk_weights=None):
+        counts = (jnp.sum(handle.is_token_in_rank, axis=0, dtype=jnp.int32),)
         recv_parts, _, recv_weights, _ = self._dispatch_call(
-            ctx, parts, None, topk_weights, handle.is_token_in_rank, 0, handle.capacity, 1, "dispatch")
+            ctx, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
         return recv_parts, recv_weights
 
     def combine(self, ctx: RankContext, handle: DispatchHandle, y, topk_weights, bias):
