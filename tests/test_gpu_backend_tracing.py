@@ -25,7 +25,7 @@ def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
     buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backend on CPU devices
     lib = runtime._lib()
     backend = object.__new__(CudaBackend)  # no device memory: only tracing follows
-    backend.num_ranks, backend._native, backend._low_latency = buffer.num_ranks, True, None
+    backend.num_ranks, backend._native, backend._low_latency, backend._internode = buffer.num_ranks, True, None, None
     backend._max_channels = int(lib.jax_deepep_max_channels()) // 2
     backend._max_local_experts = int(lib.jax_deepep_max_local_experts())
     backend.comm = types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30)

@@ -3,9 +3,9 @@
 Several processes share GPU 0, each one NVSHMEM PE, and `JAX_DEEPEP_RANKS_PER_NODE` makes them
 play several nodes: R = 4 as 2 nodes of 2 ranks and as 4 nodes of 1. Ranks of one "node" write
 each other's buffers directly; every byte between "nodes" travels as nvshmem puts, as across
-hosts. Each process checks its own shard with the checks of the intranode tests (random data,
-FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch, combine with
-weights and biases, 100 rounds), plus the network traffic: one row per (token, destination node
+hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
+random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
+combine with weights and biases, 100 rounds), plus the network traffic: one row per (token, destination node
 other than its own) in dispatch, one partial per (token, node) back in combine.
 """
 from __future__ import annotations
@@ -18,14 +18,12 @@ import numpy as np
 import pytest
 
 import gpu_workers
-import test_gpu_intranode as intranode
-
-AXIS = intranode.AXIS
+import normal_checks
 NUM_RDMA_BYTES = 1 << 30
 
 
 def _run_workers(num_ranks: int, ranks_per_node: int):
-    reason = intranode._skip_reason()
+    reason = normal_checks.skip_reason()
     if reason is None:
         from jax_deepep.gpu import low_latency
 
@@ -51,23 +49,6 @@ def test_internode_four_nodes_of_one_rank():
     _run_workers(4, 1)
 
 
-class Worker(intranode.Worker):
-    """An intranode test worker whose Buffer spans several nodes (JAX_DEEPEP_RANKS_PER_NODE)."""
-
-    def __init__(self, rank: int, num_ranks: int):
-        import jax
-        from jax.sharding import Mesh
-
-        import jax_deepep as deepep
-
-        self.rank, self.num_ranks = rank, num_ranks
-        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
-        self.buffer = deepep.Buffer(self.mesh, AXIS, num_rdma_bytes=NUM_RDMA_BYTES)
-        assert self.buffer.backend._internode is not None, "the internode kernels are not in use"
-        self.failures = []
-        self._compiled = {}
-
-
 def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, rank: int) -> tuple:
     """(dispatch rows, combine rows) this rank puts on the network for routing `idx` [R, T, K]."""
     idx = np.asarray(idx)
@@ -81,7 +62,7 @@ def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, ran
     return sent, forwarded
 
 
-def check_traffic(w: Worker, seed: int):
+def check_traffic(w: normal_checks.Worker, seed: int):
     """One dispatch + combine: the rows put on the network are one per (token, other node) each way."""
     from harness import random_bf16, random_topk
 
@@ -113,11 +94,12 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
-    w = Worker(rank, num_ranks)
+    w = normal_checks.Worker(rank, num_ranks, num_rdma_bytes=NUM_RDMA_BYTES)
+    assert w.buffer.backend._internode is not None, "the internode kernels are not in use"
     rng = np.random.default_rng(1234)  # the same global data in every process
     experts = 16 * num_ranks
     common = dict(tokens=256, hidden=512, topk=8, experts=experts)
-    check = intranode.check_dispatch
+    check = normal_checks.check_dispatch
     w.check("dispatch/combine bf16", lambda: check(w, rng, **common))
     w.check("uneven routing (hot experts)", lambda: check(w, rng, kind="hot", **common))
     w.check("out-of-range ids behave like -1", lambda: check(w, rng, kind="out_of_range", **common))
@@ -127,7 +109,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
             lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
     w.check("network traffic: one row per (token, node)", lambda: check_traffic(w, 99))
-    w.check("pressure: 100 rounds", lambda: intranode.check_pressure(w, 4321, 100))
+    w.check("pressure: 100 rounds", lambda: normal_checks.check_pressure(w, 4321, 100))
     w.buffer.destroy()
     print(f"rank {rank}: {len(w.failures)} failures {w.failures} (ranks per node "
           f"{os.environ.get('JAX_DEEPEP_RANKS_PER_NODE')})", flush=True)
