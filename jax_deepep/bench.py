@@ -3,9 +3,15 @@ formulations in `baselines.py` and against a plain device copy of the same bytes
 
     python -m jax_deepep.bench                         # normal mode, T=4096 H=7168 K=8 E=256
     python -m jax_deepep.bench --mode low_latency      # 128 tokens per rank, latency in us
+    python -m jax_deepep.bench --mode internode --spawn 2 --ranks-per-node 1   # 2 "nodes" on this host
     python -m jax_deepep.bench --json out.json --png out.png
 
-Ranks are the local devices (R = 1 on one GPU). Bandwidth follows DeepEP: all bytes of the
+Ranks are the local devices (R = 1 on one GPU). Internode mode runs one process per GPU over the
+job's devices (`jax.distributed`): start it on every host with `--distributed` (the cluster's
+launcher gives the coordinator), or let `--spawn N` start N processes here, one per local GPU, or
+all on GPU 0 when there are fewer GPUs (then the JAX-native collectives cannot run, and the
+processes time-slice the GPU: the times say nothing about speed). Process 0 prints and writes the
+results, measured on its own rank. Bandwidth follows DeepEP: all bytes of the
 tokens a rank receives (the ones staying on the rank included) over the time; FP8 counts the
 1-byte values plus the f32 scales. `vs copy` is that bandwidth over the bandwidth of a plain
 device copy of the same bytes (1.0 = as fast as a copy).
@@ -40,6 +46,8 @@ from . import baselines
 from .buffer import Buffer
 from .config import FP8_BLOCK
 from .fp8 import per_block_cast_to_fp8
+from .topology import KV_TIMEOUT_MS, kv_client
+from .validation import DeepEPError
 
 AXIS = "ep"
 
@@ -190,8 +198,9 @@ class Runner:
                 if self.args.verbose:
                     traceback.print_exc()
         self.results.append(result)
-        print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
-              f"{result.note}", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
+                  f"{result.note}", file=sys.stderr, flush=True)
         return result
 
     def profile(self, path: str):
@@ -252,9 +261,26 @@ def device_kernels(path: str, labels) -> dict:
     return out
 
 
+def local_ranks(a) -> np.ndarray:
+    """The ranks of a per-rank array `[R, ...]` that this process holds, in rank order (numpy)."""
+    shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _mean_over_processes(name: str, value: float) -> float:
+    """The mean of `value` over the job's processes (through the jax.distributed key-value store:
+    processes sharing a GPU cannot run XLA collectives)."""
+    if jax.process_count() == 1:
+        return value
+    client = kv_client()
+    client.key_value_set(f"jax_deepep/bench/{name}/{jax.process_index()}", repr(value))
+    return statistics.mean(float(client.blocking_key_value_get(f"jax_deepep/bench/{name}/{i}", KV_TIMEOUT_MS))
+                           for i in range(jax.process_count()))
+
+
 def _rows_diff(a, b, rows):
-    """Largest |a - b| over the first `rows[r]` rows of every rank (numpy, f32)."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    """Largest |a - b| over the first `rows[r]` rows of every local rank (numpy, f32)."""
+    a, b = local_ranks(a).astype(np.float32), local_ranks(b).astype(np.float32)
     return max(float(np.max(np.abs(a[r, :n] - b[r, :n]), initial=0.0)) for r, n in enumerate(rows))
 
 
@@ -268,24 +294,44 @@ def _input_sets(mesh: Mesh, sizes: Sizes, args):
             for i in range(args.rotations)]
 
 
+def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
+    """The Buffer of normal mode, and of internode mode (`num_rdma_bytes` sized for the bench's
+    dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected)."""
+    R, H = sizes.num_ranks, sizes.hidden
+    config = Buffer.get_dispatch_config(R)
+    nvl_bytes = max(config.get_nvl_buffer_size_hint(H * 2, R),
+                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
+    if args.mode != "internode":
+        return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
+    rdma_bytes = 1 << 20  # what the pure-JAX implementation gets (it ignores it)
+    if mesh.devices.flat[0].platform == "gpu":
+        from .gpu import internode
+
+        try:
+            rdma_bytes = internode.rdma_bytes_hint(sizes.num_tokens, H, sizes.num_topk, sizes.num_experts, R)
+        except DeepEPError as e:  # no NVSHMEM library: the Buffer warns and runs pure JAX
+            print(f"internode kernels unavailable: {e}", file=sys.stderr)
+    return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node)
+
+
 def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
+    """Normal mode, and internode mode (the same ops on a Buffer over several nodes)."""
     R, E, H = sizes.num_ranks, sizes.num_experts, sizes.hidden
     sets = _input_sets(mesh, sizes, args)
     to_fp8 = per_rank(mesh, lambda x: per_block_cast_to_fp8(x))
     fp8_xs = [to_fp8(x) for x, _, _ in sets]
 
-    config = Buffer.get_dispatch_config(R)
-    nvl_bytes = max(config.get_nvl_buffer_size_hint(H * 2, R),
-                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
-    buffer = Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
+    buffer = _normal_buffer(mesh, sizes, args)
     impl = f"buffer[{buffer.backend.name}]"
+    if args.mode == "internode":
+        print(f"{R // buffer.ranks_per_node} nodes of {buffer.ranks_per_node} ranks", file=sys.stderr)
 
     layout_fn = per_rank(mesh, lambda idx: buffer.get_dispatch_layout(idx, E))
     layouts = [layout_fn(idx) for _, idx, _ in sets]
     dispatch_fn = per_rank(mesh, lambda x, idx, w, lay: buffer.dispatch(x, topk_idx=idx, topk_weights=w, layout=lay))
     firsts = [dispatch_fn(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)]
-    recv_rows = np.stack([np.asarray(f.num_recv_tokens).reshape(R) for f in firsts])  # [sets, R]
-    rows = float(np.mean(recv_rows))
+    recv_rows = np.stack([local_ranks(f.num_recv_tokens).reshape(-1) for f in firsts])  # [sets, local ranks]
+    rows = _mean_over_processes("received_rows", float(np.mean(recv_rows)))  # the ceilings' shapes: one for all
     capacity = firsts[0].recv_x.shape[1]
     bf16_bytes = rows * H * 2
     fp8_bytes = rows * (H + H // FP8_BLOCK * 4)
@@ -308,10 +354,11 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
                           note="jnp.take of the received rows in a random order"
                                + (", as uint32 words" if as_words else "")),
                    stateless(lambda a, p, w=as_words: _gather_rows(a, p, w)), [(a, perm) for a in srcs])
+    no_collectives = "processes share a GPU: no XLA collectives" if args.shared_gpu else ""
     if R > 1:
         runner.run(Result("peer_copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
                           note="ppermute of the received bytes to the next rank"),
-                   stateless(lambda a: baselines.ring_shift(a, AXIS, R, 1)), [(a,) for a in srcs])
+                   stateless(lambda a: baselines.ring_shift(a, AXIS, R, 1)), [(a,) for a in srcs], skip=no_collectives)
 
     runner.run(Result("layout", impl, "-"), stateless(lambda idx: buffer.get_dispatch_layout(idx, E)),
                [(idx,) for _, idx, _ in sets])
@@ -328,7 +375,7 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     for transport in baselines.TRANSPORTS:
         for as_words in (False, True):
             name = f"jax:{transport}" + ("/u32" if as_words else "")
-            skip = "XLA:CPU has no ragged-all-to-all" if transport == "ragged" and on_cpu else ""
+            skip = no_collectives or ("XLA:CPU has no ragged-all-to-all" if transport == "ragged" and on_cpu else "")
             if not any(runner.wanted(Result(op, name, dt)) for op, dt in
                        (("dispatch", "bf16"), ("dispatch", "fp8"), ("combine", "bf16"))):
                 continue
@@ -382,7 +429,7 @@ def _check_baseline(dispatch_fn, combine_fn, ours, combined, inputs, layout, y, 
     """Empty string when the baseline gives the Buffer's rows and combined result, else why not."""
     theirs = dispatch_fn(*inputs, layout)
     errors = []
-    if not np.array_equal(np.asarray(ours.num_recv_tokens).ravel(), np.asarray(theirs.num_recv_tokens).ravel()):
+    if not np.array_equal(local_ranks(ours.num_recv_tokens).ravel(), local_ranks(theirs.num_recv_tokens).ravel()):
         errors.append("num_recv_tokens")
     if _rows_diff(ours.recv_x, theirs.recv_parts[0], recv_rows) != 0.0:
         errors.append("recv_x")
@@ -391,8 +438,8 @@ def _check_baseline(dispatch_fn, combine_fn, ours, combined, inputs, layout, y, 
     if _rows_diff(ours.recv_topk_weights, theirs.recv_topk_weights, recv_rows) != 0.0:
         errors.append("recv_topk_weights")
     base_combined = combine_fn(y, theirs.plan)
-    scale = float(np.max(np.abs(np.asarray(combined, np.float32)), initial=1.0))
-    if _rows_diff(combined, base_combined, [combined.shape[1]] * combined.shape[0]) > 1e-2 * scale:
+    scale = float(np.max(np.abs(local_ranks(combined).astype(np.float32)), initial=1.0))
+    if _rows_diff(combined, base_combined, [combined.shape[1]] * len(recv_rows)) > 1e-2 * scale:
         errors.append("combine")
     return f"mismatch vs Buffer: {', '.join(errors)}" if errors else ""
 
@@ -507,7 +554,7 @@ def _num_sms(value: str, device) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jax_deepep.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("normal", "low_latency"), default="normal")
+    p.add_argument("--mode", choices=("normal", "low_latency", "internode"), default="normal")
     p.add_argument("--num-tokens", type=int, default=None, help="tokens per rank (4096; 128 in low_latency)")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-topk", type=int, default=8)
@@ -530,15 +577,74 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None,
                    help="profile each op once more into this folder and report its kernels (GPU)")
     p.add_argument("--verbose", action="store_true")
+    jobs = p.add_argument_group("several processes (internode mode)")
+    jobs.add_argument("--ranks-per-node", type=int, default=None,
+                      help="ranks per node (default: the processes' hosts decide; Buffer(ranks_per_node=))")
+    jobs.add_argument("--spawn", type=int, default=0,
+                      help="start this many processes here, one per local GPU (all on GPU 0 when there are fewer)")
+    jobs.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() from the cluster's launcher environment")
+    jobs.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with the two flags below)")
+    jobs.add_argument("--num-processes", type=int, default=None)
+    jobs.add_argument("--process-id", type=int, default=None)
+    jobs.add_argument("--local-device", type=int, default=None, help="this process's local GPU (with --coordinator)")
+    jobs.add_argument("--shared-gpu", action="store_true", help=argparse.SUPPRESS)  # set by --spawn
     return p.parse_args(argv)
+
+
+def _local_gpus() -> int:
+    """GPUs on this host, without initialising JAX here (the spawned processes need the memory)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
+
+
+def spawn(args, argv) -> int:
+    """Run this bench as `args.spawn` processes of one jax.distributed job on this host."""
+    import socket
+    import subprocess
+
+    n, gpus = args.spawn, _local_gpus()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = argv.index("--spawn")
+    del argv[at:at + 2]
+    shared = 0 < gpus < n
+    env = dict(os.environ)
+    if shared:  # every process on GPU 0, each with a slice of its memory
+        env.update(CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+                   XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.8 / n:.2f}")
+    elif not gpus:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-m", "jax_deepep.bench", *argv, "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", str(n), "--process-id", str(i),
+                               "--local-device", str(0 if shared or not gpus else i)]
+                              + (["--shared-gpu"] if shared else []), env=env) for i in range(n)]
+    return max(p.wait() for p in procs)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    devices = jax.local_devices()
+    if args.spawn:
+        status = spawn(args, argv)
+        if status:
+            raise SystemExit(f"a bench process failed (exit {status})")
+        return None
+    if args.coordinator:
+        local = None if args.local_device is None else [args.local_device]
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, local_device_ids=local)
+    elif args.distributed:
+        jax.distributed.initialize()
+    devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
     num_ranks = args.num_ranks or len(devices)
-    if num_ranks > len(devices):
-        raise SystemExit(f"--num-ranks {num_ranks}: only {len(devices)} local devices")
+    if num_ranks > len(devices) or (jax.process_count() > 1 and num_ranks != len(devices)):
+        raise SystemExit(f"--num-ranks {num_ranks}: {len(devices)} devices (a job of several processes uses all)")
     num_tokens = args.num_tokens or (128 if args.mode == "low_latency" else 4096)
     args.rotations = args.rotations or (8 if args.mode == "low_latency" else 4)
     sizes = Sizes(num_ranks, num_tokens, args.hidden, args.num_topk, args.num_experts)
@@ -550,22 +656,28 @@ def main(argv=None):
     runner = Runner(mesh, args)
     # The Buffer outlives the profile, which runs its ops once more.
     buffer = (bench_low_latency if args.mode == "low_latency" else bench_normal)(runner, mesh, sizes, args)
+    leader = jax.process_index() == 0
     if args.profile:
+        # Every process runs the profiled ops (internode ops wait for their peers), each into its own folder.
+        path = args.profile if jax.process_count() == 1 else os.path.join(args.profile, f"process{jax.process_index()}")
         try:
-            runner.profile(args.profile)
+            runner.profile(path)
         except Exception as e:  # the timings stand without the kernel breakdown
             print(f"profiling failed: {type(e).__name__}: {e}", file=sys.stderr)
         for r in runner.results:
-            if r.kernels:
+            if r.kernels and leader:
                 print(f"{r.op} {r.impl} {r.dtype}: device {r.device_us:.1f} us = "
                       + ", ".join(f"{name[:40]} {us:.1f}" for name, us in r.kernels))
     runner.fill_bandwidths()
     jax.effects_barrier()
     buffer.destroy()
+    if not leader:
+        return runner.results
     print(table(runner.results))
     meta = {"mode": args.mode, "sizes": dataclasses.asdict(sizes), "device": devices[0].device_kind,
             "platform": devices[0].platform, "jax": jax.__version__, "python": platform.python_version(),
-            "num_sms": Buffer.num_sms,
+            "num_sms": Buffer.num_sms, "processes": jax.process_count(), "shared_gpu": args.shared_gpu,
+            "ranks_per_node": buffer.ranks_per_node,
             "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "rotations": args.rotations},
             "command": "python -m jax_deepep.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:

@@ -17,6 +17,7 @@ from . import normal as _normal
 from .backend import RankContext
 from .config import (Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint)
 from .reference import BACKEND as REFERENCE_BACKEND
+from .topology import detect_ranks_per_node
 from .validation import DeepEPError, axis_size, fail
 
 
@@ -29,9 +30,12 @@ class Buffer:
     """Communication buffers for expert parallelism over `mesh` axis `axis_name`.
 
     Collective in a multi-process job: every process constructs it with the same arguments.
-    `ranks_per_node` overrides how many consecutive ranks share NVLink (tests use it to make
-    one machine play several nodes); by default `JAX_DEEPEP_RANKS_PER_NODE`, else the whole axis is
-    one node (an axis of several nodes runs the pure-JAX implementation for now).
+    A node (ranks sharing NVLink) is the ranks whose devices' processes run on one host, which must be
+    equal blocks of consecutive ranks (`topology.detect_ranks_per_node`; `JAX_DEEPEP_HOST_ID` fakes a
+    process's host). `ranks_per_node`, else `JAX_DEEPEP_RANKS_PER_NODE`, overrides how many consecutive
+    ranks form a node (tests use it to make one machine play several nodes). On the CUDA backend an axis
+    of several nodes runs the NVSHMEM internode kernels when `num_rdma_bytes` is given, else pure JAX
+    (docs/INTERNODE.md).
     """
 
     num_sms: int = 20
@@ -56,7 +60,8 @@ class Buffer:
         self.num_qps_per_rank = num_qps_per_rank
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         if ranks_per_node is None:
-            ranks_per_node = int(os.environ.get("JAX_DEEPEP_RANKS_PER_NODE", self.num_ranks))
+            env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
+            ranks_per_node = int(env) if env is not None else detect_ranks_per_node(mesh, axis_name)
         if ranks_per_node <= 0 or self.num_ranks % ranks_per_node:
             raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
                               f"got {ranks_per_node}")

@@ -4,7 +4,7 @@
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
 # Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode) bench_normal
-#        bench_normal_max_sms serve_moe demo train_moe bench_low_latency
+#        bench_normal_max_sms serve_moe demo train_moe bench_low_latency bench_internode bench_internode_mps
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
 # /tmp/jax_deepep_gpu_all without $OUT.
@@ -46,6 +46,23 @@ bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a 
   find "/tmp/jax_deepep_profile_$name" -name perfetto_trace.json.gz -exec cp {} "$LOGS/$name.trace.json.gz" \;
 }
 
+bench_internode() {  # bench_internode NAME: 2 processes on this host as 2 nodes of 1 rank
+  TAIL=20 step "$1" 240 "$PY" -m jax_deepep.bench --mode internode --spawn 2 --ranks-per-node 1 \
+    --warmup 2 --iters 5 --batch 2 --json "$LOGS/$1.json"
+}
+
+# MPS lets the processes sharing GPU 0 run kernels at the same time (without it they time-slice).
+mps_on() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/jax_deepep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/jax_deepep_mps_log
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d
+}
+mps_off() {
+  echo quit | nvidia-cuda-mps-control
+  cp -r "$CUDA_MPS_LOG_DIRECTORY" "$LOGS/mps_log" 2>/dev/null
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY CUDA_MPS_ACTIVE_THREAD_PERCENTAGE
+}
+
 run_step() {
   case $1 in
     gpu_tests) run_step gpu_fp8; run_step gpu_intranode; run_step gpu_low_latency; run_step gpu_internode ;;
@@ -62,6 +79,8 @@ run_step() {
     bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
+    bench_internode) bench_internode bench_internode ;;
+    bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;
   esac
 }

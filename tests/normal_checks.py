@@ -31,16 +31,20 @@ def skip_reason():
 class Worker:
     """One rank: a Buffer over the global mesh, ops run on global data, checks of its own shard."""
 
-    def __init__(self, rank: int, num_ranks: int, **buffer_kwargs):
+    def __init__(self, rank: int, num_ranks: int, devices=None, **buffer_kwargs):
+        """Over the job's GPUs with a CUDA-backed Buffer; or, given `devices` (this process's own
+        CPU devices), a runner of pure-JAX programs on the same global data, without a Buffer."""
         import jax
         from jax.sharding import Mesh
 
         import jax_deepep as deepep
 
         self.rank, self.num_ranks = rank, num_ranks
-        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
-        self.buffer = deepep.Buffer(self.mesh, AXIS, **buffer_kwargs)
-        assert self.buffer.backend.name == "cuda", self.buffer.backend.name
+        self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
+        self.buffer = None
+        if devices is None:
+            self.buffer = deepep.Buffer(self.mesh, AXIS, **buffer_kwargs)
+            assert self.buffer.backend.name == "cuda", self.buffer.backend.name
         self.failures = []
         self._compiled = {}
 
@@ -69,12 +73,13 @@ class Worker:
         return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
                                             lambda i: a[i])
 
-    @staticmethod
-    def local(out):
+    def local(self, out):
         """This rank's part of a result, as numpy (leading rank axis stripped)."""
         import jax
 
-        return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], out)
+        mine = self.mesh.devices.flat[self.rank]
+        return jax.tree.map(lambda a: np.asarray(next(s.data for s in a.addressable_shards if s.device == mine))[0],
+                            out)
 
     def run(self, fn, *arrays):
         return self.local(self.compile(fn)(*(self.place(a) for a in arrays)))
@@ -223,3 +228,51 @@ def check_pressure(w: Worker, seed: int, rounds: int):
         same_values(recv_x[:kept], everyone[d].recv_parts[0][:kept], f"round {i}: recv_x")
         exact = oracle.combine(np.stack([o.recv_parts[0] for o in everyone]), everyone, tokens)[d]
         oracle.assert_rounded_once(combined, exact, np.abs(exact) + 1.0)
+
+
+def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
+    """Gradients of a jitted dispatch -> scale -> combine step match the pure-JAX ops run on this
+    process's own CPU devices (one per rank; gpu_workers.worker_env provides them) on the same
+    global data: the custom VJPs run the kernels (combine for dispatch, cached dispatch for combine)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_deepep as deepep
+    from harness import random_bf16, random_topk, random_weights
+
+    r = w.num_ranks
+    idx = random_topk(rng, r, tokens, topk, experts, "hot")
+    idx[:, ::7, 0] = -1
+    x = random_bf16(rng, (r, tokens, hidden))
+    weights = random_weights(rng, (r, tokens, topk))
+    g = random_bf16(rng, (r, tokens, hidden)).astype(np.float32)
+
+    def step(ops):
+        def loss(x_, w_, idx_, g_):
+            out = ops.dispatch(x_, topk_idx=idx_, topk_weights=w_, num_experts=experts)
+            scale = jnp.sum(out.recv_topk_weights, axis=1, keepdims=True)
+            y = (out.recv_x.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+            combined, _ = ops.combine(y, out.handle, topk_weights=out.recv_topk_weights)
+            return jnp.sum(combined.astype(jnp.float32) * g_)
+
+        def body(x_, w_, idx_, g_):
+            value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
+            return value, grads[0], grads[1]
+
+        return body
+
+    class Reference:  # the pure-JAX ops with the Buffer's call signature
+        def dispatch(self, x_, **kw):
+            return deepep.reference.dispatch(x_, axis_name=AXIS, **kw)
+
+        def combine(self, y_, handle, **kw):
+            return deepep.reference.combine(y_, handle, axis_name=AXIS, **kw)
+
+    reference = Worker(w.rank, r, devices=jax.local_devices(backend="cpu")[:r])
+    got = w.run(step(w.buffer), x, weights, idx, g)
+    want = reference.run(step(Reference()), x, weights, idx, g)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+    # Sums of several ranks' terms may be added in another order than on the CPU: within a bf16 ulp.
+    np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32), rtol=2 ** -7,
+                               atol=1e-6, err_msg="grad x")
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-5, err_msg="grad topk_weights")

@@ -183,3 +183,17 @@ def test_num_sms_flag():
         bench._num_sms("max", cpu)
     with pytest.raises(SystemExit, match="a number or 'max'"):
         bench._num_sms("many", cpu)
+
+
+def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
+    """`--spawn 2` starts two processes of one jax.distributed job (here on CPU: the pure-JAX ops);
+    process 0 writes the results."""
+    path = tmp_path / "internode.json"
+    bench.main(["--mode", "internode", "--spawn", "2", "--ranks-per-node", "1", "--num-tokens", "16", "--hidden", "128",
+                "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
+                "--rotations", "1", "--only", "buffer", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["meta"]["processes"] == 2 and data["meta"]["ranks_per_node"] == 1
+    assert data["meta"]["sizes"]["num_ranks"] == 2
+    timed = {(r["op"], r["dtype"]) for r in data["results"] if r["time_us"]}
+    assert {("dispatch", "bf16"), ("dispatch", "fp8"), ("combine", "bf16")} <= timed, data["results"]

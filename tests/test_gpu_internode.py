@@ -5,14 +5,16 @@ play several nodes: R = 4 as 2 nodes of 2 ranks and as 4 nodes of 1. Ranks of on
 each other's buffers directly; every byte between "nodes" travels as nvshmem puts, as across
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
-combine with weights and biases, 100 rounds), plus the network traffic: one row per (token, destination node
-other than its own) in dispatch, one partial per (token, node) back in combine.
+combine with weights and biases, gradients, 100 rounds), plus the network traffic: one row per (token,
+destination node other than its own) in dispatch, one partial per (token, node) back in combine.
+A last test stops one rank from taking part: the other's dispatch gives up after the timeout.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,9 +22,11 @@ import pytest
 import gpu_workers
 import normal_checks
 NUM_RDMA_BYTES = 1 << 30
+TIMEOUT_CHECK_S = 3.0  # the kernels' timeout in the timeout test, short so it is quick
+_TIMEOUT_CHECK_VARIABLE = "JAX_DEEPEP_TEST_INTERNODE_TIMEOUT"
 
 
-def _run_workers(num_ranks: int, ranks_per_node: int):
+def _run_workers(num_ranks: int, ranks_per_node: int, timeout_check: bool = False):
     reason = normal_checks.skip_reason()
     if reason is None:
         from jax_deepep.gpu import low_latency
@@ -36,7 +40,12 @@ def _run_workers(num_ranks: int, ranks_per_node: int):
     env["JAX_DEEPEP_RANKS_PER_NODE"] = str(ranks_per_node)
     env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    gpu_workers.run_workers(__file__, num_ranks, env, f"_nodes_of{ranks_per_node}")
+    tag = f"_nodes_of{ranks_per_node}"
+    if timeout_check:
+        env[_TIMEOUT_CHECK_VARIABLE] = "1"
+        env["JAX_DEEPEP_TIMEOUT_S"] = str(TIMEOUT_CHECK_S)
+        tag += "_timeout"
+    gpu_workers.run_workers(__file__, num_ranks, env, tag)
 
 
 @pytest.mark.gpu
@@ -47,6 +56,11 @@ def test_internode_two_nodes_of_two_ranks():
 @pytest.mark.gpu
 def test_internode_four_nodes_of_one_rank():
     _run_workers(4, 1)
+
+
+@pytest.mark.gpu
+def test_internode_dispatch_without_a_peer_times_out():
+    _run_workers(2, 1, timeout_check=True)
 
 
 def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, rank: int) -> tuple:
@@ -90,11 +104,46 @@ def check_traffic(w: normal_checks.Worker, seed: int):
     print(f"traffic: {got}", flush=True)
 
 
+def timeout_check(w: normal_checks.Worker) -> None:
+    """Rank 0 dispatches while rank 1 never does: rank 0's kernel gives up after the timeout, the
+    flag names the internode dispatch, and its later ops raise instead of launching."""
+    import jax
+    from jax._src import distributed
+
+    from harness import random_bf16, random_topk
+    from jax_deepep.gpu import low_latency
+
+    experts = 8 * w.num_ranks
+    rng = np.random.default_rng(11)
+    x, idx = random_bf16(rng, (w.num_ranks, 64, 128)), random_topk(rng, w.num_ranks, 64, 2, experts)
+    fn = w.compile(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=experts).recv_x)
+    x, idx = w.place(x), w.place(idx)
+    if w.rank == 0:
+        def gives_up():
+            start = time.time()
+            jax.block_until_ready(fn(x, idx))
+            waited = time.time() - start
+            assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the dispatch returned after {waited:.1f} s"
+            assert low_latency.timeout_flag() == 3, f"timeout flag {low_latency.timeout_flag()} (3: internode dispatch)"
+
+        def later_ops_raise():
+            with pytest.raises(Exception, match="timed out"):
+                jax.block_until_ready(fn(x, idx))
+
+        w.check("timeout: a dispatch without its peer gives up", gives_up)
+        w.check("timeout: later ops raise", later_ops_raise)
+    distributed.global_state.client.wait_at_barrier("test_gpu_internode/timeout", 120_000)
+
+
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
     w = normal_checks.Worker(rank, num_ranks, num_rdma_bytes=NUM_RDMA_BYTES)
+    if os.environ.get(_TIMEOUT_CHECK_VARIABLE):
+        timeout_check(w)
+        w.buffer.destroy()
+        return 1 if w.failures else 0
     assert w.buffer.backend._internode is not None, "the internode kernels are not in use"
     rng = np.random.default_rng(1234)  # the same global data in every process
     experts = 16 * num_ranks
@@ -108,6 +157,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
+    w.check("gradient through a jitted step",
+            lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
     w.check("network traffic: one row per (token, node)", lambda: check_traffic(w, 99))
     w.check("pressure: 100 rounds", lambda: normal_checks.check_pressure(w, 4321, 100))
     w.buffer.destroy()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpu_workers
-from normal_checks import AXIS, Worker, same_values, check_dispatch, check_pressure, skip_reason
+from normal_checks import AXIS, Worker, check_dispatch, check_gradient, check_pressure, skip_reason
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
@@ -44,47 +44,6 @@ def test_intranode_four_ranks_on_one_gpu():
 
 
 # ---- the worker side ----------------------------------------------------------------------------
-def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
-    """Gradients of a jitted dispatch -> scale -> combine step match the pure-JAX backend (R = 1)."""
-    import jax
-    import jax.numpy as jnp
-
-    import jax_deepep as deepep
-    from harness import random_bf16, random_topk, random_weights
-
-    idx = random_topk(rng, 1, tokens, topk, experts)
-    x = random_bf16(rng, (1, tokens, hidden))
-    weights = random_weights(rng, (1, tokens, topk))
-    g = random_bf16(rng, (1, tokens, hidden)).astype(np.float32)
-
-    def step(buffer_or_ref):
-        def loss(x_, w_, idx_, g_):
-            out = buffer_or_ref.dispatch(x_, topk_idx=idx_, topk_weights=w_, num_experts=experts)
-            scale = jnp.sum(out.recv_topk_weights, axis=1, keepdims=True)
-            y = (out.recv_x.astype(jnp.float32) * scale).astype(jnp.bfloat16)
-            combined, _ = buffer_or_ref.combine(y, out.handle, topk_weights=out.recv_topk_weights)
-            return jnp.sum(combined.astype(jnp.float32) * g_)
-
-        def body(x_, w_, idx_, g_):
-            value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
-            return value, grads[0], grads[1]
-
-        return body
-
-    class Reference:  # the pure-JAX ops with the Buffer's call signature
-        def dispatch(self, x_, **kw):
-            return deepep.reference.dispatch(x_, axis_name=AXIS, **kw)
-
-        def combine(self, y_, handle, **kw):
-            return deepep.reference.combine(y_, handle, axis_name=AXIS, **kw)
-
-    got = w.run(step(w.buffer), x, weights, idx, g)
-    want = w.run(step(Reference()), x, weights, idx, g)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-    same_values(np.asarray(got[1]).view(np.uint16), np.asarray(want[1]).view(np.uint16), "grad x")
-    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
-
-
 def _all_processes_here(name: str):
     """Wait for every process (the key-value store's barrier: no XLA collective)."""
     import jax
@@ -169,9 +128,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check_dispatch(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check_dispatch(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
-    if num_ranks == 1:
-        w.check("gradient through a jitted step", lambda: check_gradient(w, rng, tokens=256, hidden=512, topk=4,
-                                                                          experts=32))
+    w.check("gradient through a jitted step", lambda: check_gradient(w, rng, tokens=256, hidden=512, topk=4,
+                                                                      experts=experts))
     w.check("pressure: 200 rounds", lambda: check_pressure(w, 4321, 200))
     w.check("a program of a destroyed Buffer", lambda: check_destroyed_buffer_program(w))
     w.check("destroy/re-create 20 times", lambda: check_recreate(w, 20))

@@ -10,6 +10,7 @@ rank forwarded for its RDMA peer there), which combine reads.
 from __future__ import annotations
 
 import ctypes
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,22 @@ from ..reference.normal import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout
 from ..validation import fail
 from .ffi_call import ffi_call
-from .low_latency import close_symmetric_buffer, open_symmetric_buffer
+from .low_latency import close_symmetric_buffer, nvshmem_library, open_symmetric_buffer
 
 MAX_RANKS_PER_NODE = 8
+
+
+def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
+                    ranks_per_node: int = 1, capacity: Optional[int] = None) -> int:
+    """`num_rdma_bytes` that internode dispatch (bf16 or FP8, with ids and weights) and combine of
+    these sizes need; `capacity` defaults to dispatch's (R * T). One rank per node is the most any
+    node size needs."""
+    lib = nvshmem_library()
+    capacity = num_ranks * num_tokens if capacity is None else capacity
+    dispatch = lib.jax_deepep_internode_dispatch_bytes(num_tokens, capacity, num_topk, True, True, 1, hidden * 2, 0,
+                                                       num_experts, ranks_per_node, num_ranks)
+    combine = lib.jax_deepep_internode_combine_bytes(num_tokens, capacity, hidden, num_topk, ranks_per_node, num_ranks)
+    return int(max(dispatch, combine))
 
 
 def _per_token_bytes(a) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 from ..backend import LowLatencyOptions, RankContext
 from ..config import FP8_BLOCK
 from ..reference.normal import valid_expert_ids
+from ..topology import KV_TIMEOUT_MS, kv_client
 from ..validation import DeepEPError
 from .ffi_call import ffi_call
 from .library import candidates
@@ -95,7 +96,7 @@ def unavailable_reason() -> str:
     return _load()[1] or ""
 
 
-def _library():
+def nvshmem_library():
     lib, reason = _load()
     if lib is None:
         raise DeepEPError(f"jax_deepep low-latency kernels unavailable: {reason}")
@@ -124,9 +125,7 @@ def _unique_id(lib, rank: int, num_ranks: int) -> ctypes.Array:
     if num_ranks == 1:
         _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
         return buf
-    from jax._src.distributed import global_state
-
-    client = global_state.client
+    client = kv_client()
     if client is None:
         raise DeepEPError("Buffer: a low-latency Buffer over several processes needs jax.distributed.initialize() "
                           "first (its key-value store carries the NVSHMEM unique id)")
@@ -134,7 +133,7 @@ def _unique_id(lib, rank: int, num_ranks: int) -> ctypes.Array:
         _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
         client.key_value_set(_UNIQUE_ID_KEY, buf.raw.hex())
     else:
-        buf.raw = bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, 300_000))
+        buf.raw = bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, KV_TIMEOUT_MS))
     return buf
 
 
@@ -180,7 +179,7 @@ def open_symmetric_buffer(mesh, axis_name: str, num_rdma_bytes: int, timeout_s: 
     number of ranks). `direct_group`: peers in this rank's group of that many consecutive ranks
     are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
     get nvshmem puts. By default every peer may be direct."""
-    lib = _library()
+    lib = nvshmem_library()
     device, rank = _own_device_and_rank(mesh, axis_name)
     num_ranks = int(mesh.shape[axis_name])
     direct_group = num_ranks if direct_group is None else direct_group

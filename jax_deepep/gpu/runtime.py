@@ -13,9 +13,9 @@ import itertools
 import jax
 import numpy as np
 
+from ..topology import KV_TIMEOUT_MS, kv_client
 from .library import library
 
-_KV_TIMEOUT_MS = 120_000
 _buffer_ids = itertools.count(1)  # every process creates its Buffers in the same order
 
 
@@ -56,12 +56,6 @@ def _check(status: int, what: str):
         raise RuntimeError(f"jax_deepep: {what} failed: {_lib().jax_deepep_last_error().decode()}")
 
 
-def _kv_client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
-
-
 class CommBuffers:
     """The communication buffers of every local device of `mesh` for axis `axis_name`."""
 
@@ -98,7 +92,7 @@ class CommBuffers:
         self._remote_peers = any(peer.process_index != jax.process_index()
                                  for _, _, group in self._local for peer in group)
         if self._remote_peers:
-            client = _kv_client()
+            client = kv_client()
             if client is None:
                 raise RuntimeError("jax_deepep: the mesh spans several processes but jax.distributed is not "
                                    "initialised")
@@ -115,7 +109,7 @@ class CommBuffers:
                     _check(lib.jax_deepep_connect_local(self.buffer_id, ordinal, peer_rank, peer.local_hardware_id),
                            "mapping a peer's buffer (peer access)")
                 else:
-                    hex_handle = _kv_client().blocking_key_value_get(self._key(peer), _KV_TIMEOUT_MS)
+                    hex_handle = kv_client().blocking_key_value_get(self._key(peer), KV_TIMEOUT_MS)
                     _check(lib.jax_deepep_connect_ipc(self.buffer_id, ordinal, peer_rank, bytes.fromhex(hex_handle)),
                            "opening a peer's IPC handle")
 
@@ -134,6 +128,6 @@ class CommBuffers:
         for ordinal, _, _ in self._local:
             _check(lib.jax_deepep_disconnect(self.buffer_id, ordinal), "unmapping peers' buffers")
         if self._remote_peers:  # a peer process may still have our buffer mapped
-            _kv_client().wait_at_barrier(f"jax_deepep/buffer/{self.buffer_id}/destroy", _KV_TIMEOUT_MS)
+            kv_client().wait_at_barrier(f"jax_deepep/buffer/{self.buffer_id}/destroy", KV_TIMEOUT_MS)
         for ordinal, _, _ in self._local:
             _check(lib.jax_deepep_destroy(self.buffer_id, ordinal), "freeing the communication buffer")
