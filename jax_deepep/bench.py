@@ -97,6 +97,11 @@ def random_tokens(mesh: Mesh, key, sizes: Sizes, rows: Optional[int] = None):
                    out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
 
 
+def _zeros(shape, dtype, mesh: Mesh):
+    """Zeros `[R, ...]` made where they live (no transfer between the processes of a job)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
+
+
 def random_routing(mesh: Mesh, key, sizes: Sizes, masked: float = 0.02):
     """DeepEP's test routing: top-k of random scores (distinct experts, uneven loads), with a
     fraction of the entries set to -1; weights random in [0, 1)."""
@@ -399,20 +404,14 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
                                        firsts[0], combine_fn(ys[0], handles[0]), sets[0], layouts[0], ys[0],
                                        recv_rows[0])
 
-            def zeros(like):
-                return jax.device_put(jnp.zeros(like.shape, like.dtype), like.sharding)
-
-            x_buffers = (zeros(firsts[0].recv_x),) if ragged else None
-            fp8_buffers = tuple(zeros(a) for a in to_fp8(firsts[0].recv_x)) if ragged else None
+            ragged = ragged and not skip
+            x_buffers = (_zeros(firsts[0].recv_x.shape, jnp.bfloat16, mesh),) if ragged else None
+            fp8_buffers = tuple(_zeros(a.shape, a.dtype, mesh) for a in to_fp8(firsts[0].recv_x)) if ragged else None
             runner.run(Result("dispatch", name, "bf16", bytes_per_rank=bf16_bytes), dispatch_op,
                        [(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)], x_buffers, skip)
             runner.run(Result("dispatch", name, "fp8", bytes_per_rank=fp8_bytes), dispatch_op,
                        [(xf, idx, w, lay) for (_, idx, w), lay, xf in zip(sets, layouts, fp8_xs)], fp8_buffers, skip)
-            back = None
-            if ragged and not skip:
-                block = min(sizes.num_tokens, capacity)
-                back = jax.device_put(jnp.zeros((R, R * block, H), jnp.bfloat16),
-                                      NamedSharding(mesh, PartitionSpec(AXIS)))
+            back = _zeros((R, R * min(sizes.num_tokens, capacity), H), jnp.bfloat16, mesh) if ragged else None
             runner.run(Result("combine", name, "bf16", bytes_per_rank=bf16_bytes), combine_op, list(zip(ys, plans)),
                        back, skip)
     return buffer
@@ -482,7 +481,7 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
         return out.plan, out.recv_x  # the rows live in the (donated) state
 
     def empty_buffer():
-        return jax.device_put(jnp.zeros(firsts[0].recv_x.shape, jnp.bfloat16), sharding)
+        return _zeros(firsts[0].recv_x.shape, jnp.bfloat16, mesh)
 
     single = per_rank(mesh, base_dispatch)
     outs = [single(x, idx, empty_buffer()) for x, idx, _ in sets]

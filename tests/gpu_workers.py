@@ -30,9 +30,6 @@ def worker_env(num_ranks: int, mem_fraction: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
-    # One CPU device per rank in every worker: the pure-JAX reference of a gradient check runs there.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_ranks}"])
     if num_ranks == 1:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{mem_fraction:.2f}")
     else:

@@ -116,8 +116,9 @@ def timeout_check(w: normal_checks.Worker) -> None:
     experts = 8 * w.num_ranks
     rng = np.random.default_rng(11)
     x, idx = random_bf16(rng, (w.num_ranks, 64, 128)), random_topk(rng, w.num_ranks, 64, 2, experts)
-    fn = w.compile(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=experts).recv_x)
     x, idx = w.place(x), w.place(idx)
+    # Every process compiles it (XLA shares autotuning results between the processes of a job).
+    fn = w.compile(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=experts).recv_x).lower(x, idx).compile()
     if w.rank == 0:
         def gives_up():
             start = time.time()
