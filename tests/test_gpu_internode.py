@@ -118,7 +118,8 @@ def timeout_check(w: normal_checks.Worker) -> None:
     x, idx = random_bf16(rng, (w.num_ranks, 64, 128)), random_topk(rng, w.num_ranks, 64, 2, experts)
     x, idx = w.place(x), w.place(idx)
     # Every process compiles it (XLA shares autotuning results between the processes of a job).
-    fn = w.compile(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=experts).recv_x).lower(x, idx).compile()
+    step = w.compile(lambda x_, i_: w.buffer.dispatch(x_, topk_idx=i_, num_experts=experts).recv_x)
+    fn = step.lower(x, idx).compile()
     if w.rank == 0:
         def gives_up():
             start = time.time()

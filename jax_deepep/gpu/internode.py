@@ -69,7 +69,7 @@ class InternodeKernels:
     def _fits(self, op: str, need: int):
         if need > self.num_rdma_bytes:
             fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but these sizes need {need} "
-                     "in internode mode")
+                     "in internode mode (jax_deepep.gpu.internode.rdma_bytes_hint gives it before making the Buffer)")
 
     def _dispatch_call(self, ctx: RankContext, parts, ids, weights, is_token_in_rank, counts: tuple,
                        num_experts: int, capacity: int, expert_alignment: int, op: str):
