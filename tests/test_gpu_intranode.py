@@ -106,8 +106,10 @@ def check_recreate(w: Worker, times: int):
     _all_processes_here("recreate/after")
     after = runtime.device_free_bytes(ordinal)
     leaked = before - after
-    assert leaked < 64 << 20, f"{leaked} bytes of device memory not returned after {times} re-creations"
-    w.buffer = deepep.Buffer(w.mesh, AXIS)
+    try:
+        assert leaked < 64 << 20, f"{leaked} bytes of device memory not returned after {times} re-creations"
+    finally:  # collective: the other processes must not wait for this one's Buffer
+        w.buffer = deepep.Buffer(w.mesh, AXIS)
 
 
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
