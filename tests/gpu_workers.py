@@ -5,6 +5,7 @@ R = 1 runs in one process; R > 1 runs as that many processes sharing the first v
 """
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import os
 import pathlib
@@ -84,3 +85,13 @@ def arm_watchdog():
     """In a worker: print every thread's Python stack shortly before the launcher kills it."""
     faulthandler.enable()  # a crash in native code still names the Python frame
     faulthandler.dump_traceback_later(max(1.0, WORKER_TIMEOUT_S - 15), exit=False)
+
+
+def worker_args() -> argparse.Namespace:
+    """In a worker: arm the watchdog and read the arguments `run_workers` passes."""
+    arm_watchdog()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--num-ranks", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    return parser.parse_args()

@@ -18,7 +18,6 @@ layer into logit differences of a few 1e-2 there, so that check is only meaningf
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -156,10 +155,5 @@ def layer_checks() -> list:
 
 
 if __name__ == "__main__":
-    gpu_workers.arm_watchdog()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--num-ranks", type=int, required=True)
-    parser.add_argument("--port", type=int, default=0)
-    parser.parse_args()
+    gpu_workers.worker_args()
     sys.exit(worker_main())

@@ -11,7 +11,6 @@ A last test stops one rank from taking part: the other's dispatch gives up after
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -170,10 +169,5 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
 
 
 if __name__ == "__main__":
-    gpu_workers.arm_watchdog()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--num-ranks", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    a = parser.parse_args()
+    a = gpu_workers.worker_args()
     sys.exit(worker_main(a.rank, a.num_ranks, a.port))

@@ -8,7 +8,6 @@ oracle computed from the same seeded global data). Timing lives in `python -m ja
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -145,10 +144,5 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
 
 
 if __name__ == "__main__":
-    gpu_workers.arm_watchdog()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--num-ranks", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    a = parser.parse_args()
+    a = gpu_workers.worker_args()
     sys.exit(worker_main(a.rank, a.num_ranks, a.port))

@@ -11,7 +11,6 @@ size and ends with the timeout check. Timing lives in `python -m jax_deepep.benc
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -364,9 +363,4 @@ def worker_main(args):
 
 
 if __name__ == "__main__":
-    gpu_workers.arm_watchdog()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--num-ranks", type=int, required=True)
-    parser.add_argument("--port", type=int, default=0)
-    sys.exit(worker_main(parser.parse_args()))
+    sys.exit(worker_main(gpu_workers.worker_args()))
