@@ -99,7 +99,7 @@ def unavailable_reason() -> str:
 def nvshmem_library():
     lib, reason = _load()
     if lib is None:
-        raise DeepEPError(f"jax_deepep low-latency kernels unavailable: {reason}")
+        raise DeepEPError(f"jax_deepep NVSHMEM kernels (low-latency and internode) unavailable: {reason}")
     return lib
 
 
