@@ -16,10 +16,31 @@ import jax
 from . import low_latency as _ll
 from . import normal as _normal
 from .backend import RankContext
-from .config import (Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint)
+from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint, sm_count
 from .reference import BACKEND as REFERENCE_BACKEND
 from .topology import detect_ranks_per_node
-from .validation import DeepEPError, axis_size, fail
+from .validation import DeepEPError, axis_size, fail, integer, seconds
+
+DEFAULT_TIMEOUT_S = 100.0
+_MAX_TIMEOUT_S = 1e9  # what the NVSHMEM runtime takes (xla_ffi/nvshmem_runtime.cc)
+
+
+def _environment_value(variable: str, text: str, parse):
+    try:
+        return parse(text)
+    except ValueError:
+        raise DeepEPError(f"Buffer: the environment variable {variable} must be a number, got {text!r}") from None
+
+
+def resolve_timeout_s(timeout_s: Optional[float]) -> float:
+    """The seconds a kernel waits for a peer: `timeout_s`, else JAX_DEEPEP_TIMEOUT_S, else 100."""
+    if timeout_s is not None:
+        return seconds("Buffer", "timeout_s", timeout_s, maximum=_MAX_TIMEOUT_S)
+    env = os.environ.get("JAX_DEEPEP_TIMEOUT_S")
+    if env is None:
+        return DEFAULT_TIMEOUT_S
+    return seconds("Buffer", "timeout_s (from JAX_DEEPEP_TIMEOUT_S)",
+                   _environment_value("JAX_DEEPEP_TIMEOUT_S", env, float), maximum=_MAX_TIMEOUT_S)
 
 
 def _mesh_platform(mesh) -> str:
@@ -37,33 +58,42 @@ class Buffer:
     ranks form a node (tests use it to make one machine play several nodes). On the CUDA backend an axis
     of several nodes runs the NVSHMEM internode kernels when `num_rdma_bytes` is given, else pure JAX
     (docs/INTERNODE.md).
+
+    `timeout_s` (None: the environment variable JAX_DEEPEP_TIMEOUT_S, else 100 s; a number in (0, 1e9))
+    bounds every wait on a peer of the NVSHMEM kernels (low-latency and internode mode); the intranode
+    kernels still wait their own fixed time. `exact_internode_combine`: today's internode combine is
+    exact either way (f32 partials per node, one rounding at the source), so both values give the
+    same result.
     """
 
     num_sms: int = 20
 
     def __init__(self, mesh, axis_name: str = "ep", *, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
-                 allow_nvlink_for_low_latency_mode: bool = True, ranks_per_node: Optional[int] = None):
+                 allow_nvlink_for_low_latency_mode: bool = True, timeout_s: Optional[float] = None,
+                 exact_internode_combine: bool = False, ranks_per_node: Optional[int] = None):
         if not isinstance(mesh, jax.sharding.Mesh):
             raise DeepEPError(f"Buffer: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if axis_name not in mesh.axis_names:
             raise DeepEPError(f"Buffer: `axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
-                            ("num_qps_per_rank", num_qps_per_rank)):
-            if not isinstance(value, int) or value < 0:
-                raise DeepEPError(f"Buffer: `{name}` must be a non-negative int, got {value!r}")
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
-        self.num_nvl_bytes = num_nvl_bytes
-        self.num_rdma_bytes = num_rdma_bytes
+        self.num_nvl_bytes = integer("Buffer", "num_nvl_bytes", num_nvl_bytes, minimum=0)
+        self.num_rdma_bytes = integer("Buffer", "num_rdma_bytes", num_rdma_bytes, minimum=0)
         self.low_latency_mode = bool(low_latency_mode)
-        self.num_qps_per_rank = num_qps_per_rank
+        self.num_qps_per_rank = integer("Buffer", "num_qps_per_rank", num_qps_per_rank, minimum=0)
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.timeout_s = resolve_timeout_s(timeout_s)
+        # The internode combine sums each node's partial in f32 and rounds once at the source, so both
+        # values give the exact result today; the flag is kept for a bf16-partial fast path.
+        self.exact_internode_combine = bool(exact_internode_combine)
         if ranks_per_node is None:
             env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
-            ranks_per_node = int(env) if env is not None else detect_ranks_per_node(mesh, axis_name)
-        if ranks_per_node <= 0 or self.num_ranks % ranks_per_node:
+            ranks_per_node = (_environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int) if env is not None
+                              else detect_ranks_per_node(mesh, axis_name))
+        ranks_per_node = integer("Buffer", "ranks_per_node", ranks_per_node, minimum=1)
+        if self.num_ranks % ranks_per_node:
             raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
                               f"got {ranks_per_node}")
         self.ranks_per_node = min(ranks_per_node, self.num_ranks)
@@ -115,17 +145,17 @@ class Buffer:
     # ---- configuration --------------------------------------------------------------------
     @staticmethod
     def set_num_sms(new_num_sms: int):
-        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
-            raise DeepEPError(f"Buffer.set_num_sms: `new_num_sms` must be a positive even int, got {new_num_sms!r}")
-        Buffer.num_sms = new_num_sms
+        Buffer.num_sms = sm_count("Buffer.set_num_sms", "new_num_sms", new_num_sms)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return default_dispatch_config(num_ranks, Buffer.num_sms)
+        return default_dispatch_config(integer("Buffer.get_dispatch_config", "num_ranks", num_ranks, minimum=1),
+                                       Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return default_combine_config(num_ranks, Buffer.num_sms)
+        return default_combine_config(integer("Buffer.get_combine_config", "num_ranks", num_ranks, minimum=1),
+                                      Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -142,16 +172,11 @@ class Buffer:
                      f"{self.num_ranks} ranks")
         return RankContext(self.axis_name, self.num_ranks, self.ranks_per_node)
 
-    def _config(self, op: str, config: Optional[Config], default: Config, hidden: int) -> Config:
+    def _config(self, op: str, config: Optional[Config], default: Config) -> Config:
         if config is None:
-            config = default
-        elif not isinstance(config, Config):
+            return default
+        if not isinstance(config, Config):
             fail(op, f"`config` must be a deepep.Config, got {type(config).__name__}")
-        if self.num_nvl_bytes:
-            need = config.get_nvl_buffer_size_hint(hidden * 2, self.num_ranks)
-            if self.num_nvl_bytes < need:
-                fail(op, f"the Buffer is too small: num_nvl_bytes={self.num_nvl_bytes} but this config and "
-                         f"hidden size {hidden} need {need} (Config.get_nvl_buffer_size_hint)")
         return config
 
     def get_dispatch_layout(self, topk_idx, num_experts: int):
@@ -161,48 +186,42 @@ class Buffer:
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
                  num_worst_tokens=None, expert_alignment=1, config=None):
         ctx = self._context("dispatch")
-        hidden = (x[0] if isinstance(x, (tuple, list)) else x).shape[-1]
-        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks), hidden)
+        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks))
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
-                                num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment)
+                                num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
+                                num_nvl_bytes=self.num_nvl_bytes)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
         ctx = self._context("combine")
-        config = self._config("combine", config, self.get_combine_config(self.num_ranks), y.shape[-1])
-        return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
+        config = self._config("combine", config, self.get_combine_config(self.num_ranks))
+        return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias,
+                               num_nvl_bytes=self.num_nvl_bytes)
 
-    def _low_latency_context(self, op: str, num_max_dispatch_tokens_per_rank=None, hidden=None,
-                             num_experts=None) -> RankContext:
+    def _low_latency_context(self, op: str) -> RankContext:
         ctx = self._context(op)
         if not self.low_latency_mode:
             fail(op, "needs a Buffer created with low_latency_mode=True")
         if self.num_rdma_bytes <= 0:
             fail(op, "needs a Buffer created with num_rdma_bytes > 0 "
                      "(see Buffer.get_low_latency_rdma_size_hint)")
-        if hidden is not None and isinstance(num_experts, int) and isinstance(num_max_dispatch_tokens_per_rank, int):
-            need = low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks, num_experts)
-            if self.num_rdma_bytes < need:
-                fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but "
-                         f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}, hidden={hidden}, "
-                         f"num_experts={num_experts} need {need} (Buffer.get_low_latency_rdma_size_hint)")
         return ctx
 
     def low_latency_dispatch(self, x, topk_idx, *, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
                              round_scale=False, use_ue8m0=False, return_recv_hook=False):
-        ctx = self._low_latency_context("low_latency_dispatch", num_max_dispatch_tokens_per_rank,
-                                        x.shape[-1] if hasattr(x, "shape") else None, num_experts)
+        ctx = self._low_latency_context("low_latency_dispatch")
         return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
                                         num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
                                         num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
-                                        use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
+                                        use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook,
+                                        num_rdma_bytes=self.num_rdma_bytes)
 
     def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
                             return_recv_hook=False):
         ctx = self._low_latency_context("low_latency_combine")
         return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
-                                       return_recv_hook=return_recv_hook)
+                                       return_recv_hook=return_recv_hook, num_rdma_bytes=self.num_rdma_bytes)
 
     def get_next_low_latency_combine_buffer(self, handle):
         """DeepEP's way to let the expert GEMM write its output into the combine's send buffer. In JAX

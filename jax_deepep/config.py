@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# Upper bounds the kernels are built for; the hints size buffers for them.
-MAX_TOPK = 32
+from .limits import FP8_BLOCK, MAX_TOPK
+from .validation import fail, integer
+
+# Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
 MAX_NVL_PEERS = 8  # ranks of one node the NVLink kernels serve (cuda/comm_layout.h kMaxRanks)
-FP8_BLOCK = 128  # channels per FP8 scale
 _ALIGN = 128
 # The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),
 # rounded up; the rings follow it.
@@ -15,6 +16,14 @@ NVL_HEADER_BYTES = 320 << 10
 
 def _align(n: int, to: int = _ALIGN) -> int:
     return (n + to - 1) // to * to
+
+
+def sm_count(op: str, name: str, value) -> int:
+    """A number of SMs for the normal-mode kernels: positive and even (two SMs per channel)."""
+    value = integer(op, name, value, minimum=2)
+    if value % 2:
+        fail(op, f"`{name}` must be an even int >= 2 (two SMs per channel), got {value}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +43,14 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 256
 
     def __post_init__(self):
-        if self.num_sms <= 0 or self.num_sms % 2:
-            raise ValueError(f"Config.num_sms must be a positive even number, got {self.num_sms}")
+        # Normalised to Python ints (numpy integers are accepted), so the frozen fields are set directly.
+        object.__setattr__(self, "num_sms", sm_count("Config", "num_sms", self.num_sms))
         for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                      "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)}")
+            object.__setattr__(self, name, integer("Config", name, getattr(self, name), minimum=1))
         if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
-            raise ValueError(
-                "Config.num_max_nvl_chunked_send_tokens must be <= num_max_nvl_chunked_recv_tokens, got "
-                f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
+            fail("Config", "`num_max_nvl_chunked_send_tokens` must be <= num_max_nvl_chunked_recv_tokens, got "
+                           f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
 
     @property
     def num_channels(self) -> int:
@@ -51,6 +58,9 @@ class Config:
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer one rank needs for tokens of `hidden_bytes` bytes."""
+        op = "Config.get_nvl_buffer_size_hint"
+        hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
+        num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
         num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
         slots = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
         per_token = (hidden_bytes  # payload
@@ -61,6 +71,9 @@ class Config:
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
+        op = "Config.get_rdma_buffer_size_hint"
+        hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
+        num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
         if num_ranks <= MAX_NVL_PEERS:
             return 0
         num_rdma_ranks = num_ranks // MAX_NVL_PEERS
@@ -88,7 +101,10 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     Each half holds one dispatch receive area (bf16 rows of every expert slot, big enough
     for FP8 rows too) plus one combine receive area, and per-expert signalling counters.
     """
-    m = num_max_dispatch_tokens_per_rank
+    sizes = dict(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                 num_ranks=num_ranks, num_experts=num_experts)
+    m, hidden, num_ranks, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)
+                                         for name, value in sizes.items()]
     dispatch_row = 16 + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
     combine_row = hidden * 2
     dispatch_recv = num_experts * m * dispatch_row

@@ -20,7 +20,7 @@ from ..backend import DispatchResult, RankContext
 from ..config import Config
 from ..routing import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
-from ..validation import fail
+from ..validation import expect_array, fail
 from .ffi_call import ffi_call
 from .nvshmem import SymmetricBuffer, nvshmem_library
 
@@ -49,9 +49,11 @@ class InternodeRoute:
     forwarded: jax.Array  # i32[nodes, T]: which ranks of each node kept each token this rank forwarded there
 
 
-def _route(op: str, handle: DispatchHandle) -> InternodeRoute:
+def _route(op: str, ctx: RankContext, handle: DispatchHandle) -> InternodeRoute:
     if not isinstance(handle.route, InternodeRoute):
         fail(op, "`handle` was not made by this Buffer's internode kernels (it comes from another backend)")
+    expect_array(op, "handle.route.forwarded", handle.route.forwarded, ndim=2, dtypes=(jnp.int32,),
+                 shape=(ctx.num_nodes, handle.is_token_in_rank.shape[0]))
     return handle.route
 
 
@@ -68,10 +70,12 @@ class InternodeBackend:
         self.ranks_per_node = ranks_per_node
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int) -> "InternodeBackend":
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, *,
+             timeout_s: float) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer (collective); peers within a node are written
-        directly, the others over the network."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, direct_group=ranks_per_node), ranks_per_node)
+        directly, the others over the network; waits on a peer give up after `timeout_s`."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=ranks_per_node),
+                   ranks_per_node)
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
@@ -145,7 +149,7 @@ class InternodeBackend:
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
         del config
-        _route("dispatch", handle)
+        _route("dispatch", ctx, handle)
         counts = (jnp.sum(handle.is_token_in_rank, axis=0, dtype=jnp.int32),)
         recv_parts, _, recv_weights, _ = self._dispatch_call(
             ctx, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
@@ -153,7 +157,7 @@ class InternodeBackend:
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
         del config
-        route = _route("combine", handle)
+        route = _route("combine", ctx, handle)
         num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
         if hidden % 8:
             fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "

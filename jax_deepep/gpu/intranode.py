@@ -17,7 +17,7 @@ from ..backend import DispatchResult, RankContext
 from ..config import Config
 from ..routing import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
-from ..validation import fail
+from ..validation import expect_array, fail
 from . import runtime
 from .ffi_call import ffi_call
 from .library import library
@@ -66,6 +66,11 @@ class IntranodeRoute:
 def _route(op: str, handle: DispatchHandle) -> IntranodeRoute:
     if not isinstance(handle.route, IntranodeRoute):
         fail(op, "`handle` was not made by this Buffer's intranode kernels (it comes from another backend)")
+    num_tokens, num_ranks = handle.is_token_in_rank.shape  # checked against the axis by the op
+    expect_array(op, "handle.route.send_count_before", handle.route.send_count_before, ndim=2, dtypes=(jnp.int32,),
+                 shape=(num_tokens, num_ranks))
+    expect_array(op, "handle.route.send_offset", handle.route.send_offset, ndim=1, dtypes=(jnp.int32,),
+                 shape=(num_ranks,))
     return handle.route
 
 

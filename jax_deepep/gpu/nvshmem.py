@@ -24,7 +24,6 @@ from .library import candidates
 LIBRARY_NAME = "libjax_deepep_nvshmem.so"
 _HOST_LIBRARY = "libnvshmem_host.so.3"
 _UNIQUE_ID_KEY = "jax_deepep/nvshmem_unique_id"
-_DEFAULT_TIMEOUT_S = 20.0
 _HEAP_MARGIN_BYTES = 256 << 20
 _TARGETS = ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_bf16", "jax_deepep_ll_dispatch_recv_fp8",
             "jax_deepep_ll_combine_send", "jax_deepep_ll_combine_recv", "jax_deepep_internode_dispatch",
@@ -158,12 +157,13 @@ def _own_device_and_rank(mesh, axis_name: str):
 class SymmetricBuffer:
     """One Buffer's NVSHMEM symmetric buffer (collective to make and to free).
 
-    Making it joins NVSHMEM first (once per process). `direct_group`: peers in this rank's group of
-    that many consecutive ranks are written with loads/stores where NVSHMEM maps them (NVLink, or the
-    same GPU); the others get nvshmem puts. By default every peer may be direct.
+    Making it joins NVSHMEM first (once per process). Every wait of its kernels on a peer gives up after
+    `timeout_s` seconds (the Buffer's, from `buffer.resolve_timeout_s`). `direct_group`: peers in this
+    rank's group of that many consecutive ranks are written with loads/stores where NVSHMEM maps them
+    (NVLink, or the same GPU); the others get nvshmem puts. By default every peer may be direct.
     """
 
-    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
+    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, *,
                  direct_group: Optional[int] = None):
         lib = nvshmem_library()
         device, rank = _own_device_and_rank(mesh, axis_name)
@@ -172,11 +172,6 @@ class SymmetricBuffer:
         if direct_group < 1 or num_ranks % direct_group:
             raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({num_ranks}), "
                               f"got {direct_group}")
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
-        if not 0 < timeout_s < 1e9:
-            raise DeepEPError(f"Buffer: the NVSHMEM kernels' timeout must be in (0, 1e9) seconds, got {timeout_s} "
-                              "(JAX_DEEPEP_TIMEOUT_S)")
         _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
         _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group),
                "symmetric buffer allocation")
