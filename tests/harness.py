@@ -4,6 +4,7 @@ per-rank function under `jax.jit(jax.shard_map(...))`, and random tokens and rou
 Imported by the test modules after conftest.py has set XLA_FLAGS (8 virtual CPU devices).
 """
 import functools
+import types
 
 import jax
 import ml_dtypes
@@ -44,6 +45,19 @@ def _per_rank_jit(mesh: Mesh, fn):
         return jax.tree.map(lambda a: a[None], out)
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
+
+
+def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
+    """A Buffer on CPU devices whose ops trace through the CUDA backends (intranode and low latency), with
+    no device memory behind them: only tracing may follow. Needs the compiled library."""
+    import jax_deepep as deepep
+    from jax_deepep.gpu.intranode import IntranodeBackend
+    from jax_deepep.gpu.low_latency import LowLatencyBackend
+
+    buffer = deepep.Buffer(mesh, axis_name, **buffer_args)
+    buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30))
+    buffer.low_latency_backend = LowLatencyBackend(symmetric=None)
+    return buffer
 
 
 def random_bf16(rng, shape):

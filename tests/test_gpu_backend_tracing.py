@@ -5,27 +5,16 @@ for their device memory. This catches tracing-time errors of the GPU path in CI,
 custom-call outputs whose varying-axis type does not match what the custom_vjp rules need.
 Needs the compiled library (built by `pip install .` where nvcc exists); skipped without it.
 """
-import types
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_deepep import Buffer, moe
+from harness import buffer_with_cuda_backends
+from jax_deepep import moe
 from jax_deepep.gpu import available, unavailable_reason
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
-
-
-def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
-    from jax_deepep.gpu.intranode import IntranodeBackend
-
-    buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backends on CPU devices
-    # No device memory: only tracing follows.
-    buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30,
-                                                                   ring_bytes=1 << 30))
-    return buffer
 
 
 @pytest.mark.parametrize("data_parallel", [1, 2])
@@ -33,7 +22,7 @@ def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
 def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
     mesh = jax.make_mesh((data_parallel, 8 // data_parallel), ("data", "expert"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    buffer = _buffer_with_cuda_backend(mesh, "expert")
+    buffer = buffer_with_cuda_backends(mesh, "expert")
     config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=fp8)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config)
@@ -52,11 +41,8 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
 
 def test_low_latency_moe_traces_through_cuda_kernels():
     """The decoding layer on the NVSHMEM kernels' custom calls, also free of effects."""
-    from jax_deepep.gpu.low_latency import LowLatencyBackend
-
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-    buffer = _buffer_with_cuda_backend(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
-    buffer.low_latency_backend = LowLatencyBackend(symmetric=None)  # no NVSHMEM: only tracing follows
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
