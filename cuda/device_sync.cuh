@@ -48,13 +48,4 @@ __device__ __forceinline__ T wait_for(const T* flag, Done done, const RankInfo& 
   }
 }
 
-// Named barrier over `num_threads` threads (a multiple of 32); id 0 is __syncthreads.
-__device__ __forceinline__ void named_barrier(int id, int num_threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
-}
-
-__device__ __forceinline__ CommHeader* header_of(char* buffer) {
-  return reinterpret_cast<CommHeader*>(buffer);
-}
-
 }  // namespace jax_deepep

@@ -60,11 +60,7 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, BulkPip
       const int64_t row = first_row + i;
       char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, args.slot.bytes, base + i);
       const char* src = reinterpret_cast<const char*>(args.y + row * args.hidden);
-      if (bulk_copyable(p, src, row_bytes)) {
-        if (lane == 0) pipe.copy(p, src, row_bytes);
-      } else {
-        warp_copy<Source::kInput>(p, src, row_bytes, lane);
-      }
+      copy_row<Source::kInput>(pipe, p, src, row_bytes, lane);
       if (args.topk_weights && lane < args.num_topk)
         reinterpret_cast<float*>(p + args.slot.weights_offset)[lane] = args.topk_weights[row * args.num_topk + lane];
     }
@@ -126,11 +122,7 @@ __device__ void combine_row(const RankInfo& info, const CombineArgs& args, const
     for (int u = 0; u < kUnroll; ++u) {
       const int i = first + 32 * u;
       if (i >= vectors) continue;
-      int4 packed;
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
-      out[i] = packed;
+      out[i] = pack_bf16x8<int4>(acc[u]);
     }
   }
 }
@@ -222,7 +214,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
       }
       return p;
     };
-    for_each_ahead(chunk + warp, chunk_end, kIntranodeWarps, positions, [&](const TokenPositions& p) {
+    for_each_ahead(chunk + warp, chunk_end, kWarps, positions, [&](const TokenPositions& p) {
       TokenRows rows;
       rows.token = p.token;
 #pragma unroll
@@ -244,7 +236,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
   if (d < num_ranks && d != me) mine->consumed_total[channel][d] = base[d] + filled(range.last, d);
 }
 
-__global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
   const int num_ranks = info.num_ranks;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
@@ -274,7 +266,7 @@ cudaError_t prepare_combine() {
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
   CombineArgs a = args;
   const int blocks = intranode_blocks(info, a.ring);  // one rank: every block receives its own channel
-  combine_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
+  combine_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

@@ -1,4 +1,6 @@
-// Small device helpers shared by the intranode kernels.
+// What the intranode kernels (dispatch, combine) share beyond cuda/toolbox.cuh: their launch
+// shape, the split of tokens into channels, the warp groups serving one peer each, ring slot
+// addresses and row copies.
 #pragma once
 
 #include <cstdint>
@@ -7,12 +9,12 @@
 #include "cuda/comm_layout.h"
 #include "cuda/intranode.h"
 #include "cuda/rank_info.h"
+#include "cuda/toolbox.cuh"
+#include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
 
-constexpr int kIntranodeThreads = 512;
-constexpr int kIntranodeWarps = kIntranodeThreads / 32;
-constexpr int kIntranodeSharedBytes = kIntranodeWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
+constexpr int kIntranodeSharedBytes = kWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
 
 // Blocks of a dispatch or combine launch: a sender and a receiver block per channel, or with one
 // rank (nothing crosses ranks) one block per channel and twice the channels.
@@ -56,7 +58,7 @@ struct PeerGroup {
 __device__ __forceinline__ PeerGroup peer_group(int num_ranks) {
   const int warp = threadIdx.x / 32;
   PeerGroup g;
-  g.warps = kIntranodeWarps / num_ranks;
+  g.warps = kWarps / num_ranks;
   g.peer = warp / g.warps;
   g.warp_in_group = warp % g.warps;
   g.barrier_id = g.peer + 1;
@@ -82,6 +84,16 @@ __device__ __forceinline__ char* ring_slot(char* buffer, int channel, int src, i
                                            int slot_bytes, uint64_t index) {
   return buffer + ring_position(channel, src, num_ranks, slots, slot_bytes) +
          static_cast<size_t>(index % static_cast<uint64_t>(slots)) * slot_bytes;
+}
+
+// One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
+template <Source kSource>
+__device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* src, int bytes, int lane) {
+  if (bulk_copyable(dst, src, bytes)) {
+    if (lane == 0) pipe.copy(dst, src, bytes);
+  } else {
+    warp_copy<kSource>(dst, src, bytes, lane);
+  }
 }
 
 }  // namespace jax_deepep

@@ -65,16 +65,6 @@ __device__ __forceinline__ Token ring_token(const DispatchArgs& args, const Disp
   return k;
 }
 
-// One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
-template <Source kSource>
-__device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* src, int bytes, int lane) {
-  if (bulk_copyable(dst, src, bytes)) {
-    if (lane == 0) pipe.copy(dst, src, bytes);
-  } else {
-    warp_copy<kSource>(dst, src, bytes, lane);
-  }
-}
-
 // Writes token `k` into its output row (< capacity), converting expert ids to local ones.
 template <Source kSource>
 __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe, int me, int experts_per_rank,
@@ -99,8 +89,8 @@ __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe
 // Rows past the received tokens: no expert, zero weight, no source.
 __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
   const int lane = threadIdx.x % 32;
-  const int warps = gridDim.x * kIntranodeWarps;
-  for (int row = max(num_recv, 0) + blockIdx.x * kIntranodeWarps + threadIdx.x / 32; row < args.capacity; row += warps) {
+  const int warps = gridDim.x * kWarps;
+  for (int row = max(num_recv, 0) + blockIdx.x * kWarps + threadIdx.x / 32; row < args.capacity; row += warps) {
     if (lane < args.num_topk) {
       const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
       if (args.recv_topk_idx) args.recv_topk_idx[at] = -1;
@@ -112,13 +102,12 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
 }
 
 // Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
-// Counts tokens before the channel, then scans the channel a block-width at a time (ballots).
+// Counts tokens before the channel, then scans the channel a block-width at a time.
 __device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range,
                                   const int (&send_offset)[kMaxRanks]) {
-  __shared__ int running[kMaxRanks];
-  __shared__ int warp_totals[kIntranodeWarps][kMaxRanks];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (threadIdx.x < kMaxRanks) running[threadIdx.x] = 0;
+  __shared__ BlockPrefix<kMaxRanks> prefix;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x < kMaxRanks) prefix.running[threadIdx.x] = 0;
   __syncthreads();
   // The flags of the tokens before the channel, 16 bytes per thread and load: late channels would
   // otherwise chain several loads, each queued behind the other blocks' bulk traffic.
@@ -147,38 +136,25 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
 #pragma unroll
   for (int d = 0; d < kMaxRanks; ++d) {
     const int sum = __reduce_add_sync(0xffffffff, before[d]);
-    if (lane == 0 && d < num_ranks && sum) atomicAdd(&running[d], sum);
+    if (lane == 0 && d < num_ranks && sum) atomicAdd(&prefix.running[d], sum);
   }
   __syncthreads();
   for (int first = range.first; first < range.last; first += blockDim.x) {
     const int t = first + threadIdx.x;
     const bool valid = t < range.last;
-    unsigned ballots[kMaxRanks];
+    bool sent[kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d)
+      sent[d] = valid && d < num_ranks && args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d];
+    int count[kMaxRanks];
+    block_prefix(prefix, sent, count);
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
-      const bool sent = valid && d < num_ranks && args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d];
-      ballots[d] = __ballot_sync(0xffffffff, sent);
-      if (lane == 0) warp_totals[warp][d] = __popc(ballots[d]);
+      if (d >= num_ranks || !valid) continue;
+      const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
+      args.positions.send_count_before[at] = count[d];
+      args.positions.send_row[at] = sent[d] ? send_offset[d] + count[d] : -1;
     }
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= num_ranks) continue;
-      int count = running[d] + __popc(ballots[d] & ((1u << lane) - 1));
-      for (int w = 0; w < warp; ++w) count += warp_totals[w][d];
-      if (valid) {
-        const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
-        args.positions.send_count_before[at] = count;
-        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? send_offset[d] + count : -1;
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < num_ranks) {
-      int total = 0;
-      for (int w = 0; w < kIntranodeWarps; ++w) total += warp_totals[w][threadIdx.x];
-      running[threadIdx.x] += total;
-    }
-    __syncthreads();
   }
 }
 
@@ -285,7 +261,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
         },
         [&](const Token& k) {
           if (k.row < 0 || k.row >= args.capacity) return;  // dropped (past capacity)
-          deliver<Source::kRing>(args, pipe, me, experts_per_rank, k, src, lane);
+          deliver<Source::kPeer>(args, pipe, me, experts_per_rank, k, src, lane);
         });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
@@ -296,7 +272,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   if (g.leader) mine->consumed_total[channel][src] = base + count;
 }
 
-__global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
   __shared__ RankCounts counts;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
@@ -346,7 +322,7 @@ cudaError_t prepare_dispatch() {
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
   DispatchArgs a = args;
   const int blocks = intranode_blocks(info, a.ring);  // one rank: every block sends its own channel
-  dispatch_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
+  dispatch_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 
