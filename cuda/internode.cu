@@ -17,26 +17,13 @@
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
+#include "cuda/nvshmem_peers.cuh"
 #include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
 namespace {
-
-__device__ __forceinline__ int tagged(uint32_t seq, int value) {
-  return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(value & 0xffff));
-}
-
-// Waits for a tagged count of call `seq`; 0 after a timeout.
-__device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
-  int value = 0;
-  return wait_signal(p, seq & 0xffffu, 16, mem, kind, peer, &value) ? (value & 0xffff) : 0;
-}
-
-__device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
-  int value = 0;
-  wait_signal(p, seq, 0, mem, kind, peer, &value);
-}
 
 struct Topology {
   int rank, num_ranks, per_node, nodes, node, local;
@@ -61,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
     const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
     int* staged = reinterpret_cast<int*>(mem.staging + l.staged_counts);
     for (int i = threadIdx.x; i < R + E; i += kThreads)
-      staged[i] = tagged(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
+      staged[i] = tagged_count(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
     __syncthreads();
     for (int d = warp; d < R; d += kWarps) {
       const size_t counts_at = half + l.counts + static_cast<size_t>(topo.rank) * R * 4;
@@ -118,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged(seq, count));
+    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged_count(seq, count));
     return;
   }
   __syncthreads();
@@ -133,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   if (threadIdx.x == 0) {
     atomicAdd(traffic.counters + 0, static_cast<unsigned long long>(count));
     atomicAdd(traffic.counters + 1, static_cast<unsigned long long>(count) * l.row_bytes);
-    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged(seq, count), dst);
+    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged_count(seq, count), dst);
   }
 }
 
@@ -151,18 +138,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   const int L = topo.per_node;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   if (threadIdx.x < kInternodeMaxRanksPerNode) bound_rows[threadIdx.x].running[0] = 0;
   if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
     int sum = 0;
     for (int s2 = 0; s2 < src; ++s2)
-      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, mem, kInternodeDispatchTimeout, s2);
+      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, wait, WaitKind::kTokenCounts, s2);
     base[threadIdx.x] = sum;
   }
   if (threadIdx.x == 0)
-    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, mem,
-                           kInternodeDispatchTimeout, src),
+    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, wait, WaitKind::kInboxRows,
+                           src),
                 T);
   for (int t = threadIdx.x; t < T; t += kThreads) forwarded[n * T + t] = 0;
   __syncthreads();
@@ -206,11 +194,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
 }
 
 // Waits until every forwarder of this node is done with every source node; true on every thread.
-__device__ void wait_forwarded(const PeerMemory& mem, const Topology& topo, const char* half,
+__device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, const char* half,
                                const InternodeDispatchLayout& l, uint32_t seq) {
   const int* signals = reinterpret_cast<const int*>(half + l.forward_signals);
   for (int i = threadIdx.x; i < topo.per_node * topo.nodes; i += blockDim.x)
-    wait_call(signals + i, seq, mem, kInternodeDispatchTimeout, topo.node * topo.per_node + i / topo.nodes);
+    wait_call(signals + i, seq, wait, WaitKind::kForwardedRows, topo.node * topo.per_node + i / topo.nodes);
   __syncthreads();
 }
 
@@ -224,11 +212,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const Topology topo(mem, s.ranks_per_node);
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
-  wait_forwarded(mem, topo, half, l, seq);
+  wait_forwarded(wait, topo, half, l, seq);
   for (int src = threadIdx.x; src < R; src += kThreads)
-    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, mem, kInternodeDispatchTimeout, src);
+    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, wait, WaitKind::kTokenCounts, src);
   __syncthreads();
   if (threadIdx.x == 0) {
     prefix[0] = 0;
@@ -245,14 +234,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     for (int e = threadIdx.x; e < experts_per_rank && out.per_expert != nullptr; e += kThreads) {
       int sum = 0;
       for (int src = 0; src < R; ++src)
-        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, mem, kInternodeDispatchTimeout, src);
+        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, wait, WaitKind::kTokenCounts, src);
       out.per_expert[e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
     for (int d = 0; d < R; ++d) {  // this rank's rows on rank d: its first row there, then in token order
       if (threadIdx.x == 0) {
         int row = 0;
         for (int src = 0; src < topo.rank; ++src)
-          row += wait_count(counts + src * R + d, seq, mem, kInternodeDispatchTimeout, src);
+          row += wait_count(counts + src * R + d, seq, wait, WaitKind::kTokenCounts, src);
         rows_on_d.running[0] = row;
       }
       __syncthreads();
@@ -331,11 +320,12 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
   const size_t half = (seq & 1u) * l.half_stride;
   const char* mine = mem.local + region + half;
   const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
   for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
-    wait_call(signals + i, seq, mem, kInternodeCombineTimeout, topo.node * L + i / kInternodeReturnBlocks);
+    wait_call(signals + i, seq, wait, WaitKind::kReturnedRows, topo.node * L + i / kInternodeReturnBlocks);
   if (threadIdx.x == 0) sent = 0;
   __syncthreads();
   const bool local_source = src == topo.rank;
@@ -403,10 +393,11 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   const Topology topo(mem, s.ranks_per_node);
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
-    wait_call(signals + m, seq, mem, kInternodeCombineTimeout, m * L + topo.local);
+    wait_call(signals + m, seq, wait, WaitKind::kPartialSums, m * L + topo.local);
   if (threadIdx.x == 0) {
     num_went = 0;
     for (int m = 0; m < topo.nodes && num_went < 64; ++m) {

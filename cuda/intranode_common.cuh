@@ -1,6 +1,6 @@
 // What the intranode kernels (dispatch, combine) share beyond cuda/toolbox.cuh: their launch
 // shape, the split of tokens into channels, the warp groups serving one peer each, ring slot
-// addresses and row copies.
+// addresses, row copies and a sender group's two ring steps (wait for space, publish the tail).
 #pragma once
 
 #include <cstdint>
@@ -8,8 +8,10 @@
 #include "cuda/bulk_copy.cuh"
 #include "cuda/comm_layout.h"
 #include "cuda/intranode.h"
+#include "cuda/memory_order.cuh"
 #include "cuda/rank_info.h"
 #include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -94,6 +96,28 @@ __device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* 
   } else {
     warp_copy<kSource>(dst, src, bytes, lane);
   }
+}
+
+// Sender group, whole group: waits until the ring of (channel, this rank) on the group's peer has
+// room for the slots up to total `end` (the peer publishes its head in this rank's header).
+__device__ __forceinline__ void wait_ring_space(const WaitContext& wait, const PeerGroup& g, CommHeader* mine,
+                                                int channel, uint64_t end, int slots) {
+  if (g.leader) {
+    wait_until(&mine->head[channel][g.peer], [&](uint64_t head) { return end <= head + slots; }, wait,
+               WaitKind::kRingSpace, g.peer, channel);
+  }
+  named_barrier(g.barrier_id, g.threads());
+}
+
+// Sender group, whole group: once every warp's copies into the peer's ring have landed, publishes
+// the slots up to total `end` as this rank's tail there.
+__device__ __forceinline__ void publish_tail(BulkPipe& pipe, const PeerGroup& g, CommHeader* theirs, int channel,
+                                             int me, uint64_t end) {
+  if (threadIdx.x % 32 == 0) pipe.drain();
+  __syncwarp();
+  __threadfence_system();
+  named_barrier(g.barrier_id, g.threads());
+  if (g.leader) store_release(&theirs->tail[channel][me], end);
 }
 
 }  // namespace jax_deepep

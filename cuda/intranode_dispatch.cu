@@ -9,11 +9,13 @@
 //  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
 //    publishes the head so the sender can reuse the slots.
 #include "cuda/bulk_copy.cuh"
-#include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/memory_order.cuh"
 #include "cuda/notify.cuh"
 #include "cuda/op_sync.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -170,8 +172,9 @@ __device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, Bul
       });
 }
 
-__device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const DispatchSlot& slot,
-                             const PeerGroup& g, int channel, TokenRange range, uint32_t epoch) {
+__device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args, BulkPipe& pipe,
+                             const DispatchSlot& slot, const PeerGroup& g, int channel, TokenRange range,
+                             uint32_t epoch) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
@@ -192,11 +195,7 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
     const int chunk_end = min(chunk + args.ring.chunk_tokens, range.last);
     const int sent_after = before(chunk_end) - first;
     if (sent_after == before(chunk) - first) continue;
-    if (g.leader) {
-      wait_for(&mine->head[channel][dst], [&](uint64_t head) { return base + sent_after <= head + slots; }, info,
-               kRingSpaceTimeout, dst, channel);
-    }
-    named_barrier(g.barrier_id, g.threads());
+    wait_ring_space(wait, g, mine, channel, base + sent_after, slots);
     for_each_ahead(
         chunk + g.warp_in_group, chunk_end, g.warps, [&](int t) { return input_token(args, num_ranks, t, dst, lane); },
         [&](const Token& k) {
@@ -213,18 +212,14 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
             if (args.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = k.weight;
           }
         });
-    if (lane == 0) pipe.drain();
-    __syncwarp();
-    __threadfence_system();
-    named_barrier(g.barrier_id, g.threads());
-    if (g.leader) store_release(&theirs->tail[channel][me], base + sent_after);
+    publish_tail(pipe, g, theirs, channel, me, base + sent_after);
   }
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe,
-                                  const DispatchSlot& slot, const PeerGroup& g, int channel, uint32_t epoch,
-                                  int experts_per_rank) {
+__device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args,
+                                  BulkPipe& pipe, const DispatchSlot& slot, const PeerGroup& g, int channel,
+                                  uint32_t epoch, int experts_per_rank) {
   __shared__ int64_t shared_count[kMaxRanks];
   const int me = info.rank, src = g.peer, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -232,10 +227,11 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   CommHeader* theirs = header_of(info.buffers[src]);
   const uint64_t base = mine->consumed_total[channel][src];
   if (g.leader) {
-    const uint64_t v = wait_for(&mine->channel_count[channel][src],
-                                [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, info,
-                                kChannelCountTimeout, src, channel);
-    shared_count[src] = static_cast<uint32_t>(v >> 32) == epoch ? static_cast<int64_t>(v & 0xffffffffu) : 0;
+    uint64_t announced = 0;
+    const bool arrived = wait_until(&mine->channel_count[channel][src],
+                                    [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, wait,
+                                    WaitKind::kChannelCount, src, channel, &announced);
+    shared_count[src] = arrived ? static_cast<int64_t>(announced & 0xffffffffu) : 0;
   }
   named_barrier(g.barrier_id, g.threads());
   const int64_t count = shared_count[src];
@@ -243,10 +239,11 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   while (done < count) {
     named_barrier(g.barrier_id, g.threads());  // everyone read shared_count[src] of the last round
     if (g.leader) {
-      const uint64_t tail = wait_for(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, info,
-                                     kRingDataTimeout, src, channel);
-      int64_t ready = static_cast<int64_t>(tail - base) - done;
-      if (ready <= 0 || error_raised(info.error)) ready = count - done;  // gave up: drain garbage
+      uint64_t tail = 0;
+      const bool arrived = wait_until(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, wait,
+                                      WaitKind::kRingData, src, channel, &tail);
+      // Once the wait gave up, the rest of the ring is drained as garbage.
+      const int64_t ready = arrived ? static_cast<int64_t>(tail - base) - done : count - done;
       shared_count[src] = min(ready, count - done);
     }
     named_barrier(g.barrier_id, g.threads());
@@ -280,12 +277,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
   const bool sender = solo || blockIdx.x % 2 == 0;
   const bool first = args.positions.send_row != nullptr;  // not cached: exchange counts, compute positions
   const int experts_per_rank = args.num_experts / num_ranks;
+  const WaitContext wait = wait_context(info, first ? OpKind::kDispatch : OpKind::kCachedDispatch);
   const uint32_t epoch = op_epoch(info);
   if (blockIdx.x == 0) {
     if (first) post_counts(info, args.notify, epoch);
     announce_op(info, epoch);
   }
-  wait_for_peers(info, epoch);
+  wait_for_peers(info, wait, epoch);
   if (first) read_counts(info, args.notify, epoch, counts);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, first ? counts.num_recv : *args.num_recv_tokens);
@@ -303,10 +301,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
       if (g.peer == me) {
         send_to_self(info, args, pipe, g, range, experts_per_rank);
       } else {
-        send_to_peer(info, args, pipe, args.slot, g, channel, range, epoch);
+        send_to_peer(info, wait, args, pipe, args.slot, g, channel, range, epoch);
       }
     } else if (g.peer != me) {
-      receive_from_peer(info, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
+      receive_from_peer(info, wait, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
     }
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store

@@ -2,8 +2,8 @@
 //
 // Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
 // buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
-// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and raises the
-// host-visible error flag instead of spinning forever (nvshmem_peers.cuh).
+// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and fills the
+// host-mapped error record instead of spinning forever (wait.cuh).
 #include "low_latency.cuh"
 
 #include <cuda_fp8.h>
@@ -11,11 +11,12 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
-#include <cstdio>
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
+#include "cuda/nvshmem_peers.cuh"
 #include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 
 namespace jax_deepep {
 namespace {
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, use_fp8, round_scale);
   }
 
-  const int signal = static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count));
+  const int signal = tagged_count(seq, count);
   const int signal_index = local * mem.num_ranks + mem.rank;
   if (peer != nullptr) {
     __threadfence_system();
@@ -178,12 +179,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
   const int* signals = signals_at(mem.local, seq, layout) + local * num_ranks;
-  for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
-    int signal = 0;
-    const bool arrived = wait_signal(signals + src, seq & 0xffffu, 16, mem, kDispatchTimeout, src, &signal);
-    offsets[src + 1] = arrived ? min(signal & 0xffff, m) : 0;
-  }
+  for (int src = threadIdx.x; src < num_ranks; src += kThreads)
+    offsets[src + 1] = min(wait_count(signals + src, seq, wait, WaitKind::kTokenCounts, src), m);
   __syncthreads();
   if (threadIdx.x == 0) {
     offsets[0] = 0;
@@ -348,10 +347,10 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
   const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
   const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
   for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
-    int flag = 0;
-    if (e / experts_per_rank != mem.rank) wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank, &flag);
+    if (e / experts_per_rank != mem.rank) wait_call(flags + e, seq, wait, WaitKind::kExpertRows, e / experts_per_rank);
   }
   const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
   if (threadIdx.x < top_k) {
