@@ -1,7 +1,8 @@
-"""The interface between the public ops and an implementation (pure JAX or CUDA kernels).
+"""The interfaces between the public ops and the backends that implement them, one backend per mode.
 
-The ops in `normal.py` / `low_latency.py` validate arguments, apply autodiff rules and then call
-one of these methods per shard (inside `shard_map`). Token payloads travel as `parts`: a tuple of
+A `Buffer` composes one `NormalBackend` and one `LowLatencyBackend` when it is made. The ops in
+`normal.py` / `low_latency.py` validate arguments, apply autodiff rules and then call one of these
+methods per shard (inside `shard_map`). Token payloads travel as `parts`: a tuple of
 arrays sharing the leading token dimension (`(x,)` for bf16, `(x_fp8, scales)` for FP8).
 """
 from __future__ import annotations
@@ -50,8 +51,15 @@ class LowLatencyOptions:
     use_ue8m0: bool
 
 
-class Backend(Protocol):
-    name: str
+class NormalBackend(Protocol):
+    """Normal mode on one Buffer: `reference.ReferenceBackend` (pure JAX), `gpu.intranode.IntranodeBackend`
+    (CUDA IPC within a node) or `gpu.internode.InternodeBackend` (NVSHMEM across nodes)."""
+
+    name: str  # "reference" or "cuda"
+    mode: str  # "reference", "intranode", "internode"
+
+    def destroy(self) -> None:
+        """Free what the backend holds (idempotent)."""
 
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout: ...
 
@@ -66,6 +74,19 @@ class Backend(Protocol):
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights,
                 bias: tuple) -> tuple:
         """Returns (combined_x bf16 [T, H], combined_topk_weights f32 [T, K] or None)."""
+
+
+class LowLatencyBackend(Protocol):
+    """Low-latency mode on one Buffer: `reference.ReferenceBackend` or `gpu.low_latency.LowLatencyBackend`.
+
+    Each op is a send and a receive, with the backend's in-flight state (`transit`, a dict of
+    arrays) between them."""
+
+    name: str
+    mode: str  # "reference", "low_latency"
+
+    def destroy(self) -> None:
+        """Free what the backend holds (idempotent)."""
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict: ...
 

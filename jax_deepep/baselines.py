@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .reference.normal import valid_expert_ids
+from .routing import valid_expert_ids
 from .types import DispatchLayout, pytree_dataclass
 
 TRANSPORTS = ("padded", "ragged", "ring")

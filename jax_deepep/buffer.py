@@ -1,8 +1,9 @@
 """`Buffer`: the host-side owner of the communication buffers of one expert-parallel mesh axis.
 
-It picks the implementation once (CUDA kernels on a GPU mesh when the library is built, pure
-JAX otherwise), holds the device state, and exposes the ops of SPEC.md; the ops themselves are
-called per shard, inside `jax.shard_map` over `axis_name`.
+It composes its backends once, at construction: one for normal mode and one for low-latency mode
+(CUDA kernels on a GPU mesh when the library is built, pure JAX otherwise; `gpu.make_backends`),
+which hold the device state. The ops (docs/API.md) are called per shard, inside `jax.shard_map`
+over `axis_name`.
 """
 from __future__ import annotations
 
@@ -66,13 +67,14 @@ class Buffer:
             raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
                               f"got {ranks_per_node}")
         self.ranks_per_node = min(ranks_per_node, self.num_ranks)
-        self.backend = self._make_backend()
+        self.normal_backend, self.low_latency_backend = self._make_backends()
         self._destroyed = False
 
-    def _make_backend(self):
+    def _make_backends(self) -> tuple:
+        """(normal-mode backend, low-latency backend), chosen once for this Buffer."""
         choice = os.environ.get("JAX_DEEPEP_BACKEND", "auto")
         if choice == "reference" or _mesh_platform(self.mesh) != "gpu":
-            return REFERENCE_BACKEND
+            return REFERENCE_BACKEND, REFERENCE_BACKEND
         from . import gpu
 
         if not gpu.available():
@@ -81,15 +83,24 @@ class Buffer:
                                   f"{gpu.unavailable_reason()}")
             warnings.warn(f"jax_deepep: CUDA library not available ({gpu.unavailable_reason()}); "
                           "using the pure-JAX implementation")
-            return REFERENCE_BACKEND
-        return gpu.CudaBackend(self)
+            return REFERENCE_BACKEND, REFERENCE_BACKEND
+        return gpu.make_backends(self)
+
+    @property
+    def backend(self):
+        """The backend of this Buffer's mode (the low-latency one for a `low_latency_mode` Buffer)."""
+        return self.low_latency_backend if self.low_latency_mode else self.normal_backend
 
     # ---- lifetime -------------------------------------------------------------------------
     def destroy(self):
-        """Free the device buffers (idempotent)."""
-        if not self._destroyed and hasattr(self.backend, "destroy"):
-            self.backend.destroy()
+        """Free the device buffers (idempotent). Both backends are freed even if the first one fails."""
+        if self._destroyed:
+            return
         self._destroyed = True
+        try:
+            self.normal_backend.destroy()
+        finally:
+            self.low_latency_backend.destroy()
 
     def __enter__(self):
         return self
@@ -145,21 +156,21 @@ class Buffer:
 
     def get_dispatch_layout(self, topk_idx, num_experts: int):
         ctx = self._context("get_dispatch_layout")
-        return _normal.get_dispatch_layout(self.backend, ctx, topk_idx, num_experts)
+        return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
                  num_worst_tokens=None, expert_alignment=1, config=None):
         ctx = self._context("dispatch")
         hidden = (x[0] if isinstance(x, (tuple, list)) else x).shape[-1]
         config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks), hidden)
-        return _normal.dispatch(self.backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
+        return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
                                 num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
         ctx = self._context("combine")
         config = self._config("combine", config, self.get_combine_config(self.num_ranks), y.shape[-1])
-        return _normal.combine(self.backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
+        return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
 
     def _low_latency_context(self, op: str, num_max_dispatch_tokens_per_rank=None, hidden=None,
                              num_experts=None) -> RankContext:
@@ -181,7 +192,7 @@ class Buffer:
                              round_scale=False, use_ue8m0=False, return_recv_hook=False):
         ctx = self._low_latency_context("low_latency_dispatch", num_max_dispatch_tokens_per_rank,
                                         x.shape[-1] if hasattr(x, "shape") else None, num_experts)
-        return _ll.low_latency_dispatch(self.backend, ctx, x, topk_idx,
+        return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
                                         num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
                                         num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
                                         use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
@@ -189,7 +200,7 @@ class Buffer:
     def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
                             return_recv_hook=False):
         ctx = self._low_latency_context("low_latency_combine")
-        return _ll.low_latency_combine(self.backend, ctx, y, topk_idx, topk_weights, handle,
+        return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
                                        return_recv_hook=return_recv_hook)
 
@@ -203,7 +214,7 @@ class Buffer:
 
     def low_latency_recv(self, pending):
         ctx = self._low_latency_context("low_latency_recv")
-        return _ll.low_latency_recv(self.backend, ctx, pending)
+        return _ll.low_latency_recv(self.low_latency_backend, ctx, pending)
 
     def __repr__(self):
         return (f"Buffer(axis_name={self.axis_name!r}, num_ranks={self.num_ranks}, backend={self.backend.name}, "

@@ -5,7 +5,7 @@ import dataclasses
 
 # Upper bounds the kernels are built for; the hints size buffers for them.
 MAX_TOPK = 32
-MAX_NVL_PEERS = 8
+MAX_NVL_PEERS = 8  # ranks of one node the NVLink kernels serve (cuda/comm_layout.h kMaxRanks)
 FP8_BLOCK = 128  # channels per FP8 scale
 _ALIGN = 128
 # The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),

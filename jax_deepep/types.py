@@ -54,8 +54,10 @@ class DispatchHandle:
     recv_rank_prefix: Array  # i32[R]: first receive row of each source rank's block
     num_recv_tokens: Array  # i32[]: true number of received tokens (may exceed N)
     num_recv_tokens_per_expert: Array  # i32[E_l], aligned, as the first dispatch reported it
-    # Backend-specific arrays (e.g. per-channel prefix matrices of the CUDA kernels).
-    extras: dict = dataclasses.field(default_factory=dict)
+    # What only the backend that made the handle needs, as that backend's own pytree dataclass
+    # (`gpu.intranode.IntranodeRoute`, `gpu.internode.InternodeRoute`); None for the pure-JAX backend.
+    # A backend refuses a handle whose `route` is not its own.
+    route: Any = None
 
     @property
     def capacity(self) -> int:

@@ -1,7 +1,7 @@
 """The CUDA backend's ops trace through `jax.grad` inside `shard_map` (no GPU needed).
 
-Tracing never runs a kernel, so a CPU mesh will do: the Buffer gets a `CudaBackend` whose
-communication buffer is a stand-in. This catches tracing-time errors of the GPU path in CI, such as
+Tracing never runs a kernel, so a CPU mesh will do: the Buffer gets the CUDA backends with stand-ins
+for their device memory. This catches tracing-time errors of the GPU path in CI, such as
 custom-call outputs whose varying-axis type does not match what the custom_vjp rules need.
 Needs the compiled library (built by `pip install .` where nvcc exists); skipped without it.
 """
@@ -19,17 +19,12 @@ pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavail
 
 
 def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
-    from jax_deepep.gpu import runtime
-    from jax_deepep.gpu.backend import CudaBackend
+    from jax_deepep.gpu.intranode import IntranodeBackend
 
-    buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backend on CPU devices
-    lib = runtime._lib()
-    backend = object.__new__(CudaBackend)  # no device memory: only tracing follows
-    backend.num_ranks, backend._native, backend._low_latency, backend._internode = buffer.num_ranks, True, None, None
-    backend._max_channels = int(lib.jax_deepep_max_channels()) // 2
-    backend._max_local_experts = int(lib.jax_deepep_max_local_experts())
-    backend.comm = types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30)
-    buffer.backend = backend
+    buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backends on CPU devices
+    # No device memory: only tracing follows.
+    buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30,
+                                                                   ring_bytes=1 << 30))
     return buffer
 
 
@@ -57,11 +52,11 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
 
 def test_low_latency_moe_traces_through_cuda_kernels():
     """The decoding layer on the NVSHMEM kernels' custom calls, also free of effects."""
-    from jax_deepep.gpu.low_latency import LowLatencyKernels
+    from jax_deepep.gpu.low_latency import LowLatencyBackend
 
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
     buffer = _buffer_with_cuda_backend(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
-    buffer.backend._low_latency = object.__new__(LowLatencyKernels)  # no NVSHMEM: only tracing follows
+    buffer.low_latency_backend = LowLatencyBackend(symmetric=None)  # no NVSHMEM: only tracing follows
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)

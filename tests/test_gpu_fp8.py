@@ -31,9 +31,9 @@ import oracle
 def test_fp8_cast_and_layer_match_on_the_gpu():
     if not gpu_workers.has_gpu():
         pytest.skip("needs a CUDA GPU")
-    from jax_deepep.gpu import low_latency
+    from jax_deepep.gpu import nvshmem
 
-    if low_latency.library_path() is None or low_latency.nvshmem_dir() is None:
+    if nvshmem.library_path() is None or nvshmem.nvshmem_dir() is None:
         pytest.skip("the low-latency library or NVSHMEM is missing")
     gpu_workers.run_workers(__file__, 1, gpu_workers.worker_env(1, 0.3))
 

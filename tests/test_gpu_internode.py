@@ -28,9 +28,9 @@ _TIMEOUT_CHECK_VARIABLE = "JAX_DEEPEP_TEST_INTERNODE_TIMEOUT"
 def _run_workers(num_ranks: int, ranks_per_node: int, timeout_check: bool = False):
     reason = normal_checks.skip_reason()
     if reason is None:
-        from jax_deepep.gpu import low_latency
+        from jax_deepep.gpu import nvshmem
 
-        if low_latency.library_path() is None or low_latency.nvshmem_dir() is None:
+        if nvshmem.library_path() is None or nvshmem.nvshmem_dir() is None:
             reason = "the NVSHMEM library was not built"
     if reason:
         pytest.skip(reason)
@@ -90,7 +90,7 @@ def check_traffic(w: normal_checks.Worker, seed: int):
         combined, _ = buffer.combine(out.recv_x, out.handle)
         return combined
 
-    kernels = buffer.backend._internode
+    kernels = buffer.normal_backend
     before = kernels.traffic()
     w.run(body, x, idx)
     after = kernels.traffic()
@@ -110,7 +110,7 @@ def timeout_check(w: normal_checks.Worker) -> None:
     from jax._src import distributed
 
     from harness import random_bf16, random_topk
-    from jax_deepep.gpu import low_latency
+    from jax_deepep.gpu import nvshmem
 
     experts = 8 * w.num_ranks
     rng = np.random.default_rng(11)
@@ -125,7 +125,7 @@ def timeout_check(w: normal_checks.Worker) -> None:
             jax.block_until_ready(fn(x, idx))
             waited = time.time() - start
             assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the dispatch returned after {waited:.1f} s"
-            assert low_latency.timeout_flag() == 3, f"timeout flag {low_latency.timeout_flag()} (3: internode dispatch)"
+            assert nvshmem.timeout_flag() == 3, f"timeout flag {nvshmem.timeout_flag()} (3: internode dispatch)"
 
         def later_ops_raise():
             with pytest.raises(Exception, match="timed out"):
@@ -145,7 +145,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         timeout_check(w)
         w.buffer.destroy()
         return 1 if w.failures else 0
-    assert w.buffer.backend._internode is not None, "the internode kernels are not in use"
+    assert w.buffer.normal_backend.mode == "internode", f"the internode kernels are not in use: {w.buffer.normal_backend.mode}"
     rng = np.random.default_rng(1234)  # the same global data in every process
     experts = 16 * num_ranks
     common = dict(tokens=256, hidden=512, topk=8, experts=experts)

@@ -1,4 +1,4 @@
-"""GPU tests of the intranode CUDA kernels (jax_deepep/gpu/backend.py) against the numpy oracle.
+"""GPU tests of the intranode CUDA kernels (jax_deepep/gpu/intranode.py) against the numpy oracle.
 
 Every check runs in fresh worker processes (this file run as a script, with the checks of
 tests/normal_checks.py): R = 1 in one process, and

@@ -34,11 +34,11 @@ def _skip_reason():
     if not gpu_workers.has_gpu():
         return "needs a CUDA GPU"
     sys.path.insert(0, str(ROOT))
-    from jax_deepep.gpu import low_latency
+    from jax_deepep.gpu import nvshmem
 
-    if low_latency.library_path() is None:
-        return f"{low_latency.LIBRARY_NAME} was not built"
-    if low_latency.nvshmem_dir() is None:
+    if nvshmem.library_path() is None:
+        return f"{nvshmem.LIBRARY_NAME} was not built"
+    if nvshmem.nvshmem_dir() is None:
         return "nvidia-nvshmem-cu13 is not installed"
     return None
 
@@ -90,11 +90,11 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     the worker checks rank 0's shard."""
     import jax
 
-    from jax_deepep.gpu import low_latency
+    from jax_deepep.gpu.low_latency import LowLatencyBackend
     from jax_deepep.reference import ReferenceBackend
 
-    monkeypatch.setattr(low_latency, "LowLatencyKernels",
-                        lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend())
+    monkeypatch.setattr(LowLatencyBackend, "open",
+                        staticmethod(lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend()))
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
@@ -113,11 +113,11 @@ class Worker:
         import jax
         from jax.sharding import Mesh
 
-        from jax_deepep.gpu.low_latency import LowLatencyKernels
+        from jax_deepep.gpu.low_latency import LowLatencyBackend
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        self.kernels = LowLatencyKernels(self.mesh, AXIS, num_rdma_bytes, direct_group=direct_group)
+        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, direct_group=direct_group)
         self.failures = []
         self._compiled = {}
 
@@ -314,7 +314,7 @@ def timeout_check(worker):
     import jax
     import jax.numpy as jnp
 
-    from jax_deepep.gpu import low_latency
+    from jax_deepep.gpu import nvshmem
 
     e, m, h = ROUNDS["e"], ROUNDS["m"], ROUNDS["h"]
 
@@ -329,7 +329,7 @@ def timeout_check(worker):
                                                        num_experts=np.int64(e)))(token))
         waited = time.time() - start
         assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the recv returned after {waited:.1f} s"
-        assert low_latency.timeout_flag() == 1, f"timeout flag {low_latency.timeout_flag()}"
+        assert nvshmem.timeout_flag() == 1, f"timeout flag {nvshmem.timeout_flag()}"
 
     def later_ops_raise():
         rng = np.random.default_rng(3)

@@ -80,7 +80,7 @@ def ep_vs_dense(mesh: Mesh, config: moe.MoEConfig, seed: int, nan_padding: bool 
     params, x, mask, target = random_problem(config, num_tokens, seed)
     buffer = deepep.Buffer(mesh, EXPERT)
     if nan_padding:
-        buffer.backend = NaNPaddingBackend(buffer.backend)
+        buffer.normal_backend = NaNPaddingBackend(buffer.normal_backend)
     layer = moe.sharded_moe(buffer, config)
     tokens = NamedSharding(mesh, P((DATA, EXPERT)))
     ep_params = moe.shard_params(params, mesh, EXPERT)

@@ -1,14 +1,65 @@
-"""The CUDA backend: our kernels as XLA FFI custom calls (see xla_ffi/ and cuda/)."""
+"""The CUDA backends: our kernels as XLA FFI custom calls (see xla_ffi/ and cuda/), one backend per mode.
+
+`make_backends` chooses, once per Buffer, which backend serves each mode on a GPU mesh:
+- normal mode: `IntranodeBackend` (gpu/intranode.py) for an axis within one node of up to 8 ranks;
+  `InternodeBackend` (gpu/internode.py) for an axis of several nodes when the Buffer has `num_rdma_bytes`;
+  otherwise the pure-JAX `ReferenceBackend`, with a warning saying why;
+- low-latency mode: `LowLatencyBackend` (gpu/low_latency.py) for a `low_latency_mode` Buffer with
+  `num_rdma_bytes`, else the pure-JAX backend (with a warning when only the NVSHMEM library is missing).
+"""
 from __future__ import annotations
 
+import warnings
+
+from .. import reference
+from ..config import MAX_NVL_PEERS
 from .library import available, unavailable_reason
 
-__all__ = ["available", "unavailable_reason", "CudaBackend"]
+__all__ = ["available", "unavailable_reason", "make_backends"]
+
+def _use_reference(what: str, why: str):
+    warnings.warn(f"jax_deepep: {what} use the pure-JAX implementation: {why}")
+    return reference.BACKEND
 
 
-def __getattr__(name):
-    if name == "CudaBackend":
-        from .backend import CudaBackend
+def _normal_backend(buffer):
+    if buffer.ranks_per_node > MAX_NVL_PEERS:
+        return _use_reference("normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
+                                                 f"ranks, this axis has {buffer.ranks_per_node} per node")
+    if buffer.ranks_per_node == buffer.num_ranks:
+        from .intranode import IntranodeBackend
 
-        return CudaBackend
-    raise AttributeError(name)
+        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes)
+    if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
+        return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
+                                                 "nodes and the internode kernels need `num_rdma_bytes`")
+    from . import nvshmem
+    from .internode import InternodeBackend
+
+    if not nvshmem.available():
+        return _use_reference("internode ops", nvshmem.unavailable_reason())
+    return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node)
+
+
+def _low_latency_backend(buffer):
+    if not (buffer.low_latency_mode and buffer.num_rdma_bytes > 0):
+        return reference.BACKEND  # the ops refuse such a Buffer before reaching a backend
+    from . import nvshmem
+    from .low_latency import LowLatencyBackend
+
+    if not nvshmem.available():
+        return _use_reference("low-latency ops", nvshmem.unavailable_reason())
+    # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
+    direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
+    return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, direct_group=direct_group)
+
+
+def make_backends(buffer) -> tuple:
+    """(normal-mode backend, low-latency backend) of `buffer` on a GPU mesh; on failure, frees what was
+    made before raising."""
+    normal = _normal_backend(buffer)
+    try:
+        return normal, _low_latency_backend(buffer)
+    except BaseException:
+        normal.destroy()
+        raise

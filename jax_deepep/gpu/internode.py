@@ -3,9 +3,8 @@ custom calls, for an expert-parallel axis of several nodes.
 
 A token crosses the network once per destination node and is forwarded over NVLink inside it;
 combine returns one f32 partial per (token, node) and rounds once at the source (protocol in
-`cuda/internode.cuh`). Results are those of the pure-JAX implementation, row for row. The handle
-carries `extras["forwarded"]` (i32 [nodes, T]: which ranks of each node kept each token that this
-rank forwarded for its RDMA peer there), which combine reads.
+`cuda/internode.cuh`). Results are those of the pure-JAX implementation, row for row. The handle's
+`route` is an `InternodeRoute`, which combine reads.
 """
 from __future__ import annotations
 
@@ -16,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import reference
 from ..backend import DispatchResult, RankContext
-from ..reference.normal import valid_expert_ids
-from ..types import DispatchHandle, DispatchLayout
+from ..config import Config
+from ..routing import valid_expert_ids
+from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
 from ..validation import fail
 from .ffi_call import ffi_call
-from .low_latency import close_symmetric_buffer, nvshmem_library, open_symmetric_buffer
-
-MAX_RANKS_PER_NODE = 8
+from .nvshmem import SymmetricBuffer, nvshmem_library
 
 
 def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
@@ -43,21 +42,40 @@ def _per_token_bytes(a) -> int:
     return int(np.prod(a.shape[1:])) * a.dtype.itemsize
 
 
-class InternodeKernels:
-    """The normal-mode Backend methods of one Buffer whose axis spans several nodes."""
+@pytree_dataclass()
+class InternodeRoute:
+    """What this backend's combine reads besides the shared handle fields."""
 
-    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int):
-        self._lib, self.rank, self.num_ranks = open_symmetric_buffer(mesh, axis_name, num_rdma_bytes,
-                                                                     direct_group=ranks_per_node)
-        self.num_rdma_bytes = num_rdma_bytes
+    forwarded: jax.Array  # i32[nodes, T]: which ranks of each node kept each token this rank forwarded there
+
+
+def _route(op: str, handle: DispatchHandle) -> InternodeRoute:
+    if not isinstance(handle.route, InternodeRoute):
+        fail(op, "`handle` was not made by this Buffer's internode kernels (it comes from another backend)")
+    return handle.route
+
+
+class InternodeBackend:
+    """Normal mode across nodes over NVSHMEM: the `NormalBackend` methods on one Buffer's symmetric buffer."""
+
+    name = "cuda"
+    mode = "internode"
+
+    def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int):
+        self.symmetric = symmetric
+        self._lib = symmetric.lib
+        self.num_rdma_bytes = symmetric.num_bytes
         self.ranks_per_node = ranks_per_node
-        self._live = True
+
+    @classmethod
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int) -> "InternodeBackend":
+        """Joins NVSHMEM and allocates the symmetric buffer (collective); peers within a node are written
+        directly, the others over the network."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, direct_group=ranks_per_node), ranks_per_node)
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
-        if self._live:
-            self._live = False
-            close_symmetric_buffer(self._lib)
+        self.symmetric.destroy()
 
     def traffic(self) -> dict:
         """Rows and bytes this process has put on the network so far (synchronises; for tests)."""
@@ -106,8 +124,13 @@ class InternodeKernels:
         recv_weights = rest.pop(0) if weights is not None else None
         return recv_parts, recv_ids, recv_weights, rest[:-1]
 
-    def dispatch(self, ctx: RankContext, parts, topk_idx, topk_weights, layout: DispatchLayout, num_experts: int,
-                 num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
+    def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
+        # A local computation with no traffic: the pure-JAX one serves (it also counts tokens per node).
+        return reference.BACKEND.get_dispatch_layout(ctx, topk_idx, num_experts)
+
+    def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
+                 num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
+        del config  # the internode kernels take no launch configuration yet
         ids = None if topk_idx is None else valid_expert_ids(topk_idx, num_experts)
         counts = (layout.num_tokens_per_rank,) + ((layout.num_tokens_per_expert,) if ids is not None else ())
         recv_parts, recv_ids, recv_weights, meta = self._dispatch_call(
@@ -117,23 +140,30 @@ class InternodeKernels:
         handle = DispatchHandle(
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=src_rank,
             recv_src_idx=src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv,
-            num_recv_tokens_per_expert=per_expert, extras={"forwarded": forwarded})
+            num_recv_tokens_per_expert=per_expert, route=InternodeRoute(forwarded))
         return DispatchResult(recv_parts, recv_ids, recv_weights, per_expert, num_recv, handle)
 
-    def cached_dispatch(self, ctx: RankContext, handle: DispatchHandle, parts, topk_weights=None):
+    def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
+        del config
+        _route("dispatch", handle)
         counts = (jnp.sum(handle.is_token_in_rank, axis=0, dtype=jnp.int32),)
         recv_parts, _, recv_weights, _ = self._dispatch_call(
             ctx, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
         return recv_parts, recv_weights
 
-    def combine(self, ctx: RankContext, handle: DispatchHandle, y, topk_weights, bias):
+    def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
+        del config
+        route = _route("combine", handle)
         num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
+        if hidden % 8:
+            fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
+                            f"multiple of 8), got hidden size {hidden}")
         top_k = topk_weights.shape[1] if topk_weights is not None else 0
         self._fits("combine", self._lib.jax_deepep_internode_combine_bytes(
             num_tokens, handle.capacity, hidden, top_k, self.ranks_per_node, ctx.num_ranks))
         args = [y] + ([topk_weights.astype(jnp.float32)] if topk_weights is not None else []) + list(bias)
         args += [handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
-                 handle.extras["forwarded"]]
+                 route.forwarded]
         results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
         if topk_weights is not None:
             results.append(jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32))

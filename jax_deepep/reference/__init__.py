@@ -15,7 +15,13 @@ from . import low_latency, normal
 
 
 class ReferenceBackend:
+    """Both modes in pure JAX (XLA collectives over the axis); holds no state."""
+
     name = "reference"
+    mode = "reference"
+
+    def destroy(self):
+        pass
 
     get_dispatch_layout = staticmethod(normal.get_dispatch_layout)
     dispatch = staticmethod(normal.dispatch)

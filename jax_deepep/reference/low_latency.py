@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from ..backend import LowLatencyOptions, RankContext
 from ..fp8 import per_block_cast_to_fp8
 from ..rounding import round_to
-from .normal import gather_rows, valid_expert_ids
+from ..routing import valid_expert_ids
+from .normal import gather_rows
 
 
 def _expert_slots(idx, num_experts: int):

@@ -13,13 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from ..backend import DispatchResult, RankContext
+from ..routing import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout
-
-
-def valid_expert_ids(topk_idx, num_experts: int):
-    """int32 ids with anything outside [0, E) replaced by -1 (checked before narrowing int64 ids,
-    which would otherwise wrap into range)."""
-    return jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).astype(jnp.int32)
 
 
 def get_dispatch_layout(ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:

@@ -1,29 +1,22 @@
-"""`CudaBackend`: the normal-mode ops as our CUDA kernels, called as XLA FFI custom calls.
+"""Intranode normal mode: the kernels of `cuda/layout.cu` and `cuda/intranode_*.cu` (in
+`libjax_deepep_cuda.so`) as XLA FFI custom calls, for an expert-parallel axis within one node.
 
-Every method runs per shard inside `shard_map`. The custom calls find this rank's
-communication buffer by the Buffer's id and the device they run on; ring sizes come from the
-`Config` (clamped to what the buffer holds). Handles carry two extra sender-side arrays in
-`DispatchHandle.extras`: `send_count_before` (i32[T, R], tokens before t sent to each rank)
-and `send_offset` (i32[R], first row of this rank's block on each rank). An axis of several nodes
-runs the NVSHMEM internode kernels of `gpu/internode.py` when the Buffer has `num_rdma_bytes`;
-other configurations the kernels do not cover (one node of more than 8 ranks) use the pure-JAX
-implementation. The low-latency ops run the NVSHMEM kernels of `gpu/low_latency.py` when that
-library was built.
+Every method runs per shard inside `shard_map`. The custom calls find this rank's communication
+buffer (`runtime.CommBuffers`, mapped by every peer over CUDA IPC or peer access) by the Buffer's
+id and the device they run on; ring sizes come from the `Config` (clamped to what the buffer holds).
 """
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import reference
 from ..backend import DispatchResult, RankContext
 from ..config import Config
-from ..reference.normal import valid_expert_ids
-from ..types import DispatchHandle, DispatchLayout
+from ..routing import valid_expert_ids
+from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
 from ..validation import fail
 from . import runtime
 from .ffi_call import ffi_call
@@ -62,83 +55,44 @@ def _shape(a, rows=None):
     return jax.ShapeDtypeStruct(((rows,) if rows is not None else a.shape[:1]) + tuple(a.shape[1:]), a.dtype)
 
 
-def _sender_extras(handle: DispatchHandle):
-    """`send_count_before` and `send_offset`, rebuilt when the handle came from another backend."""
-    if "send_count_before" in handle.extras:
-        return handle.extras["send_count_before"], handle.extras["send_offset"]
-    in_rank = handle.is_token_in_rank.astype(jnp.int32)
-    count_before = jnp.cumsum(in_rank, axis=0, dtype=jnp.int32) - in_rank
-    offset = jnp.max(jnp.where(handle.is_token_in_rank, handle.send_row - count_before, 0), axis=0)
-    return count_before, offset.astype(jnp.int32)
+@pytree_dataclass()
+class IntranodeRoute:
+    """The sender-side arrays of a dispatch that this backend's cached dispatch and combine read."""
+
+    send_count_before: jax.Array  # i32[T, R]: tokens before t sent to each rank
+    send_offset: jax.Array  # i32[R]: first row of this rank's block on each rank
 
 
-def _low_latency_kernels(buffer):
-    """The NVSHMEM low-latency kernels of a low-latency Buffer (None: the ops use pure JAX)."""
-    if not (buffer.low_latency_mode and buffer.num_rdma_bytes > 0):
-        return None
-    from . import low_latency
-
-    if not low_latency.available():
-        warnings.warn("jax_deepep: low-latency ops use the pure-JAX implementation: "
-                      + low_latency.unavailable_reason())
-        return None
-    # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
-    direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
-    return low_latency.LowLatencyKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes,
-                                         direct_group=direct_group)
+def _route(op: str, handle: DispatchHandle) -> IntranodeRoute:
+    if not isinstance(handle.route, IntranodeRoute):
+        fail(op, "`handle` was not made by this Buffer's intranode kernels (it comes from another backend)")
+    return handle.route
 
 
-def _internode_kernels(buffer):
-    """The NVSHMEM internode kernels of a normal Buffer over several nodes (None: not that case, or
-    they cannot run here, with a warning)."""
-    if buffer.low_latency_mode or buffer.ranks_per_node == buffer.num_ranks or buffer.num_rdma_bytes <= 0:
-        return None
-    from . import internode, low_latency
+class IntranodeBackend:
+    """Normal mode within one node over CUDA IPC: the `NormalBackend` methods on one Buffer's `CommBuffers`."""
 
-    if not low_latency.available():
-        warnings.warn("jax_deepep: internode ops use the pure-JAX implementation: " + low_latency.unavailable_reason())
-        return None
-    if buffer.ranks_per_node > internode.MAX_RANKS_PER_NODE:
-        warnings.warn(f"jax_deepep: the internode kernels take nodes of up to {internode.MAX_RANKS_PER_NODE} ranks; "
-                      f"{buffer.ranks_per_node} per node use the pure-JAX implementation")
-        return None
-    return internode.InternodeKernels(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node)
-
-
-class CudaBackend:
     name = "cuda"
+    mode = "intranode"
 
-    def __init__(self, buffer):
-        self._low_latency = _low_latency_kernels(buffer)
-        self._internode = _internode_kernels(buffer)
+    def __init__(self, comm: runtime.CommBuffers):
+        register_targets()
         lib = runtime._lib()
-        self.num_ranks = buffer.num_ranks
-        self._native = buffer.num_ranks <= lib.jax_deepep_max_ranks() and buffer.ranks_per_node == buffer.num_ranks
+        self.comm = comm
         self._max_channels = int(lib.jax_deepep_max_channels()) // 2
         self._max_local_experts = int(lib.jax_deepep_max_local_experts())
-        self.comm = None
-        if not self._native:
-            if self._internode is not None:
-                return
-            warnings.warn(f"jax_deepep: the CUDA kernels cover one node of up to {lib.jax_deepep_max_ranks()} "
-                          f"ranks; {buffer.num_ranks} ranks with {buffer.ranks_per_node} per node use the "
-                          "pure-JAX implementation")
-            return
-        register_targets()
-        self.comm = runtime.CommBuffers(buffer.mesh, buffer.axis_name,
-                                        buffer.num_nvl_bytes or DEFAULT_NUM_NVL_BYTES)
+
+    @classmethod
+    def open(cls, mesh, axis_name: str, num_nvl_bytes: int) -> "IntranodeBackend":
+        """Allocates and maps the communication buffers (collective over the processes of `mesh`)."""
+        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES))
 
     def destroy(self):
-        if self.comm is not None:
-            self.comm.destroy()
-        if self._internode is not None:
-            self._internode.destroy()
-        if self._low_latency is not None:
-            self._low_latency.destroy()
+        self.comm.destroy()
 
     def error_codes(self) -> dict:
         """Kernel errors raised so far ({device ordinal: code}); see cuda/rank_info.h."""
-        return {} if self.comm is None else self.comm.error_codes()
+        return self.comm.error_codes()
 
     # ---- launch shapes ------------------------------------------------------------------------
     def _ring(self, op: str, ctx: RankContext, config: Config, slot_bytes: int, chunk_tokens: int) -> dict:
@@ -162,8 +116,6 @@ class CudaBackend:
 
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
-        if not self._native:
-            return reference.BACKEND.get_dispatch_layout(ctx, topk_idx, num_experts)
         num_tokens = topk_idx.shape[0]
         per_rank, per_expert, in_rank = ffi_call(
             "jax_deepep_layout",
@@ -175,12 +127,6 @@ class CudaBackend:
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
-        if self._internode is not None:
-            return self._internode.dispatch(ctx, parts, topk_idx, topk_weights, layout, num_experts,
-                                            num_worst_tokens, expert_alignment)
-        if not self._native:
-            return reference.BACKEND.dispatch(ctx, config, parts, topk_idx, topk_weights, layout, num_experts,
-                                              num_worst_tokens, expert_alignment)
         if num_experts // ctx.num_ranks > self._max_local_experts:
             fail("dispatch", f"at most {self._max_local_experts} experts per rank, got {num_experts // ctx.num_ranks}")
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
@@ -215,19 +161,15 @@ class CudaBackend:
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=recv_src_rank,
             recv_src_idx=recv_src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv_tokens,
             num_recv_tokens_per_expert=per_expert,
-            extras={"send_count_before": send_count_before, "send_offset": send_offset})
+            route=IntranodeRoute(send_count_before, send_offset))
         return DispatchResult(recv_parts, recv_topk_idx, recv_topk_weights, per_expert, num_recv_tokens, handle)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
-        if self._internode is not None and "forwarded" in handle.extras:
-            return self._internode.cached_dispatch(ctx, handle, parts, topk_weights)
-        if not self._native:
-            return reference.BACKEND.cached_dispatch(ctx, config, handle, parts, topk_weights)
         n = handle.capacity
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
         attrs = self._dispatch_ring(ctx, config, parts, num_topk)
-        send_count_before, _ = _sender_extras(handle)
+        send_count_before = _route("dispatch", handle).send_count_before
         args = list(parts) + ([topk_weights.astype(jnp.float32)] if has_weights else [])
         args += [handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens]
         results = [_shape(p, n) for p in parts]
@@ -239,16 +181,16 @@ class CudaBackend:
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
         hidden = y.shape[1]
-        if self._internode is not None and "forwarded" in handle.extras and hidden % 8 == 0:
-            return self._internode.combine(ctx, handle, y, topk_weights, bias)
-        if not self._native or hidden % 8:
-            return reference.BACKEND.combine(ctx, config, handle, y, topk_weights, bias)
+        if hidden % 8:
+            fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
+                            f"multiple of 8), got hidden size {hidden}")
         lib = runtime._lib()
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
         slot_bytes = lib.jax_deepep_combine_slot_bytes(hidden, num_topk)
         attrs = self._ring("combine", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
-        send_count_before, send_offset = _sender_extras(handle)
+        route = _route("combine", handle)
+        send_count_before, send_offset = route.send_count_before, route.send_offset
         num_tokens = handle.is_token_in_rank.shape[0]
         args = [y] + ([topk_weights.astype(jnp.float32)] if has_weights else []) + list(bias)
         args += [handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
@@ -259,20 +201,3 @@ class CudaBackend:
         out = ffi_call("jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name,
                        num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
         return out[0], (out[1] if has_weights else None)
-
-    # ---- low-latency mode: the NVSHMEM kernels, or pure JAX when they are not available --------
-    @property
-    def _ll(self):
-        return self._low_latency if self._low_latency is not None else reference.BACKEND
-
-    def low_latency_dispatch_send(self, ctx, opts, x, topk_idx):
-        return self._ll.low_latency_dispatch_send(ctx, opts, x, topk_idx)
-
-    def low_latency_dispatch_recv(self, ctx, opts, transit):
-        return self._ll.low_latency_dispatch_recv(ctx, opts, transit)
-
-    def low_latency_combine_send(self, ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy):
-        return self._ll.low_latency_combine_send(ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy)
-
-    def low_latency_combine_recv(self, ctx, transit):
-        return self._ll.low_latency_combine_recv(ctx, transit)
