@@ -49,8 +49,12 @@ def _mesh_platform(mesh) -> str:
 
 
 class Buffer:
-    """Communication buffers for expert parallelism over `mesh` axis `axis_name`.
+    """Communication buffers for expert parallelism over `mesh` axis `axis_name` (docs/API.md).
 
+    `num_nvl_bytes`: the intranode buffer per rank (0: a default); `num_rdma_bytes`: the NVSHMEM
+    symmetric buffer per rank, needed by low-latency mode and by normal mode across nodes;
+    `low_latency_mode` enables the low-latency ops; `allow_nvlink_for_low_latency_mode=False` sends
+    every low-latency row as an NVSHMEM put; `num_qps_per_rank` is accepted for DeepEP and unused.
     Collective in a multi-process job: every process constructs it with the same arguments.
     A node (ranks sharing NVLink) is the ranks whose devices' processes run on one host, which must be
     equal blocks of consecutive ranks (`topology.detect_ranks_per_node`; `JAX_DEEPEP_HOST_ID` fakes a
@@ -133,6 +137,7 @@ class Buffer:
             self.low_latency_backend.destroy()
 
     def __enter__(self):
+        """`with Buffer(...) as buffer:` destroys the Buffer when the block ends."""
         return self
 
     def __exit__(self, *exc):
@@ -140,26 +145,32 @@ class Buffer:
 
     @property
     def is_destroyed(self) -> bool:
+        """True once `destroy()` was called; ops of a destroyed Buffer raise `DeepEPError`."""
         return self._destroyed
 
     # ---- configuration --------------------------------------------------------------------
     @staticmethod
     def set_num_sms(new_num_sms: int):
+        """Set the SMs (a positive even int) of the default normal-mode configs, for every Buffer."""
         Buffer.num_sms = sm_count("Buffer.set_num_sms", "new_num_sms", new_num_sms)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
+        """The `Config` dispatch uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
         return default_dispatch_config(integer("Buffer.get_dispatch_config", "num_ranks", num_ranks, minimum=1),
                                        Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
+        """The `Config` combine uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
         return default_combine_config(integer("Buffer.get_combine_config", "num_ranks", num_ranks, minimum=1),
                                       Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
+        """Bytes of `num_rdma_bytes` the low-latency ops need for `M` tokens per rank of `hidden`
+        channels, `num_ranks` ranks and `num_experts` experts."""
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- per-shard ops ----------------------------------------------------------------------
@@ -180,11 +191,25 @@ class Buffer:
         return config
 
     def get_dispatch_layout(self, topk_idx, num_experts: int):
+        """Per shard: where this rank's tokens go, as a `DispatchLayout`.
+
+        `topk_idx`: i32 `[T, K]` expert ids, -1 for none (ids outside [-1, E) count as -1);
+        `num_experts`: E, divisible by the number of ranks.
+        """
         ctx = self._context("get_dispatch_layout")
         return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
                  num_worst_tokens=None, expert_alignment=1, config=None):
+        """Per shard: send each token to the ranks of its experts; returns a `DispatchOutput`.
+
+        `x`: bf16 `[T, H]` or the FP8 pair (float8_e4m3fn `[T, H]`, f32 scales `[T, H // 128]`).
+        Routing: `topk_idx` (i32 `[T, K]`) with `num_experts` or `layout`, or `layout` alone, or the
+        `handle` of an earlier dispatch (cached mode, no other routing). `topk_weights`: f32
+        `[T, K]`. `num_worst_tokens`: the receive capacity N (default R * T); `expert_alignment`
+        rounds the per-expert counts up; `config` defaults to `get_dispatch_config`.
+        Differentiable in bf16 `x` and `topk_weights`.
+        """
         ctx = self._context("dispatch")
         config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks))
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
@@ -193,6 +218,14 @@ class Buffer:
                                 num_nvl_bytes=self.num_nvl_bytes)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
+        """Per shard: sum each token's rows back on its source rank; returns
+        (bf16 `[T, H]`, f32 `[T, K]` or None).
+
+        `y`: bf16 `[N, H]`, a row per received row of the dispatch whose `handle` is given (rows past
+        `num_recv_tokens` are ignored); `topk_weights`: f32 `[N, K]`, summed back alike; `bias`:
+        None, or one or two bf16 `[T, H]` added to the sum, which is taken in f32 and rounded once.
+        Differentiable in `y`, `topk_weights` and `bias`.
+        """
         ctx = self._context("combine")
         config = self._config("combine", config, self.get_combine_config(self.num_ranks))
         return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias,
@@ -209,6 +242,13 @@ class Buffer:
 
     def low_latency_dispatch(self, x, topk_idx, *, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
                              round_scale=False, use_ue8m0=False, return_recv_hook=False):
+        """Per shard, low-latency mode: send each (token, expert) pair to the expert's block;
+        returns a `LowLatencyDispatchOutput` with `recv_x` `[E_l, R * M, H]` (bf16, or with `use_fp8`
+        the FP8 pair with per-128-channel scales; `round_scale` / `use_ue8m0` as in DeepEP).
+
+        `x`: bf16 `[T, H]`, T <= M = `num_max_dispatch_tokens_per_rank`; `topk_idx`: i32 `[T, K]`.
+        With `return_recv_hook=True` only the sends are issued; `low_latency_recv` completes it.
+        """
         ctx = self._low_latency_context("low_latency_dispatch")
         return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
                                         num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
@@ -218,6 +258,14 @@ class Buffer:
 
     def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
                             return_recv_hook=False):
+        """Per shard, low-latency mode: bf16 `[T, H]`, each token's expert rows weighted by
+        `topk_weights` and summed in f32.
+
+        `y`: bf16 `[E_l, R * M, H]` (rows as `low_latency_dispatch` delivered them); `topk_idx` and
+        `topk_weights` (f32) `[T, K]`; `handle` from that dispatch. `zero_copy` sends `y` from where
+        XLA keeps it; `use_logfmt` is accepted (rows travel as exact bf16). With
+        `return_recv_hook=True` it returns a `PendingLowLatencyCombine` for `low_latency_recv`.
+        """
         ctx = self._low_latency_context("low_latency_combine")
         return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
@@ -232,6 +280,8 @@ class Buffer:
              "usual and pass zero_copy=True to low_latency_combine, which sends it from where XLA put it")
 
     def low_latency_recv(self, pending):
+        """Per shard: complete a `return_recv_hook=True` low-latency dispatch (returns its
+        `LowLatencyDispatchOutput`) or combine (returns bf16 `[T, H]`)."""
         ctx = self._low_latency_context("low_latency_recv")
         return _ll.low_latency_recv(self.low_latency_backend, ctx, pending)
 

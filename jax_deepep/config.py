@@ -1,4 +1,4 @@
-"""Kernel launch configuration and buffer-size hints (SPEC.md section 1)."""
+"""Kernel launch configuration and buffer-size hints (docs/API.md, `Config`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +54,7 @@ class Config:
 
     @property
     def num_channels(self) -> int:
+        """Channels of the normal-mode kernels: one per pair of SMs."""
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
@@ -90,6 +91,7 @@ def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
 
 
 def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+    """As `default_dispatch_config`, with half the chunk size."""
     recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
     return Config(num_sms, 16, recv, 6, 256)
 

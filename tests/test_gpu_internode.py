@@ -125,7 +125,8 @@ def timeout_check(w: normal_checks.Worker) -> None:
             jax.block_until_ready(fn(x, idx))
             waited = time.time() - start
             assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the dispatch returned after {waited:.1f} s"
-            assert nvshmem.timeout_flag() == 3, f"timeout flag {nvshmem.timeout_flag()} (3: internode dispatch)"
+            # 7: WaitKind::kInboxRows (cuda/wait.cuh), the other node's rows never came
+            assert nvshmem.timeout_flag() == 7, f"timeout flag {nvshmem.timeout_flag()} (7: inbox rows)"
 
         def later_ops_raise():
             with pytest.raises(Exception, match="timed out"):

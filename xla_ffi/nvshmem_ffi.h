@@ -21,10 +21,12 @@ inline NvshmemRuntime* live_nvshmem_runtime(const std::string& mode, const char*
                              "jax_deepep " + mode + ": NVSHMEM is not set up in this process (" + set_up + ")");
     return nullptr;
   }
-  if (const int flag = jax_deepep_nvshmem_timeout_flag(); flag != 0) {
+  if (jax_deepep_nvshmem_timeout_flag() != 0) {
+    const volatile ErrorRecord& r = *rt->error_host;
     *error = xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded,
-                             "jax_deepep " + mode + ": an earlier " + timeout_kind_name(flag) +
-                                 " timed out waiting for a peer rank; the buffer is unusable, destroy the Buffer");
+                             "jax_deepep " + mode + ": an earlier " + op_name(r.op) + " on rank " +
+                                 std::to_string(r.rank) + " timed out waiting for rank " + std::to_string(r.peer) +
+                                 " (" + wait_name(r.code) + "); the buffer is unusable, destroy the Buffer");
     return nullptr;
   }
   *error = xla::ffi::Error::Success();

@@ -147,37 +147,32 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
           cudaSuccess) {
     return fail_cuda("copying the peer table", status);
   }
-  // The kernels poll the flag in device memory and copy it to mapped host memory for the host.
-  int* flag_host = nullptr;
-  int* flag_host_mapped = nullptr;
-  int* flag_device = nullptr;
+  jax_deepep::ErrorRecord* error_host = nullptr;
+  jax_deepep::ErrorRecord* error_device = nullptr;
   uint32_t* call_numbers = nullptr;
   unsigned long long* traffic = nullptr;
-  if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
-      (status = cudaHostGetDevicePointer(&flag_host_mapped, flag_host, 0)) != cudaSuccess ||
-      (status = cudaMalloc(&flag_device, sizeof(int))) != cudaSuccess ||
-      (status = cudaMemset(flag_device, 0, sizeof(int))) != cudaSuccess ||
+  if ((status = cudaHostAlloc(&error_host, sizeof(jax_deepep::ErrorRecord), cudaHostAllocMapped)) != cudaSuccess ||
+      (status = cudaHostGetDevicePointer(&error_device, error_host, 0)) != cudaSuccess ||
       (status = cudaMalloc(&call_numbers, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
       (status = cudaMemset(call_numbers, 0, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
       (status = cudaMalloc(&traffic, 4 * sizeof(unsigned long long))) != cudaSuccess ||
       (status = cudaMemset(traffic, 0, 4 * sizeof(unsigned long long))) != cudaSuccess ||
       (status = cudaDeviceSynchronize()) != cudaSuccess) {
-    return fail_cuda("allocating the timeout flag and counters", status);
+    return fail_cuda("allocating the error record and counters", status);
   }
-  *flag_host = 0;
+  *error_host = jax_deepep::ErrorRecord{};
 
   g_runtime = jax_deepep::NvshmemRuntime{};
   g_runtime.memory.local = buffer;
   g_runtime.memory.staging = buffer + num_bytes;
   g_runtime.memory.peer = peers_device;
-  g_runtime.memory.timeout_flag = flag_device;
-  g_runtime.memory.timeout_flag_host = flag_host_mapped;
+  g_runtime.memory.error = error_device;
   g_runtime.memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
   g_runtime.memory.rank = rank;
   g_runtime.memory.num_ranks = num_ranks;
   g_runtime.memory.call_numbers = call_numbers;
   g_runtime.num_bytes = num_bytes;
-  g_runtime.timeout_flag = flag_host;
+  g_runtime.error_host = error_host;
   g_runtime.has_put_peers = has_put_peers;
   g_runtime.group_mapped = group_mapped;
   g_runtime.direct_group = direct_group;
@@ -198,10 +193,9 @@ int jax_deepep_nvshmem_free() {
   }
   nvshmem_free(g_runtime.memory.local);
   cudaFree(const_cast<char**>(g_runtime.memory.peer));
-  cudaFree(g_runtime.memory.timeout_flag);
   cudaFree(g_runtime.memory.call_numbers);
   cudaFree(g_runtime.traffic);
-  cudaFreeHost(g_runtime.timeout_flag);
+  cudaFreeHost(g_runtime.error_host);
   g_runtime = jax_deepep::NvshmemRuntime{};
   if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);
   return 0;
@@ -224,7 +218,7 @@ int jax_deepep_internode_traffic(uint64_t* out) {
 
 int jax_deepep_nvshmem_timeout_flag() {
   if (!g_allocated) return 0;
-  return *reinterpret_cast<volatile int*>(g_runtime.timeout_flag);
+  return static_cast<const volatile jax_deepep::ErrorRecord*>(g_runtime.error_host)->code;
 }
 
 }  // extern "C"

@@ -1,6 +1,6 @@
 // The process's NVSHMEM runtime for the low-latency kernels: one PE per process (one GPU), a
 // symmetric buffer of num_rdma_bytes (two alternating halves) plus one half of staging for
-// nvshmem puts, the peers' buffers mapped over NVLink where possible, and the kernels' timeout flag.
+// nvshmem puts, the peers' buffers mapped over NVLink where possible, and the kernels' error record.
 // NVSHMEM itself is initialised once per process (it cannot be re-initialised after finalize);
 // each low-latency Buffer allocates and frees its own symmetric buffer.
 //
@@ -19,7 +19,7 @@ namespace jax_deepep {
 struct NvshmemRuntime {
   PeerMemory memory;
   uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
-  int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
+  ErrorRecord* error_host = nullptr;  // host view of memory.error (mapped pinned memory)
   bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
   bool group_mapped = false;    // every peer of this PE's direct group is mapped (nvshmem_ptr)
   int direct_group = 0;         // ranks per group of directly written peers (a node)
@@ -53,7 +53,7 @@ int jax_deepep_nvshmem_free();
 int jax_deepep_nvshmem_finalize();
 // Why the last call failed.
 const char* jax_deepep_nvshmem_last_error();
-// Nonzero once a kernel gave up waiting for a peer (which: the k*Timeout values of nvshmem_peers.cuh).
+// Nonzero once a kernel gave up waiting for a peer: the WaitKind of the first wait that did (cuda/wait.cuh).
 int jax_deepep_nvshmem_timeout_flag();
 // Copies the internode network traffic counters (dispatch rows, bytes, combine rows, bytes) to out[4]
 // (synchronises the device; for tests). 0 on success.

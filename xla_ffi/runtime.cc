@@ -16,6 +16,9 @@
 namespace jax_deepep {
 namespace {
 
+// How long an intranode wait may last, until the Buffer's timeout is handed down here.
+constexpr long long kWaitTimeoutNs = 5'000'000'000;
+
 std::mutex registry_mutex;
 std::map<std::pair<int64_t, int>, std::unique_ptr<RankState>> registry;
 thread_local std::string last_error;
@@ -71,6 +74,7 @@ RankInfo RankState::info() const {
   out.num_ranks = num_ranks;
   for (int r = 0; r < kMaxRanks; ++r) out.buffers[r] = peers[r];
   out.error = error_device;
+  out.timeout_ns = kWaitTimeoutNs;
   return out;
 }
 
@@ -109,8 +113,8 @@ JAX_DEEPEP_EXPORT int jax_deepep_create(int64_t buffer_id, int device, int rank,
   s->num_bytes = num_bytes;
   JDEEP_TRY(cudaMalloc(&s->local, num_bytes));
   JDEEP_TRY(cudaMemset(s->local, 0, num_bytes));
-  JDEEP_TRY(cudaHostAlloc(&s->error_host, sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
-  *s->error_host = 0;
+  JDEEP_TRY(cudaHostAlloc(&s->error_host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable));
+  *s->error_host = ErrorRecord{};
   JDEEP_TRY(cudaHostGetDevicePointer(reinterpret_cast<void**>(&s->error_device), s->error_host, 0));
   JDEEP_TRY(prepare_layout());
   JDEEP_TRY(prepare_dispatch());
@@ -208,10 +212,10 @@ JAX_DEEPEP_EXPORT size_t jax_deepep_device_free_bytes(int device) {
   return cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess ? free_bytes : 0;
 }
 
-// The first kernel error code raised on this buffer (see KernelError), 0 if none.
+// The WaitKind of the first wait on this buffer that gave up (cuda/wait.cuh), 0 if none.
 JAX_DEEPEP_EXPORT int jax_deepep_error_code(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(jax_deepep::registry_mutex);
   RankState* s = jax_deepep::lookup(buffer_id, device);
-  return s ? *reinterpret_cast<volatile int*>(s->error_host) : 0;
+  return s ? static_cast<const volatile jax_deepep::ErrorRecord*>(s->error_host)->code : 0;
 }
 

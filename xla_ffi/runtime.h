@@ -21,8 +21,8 @@ struct RankState {
   char* local = nullptr;                    // this rank's buffer (cudaMalloc)
   char* peers[kMaxRanks] = {};              // every rank's buffer as seen from this device
   bool peer_is_ipc[kMaxRanks] = {};         // opened with cudaIpcOpenMemHandle (must be closed)
-  int* error_host = nullptr;                // host-mapped error code kernels raise
-  int* error_device = nullptr;
+  ErrorRecord* error_host = nullptr;        // host-mapped record of the first wait that gave up
+  ErrorRecord* error_device = nullptr;
 
   RankInfo info() const;
   size_t ring_bytes() const { return num_bytes - ring_offset(); }
