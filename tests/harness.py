@@ -75,6 +75,7 @@ def random_topk(rng, num_ranks: int, num_tokens: int, top_k: int, num_experts: i
 
     kind "hot": 90% of the tokens prefer experts [0, K) (mostly rank 0): very uneven receives.
     kind "out_of_range": some -1 entries become ids outside [-1, E) (to behave like -1).
+    kind "repeated": about 30% of the entries repeat an earlier expert of the same token.
     """
     scores = rng.random((num_ranks, num_tokens, num_experts))
     if kind == "hot":
@@ -87,6 +88,11 @@ def random_topk(rng, num_ranks: int, num_tokens: int, top_k: int, num_experts: i
         bad_ids = np.array(_BAD_IDS + (num_experts, num_experts + 3, np.iinfo(np.int32).max), np.int32)
         spots = (idx == -1) & (rng.random(idx.shape) < 0.7)
         idx[spots] = rng.choice(bad_ids, size=int(spots.sum()))
+    elif kind == "repeated":
+        spots = rng.random(idx.shape) < 0.3
+        spots[..., 0] = False
+        earlier = np.take_along_axis(idx, rng.integers(0, np.maximum(np.arange(top_k), 1), size=idx.shape), axis=-1)
+        idx = np.where(spots, earlier, idx)
     elif kind != "random" and kind != "hot":
         raise ValueError(kind)
     return idx

@@ -98,7 +98,8 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
-        data = make_data(rng, 2, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], "hot")
+        data = make_data(rng, 2, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"],
+                         "repeated" if variant[3] else "hot")
         check_dispatch_combine(worker, f"pure JAX, fp8/round/ue8m0/hook/zero_copy={variant}", data, ROUNDS["m"],
                                ROUNDS["e"], *variant)
     two_pairs_per_program(worker, seed=0)
@@ -277,7 +278,7 @@ def correctness(worker, seed):
     failures_before = len(worker.failures)
     for r in range(100):  # back to back, fresh data each round, the variants in turn
         rng = np.random.default_rng(seed + 1000 + r)
-        kind = ("random", "hot", "out_of_range")[r % 3]
+        kind = ("random", "hot", "out_of_range", "repeated")[r % 4]
         data = make_data(rng, n, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], kind)
         check_dispatch_combine(worker, f"round {r} {kind}", data, ROUNDS["m"], ROUNDS["e"],
                                *VARIANTS[r % len(VARIANTS)])
