@@ -53,7 +53,9 @@ function(jax_deepep_add_nvshmem_library)
     endif()
   endforeach()
   target_include_directories(jax_deepep_nvshmem PRIVATE
-    "${JAX_DEEPEP_SOURCE_ROOT}" "${nvshmem_dir}/include" "${ffi_include}" ${CUDAToolkit_INCLUDE_DIRS} ${cccl_include})
+    "${JAX_DEEPEP_SOURCE_ROOT}" "${nvshmem_dir}/include" ${CUDAToolkit_INCLUDE_DIRS} ${cccl_include})
+  # As in cmake/jax_deepep_cuda.cmake: the FFI headers do not compile warning-free.
+  target_include_directories(jax_deepep_nvshmem SYSTEM PRIVATE "${ffi_include}")
   target_link_directories(jax_deepep_nvshmem PRIVATE "${nvshmem_dir}/lib")
   # The host library is found at run time through the preload in jax_deepep/gpu/low_latency.py.
   target_link_libraries(jax_deepep_nvshmem PRIVATE "${nvshmem_dir}/lib/libnvshmem_device.a" -l:libnvshmem_host.so.3)
