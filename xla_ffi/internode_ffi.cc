@@ -6,10 +6,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "cuda/internode.cuh"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
 #include "xla_ffi/operands.h"
@@ -19,21 +21,25 @@ namespace ffi = xla::ffi;
 namespace jax_deepep {
 
 struct InternodeDispatchAttrs {
+  int64_t buffer_id;
   int64_t num_experts;  // 0 without ids
   int64_t ranks_per_node;
   int64_t expert_alignment;
 };
 
 struct InternodeCombineAttrs {
+  int64_t buffer_id;
   int64_t ranks_per_node;
 };
 
 }  // namespace jax_deepep
 
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchAttrs, StructMember<int64_t>("num_experts"),
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_experts"),
                                       StructMember<int64_t>("ranks_per_node"),
                                       StructMember<int64_t>("expert_alignment"));
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructMember<int64_t>("ranks_per_node"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("ranks_per_node"));
 
 namespace jax_deepep {
 namespace {
@@ -48,10 +54,12 @@ using BF16Matrix = ffi::Buffer<ffi::BF16, 2>;
 
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep internode: " + message); }
 
-// The runtime, checked for an internode op over `num_ranks` ranks in nodes of `ranks_per_node`.
-NvshmemRuntime* usable_runtime(int64_t num_ranks, int64_t ranks_per_node, ffi::Error* error) {
-  NvshmemRuntime* rt = live_nvshmem_runtime("internode", "a Buffer with num_rdma_bytes > 0 over several nodes "
-                                             "sets it up", error);
+// The Buffer's state, checked for an internode op over `num_ranks` ranks in nodes of `ranks_per_node`.
+std::shared_ptr<NvshmemState> usable_state(int64_t buffer_id, int32_t device, int64_t num_ranks,
+                                           int64_t ranks_per_node, ffi::Error* error) {
+  std::shared_ptr<NvshmemState> rt = live_nvshmem_state(buffer_id, device, "internode",
+                                                        "a Buffer with num_rdma_bytes > 0 over several nodes "
+                                                        "sets it up", error);
   if (rt == nullptr) return nullptr;
   if (num_ranks != rt->memory.num_ranks || ranks_per_node < 1 || ranks_per_node > kInternodeMaxRanksPerNode ||
       num_ranks % ranks_per_node != 0 || ranks_per_node != rt->direct_group) {
@@ -69,7 +77,7 @@ NvshmemRuntime* usable_runtime(int64_t num_ranks, int64_t ranks_per_node, ffi::E
   return rt;
 }
 
-ffi::Error fits(const NvshmemRuntime& rt, size_t half_bytes, size_t staging_bytes) {
+ffi::Error fits(const NvshmemState& rt, size_t half_bytes, size_t staging_bytes) {
   const size_t region = internode_region_bytes(rt.num_bytes);
   if (2 * half_bytes > region || staging_bytes > rt.num_bytes / 2) {
     return invalid("num_rdma_bytes=" + std::to_string(rt.num_bytes) + " is too small: these sizes need " +
@@ -81,7 +89,7 @@ ffi::Error fits(const NvshmemRuntime& rt, size_t half_bytes, size_t staging_byte
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "internode", what); }
 
-ffi::Error Dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer scales, I32 ids, F32 weights,
+ffi::Error Dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::AnyBuffer scales, I32 ids, F32 weights,
                     PredMatrix is_token_in_rank, I32 tokens_per_rank, I32 tokens_per_expert,
                     ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::AnyBuffer> recv_scales,
                     ffi::Result<I32> recv_ids, ffi::Result<F32> recv_weights, ffi::Result<I32> src_rank,
@@ -132,7 +140,7 @@ ffi::Error Dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer scales
   out.token = token->typed_data();
 
   ffi::Error error;
-  NvshmemRuntime* rt = usable_runtime(num_ranks, attrs.ranks_per_node, &error);
+  std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
   const InternodeDispatchLayout layout = make_internode_dispatch_layout(s, static_cast<int>(num_ranks));
   if (ffi::Error e = fits(*rt, layout.half_bytes, layout.staging_bytes); e.failure()) return e;
@@ -142,7 +150,7 @@ ffi::Error Dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer scales
                   "dispatch");
 }
 
-ffi::Error Combine(cudaStream_t stream, BF16Matrix y, F32 weights, BF16 bias0, BF16 bias1, I32 src_rank, I32 src_idx,
+ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weights, BF16 bias0, BF16 bias1, I32 src_rank, I32 src_idx,
                    I32 num_recv, PredMatrix is_token_in_rank, I32 forwarded, ffi::Result<BF16> combined_x,
                    ffi::Result<F32> combined_weights, ffi::Result<I32> token, InternodeCombineAttrs attrs) {
   InternodeCombineShape s{};
@@ -174,7 +182,7 @@ ffi::Error Combine(cudaStream_t stream, BF16Matrix y, F32 weights, BF16 bias0, B
   out.token = token->typed_data();
 
   ffi::Error error;
-  NvshmemRuntime* rt = usable_runtime(num_ranks, attrs.ranks_per_node, &error);
+  std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
   const InternodeCombineLayout layout = make_internode_combine_layout(s, static_cast<int>(num_ranks));
   if (ffi::Error e = fits(*rt, layout.half_bytes, layout.staging_bytes); e.failure()) return e;
@@ -191,6 +199,7 @@ namespace jd = jax_deepep;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_dispatch, jd::Dispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()  // x [T, H] (bf16, or FP8 values)
                                   .Arg<ffi::AnyBuffer>()  // FP8 scales [T, S] or absent
                                   .Arg<jd::I32>()         // ids [T, K] or absent
@@ -215,6 +224,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_dispatch, jd::Dispatch,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_combine, jd::Combine,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<jd::BF16Matrix>()  // y [N, H]
                                   .Arg<jd::F32>()         // weights [N, K] or absent
                                   .Arg<jd::BF16>()        // bias [T, H] or absent
@@ -229,25 +239,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_combine, jd::Combine,
                                   .Ret<jd::I32>()         // token [1]
                                   .Attrs<jd::InternodeCombineAttrs>());
 
-extern "C" {
-
-// Bytes of symmetric buffer (num_rdma_bytes) an internode dispatch or combine of these sizes needs.
-uint64_t jax_deepep_internode_dispatch_bytes(int num_tokens, int capacity, int top_k, int has_ids, int has_weights,
-                                             int num_parts, int part0_bytes, int part1_bytes, int num_experts,
-                                             int ranks_per_node, int num_ranks) {
-  jd::InternodeDispatchShape s{num_tokens, capacity, top_k, has_ids != 0, has_weights != 0, num_parts,
-                               {part0_bytes, part1_bytes}, num_experts, ranks_per_node};
-  const jd::InternodeDispatchLayout l = jd::make_internode_dispatch_layout(s, num_ranks);
-  const uint64_t halves = 4 * l.half_bytes, staging = 2 * l.staging_bytes;
-  return halves > staging ? halves : staging;
+std::vector<jd::FfiTarget> jd::internode_ffi_targets() {
+  return {{"jax_deepep_internode_dispatch", reinterpret_cast<void*>(jax_deepep_internode_dispatch)},
+          {"jax_deepep_internode_combine", reinterpret_cast<void*>(jax_deepep_internode_combine)}};
 }
-
-uint64_t jax_deepep_internode_combine_bytes(int num_tokens, int capacity, int hidden, int top_k, int ranks_per_node,
-                                            int num_ranks) {
-  jd::InternodeCombineShape s{num_tokens, capacity, hidden, top_k, 0, ranks_per_node};
-  const jd::InternodeCombineLayout l = jd::make_internode_combine_layout(s, num_ranks);
-  const uint64_t halves = 4 * l.half_bytes, staging = 2 * l.staging_bytes;
-  return halves > staging ? halves : staging;
-}
-
-}  // extern "C"

@@ -5,10 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 
 #include "cuda/intranode.h"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/operands.h"
 #include "xla_ffi/runtime.h"
 
@@ -138,7 +140,7 @@ ffi::Error Dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::
                     ffi::Result<I32> recv_src_rank, ffi::Result<I32> send_row, ffi::Result<I32> send_count_before,
                     ffi::Result<I32> send_offset, ffi::Result<I32> recv_rank_prefix, ffi::Result<I32> num_recv_tokens,
                     ffi::Result<I32> num_recv_tokens_per_expert, DispatchAttrs attrs) {
-  RankState* s = find_rank_state(attrs.buffer_id, device);
+  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
   if (!s) return no_state(attrs.buffer_id, device);
   DispatchArgs d{};
   set_parts(d, x, scales, *recv_x, *recv_scales);
@@ -177,7 +179,7 @@ ffi::Error CachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           I32 num_recv_tokens, ffi::Result<ffi::AnyBuffer> recv_x,
                           ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<F32> recv_topk_weights,
                           CachedDispatchAttrs attrs) {
-  RankState* s = find_rank_state(attrs.buffer_id, device);
+  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
   if (!s) return no_state(attrs.buffer_id, device);
   DispatchArgs d{};
   set_parts(d, x, scales, *recv_x, *recv_scales);
@@ -200,7 +202,7 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_w
                    BF16 bias1, PredMatrix is_token_in_rank, I32 send_row, I32 send_count_before,
                    I32 send_offset, I32 recv_src_idx, I32 recv_rank_prefix, I32 num_recv_tokens,
                    ffi::Result<BF16> combined_x, ffi::Result<F32> combined_topk_weights, CombineAttrs attrs) {
-  RankState* s = find_rank_state(attrs.buffer_id, device);
+  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
   if (!s) return no_state(attrs.buffer_id, device);
   CombineArgs c{};
   c.y = reinterpret_cast<const __nv_bfloat16*>(y.typed_data());
@@ -234,11 +236,6 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_w
 }  // namespace jax_deepep
 
 namespace jd = jax_deepep;
-
-JAX_DEEPEP_EXPORT XLA_FFI_Error* jax_deepep_layout(XLA_FFI_CallFrame* call_frame);
-JAX_DEEPEP_EXPORT XLA_FFI_Error* jax_deepep_dispatch(XLA_FFI_CallFrame* call_frame);
-JAX_DEEPEP_EXPORT XLA_FFI_Error* jax_deepep_cached_dispatch(XLA_FFI_CallFrame* call_frame);
-JAX_DEEPEP_EXPORT XLA_FFI_Error* jax_deepep_combine(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_layout, jd::Layout,
                               ffi::Ffi::Bind()
@@ -308,3 +305,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_combine, jd::Combine,
                                   .Ret<jd::BF16>()        // combined_x [T, H]
                                   .Ret<jd::F32>()         // combined_topk_weights [T, K] or absent
                                   .Attrs<jd::CombineAttrs>());
+
+std::vector<jd::FfiTarget> jd::intranode_ffi_targets() {
+  return {{"jax_deepep_layout", reinterpret_cast<void*>(jax_deepep_layout)},
+          {"jax_deepep_dispatch", reinterpret_cast<void*>(jax_deepep_dispatch)},
+          {"jax_deepep_cached_dispatch", reinterpret_cast<void*>(jax_deepep_cached_dispatch)},
+          {"jax_deepep_combine", reinterpret_cast<void*>(jax_deepep_combine)}};
+}

@@ -8,10 +8,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "cuda/low_latency.cuh"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/operands.h"
 #include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
@@ -20,8 +22,9 @@ namespace ffi = xla::ffi;
 
 namespace jax_deepep {
 
-// The static sizes every low-latency op runs with.
+// The Buffer and static sizes every low-latency op runs with.
 struct LowLatencySizes {
+  int64_t buffer_id;
   int64_t num_ranks;
   int64_t num_max_dispatch_tokens_per_rank;  // M
   int64_t num_experts;
@@ -49,7 +52,8 @@ struct CombineRecvAttrs {
 
 }  // namespace jax_deepep
 
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("num_ranks"),
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_ranks"),
                                       StructMember<int64_t>("num_max_dispatch_tokens_per_rank"),
                                       StructMember<int64_t>("num_experts"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSendAttrs,
@@ -76,10 +80,12 @@ constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-
 
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep low-latency: " + message); }
 
-// The runtime, checked against the op's static sizes and `hidden`; `error` set when unusable.
-NvshmemRuntime* checked_runtime(const LowLatencySizes& sizes, int64_t hidden, ffi::Error* error) {
-  NvshmemRuntime* rt = live_nvshmem_runtime("low-latency", "create the Buffer with low_latency_mode=True and "
-                                             "num_rdma_bytes > 0 first", error);
+// The Buffer's state, checked against the op's static sizes and `hidden`; `error` set when unusable.
+std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySizes& sizes, int64_t hidden,
+                                           ffi::Error* error) {
+  std::shared_ptr<NvshmemState> rt = live_nvshmem_state(sizes.buffer_id, device, "low-latency",
+                                                        "create the Buffer with low_latency_mode=True and "
+                                                        "num_rdma_bytes > 0 first", error);
   if (rt == nullptr) return nullptr;
   const int64_t num_ranks = sizes.num_ranks, max_tokens = sizes.num_max_dispatch_tokens_per_rank;
   const int64_t num_experts = sizes.num_experts;
@@ -119,7 +125,7 @@ bool is_expert_rows(ffi::Span<const int64_t> dims, const LowLatencySizes& sizes)
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
-ffi::Error DispatchSend(cudaStream_t stream, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot, ffi::Result<I32> token,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot, ffi::Result<I32> token,
                         DispatchSendAttrs attrs) {
   const auto x_dims = x.dimensions();
   const auto idx_dims = topk_idx.dimensions();
@@ -127,7 +133,7 @@ ffi::Error DispatchSend(cudaStream_t stream, BF16 x, I32 topk_idx, ffi::Result<I
     return invalid("dispatch expects x [T, H] and topk_idx [T, K <= 32]");
   }
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(attrs.sizes, x_dims[1], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, x_dims[1], &error);
   if (rt == nullptr) return error;
   if (x_dims[0] > attrs.sizes.num_max_dispatch_tokens_per_rank) {
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
@@ -141,13 +147,13 @@ ffi::Error DispatchSend(cudaStream_t stream, BF16 x, I32 topk_idx, ffi::Result<I
 }
 
 // recv_scales is absent for bf16 rows.
-ffi::Error DispatchRecv(cudaStream_t stream, I32 token, ffi::Result<ffi::AnyBuffer> recv_x,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32> recv_count,
                         ffi::Result<I32> recv_src_info, ffi::Result<I32> recv_layout_range, DispatchRecvAttrs attrs) {
   const auto dims = recv_x->dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("dispatch recv_x must be [E / R, R * M, H]");
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(attrs.sizes, dims[2], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
   if (rt == nullptr) return error;
   const bool use_fp8 = given(*recv_scales);
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
@@ -161,16 +167,16 @@ ffi::Error DispatchRecv(cudaStream_t stream, I32 token, ffi::Result<ffi::AnyBuff
                   "dispatch recv");
 }
 
-ffi::Error CombineSend(cudaStream_t stream, BF16 y, I32 recv_layout_range, ffi::Result<I32> token,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_layout_range, ffi::Result<I32> token,
                        CombineSendAttrs attrs) {
   const auto dims = y.dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("combine y must be [E / R, R * M, H]");
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(attrs.sizes, dims[2], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
   if (rt == nullptr) return error;
   // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
   const bool put_from_y = attrs.zero_copy && rt->has_put_peers;
-  if (std::string why; put_from_y && !register_put_source(y.untyped_data(), y.size_bytes(), &why)) {
+  if (std::string why; put_from_y && !register_put_source(*rt, y.untyped_data(), y.size_bytes(), &why)) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepep low-latency: zero_copy combine: " + why);
   }
   return launched(launch_low_latency_combine_send(stream, rt->memory, shape_of(attrs.sizes, 0, 0, dims[2]),
@@ -179,7 +185,7 @@ ffi::Error CombineSend(cudaStream_t stream, BF16 y, I32 recv_layout_range, ffi::
                   "combine send");
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, I32 token, BF16 y, I32 recv_layout_range, I32 topk_idx, F32 topk_weights,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I32 recv_layout_range, I32 topk_idx, F32 topk_weights,
                        I32 send_slot, ffi::Result<BF16> out, CombineRecvAttrs attrs) {
   const auto idx_dims = topk_idx.dimensions();
   const auto out_dims = out->dimensions();
@@ -192,7 +198,7 @@ ffi::Error CombineRecv(cudaStream_t stream, I32 token, BF16 y, I32 recv_layout_r
     return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(attrs.sizes, out_dims[1], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, out_dims[1], &error);
   if (rt == nullptr) return error;
   return launched(launch_low_latency_combine_recv(stream, rt->memory,
                                                   shape_of(attrs.sizes, idx_dims[0], idx_dims[1], out_dims[1]),
@@ -212,6 +218,7 @@ namespace jd = jax_deepep;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<jd::BF16>()  // x [T, H]
                                   .Arg<jd::I32>()   // topk_idx [T, K]
                                   .Ret<jd::I32>()   // send_slot [T, K]
@@ -221,6 +228,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<jd::I32>()         // token [1]
                                   .Ret<ffi::AnyBuffer>()  // recv_x [E / R, R * M, H] (bf16 or e4m3)
                                   .Ret<ffi::AnyBuffer>()  // FP8 scales [E / R, R * M, S] or absent
@@ -232,6 +240,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<jd::BF16>()  // y [E / R, R * M, H]
                                   .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
                                   .Ret<jd::I32>()   // token [1]
@@ -240,6 +249,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<jd::I32>()   // token [1]
                                   .Arg<jd::BF16>()  // y [E / R, R * M, H]
                                   .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
@@ -248,3 +258,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                                   .Arg<jd::I32>()   // send_slot [T, K]
                                   .Ret<jd::BF16>()  // combined x [T, H]
                                   .Attrs<jd::CombineRecvAttrs>());
+
+std::vector<jd::FfiTarget> jd::low_latency_ffi_targets() {
+  return {{"jax_deepep_ll_dispatch_send", reinterpret_cast<void*>(jax_deepep_ll_dispatch_send)},
+          {"jax_deepep_ll_dispatch_recv", reinterpret_cast<void*>(jax_deepep_ll_dispatch_recv)},
+          {"jax_deepep_ll_combine_send", reinterpret_cast<void*>(jax_deepep_ll_combine_send)},
+          {"jax_deepep_ll_combine_recv", reinterpret_cast<void*>(jax_deepep_ll_combine_recv)}};
+}
