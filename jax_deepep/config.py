@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from .sizes import FP8_BLOCK, low_latency_layout
+
 # Upper bounds the kernels are built for; the hints size buffers for them.
 MAX_TOPK = 32
 MAX_NVL_PEERS = 8
-FP8_BLOCK = 128  # channels per FP8 scale
 _ALIGN = 128
 # The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),
 # rounded up; the rings follow it.
@@ -25,6 +26,9 @@ class Config:
     must be even. `num_max_nvl_chunked_recv_tokens` is the per-channel, per-peer ring size
     in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
     publishing its tail.
+
+    The two RDMA chunk sizes are accepted and checked (SPEC.md fixes them) but steer nothing
+    here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
     """
 
     num_sms: int
@@ -60,7 +64,9 @@ class Config:
         return _align(NVL_HEADER_BYTES + slots * per_token)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node. A DeepEP-style
+        estimate from the RDMA chunk sizes; the internode kernels here need
+        `jax_deepep.gpu.internode.rdma_bytes_hint` (exact for given shapes)."""
         if num_ranks <= MAX_NVL_PEERS:
             return 0
         num_rdma_ranks = num_ranks // MAX_NVL_PEERS
@@ -83,16 +89,7 @@ def default_combine_config(num_ranks: int, num_sms: int) -> Config:
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                num_experts: int) -> int:
-    """Bytes of symmetric buffer the low-latency kernels need (two alternating halves).
-
-    Each half holds one dispatch receive area (bf16 rows of every expert slot, big enough
-    for FP8 rows too) plus one combine receive area, and per-expert signalling counters.
-    """
-    m = num_max_dispatch_tokens_per_rank
-    dispatch_row = 16 + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
-    combine_row = hidden * 2
-    dispatch_recv = num_experts * m * dispatch_row
-    combine_recv = num_experts * m * combine_row
-    signals = num_experts * 4 * 2
-    half = _align(dispatch_recv) + _align(combine_recv) + _align(signals)
-    return 2 * half
+    """Bytes of symmetric buffer the low-latency kernels need: two alternating halves, each
+    holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`)."""
+    del num_ranks  # a half holds every expert's rows whatever the rank count
+    return 2 * low_latency_layout(num_max_dispatch_tokens_per_rank, hidden, num_experts).half_bytes

@@ -26,8 +26,8 @@ def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
     lib = runtime._lib()
     backend = object.__new__(CudaBackend)  # no device memory: only tracing follows
     backend.num_ranks, backend._native, backend._low_latency, backend._internode = buffer.num_ranks, True, None, None
-    backend._max_channels = int(lib.jax_deepep_max_channels()) // 2
-    backend._max_local_experts = int(lib.jax_deepep_max_local_experts())
+    backend._max_channels = lib.MAX_CHANNELS // 2
+    backend._max_local_experts = lib.MAX_LOCAL_EXPERTS
     backend.comm = types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30)
     buffer.backend = backend
     return buffer
@@ -61,13 +61,15 @@ def test_low_latency_moe_traces_through_cuda_kernels():
 
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
     buffer = _buffer_with_cuda_backend(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
-    buffer.backend._low_latency = object.__new__(LowLatencyKernels)  # no NVSHMEM: only tracing follows
+    kernels = object.__new__(LowLatencyKernels)  # no NVSHMEM: only tracing follows
+    kernels.buffer = types.SimpleNamespace(buffer_id=2)
+    buffer.backend._low_latency = kernels
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 256)), NamedSharding(mesh, P("expert")))
     traced = jax.jit(layer).trace(params, x)
-    for target in ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_fp8", "jax_deepep_ll_combine_send",
+    for target in ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv", "jax_deepep_ll_combine_send",
                    "jax_deepep_ll_combine_recv"):
         assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects

@@ -1,4 +1,4 @@
-"""Low-latency mode on NVSHMEM: `libjax_deepep_nvshmem.so` (cuda/low_latency.cu, xla_ffi/) as XLA
+"""Low-latency mode on NVSHMEM: the `_nvshmem_lib` module (cuda/low_latency.cu, xla_ffi/) as XLA
 FFI custom calls, and the process's NVSHMEM set-up, which the internode kernels (`internode.py`,
 same library) share.
 
@@ -16,10 +16,7 @@ which buffer half to read. `sizes` is a zero-size array whose shape carries the 
 from __future__ import annotations
 
 import atexit
-import ctypes
-import functools
 import os
-import pathlib
 from typing import Optional
 
 import jax
@@ -31,126 +28,73 @@ from ..config import FP8_BLOCK
 from ..reference.normal import valid_expert_ids
 from ..topology import KV_TIMEOUT_MS, kv_client
 from ..validation import DeepEPError
-from .ffi_call import ffi_call
-from .library import candidates
+from .ffi_call import ffi_call, optional_result
+from .library import NVSHMEM, is_available, load, reason_unavailable
+from .runtime import next_buffer_id
 
-LIBRARY_NAME = "libjax_deepep_nvshmem.so"
-_HOST_LIBRARY = "libnvshmem_host.so.3"
 _UNIQUE_ID_KEY = "jax_deepep/nvshmem_unique_id"
 _DEFAULT_TIMEOUT_S = 20.0
 _HEAP_MARGIN_BYTES = 256 << 20
-_TARGETS = ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_bf16", "jax_deepep_ll_dispatch_recv_fp8",
-            "jax_deepep_ll_combine_send", "jax_deepep_ll_combine_recv", "jax_deepep_internode_dispatch",
-            "jax_deepep_internode_combine")
-
-
-def nvshmem_dir() -> Optional[pathlib.Path]:
-    """The folder of the nvidia-nvshmem-cu13 package (include/, lib/), or None."""
-    try:
-        import nvidia.nvshmem as package
-    except ImportError:
-        return None
-    for path in package.__path__:
-        if (pathlib.Path(path) / "lib" / _HOST_LIBRARY).exists():
-            return pathlib.Path(path)
-    return None
-
-
-def library_path() -> Optional[pathlib.Path]:
-    """Where the built `libjax_deepep_nvshmem.so` is (without loading it), or None."""
-    return next((p for p in candidates(LIBRARY_NAME, "JAX_DEEPEP_NVSHMEM_LIBRARY") if p.exists()), None)
-
-
-@functools.lru_cache(maxsize=None)
-def _load():
-    """(ctypes library with its FFI targets registered, None) or (None, reason)."""
-    path = library_path()
-    if path is None:
-        return None, f"{LIBRARY_NAME} was not built (needs nvcc and nvidia-nvshmem-cu13 at install time)"
-    nv = nvshmem_dir()
-    if nv is None:
-        return None, "NVSHMEM is missing: pip install nvidia-nvshmem-cu13"
-    try:
-        # The library links libnvshmem_host.so.3 by soname only: load it from the package first.
-        ctypes.CDLL(str(nv / "lib" / _HOST_LIBRARY), mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        return None, f"{path} failed to load: {e}"
-    lib.jax_deepep_nvshmem_get_unique_id.argtypes = [ctypes.c_void_p]
-    lib.jax_deepep_nvshmem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.jax_deepep_nvshmem_alloc.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
-    lib.jax_deepep_nvshmem_last_error.restype = ctypes.c_char_p
-    lib.jax_deepep_internode_traffic.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
-    lib.jax_deepep_internode_dispatch_bytes.restype = ctypes.c_uint64
-    lib.jax_deepep_internode_combine_bytes.restype = ctypes.c_uint64
-    for name in _TARGETS:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
-    return lib, None
 
 
 def available() -> bool:
-    return _load()[0] is not None
+    return is_available(NVSHMEM)
 
 
 def unavailable_reason() -> str:
-    return _load()[1] or ""
+    return reason_unavailable(NVSHMEM)
 
 
 def nvshmem_library():
-    lib, reason = _load()
-    if lib is None:
-        raise DeepEPError(f"jax_deepep NVSHMEM kernels (low-latency and internode) unavailable: {reason}")
-    return lib
+    """The `_nvshmem_lib` extension module."""
+    try:
+        return load(NVSHMEM)
+    except RuntimeError:
+        raise DeepEPError("jax_deepep NVSHMEM kernels (low-latency and internode) unavailable: "
+                          + unavailable_reason()) from None
 
 
-def _check(lib, status: int, what: str):
-    if status != 0:
-        raise DeepEPError(f"jax_deepep NVSHMEM {what} failed: {lib.jax_deepep_nvshmem_last_error().decode()}")
+def _check(what: str, call, *args):
+    """call(*args), its RuntimeError as a DeepEPError naming `what`."""
+    try:
+        return call(*args)
+    except RuntimeError as e:
+        raise DeepEPError(f"jax_deepep NVSHMEM {what} failed: {e}") from None
 
 
 def timeout_flag() -> int:
-    """Nonzero once a low-latency kernel of this process gave up waiting for a peer (1 dispatch, 2 combine)."""
-    lib, _ = _load()
-    return lib.jax_deepep_nvshmem_timeout_flag() if lib is not None else 0
+    """Nonzero once an NVSHMEM kernel of this process gave up waiting for a peer (1 dispatch, 2 combine)."""
+    return nvshmem_library().timeout_flag() if available() else 0
 
 
 # ---- the process's NVSHMEM PE ----------------------------------------------------------------
-_pe: Optional[tuple] = None  # (rank, num_ranks) once NVSHMEM is up
-
-
-def _unique_id(lib, rank: int, num_ranks: int) -> ctypes.Array:
+def _unique_id(lib, rank: int, num_ranks: int) -> bytes:
     """PE 0 makes the id; the others read it from the jax.distributed key-value store."""
-    size = lib.jax_deepep_nvshmem_unique_id_size()
-    buf = ctypes.create_string_buffer(size)
     if num_ranks == 1:
-        _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
-        return buf
+        return _check("nvshmemx_get_uniqueid", lib.unique_id)
     client = kv_client()
     if client is None:
         raise DeepEPError("Buffer: a low-latency Buffer over several processes needs jax.distributed.initialize() "
                           "first (its key-value store carries the NVSHMEM unique id)")
     if rank == 0:
-        _check(lib, lib.jax_deepep_nvshmem_get_unique_id(buf), "nvshmemx_get_uniqueid")
-        client.key_value_set(_UNIQUE_ID_KEY, buf.raw.hex())
-    else:
-        buf.raw = bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, KV_TIMEOUT_MS))
-    return buf
+        uid = _check("nvshmemx_get_uniqueid", lib.unique_id)
+        client.key_value_set(_UNIQUE_ID_KEY, uid.hex())
+        return uid
+    return bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, KV_TIMEOUT_MS))
 
 
 def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: int):
-    global _pe
-    if _pe is not None:
-        if _pe != (rank, num_ranks):
-            raise DeepEPError(f"Buffer: this process is already NVSHMEM PE {_pe[0]} of {_pe[1]}; a low-latency "
+    pe = lib.pe()
+    if pe is not None:
+        if pe != (rank, num_ranks):
+            raise DeepEPError(f"Buffer: this process is already NVSHMEM PE {pe[0]} of {pe[1]}; a low-latency "
                               f"Buffer as rank {rank} of {num_ranks} needs a new process")
         return
     # The symmetric heap is sized once, at init, from the first Buffer unless the user chose a size.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
-    uid = _unique_id(lib, rank, num_ranks)
-    _check(lib, lib.jax_deepep_nvshmem_init(uid, rank, num_ranks, device_ordinal), "init")
-    _pe = (rank, num_ranks)
-    atexit.register(lib.jax_deepep_nvshmem_finalize)
+    _check("init", lib.join, _unique_id(lib, rank, num_ranks), rank, num_ranks, device_ordinal)
+    atexit.register(lib.leave)
 
 
 def _own_device_and_rank(mesh, axis_name: str):
@@ -173,32 +117,40 @@ def _static_sizes(*sizes: int):
     return jnp.zeros((0, *sizes), jnp.int8)
 
 
-def open_symmetric_buffer(mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
-                          direct_group: Optional[int] = None):
-    """Joins NVSHMEM (once per process) and allocates this Buffer's symmetric buffer; (library, rank,
-    number of ranks). `direct_group`: peers in this rank's group of that many consecutive ranks
-    are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
-    get nvshmem puts. By default every peer may be direct."""
-    lib = nvshmem_library()
-    device, rank = _own_device_and_rank(mesh, axis_name)
-    num_ranks = int(mesh.shape[axis_name])
-    direct_group = num_ranks if direct_group is None else direct_group
-    if direct_group < 1 or num_ranks % direct_group:
-        raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({num_ranks}), "
-                          f"got {direct_group}")
-    if timeout_s is None:
-        timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
-    if not 0 < timeout_s < 1e9:
-        raise DeepEPError(f"Buffer: the NVSHMEM kernels' timeout must be in (0, 1e9) seconds, got {timeout_s} "
-                          "(JAX_DEEPEP_TIMEOUT_S)")
-    _ensure_pe(lib, rank, num_ranks, device.local_hardware_id, num_rdma_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
-    _check(lib, lib.jax_deepep_nvshmem_alloc(num_rdma_bytes, timeout_s, direct_group), "symmetric buffer allocation")
-    return lib, rank, num_ranks
+class SymmetricBuffer:
+    """One Buffer's NVSHMEM symmetric buffer; joins NVSHMEM first (once per process).
 
+    `direct_group`: peers in this rank's group of that many consecutive ranks are written with
+    loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts.
+    By default every peer may be direct."""
 
-def close_symmetric_buffer(lib):
-    """Frees the symmetric buffer (collective)."""
-    _check(lib, lib.jax_deepep_nvshmem_free(), "free")
+    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
+                 direct_group: Optional[int] = None):
+        self.lib = nvshmem_library()
+        device, self.rank = _own_device_and_rank(mesh, axis_name)
+        self.num_ranks = int(mesh.shape[axis_name])
+        self.num_bytes = int(num_rdma_bytes)
+        direct_group = self.num_ranks if direct_group is None else direct_group
+        if direct_group < 1 or self.num_ranks % direct_group:
+            raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({self.num_ranks}), "
+                              f"got {direct_group}")
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("JAX_DEEPEP_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+        if not 0 < timeout_s < 1e9:
+            raise DeepEPError(f"Buffer: the NVSHMEM kernels' timeout must be in (0, 1e9) seconds, got {timeout_s} "
+                              "(JAX_DEEPEP_TIMEOUT_S)")
+        self.device = device.local_hardware_id
+        _ensure_pe(self.lib, self.rank, self.num_ranks, self.device, self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
+        self.buffer_id = next_buffer_id()
+        _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
+               timeout_s, direct_group)
+        self._live = True
+
+    def destroy(self):
+        """Free the symmetric buffer (collective; idempotent)."""
+        if self._live:
+            self._live = False
+            _check("free", self.lib.destroy, self.buffer_id, self.device)
 
 
 class LowLatencyKernels:
@@ -206,54 +158,52 @@ class LowLatencyKernels:
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: Optional[float] = None, *,
                  direct_group: Optional[int] = None):
-        """`direct_group`: see `open_symmetric_buffer`; a Buffer passes its `ranks_per_node`, or 1
+        """`direct_group`: see `SymmetricBuffer`; a Buffer passes its `ranks_per_node`, or 1
         without `allow_nvlink_for_low_latency_mode`."""
-        self._lib, self.rank, self.num_ranks = open_symmetric_buffer(mesh, axis_name, num_rdma_bytes, timeout_s,
-                                                                     direct_group=direct_group)
-        self._live = True
+        self.buffer = SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=direct_group)
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
-        if self._live:
-            self._live = False
-            close_symmetric_buffer(self._lib)
+        self.buffer.destroy()
+
+    def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int) -> dict:
+        """The `sizes` attribute every low-latency custom call takes."""
+        return dict(buffer_id=np.int64(self.buffer.buffer_id), num_ranks=np.int64(ctx.num_ranks),
+                    num_max_dispatch_tokens_per_rank=np.int64(num_max_dispatch_tokens_per_rank),
+                    num_experts=np.int64(num_experts))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
         send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-            x, idx, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
-            num_max_dispatch_tokens_per_rank=np.int64(opts.num_max_dispatch_tokens_per_rank),
-            num_experts=np.int64(opts.num_experts), use_fp8=np.int64(opts.use_fp8),
-            round_scale=np.int64(opts.round_scale or opts.use_ue8m0))
+            x, idx, axis_name=ctx.axis_name,
+            sizes=self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts),
+            use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         return {"token": token, "send_slot": send_slot, "sizes": sizes}
 
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
         experts_per_rank, rows = num_experts // ctx.num_ranks, ctx.num_ranks * m
-        meta = (jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
-                jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
-                jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32))
-        attrs = dict(num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
-                     num_experts=np.int64(num_experts))
-        if opts.use_fp8:
-            scales = (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
-                      if opts.use_ue8m0 else
-                      jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32))
-            out = ffi_call(
-                "jax_deepep_ll_dispatch_recv_fp8",
-                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn), scales) + meta,
-                transit["token"], axis_name=ctx.axis_name, use_ue8m0=np.int64(opts.use_ue8m0),
-                **attrs)
-            recv_x, (recv_count, recv_src_info, layout_range) = (out[0], out[1]), out[2:]
+        if not opts.use_fp8:
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16)
+            scales = optional_result(None, jnp.float32)
+        elif opts.use_ue8m0:
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
+            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
         else:
-            recv_x, recv_count, recv_src_info, layout_range = ffi_call(
-                "jax_deepep_ll_dispatch_recv_bf16",
-                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16),) + meta,
-                transit["token"], axis_name=ctx.axis_name, **attrs)
-        return recv_x, recv_count, recv_src_info, layout_range, transit["send_slot"]
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
+            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32)
+        x, x_scales, recv_count, recv_src_info, layout_range = ffi_call(
+            "jax_deepep_ll_dispatch_recv",
+            (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
+             jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
+             jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
+            transit["token"], axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
+            use_ue8m0=bool(opts.use_ue8m0))
+        recv = (x, x_scales) if opts.use_fp8 else x
+        return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
                                  zero_copy: bool) -> dict:
@@ -261,9 +211,8 @@ class LowLatencyKernels:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name,
-            num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
-            num_experts=np.int64(num_experts), zero_copy=np.int64(zero_copy))
+            y, handle.recv_layout_range, axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
+            zero_copy=bool(zero_copy))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
@@ -276,5 +225,4 @@ class LowLatencyKernels:
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
             transit["topk_weights"], transit["send_slot"],
-            axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
-            num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
+            axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts))
