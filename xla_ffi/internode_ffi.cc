@@ -44,14 +44,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructM
 namespace jax_deepep {
 namespace {
 
-using I32 = ffi::Buffer<ffi::S32>;
-using F32 = ffi::Buffer<ffi::F32>;
-using BF16 = ffi::Buffer<ffi::BF16>;
-using Pred = ffi::Buffer<ffi::PRED>;
-// Aliases keep commas out of the handler-definition macros.
-using PredMatrix = ffi::Buffer<ffi::PRED, 2>;
-using BF16Matrix = ffi::Buffer<ffi::BF16, 2>;
-
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep internode: " + message); }
 
 // The Buffer's state, checked for an internode op over `num_ranks` ranks in nodes of `ranks_per_node`.

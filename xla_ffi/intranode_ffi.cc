@@ -65,15 +65,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineAttrs, StructMember<int
 namespace jax_deepep {
 namespace {
 
-using I32 = ffi::Buffer<ffi::S32>;
-using F32 = ffi::Buffer<ffi::F32>;
-using BF16 = ffi::Buffer<ffi::BF16>;
-using Pred = ffi::Buffer<ffi::PRED>;
-// Aliases keep commas out of the handler-definition macros.
-using I32Matrix = ffi::Buffer<ffi::S32, 2>;
-using BF16Matrix = ffi::Buffer<ffi::BF16, 2>;
-using PredMatrix = ffi::Buffer<ffi::PRED, 2>;
-
 ffi::Error cuda_error(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return ffi::Error::Success();
   return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));

@@ -71,10 +71,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineRecvAttrs,
 namespace jax_deepep {
 namespace {
 
-using I32 = ffi::Buffer<ffi::S32>;
-using F32 = ffi::Buffer<ffi::F32>;
-using BF16 = ffi::Buffer<ffi::BF16>;
-
 constexpr int64_t kMaxTopk = 32;
 constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-bit counts in signals
 

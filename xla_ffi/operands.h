@@ -12,6 +12,15 @@
 
 namespace jax_deepep {
 
+// Operand types of the Bind lists; the aliases also keep commas out of the handler macros.
+using I32 = xla::ffi::Buffer<xla::ffi::S32>;
+using F32 = xla::ffi::Buffer<xla::ffi::F32>;
+using BF16 = xla::ffi::Buffer<xla::ffi::BF16>;
+using Pred = xla::ffi::Buffer<xla::ffi::PRED>;
+using I32Matrix = xla::ffi::Buffer<xla::ffi::S32, 2>;
+using BF16Matrix = xla::ffi::Buffer<xla::ffi::BF16, 2>;
+using PredMatrix = xla::ffi::Buffer<xla::ffi::PRED, 2>;
+
 template <typename B>
 bool given(const B& b) {
   const auto dims = b.dimensions();
