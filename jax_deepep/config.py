@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .limits import FP8_BLOCK, MAX_TOPK
+from .sizes import align, low_latency_layout
 from .validation import fail, integer
 
 # Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
@@ -12,10 +13,6 @@ _ALIGN = 128
 # The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),
 # rounded up; the rings follow it.
 NVL_HEADER_BYTES = 320 << 10
-
-
-def _align(n: int, to: int = _ALIGN) -> int:
-    return (n + to - 1) // to * to
 
 
 def sm_count(op: str, name: str, value) -> int:
@@ -34,6 +31,9 @@ class Config:
     must be even. `num_max_nvl_chunked_recv_tokens` is the per-channel, per-peer ring size
     in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
     publishing its tail.
+
+    The two RDMA chunk sizes are accepted and checked (SPEC.md fixes them) but steer nothing
+    here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
     """
 
     num_sms: int
@@ -68,10 +68,12 @@ class Config:
                      + MAX_TOPK * (4 + 4)  # top-k ids and weights
                      + (hidden_bytes // FP8_BLOCK) * 4  # FP8 scales (upper bound)
                      + 48)  # source index, destination row, 16-byte alignment of each piece
-        return _align(NVL_HEADER_BYTES + slots * per_token)
+        return align(NVL_HEADER_BYTES + slots * per_token, _ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node. A DeepEP-style
+        estimate from the RDMA chunk sizes; the internode kernels here need
+        `jax_deepep.gpu.internode.rdma_bytes_hint` (exact for given shapes)."""
         op = "Config.get_rdma_buffer_size_hint"
         hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
         num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
@@ -81,7 +83,7 @@ class Config:
         slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
         per_token = hidden_bytes + MAX_TOPK * 8 + (hidden_bytes // FP8_BLOCK) * 4 + 32
         counters = self.num_channels * num_rdma_ranks * (MAX_NVL_PEERS * 2 + 2) * 4 * 2
-        return _align(counters + 2 * slots * per_token)
+        return align(counters + 2 * slots * per_token, _ALIGN)
 
 
 def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
@@ -98,19 +100,11 @@ def default_combine_config(num_ranks: int, num_sms: int) -> Config:
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                num_experts: int) -> int:
-    """Bytes of symmetric buffer the low-latency kernels need (two alternating halves).
-
-    Each half holds one dispatch receive area (bf16 rows of every expert slot, big enough
-    for FP8 rows too) plus one combine receive area, and per-expert signalling counters.
-    """
+    """Bytes of symmetric buffer the low-latency kernels need: two alternating halves, each
+    holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`)."""
     sizes = dict(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
                  num_ranks=num_ranks, num_experts=num_experts)
-    m, hidden, num_ranks, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)
-                                         for name, value in sizes.items()]
-    dispatch_row = 16 + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
-    combine_row = hidden * 2
-    dispatch_recv = num_experts * m * dispatch_row
-    combine_recv = num_experts * m * combine_row
-    signals = num_experts * 4 * 2
-    half = _align(dispatch_recv) + _align(combine_recv) + _align(signals)
-    return 2 * half
+    m, hidden, _, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)
+                                 for name, value in sizes.items()]
+    # num_ranks is checked only: a half holds every expert's rows whatever the rank count.
+    return 2 * low_latency_layout(m, hidden, num_experts).half_bytes

@@ -56,7 +56,7 @@ def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
 
     buffer = deepep.Buffer(mesh, axis_name, **buffer_args)
     buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30))
-    buffer.low_latency_backend = LowLatencyBackend(symmetric=None)
+    buffer.low_latency_backend = LowLatencyBackend(symmetric=types.SimpleNamespace(buffer_id=2))
     return buffer
 
 

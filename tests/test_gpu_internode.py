@@ -30,8 +30,8 @@ def _run_workers(num_ranks: int, ranks_per_node: int, timeout_check: bool = Fals
     if reason is None:
         from jax_deepep.gpu import nvshmem
 
-        if nvshmem.library_path() is None or nvshmem.nvshmem_dir() is None:
-            reason = "the NVSHMEM library was not built"
+        if not nvshmem.available():
+            reason = nvshmem.unavailable_reason()
     if reason:
         pytest.skip(reason)
     env = gpu_workers.worker_env(num_ranks, 0.5 / num_ranks)

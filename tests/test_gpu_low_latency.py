@@ -36,11 +36,7 @@ def _skip_reason():
     sys.path.insert(0, str(ROOT))
     from jax_deepep.gpu import nvshmem
 
-    if nvshmem.library_path() is None:
-        return f"{nvshmem.LIBRARY_NAME} was not built"
-    if nvshmem.nvshmem_dir() is None:
-        return "nvidia-nvshmem-cu13 is not installed"
-    return None
+    return None if nvshmem.available() else nvshmem.unavailable_reason()
 
 
 def _run_workers(num_ranks: int, direct_group: int = 0):
@@ -322,14 +318,15 @@ def timeout_check(worker):
     e, m, h = ROUNDS["e"], ROUNDS["m"], ROUNDS["h"]
 
     def never_sent():
-        shapes = (jax.ShapeDtypeStruct((e, m, h), jnp.bfloat16), jax.ShapeDtypeStruct((e,), jnp.int32),
-                  jax.ShapeDtypeStruct((e, m), jnp.int32), jax.ShapeDtypeStruct((e, 1, 2), jnp.int32))
-        call = jax.ffi.ffi_call("jax_deepep_ll_dispatch_recv_bf16", shapes, has_side_effect=True)
+        shapes = (jax.ShapeDtypeStruct((e, m, h), jnp.bfloat16), jax.ShapeDtypeStruct((0,), jnp.float32),
+                  jax.ShapeDtypeStruct((e,), jnp.int32), jax.ShapeDtypeStruct((e, m), jnp.int32),
+                  jax.ShapeDtypeStruct((e, 1, 2), jnp.int32))
+        call = jax.ffi.ffi_call("jax_deepep_ll_dispatch_recv", shapes, has_side_effect=True)
         token = jnp.array([0xfff0], jnp.int32)  # a call number no send used
+        sizes = dict(buffer_id=np.int64(worker.kernels.symmetric.buffer_id), num_ranks=np.int64(1),
+                     num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(e))
         start = time.time()
-        jax.block_until_ready(jax.jit(lambda tok: call(tok, num_ranks=np.int64(1),
-                                                       num_max_dispatch_tokens_per_rank=np.int64(m),
-                                                       num_experts=np.int64(e)))(token))
+        jax.block_until_ready(jax.jit(lambda tok: call(tok, sizes=sizes, use_ue8m0=False))(token))
         waited = time.time() - start
         assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the recv returned after {waited:.1f} s"
         # 5: WaitKind::kTokenCounts (cuda/wait.cuh), the source rank's count never came
