@@ -16,6 +16,7 @@ import numpy as np
 from . import checking
 from .backend import RankContext
 from .config import Config
+from .no_tokens import NO_TOKENS
 from .limits import MAX_EXPERT_ALIGNMENT
 from .types import DispatchHandle, DispatchLayout, DispatchOutput
 from .validation import expect_array, expect_top_k, fail, integer, token_parts, topk_ids
@@ -168,12 +169,17 @@ def _check_handle(op: str, handle, ctx: RankContext):
                      "under another axis size?")
 
 
+def _serving(backend, num_tokens: int):
+    """The backend that serves a call on `num_tokens` tokens per rank: `no_tokens` when there are none."""
+    return NO_TOKENS if num_tokens == 0 else backend
+
+
 def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
     op = "get_dispatch_layout"
     topk_ids(op, topk_idx)
     num_experts = _check_num_experts(op, num_experts, ctx)
     checking.check_expert_ids(topk_idx, num_experts)
-    return backend.get_dispatch_layout(ctx, topk_idx, num_experts)
+    return _serving(backend, topk_idx.shape[0]).get_dispatch_layout(ctx, topk_idx, num_experts)
 
 
 def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, topk_weights=None,
@@ -186,6 +192,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes)
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
+    backend = _serving(backend, num_tokens)
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     if topk_idx is None and layout is None:
         fail(op, "routing is missing: pass `topk_idx` with `layout` or `num_experts`, or a `handle`")
@@ -240,7 +247,7 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
         fail(op, f"`x` has {parts[0].shape[0]} tokens but `handle` was made for {num_tokens}: `x` must have "
                  f"shape [{num_tokens}, *]")
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
-    recv_parts = _cached_dispatch(_Static(backend, ctx, config), parts, handle)
+    recv_parts = _cached_dispatch(_Static(_serving(backend, num_tokens), ctx, config), parts, handle)
     recv_x = tuple(recv_parts) if len(parts) == 2 else recv_parts[0]
     return DispatchOutput(recv_x, None, None, handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
 
@@ -265,4 +272,4 @@ def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle
         fail(op, f"`bias` must be None, one or two bf16 [T, H] arrays, got {len(bias)}")
     for i, b in enumerate(bias):
         expect_array(op, f"bias[{i}]", b, ndim=2, dtypes=(jnp.bfloat16,), shape=(num_tokens, y.shape[1]))
-    return _combine(_Static(backend, ctx, config), y, topk_weights, tuple(bias), handle)
+    return _combine(_Static(_serving(backend, num_tokens), ctx, config), y, topk_weights, tuple(bias), handle)

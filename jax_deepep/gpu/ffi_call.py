@@ -1,9 +1,7 @@
 """`ffi_call`: one of our XLA FFI custom calls, per shard, with outputs typed as per-shard data.
 
-Inside `shard_map` JAX tracks which mesh axes a value varies over. A custom call's outputs come
-back typed as the same on every shard, but ours are per-rank data (they depend on what the other
-ranks sent), and custom_vjp rules require a cotangent typed like its primal. So every output is
-marked as varying over the expert-parallel axis and over every axis its inputs vary over.
+A custom call's outputs come back typed as the same on every shard, but ours are per-rank data:
+`varying.mark_varying` types them as varying (jax_deepep/varying.py says why).
 
 None of our custom calls declares a side effect: each is a function of its inputs plus state kept
 on the device (epochs, ring totals, call numbers), and every rank runs the same program (same JAX,
@@ -15,6 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ..varying import mark_varying
 
 
 def optional_operand(a, dtype):
@@ -28,19 +28,6 @@ def optional_result(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((0,) if shape is None else shape, dtype)
 
 
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10+; older versions call it `vma`
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
 def ffi_call(target: str, results, *args, axis_name: str, **attrs):
     """`jax.ffi.ffi_call(target, results)(*args, **attrs)`, outputs varying like the inputs and `axis_name`."""
-    out = jax.ffi.ffi_call(target, results)(*args, **attrs)
-    axes = frozenset({axis_name}).union(*(_varying_axes(a) for a in args))
-
-    def mark(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(mark, out)
+    return mark_varying(jax.ffi.ffi_call(target, results)(*args, **attrs), axis_name, *args)
