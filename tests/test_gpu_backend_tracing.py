@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_deepep import Buffer, moe
+import vmap_cases
+from jax_deepep import Buffer, DeepEPError, moe
 from jax_deepep.gpu import available, unavailable_reason
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
@@ -66,3 +67,35 @@ def test_low_latency_moe_traces_through_cuda_kernels():
                    "jax_deepep_ll_combine_recv"):
         assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects
+
+
+@pytest.mark.parametrize("name", sorted(vmap_cases.CASES))
+def test_vmap_traces_through_cuda_backend(name):
+    """`jax.vmap` of each op (and `jax.grad` of it) runs the custom calls once per element (a scan); a
+    low-latency send whose receive comes later (`return_recv_hook=True`) is refused."""
+    from jax_deepep.gpu.low_latency import LowLatencyBackend
+
+    case = vmap_cases.CASES[name]
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    if case.low_latency:
+        buffer = _buffer_with_cuda_backend(mesh, "ep", low_latency_mode=True, num_rdma_bytes=1 << 30)
+        buffer.low_latency_backend = LowLatencyBackend(symmetric=None)
+    else:
+        buffer = _buffer_with_cuda_backend(mesh, "ep")
+    batch, t, k = vmap_cases.BATCH, 8 * vmap_cases.T, vmap_cases.K
+    args = (jax.ShapeDtypeStruct((batch, t, vmap_cases.H), jnp.bfloat16),
+            jax.ShapeDtypeStruct((batch, t, k), jnp.int32), jax.ShapeDtypeStruct((batch, t, k), jnp.float32))
+    fn = vmap_cases.mapped(case, buffer)
+
+    def per_shard(*shards):  # every output gains a leading rank axis
+        return jax.tree.map(lambda a: a[None], fn(*shards))
+
+    jitted = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(None, "ep"), out_specs=P("ep")))
+    if case.targets is None:
+        with pytest.raises(DeepEPError, match="return_recv_hook=True` cannot be mapped"):
+            jitted.trace(*args)
+        return
+    jaxpr = str(jitted.trace(*args).jaxpr)
+    for target in case.targets:
+        assert target in jaxpr, target
+    assert "scan" in jaxpr
