@@ -155,11 +155,20 @@ class Buffer:
         return config
 
     def get_dispatch_layout(self, topk_idx, num_experts: int):
+        """Where this rank's tokens go (SPEC.md section 2); traced under
+        `jax.named_scope("deepep/get_dispatch_layout")`."""
         ctx = self._context("get_dispatch_layout")
         return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
                  num_worst_tokens=None, expert_alignment=1, config=None):
+        """Send each token to the ranks of its experts (SPEC.md section 2).
+
+        Traced under `jax.named_scope("deepep/dispatch")`. Checkpoint names (`jax.checkpoint` policies):
+        "deepep/dispatch/recv_x", "deepep/dispatch/recv_topk_idx", "deepep/dispatch/recv_topk_weights" and
+        "deepep/dispatch/handle" (the handle and the counts); saving them all keeps the backward pass from
+        dispatching again.
+        """
         ctx = self._context("dispatch")
         hidden = (x[0] if isinstance(x, (tuple, list)) else x).shape[-1]
         config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks), hidden)
@@ -168,6 +177,11 @@ class Buffer:
                                 num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
+        """Sum the rows of `y` back onto the tokens they came from (SPEC.md section 2).
+
+        Traced under `jax.named_scope("deepep/combine")`. Checkpoint names: "deepep/combine/combined_x",
+        "deepep/combine/combined_topk_weights".
+        """
         ctx = self._context("combine")
         config = self._config("combine", config, self.get_combine_config(self.num_ranks), y.shape[-1])
         return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
@@ -190,6 +204,14 @@ class Buffer:
 
     def low_latency_dispatch(self, x, topk_idx, *, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
                              round_scale=False, use_ue8m0=False, return_recv_hook=False):
+        """Send each token to its experts' slots (SPEC.md section 3).
+
+        Traced under `jax.named_scope("deepep/low_latency_dispatch")`. Checkpoint names (on the completed
+        output, whether or not through `low_latency_recv`): "deepep/low_latency_dispatch/recv_x",
+        "deepep/low_latency_dispatch/handle" (the handle, whose arrays the counts and layout are).
+        Under `jax.vmap` the op runs once per element; with `return_recv_hook=True` the CUDA kernels
+        refuse to be mapped (every send would be in flight before the first receive).
+        """
         ctx = self._low_latency_context("low_latency_dispatch", num_max_dispatch_tokens_per_rank,
                                         x.shape[-1] if hasattr(x, "shape") else None, num_experts)
         return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
@@ -199,6 +221,11 @@ class Buffer:
 
     def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
                             return_recv_hook=False):
+        """Weighted sum of each token's expert outputs (SPEC.md section 3).
+
+        Traced under `jax.named_scope("deepep/low_latency_combine")`. Checkpoint name (on the completed
+        output): "deepep/low_latency_combine/combined_x". Under `jax.vmap` as `low_latency_dispatch`.
+        """
         ctx = self._low_latency_context("low_latency_combine")
         return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
@@ -213,6 +240,8 @@ class Buffer:
              "usual and pass zero_copy=True to low_latency_combine, which sends it from where XLA put it")
 
     def low_latency_recv(self, pending):
+        """Complete a `return_recv_hook=True` low-latency op; traced under
+        `jax.named_scope("deepep/low_latency_recv")`."""
         ctx = self._low_latency_context("low_latency_recv")
         return _ll.low_latency_recv(self.low_latency_backend, ctx, pending)
 
