@@ -1,4 +1,4 @@
-"""`cuda_shared_library`: a shared library whose .cu and .cc sources are each compiled by nvcc in an action
+"""`cuda_shared_library`: a shared library (here: a Python extension module) whose .cu and .cc sources are each compiled by nvcc in an action
 of their own (Bazel runs them in parallel and rebuilds only what changed), then linked by nvcc (which
 links the CUDA runtime statically, as CMake does)."""
 
@@ -19,10 +19,10 @@ def cuda_shared_library(
         linkopts = [],
         relocatable_device_code = False,
         **kwargs):
-    """Builds lib<name>.so.
+    """Builds <name>.so.
 
     Args:
-      name: the library is lib<name>.so; the target is `name`.
+      name: the library is <name>.so (an extension module's name); the target is `name`.
       nvcc: absolute path of the CUDA compiler.
       srcs: .cu and .cc files (nvcc hands .cc files to the host compiler).
       hdrs: headers every source may include; labels named in copts' $(execpath ...) go here too.
@@ -53,13 +53,13 @@ def cuda_shared_library(
     native.genrule(
         name = name,
         srcs = objects + link_inputs + hdrs,
-        outs = ["lib{}.so".format(name)],
+        outs = ["{}.so".format(name)],
         cmd = _PRIVATE_TMPDIR + "{nvcc} -shared {copts} {objects} {linkopts} -o $@".format(
             nvcc = nvcc,
             copts = " ".join(rdc + copts),
             objects = " ".join(["$(location {})".format(obj) for obj in objects]),
             linkopts = " ".join(linkopts),
         ),
-        message = "nvcc -shared lib{}.so".format(name),
+        message = "nvcc -shared {}.so".format(name),
         **kwargs
     )

@@ -1,15 +1,20 @@
 """Repository rule: the local Python that has jax installed (pip), as Bazel's Python toolchain, plus what
-the CUDA libraries take from its packages: the XLA FFI headers that ship inside jaxlib
-(`jax.ffi.include_dir()`) and, when the nvidia-nvshmem-cu13 package is installed, NVSHMEM (`defs.bzl`
-says whether: NVSHMEM_FOUND).
+the CUDA extension modules take from it: its C headers (Python.h), pybind11's headers, the XLA FFI
+headers that ship inside jaxlib (`jax.ffi.include_dir()`) and, when the nvidia-nvshmem-cu13 package
+is installed, NVSHMEM (`defs.bzl` says whether: NVSHMEM_FOUND).
 
 The interpreter is $PYTHON_BIN_PATH, else the first `python3` on PATH (an activated venv wins)."""
 
-# Prints `key=value` lines: interpreter, jax_include and nvshmem (empty without the package).
+# Prints `key=value` lines: interpreter, python_include, pybind11_include, jax_include and nvshmem
+# (empty without the package).
 _PROBE = """
 import sys
+import sysconfig
 import jax
+import pybind11
 print("interpreter=" + sys.executable)
+print("python_include=" + sysconfig.get_paths()["include"])
+print("pybind11_include=" + pybind11.get_include())
 print("jax_include=" + jax.ffi.include_dir())
 try:
     import nvidia.nvshmem
@@ -47,6 +52,22 @@ filegroup(
 )
 
 exports_files(["jax_include/xla/ffi/api/ffi.h"])
+
+# The extension modules' headers; compile with -I<dirname of Python.h> and -I<dirname of pybind11/>.
+filegroup(
+    name = "python_headers",
+    srcs = glob(["python_include/**/*.h"]),
+)
+
+filegroup(
+    name = "pybind11_headers",
+    srcs = glob(["pybind11_include/pybind11/**/*.h"]),
+)
+
+exports_files([
+    "python_include/Python.h",
+    "pybind11_include/pybind11/pybind11.h",
+])
 """
 
 # Only where NVSHMEM was found; compile with -I<dirname of nvshmem.h>, link with the two libraries.
@@ -63,7 +84,7 @@ exports_files([
 ])
 """
 
-# The two NVSHMEM libraries libjax_deepep_nvshmem.so links against.
+# The two NVSHMEM libraries _nvshmem_lib.so links against.
 _NVSHMEM_LIBRARIES = ["lib/libnvshmem_device.a", "lib/libnvshmem_host.so.3"]
 
 def _find_python(repository_ctx):
@@ -76,9 +97,11 @@ def _local_python_impl(repository_ctx):
     python = _find_python(repository_ctx)
     result = repository_ctx.execute([python, "-c", _PROBE])
     if result.return_code != 0:
-        fail("{} cannot import jax (pip install jax): {}".format(python, result.stderr))
+        fail("{} cannot import jax and pybind11 (pip install jax pybind11): {}".format(python, result.stderr))
     found = dict([line.split("=", 1) for line in result.stdout.splitlines() if "=" in line])
     repository_ctx.symlink(found["jax_include"], "jax_include")
+    repository_ctx.symlink(found["python_include"], "python_include")
+    repository_ctx.symlink(found["pybind11_include"], "pybind11_include")
     build = _BUILD.format(interpreter = found["interpreter"])
     nvshmem = found["nvshmem"]
     nvshmem_found = bool(nvshmem) and all([

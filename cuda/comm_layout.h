@@ -8,11 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define JDEEP_HOST_DEVICE __host__ __device__
-#else
-#define JDEEP_HOST_DEVICE
-#endif
+#include "cuda/toolbox.cuh"
 
 namespace jax_deepep {
 
@@ -43,6 +39,8 @@ struct CommHeader {
   // then its token counts for my local experts.
   int32_t notify[2][kMaxRanks][kMaxRanks + kMaxLocalExperts];
 };
+
+inline JDEEP_HOST_DEVICE CommHeader* header_of(char* buffer) { return reinterpret_cast<CommHeader*>(buffer); }
 
 JDEEP_HOST_DEVICE constexpr size_t ring_offset() {
   return (sizeof(CommHeader) + kRingAlignment - 1) / kRingAlignment * kRingAlignment;

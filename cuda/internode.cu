@@ -17,64 +17,13 @@
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
+#include "cuda/nvshmem_peers.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
+#include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarpSize;
-
-size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-
-__device__ __forceinline__ int tagged(uint32_t seq, int value) {
-  return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(value & 0xffff));
-}
-
-// Waits for a tagged count of call `seq`; 0 after a timeout.
-__device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
-  int value = 0;
-  return wait_signal(p, seq & 0xffffu, 16, mem, kind, peer, &value) ? (value & 0xffff) : 0;
-}
-
-__device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const PeerMemory& mem, int kind, int peer) {
-  int value = 0;
-  wait_signal(p, seq, 0, mem, kind, peer, &value);
-}
-
-// The whole warp copies `bytes` bytes, 16 at a time where both ends and the size allow.
-__device__ __forceinline__ void warp_copy(char* dst, const char* src, size_t bytes) {
-  const int lane = threadIdx.x % kWarpSize;
-  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 15) == 0) {
-    for (size_t i = lane * 16; i < bytes; i += kWarpSize * 16) {
-      *reinterpret_cast<int4*>(dst + i) = *reinterpret_cast<const int4*>(src + i);
-    }
-  } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 3) == 0) {
-    for (size_t i = lane * 4; i < bytes; i += kWarpSize * 4) {
-      *reinterpret_cast<int*>(dst + i) = *reinterpret_cast<const int*>(src + i);
-    }
-  } else {
-    for (size_t i = lane; i < bytes; i += kWarpSize) dst[i] = src[i];
-  }
-}
-
-// Block-wide exclusive prefix of `flag` over the threads of one pass (in thread order); returns
-// this thread's position and adds the pass total to *running (shared, read by all after).
-__device__ int block_prefix(bool flag, int* warp_counts, int* running) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
-  __syncthreads();
-  int before = *running, total = *running;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += warp_counts[w];
-    total += warp_counts[w];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) *running = total;
-  __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
-}
 
 struct Topology {
   int rank, num_ranks, per_node, nodes, node, local;
@@ -89,8 +38,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
                                                                  InternodeDispatchLayout l, InternodeDispatchIn in,
                                                                  const int* token) {
   extern __shared__ int scratch[];  // [T]: token | mask << 16
-  __shared__ int warp_counts[kWarps];
-  __shared__ int running;
+  __shared__ BlockPrefix<1> sending;
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
@@ -100,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
     const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
     int* staged = reinterpret_cast<int*>(mem.staging + l.staged_counts);
     for (int i = threadIdx.x; i < R + E; i += kThreads)
-      staged[i] = tagged(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
+      staged[i] = tagged_count(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
     __syncthreads();
     for (int d = warp; d < R; d += kWarps) {
       const size_t counts_at = half + l.counts + static_cast<size_t>(topo.rank) * R * 4;
@@ -124,18 +72,20 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
 
   // Send block for node m: tokens going to any rank of node m, in token order.
   const int m = blockIdx.x, dst = m * topo.per_node + topo.local;
-  if (threadIdx.x == 0) running = 0;
+  if (threadIdx.x == 0) sending.running[0] = 0;
   __syncthreads();
   for (int start = 0; start < T; start += kThreads) {
     const int t = start + threadIdx.x;
     int mask = 0;
     if (t < T)
       for (int j = 0; j < topo.per_node; ++j) mask |= in.is_token_in_rank[t * R + m * topo.per_node + j] ? 1 << j : 0;
-    const int slot = block_prefix(mask != 0, warp_counts, &running);
-    if (mask != 0) scratch[slot] = t | mask << 16;
+    const bool sent[1] = {mask != 0};
+    int slot[1];
+    block_prefix(sending, sent, slot);
+    if (sent[0]) scratch[slot[0]] = t | mask << 16;
   }
   __syncthreads();
-  const int count = running;
+  const int count = sending.running[0];
   char* const peer = mem.peer[dst];
   const size_t inbox_at = region + half + l.inbox + static_cast<size_t>(topo.node) * T * l.row_bytes;
   char* const rows = peer != nullptr ? peer + inbox_at : mem.staging + static_cast<size_t>(m) * T * l.row_bytes;
@@ -147,14 +97,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
     if (s.has_weights && lane < s.top_k)
       reinterpret_cast<float*>(row + l.weights_at)[lane] = in.weights[t * s.top_k + lane];
     for (int p = 0; p < s.num_parts; ++p)
-      warp_copy(row + l.part_at[p], static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
-                s.part_bytes[p]);
+      warp_copy<Source::kInput>(row + l.part_at[p],
+                                static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
+                                s.part_bytes[p], lane);
   }
   const size_t signal_at = region + half + l.inbox_signals + topo.node * 4;
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged(seq, count));
+    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged_count(seq, count));
     return;
   }
   __syncthreads();
@@ -169,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   if (threadIdx.x == 0) {
     atomicAdd(traffic.counters + 0, static_cast<unsigned long long>(count));
     atomicAdd(traffic.counters + 1, static_cast<unsigned long long>(count) * l.row_bytes);
-    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged(seq, count), dst);
+    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged_count(seq, count), dst);
   }
 }
 
@@ -178,27 +129,28 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
 __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_t region, InternodeDispatchShape s,
                                                            InternodeDispatchLayout l, const int* token,
                                                            int* forwarded) {
-  __shared__ int base[kInternodeMaxRanksPerNode], running[kInternodeMaxRanksPerNode];
-  __shared__ int warp_counts[kWarps];
+  __shared__ int base[kInternodeMaxRanksPerNode];
+  __shared__ BlockPrefix<1> bound_rows[kInternodeMaxRanksPerNode];  // rows bound for each local rank
   __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
   __shared__ int count;
   const Topology topo(mem, s.ranks_per_node);
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks;
   const int L = topo.per_node;
-  const int warp = threadIdx.x / kWarpSize;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
+  if (threadIdx.x < kInternodeMaxRanksPerNode) bound_rows[threadIdx.x].running[0] = 0;
   if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
     int sum = 0;
     for (int s2 = 0; s2 < src; ++s2)
-      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, mem, kInternodeDispatchTimeout, s2);
+      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, wait, WaitKind::kTokenCounts, s2);
     base[threadIdx.x] = sum;
-    running[threadIdx.x] = 0;
   }
   if (threadIdx.x == 0)
-    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, mem,
-                           kInternodeDispatchTimeout, src),
+    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, wait, WaitKind::kInboxRows,
+                           src),
                 T);
   for (int t = threadIdx.x; t < T; t += kThreads) forwarded[n * T + t] = 0;
   __syncthreads();
@@ -208,10 +160,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
     const int mask = j < count ? reinterpret_cast<const int*>(inbox + j * l.row_bytes)[2] : 0;
     int kept = 0;
     for (int d = 0; d < L; ++d) {  // rank of row j among the rows bound for local rank d
-      const bool bound = (mask >> d) & 1;
-      const int row = base[d] + block_prefix(bound, warp_counts, &running[d]);
-      dest_row[threadIdx.x][d] = bound && row < s.capacity ? row : -1;
-      kept |= bound && row < s.capacity ? 1 << d : 0;
+      const bool bound[1] = {((mask >> d) & 1) != 0};
+      int position[1];
+      block_prefix(bound_rows[d], bound, position);
+      const int row = base[d] + position[0];
+      dest_row[threadIdx.x][d] = bound[0] && row < s.capacity ? row : -1;
+      kept |= bound[0] && row < s.capacity ? 1 << d : 0;
     }
     if (j < count) {
       const int t = reinterpret_cast<const int*>(inbox + j * l.row_bytes)[1];
@@ -223,8 +177,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
       const int jj = p / L, d = p % L, row = dest_row[jj][d];
       if (row < 0) continue;
       char* peer = mem.peer[topo.node * L + d];
-      warp_copy(peer + region + (seq & 1u) * l.half_stride + l.landing + static_cast<size_t>(row) * l.row_bytes,
-                inbox + static_cast<size_t>(start + jj) * l.row_bytes, l.row_bytes);
+      char* landing = peer + region + (seq & 1u) * l.half_stride + l.landing;
+      warp_copy<Source::kPeer>(landing + static_cast<size_t>(row) * l.row_bytes,
+                               inbox + static_cast<size_t>(start + jj) * l.row_bytes, l.row_bytes, lane);
     }
     __syncthreads();
   }
@@ -239,11 +194,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
 }
 
 // Waits until every forwarder of this node is done with every source node; true on every thread.
-__device__ void wait_forwarded(const PeerMemory& mem, const Topology& topo, const char* half,
+__device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, const char* half,
                                const InternodeDispatchLayout& l, uint32_t seq) {
   const int* signals = reinterpret_cast<const int*>(half + l.forward_signals);
   for (int i = threadIdx.x; i < topo.per_node * topo.nodes; i += blockDim.x)
-    wait_call(signals + i, seq, mem, kInternodeDispatchTimeout, topo.node * topo.per_node + i / topo.nodes);
+    wait_call(signals + i, seq, wait, WaitKind::kForwardedRows, topo.node * topo.per_node + i / topo.nodes);
   __syncthreads();
 }
 
@@ -253,16 +208,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
                                                                  const bool* is_token_in_rank, const int* token,
                                                                  InternodeDispatchOut out, int expert_alignment) {
   extern __shared__ int prefix[];  // [R + 1]: first row of each source rank, then the total
-  __shared__ int warp_counts[kWarps];
-  __shared__ int running;
+  __shared__ BlockPrefix<1> rows_on_d;
   const Topology topo(mem, s.ranks_per_node);
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
-  wait_forwarded(mem, topo, half, l, seq);
+  wait_forwarded(wait, topo, half, l, seq);
   for (int src = threadIdx.x; src < R; src += kThreads)
-    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, mem, kInternodeDispatchTimeout, src);
+    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, wait, WaitKind::kTokenCounts, src);
   __syncthreads();
   if (threadIdx.x == 0) {
     prefix[0] = 0;
@@ -279,22 +234,23 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     for (int e = threadIdx.x; e < experts_per_rank && out.per_expert != nullptr; e += kThreads) {
       int sum = 0;
       for (int src = 0; src < R; ++src)
-        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, mem, kInternodeDispatchTimeout, src);
+        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, wait, WaitKind::kTokenCounts, src);
       out.per_expert[e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
     for (int d = 0; d < R; ++d) {  // this rank's rows on rank d: its first row there, then in token order
       if (threadIdx.x == 0) {
         int row = 0;
         for (int src = 0; src < topo.rank; ++src)
-          row += wait_count(counts + src * R + d, seq, mem, kInternodeDispatchTimeout, src);
-        running = row;
+          row += wait_count(counts + src * R + d, seq, wait, WaitKind::kTokenCounts, src);
+        rows_on_d.running[0] = row;
       }
       __syncthreads();
       for (int start = 0; start < T; start += kThreads) {
         const int t = start + threadIdx.x;
-        const bool sent = t < T && is_token_in_rank[t * R + d];
-        const int row = block_prefix(sent, warp_counts, &running);
-        if (t < T) out.send_row[t * R + d] = sent ? row : -1;
+        const bool sent[1] = {t < T && is_token_in_rank[t * R + d]};
+        int row[1];
+        block_prefix(rows_on_d, sent, row);
+        if (t < T) out.send_row[t * R + d] = sent[0] ? row[0] : -1;
       }
     }
   }
@@ -318,8 +274,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     }
     if (!live) continue;
     for (int p = 0; p < s.num_parts; ++p)
-      warp_copy(static_cast<char*>(out.part[p]) + static_cast<size_t>(i) * s.part_bytes[p], row + l.part_at[p],
-                s.part_bytes[p]);
+      warp_copy<Source::kPeer>(static_cast<char*>(out.part[p]) + static_cast<size_t>(i) * s.part_bytes[p],
+                               row + l.part_at[p], s.part_bytes[p], lane);
   }
 }
 
@@ -339,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
     char* peer = mem.peer[topo.node * L + src % L];
     char* dst = peer + region + half + l.returns +
                 ((static_cast<size_t>(topo.local) * topo.nodes + src / L) * T + t) * l.return_bytes;
-    warp_copy(dst, reinterpret_cast<const char*>(in.y + static_cast<size_t>(i) * s.hidden), s.hidden * 2);
+    warp_copy<Source::kInput>(dst, in.y + static_cast<size_t>(i) * s.hidden, s.hidden * 2, lane);
     if (in.weights != nullptr && lane < s.top_k)
       reinterpret_cast<float*>(dst + s.hidden * 2)[lane] = in.weights[i * s.top_k + lane];
   }
@@ -364,11 +320,12 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
   const size_t half = (seq & 1u) * l.half_stride;
   const char* mine = mem.local + region + half;
   const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
   for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
-    wait_call(signals + i, seq, mem, kInternodeCombineTimeout, topo.node * L + i / kInternodeReturnBlocks);
+    wait_call(signals + i, seq, wait, WaitKind::kReturnedRows, topo.node * L + i / kInternodeReturnBlocks);
   if (threadIdx.x == 0) sent = 0;
   __syncthreads();
   const bool local_source = src == topo.rank;
@@ -436,10 +393,11 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   const Topology topo(mem, s.ranks_per_node);
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
   const char* half = mem.local + region + (seq & 1u) * l.half_stride;
   const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
-    wait_call(signals + m, seq, mem, kInternodeCombineTimeout, m * L + topo.local);
+    wait_call(signals + m, seq, wait, WaitKind::kPartialSums, m * L + topo.local);
   if (threadIdx.x == 0) {
     num_went = 0;
     for (int m = 0; m < topo.nodes && num_went < 64; ++m) {
@@ -461,11 +419,7 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
     for (int b = 0; b < s.num_bias; ++b) {
       accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
     }
-    uint4 packed;
-    __nv_bfloat162* result = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) result[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + ch) = packed;
+    *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + ch) = pack_bf16x8<uint4>(acc);
   }
   if (out.weights != nullptr && threadIdx.x < s.top_k) {
     float w = 0.0f;

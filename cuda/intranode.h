@@ -14,6 +14,7 @@
 
 #include "cuda/comm_layout.h"
 #include "cuda/rank_info.h"
+#include "cuda/toolbox.cuh"
 
 namespace jax_deepep {
 
@@ -50,9 +51,7 @@ struct RingShape {
   int chunk_tokens;  // tokens a sender moves between tail updates (<= slots)
 };
 
-// Bytes of one ring slot and the offsets inside it (16-byte aligned pieces).
-JDEEP_HOST_DEVICE constexpr int align16(int n) { return (n + 15) / 16 * 16; }
-
+// Bytes of one ring slot and the offsets inside it (16-byte aligned pieces, cuda/toolbox.cuh).
 struct DispatchSlot {
   static constexpr int kMetaBytes = 16;  // source token index, destination row
   int part_offset[2];

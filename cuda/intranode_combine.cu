@@ -12,10 +12,12 @@
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/bulk_copy.cuh"
-#include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/memory_order.cuh"
 #include "cuda/op_sync.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -34,8 +36,8 @@ __device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int 
   return lo;
 }
 
-__device__ void send_back(const RankInfo& info, const CombineArgs& args, BulkPipe& pipe, const PeerGroup& g,
-                          int channel) {
+__device__ void send_back(const RankInfo& info, const WaitContext& wait, const CombineArgs& args, BulkPipe& pipe,
+                          const PeerGroup& g, int channel) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
@@ -51,28 +53,16 @@ __device__ void send_back(const RankInfo& info, const CombineArgs& args, BulkPip
 
   for (int chunk = 0; chunk < count; chunk += args.ring.chunk_tokens) {
     const int chunk_end = min(chunk + args.ring.chunk_tokens, count);
-    if (g.leader) {
-      wait_for(&mine->head[channel][dst], [&](uint64_t head) { return base + chunk_end <= head + slots; }, info,
-               kRingSpaceTimeout, dst, channel);
-    }
-    named_barrier(g.barrier_id, g.threads());
+    wait_ring_space(wait, g, mine, channel, base + chunk_end, slots);
     for (int i = chunk + g.warp_in_group; i < chunk_end; i += g.warps) {
       const int64_t row = first_row + i;
       char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, args.slot.bytes, base + i);
       const char* src = reinterpret_cast<const char*>(args.y + row * args.hidden);
-      if (bulk_copyable(p, src, row_bytes)) {
-        if (lane == 0) pipe.copy(p, src, row_bytes);
-      } else {
-        warp_copy<Source::kInput>(p, src, row_bytes, lane);
-      }
+      copy_row<Source::kInput>(pipe, p, src, row_bytes, lane);
       if (args.topk_weights && lane < args.num_topk)
         reinterpret_cast<float*>(p + args.slot.weights_offset)[lane] = args.topk_weights[row * args.num_topk + lane];
     }
-    if (lane == 0) pipe.drain();
-    __syncwarp();
-    __threadfence_system();
-    named_barrier(g.barrier_id, g.threads());
-    if (g.leader) store_release(&theirs->tail[channel][me], base + chunk_end);
+    publish_tail(pipe, g, theirs, channel, me, base + chunk_end);
   }
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
@@ -126,11 +116,7 @@ __device__ void combine_row(const RankInfo& info, const CombineArgs& args, const
     for (int u = 0; u < kUnroll; ++u) {
       const int i = first + 32 * u;
       if (i >= vectors) continue;
-      int4 packed;
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
-      out[i] = packed;
+      out[i] = pack_bf16x8<int4>(acc[u]);
     }
   }
 }
@@ -171,7 +157,8 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
-__device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, int channel, BulkPipe& pipe) {
+__device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, const CombineArgs& args, int channel,
+                               BulkPipe& pipe) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
   __shared__ int sent_first[kMaxRanks];  // tokens before the channel sent to each rank
@@ -201,8 +188,8 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
     const int chunk_end = min(chunk + chunk_tokens, range.last);
     if (d < num_ranks && d != me) {
       const uint64_t need = base[d] + filled(chunk_end, d);
-      wait_for(&mine->tail[channel][d], [need](uint64_t tail) { return tail >= need; }, info, kRingDataTimeout, d,
-               channel);
+      wait_until(&mine->tail[channel][d], [need](uint64_t tail) { return tail >= need; }, wait, WaitKind::kRingData, d,
+                 channel);
     }
     __syncthreads();
     // The ring slots were acquired through generic loads; the bulk engine may read them next.
@@ -222,7 +209,7 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
       }
       return p;
     };
-    for_each_ahead(chunk + warp, chunk_end, kIntranodeWarps, positions, [&](const TokenPositions& p) {
+    for_each_ahead(chunk + warp, chunk_end, kWarps, positions, [&](const TokenPositions& p) {
       TokenRows rows;
       rows.token = p.token;
 #pragma unroll
@@ -244,22 +231,23 @@ __device__ void receive_tokens(const RankInfo& info, const CombineArgs& args, in
   if (d < num_ranks && d != me) mine->consumed_total[channel][d] = base[d] + filled(range.last, d);
 }
 
-__global__ void __launch_bounds__(kIntranodeThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
   const int num_ranks = info.num_ranks;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
+  const WaitContext wait = wait_context(info, OpKind::kCombine);
   const uint32_t epoch = op_epoch(info);
   if (blockIdx.x == 0) announce_op(info, epoch);
-  wait_for_peers(info, epoch);
+  wait_for_peers(info, wait, epoch);
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
   if (sender) {
     const PeerGroup g = peer_group(num_ranks);
-    if (g.peer < num_ranks && g.peer != info.rank) send_back(info, args, pipe, g, channel);
+    if (g.peer < num_ranks && g.peer != info.rank) send_back(info, wait, args, pipe, g, channel);
   } else {
-    receive_tokens(info, args, channel, pipe);
+    receive_tokens(info, wait, args, channel, pipe);
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
   finish_op(info, epoch);
@@ -274,7 +262,7 @@ cudaError_t prepare_combine() {
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
   CombineArgs a = args;
   const int blocks = intranode_blocks(info, a.ring);  // one rank: every block receives its own channel
-  combine_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
+  combine_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

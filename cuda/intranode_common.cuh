@@ -1,4 +1,6 @@
-// Small device helpers shared by the intranode kernels.
+// What the intranode kernels (dispatch, combine) share beyond cuda/toolbox.cuh: their launch
+// shape, the split of tokens into channels, the warp groups serving one peer each, ring slot
+// addresses, row copies and a sender group's two ring steps (wait for space, publish the tail).
 #pragma once
 
 #include <cstdint>
@@ -6,13 +8,15 @@
 #include "cuda/bulk_copy.cuh"
 #include "cuda/comm_layout.h"
 #include "cuda/intranode.h"
+#include "cuda/memory_order.cuh"
 #include "cuda/rank_info.h"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
+#include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
 
-constexpr int kIntranodeThreads = 512;
-constexpr int kIntranodeWarps = kIntranodeThreads / 32;
-constexpr int kIntranodeSharedBytes = kIntranodeWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
+constexpr int kIntranodeSharedBytes = kWarps * kBulkWarpBytes;  // every warp's bulk-copy staging
 
 // Blocks of a dispatch or combine launch: a sender and a receiver block per channel, or with one
 // rank (nothing crosses ranks) one block per channel and twice the channels.
@@ -56,7 +60,7 @@ struct PeerGroup {
 __device__ __forceinline__ PeerGroup peer_group(int num_ranks) {
   const int warp = threadIdx.x / 32;
   PeerGroup g;
-  g.warps = kIntranodeWarps / num_ranks;
+  g.warps = kWarps / num_ranks;
   g.peer = warp / g.warps;
   g.warp_in_group = warp % g.warps;
   g.barrier_id = g.peer + 1;
@@ -82,6 +86,38 @@ __device__ __forceinline__ char* ring_slot(char* buffer, int channel, int src, i
                                            int slot_bytes, uint64_t index) {
   return buffer + ring_position(channel, src, num_ranks, slots, slot_bytes) +
          static_cast<size_t>(index % static_cast<uint64_t>(slots)) * slot_bytes;
+}
+
+// One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
+template <Source kSource>
+__device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* src, int bytes, int lane) {
+  if (bulk_copyable(dst, src, bytes)) {
+    if (lane == 0) pipe.copy(dst, src, bytes);
+  } else {
+    warp_copy<kSource>(dst, src, bytes, lane);
+  }
+}
+
+// Sender group, whole group: waits until the ring of (channel, this rank) on the group's peer has
+// room for the slots up to total `end` (the peer publishes its head in this rank's header).
+__device__ __forceinline__ void wait_ring_space(const WaitContext& wait, const PeerGroup& g, CommHeader* mine,
+                                                int channel, uint64_t end, int slots) {
+  if (g.leader) {
+    wait_until(&mine->head[channel][g.peer], [&](uint64_t head) { return end <= head + slots; }, wait,
+               WaitKind::kRingSpace, g.peer, channel);
+  }
+  named_barrier(g.barrier_id, g.threads());
+}
+
+// Sender group, whole group: once every warp's copies into the peer's ring have landed, publishes
+// the slots up to total `end` as this rank's tail there.
+__device__ __forceinline__ void publish_tail(BulkPipe& pipe, const PeerGroup& g, CommHeader* theirs, int channel,
+                                             int me, uint64_t end) {
+  if (threadIdx.x % 32 == 0) pipe.drain();
+  __syncwarp();
+  __threadfence_system();
+  named_barrier(g.barrier_id, g.threads());
+  if (g.leader) store_release(&theirs->tail[channel][me], end);
 }
 
 }  // namespace jax_deepep

@@ -9,11 +9,13 @@
 //  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
 //    publishes the head so the sender can reuse the slots.
 #include "cuda/bulk_copy.cuh"
-#include "cuda/device_sync.cuh"
 #include "cuda/intranode.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/memory_order.cuh"
 #include "cuda/notify.cuh"
 #include "cuda/op_sync.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 #include "cuda/warp_copy.cuh"
 
 namespace jax_deepep {
@@ -65,16 +67,6 @@ __device__ __forceinline__ Token ring_token(const DispatchArgs& args, const Disp
   return k;
 }
 
-// One payload row: the bulk-copy engine when alignment allows, else the warp's own loads.
-template <Source kSource>
-__device__ __forceinline__ void copy_row(BulkPipe& pipe, char* dst, const char* src, int bytes, int lane) {
-  if (bulk_copyable(dst, src, bytes)) {
-    if (lane == 0) pipe.copy(dst, src, bytes);
-  } else {
-    warp_copy<kSource>(dst, src, bytes, lane);
-  }
-}
-
 // Writes token `k` into its output row (< capacity), converting expert ids to local ones.
 template <Source kSource>
 __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe, int me, int experts_per_rank,
@@ -99,8 +91,8 @@ __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe
 // Rows past the received tokens: no expert, zero weight, no source.
 __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
   const int lane = threadIdx.x % 32;
-  const int warps = gridDim.x * kIntranodeWarps;
-  for (int row = max(num_recv, 0) + blockIdx.x * kIntranodeWarps + threadIdx.x / 32; row < args.capacity; row += warps) {
+  const int warps = gridDim.x * kWarps;
+  for (int row = max(num_recv, 0) + blockIdx.x * kWarps + threadIdx.x / 32; row < args.capacity; row += warps) {
     if (lane < args.num_topk) {
       const int64_t at = static_cast<int64_t>(row) * args.num_topk + lane;
       if (args.recv_topk_idx) args.recv_topk_idx[at] = -1;
@@ -112,13 +104,12 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
 }
 
 // Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
-// Counts tokens before the channel, then scans the channel a block-width at a time (ballots).
+// Counts tokens before the channel, then scans the channel a block-width at a time.
 __device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range,
                                   const int (&send_offset)[kMaxRanks]) {
-  __shared__ int running[kMaxRanks];
-  __shared__ int warp_totals[kIntranodeWarps][kMaxRanks];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (threadIdx.x < kMaxRanks) running[threadIdx.x] = 0;
+  __shared__ BlockPrefix<kMaxRanks> prefix;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x < kMaxRanks) prefix.running[threadIdx.x] = 0;
   __syncthreads();
   // The flags of the tokens before the channel, 16 bytes per thread and load: late channels would
   // otherwise chain several loads, each queued behind the other blocks' bulk traffic.
@@ -147,38 +138,25 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
 #pragma unroll
   for (int d = 0; d < kMaxRanks; ++d) {
     const int sum = __reduce_add_sync(0xffffffff, before[d]);
-    if (lane == 0 && d < num_ranks && sum) atomicAdd(&running[d], sum);
+    if (lane == 0 && d < num_ranks && sum) atomicAdd(&prefix.running[d], sum);
   }
   __syncthreads();
   for (int first = range.first; first < range.last; first += blockDim.x) {
     const int t = first + threadIdx.x;
     const bool valid = t < range.last;
-    unsigned ballots[kMaxRanks];
+    bool sent[kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d)
+      sent[d] = valid && d < num_ranks && args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d];
+    int count[kMaxRanks];
+    block_prefix(prefix, sent, count);
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
-      const bool sent = valid && d < num_ranks && args.is_token_in_rank[static_cast<int64_t>(t) * num_ranks + d];
-      ballots[d] = __ballot_sync(0xffffffff, sent);
-      if (lane == 0) warp_totals[warp][d] = __popc(ballots[d]);
+      if (d >= num_ranks || !valid) continue;
+      const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
+      args.positions.send_count_before[at] = count[d];
+      args.positions.send_row[at] = sent[d] ? send_offset[d] + count[d] : -1;
     }
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= num_ranks) continue;
-      int count = running[d] + __popc(ballots[d] & ((1u << lane) - 1));
-      for (int w = 0; w < warp; ++w) count += warp_totals[w][d];
-      if (valid) {
-        const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
-        args.positions.send_count_before[at] = count;
-        args.positions.send_row[at] = (ballots[d] >> lane) & 1 ? send_offset[d] + count : -1;
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < num_ranks) {
-      int total = 0;
-      for (int w = 0; w < kIntranodeWarps; ++w) total += warp_totals[w][threadIdx.x];
-      running[threadIdx.x] += total;
-    }
-    __syncthreads();
   }
 }
 
@@ -194,8 +172,9 @@ __device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, Bul
       });
 }
 
-__device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const DispatchSlot& slot,
-                             const PeerGroup& g, int channel, TokenRange range, uint32_t epoch) {
+__device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args, BulkPipe& pipe,
+                             const DispatchSlot& slot, const PeerGroup& g, int channel, TokenRange range,
+                             uint32_t epoch) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
@@ -216,11 +195,7 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
     const int chunk_end = min(chunk + args.ring.chunk_tokens, range.last);
     const int sent_after = before(chunk_end) - first;
     if (sent_after == before(chunk) - first) continue;
-    if (g.leader) {
-      wait_for(&mine->head[channel][dst], [&](uint64_t head) { return base + sent_after <= head + slots; }, info,
-               kRingSpaceTimeout, dst, channel);
-    }
-    named_barrier(g.barrier_id, g.threads());
+    wait_ring_space(wait, g, mine, channel, base + sent_after, slots);
     for_each_ahead(
         chunk + g.warp_in_group, chunk_end, g.warps, [&](int t) { return input_token(args, num_ranks, t, dst, lane); },
         [&](const Token& k) {
@@ -237,18 +212,14 @@ __device__ void send_to_peer(const RankInfo& info, const DispatchArgs& args, Bul
             if (args.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = k.weight;
           }
         });
-    if (lane == 0) pipe.drain();
-    __syncwarp();
-    __threadfence_system();
-    named_barrier(g.barrier_id, g.threads());
-    if (g.leader) store_release(&theirs->tail[channel][me], base + sent_after);
+    publish_tail(pipe, g, theirs, channel, me, base + sent_after);
   }
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe,
-                                  const DispatchSlot& slot, const PeerGroup& g, int channel, uint32_t epoch,
-                                  int experts_per_rank) {
+__device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args,
+                                  BulkPipe& pipe, const DispatchSlot& slot, const PeerGroup& g, int channel,
+                                  uint32_t epoch, int experts_per_rank) {
   __shared__ int64_t shared_count[kMaxRanks];
   const int me = info.rank, src = g.peer, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -256,10 +227,11 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   CommHeader* theirs = header_of(info.buffers[src]);
   const uint64_t base = mine->consumed_total[channel][src];
   if (g.leader) {
-    const uint64_t v = wait_for(&mine->channel_count[channel][src],
-                                [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, info,
-                                kChannelCountTimeout, src, channel);
-    shared_count[src] = static_cast<uint32_t>(v >> 32) == epoch ? static_cast<int64_t>(v & 0xffffffffu) : 0;
+    uint64_t announced = 0;
+    const bool arrived = wait_until(&mine->channel_count[channel][src],
+                                    [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, wait,
+                                    WaitKind::kChannelCount, src, channel, &announced);
+    shared_count[src] = arrived ? static_cast<int64_t>(announced & 0xffffffffu) : 0;
   }
   named_barrier(g.barrier_id, g.threads());
   const int64_t count = shared_count[src];
@@ -267,10 +239,11 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   while (done < count) {
     named_barrier(g.barrier_id, g.threads());  // everyone read shared_count[src] of the last round
     if (g.leader) {
-      const uint64_t tail = wait_for(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, info,
-                                     kRingDataTimeout, src, channel);
-      int64_t ready = static_cast<int64_t>(tail - base) - done;
-      if (ready <= 0 || error_raised(info.error)) ready = count - done;  // gave up: drain garbage
+      uint64_t tail = 0;
+      const bool arrived = wait_until(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, wait,
+                                      WaitKind::kRingData, src, channel, &tail);
+      // Once the wait gave up, the rest of the ring is drained as garbage.
+      const int64_t ready = arrived ? static_cast<int64_t>(tail - base) - done : count - done;
       shared_count[src] = min(ready, count - done);
     }
     named_barrier(g.barrier_id, g.threads());
@@ -285,7 +258,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
         },
         [&](const Token& k) {
           if (k.row < 0 || k.row >= args.capacity) return;  // dropped (past capacity)
-          deliver<Source::kRing>(args, pipe, me, experts_per_rank, k, src, lane);
+          deliver<Source::kPeer>(args, pipe, me, experts_per_rank, k, src, lane);
         });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
@@ -296,7 +269,7 @@ __device__ void receive_from_peer(const RankInfo& info, const DispatchArgs& args
   if (g.leader) mine->consumed_total[channel][src] = base + count;
 }
 
-__global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
   __shared__ RankCounts counts;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
@@ -304,12 +277,13 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
   const bool sender = solo || blockIdx.x % 2 == 0;
   const bool first = args.positions.send_row != nullptr;  // not cached: exchange counts, compute positions
   const int experts_per_rank = args.num_experts / num_ranks;
+  const WaitContext wait = wait_context(info, first ? OpKind::kDispatch : OpKind::kCachedDispatch);
   const uint32_t epoch = op_epoch(info);
   if (blockIdx.x == 0) {
     if (first) post_counts(info, args.notify, epoch);
     announce_op(info, epoch);
   }
-  wait_for_peers(info, epoch);
+  wait_for_peers(info, wait, epoch);
   if (first) read_counts(info, args.notify, epoch, counts);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, first ? counts.num_recv : *args.num_recv_tokens);
@@ -327,10 +301,10 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_kernel(RankInfo
       if (g.peer == me) {
         send_to_self(info, args, pipe, g, range, experts_per_rank);
       } else {
-        send_to_peer(info, args, pipe, args.slot, g, channel, range, epoch);
+        send_to_peer(info, wait, args, pipe, args.slot, g, channel, range, epoch);
       }
     } else if (g.peer != me) {
-      receive_from_peer(info, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
+      receive_from_peer(info, wait, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
     }
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
@@ -346,7 +320,7 @@ cudaError_t prepare_dispatch() {
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
   DispatchArgs a = args;
   const int blocks = intranode_blocks(info, a.ring);  // one rank: every block sends its own channel
-  dispatch_kernel<<<blocks, kIntranodeThreads, kIntranodeSharedBytes, stream>>>(info, a);
+  dispatch_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
   return cudaGetLastError();
 }
 

@@ -2,8 +2,8 @@
 //
 // Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
 // buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
-// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and raises the
-// host-visible error flag instead of spinning forever (nvshmem_peers.cuh).
+// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and fills the
+// host-mapped error record instead of spinning forever (wait.cuh).
 #include "low_latency.cuh"
 
 #include <cuda_fp8.h>
@@ -11,16 +11,16 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
-#include <cstdio>
 
+#include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
+#include "cuda/nvshmem_peers.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
 
 namespace jax_deepep {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kChunkChannels = kWarpSize * 8;  // one warp chunk: 8 channels (16 bf16 bytes) per lane
 // Chunks a warp loads before it stores any: several loads in flight per lane instead of one.
 constexpr int kPassChunks = 4;
@@ -66,16 +66,11 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
     if (valid) *reinterpret_cast<uint4*>(payload + ch * 2) = raw;
     return;
   }
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
   float v[8];
+  unpack_bf16x8(raw, v);
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-    amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-  }
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
 #pragma unroll
   for (int mask = 8; mask >= 1; mask /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
   // The arithmetic of jax_deepep/fp8.py (and DeepEP): scale = amax * f32(1 / 448), values times
@@ -107,37 +102,30 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
                                                                  const int* topk_idx, int* send_slot,
                                                                  const int* token, bool use_fp8, bool round_scale) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
-  __shared__ int warp_matches[kWarps];
+  __shared__ BlockPrefix<1> matches;
   const int e = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
 
-  int matched = 0;
+  if (threadIdx.x == 0) matches.running[0] = 0;
+  __syncthreads();
   for (int start = 0; start < entries; start += kThreads) {
     const int i = start + threadIdx.x;
     const int id = i < entries ? topk_idx[i] : -1;
-    const bool mine = i < entries && id == e;
-    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-    if (lane == 0) warp_matches[warp] = __popc(ballot);
-    __syncthreads();
-    int before = matched, total = matched;
-    for (int w = 0; w < kWarps; ++w) {
-      if (w < warp) before += warp_matches[w];
-      total += warp_matches[w];
-    }
-    if (mine) {
-      const int slot = before + __popc(ballot & ((1u << lane) - 1u));
-      if (slot < s.max_tokens) slot_token[slot] = i / s.top_k;
-      send_slot[i] = slot < s.max_tokens ? slot : -1;
+    const bool mine[1] = {i < entries && id == e};
+    int slot[1];
+    block_prefix(matches, mine, slot);
+    if (mine[0]) {
+      if (slot[0] < s.max_tokens) slot_token[slot[0]] = i / s.top_k;
+      send_slot[i] = slot[0] < s.max_tokens ? slot[0] : -1;
     } else if (e == 0 && i < entries && (id < 0 || id >= s.num_experts)) {
       send_slot[i] = -1;  // ids outside [0, E) go nowhere
     }
-    matched = total;
-    __syncthreads();
   }
-  const int count = min(matched, s.max_tokens);
+  __syncthreads();  // slot_token is complete
+  const int count = min(matches.running[0], s.max_tokens);
 
   const size_t row_bytes = layout.dispatch_row_bytes;
   const size_t half = half_offset(seq, layout);
@@ -161,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, use_fp8, round_scale);
   }
 
-  const int signal = static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count));
+  const int signal = tagged_count(seq, count);
   const int signal_index = local * mem.num_ranks + mem.rank;
   if (peer != nullptr) {
     __threadfence_system();
@@ -191,12 +179,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
   const int* signals = signals_at(mem.local, seq, layout) + local * num_ranks;
-  for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
-    int signal = 0;
-    const bool arrived = wait_signal(signals + src, seq & 0xffffu, 16, mem, kDispatchTimeout, src, &signal);
-    offsets[src + 1] = arrived ? min(signal & 0xffff, m) : 0;
-  }
+  for (int src = threadIdx.x; src < num_ranks; src += kThreads)
+    offsets[src + 1] = min(wait_count(signals + src, seq, wait, WaitKind::kTokenCounts, src), m);
   __syncthreads();
   if (threadIdx.x == 0) {
     offsets[0] = 0;
@@ -361,10 +347,10 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
   const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
   const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
   for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
-    int flag = 0;
-    if (e / experts_per_rank != mem.rank) wait_signal(flags + e, seq, 0, mem, kCombineTimeout, e / experts_per_rank, &flag);
+    if (e / experts_per_rank != mem.rank) wait_call(flags + e, seq, wait, WaitKind::kExpertRows, e / experts_per_rank);
   }
   const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
   if (threadIdx.x < top_k) {
@@ -388,20 +374,9 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int k = 0; k < top_k; ++k) {
       if (rows[k] == nullptr) continue;
-      const uint4 raw = *reinterpret_cast<const uint4*>(rows[k] + ch);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(pairs[i]);
-        acc[2 * i] += weights[k] * f.x;
-        acc[2 * i + 1] += weights[k] * f.y;
-      }
+      accumulate(acc, *reinterpret_cast<const uint4*>(rows[k] + ch), weights[k]);
     }
-    uint4 packed;
-    __nv_bfloat162* result = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) result[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<uint4*>(out + static_cast<size_t>(t) * hidden + ch) = packed;
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(t) * hidden + ch) = pack_bf16x8<uint4>(acc);
   }
 }
 

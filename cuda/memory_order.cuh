@@ -1,6 +1,6 @@
-// System-scope acquire loads and release stores, and the GPU's global timer: the primitives both
-// the intranode kernels (device_sync.cuh) and the low-latency kernels signal with. Peers' memory is
-// reached through CUDA IPC, peer mappings or NVSHMEM, so every flag is read and written at system scope.
+// System-scope acquire loads and release stores, and the GPU's global timer: the primitives every
+// kernel signals with (waits: wait.cuh). Peers' memory is reached through CUDA IPC, peer mappings
+// or NVSHMEM, so every flag is read and written at system scope.
 #pragma once
 
 #include <cstdint>

@@ -5,7 +5,7 @@
 // writes the handle's counts.
 #pragma once
 
-#include "cuda/device_sync.cuh"
+#include "cuda/comm_layout.h"
 #include "cuda/intranode.h"
 
 namespace jax_deepep {

@@ -1,5 +1,6 @@
 // What the NVSHMEM kernels (low_latency.cu, internode.cu) share: where this PE's symmetric memory is
-// and how to reach the other PEs, the call numbers that tag every signal, and the bounded wait.
+// and how to reach the other PEs, the call numbers that tag every signal, and the two kinds of
+// signal they wait for (wait.cuh's wait_until underneath).
 //
 // Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group get
 // plain stores; every other peer gets nvshmem puts from the symmetric staging area. Signals carry
@@ -9,9 +10,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 
 #include "cuda/memory_order.cuh"
+#include "cuda/wait.cuh"
 
 namespace jax_deepep {
 
@@ -19,8 +20,7 @@ struct PeerMemory {
   char* local;                // this PE's symmetric buffer
   char* staging;              // symmetric: the source of nvshmem puts
   char* const* peer;          // device array [R]: peer's buffer mapped here (NVLink/P2P), or null
-  int* timeout_flag;          // device memory; nonzero once a wait timed out (polled by kernels)
-  int* timeout_flag_host;     // host-mapped copy of it, which the host reads without a sync
+  ErrorRecord* error;         // device pointer of the process's host-mapped record
   long long timeout_ns;
   int rank;
   int num_ranks;
@@ -36,50 +36,32 @@ constexpr int kInternodeDispatchCall = 2;  // internode dispatch and cached disp
 constexpr int kInternodeCombineCall = 3;   // internode combine
 constexpr int kNumCallKinds = 4;
 
-// Error flag values (which wait timed out).
-constexpr int kDispatchTimeout = 1;
-constexpr int kCombineTimeout = 2;
-constexpr int kInternodeDispatchTimeout = 3;
-constexpr int kInternodeCombineTimeout = 4;
-
-__host__ __device__ inline const char* timeout_kind_name(int kind) {
-  switch (kind) {
-    case kDispatchTimeout: return "low-latency dispatch";
-    case kCombineTimeout: return "low-latency combine";
-    case kInternodeDispatchTimeout: return "internode dispatch";
-    default: return "internode combine";
-  }
+inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op) {
+  return {mem.error, mem.timeout_ns, mem.rank, op};
 }
 
 #ifdef __CUDACC__
 // Numbers a call: token[0] = ++counter. The kernels after it on the stream read token[0].
 __global__ void next_call_number_kernel(uint32_t* counter, int* token);
 
-__device__ __forceinline__ bool timed_out_before(const PeerMemory& mem) {
-  return *reinterpret_cast<volatile int*>(mem.timeout_flag) != 0;
+// A count signal: the low 16 bits of the call number above a 16-bit count.
+__device__ __forceinline__ int tagged_count(uint32_t seq, int count) {
+  return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count & 0xffff));
 }
 
-// Spins until the signal at `p` carries `tag` in the bits above `tag_shift` and stores it in
-// *value; false after the timeout (or at once when an earlier wait already timed out).
-__device__ inline bool wait_signal(const int* p, uint32_t tag, int tag_shift, const PeerMemory& mem, int kind,
-                                   int peer, int* value) {
-  *value = load_acquire(p);
-  if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
-  if (timed_out_before(mem)) return false;
-  const uint64_t start = global_time_ns();
-  while (true) {
-    *value = load_acquire(p);
-    if ((static_cast<uint32_t>(*value) >> tag_shift) == tag) return true;
-    if (global_time_ns() - start > static_cast<uint64_t>(mem.timeout_ns)) {
-      if (!timed_out_before(mem)) {
-        printf("jax_deepep: %s on rank %d timed out waiting for rank %d\n", timeout_kind_name(kind), mem.rank, peer);
-      }
-      *reinterpret_cast<volatile int*>(mem.timeout_flag) = kind;
-      *reinterpret_cast<volatile int*>(mem.timeout_flag_host) = kind;
-      __threadfence_system();
-      return false;
-    }
-  }
+// Waits for the count signal of call `seq` at `p`; the count, or 0 once the wait gave up.
+__device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
+                                          int peer) {
+  int value = 0;
+  const bool arrived = wait_until(
+      p, [seq](int v) { return (static_cast<uint32_t>(v) >> 16) == (seq & 0xffffu); }, wait, what, peer, -1, &value);
+  return arrived ? value & 0xffff : 0;
+}
+
+// Waits for the done signal of call `seq` at `p` (the call number itself); false once it gave up.
+__device__ __forceinline__ bool wait_call(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
+                                          int peer) {
+  return wait_until(p, [seq](int v) { return static_cast<uint32_t>(v) == seq; }, wait, what, peer, -1);
 }
 
 #endif  // __CUDACC__

@@ -12,8 +12,10 @@
 
 #include <cstdint>
 
-#include "cuda/device_sync.cuh"
+#include "cuda/comm_layout.h"
+#include "cuda/memory_order.cuh"
 #include "cuda/rank_info.h"
+#include "cuda/wait.cuh"
 
 namespace jax_deepep {
 
@@ -37,12 +39,12 @@ __device__ __forceinline__ void announce_op(const RankInfo& info, uint32_t epoch
 }
 
 // Whole block: every peer has started op `epoch`.
-__device__ __forceinline__ void wait_for_peers(const RankInfo& info, uint32_t epoch) {
+__device__ __forceinline__ void wait_for_peers(const RankInfo& info, const WaitContext& wait, uint32_t epoch) {
   const int peer = threadIdx.x;
   if (peer < info.num_ranks && peer != info.rank) {
-    wait_for(&header_of(info.buffers[info.rank])->barrier_flag[epoch & 1][peer],
-             [epoch](uint32_t v) { return static_cast<int32_t>(v - epoch) >= 0; }, info, kBarrierTimeout, peer,
-             -1);
+    wait_until(&header_of(info.buffers[info.rank])->barrier_flag[epoch & 1][peer],
+               [epoch](uint32_t v) { return static_cast<int32_t>(v - epoch) >= 0; }, wait, WaitKind::kOpBarrier,
+               peer, -1);
   }
   __syncthreads();
 }

@@ -1,7 +1,9 @@
-// What a kernel needs to know about its rank and the peers' communication buffers.
+// What a normal-mode (intranode) kernel knows about its rank, the peers' communication buffers
+// and how long its waits may last.
 #pragma once
 
 #include "cuda/comm_layout.h"
+#include "cuda/wait.cuh"
 
 namespace jax_deepep {
 
@@ -9,16 +11,12 @@ struct RankInfo {
   int rank;
   int num_ranks;
   char* buffers[kMaxRanks];  // buffers[r]: rank r's communication buffer, mapped here
-  int* error;                // host-mapped; nonzero once a wait timed out
+  ErrorRecord* error;        // device pointer of this (Buffer, device)'s host-mapped record
+  long long timeout_ns;      // how long one wait may last
 };
 
-// Error codes a kernel raises (first one wins).
-enum KernelError : int {
-  kNoError = 0,
-  kBarrierTimeout = 1,
-  kChannelCountTimeout = 2,
-  kRingSpaceTimeout = 3,
-  kRingDataTimeout = 4,
-};
+inline JDEEP_HOST_DEVICE WaitContext wait_context(const RankInfo& info, OpKind op) {
+  return {info.error, info.timeout_ns, info.rank, op};
+}
 
 }  // namespace jax_deepep

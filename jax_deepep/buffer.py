@@ -16,10 +16,31 @@ import jax
 from . import low_latency as _ll
 from . import normal as _normal
 from .backend import RankContext
-from .config import (Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint)
+from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint, sm_count
 from .reference import BACKEND as REFERENCE_BACKEND
 from .topology import detect_ranks_per_node
-from .validation import DeepEPError, axis_size, fail
+from .validation import DeepEPError, axis_size, fail, integer, seconds
+
+DEFAULT_TIMEOUT_S = 100.0
+_MAX_TIMEOUT_S = 1e9  # what the NVSHMEM runtime takes (xla_ffi/nvshmem_runtime.cc)
+
+
+def _environment_value(variable: str, text: str, parse):
+    try:
+        return parse(text)
+    except ValueError:
+        raise DeepEPError(f"Buffer: the environment variable {variable} must be a number, got {text!r}") from None
+
+
+def resolve_timeout_s(timeout_s: Optional[float]) -> float:
+    """The seconds a kernel waits for a peer: `timeout_s`, else JAX_DEEPEP_TIMEOUT_S, else 100."""
+    if timeout_s is not None:
+        return seconds("Buffer", "timeout_s", timeout_s, maximum=_MAX_TIMEOUT_S)
+    env = os.environ.get("JAX_DEEPEP_TIMEOUT_S")
+    if env is None:
+        return DEFAULT_TIMEOUT_S
+    return seconds("Buffer", "timeout_s (from JAX_DEEPEP_TIMEOUT_S)",
+                   _environment_value("JAX_DEEPEP_TIMEOUT_S", env, float), maximum=_MAX_TIMEOUT_S)
 
 
 def _mesh_platform(mesh) -> str:
@@ -28,8 +49,12 @@ def _mesh_platform(mesh) -> str:
 
 
 class Buffer:
-    """Communication buffers for expert parallelism over `mesh` axis `axis_name`.
+    """Communication buffers for expert parallelism over `mesh` axis `axis_name` (docs/API.md).
 
+    `num_nvl_bytes`: the intranode buffer per rank (0: a default); `num_rdma_bytes`: the NVSHMEM
+    symmetric buffer per rank, needed by low-latency mode and by normal mode across nodes;
+    `low_latency_mode` enables the low-latency ops; `allow_nvlink_for_low_latency_mode=False` sends
+    every low-latency row as an NVSHMEM put; `num_qps_per_rank` is accepted for DeepEP and unused.
     Collective in a multi-process job: every process constructs it with the same arguments.
     A node (ranks sharing NVLink) is the ranks whose devices' processes run on one host, which must be
     equal blocks of consecutive ranks (`topology.detect_ranks_per_node`; `JAX_DEEPEP_HOST_ID` fakes a
@@ -37,33 +62,42 @@ class Buffer:
     ranks form a node (tests use it to make one machine play several nodes). On the CUDA backend an axis
     of several nodes runs the NVSHMEM internode kernels when `num_rdma_bytes` is given, else pure JAX
     (docs/INTERNODE.md).
+
+    `timeout_s` (None: the environment variable JAX_DEEPEP_TIMEOUT_S, else 100 s; a number in (0, 1e9))
+    bounds every wait on a peer of the NVSHMEM kernels (low-latency and internode mode); the intranode
+    kernels still wait their own fixed time. `exact_internode_combine`: today's internode combine is
+    exact either way (f32 partials per node, one rounding at the source), so both values give the
+    same result.
     """
 
     num_sms: int = 20
 
     def __init__(self, mesh, axis_name: str = "ep", *, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
-                 allow_nvlink_for_low_latency_mode: bool = True, ranks_per_node: Optional[int] = None):
+                 allow_nvlink_for_low_latency_mode: bool = True, timeout_s: Optional[float] = None,
+                 exact_internode_combine: bool = False, ranks_per_node: Optional[int] = None):
         if not isinstance(mesh, jax.sharding.Mesh):
             raise DeepEPError(f"Buffer: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if axis_name not in mesh.axis_names:
             raise DeepEPError(f"Buffer: `axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
-                            ("num_qps_per_rank", num_qps_per_rank)):
-            if not isinstance(value, int) or value < 0:
-                raise DeepEPError(f"Buffer: `{name}` must be a non-negative int, got {value!r}")
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
-        self.num_nvl_bytes = num_nvl_bytes
-        self.num_rdma_bytes = num_rdma_bytes
+        self.num_nvl_bytes = integer("Buffer", "num_nvl_bytes", num_nvl_bytes, minimum=0)
+        self.num_rdma_bytes = integer("Buffer", "num_rdma_bytes", num_rdma_bytes, minimum=0)
         self.low_latency_mode = bool(low_latency_mode)
-        self.num_qps_per_rank = num_qps_per_rank
+        self.num_qps_per_rank = integer("Buffer", "num_qps_per_rank", num_qps_per_rank, minimum=0)
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.timeout_s = resolve_timeout_s(timeout_s)
+        # The internode combine sums each node's partial in f32 and rounds once at the source, so both
+        # values give the exact result today; the flag is kept for a bf16-partial fast path.
+        self.exact_internode_combine = bool(exact_internode_combine)
         if ranks_per_node is None:
             env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
-            ranks_per_node = int(env) if env is not None else detect_ranks_per_node(mesh, axis_name)
-        if ranks_per_node <= 0 or self.num_ranks % ranks_per_node:
+            ranks_per_node = (_environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int) if env is not None
+                              else detect_ranks_per_node(mesh, axis_name))
+        ranks_per_node = integer("Buffer", "ranks_per_node", ranks_per_node, minimum=1)
+        if self.num_ranks % ranks_per_node:
             raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
                               f"got {ranks_per_node}")
         self.ranks_per_node = min(ranks_per_node, self.num_ranks)
@@ -103,6 +137,7 @@ class Buffer:
             self.low_latency_backend.destroy()
 
     def __enter__(self):
+        """`with Buffer(...) as buffer:` destroys the Buffer when the block ends."""
         return self
 
     def __exit__(self, *exc):
@@ -110,26 +145,32 @@ class Buffer:
 
     @property
     def is_destroyed(self) -> bool:
+        """True once `destroy()` was called; ops of a destroyed Buffer raise `DeepEPError`."""
         return self._destroyed
 
     # ---- configuration --------------------------------------------------------------------
     @staticmethod
     def set_num_sms(new_num_sms: int):
-        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
-            raise DeepEPError(f"Buffer.set_num_sms: `new_num_sms` must be a positive even int, got {new_num_sms!r}")
-        Buffer.num_sms = new_num_sms
+        """Set the SMs (a positive even int) of the default normal-mode configs, for every Buffer."""
+        Buffer.num_sms = sm_count("Buffer.set_num_sms", "new_num_sms", new_num_sms)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return default_dispatch_config(num_ranks, Buffer.num_sms)
+        """The `Config` dispatch uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
+        return default_dispatch_config(integer("Buffer.get_dispatch_config", "num_ranks", num_ranks, minimum=1),
+                                       Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return default_combine_config(num_ranks, Buffer.num_sms)
+        """The `Config` combine uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
+        return default_combine_config(integer("Buffer.get_combine_config", "num_ranks", num_ranks, minimum=1),
+                                      Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
+        """Bytes of `num_rdma_bytes` the low-latency ops need for `M` tokens per rank of `hidden`
+        channels, `num_ranks` ranks and `num_experts` experts."""
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- per-shard ops ----------------------------------------------------------------------
@@ -142,27 +183,33 @@ class Buffer:
                      f"{self.num_ranks} ranks")
         return RankContext(self.axis_name, self.num_ranks, self.ranks_per_node)
 
-    def _config(self, op: str, config: Optional[Config], default: Config, hidden: int) -> Config:
+    def _config(self, op: str, config: Optional[Config], default: Config) -> Config:
         if config is None:
-            config = default
-        elif not isinstance(config, Config):
+            return default
+        if not isinstance(config, Config):
             fail(op, f"`config` must be a deepep.Config, got {type(config).__name__}")
-        if self.num_nvl_bytes:
-            need = config.get_nvl_buffer_size_hint(hidden * 2, self.num_ranks)
-            if self.num_nvl_bytes < need:
-                fail(op, f"the Buffer is too small: num_nvl_bytes={self.num_nvl_bytes} but this config and "
-                         f"hidden size {hidden} need {need} (Config.get_nvl_buffer_size_hint)")
         return config
 
     def get_dispatch_layout(self, topk_idx, num_experts: int):
-        """Where this rank's tokens go (SPEC.md section 2); traced under
-        `jax.named_scope("deepep/get_dispatch_layout")`."""
+        """Per shard: where this rank's tokens go, as a `DispatchLayout`.
+
+        `topk_idx`: i32 `[T, K]` expert ids, -1 for none (ids outside [-1, E) count as -1);
+        `num_experts`: E, divisible by the number of ranks. Traced under
+        `jax.named_scope("deepep/get_dispatch_layout")`.
+        """
         ctx = self._context("get_dispatch_layout")
         return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
                  num_worst_tokens=None, expert_alignment=1, config=None):
-        """Send each token to the ranks of its experts (SPEC.md section 2).
+        """Per shard: send each token to the ranks of its experts; returns a `DispatchOutput`.
+
+        `x`: bf16 `[T, H]` or the FP8 pair (float8_e4m3fn `[T, H]`, f32 scales `[T, H // 128]`).
+        Routing: `topk_idx` (i32 `[T, K]`) with `num_experts` or `layout`, or `layout` alone, or the
+        `handle` of an earlier dispatch (cached mode, no other routing). `topk_weights`: f32
+        `[T, K]`. `num_worst_tokens`: the receive capacity N (default R * T); `expert_alignment`
+        rounds the per-expert counts up; `config` defaults to `get_dispatch_config`.
+        Differentiable in bf16 `x` and `topk_weights`; under `jax.vmap`, a loop over the mapped axis.
 
         Traced under `jax.named_scope("deepep/dispatch")`. Checkpoint names (`jax.checkpoint` policies):
         "deepep/dispatch/recv_x", "deepep/dispatch/recv_topk_idx", "deepep/dispatch/recv_topk_weights" and
@@ -170,41 +217,46 @@ class Buffer:
         dispatching again.
         """
         ctx = self._context("dispatch")
-        hidden = (x[0] if isinstance(x, (tuple, list)) else x).shape[-1]
-        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks), hidden)
+        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks))
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
-                                num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment)
+                                num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
+                                num_nvl_bytes=self.num_nvl_bytes)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
-        """Sum the rows of `y` back onto the tokens they came from (SPEC.md section 2).
+        """Per shard: sum each token's rows back on its source rank; returns
+        (bf16 `[T, H]`, f32 `[T, K]` or None).
+
+        `y`: bf16 `[N, H]`, a row per received row of the dispatch whose `handle` is given (rows past
+        `num_recv_tokens` are ignored); `topk_weights`: f32 `[N, K]`, summed back alike; `bias`:
+        None, or one or two bf16 `[T, H]` added to the sum, which is taken in f32 and rounded once.
+        Differentiable in `y`, `topk_weights` and `bias`; under `jax.vmap`, a loop over the mapped axis.
 
         Traced under `jax.named_scope("deepep/combine")`. Checkpoint names: "deepep/combine/combined_x",
         "deepep/combine/combined_topk_weights".
         """
         ctx = self._context("combine")
-        config = self._config("combine", config, self.get_combine_config(self.num_ranks), y.shape[-1])
-        return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias)
+        config = self._config("combine", config, self.get_combine_config(self.num_ranks))
+        return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias,
+                               num_nvl_bytes=self.num_nvl_bytes)
 
-    def _low_latency_context(self, op: str, num_max_dispatch_tokens_per_rank=None, hidden=None,
-                             num_experts=None) -> RankContext:
+    def _low_latency_context(self, op: str) -> RankContext:
         ctx = self._context(op)
         if not self.low_latency_mode:
             fail(op, "needs a Buffer created with low_latency_mode=True")
         if self.num_rdma_bytes <= 0:
             fail(op, "needs a Buffer created with num_rdma_bytes > 0 "
                      "(see Buffer.get_low_latency_rdma_size_hint)")
-        if hidden is not None and isinstance(num_experts, int) and isinstance(num_max_dispatch_tokens_per_rank, int):
-            need = low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks, num_experts)
-            if self.num_rdma_bytes < need:
-                fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but "
-                         f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}, hidden={hidden}, "
-                         f"num_experts={num_experts} need {need} (Buffer.get_low_latency_rdma_size_hint)")
         return ctx
 
     def low_latency_dispatch(self, x, topk_idx, *, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
                              round_scale=False, use_ue8m0=False, return_recv_hook=False):
-        """Send each token to its experts' slots (SPEC.md section 3).
+        """Per shard, low-latency mode: send each (token, expert) pair to the expert's block;
+        returns a `LowLatencyDispatchOutput` with `recv_x` `[E_l, R * M, H]` (bf16, or with `use_fp8`
+        the FP8 pair with per-128-channel scales; `round_scale` / `use_ue8m0` as in DeepEP).
+
+        `x`: bf16 `[T, H]`, T <= M = `num_max_dispatch_tokens_per_rank`; `topk_idx`: i32 `[T, K]`.
+        With `return_recv_hook=True` only the sends are issued; `low_latency_recv` completes it.
 
         Traced under `jax.named_scope("deepep/low_latency_dispatch")`. Checkpoint names (on the completed
         output, whether or not through `low_latency_recv`): "deepep/low_latency_dispatch/recv_x",
@@ -212,16 +264,22 @@ class Buffer:
         Under `jax.vmap` the op runs once per element; with `return_recv_hook=True` the CUDA kernels
         refuse to be mapped (every send would be in flight before the first receive).
         """
-        ctx = self._low_latency_context("low_latency_dispatch", num_max_dispatch_tokens_per_rank,
-                                        x.shape[-1] if hasattr(x, "shape") else None, num_experts)
+        ctx = self._low_latency_context("low_latency_dispatch")
         return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
                                         num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
                                         num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
-                                        use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
+                                        use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook,
+                                        num_rdma_bytes=self.num_rdma_bytes)
 
     def low_latency_combine(self, y, topk_idx, topk_weights, handle, *, use_logfmt=False, zero_copy=False,
                             return_recv_hook=False):
-        """Weighted sum of each token's expert outputs (SPEC.md section 3).
+        """Per shard, low-latency mode: bf16 `[T, H]`, each token's expert rows weighted by
+        `topk_weights` and summed in f32.
+
+        `y`: bf16 `[E_l, R * M, H]` (rows as `low_latency_dispatch` delivered them); `topk_idx` and
+        `topk_weights` (f32) `[T, K]`; `handle` from that dispatch. `zero_copy` sends `y` from where
+        XLA keeps it; `use_logfmt` is accepted (rows travel as exact bf16). With
+        `return_recv_hook=True` it returns a `PendingLowLatencyCombine` for `low_latency_recv`.
 
         Traced under `jax.named_scope("deepep/low_latency_combine")`. Checkpoint name (on the completed
         output): "deepep/low_latency_combine/combined_x". Under `jax.vmap` as `low_latency_dispatch`.
@@ -229,7 +287,7 @@ class Buffer:
         ctx = self._low_latency_context("low_latency_combine")
         return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
                                        use_logfmt=use_logfmt, zero_copy=zero_copy,
-                                       return_recv_hook=return_recv_hook)
+                                       return_recv_hook=return_recv_hook, num_rdma_bytes=self.num_rdma_bytes)
 
     def get_next_low_latency_combine_buffer(self, handle):
         """DeepEP's way to let the expert GEMM write its output into the combine's send buffer. In JAX
@@ -240,7 +298,8 @@ class Buffer:
              "usual and pass zero_copy=True to low_latency_combine, which sends it from where XLA put it")
 
     def low_latency_recv(self, pending):
-        """Complete a `return_recv_hook=True` low-latency op; traced under
+        """Per shard: complete a `return_recv_hook=True` low-latency dispatch (returns its
+        `LowLatencyDispatchOutput`) or combine (returns bf16 `[T, H]`). Traced under
         `jax.named_scope("deepep/low_latency_recv")`."""
         ctx = self._low_latency_context("low_latency_recv")
         return _ll.low_latency_recv(self.low_latency_backend, ctx, pending)

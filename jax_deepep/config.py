@@ -1,20 +1,26 @@
-"""Kernel launch configuration and buffer-size hints (SPEC.md section 1)."""
+"""Kernel launch configuration and buffer-size hints (docs/API.md, `Config`)."""
 from __future__ import annotations
 
 import dataclasses
 
-# Upper bounds the kernels are built for; the hints size buffers for them.
-MAX_TOPK = 32
+from .limits import FP8_BLOCK, MAX_TOPK
+from .sizes import align, low_latency_layout
+from .validation import fail, integer
+
+# Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
 MAX_NVL_PEERS = 8  # ranks of one node the NVLink kernels serve (cuda/comm_layout.h kMaxRanks)
-FP8_BLOCK = 128  # channels per FP8 scale
 _ALIGN = 128
 # The CUDA backend's buffer header (counters, barrier flags, notify slots; cuda/comm_layout.h),
 # rounded up; the rings follow it.
 NVL_HEADER_BYTES = 320 << 10
 
 
-def _align(n: int, to: int = _ALIGN) -> int:
-    return (n + to - 1) // to * to
+def sm_count(op: str, name: str, value) -> int:
+    """A number of SMs for the normal-mode kernels: positive and even (two SMs per channel)."""
+    value = integer(op, name, value, minimum=2)
+    if value % 2:
+        fail(op, f"`{name}` must be an even int >= 2 (two SMs per channel), got {value}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +31,9 @@ class Config:
     must be even. `num_max_nvl_chunked_recv_tokens` is the per-channel, per-peer ring size
     in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
     publishing its tail.
+
+    The two RDMA chunk sizes are accepted and checked (SPEC.md fixes them) but steer nothing
+    here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
     """
 
     num_sms: int
@@ -34,40 +43,47 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 256
 
     def __post_init__(self):
-        if self.num_sms <= 0 or self.num_sms % 2:
-            raise ValueError(f"Config.num_sms must be a positive even number, got {self.num_sms}")
+        # Normalised to Python ints (numpy integers are accepted), so the frozen fields are set directly.
+        object.__setattr__(self, "num_sms", sm_count("Config", "num_sms", self.num_sms))
         for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                      "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)}")
+            object.__setattr__(self, name, integer("Config", name, getattr(self, name), minimum=1))
         if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
-            raise ValueError(
-                "Config.num_max_nvl_chunked_send_tokens must be <= num_max_nvl_chunked_recv_tokens, got "
-                f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
+            fail("Config", "`num_max_nvl_chunked_send_tokens` must be <= num_max_nvl_chunked_recv_tokens, got "
+                           f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
 
     @property
     def num_channels(self) -> int:
+        """Channels of the normal-mode kernels: one per pair of SMs."""
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer one rank needs for tokens of `hidden_bytes` bytes."""
+        op = "Config.get_nvl_buffer_size_hint"
+        hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
+        num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
         num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
         slots = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
         per_token = (hidden_bytes  # payload
                      + MAX_TOPK * (4 + 4)  # top-k ids and weights
                      + (hidden_bytes // FP8_BLOCK) * 4  # FP8 scales (upper bound)
                      + 48)  # source index, destination row, 16-byte alignment of each piece
-        return _align(NVL_HEADER_BYTES + slots * per_token)
+        return align(NVL_HEADER_BYTES + slots * per_token, _ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node."""
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node. A DeepEP-style
+        estimate from the RDMA chunk sizes; the internode kernels here need
+        `jax_deepep.gpu.internode.rdma_bytes_hint` (exact for given shapes)."""
+        op = "Config.get_rdma_buffer_size_hint"
+        hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
+        num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
         if num_ranks <= MAX_NVL_PEERS:
             return 0
         num_rdma_ranks = num_ranks // MAX_NVL_PEERS
         slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
         per_token = hidden_bytes + MAX_TOPK * 8 + (hidden_bytes // FP8_BLOCK) * 4 + 32
         counters = self.num_channels * num_rdma_ranks * (MAX_NVL_PEERS * 2 + 2) * 4 * 2
-        return _align(counters + 2 * slots * per_token)
+        return align(counters + 2 * slots * per_token, _ALIGN)
 
 
 def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
@@ -77,22 +93,18 @@ def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
 
 
 def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+    """As `default_dispatch_config`, with half the chunk size."""
     recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
     return Config(num_sms, 16, recv, 6, 256)
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                num_experts: int) -> int:
-    """Bytes of symmetric buffer the low-latency kernels need (two alternating halves).
-
-    Each half holds one dispatch receive area (bf16 rows of every expert slot, big enough
-    for FP8 rows too) plus one combine receive area, and per-expert signalling counters.
-    """
-    m = num_max_dispatch_tokens_per_rank
-    dispatch_row = 16 + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
-    combine_row = hidden * 2
-    dispatch_recv = num_experts * m * dispatch_row
-    combine_recv = num_experts * m * combine_row
-    signals = num_experts * 4 * 2
-    half = _align(dispatch_recv) + _align(combine_recv) + _align(signals)
-    return 2 * half
+    """Bytes of symmetric buffer the low-latency kernels need: two alternating halves, each
+    holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`)."""
+    sizes = dict(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                 num_ranks=num_ranks, num_experts=num_experts)
+    m, hidden, _, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)
+                                 for name, value in sizes.items()]
+    # num_ranks is checked only: a half holds every expert's rows whatever the rank count.
+    return 2 * low_latency_layout(m, hidden, num_experts).half_bytes

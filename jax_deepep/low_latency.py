@@ -6,62 +6,110 @@ import jax.numpy as jnp
 
 from . import checking
 from .backend import LowLatencyOptions, RankContext
-from .config import FP8_BLOCK
+from .config import low_latency_rdma_size_hint
+from .limits import FP8_BLOCK, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
-from .validation import expect_array, fail, index_dtypes
+from .validation import expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
+
+
+def _first_occurrences(topk_idx):
+    """`topk_idx` with every repeat of an expert within a token's row set to -1 (SPEC.md section 4), so an
+    expert gets each token once and never more than M rows from one rank. Dispatch and combine both
+    apply it, before any backend sees the ids."""
+    top_k = topk_idx.shape[1]
+    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), -1)  # [k, k']: k' < k
+    repeat = jnp.any((topk_idx[:, :, None] == topk_idx[:, None, :]) & earlier, axis=2)
+    return jnp.where(repeat, jnp.asarray(-1, topk_idx.dtype), topk_idx)
+
+
+def _check_hidden(op: str, name: str, hidden: int):
+    """Rows the kernels move in 16-byte pieces."""
+    if hidden <= 0 or hidden % ROW_CHANNELS:
+        fail(op, f"`{name}` hidden size must be a positive multiple of {ROW_CHANNELS} for the low-latency "
+                 f"kernels, got {hidden}")
+
+
+def _check_rdma_bytes(op: str, num_rdma_bytes: int, m: int, hidden: int, num_ranks: int, num_experts: int):
+    """A Buffer's `num_rdma_bytes` (0: not checked) must hold these sizes."""
+    if num_rdma_bytes:
+        need = low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
+        if num_rdma_bytes < need:
+            fail(op, f"the Buffer is too small: num_rdma_bytes={num_rdma_bytes} but "
+                     f"num_max_dispatch_tokens_per_rank={m}, hidden={hidden}, num_experts={num_experts} "
+                     f"need {need} (Buffer.get_low_latency_rdma_size_hint)")
 
 
 @scoped("low_latency_dispatch")
 def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_dispatch_tokens_per_rank: int,
                          num_experts: int, use_fp8: bool = True, round_scale: bool = False,
-                         use_ue8m0: bool = False, return_recv_hook: bool = False) -> LowLatencyDispatchOutput:
+                         use_ue8m0: bool = False, return_recv_hook: bool = False,
+                         num_rdma_bytes: int = 0) -> LowLatencyDispatchOutput:
+    """`num_rdma_bytes`: the Buffer's, checked against what these sizes need (0: not checked)."""
     op = "low_latency_dispatch"
-    m = num_max_dispatch_tokens_per_rank
-    if not isinstance(m, int) or m <= 0:
-        fail(op, f"`num_max_dispatch_tokens_per_rank` must be a positive int, got {m!r}")
-    if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % ctx.num_ranks:
-        fail(op, f"`num_experts` must be a positive int divisible by the number of ranks ({ctx.num_ranks}), "
-                 f"got {num_experts!r}")
+    m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
+                maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
+    num_experts = integer(op, "num_experts", num_experts, minimum=1)
+    if num_experts % ctx.num_ranks:
+        fail(op, f"`num_experts` must be divisible by the number of ranks ({ctx.num_ranks}), got {num_experts}")
     expect_array(op, "x", x, ndim=2, dtypes=(jnp.bfloat16,))
     num_tokens, hidden = x.shape
     if num_tokens > m:
         fail(op, f"`x` has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={m}")
-    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=(num_tokens, None))
+    _check_hidden(op, "x", hidden)
+    topk_ids(op, topk_idx, num_tokens)
     if use_ue8m0 and not use_fp8:
         fail(op, "`use_ue8m0=True` needs `use_fp8=True`")
     if use_fp8 and hidden % FP8_BLOCK:
         fail(op, f"`x` hidden size must be a multiple of {FP8_BLOCK} for FP8, got {hidden}")
     if use_ue8m0 and hidden % (4 * FP8_BLOCK):
         fail(op, f"`x` hidden size must be a multiple of {4 * FP8_BLOCK} for UE8M0 scales, got {hidden}")
+    _check_rdma_bytes(op, num_rdma_bytes, m, hidden, ctx.num_ranks, num_experts)
     checking.check_expert_ids(topk_idx, num_experts)
     opts = LowLatencyOptions(m, num_experts, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
 
     def send(x, topk_idx):
-        return LowLatencyDispatchOutput(None, None, None, None, None,
-                                        transit=backend.low_latency_dispatch_send(ctx, opts, x, topk_idx),
-                                        pending=True, options=opts)
+        transit = backend.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
+        return LowLatencyDispatchOutput(None, None, None, None, None, transit=transit, pending=True, options=opts)
 
     if return_recv_hook:
         return _unmapped_on_cuda(backend, op, send)(x, topk_idx)
     return _one_at_a_time(lambda x, topk_idx: _receive(backend, ctx, send(x, topk_idx)))(x, topk_idx)
 
 
-@scoped("low_latency_combine")
-def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
-                        use_logfmt: bool = False, zero_copy: bool = False, return_recv_hook: bool = False):
-    op = "low_latency_combine"
+def _check_handle(op: str, handle, ctx: RankContext):
+    """`handle` must come from a low_latency_dispatch over an axis of this size (the kernels index by it)."""
     if not isinstance(handle, LowLatencyHandle):
         fail(op, f"`handle` must be the LowLatencyHandle of low_latency_dispatch, got {type(handle).__name__}")
+    m, e, r = handle.num_max_dispatch_tokens_per_rank, handle.num_experts, ctx.num_ranks
+    if e % r:
+        fail(op, f"`handle` was made for {e} experts, which {r} ranks cannot share: was it made under another "
+                 "axis size?")
+    for name, dtype, shape in (("recv_src_info", jnp.int32, (e // r, r * m)),
+                               ("recv_layout_range", jnp.int32, (e // r, r, 2)),
+                               ("recv_count", jnp.int32, (e // r,)), ("send_slot", jnp.int32, (None, None))):
+        expect_array(op, f"handle.{name}", getattr(handle, name), ndim=len(shape), dtypes=(dtype,), shape=shape)
+    expect_top_k(op, "handle.send_slot", handle.send_slot)
+
+
+@scoped("low_latency_combine")
+def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+                        use_logfmt: bool = False, zero_copy: bool = False, return_recv_hook: bool = False,
+                        num_rdma_bytes: int = 0):
+    """`num_rdma_bytes`: the Buffer's, checked against what these sizes need (0: not checked)."""
+    op = "low_latency_combine"
+    _check_handle(op, handle, ctx)
     m, e = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
     expect_array(op, "y", y, ndim=3, dtypes=(jnp.bfloat16,), shape=(e // ctx.num_ranks, ctx.num_ranks * m, None))
+    _check_hidden(op, "y", y.shape[2])
     expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=handle.send_slot.shape)
     expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=handle.send_slot.shape)
+    _check_rdma_bytes(op, num_rdma_bytes, m, y.shape[2], ctx.num_ranks, e)
     checking.check_expert_ids(topk_idx, e)
 
     def send(y, topk_idx, topk_weights, handle):
-        return PendingLowLatencyCombine(backend.low_latency_combine_send(ctx, y, topk_idx, topk_weights, handle,
-                                                                         bool(use_logfmt), bool(zero_copy)))
+        return PendingLowLatencyCombine(backend.low_latency_combine_send(
+            ctx, y, _first_occurrences(topk_idx), topk_weights, handle, bool(use_logfmt), bool(zero_copy)))
 
     if return_recv_hook:
         return _unmapped_on_cuda(backend, op, send)(y, topk_idx, topk_weights, handle)

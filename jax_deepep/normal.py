@@ -10,13 +10,15 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import checking
 from .backend import RankContext
 from .config import Config
+from .limits import MAX_EXPERT_ALIGNMENT
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput
-from .validation import expect_array, fail, index_dtypes, token_parts
+from .validation import expect_array, expect_top_k, fail, integer, token_parts, topk_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,24 +134,62 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def _check_topk(op: str, topk_idx, topk_weights, num_tokens: int):
-    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=(num_tokens, None))
+    topk_ids(op, topk_idx, num_tokens)
     if topk_weights is not None:
         expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=topk_idx.shape)
 
 
 def _check_num_experts(op: str, num_experts, ctx: RankContext) -> int:
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        fail(op, f"`num_experts` must be a positive int, got {num_experts!r}")
+    num_experts = integer(op, "num_experts", num_experts, minimum=1)
     if num_experts % ctx.num_ranks:
         fail(op, f"`num_experts` ({num_experts}) must be divisible by the number of ranks ({ctx.num_ranks})")
     return num_experts
 
 
+def _check_nvl_bytes(op: str, config: Config, ctx: RankContext, num_nvl_bytes: int, hidden: int):
+    """A Buffer's `num_nvl_bytes` (0: the backend sizes it) must hold `config`'s rings for rows of `hidden`."""
+    if num_nvl_bytes:
+        need = config.get_nvl_buffer_size_hint(hidden * 2, ctx.num_ranks)
+        if num_nvl_bytes < need:
+            fail(op, f"the Buffer is too small: num_nvl_bytes={num_nvl_bytes} but this config and "
+                     f"hidden size {hidden} need {need} (Config.get_nvl_buffer_size_hint)")
+
+
+# Every array of a DispatchHandle: (field, dtype, shape in terms of R (axis size), T (tokens), N (capacity)).
+_HANDLE_ARRAYS = (("is_token_in_rank", jnp.bool_, ("T", "R")), ("send_row", jnp.int32, ("T", "R")),
+                  ("recv_src_rank", jnp.int32, ("N",)), ("recv_src_idx", jnp.int32, ("N",)),
+                  ("recv_rank_prefix", jnp.int32, ("R",)), ("num_recv_tokens", jnp.int32, ()),
+                  ("num_recv_tokens_per_expert", jnp.int32, ("E_l",)))
+
+
+def _check_handle(op: str, handle, ctx: RankContext):
+    """`handle` must be a DispatchHandle made over an axis of this size: a handle made for another axis size
+    would make the kernels read out of bounds. Its T and N are those of its own arrays."""
+    if not isinstance(handle, DispatchHandle):
+        fail(op, f"`handle` must be the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
+    arrays = {name: getattr(handle, name) for name, _, _ in _HANDLE_ARRAYS}
+    if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays.values()):
+        fail(op, "`handle` must hold the arrays of a DispatchHandle from dispatch")
+    def leading(a):
+        return a.shape[0] if len(a.shape) else -1
+
+    sizes = {"R": ctx.num_ranks, "T": leading(handle.is_token_in_rank), "N": leading(handle.recv_src_idx),
+             "E_l": leading(handle.num_recv_tokens_per_expert)}
+    for name, dtype, dims in _HANDLE_ARRAYS:
+        want = tuple(sizes[d] for d in dims)
+        a = arrays[name]
+        if tuple(a.shape) != want or a.dtype != dtype:
+            fail(op, f"`handle` does not fit this call: `handle.{name}` must be {np.dtype(dtype).name}"
+                     f"{list(want)} ({', '.join(f'{d}={sizes[d]}' for d in dims) or 'a scalar'}; R is the size "
+                     f"of axis {ctx.axis_name!r}), got {np.dtype(a.dtype).name}{list(a.shape)}: was it made "
+                     "under another axis size?")
+
+
 @scoped("get_dispatch_layout")
 def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
     op = "get_dispatch_layout"
-    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes())
-    _check_num_experts(op, num_experts, ctx)
+    topk_ids(op, topk_idx)
+    num_experts = _check_num_experts(op, num_experts, ctx)
     checking.check_expert_ids(topk_idx, num_experts)
     return backend.get_dispatch_layout(ctx, topk_idx, num_experts)
 
@@ -158,12 +198,14 @@ def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -
 def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, topk_weights=None,
              num_experts: Optional[int] = None, layout: Optional[DispatchLayout] = None,
              handle: Optional[DispatchHandle] = None, num_worst_tokens: Optional[int] = None,
-             expert_alignment: int = 1) -> DispatchOutput:
+             expert_alignment: int = 1, num_nvl_bytes: int = 0) -> DispatchOutput:
+    """`num_nvl_bytes`: the Buffer's, checked against what `config` needs (0: not checked)."""
     op = "dispatch"
     if handle is not None:
-        return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle)
+        return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes)
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
+    _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     if topk_idx is None and layout is None:
         fail(op, "routing is missing: pass `topk_idx` with `layout` or `num_experts`, or a `handle`")
     if topk_idx is not None:
@@ -173,7 +215,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     if layout is None:
         if num_experts is None:
             fail(op, "pass `layout` (from get_dispatch_layout) or `num_experts`")
-        _check_num_experts(op, num_experts, ctx)
+        num_experts = _check_num_experts(op, num_experts, ctx)
         checking.check_expert_ids(topk_idx, num_experts)
         layout = backend.get_dispatch_layout(ctx, topk_idx, num_experts)
     else:
@@ -186,10 +228,8 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
             checking.check_expert_ids(topk_idx, num_experts)
     if num_worst_tokens is None:
         num_worst_tokens = ctx.num_ranks * num_tokens
-    if not isinstance(num_worst_tokens, int) or num_worst_tokens <= 0:
-        fail(op, f"`num_worst_tokens` must be a positive int (the receive capacity N), got {num_worst_tokens!r}")
-    if not isinstance(expert_alignment, int) or expert_alignment <= 0:
-        fail(op, f"`expert_alignment` must be a positive int, got {expert_alignment!r}")
+    num_worst_tokens = integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens, minimum=0)
+    expert_alignment = integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
     static = _Static(backend, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
 
@@ -205,15 +245,20 @@ def _check_layout(op: str, layout, ctx: RankContext, num_tokens: int):
                  dtypes=(jnp.int32,))
 
 
-def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle) -> DispatchOutput:
+def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle,
+            num_nvl_bytes) -> DispatchOutput:
     op = "dispatch"
     extra = [n for n, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
                             ("num_experts", num_experts), ("layout", layout)) if v is not None]
     if extra:
         fail(op, f"cached mode (`handle` given) takes no routing; got {', '.join('`%s`' % e for e in extra)}")
-    if not isinstance(handle, DispatchHandle):
-        fail(op, f"`handle` must be the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
-    parts = token_parts(op, "x", x, num_rows=handle.is_token_in_rank.shape[0])
+    _check_handle(op, handle, ctx)
+    num_tokens = handle.is_token_in_rank.shape[0]
+    parts = token_parts(op, "x", x)
+    if parts[0].shape[0] != num_tokens:
+        fail(op, f"`x` has {parts[0].shape[0]} tokens but `handle` was made for {num_tokens}: `x` must have "
+                 f"shape [{num_tokens}, *]")
+    _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     recv_parts = _cached_dispatch(_Static(backend, ctx, config), parts, handle)
     recv_x = tuple(recv_parts) if len(parts) == 2 else recv_parts[0]
     return DispatchOutput(recv_x, None, None, handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
@@ -221,15 +266,17 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
 
 @scoped("combine")
 def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle, *, topk_weights=None,
-            bias=None):
+            bias=None, num_nvl_bytes: int = 0):
+    """`num_nvl_bytes`: the Buffer's, checked against what `config` needs (0: not checked)."""
     op = "combine"
-    if not isinstance(handle, DispatchHandle):
-        fail(op, f"`handle` must be the DispatchHandle of a dispatch, got {type(handle).__name__}")
+    _check_handle(op, handle, ctx)
     num_tokens = handle.is_token_in_rank.shape[0]
     expect_array(op, "y", y, ndim=2, dtypes=(jnp.bfloat16,), shape=(handle.capacity, None))
+    _check_nvl_bytes(op, config, ctx, num_nvl_bytes, y.shape[1])
     if topk_weights is not None:
         expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,),
                      shape=(handle.capacity, None))
+        expect_top_k(op, "topk_weights", topk_weights)
     if bias is None:
         bias = ()
     elif not isinstance(bias, (tuple, list)):

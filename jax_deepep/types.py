@@ -1,4 +1,4 @@
-"""Named pytrees returned by the ops (SPEC.md sections 2 and 3).
+"""Named pytrees returned by the ops (docs/API.md, "Result types").
 
 Every structure that crosses `jax.jit` / `jax.shard_map` / `custom_vjp` boundaries is a
 registered dataclass: its array fields are pytree leaves, its static fields are aux data.
@@ -42,7 +42,7 @@ class DispatchLayout:
 
 @pytree_dataclass()
 class DispatchHandle:
-    """Everything `combine` and a cached `dispatch` need to replay one routing.
+    """Everything `combine` and a cached `dispatch` need to replay one routing (N = `capacity`).
 
     Sender side (this rank's T tokens) and receiver side (this rank's N receive rows).
     """
@@ -61,11 +61,15 @@ class DispatchHandle:
 
     @property
     def capacity(self) -> int:
+        """N, the number of receive rows."""
         return self.recv_src_idx.shape[0]
 
 
 @pytree_dataclass()
 class DispatchOutput:
+    """Result of `dispatch`: the received rows (ordered by source rank, then source token; rows past
+    `num_recv_tokens` unspecified), their local expert ids and weights, the counts, and the handle."""
+
     recv_x: Tokens  # [N, H] (or FP8 pair)
     recv_topk_idx: Optional[Array]  # i32[N, K], local expert ids, -1 elsewhere
     recv_topk_weights: Optional[Array]  # f32[N, K], 0 where recv_topk_idx == -1

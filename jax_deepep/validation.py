@@ -2,11 +2,14 @@
 was expected, and is raised before anything is lowered."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import FP8_BLOCK
+from .limits import FP8_BLOCK, MAX_TOPK
 
 
 class DeepEPError(ValueError):
@@ -17,10 +20,39 @@ def fail(op: str, message: str):
     raise DeepEPError(f"{op}: {message}")
 
 
+def _range_text(minimum: Optional[int], maximum: Optional[int]) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return f" <= {maximum}" if maximum is not None else ""
+
+
+def integer(op: str, name: str, value, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """`value` as a Python int. Python ints and numpy integer scalars are accepted, bools refused
+    (True is an int to Python, never a count here)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        fail(op, f"`{name}` must be an int{_range_text(minimum, maximum)}, got {value!r}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        fail(op, f"`{name}` must be an int{_range_text(minimum, maximum)}, got {value}")
+    return value
+
+
+def seconds(op: str, name: str, value, *, maximum: float) -> float:
+    """`value` as a float number of seconds in (0, maximum); bools refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        fail(op, f"`{name}` must be a number of seconds in (0, {maximum:g}), got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0 < value < maximum):
+        fail(op, f"`{name}` must be a number of seconds in (0, {maximum:g}), got {value}")
+    return value
+
+
 def _describe(a) -> str:
     if a is None:
         return "None"
-    if isinstance(a, (tuple, list)):
+    if isinstance(a, tuple):
         return "(" + ", ".join(_describe(v) for v in a) + ")"
     if hasattr(a, "shape") and hasattr(a, "dtype"):
         return f"{np.dtype(a.dtype).name}{list(a.shape)}"
@@ -29,12 +61,10 @@ def _describe(a) -> str:
 
 def expect_array(op: str, name: str, a, *, ndim: int, dtypes, shape=None):
     """Check rank, dtype (one of `dtypes`) and, where given, the shape (None = any size)."""
-    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-        fail(op, f"`{name}` must be an array, got {_describe(a)}")
     names = [np.dtype(d).name for d in dtypes]
-    if len(a.shape) != ndim or np.dtype(a.dtype).name not in names:
-        want = " or ".join(names)
-        fail(op, f"`{name}` must be a {ndim}-D {want} array, got {_describe(a)}")
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")) or len(a.shape) != ndim or \
+            np.dtype(a.dtype).name not in names:
+        fail(op, f"`{name}` must be a {ndim}-D {' or '.join(names)} array, got {_describe(a)}")
     if shape is not None:
         for got, want in zip(a.shape, shape):
             if want is not None and got != want:
@@ -48,6 +78,18 @@ def _shape_text(shape) -> str:
 def index_dtypes():
     """topk_idx may be int64 only where JAX keeps int64 (x64 enabled)."""
     return (jnp.int32, jnp.int64) if jax.config.jax_enable_x64 else (jnp.int32,)
+
+
+def expect_top_k(op: str, name: str, a):
+    """The second dimension of a checked [*, K] array is a top-k count the kernels serve."""
+    if not 1 <= a.shape[1] <= MAX_TOPK:
+        fail(op, f"`{name}` must have 1 to {MAX_TOPK} columns (K, the top-k), got shape {list(a.shape)}")
+
+
+def topk_ids(op: str, topk_idx, num_tokens: Optional[int] = None):
+    """Check expert ids `topk_idx [T, K]` (T = `num_tokens` when given)."""
+    expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=(num_tokens, None))
+    expect_top_k(op, "topk_idx", topk_idx)
 
 
 def token_parts(op: str, name: str, x, num_rows=None) -> tuple:

@@ -16,8 +16,8 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 [ -n "${OUT:-}" ] && trap 'tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" .' EXIT
 NV=$("$PY" -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])")
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-export JAX_DEEPEP_LIBRARY=$PWD/build/gpu_all/libjax_deepep_cuda.so
-export JAX_DEEPEP_NVSHMEM_LIBRARY=$PWD/build/gpu_all/libjax_deepep_nvshmem.so
+export JAX_DEEPEP_LIBRARY=$PWD/build/gpu_all/_intranode_lib.so
+export JAX_DEEPEP_NVSHMEM_LIBRARY=$PWD/build/gpu_all/_nvshmem_lib.so
 export LD_LIBRARY_PATH="$NV/lib:${LD_LIBRARY_PATH:-}"
 export NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
 status=0

@@ -4,6 +4,7 @@ per-rank function under `jax.jit(jax.shard_map(...))`, and random tokens and rou
 Imported by the test modules after conftest.py has set XLA_FLAGS (8 virtual CPU devices).
 """
 import functools
+import types
 
 import jax
 import ml_dtypes
@@ -46,6 +47,19 @@ def _per_rank_jit(mesh: Mesh, fn):
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
+def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
+    """A Buffer on CPU devices whose ops trace through the CUDA backends (intranode and low latency), with
+    no device memory behind them: only tracing may follow. Needs the compiled library."""
+    import jax_deepep as deepep
+    from jax_deepep.gpu.intranode import IntranodeBackend
+    from jax_deepep.gpu.low_latency import LowLatencyBackend
+
+    buffer = deepep.Buffer(mesh, axis_name, **buffer_args)
+    buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30))
+    buffer.low_latency_backend = LowLatencyBackend(symmetric=types.SimpleNamespace(buffer_id=2))
+    return buffer
+
+
 def random_bf16(rng, shape):
     """Normal values rounded to bf16 (returned as an ml_dtypes bf16 numpy array)."""
     return rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
@@ -61,6 +75,7 @@ def random_topk(rng, num_ranks: int, num_tokens: int, top_k: int, num_experts: i
 
     kind "hot": 90% of the tokens prefer experts [0, K) (mostly rank 0): very uneven receives.
     kind "out_of_range": some -1 entries become ids outside [-1, E) (to behave like -1).
+    kind "repeated": about 30% of the entries repeat an earlier expert of the same token.
     """
     scores = rng.random((num_ranks, num_tokens, num_experts))
     if kind == "hot":
@@ -73,6 +88,11 @@ def random_topk(rng, num_ranks: int, num_tokens: int, top_k: int, num_experts: i
         bad_ids = np.array(_BAD_IDS + (num_experts, num_experts + 3, np.iinfo(np.int32).max), np.int32)
         spots = (idx == -1) & (rng.random(idx.shape) < 0.7)
         idx[spots] = rng.choice(bad_ids, size=int(spots.sum()))
+    elif kind == "repeated":
+        spots = rng.random(idx.shape) < 0.3
+        spots[..., 0] = False
+        earlier = np.take_along_axis(idx, rng.integers(0, np.maximum(np.arange(top_k), 1), size=idx.shape), axis=-1)
+        idx = np.where(spots, earlier, idx)
     elif kind != "random" and kind != "hot":
         raise ValueError(kind)
     return idx

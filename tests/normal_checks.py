@@ -89,6 +89,16 @@ class Worker:
             traceback.print_exc()
 
 
+def edge_checks(w: Worker, rng, experts: int) -> list:
+    """(name, check) pairs of the limits SPEC section 4 makes valid, for every normal-mode worker."""
+    common = dict(hidden=512, topk=8, experts=experts)
+    return [
+        ("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)),
+        ("no receive rows (N = 0, every row dropped)", lambda: check_dispatch(w, rng, tokens=64, capacity=0, **common)),
+        ("expert alignment 65536", lambda: check_dispatch(w, rng, tokens=64, alignment=65536, **common)),
+    ]
+
+
 def same_values(got, want, what):
     """Exact equality (payloads are random normals: no NaNs)."""
     got, want = np.asarray(got), np.asarray(want)
@@ -113,7 +123,7 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
     idx = random_topk(rng, r, tokens, topk, experts, kind)
     x = random_bf16(rng, (r, tokens, hidden))
     weights = random_weights(rng, (r, tokens, topk))
-    n = capacity or r * tokens
+    n = r * tokens if capacity is None else capacity
     y_scale = random_bf16(rng, (r, n, hidden))
     biases = [random_bf16(rng, (r, tokens, hidden)) for _ in range(bias)]
     if fp8:
@@ -125,7 +135,7 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
 
     num_parts = len(parts)
 
-    def body(*args):
+    def body(anchor, *args):
         parts_, (idx_, weights_, y_), bias_ = args[:num_parts], args[num_parts:num_parts + 3], args[num_parts + 3:]
         tokens_in = tuple(parts_) if fp8 else parts_[0]
         layout = buffer.get_dispatch_layout(idx_, experts)
@@ -134,7 +144,7 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
         result = {"layout": layout, "recv_x": out.recv_x, "recv_topk_idx": out.recv_topk_idx,
                   "recv_topk_weights": out.recv_topk_weights, "per_expert": out.num_recv_tokens_per_expert,
                   "num_recv": out.num_recv_tokens, "src_idx": out.handle.recv_src_idx,
-                  "src_rank": out.handle.recv_src_rank}
+                  "src_rank": out.handle.recv_src_rank, "anchor": anchor}
         if cached:
             result["cached_x"] = buffer.dispatch(tokens_in, handle=out.handle).recv_x
         if combine:
@@ -147,7 +157,9 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
             result["y"] = yy
         return result
 
-    got = w.run(body, *parts, idx, weights, y_scale, *biases)
+    # The leading operand, returned as it is, is never empty: XLA cannot lower a shard_map whose used operands
+    # are all empty (T = 0).
+    got = w.run(body, np.zeros((r, 1), np.int32), *parts, idx, weights, y_scale, *biases)
 
     want_layout = oracle.layout(idx[d], experts, r)
     same_values(got["layout"].num_tokens_per_rank, want_layout.num_tokens_per_rank.astype(np.int32),

@@ -214,9 +214,21 @@ class LowLatencyReceived:
     recv_layout_range: np.ndarray  # [E_l, R, 2]: (offset, count) per source rank
 
 
+def first_occurrences(idx):
+    """Low latency: a token that names an expert twice is sent to it once; later repeats act like -1."""
+    idx = np.array(idx)
+    for row in np.ndindex(idx.shape[:-1]):
+        seen = set()
+        for k, expert in enumerate(idx[row]):
+            if expert in seen:
+                idx[row + (k,)] = -1
+            seen.add(expert)
+    return idx
+
+
 def low_latency_receive(topk_idx, num_experts: int) -> list:
     """`LowLatencyReceived` of every rank for routing `topk_idx [R, T, K]`."""
-    idx = valid_ids(topk_idx, num_experts)
+    idx = first_occurrences(valid_ids(topk_idx, num_experts))
     num_ranks, num_tokens, top_k = idx.shape
     experts_per_rank = num_experts // num_ranks
     out = []

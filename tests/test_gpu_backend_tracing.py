@@ -5,28 +5,17 @@ for their device memory. This catches tracing-time errors of the GPU path in CI,
 custom-call outputs whose varying-axis type does not match what the custom_vjp rules need.
 Needs the compiled library (built by `pip install .` where nvcc exists); skipped without it.
 """
-import types
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import vmap_cases
-from jax_deepep import Buffer, DeepEPError, moe
+from harness import buffer_with_cuda_backends
+from jax_deepep import DeepEPError, moe
 from jax_deepep.gpu import available, unavailable_reason
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
-
-
-def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
-    from jax_deepep.gpu.intranode import IntranodeBackend
-
-    buffer = Buffer(mesh, axis_name, **buffer_args)  # the pure-JAX backends on CPU devices
-    # No device memory: only tracing follows.
-    buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30,
-                                                                   ring_bytes=1 << 30))
-    return buffer
 
 
 @pytest.mark.parametrize("data_parallel", [1, 2])
@@ -34,7 +23,7 @@ def _buffer_with_cuda_backend(mesh, axis_name, **buffer_args):
 def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
     mesh = jax.make_mesh((data_parallel, 8 // data_parallel), ("data", "expert"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    buffer = _buffer_with_cuda_backend(mesh, "expert")
+    buffer = buffer_with_cuda_backends(mesh, "expert")
     config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=fp8)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config)
@@ -53,17 +42,14 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
 
 def test_low_latency_moe_traces_through_cuda_kernels():
     """The decoding layer on the NVSHMEM kernels' custom calls, also free of effects."""
-    from jax_deepep.gpu.low_latency import LowLatencyBackend
-
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-    buffer = _buffer_with_cuda_backend(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
-    buffer.low_latency_backend = LowLatencyBackend(symmetric=None)  # no NVSHMEM: only tracing follows
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 256)), NamedSharding(mesh, P("expert")))
     traced = jax.jit(layer).trace(params, x)
-    for target in ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv_fp8", "jax_deepep_ll_combine_send",
+    for target in ("jax_deepep_ll_dispatch_send", "jax_deepep_ll_dispatch_recv", "jax_deepep_ll_combine_send",
                    "jax_deepep_ll_combine_recv"):
         assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects
@@ -73,15 +59,10 @@ def test_low_latency_moe_traces_through_cuda_kernels():
 def test_vmap_traces_through_cuda_backend(name):
     """`jax.vmap` of each op (and `jax.grad` of it) runs the custom calls once per element (a scan); a
     low-latency send whose receive comes later (`return_recv_hook=True`) is refused."""
-    from jax_deepep.gpu.low_latency import LowLatencyBackend
-
     case = vmap_cases.CASES[name]
     mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    if case.low_latency:
-        buffer = _buffer_with_cuda_backend(mesh, "ep", low_latency_mode=True, num_rdma_bytes=1 << 30)
-        buffer.low_latency_backend = LowLatencyBackend(symmetric=None)
-    else:
-        buffer = _buffer_with_cuda_backend(mesh, "ep")
+    buffer_args = dict(low_latency_mode=True, num_rdma_bytes=1 << 30) if case.low_latency else {}
+    buffer = buffer_with_cuda_backends(mesh, "ep", **buffer_args)
     batch, t, k = vmap_cases.BATCH, 8 * vmap_cases.T, vmap_cases.K
     args = (jax.ShapeDtypeStruct((batch, t, vmap_cases.H), jnp.bfloat16),
             jax.ShapeDtypeStruct((batch, t, k), jnp.int32), jax.ShapeDtypeStruct((batch, t, k), jnp.float32))

@@ -33,8 +33,8 @@ def test_fp8_cast_and_layer_match_on_the_gpu():
         pytest.skip("needs a CUDA GPU")
     from jax_deepep.gpu import nvshmem
 
-    if nvshmem.library_path() is None or nvshmem.nvshmem_dir() is None:
-        pytest.skip("the low-latency library or NVSHMEM is missing")
+    if not nvshmem.available():
+        pytest.skip(nvshmem.unavailable_reason())
     gpu_workers.run_workers(__file__, 1, gpu_workers.worker_env(1, 0.3))
 
 

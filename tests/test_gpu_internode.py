@@ -30,8 +30,8 @@ def _run_workers(num_ranks: int, ranks_per_node: int, timeout_check: bool = Fals
     if reason is None:
         from jax_deepep.gpu import nvshmem
 
-        if nvshmem.library_path() is None or nvshmem.nvshmem_dir() is None:
-            reason = "the NVSHMEM library was not built"
+        if not nvshmem.available():
+            reason = nvshmem.unavailable_reason()
     if reason:
         pytest.skip(reason)
     env = gpu_workers.worker_env(num_ranks, 0.5 / num_ranks)
@@ -125,7 +125,8 @@ def timeout_check(w: normal_checks.Worker) -> None:
             jax.block_until_ready(fn(x, idx))
             waited = time.time() - start
             assert TIMEOUT_CHECK_S * 0.8 < waited < TIMEOUT_CHECK_S * 5, f"the dispatch returned after {waited:.1f} s"
-            assert nvshmem.timeout_flag() == 3, f"timeout flag {nvshmem.timeout_flag()} (3: internode dispatch)"
+            # 7: WaitKind::kInboxRows (cuda/wait.cuh), the other node's rows never came
+            assert nvshmem.timeout_flag() == 7, f"timeout flag {nvshmem.timeout_flag()} (7: inbox rows)"
 
         def later_ops_raise():
             with pytest.raises(Exception, match="timed out"):
@@ -158,6 +159,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
+    for name, edge_check in normal_checks.edge_checks(w, rng, experts):
+        w.check(name, edge_check)
     w.check("gradient through a jitted step",
             lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
     w.check("network traffic: one row per (token, node)", lambda: check_traffic(w, 99))

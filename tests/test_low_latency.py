@@ -156,6 +156,25 @@ def test_low_latency_fp8(rng, num_ranks, round_scale):
     check_combined(combined, y, weights, received)
 
 
+@pytest.mark.parametrize("num_ranks", [2, 8])
+def test_low_latency_repeated_experts(rng, num_ranks):
+    """A token naming one expert several times is sent to it once (the first occurrence); the repeats act
+    like -1 in dispatch and combine (their weights are not added)."""
+    mesh = make_mesh(num_ranks)
+    x = random_bf16(rng, (num_ranks, T, H))
+    topk_idx = random_topk(rng, num_ranks, T, K, E)
+    topk_idx[:, :, 2] = topk_idx[:, :, 0]  # every token repeats its first choice (or -1)
+    topk_idx[:, 0, :] = 3  # one token names expert 3 in every column
+    weights = random_weights(rng, (num_ranks, T, K))
+    received = oracle.low_latency_receive(topk_idx, E)
+    assert all(len(rows) <= num_ranks * T for rec in received for rows in rec.rows)
+    y = _expert_outputs(rng, received, num_ranks, H)
+    recv_x, count, src_info, layout_range, combined = run_low_latency(mesh, x, topk_idx, weights, y, use_fp8=False)
+    check_receive_layout(count, src_info, layout_range, received)
+    check_valid_rows(recv_x, [oracle.low_latency_recv_x(x, rec, num_ranks * M) for rec in received], received)
+    check_combined(combined, y, weights, received)
+
+
 @pytest.mark.parametrize("numerator", [448.0, 1.0])
 def test_fp8_cast_divides_as_ieee(rng, numerator):
     """The cast's `448 / amax` (and `1 / scale`) is the IEEE f32 quotient bit for bit, which the

@@ -8,14 +8,65 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "cuda/low_latency.cuh"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/operands.h"
 #include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
 
 namespace ffi = xla::ffi;
+
+namespace jax_deepep {
+
+// The Buffer and static sizes every low-latency op runs with.
+struct LowLatencySizes {
+  int64_t buffer_id;
+  int64_t num_ranks;
+  int64_t num_max_dispatch_tokens_per_rank;  // M
+  int64_t num_experts;
+};
+
+struct DispatchSendAttrs {
+  LowLatencySizes sizes;
+  bool use_fp8;
+  bool round_scale;
+};
+
+struct DispatchRecvAttrs {
+  LowLatencySizes sizes;
+  bool use_ue8m0;
+};
+
+struct CombineSendAttrs {
+  LowLatencySizes sizes;
+  bool zero_copy;
+};
+
+struct CombineRecvAttrs {
+  LowLatencySizes sizes;
+};
+
+}  // namespace jax_deepep
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("buffer_id"),
+                                      StructMember<int64_t>("num_ranks"),
+                                      StructMember<int64_t>("num_max_dispatch_tokens_per_rank"),
+                                      StructMember<int64_t>("num_experts"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSendAttrs,
+                                      StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<bool>("use_fp8"), StructMember<bool>("round_scale"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
+                                      StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<bool>("use_ue8m0"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSendAttrs,
+                                      StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<bool>("zero_copy"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineRecvAttrs,
+                                      StructMember<jax_deepep::LowLatencySizes>("sizes"));
 
 namespace jax_deepep {
 namespace {
@@ -23,16 +74,17 @@ namespace {
 constexpr int64_t kMaxTopk = 32;
 constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-bit counts in signals
 
-ffi::Error invalid(const std::string& message) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_deepep low-latency: " + message);
-}
+ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep low-latency: " + message); }
 
-// The runtime, checked against the op's static sizes; `error` set when unusable.
-NvshmemRuntime* checked_runtime(int64_t num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
-                                ffi::Error* error) {
-  NvshmemRuntime* rt = live_nvshmem_runtime("low-latency", "create the Buffer with low_latency_mode=True and "
-                                             "num_rdma_bytes > 0 first", error);
+// The Buffer's state, checked against the op's static sizes and `hidden`; `error` set when unusable.
+std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySizes& sizes, int64_t hidden,
+                                           ffi::Error* error) {
+  std::shared_ptr<NvshmemState> rt = live_nvshmem_state(sizes.buffer_id, device, "low-latency",
+                                                        "create the Buffer with low_latency_mode=True and "
+                                                        "num_rdma_bytes > 0 first", error);
   if (rt == nullptr) return nullptr;
+  const int64_t num_ranks = sizes.num_ranks, max_tokens = sizes.num_max_dispatch_tokens_per_rank;
+  const int64_t num_experts = sizes.num_experts;
   if (num_ranks != rt->memory.num_ranks) {
     *error = invalid("the op runs over " + std::to_string(num_ranks) + " ranks but NVSHMEM has " +
                      std::to_string(rt->memory.num_ranks) + " PEs");
@@ -55,118 +107,101 @@ NvshmemRuntime* checked_runtime(int64_t num_ranks, int64_t max_tokens, int64_t h
   return rt;
 }
 
+LowLatencyShape shape_of(const LowLatencySizes& sizes, int64_t num_tokens, int64_t top_k, int64_t hidden) {
+  return LowLatencyShape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
+                         static_cast<int>(sizes.num_max_dispatch_tokens_per_rank),
+                         static_cast<int>(sizes.num_experts)};
+}
+
+// y and recv_x are [E / R, R * M, H].
+bool is_expert_rows(ffi::Span<const int64_t> dims, const LowLatencySizes& sizes) {
+  return dims.size() == 3 && dims[0] * sizes.num_ranks == sizes.num_experts &&
+         dims[1] == sizes.num_ranks * sizes.num_max_dispatch_tokens_per_rank;
+}
+
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
-ffi::Error DispatchSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> topk_idx,
-                        ffi::ResultBuffer<ffi::S32> send_slot, ffi::ResultBuffer<ffi::S32> token, int64_t num_ranks,
-                        int64_t max_tokens, int64_t num_experts, int64_t use_fp8, int64_t round_scale) {
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot, ffi::Result<I32> token,
+                        DispatchSendAttrs attrs) {
   const auto x_dims = x.dimensions();
   const auto idx_dims = topk_idx.dimensions();
   if (x_dims.size() != 2 || idx_dims.size() != 2 || idx_dims[0] != x_dims[0] || idx_dims[1] > kMaxTopk) {
     return invalid("dispatch expects x [T, H] and topk_idx [T, K <= 32]");
   }
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, x_dims[1], num_experts, &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, x_dims[1], &error);
   if (rt == nullptr) return error;
-  if (x_dims[0] > max_tokens) return invalid("more tokens than num_max_dispatch_tokens_per_rank");
-  if (use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
-  const LowLatencyShape shape{static_cast<int>(x_dims[0]), static_cast<int>(idx_dims[1]),
-                              static_cast<int>(x_dims[1]), static_cast<int>(max_tokens),
-                              static_cast<int>(num_experts)};
+  if (x_dims[0] > attrs.sizes.num_max_dispatch_tokens_per_rank) {
+    return invalid("more tokens than num_max_dispatch_tokens_per_rank");
+  }
+  if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
   return launched(launch_low_latency_dispatch_send(
-                      stream, rt->memory, shape, reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
-                      topk_idx.typed_data(), send_slot->typed_data(), token->typed_data(), use_fp8 != 0,
-                      round_scale != 0),
+                      stream, rt->memory, shape_of(attrs.sizes, x_dims[0], idx_dims[1], x_dims[1]),
+                      reinterpret_cast<const __nv_bfloat16*>(x.typed_data()), topk_idx.typed_data(),
+                      send_slot->typed_data(), token->typed_data(), attrs.use_fp8, attrs.round_scale),
                   "dispatch send");
 }
 
-// recv_scales is null for bf16.
-ffi::Error DispatchRecv(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Result<ffi::AnyBuffer> recv_x,
-                        ffi::Result<ffi::AnyBuffer>* recv_scales, ffi::ResultBuffer<ffi::S32> recv_count,
-                        ffi::ResultBuffer<ffi::S32> recv_src_info, ffi::ResultBuffer<ffi::S32> recv_layout_range,
-                        int64_t num_ranks, int64_t max_tokens, int64_t num_experts, bool use_ue8m0) {
+// recv_scales is absent for bf16 rows.
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Result<ffi::AnyBuffer> recv_x,
+                        ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32> recv_count,
+                        ffi::Result<I32> recv_src_info, ffi::Result<I32> recv_layout_range, DispatchRecvAttrs attrs) {
   const auto dims = recv_x->dimensions();
-  if (dims.size() != 3 || dims[0] * num_ranks != num_experts || dims[1] != num_ranks * max_tokens) {
-    return invalid("dispatch recv_x must be [E / R, R * M, H]");
-  }
+  if (!is_expert_rows(dims, attrs.sizes)) return invalid("dispatch recv_x must be [E / R, R * M, H]");
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, dims[2], num_experts, &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
   if (rt == nullptr) return error;
-  const bool use_fp8 = recv_scales != nullptr;
-  if (use_ue8m0 && dims[2] % (4 * kFp8Block)) return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
-  const LowLatencyShape shape{0, 0, static_cast<int>(dims[2]), static_cast<int>(max_tokens),
-                              static_cast<int>(num_experts)};
-  return launched(launch_low_latency_dispatch_recv(stream, rt->memory, shape, token.typed_data(),
-                                                   recv_x->untyped_data(),
-                                                   use_fp8 ? (*recv_scales)->untyped_data() : nullptr,
-                                                   recv_count->typed_data(), recv_src_info->typed_data(),
-                                                   recv_layout_range->typed_data(), use_fp8, use_ue8m0),
+  const bool use_fp8 = given(*recv_scales);
+  if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
+    return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
+  }
+  return launched(launch_low_latency_dispatch_recv(stream, rt->memory, shape_of(attrs.sizes, 0, 0, dims[2]),
+                                                   token.typed_data(), recv_x->untyped_data(),
+                                                   data_or_null<void>(*recv_scales), recv_count->typed_data(),
+                                                   recv_src_info->typed_data(), recv_layout_range->typed_data(),
+                                                   use_fp8, attrs.use_ue8m0),
                   "dispatch recv");
 }
 
-ffi::Error DispatchRecvBf16(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Result<ffi::AnyBuffer> recv_x,
-                            ffi::ResultBuffer<ffi::S32> recv_count, ffi::ResultBuffer<ffi::S32> recv_src_info,
-                            ffi::ResultBuffer<ffi::S32> recv_layout_range, int64_t num_ranks, int64_t max_tokens,
-                            int64_t num_experts) {
-  return DispatchRecv(stream, token, recv_x, nullptr, recv_count, recv_src_info, recv_layout_range, num_ranks,
-                      max_tokens, num_experts, false);
-}
-
-ffi::Error DispatchRecvFp8(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Result<ffi::AnyBuffer> recv_x,
-                           ffi::Result<ffi::AnyBuffer> recv_scales, ffi::ResultBuffer<ffi::S32> recv_count,
-                           ffi::ResultBuffer<ffi::S32> recv_src_info, ffi::ResultBuffer<ffi::S32> recv_layout_range,
-                           int64_t num_ranks, int64_t max_tokens, int64_t num_experts, int64_t use_ue8m0) {
-  return DispatchRecv(stream, token, recv_x, &recv_scales, recv_count, recv_src_info, recv_layout_range, num_ranks,
-                      max_tokens, num_experts, use_ue8m0 != 0);
-}
-
-ffi::Error CombineSend(cudaStream_t stream, ffi::Buffer<ffi::BF16> y, ffi::Buffer<ffi::S32> recv_layout_range,
-                       ffi::ResultBuffer<ffi::S32> token, int64_t num_ranks, int64_t max_tokens, int64_t num_experts,
-                       int64_t zero_copy) {
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_layout_range, ffi::Result<I32> token,
+                       CombineSendAttrs attrs) {
   const auto dims = y.dimensions();
-  if (dims.size() != 3 || dims[0] * num_ranks != num_experts || dims[1] != num_ranks * max_tokens) {
-    return invalid("combine y must be [E / R, R * M, H]");
-  }
+  if (!is_expert_rows(dims, attrs.sizes)) return invalid("combine y must be [E / R, R * M, H]");
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, dims[2], num_experts, &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
   if (rt == nullptr) return error;
   // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
-  const bool put_from_y = zero_copy != 0 && rt->has_put_peers;
-  if (std::string why; put_from_y && !register_put_source(y.untyped_data(), y.size_bytes(), &why)) {
+  const bool put_from_y = attrs.zero_copy && rt->has_put_peers;
+  if (std::string why; put_from_y && !register_put_source(*rt, y.untyped_data(), y.size_bytes(), &why)) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepep low-latency: zero_copy combine: " + why);
   }
-  const LowLatencyShape shape{0, 0, static_cast<int>(dims[2]), static_cast<int>(max_tokens),
-                              static_cast<int>(num_experts)};
-  return launched(launch_low_latency_combine_send(stream, rt->memory, shape,
+  return launched(launch_low_latency_combine_send(stream, rt->memory, shape_of(attrs.sizes, 0, 0, dims[2]),
                                                   reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
                                                   recv_layout_range.typed_data(), token->typed_data(), put_from_y),
                   "combine send");
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::BF16> y,
-                       ffi::Buffer<ffi::S32> recv_layout_range, ffi::Buffer<ffi::S32> topk_idx,
-                       ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> send_slot,
-                       ffi::ResultBuffer<ffi::BF16> out, int64_t num_ranks, int64_t max_tokens, int64_t num_experts) {
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I32 recv_layout_range, I32 topk_idx, F32 topk_weights,
+                       I32 send_slot, ffi::Result<BF16> out, CombineRecvAttrs attrs) {
   const auto idx_dims = topk_idx.dimensions();
   const auto out_dims = out->dimensions();
   if (idx_dims.size() != 2 || out_dims.size() != 2 || idx_dims[0] != out_dims[0] || idx_dims[1] > kMaxTopk) {
     return invalid("combine expects topk_idx [T, K <= 32] and an output [T, H]");
   }
   const auto y_dims = y.dimensions();
-  if (y_dims.size() != 3 || y_dims[0] * num_ranks != num_experts || y_dims[1] != num_ranks * max_tokens ||
-      y_dims[2] != out_dims[1] || recv_layout_range.element_count() != y_dims[0] * num_ranks * 2) {
+  if (!is_expert_rows(y_dims, attrs.sizes) || y_dims[2] != out_dims[1] ||
+      recv_layout_range.element_count() != y_dims[0] * attrs.sizes.num_ranks * 2) {
     return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
   ffi::Error error;
-  NvshmemRuntime* rt = checked_runtime(num_ranks, max_tokens, out_dims[1], num_experts, &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, out_dims[1], &error);
   if (rt == nullptr) return error;
-  const LowLatencyShape shape{static_cast<int>(idx_dims[0]), static_cast<int>(idx_dims[1]),
-                              static_cast<int>(out_dims[1]), static_cast<int>(max_tokens),
-                              static_cast<int>(num_experts)};
-  return launched(launch_low_latency_combine_recv(stream, rt->memory, shape, token.typed_data(),
+  return launched(launch_low_latency_combine_recv(stream, rt->memory,
+                                                  shape_of(attrs.sizes, idx_dims[0], idx_dims[1], out_dims[1]),
+                                                  token.typed_data(),
                                                   reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                                  recv_layout_range.typed_data(), topk_idx.typed_data(), topk_weights.typed_data(),
-                                                  send_slot.typed_data(),
+                                                  recv_layout_range.typed_data(), topk_idx.typed_data(),
+                                                  topk_weights.typed_data(), send_slot.typed_data(),
                                                   reinterpret_cast<__nv_bfloat16*>(out->typed_data())),
                   "combine recv");
 }
@@ -179,63 +214,50 @@ namespace jd = jax_deepep;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("use_fp8")
-                                  .Attr<int64_t>("round_scale"));
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<jd::BF16>()  // x [T, H]
+                                  .Arg<jd::I32>()   // topk_idx [T, K]
+                                  .Ret<jd::I32>()   // send_slot [T, K]
+                                  .Ret<jd::I32>()   // token [1]
+                                  .Attrs<jd::DispatchSendAttrs>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv_bf16, jd::DispatchRecvBf16,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv_fp8, jd::DispatchRecvFp8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("use_ue8m0"));
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<jd::I32>()         // token [1]
+                                  .Ret<ffi::AnyBuffer>()  // recv_x [E / R, R * M, H] (bf16 or e4m3)
+                                  .Ret<ffi::AnyBuffer>()  // FP8 scales [E / R, R * M, S] or absent
+                                  .Ret<jd::I32>()         // recv_count [E / R]
+                                  .Ret<jd::I32>()         // recv_src_info [E / R, R * M]
+                                  .Ret<jd::I32>()         // recv_layout_range [E / R, R, 2]
+                                  .Attrs<jd::DispatchRecvAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("zero_copy"));
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<jd::BF16>()  // y [E / R, R * M, H]
+                                  .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
+                                  .Ret<jd::I32>()   // token [1]
+                                  .Attrs<jd::CombineSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("num_max_dispatch_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<jd::I32>()   // token [1]
+                                  .Arg<jd::BF16>()  // y [E / R, R * M, H]
+                                  .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
+                                  .Arg<jd::I32>()   // topk_idx [T, K]
+                                  .Arg<jd::F32>()   // topk_weights [T, K]
+                                  .Arg<jd::I32>()   // send_slot [T, K]
+                                  .Ret<jd::BF16>()  // combined x [T, H]
+                                  .Attrs<jd::CombineRecvAttrs>());
+
+std::vector<jd::FfiTarget> jd::low_latency_ffi_targets() {
+  return {{"jax_deepep_ll_dispatch_send", reinterpret_cast<void*>(jax_deepep_ll_dispatch_send)},
+          {"jax_deepep_ll_dispatch_recv", reinterpret_cast<void*>(jax_deepep_ll_dispatch_recv)},
+          {"jax_deepep_ll_combine_send", reinterpret_cast<void*>(jax_deepep_ll_combine_send)},
+          {"jax_deepep_ll_combine_recv", reinterpret_cast<void*>(jax_deepep_ll_combine_recv)}};
+}

@@ -1,9 +1,10 @@
-// What the NVSHMEM handlers (low_latency_ffi.cc, internode_ffi.cc) share: the process's runtime in
+// What the NVSHMEM handlers (low_latency_ffi.cc, internode_ffi.cc) share: their Buffer's state in
 // a usable state, and a kernel launch's status as an FFI error.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <string>
 
 #include "cuda/nvshmem_peers.cuh"
@@ -12,23 +13,27 @@
 
 namespace jax_deepep {
 
-// The runtime, or null with *error set: no buffer (`set_up` says which Buffer makes one), or an
-// earlier wait timed out. `mode` prefixes the messages ("low-latency", "internode").
-inline NvshmemRuntime* live_nvshmem_runtime(const std::string& mode, const char* set_up, xla::ffi::Error* error) {
-  NvshmemRuntime* rt = nvshmem_runtime();
-  if (rt == nullptr) {
+// The state of (buffer_id, device), or null with *error set: no buffer (`set_up` says which
+// Buffer makes one), or an earlier wait timed out. `mode` prefixes the messages ("low-latency",
+// "internode").
+inline std::shared_ptr<NvshmemState> live_nvshmem_state(int64_t buffer_id, int device, const std::string& mode,
+                                                        const char* set_up, xla::ffi::Error* error) {
+  std::shared_ptr<NvshmemState> state = find_nvshmem_state(buffer_id, device);
+  if (state == nullptr) {
     *error = xla::ffi::Error(xla::ffi::ErrorCode::kFailedPrecondition,
-                             "jax_deepep " + mode + ": NVSHMEM is not set up in this process (" + set_up + ")");
+                             "jax_deepep " + mode + ": no NVSHMEM buffer " + std::to_string(buffer_id) +
+                                 " on device " + std::to_string(device) + " (" + set_up + ")");
     return nullptr;
   }
-  if (const int flag = jax_deepep_nvshmem_timeout_flag(); flag != 0) {
+  if (const volatile ErrorRecord& r = state->error(); r.code != 0) {
     *error = xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded,
-                             "jax_deepep " + mode + ": an earlier " + timeout_kind_name(flag) +
-                                 " timed out waiting for a peer rank; the buffer is unusable, destroy the Buffer");
+                             "jax_deepep " + mode + ": an earlier " + op_name(r.op) + " on rank " +
+                                 std::to_string(r.rank) + " timed out waiting for rank " + std::to_string(r.peer) +
+                                 " (" + wait_name(r.code) + "); the buffer is unusable, destroy the Buffer");
     return nullptr;
   }
   *error = xla::ffi::Error::Success();
-  return rt;
+  return state;
 }
 
 inline xla::ffi::Error launch_status(cudaError_t status, const std::string& mode, const char* what) {

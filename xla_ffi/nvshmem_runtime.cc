@@ -5,44 +5,43 @@
 #include <nvshmem_host.h>
 #include <nvshmemx.h>
 
-#include <mutex>
-#include <string>
-#include <vector>
+#include <cstring>
+
+#include "xla_ffi/host_errors.h"
+#include "xla_ffi/registry.h"
 
 namespace jax_deepep {
 namespace {
 
-NvshmemRuntime g_runtime;
-bool g_nvshmem_up = false;  // nvshmemx_init_attr done
-bool g_allocated = false;   // g_runtime holds a live buffer
-std::string g_last_error;
-
-// Device allocations registered with NVSHMEM as put sources, [base, base + size); dropped with the buffer.
-struct Registration {
-  uintptr_t base;
-  size_t size;
-};
-std::vector<Registration> g_registrations;
-std::mutex g_registrations_mutex;
-
-int fail(const std::string& message) {
-  g_last_error = message;
-  return 1;
+Registry<NvshmemState>& states() {
+  static Registry<NvshmemState> registry;
+  return registry;
 }
 
-int fail_cuda(const char* what, cudaError_t status) {
-  return fail(std::string(what) + ": " + cudaGetErrorString(status));
-}
+// The process's PE, once nvshmemx_init_attr succeeded (NVSHMEM is process-wide).
+std::mutex pe_mutex;
+std::optional<std::pair<int, int>> joined_pe;
 
 }  // namespace
 
-NvshmemRuntime* nvshmem_runtime() { return g_allocated ? &g_runtime : nullptr; }
+NvshmemState::~NvshmemState() {
+  for (const auto& r : registrations) nvshmemx_buffer_unregister(reinterpret_cast<void*>(r.first));
+  if (memory.local != nullptr) nvshmem_free(memory.local);
+  cudaFree(const_cast<char**>(memory.peer));
+  cudaFree(memory.call_numbers);
+  cudaFree(traffic);
+  if (error_host != nullptr) cudaFreeHost(error_host);
+}
 
-bool register_put_source(const void* ptr, size_t bytes, std::string* error) {
+std::shared_ptr<NvshmemState> find_nvshmem_state(int64_t buffer_id, int device) {
+  return states().find({buffer_id, device});
+}
+
+bool register_put_source(NvshmemState& state, const void* ptr, size_t bytes, std::string* error) {
   const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
-  std::lock_guard<std::mutex> lock(g_registrations_mutex);
-  for (const Registration& r : g_registrations) {
-    if (start >= r.base && start + bytes <= r.base + r.size) return true;
+  std::lock_guard<std::mutex> lock(state.registrations_mutex);
+  for (const auto& r : state.registrations) {
+    if (start >= r.first && start + bytes <= r.first + r.second) return true;
   }
   // The allocation holding ptr, from the driver (fetched through the runtime: no libcuda link).
   using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
@@ -67,67 +66,61 @@ bool register_put_source(const void* ptr, size_t bytes, std::string* error) {
     *error = "nvshmemx_buffer_register of the " + std::to_string(size) + "-byte allocation holding y failed";
     return false;
   }
-  g_registrations.push_back({static_cast<uintptr_t>(base), size});
+  state.registrations.emplace_back(static_cast<uintptr_t>(base), size);
   return true;
 }
 
-}  // namespace jax_deepep
-
-using jax_deepep::fail;
-using jax_deepep::fail_cuda;
-using jax_deepep::g_allocated;
-using jax_deepep::g_nvshmem_up;
-using jax_deepep::g_runtime;
-
-extern "C" {
-
-int jax_deepep_nvshmem_unique_id_size() { return static_cast<int>(sizeof(nvshmemx_uniqueid_t)); }
-
-int jax_deepep_nvshmem_get_unique_id(void* out) {
+std::string nvshmem_unique_id() {
   nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  if (nvshmemx_get_uniqueid(&id) != 0) return fail("nvshmemx_get_uniqueid failed");
-  *static_cast<nvshmemx_uniqueid_t*>(out) = id;
-  return 0;
+  if (nvshmemx_get_uniqueid(&id) != 0) fail("nvshmemx_get_uniqueid failed");
+  return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
 }
 
-int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device) {
-  if (g_nvshmem_up) return fail("NVSHMEM is already initialised in this process");
-  const cudaError_t status = cudaSetDevice(device);
-  if (status != cudaSuccess) return fail_cuda("cudaSetDevice", status);
+void nvshmem_join(const std::string& unique_id, int rank, int num_ranks, int device) {
+  std::lock_guard<std::mutex> lock(pe_mutex);
+  if (joined_pe) fail("NVSHMEM is already initialised in this process");
+  nvshmemx_uniqueid_t id;
+  if (unique_id.size() != sizeof(id)) fail("an NVSHMEM unique id has " + std::to_string(sizeof(id)) + " bytes");
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
-  if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, static_cast<const nvshmemx_uniqueid_t*>(unique_id), &attr)) {
-    return fail("nvshmemx_set_attr_uniqueid_args failed");
-  }
-  if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) return fail("nvshmemx_init_attr failed");
-  g_nvshmem_up = true;
+  if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr)) fail("nvshmemx_set_attr_uniqueid_args failed");
+  if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) fail("nvshmemx_init_attr failed");
+  joined_pe = std::make_pair(rank, num_ranks);
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks) {
-    return fail("NVSHMEM assigned PE " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()) +
-                ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
+    fail("NVSHMEM assigned PE " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()) +
+         ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
   }
-  return 0;
 }
 
-int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_group) {
-  if (!g_nvshmem_up) return fail("NVSHMEM is not initialised");
-  if (g_allocated) return fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
+std::optional<std::pair<int, int>> nvshmem_pe() {
+  std::lock_guard<std::mutex> lock(pe_mutex);
+  return joined_pe;
+}
+
+void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group) {
+  if (!nvshmem_pe()) fail("NVSHMEM is not initialised");
+  if (!states().all().empty()) fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
   // The kernels compare elapsed nanoseconds with it unsigned: it must be positive and representable.
-  if (!(timeout_s > 0.0 && timeout_s < 1e9)) return fail("the timeout must be in (0, 1e9) seconds");
+  if (!(timeout_s > 0.0 && timeout_s < 1e9)) fail("the timeout must be in (0, 1e9) seconds");
   const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
   if (direct_group < 1 || num_ranks % direct_group != 0) {
-    return fail("the direct-peer group must divide the number of ranks, got " + std::to_string(direct_group));
+    fail("the direct-peer group must divide the number of ranks, got " + std::to_string(direct_group));
   }
+  DeviceGuard guard(device);
+  auto s = std::make_shared<NvshmemState>();
   // Receive halves, then one half of staging for puts to peers without a direct mapping.
   const uint64_t staging_bytes = num_bytes / 2;
   char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes));
   if (buffer == nullptr) {
-    return fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes) +
-                " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
+    fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes) +
+         " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
+  s->memory.local = buffer;
+  s->memory.staging = buffer + num_bytes;
   // Signals start at zero on every PE before anyone can write one.
-  cudaError_t status;
-  if ((status = cudaMemset(buffer, 0, num_bytes)) != cudaSuccess || (status = cudaDeviceSynchronize()) != cudaSuccess) {
-    return fail_cuda("clearing the symmetric buffer", status);
-  }
+  check_cuda(cudaMemset(buffer, 0, num_bytes), "clearing the symmetric buffer");
+  check_cuda(cudaDeviceSynchronize(), "clearing the symmetric buffer");
   nvshmem_barrier_all();
 
   std::vector<char*> peers(num_ranks);
@@ -136,95 +129,64 @@ int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_gr
     const bool direct = pe / direct_group == rank / direct_group;
     peers[pe] = direct ? static_cast<char*>(nvshmem_ptr(buffer, pe)) : nullptr;
   }
-  bool has_put_peers = false, group_mapped = true;
+  s->group_mapped = true;
   for (int pe = 0; pe < num_ranks; ++pe) {
-    has_put_peers |= pe != rank && peers[pe] == nullptr;
-    group_mapped &= pe / direct_group != rank / direct_group || peers[pe] != nullptr;
+    s->has_put_peers |= pe != rank && peers[pe] == nullptr;
+    s->group_mapped &= pe / direct_group != rank / direct_group || peers[pe] != nullptr;
   }
   char** peers_device = nullptr;
-  if ((status = cudaMalloc(&peers_device, num_ranks * sizeof(char*))) != cudaSuccess ||
-      (status = cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice)) !=
-          cudaSuccess) {
-    return fail_cuda("copying the peer table", status);
-  }
-  // The kernels poll the flag in device memory and copy it to mapped host memory for the host.
-  int* flag_host = nullptr;
-  int* flag_host_mapped = nullptr;
-  int* flag_device = nullptr;
-  uint32_t* call_numbers = nullptr;
-  unsigned long long* traffic = nullptr;
-  if ((status = cudaHostAlloc(&flag_host, sizeof(int), cudaHostAllocMapped)) != cudaSuccess ||
-      (status = cudaHostGetDevicePointer(&flag_host_mapped, flag_host, 0)) != cudaSuccess ||
-      (status = cudaMalloc(&flag_device, sizeof(int))) != cudaSuccess ||
-      (status = cudaMemset(flag_device, 0, sizeof(int))) != cudaSuccess ||
-      (status = cudaMalloc(&call_numbers, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
-      (status = cudaMemset(call_numbers, 0, jax_deepep::kNumCallKinds * sizeof(uint32_t))) != cudaSuccess ||
-      (status = cudaMalloc(&traffic, 4 * sizeof(unsigned long long))) != cudaSuccess ||
-      (status = cudaMemset(traffic, 0, 4 * sizeof(unsigned long long))) != cudaSuccess ||
-      (status = cudaDeviceSynchronize()) != cudaSuccess) {
-    return fail_cuda("allocating the timeout flag and counters", status);
-  }
-  *flag_host = 0;
-
-  g_runtime = jax_deepep::NvshmemRuntime{};
-  g_runtime.memory.local = buffer;
-  g_runtime.memory.staging = buffer + num_bytes;
-  g_runtime.memory.peer = peers_device;
-  g_runtime.memory.timeout_flag = flag_device;
-  g_runtime.memory.timeout_flag_host = flag_host_mapped;
-  g_runtime.memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
-  g_runtime.memory.rank = rank;
-  g_runtime.memory.num_ranks = num_ranks;
-  g_runtime.memory.call_numbers = call_numbers;
-  g_runtime.num_bytes = num_bytes;
-  g_runtime.timeout_flag = flag_host;
-  g_runtime.has_put_peers = has_put_peers;
-  g_runtime.group_mapped = group_mapped;
-  g_runtime.direct_group = direct_group;
-  g_runtime.traffic = traffic;
-  g_allocated = true;
-  return 0;
+  check_cuda(cudaMalloc(&peers_device, num_ranks * sizeof(char*)), "copying the peer table");
+  s->memory.peer = peers_device;
+  check_cuda(cudaMemcpy(peers_device, peers.data(), num_ranks * sizeof(char*), cudaMemcpyHostToDevice),
+             "copying the peer table");
+  const char* what = "allocating the error record and counters";
+  check_cuda(cudaHostAlloc(&s->error_host, sizeof(ErrorRecord), cudaHostAllocMapped), what);
+  *s->error_host = ErrorRecord{};
+  check_cuda(cudaHostGetDevicePointer(&s->memory.error, s->error_host, 0), what);
+  check_cuda(cudaMalloc(&s->memory.call_numbers, kNumCallKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMemset(s->memory.call_numbers, 0, kNumCallKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMalloc(&s->traffic, 4 * sizeof(unsigned long long)), what);
+  check_cuda(cudaMemset(s->traffic, 0, 4 * sizeof(unsigned long long)), what);
+  check_cuda(cudaDeviceSynchronize(), what);
+  s->memory.timeout_ns = static_cast<long long>(timeout_s * 1e9);
+  s->memory.rank = rank;
+  s->memory.num_ranks = num_ranks;
+  s->num_bytes = num_bytes;
+  s->direct_group = direct_group;
+  if (!states().add({buffer_id, device}, std::move(s))) fail("buffer already exists on this device");
 }
 
-int jax_deepep_nvshmem_free() {
-  if (!g_allocated) return 0;
-  g_allocated = false;
+void nvshmem_destroy(int64_t buffer_id, int device) {
+  std::shared_ptr<NvshmemState> s = states().remove({buffer_id, device});
+  if (!s) return;
+  DeviceGuard guard(device);
   const cudaError_t status = cudaDeviceSynchronize();  // none of our kernels may still use the buffer
   nvshmem_barrier_all();                               // nor a peer's
-  {
-    std::lock_guard<std::mutex> lock(jax_deepep::g_registrations_mutex);
-    for (const auto& r : jax_deepep::g_registrations) nvshmemx_buffer_unregister(reinterpret_cast<void*>(r.base));
-    jax_deepep::g_registrations.clear();
+  s.reset();  // frees, unless a handler still holds it (then it frees when done)
+  check_cuda(status, "synchronising before freeing the symmetric buffer");
+}
+
+void nvshmem_leave() {
+  for (const auto& [key, state] : states().all()) nvshmem_destroy(key.first, key.second);
+  std::lock_guard<std::mutex> lock(pe_mutex);
+  if (joined_pe) nvshmem_finalize();
+  joined_pe.reset();
+}
+
+int nvshmem_timeout_flag() {
+  for (const auto& [key, state] : states().all()) {
+    if (const int code = state->error().code; code != 0) return code;
   }
-  nvshmem_free(g_runtime.memory.local);
-  cudaFree(const_cast<char**>(g_runtime.memory.peer));
-  cudaFree(g_runtime.memory.timeout_flag);
-  cudaFree(g_runtime.memory.call_numbers);
-  cudaFree(g_runtime.traffic);
-  cudaFreeHost(g_runtime.timeout_flag);
-  g_runtime = jax_deepep::NvshmemRuntime{};
-  if (status != cudaSuccess) return fail_cuda("synchronising before freeing the symmetric buffer", status);
   return 0;
 }
 
-int jax_deepep_nvshmem_finalize() {
-  const int status = jax_deepep_nvshmem_free();
-  if (g_nvshmem_up) nvshmem_finalize();
-  g_nvshmem_up = false;
-  return status;
+std::array<uint64_t, 4> internode_traffic(int64_t buffer_id, int device) {
+  std::shared_ptr<NvshmemState> s = find_nvshmem_state(buffer_id, device);
+  if (!s) fail("no NVSHMEM buffer " + std::to_string(buffer_id) + " on device " + std::to_string(device));
+  std::array<uint64_t, 4> out{};
+  DeviceGuard guard(device);
+  check_cuda(cudaMemcpy(out.data(), s->traffic, sizeof(out), cudaMemcpyDeviceToHost), "reading the traffic counters");
+  return out;
 }
 
-const char* jax_deepep_nvshmem_last_error() { return jax_deepep::g_last_error.c_str(); }
-
-int jax_deepep_internode_traffic(uint64_t* out) {
-  if (!g_allocated) return fail("no NVSHMEM buffer");
-  const cudaError_t status = cudaMemcpy(out, g_runtime.traffic, 4 * sizeof(uint64_t), cudaMemcpyDeviceToHost);
-  return status == cudaSuccess ? 0 : fail_cuda("reading the traffic counters", status);
-}
-
-int jax_deepep_nvshmem_timeout_flag() {
-  if (!g_allocated) return 0;
-  return *reinterpret_cast<volatile int*>(g_runtime.timeout_flag);
-}
-
-}  // extern "C"
+}  // namespace jax_deepep

@@ -1,61 +1,83 @@
-// The process's NVSHMEM runtime for the low-latency kernels: one PE per process (one GPU), a
-// symmetric buffer of num_rdma_bytes (two alternating halves) plus one half of staging for
-// nvshmem puts, the peers' buffers mapped over NVLink where possible, and the kernels' timeout flag.
-// NVSHMEM itself is initialised once per process (it cannot be re-initialised after finalize);
-// each low-latency Buffer allocates and frees its own symmetric buffer.
+// Host runtime of the NVSHMEM kernels (low latency and internode): the process's NVSHMEM PE and,
+// per (Buffer, device) in the library's Registry (xla_ffi/registry.h), a symmetric buffer of
+// num_rdma_bytes (two alternating halves) plus one half of staging for nvshmem puts, the peers'
+// buffers mapped over NVLink where possible, the kernels' error record and the put sources
+// registered with NVSHMEM.
 //
-// Python (jax_deepep/gpu/low_latency.py) drives it through the extern "C" functions below; the
-// FFI handlers read it through nvshmem_runtime().
+// What NVSHMEM allows only once per process, not per Buffer:
+//  - init and finalize: one PE per process for its lifetime (NVSHMEM cannot re-initialise after
+//    finalize), so every NVSHMEM Buffer of a process is the same rank of the same ranks;
+//  - the symmetric heap size, fixed at init (NVSHMEM_SYMMETRIC_SIZE);
+//  - registering an allocation as a put source (nvshmemx_buffer_register refuses an allocation
+//    registered already, and XLA's buffers share a few large allocations).
+// Hence one NVSHMEM Buffer lives at a time in a process; each allocates and frees its own
+// symmetric buffer.
+//
+// The Python bindings (nvshmem_module.cc) call the functions below; each throws on failure.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
-#include "cuda/low_latency.cuh"
+#include "cuda/nvshmem_peers.cuh"
 
 namespace jax_deepep {
 
-struct NvshmemRuntime {
-  PeerMemory memory;
-  uint64_t num_bytes = 0;  // both halves (num_rdma_bytes)
-  int* timeout_flag = nullptr;  // host view of memory.timeout_flag_host (mapped pinned memory)
+struct NvshmemState {
+  PeerMemory memory{};
+  uint64_t num_bytes = 0;       // both halves (num_rdma_bytes)
+  ErrorRecord* error_host = nullptr;  // host view of memory.error (mapped pinned memory)
   bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
   bool group_mapped = false;    // every peer of this PE's direct group is mapped (nvshmem_ptr)
   int direct_group = 0;         // ranks per group of directly written peers (a node)
   unsigned long long* traffic = nullptr;  // device [4]: internode rows and bytes put (dispatch, combine)
+
+  // Device allocations registered with NVSHMEM as put sources, [base, base + size).
+  std::mutex registrations_mutex;
+  std::vector<std::pair<uintptr_t, size_t>> registrations;
+
+  NvshmemState() = default;
+  NvshmemState(const NvshmemState&) = delete;
+  NvshmemState& operator=(const NvshmemState&) = delete;
+  ~NvshmemState();  // unregisters the put sources and frees the symmetric buffer (collective)
+
+  // The record of the first wait that gave up; its `code` (a WaitKind, cuda/wait.cuh) is 0 while none did.
+  const volatile ErrorRecord& error() const { return *error_host; }
 };
 
-// The runtime with an allocated buffer, or null.
-NvshmemRuntime* nvshmem_runtime();
+// The state registered for (buffer id, device ordinal), or null.
+std::shared_ptr<NvshmemState> find_nvshmem_state(int64_t buffer_id, int device);
 
 // Makes [ptr, ptr + bytes) usable as the local source of nvshmem puts: registers the whole device
 // allocation holding it with NVSHMEM (once; XLA's buffers live in a few large allocations), so a
 // zero-copy combine can put rows straight out of XLA's memory. False with `error` set on failure.
-bool register_put_source(const void* ptr, size_t bytes, std::string* error);
+bool register_put_source(NvshmemState& state, const void* ptr, size_t bytes, std::string* error);
+
+// A fresh unique id (on PE 0 only), as bytes.
+std::string nvshmem_unique_id();
+// Joins the job as PE `rank` of `num_ranks` on CUDA device `device`; collective.
+void nvshmem_join(const std::string& unique_id, int rank, int num_ranks, int device);
+// (rank, number of ranks) once joined.
+std::optional<std::pair<int, int>> nvshmem_pe();
+// Allocates the symmetric buffer of (buffer_id, device): num_bytes of receive halves + staging;
+// collective. Peers in this PE's group of `direct_group` consecutive ranks get loads/stores
+// through the mapping nvshmem_ptr gives (where it gives one); all others get nvshmem puts.
+void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group);
+// Frees the symmetric buffer once every PE's kernels are done; collective (idempotent).
+void nvshmem_destroy(int64_t buffer_id, int device);
+// Leaves NVSHMEM (at process exit); frees any buffer first.
+void nvshmem_leave();
+// The WaitKind of the first wait that gave up in any of the process's NVSHMEM buffers (cuda/wait.cuh), 0 if none.
+int nvshmem_timeout_flag();
+// The internode network traffic counters of the buffer: dispatch rows, bytes, combine rows, bytes
+// (synchronises the device; for tests).
+std::array<uint64_t, 4> internode_traffic(int64_t buffer_id, int device);
 
 }  // namespace jax_deepep
-
-extern "C" {
-// Bytes of an NVSHMEM unique id.
-int jax_deepep_nvshmem_unique_id_size();
-// Writes a fresh unique id (call on PE 0 only); 0 on success.
-int jax_deepep_nvshmem_get_unique_id(void* out);
-// Joins the job as PE `rank` of `num_ranks` on CUDA device `device`; collective. 0 on success.
-int jax_deepep_nvshmem_init(const void* unique_id, int rank, int num_ranks, int device);
-// Allocates the symmetric buffer (num_bytes of receive halves + staging); collective. 0 on success.
-// Peers in this PE's group of `direct_group` consecutive ranks get loads/stores through the
-// mapping nvshmem_ptr gives (where it gives one); all others get nvshmem puts.
-int jax_deepep_nvshmem_alloc(uint64_t num_bytes, double timeout_s, int direct_group);
-// Frees the symmetric buffer once every PE's kernels are done; collective. 0 on success.
-int jax_deepep_nvshmem_free();
-// Leaves NVSHMEM (at process exit); frees the buffer first if needed. 0 on success.
-int jax_deepep_nvshmem_finalize();
-// Why the last call failed.
-const char* jax_deepep_nvshmem_last_error();
-// Nonzero once a kernel gave up waiting for a peer (which: the k*Timeout values of nvshmem_peers.cuh).
-int jax_deepep_nvshmem_timeout_flag();
-// Copies the internode network traffic counters (dispatch rows, bytes, combine rows, bytes) to out[4]
-// (synchronises the device; for tests). 0 on success.
-int jax_deepep_internode_traffic(uint64_t* out);
-}

@@ -38,7 +38,8 @@ def _normal_backend(buffer):
 
     if not nvshmem.available():
         return _use_reference("internode ops", nvshmem.unavailable_reason())
-    return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node)
+    return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node,
+                                 timeout_s=buffer.timeout_s)
 
 
 def _low_latency_backend(buffer):
@@ -51,7 +52,8 @@ def _low_latency_backend(buffer):
         return _use_reference("low-latency ops", nvshmem.unavailable_reason())
     # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
     direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
-    return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, direct_group=direct_group)
+    return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, timeout_s=buffer.timeout_s,
+                                  direct_group=direct_group)
 
 
 def make_backends(buffer) -> tuple:

@@ -18,6 +18,18 @@ peers' calls pair up element by element.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+
+
+def optional_operand(a, dtype):
+    """`a`, or for an operand the call does not have an empty array of shape (0,), which the
+    handlers take as absent (xla_ffi/operands.h)."""
+    return a if a is not None else jnp.zeros((0,), dtype)
+
+
+def optional_result(shape, dtype) -> jax.ShapeDtypeStruct:
+    """A result of `shape`, or with `shape` None an absent one (shape (0,), as `optional_operand`)."""
+    return jax.ShapeDtypeStruct((0,) if shape is None else shape, dtype)
 
 
 def _varying_axes(x) -> frozenset:

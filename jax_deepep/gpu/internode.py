@@ -1,4 +1,4 @@
-"""Internode normal mode on NVSHMEM: `cuda/internode.cu` (in `libjax_deepep_nvshmem.so`) as XLA FFI
+"""Internode normal mode on NVSHMEM: `cuda/internode.cu` (in the `_nvshmem_lib` module) as XLA FFI
 custom calls, for an expert-parallel axis of several nodes.
 
 A token crosses the network once per destination node and is forwarded over NVLink inside it;
@@ -8,7 +8,6 @@ combine returns one f32 partial per (token, node) and rounds once at the source 
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import jax
@@ -19,10 +18,11 @@ from .. import reference
 from ..backend import DispatchResult, RankContext
 from ..config import Config
 from ..routing import valid_expert_ids
+from ..sizes import internode_combine_layout, internode_dispatch_layout, internode_rdma_bytes
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
-from ..validation import fail
-from .ffi_call import ffi_call
-from .nvshmem import SymmetricBuffer, nvshmem_library
+from ..validation import expect_array, fail
+from .ffi_call import ffi_call, optional_operand, optional_result
+from .nvshmem import SymmetricBuffer
 
 
 def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
@@ -30,12 +30,12 @@ def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: in
     """`num_rdma_bytes` that internode dispatch (bf16 or FP8, with ids and weights) and combine of
     these sizes need; `capacity` defaults to dispatch's (R * T). One rank per node is the most any
     node size needs."""
-    lib = nvshmem_library()
     capacity = num_ranks * num_tokens if capacity is None else capacity
-    dispatch = lib.jax_deepep_internode_dispatch_bytes(num_tokens, capacity, num_topk, True, True, 1, hidden * 2, 0,
-                                                       num_experts, ranks_per_node, num_ranks)
-    combine = lib.jax_deepep_internode_combine_bytes(num_tokens, capacity, hidden, num_topk, ranks_per_node, num_ranks)
-    return int(max(dispatch, combine))
+    dispatch = internode_dispatch_layout(num_tokens, capacity, num_topk, True, True, [hidden * 2], num_experts,
+                                         ranks_per_node, num_ranks)
+    combine = internode_combine_layout(num_tokens, hidden, num_topk, ranks_per_node, num_ranks)
+    return max(internode_rdma_bytes(dispatch.half_bytes, dispatch.staging_bytes),
+               internode_rdma_bytes(combine.half_bytes, combine.staging_bytes))
 
 
 def _per_token_bytes(a) -> int:
@@ -49,9 +49,11 @@ class InternodeRoute:
     forwarded: jax.Array  # i32[nodes, T]: which ranks of each node kept each token this rank forwarded there
 
 
-def _route(op: str, handle: DispatchHandle) -> InternodeRoute:
+def _route(op: str, ctx: RankContext, handle: DispatchHandle) -> InternodeRoute:
     if not isinstance(handle.route, InternodeRoute):
         fail(op, "`handle` was not made by this Buffer's internode kernels (it comes from another backend)")
+    expect_array(op, "handle.route.forwarded", handle.route.forwarded, ndim=2, dtypes=(jnp.int32,),
+                 shape=(ctx.num_nodes, handle.is_token_in_rank.shape[0]))
     return handle.route
 
 
@@ -63,15 +65,16 @@ class InternodeBackend:
 
     def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int):
         self.symmetric = symmetric
-        self._lib = symmetric.lib
         self.num_rdma_bytes = symmetric.num_bytes
         self.ranks_per_node = ranks_per_node
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int) -> "InternodeBackend":
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, *,
+             timeout_s: float) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer (collective); peers within a node are written
-        directly, the others over the network."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, direct_group=ranks_per_node), ranks_per_node)
+        directly, the others over the network; waits on a peer give up after `timeout_s`."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=ranks_per_node),
+                   ranks_per_node)
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
@@ -79,12 +82,11 @@ class InternodeBackend:
 
     def traffic(self) -> dict:
         """Rows and bytes this process has put on the network so far (synchronises; for tests)."""
-        out = (ctypes.c_uint64 * 4)()
-        if self._lib.jax_deepep_internode_traffic(out) != 0:
-            raise RuntimeError(self._lib.jax_deepep_nvshmem_last_error().decode())
-        return {"dispatch_rows": out[0], "dispatch_bytes": out[1], "combine_rows": out[2], "combine_bytes": out[3]}
+        out = self.symmetric.lib.internode_traffic(self.symmetric.buffer_id, self.symmetric.device)
+        return dict(zip(("dispatch_rows", "dispatch_bytes", "combine_rows", "combine_bytes"), out))
 
-    def _fits(self, op: str, need: int):
+    def _fits(self, op: str, half_bytes: int, staging_bytes: int):
+        need = internode_rdma_bytes(half_bytes, staging_bytes)
         if need > self.num_rdma_bytes:
             fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but these sizes need {need} "
                      "in internode mode (jax_deepep.gpu.internode.rdma_bytes_hint gives it before making the Buffer)")
@@ -94,35 +96,36 @@ class InternodeBackend:
         """`counts`: the layout's tokens per rank, and per expert with `ids` (what the kernel notifies)."""
         num_tokens = parts[0].shape[0]
         top_k = ids.shape[1] if ids is not None else (weights.shape[1] if weights is not None else 0)
-        sizes = [_per_token_bytes(p) for p in parts] + [0]
-        self._fits(op, self._lib.jax_deepep_internode_dispatch_bytes(
-            num_tokens, capacity, top_k, ids is not None, weights is not None, len(parts), sizes[0], sizes[1],
-            num_experts if ids is not None else 0, self.ranks_per_node, ctx.num_ranks))
-        r, i32 = ctx.num_ranks, jnp.int32
-        results = [jax.ShapeDtypeStruct((capacity,) + p.shape[1:], p.dtype) for p in parts]
-        args = list(parts)
-        if ids is not None:
-            args.append(ids)
-            results.append(jax.ShapeDtypeStruct((capacity, top_k), i32))
-        if weights is not None:
-            args.append(weights.astype(jnp.float32))
-            results.append(jax.ShapeDtypeStruct((capacity, top_k), jnp.float32))
-        args += [is_token_in_rank, *counts]
+        layout = internode_dispatch_layout(num_tokens, capacity, top_k, ids is not None, weights is not None,
+                                           [_per_token_bytes(p) for p in parts],
+                                           num_experts if ids is not None else 0, self.ranks_per_node, ctx.num_ranks)
+        self._fits(op, layout.half_bytes, layout.staging_bytes)
+        r, i32, f32 = ctx.num_ranks, jnp.int32, jnp.float32
+        x, scales = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)
         experts_per_rank = num_experts // r if ids is not None else 0
-        results += [jax.ShapeDtypeStruct((capacity,), i32), jax.ShapeDtypeStruct((capacity,), i32),
-                    jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((r,), i32),
-                    jax.ShapeDtypeStruct((), i32), jax.ShapeDtypeStruct((experts_per_rank,), i32),
-                    jax.ShapeDtypeStruct((ctx.num_nodes, num_tokens), i32), jax.ShapeDtypeStruct((1,), i32)]
-        out = list(ffi_call("jax_deepep_internode_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
-                            num_parts=np.int64(len(parts)), has_ids=ids is not None, has_weights=weights is not None,
-                            num_experts=np.int64(num_experts if ids is not None else 0),
-                            ranks_per_node=np.int64(self.ranks_per_node),
-                            expert_alignment=np.int64(expert_alignment)))
-        recv_parts = tuple(out[:len(parts)])
-        rest = out[len(parts):]
-        recv_ids = rest.pop(0) if ids is not None else None
-        recv_weights = rest.pop(0) if weights is not None else None
-        return recv_parts, recv_ids, recv_weights, rest[:-1]
+        tokens_per_rank, tokens_per_expert = counts if ids is not None else (counts[0], None)
+
+        out = ffi_call(
+            "jax_deepep_internode_dispatch",
+            (jax.ShapeDtypeStruct((capacity,) + x.shape[1:], x.dtype),
+             optional_result(None if scales is None else (capacity,) + scales.shape[1:],
+                             f32 if scales is None else scales.dtype),
+             optional_result((capacity, top_k) if ids is not None else None, i32),
+             optional_result((capacity, top_k) if weights is not None else None, f32),
+             jax.ShapeDtypeStruct((capacity,), i32), jax.ShapeDtypeStruct((capacity,), i32),
+             jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((r,), i32),
+             jax.ShapeDtypeStruct((), i32), optional_result((experts_per_rank,) if ids is not None else None, i32),
+             jax.ShapeDtypeStruct((ctx.num_nodes, num_tokens), i32), jax.ShapeDtypeStruct((1,), i32)),
+            x, optional_operand(scales, f32), optional_operand(ids, i32),
+            optional_operand(None if weights is None else weights.astype(f32), f32),
+            is_token_in_rank, tokens_per_rank, optional_operand(tokens_per_expert, i32),
+            axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
+            num_experts=np.int64(num_experts if ids is not None else 0),
+            ranks_per_node=np.int64(self.ranks_per_node), expert_alignment=np.int64(expert_alignment))
+        recv_x, recv_scales, recv_ids, recv_weights, *meta, _token = out
+        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+        return (recv_parts, recv_ids if ids is not None else None, recv_weights if weights is not None else None,
+                meta)
 
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
         # A local computation with no traffic: the pure-JAX one serves (it also counts tokens per node).
@@ -145,7 +148,7 @@ class InternodeBackend:
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
         del config
-        _route("dispatch", handle)
+        _route("dispatch", ctx, handle)
         counts = (jnp.sum(handle.is_token_in_rank, axis=0, dtype=jnp.int32),)
         recv_parts, _, recv_weights, _ = self._dispatch_call(
             ctx, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
@@ -153,22 +156,23 @@ class InternodeBackend:
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
         del config
-        route = _route("combine", handle)
+        route = _route("combine", ctx, handle)
         num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
         if hidden % 8:
             fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
                             f"multiple of 8), got hidden size {hidden}")
         top_k = topk_weights.shape[1] if topk_weights is not None else 0
-        self._fits("combine", self._lib.jax_deepep_internode_combine_bytes(
-            num_tokens, handle.capacity, hidden, top_k, self.ranks_per_node, ctx.num_ranks))
-        args = [y] + ([topk_weights.astype(jnp.float32)] if topk_weights is not None else []) + list(bias)
-        args += [handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
-                 route.forwarded]
-        results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
-        if topk_weights is not None:
-            results.append(jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32))
-        results.append(jax.ShapeDtypeStruct((1,), jnp.int32))
-        out = ffi_call("jax_deepep_internode_combine", tuple(results), *args, axis_name=ctx.axis_name,
-                       has_weights=topk_weights is not None, num_bias=np.int64(len(bias)),
-                       ranks_per_node=np.int64(self.ranks_per_node))
-        return out[0], (out[1] if topk_weights is not None else None)
+        layout = internode_combine_layout(num_tokens, hidden, top_k, self.ranks_per_node, ctx.num_ranks)
+        self._fits("combine", layout.half_bytes, layout.staging_bytes)
+        f32, bf16 = jnp.float32, jnp.bfloat16
+        biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
+        x, weights, _token = ffi_call(
+            "jax_deepep_internode_combine",
+            (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
+             optional_result((num_tokens, top_k) if topk_weights is not None else None, f32),
+             jax.ShapeDtypeStruct((1,), jnp.int32)),
+            y, optional_operand(None if topk_weights is None else topk_weights.astype(f32), f32), *biases,
+            handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
+            route.forwarded, axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
+            ranks_per_node=np.int64(self.ranks_per_node))
+        return x, (weights if topk_weights is not None else None)

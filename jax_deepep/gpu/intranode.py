@@ -7,8 +7,6 @@ id and the device they run on; ring sizes come from the `Config` (clamped to wha
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,29 +14,14 @@ import numpy as np
 from ..backend import DispatchResult, RankContext
 from ..config import Config
 from ..routing import valid_expert_ids
+from ..sizes import combine_slot, dispatch_slot
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
-from ..validation import fail
+from ..validation import expect_array, fail
 from . import runtime
-from .ffi_call import ffi_call
-from .library import library
+from .ffi_call import ffi_call, optional_operand, optional_result
 
 # Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
 DEFAULT_NUM_NVL_BYTES = 512 << 20
-
-_TARGETS = {
-    "jax_deepep_layout": "jax_deepep_layout_ffi",
-    "jax_deepep_dispatch": "jax_deepep_dispatch_ffi",
-    "jax_deepep_cached_dispatch": "jax_deepep_cached_dispatch_ffi",
-    "jax_deepep_combine": "jax_deepep_combine_ffi",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def register_targets():
-    lib = library()
-    for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
-
 
 def _i64(v) -> np.int64:
     return np.int64(v)
@@ -66,6 +49,11 @@ class IntranodeRoute:
 def _route(op: str, handle: DispatchHandle) -> IntranodeRoute:
     if not isinstance(handle.route, IntranodeRoute):
         fail(op, "`handle` was not made by this Buffer's intranode kernels (it comes from another backend)")
+    num_tokens, num_ranks = handle.is_token_in_rank.shape  # checked against the axis by the op
+    expect_array(op, "handle.route.send_count_before", handle.route.send_count_before, ndim=2, dtypes=(jnp.int32,),
+                 shape=(num_tokens, num_ranks))
+    expect_array(op, "handle.route.send_offset", handle.route.send_offset, ndim=1, dtypes=(jnp.int32,),
+                 shape=(num_ranks,))
     return handle.route
 
 
@@ -76,11 +64,10 @@ class IntranodeBackend:
     mode = "intranode"
 
     def __init__(self, comm: runtime.CommBuffers):
-        register_targets()
         lib = runtime._lib()
         self.comm = comm
-        self._max_channels = int(lib.jax_deepep_max_channels()) // 2
-        self._max_local_experts = int(lib.jax_deepep_max_local_experts())
+        self._max_channels = lib.MAX_CHANNELS // 2
+        self._max_local_experts = lib.MAX_LOCAL_EXPERTS
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_nvl_bytes: int) -> "IntranodeBackend":
@@ -91,7 +78,7 @@ class IntranodeBackend:
         self.comm.destroy()
 
     def error_codes(self) -> dict:
-        """Kernel errors raised so far ({device ordinal: code}); see cuda/rank_info.h."""
+        """Waits that gave up so far ({device ordinal: WaitKind code}); see cuda/wait.cuh."""
         return self.comm.error_codes()
 
     # ---- launch shapes ------------------------------------------------------------------------
@@ -105,13 +92,13 @@ class IntranodeBackend:
             if slots < chunk_tokens:
                 fail(op, f"the Buffer is too small: num_nvl_bytes={self.comm.num_bytes} holds {slots} ring slots "
                          f"of {slot_bytes} bytes per channel and peer, the config needs at least {chunk_tokens}")
-        return dict(buffer_id=_i64(self.comm.buffer_id), num_channels=_i64(channels), ring_slots=_i64(slots),
-                    chunk_tokens=_i64(chunk_tokens))
+        return dict(buffer_id=_i64(self.comm.buffer_id),
+                    ring=dict(num_channels=_i64(channels), slots=_i64(slots), chunk_tokens=_i64(chunk_tokens)))
 
     def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
         """Ring attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
-        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts] + [0]
-        slot_bytes = runtime._lib().jax_deepep_dispatch_slot_bytes(part_bytes[0], part_bytes[1], len(parts), num_topk)
+        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts]
+        slot_bytes = dispatch_slot(part_bytes, num_topk).bytes
         return self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
 
     # ---- normal mode ----------------------------------------------------------------------------
@@ -133,30 +120,27 @@ class IntranodeBackend:
         has_topk, has_weights = topk_idx is not None, topk_weights is not None
         num_topk = topk_idx.shape[1] if has_topk else 0
         attrs = self._dispatch_ring(ctx, config, parts, num_topk)
-        args = list(parts)
-        results = [_shape(p, n) for p in parts]
-        if has_topk:
-            args.append(_kernel_expert_ids(topk_idx, num_experts))
-            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.int32))
-        if has_weights:
-            args.append(topk_weights.astype(jnp.float32))
-            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
-        args += [layout.is_token_in_rank, layout.num_tokens_per_rank, layout.num_tokens_per_expert]
-        i32 = jnp.int32
-        results += [jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), i32),
-                    jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
-                    jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
-                    jax.ShapeDtypeStruct((num_experts // r,), i32)]
-        out = list(ffi_call(
-            "jax_deepep_dispatch", tuple(results), *args, axis_name=ctx.axis_name, num_parts=_i64(len(parts)),
-            has_topk=has_topk, has_weights=has_weights, num_experts=_i64(num_experts),
-            expert_alignment=_i64(expert_alignment), **attrs))
-        recv_parts = tuple(out[:len(parts)])
-        rest = out[len(parts):]
-        recv_topk_idx = rest.pop(0) if has_topk else None
-        recv_topk_weights = rest.pop(0) if has_weights else None
-        (recv_src_idx, recv_src_rank, send_row, send_count_before, send_offset, recv_rank_prefix, num_recv_tokens,
-         per_expert) = rest
+        scales = parts[1] if len(parts) == 2 else None
+        i32, f32 = jnp.int32, jnp.float32
+        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank, send_row,
+         send_count_before, send_offset, recv_rank_prefix, num_recv_tokens, per_expert) = ffi_call(
+            "jax_deepep_dispatch",
+            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
+                                                  f32 if scales is None else scales.dtype),
+             optional_result((n, num_topk) if has_topk else None, i32),
+             optional_result((n, num_topk) if has_weights else None, f32),
+             jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), i32),
+             jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
+             jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
+             jax.ShapeDtypeStruct((num_experts // r,), i32)),
+            parts[0], optional_operand(scales, f32),
+            optional_operand(_kernel_expert_ids(topk_idx, num_experts) if has_topk else None, i32),
+            optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
+            layout.is_token_in_rank, layout.num_tokens_per_rank, layout.num_tokens_per_expert,
+            axis_name=ctx.axis_name, num_experts=_i64(num_experts), expert_alignment=_i64(expert_alignment), **attrs)
+        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+        recv_topk_idx = recv_topk_idx if has_topk else None
+        recv_topk_weights = recv_topk_weights if has_weights else None
         handle = DispatchHandle(
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=recv_src_rank,
             recv_src_idx=recv_src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv_tokens,
@@ -170,34 +154,39 @@ class IntranodeBackend:
         num_topk = topk_weights.shape[1] if has_weights else 0
         attrs = self._dispatch_ring(ctx, config, parts, num_topk)
         send_count_before = _route("dispatch", handle).send_count_before
-        args = list(parts) + ([topk_weights.astype(jnp.float32)] if has_weights else [])
-        args += [handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens]
-        results = [_shape(p, n) for p in parts]
-        if has_weights:
-            results.append(jax.ShapeDtypeStruct((n, num_topk), jnp.float32))
-        out = ffi_call("jax_deepep_cached_dispatch", tuple(results), *args, axis_name=ctx.axis_name,
-                       num_parts=_i64(len(parts)), has_weights=has_weights, **attrs)
-        return tuple(out[:len(parts)]), (out[len(parts)] if has_weights else None)
+        scales = parts[1] if len(parts) == 2 else None
+        f32 = jnp.float32
+        recv_x, recv_scales, recv_topk_weights = ffi_call(
+            "jax_deepep_cached_dispatch",
+            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
+                                                  f32 if scales is None else scales.dtype),
+             optional_result((n, num_topk) if has_weights else None, f32)),
+            parts[0], optional_operand(scales, f32),
+            optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
+            handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens,
+            axis_name=ctx.axis_name, **attrs)
+        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+        return recv_parts, (recv_topk_weights if has_weights else None)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
         hidden = y.shape[1]
         if hidden % 8:
             fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
                             f"multiple of 8), got hidden size {hidden}")
-        lib = runtime._lib()
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
-        slot_bytes = lib.jax_deepep_combine_slot_bytes(hidden, num_topk)
+        slot_bytes = combine_slot(hidden, num_topk).bytes
         attrs = self._ring("combine", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
         num_tokens = handle.is_token_in_rank.shape[0]
-        args = [y] + ([topk_weights.astype(jnp.float32)] if has_weights else []) + list(bias)
-        args += [handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
-                 handle.recv_rank_prefix, handle.num_recv_tokens]
-        results = [jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype)]
-        if has_weights:
-            results.append(jax.ShapeDtypeStruct((num_tokens, num_topk), jnp.float32))
-        out = ffi_call("jax_deepep_combine", tuple(results), *args, axis_name=ctx.axis_name,
-                       num_bias=_i64(len(bias)), has_weights=has_weights, **attrs)
-        return out[0], (out[1] if has_weights else None)
+        f32, bf16 = jnp.float32, jnp.bfloat16
+        biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
+        combined_x, combined_topk_weights = ffi_call(
+            "jax_deepep_combine",
+            (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
+             optional_result((num_tokens, num_topk) if has_weights else None, f32)),
+            y, optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *biases,
+            handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
+            handle.recv_rank_prefix, handle.num_recv_tokens, axis_name=ctx.axis_name, **attrs)
+        return combined_x, (combined_topk_weights if has_weights else None)

@@ -1,5 +1,5 @@
-"""Low-latency mode on NVSHMEM: the kernels of `cuda/low_latency.cu` (in `libjax_deepep_nvshmem.so`, set up by
-`nvshmem.py`) as XLA FFI custom calls.
+"""Low-latency mode on NVSHMEM: the kernels of `cuda/low_latency.cu` (in the `_nvshmem_lib` module, set up
+by `nvshmem.py`) as XLA FFI custom calls.
 
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
@@ -17,7 +17,7 @@ import numpy as np
 from ..backend import LowLatencyOptions, RankContext
 from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
-from .ffi_call import ffi_call
+from .ffi_call import ffi_call, optional_result
 from .nvshmem import SymmetricBuffer
 
 
@@ -36,51 +36,53 @@ class LowLatencyBackend:
         self.symmetric = symmetric
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, *, direct_group: Optional[int] = None):
-        """Joins NVSHMEM and allocates the symmetric buffer (collective); `direct_group` as for `SymmetricBuffer`
-        (a Buffer passes its `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`)."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, direct_group=direct_group))
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, *, timeout_s: float, direct_group: Optional[int] = None):
+        """Joins NVSHMEM and allocates the symmetric buffer (collective); `timeout_s` and `direct_group` as for
+        `SymmetricBuffer` (a Buffer passes its `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`)."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=direct_group))
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
         self.symmetric.destroy()
+
+    def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int) -> dict:
+        """The `sizes` attribute every low-latency custom call takes."""
+        return dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
+                    num_max_dispatch_tokens_per_rank=np.int64(num_max_dispatch_tokens_per_rank),
+                    num_experts=np.int64(num_experts))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
         send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-            x, idx, axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
-            num_max_dispatch_tokens_per_rank=np.int64(opts.num_max_dispatch_tokens_per_rank),
-            num_experts=np.int64(opts.num_experts), use_fp8=np.int64(opts.use_fp8),
-            round_scale=np.int64(opts.round_scale or opts.use_ue8m0))
+            x, idx, axis_name=ctx.axis_name,
+            sizes=self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts),
+            use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         return {"token": token, "send_slot": send_slot, "sizes": sizes}
 
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
         experts_per_rank, rows = num_experts // ctx.num_ranks, ctx.num_ranks * m
-        meta = (jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
-                jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
-                jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32))
-        attrs = dict(num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
-                     num_experts=np.int64(num_experts))
-        if opts.use_fp8:
-            scales = (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
-                      if opts.use_ue8m0 else
-                      jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32))
-            out = ffi_call(
-                "jax_deepep_ll_dispatch_recv_fp8",
-                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn), scales) + meta,
-                transit["token"], axis_name=ctx.axis_name, use_ue8m0=np.int64(opts.use_ue8m0),
-                **attrs)
-            recv_x, (recv_count, recv_src_info, layout_range) = (out[0], out[1]), out[2:]
+        if not opts.use_fp8:
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16)
+            scales = optional_result(None, jnp.float32)
+        elif opts.use_ue8m0:
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
+            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
         else:
-            recv_x, recv_count, recv_src_info, layout_range = ffi_call(
-                "jax_deepep_ll_dispatch_recv_bf16",
-                (jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16),) + meta,
-                transit["token"], axis_name=ctx.axis_name, **attrs)
-        return recv_x, recv_count, recv_src_info, layout_range, transit["send_slot"]
+            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
+            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32)
+        x, x_scales, recv_count, recv_src_info, layout_range = ffi_call(
+            "jax_deepep_ll_dispatch_recv",
+            (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
+             jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
+             jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
+            transit["token"], axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
+            use_ue8m0=bool(opts.use_ue8m0))
+        recv = (x, x_scales) if opts.use_fp8 else x
+        return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
                                  zero_copy: bool) -> dict:
@@ -88,9 +90,8 @@ class LowLatencyBackend:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name,
-            num_ranks=np.int64(ctx.num_ranks), num_max_dispatch_tokens_per_rank=np.int64(m),
-            num_experts=np.int64(num_experts), zero_copy=np.int64(zero_copy))
+            y, handle.recv_layout_range, axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
+            zero_copy=bool(zero_copy))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
@@ -103,5 +104,4 @@ class LowLatencyBackend:
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
             transit["topk_weights"], transit["send_slot"],
-            axis_name=ctx.axis_name, num_ranks=np.int64(ctx.num_ranks),
-            num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
+            axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts))

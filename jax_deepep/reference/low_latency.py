@@ -101,8 +101,9 @@ def combine_recv(ctx: RankContext, transit: dict):
     num_experts, m, hidden = transit["back"].shape
     back, slot = transit["back"].reshape(num_experts * m, hidden), transit["send_slot"]
     idx = valid_expert_ids(transit["topk_idx"], num_experts)
-    flat = jnp.where(idx >= 0, idx * m + slot, -1)  # [T, K]
-    w = jnp.where(idx >= 0, transit["topk_weights"].astype(jnp.float32), 0.0)
+    sent = (idx >= 0) & (slot >= 0)  # as the kernel: a pair dispatch did not send has no row
+    flat = jnp.where(sent, idx * m + slot, -1)  # [T, K]
+    w = jnp.where(sent, transit["topk_weights"].astype(jnp.float32), 0.0)
 
     def add_k(k, acc):
         return acc + w[:, k, None] * gather_rows(back, flat[:, k]).astype(jnp.float32)

@@ -1,0 +1,72 @@
+// What every kernel file builds on: the block shape all communication kernels launch with, 16-byte
+// alignment of row pieces, named barriers and the block-wide running prefix of flags (ballots).
+// Row copies are in warp_copy.cuh and bf16 arithmetic in bf16x8.cuh: other concepts, same rule
+// (one copy each, used by every kernel that needs it).
+//
+// Host code includes this header too (sizes of rows and slots): device code is behind __CUDACC__.
+#pragma once
+
+#ifdef __CUDACC__
+#define JDEEP_HOST_DEVICE __host__ __device__
+#else
+#define JDEEP_HOST_DEVICE
+#endif
+
+namespace jax_deepep {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 512;  // threads of every dispatch/combine block, in every mode
+constexpr int kWarps = kThreads / kWarpSize;
+
+// n rounded up to a multiple of 16: every piece of a row or slot starts 16-byte aligned, so it
+// can move with 16-byte vector accesses.
+template <typename Int>
+JDEEP_HOST_DEVICE constexpr Int align16(Int n) {
+  return (n + 15) / 16 * 16;
+}
+
+#ifdef __CUDACC__
+
+// Named barrier over `num_threads` threads (a multiple of 32); id 0 is __syncthreads.
+__device__ __forceinline__ void named_barrier(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+// Shared state of a running prefix of kFlags flags over the threads of a kThreads block.
+template <int kFlags>
+struct BlockPrefix {
+  int warp_counts[kWarps][kFlags];
+  int running[kFlags];  // set flags of the earlier passes (the caller sets where it starts)
+};
+
+// One pass, whole block: position[f] = how many threads before this one (earlier passes, then
+// this pass in thread order) have flag f set. Afterwards `running` counts this pass too.
+template <int kFlags>
+__device__ __forceinline__ void block_prefix(BlockPrefix<kFlags>& prefix, const bool (&flag)[kFlags],
+                                             int (&position)[kFlags]) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  unsigned ballots[kFlags];
+#pragma unroll
+  for (int f = 0; f < kFlags; ++f) {
+    ballots[f] = __ballot_sync(0xffffffffu, flag[f]);
+    if (lane == 0) prefix.warp_counts[warp][f] = __popc(ballots[f]);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int f = 0; f < kFlags; ++f) {
+    int before = prefix.running[f] + __popc(ballots[f] & ((1u << lane) - 1u));
+    for (int w = 0; w < warp; ++w) before += prefix.warp_counts[w][f];
+    position[f] = before;
+  }
+  __syncthreads();  // every thread read `running` before it moves on
+  if (threadIdx.x < kFlags) {
+    int total = 0;
+    for (int w = 0; w < kWarps; ++w) total += prefix.warp_counts[w][threadIdx.x];
+    prefix.running[threadIdx.x] += total;
+  }
+  __syncthreads();
+}
+
+#endif  // __CUDACC__
+
+}  // namespace jax_deepep

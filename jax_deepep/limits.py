@@ -1,0 +1,11 @@
+"""What the CUDA kernels can serve: the limits every backend enforces alike (SPEC.md section 4)."""
+
+MAX_TOPK = 32  # top-k columns the kernels keep per token (shared-memory tables of 32)
+FP8_BLOCK = 128  # channels per FP8 scale
+# Counts are rounded up in int32 on the GPU: a larger alignment could wrap (2**32 even divides by zero).
+MAX_EXPERT_ALIGNMENT = 1 << 16
+# Low latency: each expert's slot table of M tokens lives in shared memory, and a count travels in the
+# low 16 bits of a signal (xla_ffi/low_latency_ffi.cc kMaxTokensPerRank).
+LOW_LATENCY_MAX_TOKENS_PER_RANK = 8192
+# The kernels move bf16 rows in 16-byte pieces of 8 channels.
+ROW_CHANNELS = 8

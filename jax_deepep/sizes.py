@@ -1,0 +1,168 @@
+"""Every size and offset of the kernels' buffers, computed here and only here.
+
+The handlers receive the offsets they need as attributes and never derive them again, and the
+user-facing "buffer too small" checks compare these sizes with the Buffer's at trace time. Pure
+Python: the size hints work without the compiled modules (CPU CI calls them).
+
+Three layouts:
+  - intranode ring slots (`dispatch_slot`, `combine_slot`): one token in a ring of the
+    communication buffer (cuda/intranode.h);
+  - the low-latency half (`low_latency_layout`): one of the two alternating halves of the
+    symmetric buffer (cuda/low_latency.cuh);
+  - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`): the dispatch
+    and combine regions of the symmetric buffer (cuda/internode.cuh).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .limits import FP8_BLOCK
+
+_ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispatched row
+_SLOT_META_BYTES = 16  # intranode: source token index and destination row before each slot
+_INTERNODE_RETURN_BLOCKS = 32  # cuda/internode.cuh: kInternodeReturnBlocks
+
+
+def align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+# ---- intranode ring slots ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DispatchSlot:
+    part_offset: tuple  # (offset of part 0, offset of part 1)
+    topk_idx_offset: int
+    topk_weights_offset: int
+    bytes: int
+
+
+def dispatch_slot(part_bytes, num_topk: int) -> DispatchSlot:
+    """A dispatch slot: meta, each part, K ids, K weights, each 16-byte aligned."""
+    offsets, at = [], _SLOT_META_BYTES
+    for n in part_bytes:
+        offsets.append(at)
+        at += align(n, 16)
+    offsets += [at] * (2 - len(offsets))
+    idx_at = at
+    weights_at = idx_at + align(num_topk * 4, 16)
+    return DispatchSlot(tuple(offsets), idx_at, weights_at, weights_at + align(num_topk * 4, 16))
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineSlot:
+    weights_offset: int
+    bytes: int
+
+
+def combine_slot(hidden: int, num_topk: int) -> CombineSlot:
+    """A combine slot: bf16 [H], then K f32 weights, each 16-byte aligned."""
+    weights_at = align(hidden * 2, 16)
+    return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
+
+
+# ---- low latency -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LowLatencyLayout:
+    dispatch_row_bytes: int
+    combine_row_bytes: int
+    combine_offset: int  # within a half
+    signal_offset: int   # within a half
+    half_bytes: int
+
+
+def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyLayout:
+    """One half: the dispatch receive area ([E][M] rows of header + payload, big enough for bf16
+    and FP8 rows), the combine receive area ([E][M] bf16 rows), then E dispatch counts and E
+    combine flags."""
+    m = num_max_dispatch_tokens_per_rank
+    dispatch_row = _ROW_HEADER_BYTES + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
+    combine_row = hidden * 2
+    combine_offset = align(num_experts * m * dispatch_row, 128)
+    signal_offset = combine_offset + align(num_experts * m * combine_row, 128)
+    half = signal_offset + align(num_experts * 4 * 2, 128)
+    return LowLatencyLayout(dispatch_row, combine_row, combine_offset, signal_offset, half)
+
+
+# ---- internode ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InternodeDispatchLayout:
+    row_bytes: int
+    ids_at: int
+    weights_at: int
+    part_at: tuple
+    counts: int
+    expert_counts: int
+    inbox: int
+    inbox_signals: int
+    landing: int
+    forward_signals: int
+    half_bytes: int
+    staging_bytes: int
+    staged_counts: int
+
+
+def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_ids: bool, has_weights: bool,
+                              part_bytes, num_experts: int, ranks_per_node: int,
+                              num_ranks: int) -> InternodeDispatchLayout:
+    """A dispatched row (16-byte header, K ids, K weights, each part; 16-byte aligned) and one
+    half of the dispatch region (cuda/internode.cuh says what each piece holds)."""
+    nodes, t = num_ranks // ranks_per_node, num_tokens
+    ids_at = 16
+    weights_at = ids_at + (top_k * 4 if has_ids else 0)
+    at = align(weights_at + (top_k * 4 if has_weights else 0), 16)
+    part_at = []
+    for p in range(2):
+        part_at.append(at)
+        at = align(at + (part_bytes[p] if p < len(part_bytes) else 0), 16)
+    row = at
+    experts_per_rank = num_experts // num_ranks if has_ids else 0
+    counts = 0
+    expert_counts = align(counts + num_ranks * num_ranks * 4, 16)
+    inbox = align(expert_counts + num_ranks * experts_per_rank * 4, 16)
+    inbox_signals = inbox + nodes * t * row
+    landing = align(inbox_signals + nodes * 4, 16)
+    forward_signals = landing + capacity * row
+    half = align(forward_signals + ranks_per_node * nodes * 4, 256)
+    staged_counts = nodes * t * row
+    staging = staged_counts + (num_ranks + (num_experts if has_ids else 0)) * 4
+    return InternodeDispatchLayout(row, ids_at, weights_at, tuple(part_at), counts, expert_counts, inbox,
+                                   inbox_signals, landing, forward_signals, half, staging, staged_counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class InternodeCombineLayout:
+    return_bytes: int
+    partial_bytes: int
+    returns: int
+    return_signals: int
+    partials: int
+    partial_signals: int
+    half_bytes: int
+    staging_bytes: int
+
+
+def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per_node: int,
+                             num_ranks: int) -> InternodeCombineLayout:
+    """A returned row (bf16 [H] + K weights), a node's f32 partial ([H] + K), and one half of the
+    combine region."""
+    nodes, t = num_ranks // ranks_per_node, num_tokens
+    return_bytes = align(hidden * 2 + top_k * 4, 16)
+    partial_bytes = align(hidden * 4 + top_k * 4, 16)
+    returns = 0
+    return_signals = ranks_per_node * nodes * t * return_bytes
+    partials = align(return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * 4, 16)
+    partial_signals = partials + nodes * t * partial_bytes
+    half = align(partial_signals + nodes * 4, 256)
+    return InternodeCombineLayout(return_bytes, partial_bytes, returns, return_signals, partials, partial_signals,
+                                  half, nodes * t * partial_bytes)
+
+
+def internode_region_bytes(num_rdma_bytes: int) -> int:
+    """The dispatch and combine regions: [0, region) and [region, 2 * region) of the symmetric buffer."""
+    return num_rdma_bytes // 2 // 256 * 256
+
+
+def internode_rdma_bytes(half_bytes: int, staging_bytes: int) -> int:
+    """`num_rdma_bytes` a call with these halves and staging needs: its region holds two halves
+    and staging is half the buffer."""
+    return max(4 * half_bytes, 2 * staging_bytes)

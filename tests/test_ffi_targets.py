@@ -1,0 +1,34 @@
+"""The compiled modules' FFI targets are exactly those the Python call sites name (skipped where a
+module was not built)."""
+import pathlib
+import re
+
+import pytest
+
+from jax_deepep.gpu import library
+
+GPU_PACKAGE = pathlib.Path(library.__file__).parent
+
+
+def _called_targets() -> set:
+    """Target names of every `ffi_call("...", ...)` in jax_deepep/gpu."""
+    names = set()
+    for path in GPU_PACKAGE.glob("*.py"):
+        names |= set(re.findall(r'ffi_call\(\s*"(jax_deepep_\w+)"', path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("module", [library.INTRANODE, library.NVSHMEM], ids=lambda m: m.name)
+def test_module_loads_and_registers_targets(module):
+    if not library.is_available(module):
+        pytest.skip(library.reason_unavailable(module))
+    targets = set(library.load(module).ffi_targets())
+    assert targets and targets <= _called_targets(), targets - _called_targets()
+
+
+def test_every_call_site_has_a_target():
+    modules = [library.INTRANODE, library.NVSHMEM]
+    if not all(library.is_available(m) for m in modules):
+        pytest.skip("needs both compiled modules")
+    targets = set().union(*(library.load(m).ffi_targets() for m in modules))
+    assert _called_targets() == targets

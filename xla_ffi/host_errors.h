@@ -1,0 +1,33 @@
+// How the host runtimes report failures: as exceptions, which the Python bindings turn into
+// Python exceptions carrying the message.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace jax_deepep {
+
+[[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error(message); }
+
+inline void check_cuda(cudaError_t status, const std::string& what) {
+  if (status != cudaSuccess) fail(what + ": " + cudaGetErrorString(status));
+}
+
+// Makes `device` current for the calling thread and restores the previous one on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace jax_deepep

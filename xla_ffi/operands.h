@@ -1,0 +1,52 @@
+// How every handler reads its operands. Each handler binds a fixed list of typed operands,
+// results and one attribute struct; an operand a call does not have (top-k ids or weights, FP8
+// scales, a bias) is passed as an empty array of shape (0,), which Python makes with
+// jax_deepep/gpu/ffi_call.py:absent. Real operands of those kinds are never 1-D, so the two
+// cannot be confused, even for zero tokens.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_deepep {
+
+// Operand types of the Bind lists; the aliases also keep commas out of the handler macros.
+using I32 = xla::ffi::Buffer<xla::ffi::S32>;
+using F32 = xla::ffi::Buffer<xla::ffi::F32>;
+using BF16 = xla::ffi::Buffer<xla::ffi::BF16>;
+using Pred = xla::ffi::Buffer<xla::ffi::PRED>;
+using I32Matrix = xla::ffi::Buffer<xla::ffi::S32, 2>;
+using BF16Matrix = xla::ffi::Buffer<xla::ffi::BF16, 2>;
+using PredMatrix = xla::ffi::Buffer<xla::ffi::PRED, 2>;
+
+template <typename B>
+bool given(const B& b) {
+  const auto dims = b.dimensions();
+  return !(dims.size() == 1 && dims[0] == 0);
+}
+
+// The data of an optional operand or result, null when absent.
+template <typename T, typename B>
+T* data_or_null(const B& b) {
+  return given(b) ? static_cast<T*>(b.untyped_data()) : nullptr;
+}
+
+// Bytes of one token of [T, ...]: everything past the first dimension.
+inline int64_t row_bytes(const xla::ffi::AnyBuffer& b) {
+  const auto dims = b.dimensions();
+  int64_t n = static_cast<int64_t>(xla::ffi::ByteWidth(b.element_type()));
+  for (size_t d = 1; d < dims.size(); ++d) n *= dims[d];
+  return n;
+}
+
+inline int64_t leading_dim(const xla::ffi::AnyBuffer& b) {
+  return b.dimensions().size() == 0 ? 0 : b.dimensions()[0];
+}
+
+inline xla::ffi::Error invalid_argument(const std::string& message) {
+  return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, message);
+}
+
+}  // namespace jax_deepep
