@@ -13,12 +13,14 @@ from .config import Config
 from .gpu import available as cuda_available
 from .types import (DispatchHandle, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput,
                     LowLatencyHandle, PendingLowLatencyCombine)
+from .trace_names import CHECKPOINT_NAMES
 from .validation import DeepEPError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "build_info", "DispatchHandle", "DispatchLayout", "DispatchOutput", "LowLatencyDispatchOutput",
+    "Buffer", "CHECKPOINT_NAMES", "Config", "build_info", "DispatchHandle", "DispatchLayout", "DispatchOutput",
+    "LowLatencyDispatchOutput",
     "LowLatencyHandle", "PendingLowLatencyCombine", "DeepEPError", "checked", "cuda_available", "fp8",
     "reference",
 ]

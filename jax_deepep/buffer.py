@@ -194,7 +194,8 @@ class Buffer:
         """Per shard: where this rank's tokens go, as a `DispatchLayout`.
 
         `topk_idx`: i32 `[T, K]` expert ids, -1 for none (ids outside [-1, E) count as -1);
-        `num_experts`: E, divisible by the number of ranks.
+        `num_experts`: E, divisible by the number of ranks. Traced under
+        `jax.named_scope("deepep/get_dispatch_layout")`.
         """
         ctx = self._context("get_dispatch_layout")
         return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
@@ -208,7 +209,12 @@ class Buffer:
         `handle` of an earlier dispatch (cached mode, no other routing). `topk_weights`: f32
         `[T, K]`. `num_worst_tokens`: the receive capacity N (default R * T); `expert_alignment`
         rounds the per-expert counts up; `config` defaults to `get_dispatch_config`.
-        Differentiable in bf16 `x` and `topk_weights`.
+        Differentiable in bf16 `x` and `topk_weights`; under `jax.vmap`, a loop over the mapped axis.
+
+        Traced under `jax.named_scope("deepep/dispatch")`. Checkpoint names (`jax.checkpoint` policies):
+        "deepep/dispatch/recv_x", "deepep/dispatch/recv_topk_idx", "deepep/dispatch/recv_topk_weights" and
+        "deepep/dispatch/handle" (the handle and the counts); saving them all keeps the backward pass from
+        dispatching again.
         """
         ctx = self._context("dispatch")
         config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks))
@@ -224,7 +230,10 @@ class Buffer:
         `y`: bf16 `[N, H]`, a row per received row of the dispatch whose `handle` is given (rows past
         `num_recv_tokens` are ignored); `topk_weights`: f32 `[N, K]`, summed back alike; `bias`:
         None, or one or two bf16 `[T, H]` added to the sum, which is taken in f32 and rounded once.
-        Differentiable in `y`, `topk_weights` and `bias`.
+        Differentiable in `y`, `topk_weights` and `bias`; under `jax.vmap`, a loop over the mapped axis.
+
+        Traced under `jax.named_scope("deepep/combine")`. Checkpoint names: "deepep/combine/combined_x",
+        "deepep/combine/combined_topk_weights".
         """
         ctx = self._context("combine")
         config = self._config("combine", config, self.get_combine_config(self.num_ranks))
@@ -248,6 +257,12 @@ class Buffer:
 
         `x`: bf16 `[T, H]`, T <= M = `num_max_dispatch_tokens_per_rank`; `topk_idx`: i32 `[T, K]`.
         With `return_recv_hook=True` only the sends are issued; `low_latency_recv` completes it.
+
+        Traced under `jax.named_scope("deepep/low_latency_dispatch")`. Checkpoint names (on the completed
+        output, whether or not through `low_latency_recv`): "deepep/low_latency_dispatch/recv_x",
+        "deepep/low_latency_dispatch/handle" (the handle, whose arrays the counts and layout are).
+        Under `jax.vmap` the op runs once per element; with `return_recv_hook=True` the CUDA kernels
+        refuse to be mapped (every send would be in flight before the first receive).
         """
         ctx = self._low_latency_context("low_latency_dispatch")
         return _ll.low_latency_dispatch(self.low_latency_backend, ctx, x, topk_idx,
@@ -265,6 +280,9 @@ class Buffer:
         `topk_weights` (f32) `[T, K]`; `handle` from that dispatch. `zero_copy` sends `y` from where
         XLA keeps it; `use_logfmt` is accepted (rows travel as exact bf16). With
         `return_recv_hook=True` it returns a `PendingLowLatencyCombine` for `low_latency_recv`.
+
+        Traced under `jax.named_scope("deepep/low_latency_combine")`. Checkpoint name (on the completed
+        output): "deepep/low_latency_combine/combined_x". Under `jax.vmap` as `low_latency_dispatch`.
         """
         ctx = self._low_latency_context("low_latency_combine")
         return _ll.low_latency_combine(self.low_latency_backend, ctx, y, topk_idx, topk_weights, handle,
@@ -281,7 +299,8 @@ class Buffer:
 
     def low_latency_recv(self, pending):
         """Per shard: complete a `return_recv_hook=True` low-latency dispatch (returns its
-        `LowLatencyDispatchOutput`) or combine (returns bf16 `[T, H]`)."""
+        `LowLatencyDispatchOutput`) or combine (returns bf16 `[T, H]`). Traced under
+        `jax.named_scope("deepep/low_latency_recv")`."""
         ctx = self._low_latency_context("low_latency_recv")
         return _ll.low_latency_recv(self.low_latency_backend, ctx, pending)
 

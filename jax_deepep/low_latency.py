@@ -1,12 +1,14 @@
 """Low-latency ops (SPEC.md section 3): validation, the recv-hook split, then the backend."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from . import checking
 from .backend import LowLatencyOptions, RankContext
 from .config import low_latency_rdma_size_hint
 from .limits import FP8_BLOCK, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
+from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
 from .validation import expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
 
@@ -38,6 +40,7 @@ def _check_rdma_bytes(op: str, num_rdma_bytes: int, m: int, hidden: int, num_ran
                      f"need {need} (Buffer.get_low_latency_rdma_size_hint)")
 
 
+@scoped("low_latency_dispatch")
 def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_dispatch_tokens_per_rank: int,
                          num_experts: int, use_fp8: bool = True, round_scale: bool = False,
                          use_ue8m0: bool = False, return_recv_hook: bool = False,
@@ -64,9 +67,14 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
     _check_rdma_bytes(op, num_rdma_bytes, m, hidden, ctx.num_ranks, num_experts)
     checking.check_expert_ids(topk_idx, num_experts)
     opts = LowLatencyOptions(m, num_experts, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
-    transit = backend.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
-    pending = LowLatencyDispatchOutput(None, None, None, None, None, transit=transit, pending=True, options=opts)
-    return pending if return_recv_hook else low_latency_recv(backend, ctx, pending)
+
+    def send(x, topk_idx):
+        transit = backend.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
+        return LowLatencyDispatchOutput(None, None, None, None, None, transit=transit, pending=True, options=opts)
+
+    if return_recv_hook:
+        return _unmapped_on_cuda(backend, op, send)(x, topk_idx)
+    return _one_at_a_time(lambda x, topk_idx: _receive(backend, ctx, send(x, topk_idx)))(x, topk_idx)
 
 
 def _check_handle(op: str, handle, ctx: RankContext):
@@ -84,6 +92,7 @@ def _check_handle(op: str, handle, ctx: RankContext):
     expect_top_k(op, "handle.send_slot", handle.send_slot)
 
 
+@scoped("low_latency_combine")
 def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
                         use_logfmt: bool = False, zero_copy: bool = False, return_recv_hook: bool = False,
                         num_rdma_bytes: int = 0):
@@ -97,21 +106,57 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
     expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=handle.send_slot.shape)
     _check_rdma_bytes(op, num_rdma_bytes, m, y.shape[2], ctx.num_ranks, e)
     checking.check_expert_ids(topk_idx, e)
-    pending = PendingLowLatencyCombine(backend.low_latency_combine_send(
-        ctx, y, _first_occurrences(topk_idx), topk_weights, handle, bool(use_logfmt), bool(zero_copy)))
-    return pending if return_recv_hook else low_latency_recv(backend, ctx, pending)
+
+    def send(y, topk_idx, topk_weights, handle):
+        return PendingLowLatencyCombine(backend.low_latency_combine_send(
+            ctx, y, _first_occurrences(topk_idx), topk_weights, handle, bool(use_logfmt), bool(zero_copy)))
+
+    if return_recv_hook:
+        return _unmapped_on_cuda(backend, op, send)(y, topk_idx, topk_weights, handle)
+    return _one_at_a_time(lambda *args: _receive(backend, ctx, send(*args)))(y, topk_idx, topk_weights, handle)
 
 
+def _one_at_a_time(op):
+    """`op` (a send and its receive) under `jax.vmap` runs whole, once per element, in order. Batched
+    by plain vmap it would become every element's send, then every receive: more calls in flight
+    than the CUDA kernels' two alternating buffer halves hold."""
+    return jax.custom_batching.sequential_vmap(op)
+
+
+def _unmapped_on_cuda(backend, op: str, send):
+    """The send of a `return_recv_hook=True` call, refused under `jax.vmap` on the CUDA kernels: mapped, it
+    would send every element before the caller receives any (see `_one_at_a_time`)."""
+    if backend.name == "reference":
+        return send
+    guarded = jax.custom_batching.custom_vmap(send)
+
+    @guarded.def_vmap
+    def refuse(axis_size, in_batched, *args):
+        fail(op, f"`return_recv_hook=True` cannot be mapped by jax.vmap on the CUDA kernels (all {axis_size} "
+                 "sends would be in flight before the first receive, and they hold two); pass "
+                 "return_recv_hook=False, which maps as a loop")
+
+    return guarded
+
+
+@scoped("low_latency_recv")
 def low_latency_recv(backend, ctx: RankContext, pending):
     """Complete a `return_recv_hook=True` dispatch or combine."""
+    return _receive(backend, ctx, pending)
+
+
+def _receive(backend, ctx: RankContext, pending):
+    """The receive half of a low-latency op (in the scope of the op, or of low_latency_recv for a hook)."""
     if isinstance(pending, PendingLowLatencyCombine):
-        return backend.low_latency_combine_recv(ctx, pending.transit)
+        return named("low_latency_combine", "combined_x", backend.low_latency_combine_recv(ctx, pending.transit))
     if not isinstance(pending, LowLatencyDispatchOutput) or not pending.pending:
         fail("low_latency_recv", "expects the pending result of low_latency_dispatch or low_latency_combine "
                                  f"called with return_recv_hook=True, got {type(pending).__name__}")
     opts = pending.options
     recv_x, recv_count, recv_src_info, layout_range, send_slot = backend.low_latency_dispatch_recv(
         ctx, opts, pending.transit)
-    handle = LowLatencyHandle(recv_src_info, layout_range, recv_count, send_slot,
-                              opts.num_max_dispatch_tokens_per_rank, opts.num_experts)
-    return LowLatencyDispatchOutput(recv_x, recv_count, recv_src_info, layout_range, handle)
+    handle = named("low_latency_dispatch", "handle",
+                   LowLatencyHandle(recv_src_info, layout_range, recv_count, send_slot,
+                                    opts.num_max_dispatch_tokens_per_rank, opts.num_experts))
+    return LowLatencyDispatchOutput(named("low_latency_dispatch", "recv_x", recv_x), handle.recv_count,
+                                    handle.recv_src_info, handle.recv_layout_range, handle)

@@ -188,16 +188,19 @@ class _DispatchArgs:
     capacity: Optional[int]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_dispatch(args: _DispatchArgs, x, topk_weights, topk_idx) -> DispatchOutput:
+def _fp8_dispatch_body(args: _DispatchArgs, x, topk_weights, topk_idx) -> DispatchOutput:
     """Dispatch `x` as FP8 and dequantise on arrival; the cotangent is a bf16 combine (FP8 has none)."""
     out = args.buffer.dispatch(per_block_cast_to_fp8(x), topk_idx=topk_idx, topk_weights=topk_weights,
                                num_experts=args.num_experts, num_worst_tokens=args.capacity)
     return dataclasses.replace(out, recv_x=per_block_cast_back(*out.recv_x))
 
 
+_fp8_dispatch = jax.custom_vjp(_fp8_dispatch_body, nondiff_argnums=(0,))
+
+
 def _fp8_dispatch_fwd(args, x, topk_weights, topk_idx):
-    out = _fp8_dispatch(args, x, topk_weights, topk_idx)
+    # The body, not the custom_vjp: a `jax.checkpoint` policy sees the dispatch's checkpoint names.
+    out = _fp8_dispatch_body(args, x, topk_weights, topk_idx)
     return out, (out.handle, out.recv_topk_idx)
 
 

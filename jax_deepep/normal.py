@@ -6,7 +6,6 @@ combine is a cached dispatch. They hold for any backend, so pure JAX and CUDA sh
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional
 
 import jax
@@ -16,8 +15,9 @@ import numpy as np
 from . import checking
 from .backend import RankContext
 from .config import Config
-from .no_tokens import NO_TOKENS
 from .limits import MAX_EXPERT_ALIGNMENT
+from .no_tokens import NO_TOKENS
+from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput
 from .validation import expect_array, expect_top_k, fail, integer, token_parts, topk_ids
 
@@ -35,9 +35,14 @@ class _Static:
 
 
 def _output(result, is_fp8: bool) -> DispatchOutput:
+    """The op's output, with its checkpoint names (the counts are the named handle's, so a policy that
+    saves the handle saves them too)."""
     recv_x = tuple(result.recv_parts) if is_fp8 else result.recv_parts[0]
-    return DispatchOutput(recv_x, result.recv_topk_idx, result.recv_topk_weights,
-                          result.num_recv_tokens_per_expert, result.num_recv_tokens, result.handle)
+    handle = named("dispatch", "handle", result.handle)
+    return DispatchOutput(named("dispatch", "recv_x", recv_x),
+                          named("dispatch", "recv_topk_idx", result.recv_topk_idx),
+                          named("dispatch", "recv_topk_weights", result.recv_topk_weights),
+                          handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
 
 
 def _live_rows(handle: DispatchHandle, a):
@@ -46,15 +51,21 @@ def _live_rows(handle: DispatchHandle, a):
     return jnp.where(live.reshape(-1, *([1] * (a.ndim - 1))), a, jnp.zeros((), a.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dispatch(static: _Static, parts, topk_weights, topk_idx, layout):
+# The rules' forward passes call the ops' bodies (`_dispatch_body`, ...) directly rather than through
+# the custom_vjp, so their checkpoint names, on the outputs and residuals alike, stay visible to a
+# `jax.checkpoint` policy (inside a custom_vjp call a policy sees only the call).
+
+def _dispatch_body(static: _Static, parts, topk_weights, topk_idx, layout):
     result = static.backend.dispatch(static.ctx, static.config, parts, topk_idx, topk_weights, layout,
                                      static.num_experts, static.num_worst_tokens, static.expert_alignment)
     return _output(result, len(parts) == 2)
 
 
+_dispatch = jax.custom_vjp(_dispatch_body, nondiff_argnums=(0,))
+
+
 def _dispatch_fwd(static, parts, topk_weights, topk_idx, layout):
-    out = _dispatch(static, parts, topk_weights, topk_idx, layout)
+    out = _dispatch_body(static, parts, topk_weights, topk_idx, layout)
     return out, (out.handle, out.recv_topk_idx)
 
 
@@ -72,14 +83,16 @@ def _dispatch_bwd(static, residuals, g: DispatchOutput):
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cached_dispatch(static: _Static, parts, handle):
+def _cached_dispatch_body(static: _Static, parts, handle):
     recv_parts, _ = static.backend.cached_dispatch(static.ctx, static.config, handle, parts)
-    return recv_parts
+    return named("dispatch", "recv_x", recv_parts)
+
+
+_cached_dispatch = jax.custom_vjp(_cached_dispatch_body, nondiff_argnums=(0,))
 
 
 def _cached_dispatch_fwd(static, parts, handle):
-    return _cached_dispatch(static, parts, handle), handle
+    return _cached_dispatch_body(static, parts, handle), handle
 
 
 def _cached_dispatch_bwd(static, handle, g_parts):
@@ -92,15 +105,19 @@ def _cached_dispatch_bwd(static, handle, g_parts):
 _cached_dispatch.defvjp(_cached_dispatch_fwd, _cached_dispatch_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine(static: _Static, y, topk_weights, bias, handle):
-    return static.backend.combine(static.ctx, static.config, handle, y, topk_weights, bias)
+def _combine_body(static: _Static, y, topk_weights, bias, handle):
+    combined_x, combined_topk_weights = static.backend.combine(static.ctx, static.config, handle, y, topk_weights,
+                                                               bias)
+    return named("combine", "combined_x", combined_x), named("combine", "combined_topk_weights", combined_topk_weights)
+
+
+_combine = jax.custom_vjp(_combine_body, nondiff_argnums=(0,))
 
 
 def _combine_fwd(static, y, topk_weights, bias, handle):
     # Empty stand-ins remember how many bias terms there were (and their dtypes).
     bias_marks = tuple(jnp.zeros((0,), b.dtype) for b in bias)
-    return _combine(static, y, topk_weights, bias, handle), (handle, bias_marks)
+    return _combine_body(static, y, topk_weights, bias, handle), (handle, bias_marks)
 
 
 def _combine_bwd(static, residuals, g):
@@ -174,6 +191,7 @@ def _serving(backend, num_tokens: int):
     return NO_TOKENS if num_tokens == 0 else backend
 
 
+@scoped("get_dispatch_layout")
 def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
     op = "get_dispatch_layout"
     topk_ids(op, topk_idx)
@@ -182,6 +200,7 @@ def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -
     return _serving(backend, topk_idx.shape[0]).get_dispatch_layout(ctx, topk_idx, num_experts)
 
 
+@scoped("dispatch")
 def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, topk_weights=None,
              num_experts: Optional[int] = None, layout: Optional[DispatchLayout] = None,
              handle: Optional[DispatchHandle] = None, num_worst_tokens: Optional[int] = None,
@@ -252,6 +271,7 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
     return DispatchOutput(recv_x, None, None, handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
 
 
+@scoped("combine")
 def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle, *, topk_weights=None,
             bias=None, num_nvl_bytes: int = 0):
     """`num_nvl_bytes`: the Buffer's, checked against what `config` needs (0: not checked)."""

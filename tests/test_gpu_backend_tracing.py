@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import vmap_cases
 from harness import buffer_with_cuda_backends
-from jax_deepep import moe
+from jax_deepep import DeepEPError, moe
 from jax_deepep.gpu import available, unavailable_reason
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
@@ -52,3 +53,30 @@ def test_low_latency_moe_traces_through_cuda_kernels():
                    "jax_deepep_ll_combine_recv"):
         assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects
+
+
+@pytest.mark.parametrize("name", sorted(vmap_cases.CASES))
+def test_vmap_traces_through_cuda_backend(name):
+    """`jax.vmap` of each op (and `jax.grad` of it) runs the custom calls once per element (a scan); a
+    low-latency send whose receive comes later (`return_recv_hook=True`) is refused."""
+    case = vmap_cases.CASES[name]
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer_args = dict(low_latency_mode=True, num_rdma_bytes=1 << 30) if case.low_latency else {}
+    buffer = buffer_with_cuda_backends(mesh, "ep", **buffer_args)
+    batch, t, k = vmap_cases.BATCH, 8 * vmap_cases.T, vmap_cases.K
+    args = (jax.ShapeDtypeStruct((batch, t, vmap_cases.H), jnp.bfloat16),
+            jax.ShapeDtypeStruct((batch, t, k), jnp.int32), jax.ShapeDtypeStruct((batch, t, k), jnp.float32))
+    fn = vmap_cases.mapped(case, buffer)
+
+    def per_shard(*shards):  # every output gains a leading rank axis
+        return jax.tree.map(lambda a: a[None], fn(*shards))
+
+    jitted = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(None, "ep"), out_specs=P("ep")))
+    if case.targets is None:
+        with pytest.raises(DeepEPError, match="return_recv_hook=True` cannot be mapped"):
+            jitted.trace(*args)
+        return
+    jaxpr = str(jitted.trace(*args).jaxpr)
+    for target in case.targets:
+        assert target in jaxpr, target
+    assert "scan" in jaxpr

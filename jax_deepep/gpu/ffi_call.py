@@ -8,6 +8,10 @@ on the device (epochs, ring totals, call numbers), and every rank runs the same 
 XLA and flags in every process), so if XLA drops or merges calls it does so on every rank alike.
 A side effect would take the whole program off JAX's C++ dispatch path (a Python dispatch of about
 a millisecond per call).
+
+Under `jax.vmap` a call runs once per element of the mapped axis, in order (`vmap_method="sequential"`,
+a scan): the kernels move one batch of tokens per call, and every rank maps the same axis, so the
+peers' calls pair up element by element.
 """
 from __future__ import annotations
 
@@ -30,4 +34,5 @@ def optional_result(shape, dtype) -> jax.ShapeDtypeStruct:
 
 def ffi_call(target: str, results, *args, axis_name: str, **attrs):
     """`jax.ffi.ffi_call(target, results)(*args, **attrs)`, outputs varying like the inputs and `axis_name`."""
-    return mark_varying(jax.ffi.ffi_call(target, results)(*args, **attrs), axis_name, *args)
+    out = jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attrs)
+    return mark_varying(out, axis_name, *args)
