@@ -92,14 +92,16 @@ class Worker:
 def edge_checks(w: Worker, rng, experts: int) -> list:
     """(name, check) pairs of the limits SPEC section 4 makes valid, for every normal-mode worker."""
     common = dict(hidden=512, topk=8, experts=experts)
-    checks = [
-        ("no receive rows (N = 0, every row dropped)", lambda: check_dispatch(w, rng, tokens=64, capacity=0, **common)),
-        ("expert alignment 65536", lambda: check_dispatch(w, rng, tokens=64, alignment=65536, **common)),
-    ]
-    # T = 0 reaches no kernel (jax_deepep/no_tokens.py). With several processes sharing the GPU, XLA
-    # (jax 0.11.2) crashed compiling this test's T = 0 program, so it runs in a job of one process only.
+    checks = [("expert alignment 65536", lambda: check_dispatch(w, rng, tokens=64, alignment=65536, **common))]
+    # Zero-size receive rows: with several processes sharing the GPU, XLA (jax 0.11.2) crashed compiling
+    # these test programs (N = 0 with our kernels, and T = 0, which reaches no kernel: jax_deepep/no_tokens.py),
+    # so they run in a job of one process only.
     if w.num_ranks == 1:
-        checks.append(("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)))
+        checks += [
+            ("no receive rows (N = 0, every row dropped)",
+             lambda: check_dispatch(w, rng, tokens=64, capacity=0, **common)),
+            ("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)),
+        ]
     return checks
 
 
