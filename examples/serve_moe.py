@@ -14,13 +14,12 @@ the same KV cache, so the comparison measures each step's error rather than 32 s
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
-# 8 virtual CPU devices unless asked otherwise (read when jax creates its CPU client).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import common  # examples/common.py; before jax
+
+common.default_to_8_cpu_devices()
 
 import jax
 import jax.numpy as jnp
@@ -33,20 +32,14 @@ import jax_deepep as deepep
 from jax_deepep import moe
 
 FLAGS = flags.FLAGS
+common.define_model_flags(flags, vocab=512, topk=4, hidden_note=" (a multiple of 128 for FP8)")
 flags.DEFINE_bool("short", False, "tiny model, few steps, --check on (CI)")
 flags.DEFINE_integer("steps", 32, "tokens generated per sequence")
 flags.DEFINE_integer("batch_per_device", 16, "sequences decoded per device (tokens per rank per step)")
-flags.DEFINE_integer("vocab", 512, "vocabulary size")
-flags.DEFINE_integer("hidden", 256, "model width (a multiple of 128 for FP8)")
 flags.DEFINE_integer("heads", 4, "attention heads")
-flags.DEFINE_integer("ffn", 512, "width of each expert's and the shared expert's SwiGLU")
-flags.DEFINE_integer("experts", 16, "routed experts per layer (divisible by the device count)")
-flags.DEFINE_integer("topk", 4, "routed experts per token")
-flags.DEFINE_integer("layers", 2, "decoder blocks")
 flags.DEFINE_bool("fp8", True, "dispatch tokens as FP8")
 flags.DEFINE_bool("check", False, "compare every step's logits with the dense model")
 flags.DEFINE_float("check_rtol", 1e-2, "allowed relative logit difference with --check")
-flags.DEFINE_integer("seed", 0, "random seed")
 
 AXIS = "ep"
 SEQUENCES = P(AXIS)  # each device decodes its own sequences

@@ -9,11 +9,10 @@ the whole step (forward, `nnx.value_and_grad`, AdamW update) is one `nnx.jit`.
 """
 from __future__ import annotations
 
-import os
 
-# 8 virtual CPU devices unless asked otherwise (read when jax creates its CPU client).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import common  # examples/common.py; before jax
+
+common.default_to_8_cpu_devices()
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +28,13 @@ from jax_deepep import moe
 from jax_deepep.flax import MoE
 
 FLAGS = flags.FLAGS
+common.define_model_flags(flags, vocab=512, topk=2)
 flags.DEFINE_bool("short", False, "tiny model, few steps (CI)")
 flags.DEFINE_integer("steps", 200, "training steps")
 flags.DEFINE_integer("tokens_per_device", 64, "tokens per device per step")
-flags.DEFINE_integer("vocab", 512, "vocabulary size")
-flags.DEFINE_integer("hidden", 256, "model width")
-flags.DEFINE_integer("ffn", 512, "width of each expert's SwiGLU")
-flags.DEFINE_integer("experts", 16, "experts per MoE block (divisible by the expert axis)")
-flags.DEFINE_integer("topk", 2, "experts per token")
-flags.DEFINE_integer("layers", 2, "MoE blocks")
 flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the other devices")
 flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate")
 flags.DEFINE_integer("log_every", 20, "log every N steps")
-flags.DEFINE_integer("seed", 0, "random seed")
 
 DATA, EXPERT = "data", "expert"
 

@@ -15,12 +15,11 @@ feeds only its own devices' share of the batch.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
-# 8 virtual CPU devices unless asked otherwise (read when jax creates its CPU client).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import common  # examples/common.py; before jax
+
+common.default_to_8_cpu_devices()
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +33,12 @@ import jax_deepep as deepep
 from jax_deepep import moe
 
 FLAGS = flags.FLAGS
+common.define_model_flags(flags, vocab=256, topk=2)
 flags.DEFINE_bool("short", False, "tiny model, few steps (CI)")
 flags.DEFINE_integer("steps", 100, "training steps")
 flags.DEFINE_integer("batch_per_device", 8, "sequences per device per step")
 flags.DEFINE_integer("seq_len", 64, "tokens per sequence")
-flags.DEFINE_integer("vocab", 256, "vocabulary size")
-flags.DEFINE_integer("hidden", 256, "model width")
 flags.DEFINE_integer("heads", 4, "attention heads")
-flags.DEFINE_integer("ffn", 512, "width of each expert's SwiGLU")
-flags.DEFINE_integer("experts", 16, "experts per MoE layer (divisible by the expert axis)")
-flags.DEFINE_integer("topk", 2, "experts per token")
-flags.DEFINE_integer("layers", 2, "decoder blocks")
 flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the other devices")
 flags.DEFINE_enum("score_func", "softmax", moe.SCORE_FUNCS, "router scores")
 flags.DEFINE_bool("fp8", False, "dispatch tokens as FP8")
@@ -52,7 +46,6 @@ flags.DEFINE_float("aux_loss_weight", 0.01, "weight of the load-balancing loss")
 flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW learning rate")
 flags.DEFINE_integer("log_every", 10, "log every N steps")
 flags.DEFINE_integer("timing_steps", 5, "steps timed for the dispatch/combine share")
-flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (multi-host)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")

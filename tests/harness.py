@@ -102,6 +102,14 @@ def random_weights(rng, shape):
     return rng.random(shape).astype(np.float32)
 
 
+def random_tokens(rng, num_ranks: int, num_tokens: int, hidden: int, top_k: int, num_experts: int,
+                  kind: str = "random"):
+    """Every rank's tokens bf16 [R, T, H], routing i32 [R, T, K] (`random_topk`'s `kind`) and weights f32 [R, T, K]."""
+    x = random_bf16(rng, (num_ranks, num_tokens, hidden))
+    topk_idx = random_topk(rng, num_ranks, num_tokens, top_k, num_experts, kind)
+    return x, topk_idx, random_weights(rng, (num_ranks, num_tokens, top_k))
+
+
 
 def enable_x64():
     """Context manager turning on 64-bit types (jax.enable_x64 in new jax, experimental before)."""

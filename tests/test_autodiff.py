@@ -11,7 +11,7 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+from harness import make_mesh, random_bf16, random_tokens, random_topk, random_weights, run_per_rank
 
 T, H, K, E = 12, 128, 4, 24
 
@@ -28,14 +28,17 @@ def _as_f32(a):
     return np.asarray(a).astype(np.float32)
 
 
+def _setup(num_ranks: int, capacity):
+    """(mesh, capacity N, Buffer) of a case; a capacity of None is R * T."""
+    mesh = make_mesh(num_ranks)
+    return mesh, capacity or num_ranks * T, deepep.Buffer(mesh, "ep")
+
+
 @pytest.mark.parametrize("num_ranks,capacity", CASES)
 def test_dispatch_grad(rng, num_ranks, capacity):
-    mesh = make_mesh(num_ranks)
-    capacity = capacity or num_ranks * T
-    buffer = deepep.Buffer(mesh, "ep")
-    x = random_bf16(rng, (num_ranks, T, H))
-    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot" if capacity < num_ranks * T else "out_of_range")
-    weights = random_weights(rng, (num_ranks, T, K))
+    mesh, capacity, buffer = _setup(num_ranks, capacity)
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E,
+                                         "hot" if capacity < num_ranks * T else "out_of_range")
     g_x = _cotangent(rng, (num_ranks, capacity, H))
     g_w = random_weights(rng, (num_ranks, capacity, K))
 
@@ -56,11 +59,8 @@ def test_dispatch_grad(rng, num_ranks, capacity):
 
 @pytest.mark.parametrize("num_ranks,capacity", CASES)
 def test_combine_grad(rng, num_ranks, capacity):
-    mesh = make_mesh(num_ranks)
-    capacity = capacity or num_ranks * T
-    buffer = deepep.Buffer(mesh, "ep")
-    x = random_bf16(rng, (num_ranks, T, H))
-    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot" if capacity < num_ranks * T else "random")
+    mesh, capacity, buffer = _setup(num_ranks, capacity)
+    x, topk_idx, _ = random_tokens(rng, num_ranks, T, H, K, E, "hot" if capacity < num_ranks * T else "random")
     y = random_bf16(rng, (num_ranks, capacity, H))
     w = random_weights(rng, (num_ranks, capacity, K))
     bias = (random_bf16(rng, (num_ranks, T, H)), random_bf16(rng, (num_ranks, T, H)))

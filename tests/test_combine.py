@@ -8,7 +8,7 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+from harness import make_mesh, random_bf16, random_tokens, random_topk, random_weights, run_per_rank
 
 T, H, K, E = 12, 128, 4, 24
 PADDING_VALUE = 3.0e4  # y rows past num_recv_tokens hold this: any leak shows
@@ -82,8 +82,7 @@ def test_combine_hot_expert_sums_many_ranks(rng):
 def test_combine_without_weights(rng):
     mesh = make_mesh(2)
     buffer = deepep.Buffer(mesh, "ep")
-    x = random_bf16(rng, (2, T, H))
-    topk_idx = random_topk(rng, 2, T, K, E)
+    x, topk_idx, _ = random_tokens(rng, 2, T, H, K, E)
 
     def per_rank(x, idx):
         out = buffer.dispatch(x, topk_idx=idx, num_experts=E)

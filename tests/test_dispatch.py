@@ -9,8 +9,8 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_topk, random_weights,
-                     run_per_rank)
+from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_tokens, random_topk,
+                     random_weights, run_per_rank)
 
 T, H, K, E = 12, 128, 4, 24
 
@@ -80,8 +80,7 @@ def test_dispatch_without_weights_or_topk(rng):
     """Without topk_weights the weights are None; with a layout and no topk_idx both are None."""
     mesh = make_mesh(4)
     buffer = deepep.Buffer(mesh, "ep")
-    x = random_bf16(rng, (4, T, H))
-    topk_idx = random_topk(rng, 4, T, K, E)
+    x, topk_idx, _ = random_tokens(rng, 4, T, H, K, E)
 
     def per_rank(x, idx):
         layout = buffer.get_dispatch_layout(idx, E)

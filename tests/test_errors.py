@@ -140,21 +140,15 @@ def _check(exc_info, substrings):
         assert s in message, f"{s!r} not in the error message {message!r}"
 
 
-@pytest.mark.parametrize("case", sorted(NORMAL_CASES))
-def test_normal_mode_bad_input(case):
-    fn, args, substrings = NORMAL_CASES[case]
-    mesh = make_mesh(R)
-    buffer = normal_buffer(mesh)
-    with pytest.raises(deepep.DeepEPError) as exc_info:
-        trace(mesh, lambda *a: fn(buffer, *a), *args)
-    _check(exc_info, substrings)
+_MODES = {"normal": (NORMAL_CASES, normal_buffer), "low_latency": (LOW_LATENCY_CASES, low_latency_buffer)}
 
 
-@pytest.mark.parametrize("case", sorted(LOW_LATENCY_CASES))
-def test_low_latency_bad_input(case):
-    fn, args, substrings = LOW_LATENCY_CASES[case]
+@pytest.mark.parametrize("mode,case", [(mode, case) for mode, (cases, _) in _MODES.items() for case in sorted(cases)])
+def test_bad_input(mode, case):
+    cases, make_buffer = _MODES[mode]
+    fn, args, substrings = cases[case]
     mesh = make_mesh(R)
-    buffer = low_latency_buffer(mesh)
+    buffer = make_buffer(mesh)
     with pytest.raises(deepep.DeepEPError) as exc_info:
         trace(mesh, lambda *a: fn(buffer, *a), *args)
     _check(exc_info, substrings)

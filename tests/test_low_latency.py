@@ -9,8 +9,8 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_topk, random_weights,
-                     run_per_rank)
+from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_tokens, random_topk,
+                     random_weights, run_per_rank)
 
 T, M, H, K, E = 6, 8, 128, 4, 24
 
@@ -225,9 +225,7 @@ def test_low_latency_fp8_ue8m0(rng, num_ranks):
 def test_low_latency_recv_hook(rng, num_ranks, use_fp8):
     """The send/recv split through buffer.low_latency_recv gives the same results."""
     mesh = make_mesh(num_ranks)
-    x = random_bf16(rng, (num_ranks, T, H))
-    topk_idx = random_topk(rng, num_ranks, T, K, E, "out_of_range")
-    weights = random_weights(rng, (num_ranks, T, K))
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E, "out_of_range")
     received = oracle.low_latency_receive(topk_idx, E)
     y = _expert_outputs(rng, received, num_ranks, H)
     recv_x, count, src_info, layout_range, combined = run_low_latency(
@@ -290,9 +288,7 @@ def test_low_latency_handle_crosses_jit_boundaries(rng):
     num_ranks = 4
     mesh = make_mesh(num_ranks)
     buffer = low_latency_buffer(mesh)
-    x = random_bf16(rng, (num_ranks, T, H))
-    topk_idx = random_topk(rng, num_ranks, T, K, E, "hot")
-    weights = random_weights(rng, (num_ranks, T, K))
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E, "hot")
     received = oracle.low_latency_receive(topk_idx, E)
     y = _expert_outputs(rng, received, num_ranks, H)
     handle = run_per_rank(mesh, lambda x, idx: buffer.low_latency_dispatch(
