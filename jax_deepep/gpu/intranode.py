@@ -1,5 +1,5 @@
-"""Intranode normal mode: the kernels of `cuda/layout.cu` and `cuda/intranode_*.cu` (in
-`libjax_deepep_cuda.so`) as XLA FFI custom calls, for an expert-parallel axis within one node.
+"""Intranode normal mode: the kernels of `cuda/layout.cu` and `cuda/intranode_*.cu` (in the
+extension module `_intranode_lib.so`) as XLA FFI custom calls, for an expert-parallel axis within one node.
 
 Every method runs per shard inside `shard_map`. The custom calls find this rank's communication
 buffer (`runtime.CommBuffers`, mapped by every peer over CUDA IPC or peer access) by the Buffer's
