@@ -1,7 +1,7 @@
 // How every handler reads its operands. Each handler binds a fixed list of typed operands,
 // results and one attribute struct; an operand a call does not have (top-k ids or weights, FP8
 // scales, a bias) is passed as an empty array of shape (0,), which Python makes with
-// jax_deepep/gpu/ffi_call.py:absent. Real operands of those kinds are never 1-D, so the two
+// jax_deepep/gpu/ffi_call.py (optional_operand, optional_result). Real operands of those kinds are never 1-D, so the two
 // cannot be confused, even for zero tokens.
 #pragma once
 
