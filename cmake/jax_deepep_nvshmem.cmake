@@ -19,6 +19,15 @@ function(jax_deepep_add_nvshmem_module)
     message(STATUS "jax_deepep: NVSHMEM not found (pip install nvidia-nvshmem-cu13); skipping the NVSHMEM module")
     return()
   endif()
+  # NVSHMEM refuses to start when its host library's version differs from the device library's
+  # linked in here: _build_info.json records this one, jax_deepep/gpu/library.py checks it at load.
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import importlib.metadata as m; print(m.version('nvidia-nvshmem-cu13'))"
+    OUTPUT_VARIABLE nvshmem_version OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE nvshmem_unversioned ERROR_QUIET)
+  if(nvshmem_unversioned)
+    message(FATAL_ERROR "jax_deepep: NVSHMEM in ${nvshmem_dir} has no nvidia-nvshmem-cu13 package version")
+  endif()
+  set(JAX_DEEPEP_NVSHMEM_VERSION "${nvshmem_version}" PARENT_SCOPE)
   find_package(CUDAToolkit REQUIRED)
 
   jax_deepep_add_module(_nvshmem_lib cmake/nvshmem_lib.map
@@ -45,7 +54,7 @@ function(jax_deepep_add_nvshmem_module)
   target_link_directories(_nvshmem_lib PRIVATE "${nvshmem_dir}/lib")
   # The host library is found at run time through the preload in jax_deepep/gpu/library.py.
   target_link_libraries(_nvshmem_lib PRIVATE "${nvshmem_dir}/lib/libnvshmem_device.a" -l:libnvshmem_host.so.3)
-  message(STATUS "jax_deepep: building _nvshmem_lib with NVSHMEM from ${nvshmem_dir}")
+  message(STATUS "jax_deepep: building _nvshmem_lib with NVSHMEM ${nvshmem_version} from ${nvshmem_dir}")
 endfunction()
 
 jax_deepep_add_nvshmem_module()

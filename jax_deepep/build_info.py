@@ -9,7 +9,8 @@ import pathlib
 
 @functools.lru_cache(maxsize=None)
 def build_info() -> dict:
-    """{"mode": "cuda" | "pure-python" | "source-tree", "reason": ...}."""
+    """{"mode": "cuda" | "pure-python" | "source-tree", "reason": ..., "nvshmem": the nvidia-nvshmem-cu13
+    version the NVSHMEM module was built against, or None} (a source tree: mode and reason only)."""
     places = [pathlib.Path(__file__).resolve().parent / "_build_info.json"]
     try:
         places.append(pathlib.Path(importlib.metadata.distribution("jax_deepep").locate_file(

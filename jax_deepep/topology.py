@@ -23,7 +23,10 @@ _known_hosts: tuple = (None, {})
 
 
 def kv_client():
-    """The jax.distributed key-value client, None where jax.distributed is not initialised."""
+    """The jax.distributed key-value client, None where jax.distributed is not initialised.
+
+    The one private JAX import of the package: jax.distributed (0.10, 0.11) has initialize, shutdown
+    and is_initialized but no public accessor of its client; pyproject bounds jax to the versions tested."""
     from jax._src import distributed
 
     return distributed.global_state.client

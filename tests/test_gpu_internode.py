@@ -107,10 +107,10 @@ def timeout_check(w: normal_checks.Worker) -> None:
     """Rank 0 dispatches while rank 1 never does: rank 0's kernel gives up after the timeout, the
     flag names the internode dispatch, and its later ops raise instead of launching."""
     import jax
-    from jax._src import distributed
 
     from harness import random_bf16, random_topk
     from jax_deepep.gpu import nvshmem
+    from jax_deepep.topology import kv_client
 
     experts = 8 * w.num_ranks
     rng = np.random.default_rng(11)
@@ -134,7 +134,7 @@ def timeout_check(w: normal_checks.Worker) -> None:
 
         w.check("timeout: a dispatch without its peer gives up", gives_up)
         w.check("timeout: later ops raise", later_ops_raise)
-    distributed.global_state.client.wait_at_barrier("test_gpu_internode/timeout", 120_000)
+    kv_client().wait_at_barrier("test_gpu_internode/timeout", 120_000)
 
 
 def worker_main(rank: int, num_ranks: int, port: int) -> int:

@@ -46,10 +46,11 @@ def test_intranode_four_ranks_on_one_gpu():
 def _all_processes_here(name: str):
     """Wait for every process (the key-value store's barrier: no XLA collective)."""
     import jax
-    from jax._src import distributed
+
+    from jax_deepep.topology import kv_client
 
     if jax.process_count() > 1:
-        distributed.global_state.client.wait_at_barrier(f"test_gpu_intranode/{name}", 120_000)
+        kv_client().wait_at_barrier(f"test_gpu_intranode/{name}", 120_000)
 
 
 def check_destroyed_buffer_program(w: Worker):

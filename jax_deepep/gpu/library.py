@@ -19,7 +19,11 @@ from typing import Optional
 
 import jax
 
+from ..build_info import build_info
+from ..validation import DeepEPError
+
 _NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
+NVSHMEM_PACKAGE = "nvidia-nvshmem-cu13"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Module:
 INTRANODE = Module("_intranode_lib", "JAX_DEEPEP_LIBRARY",
                    "install with a CUDA compiler present, see README")
 NVSHMEM = Module("_nvshmem_lib", "JAX_DEEPEP_NVSHMEM_LIBRARY",
-                 "needs nvcc and nvidia-nvshmem-cu13 at install time")
+                 f"needs nvcc and {NVSHMEM_PACKAGE} at install time")
 
 
 def candidates(module: Module):
@@ -61,6 +65,26 @@ def nvshmem_dir() -> Optional[pathlib.Path]:
     return None
 
 
+def installed_nvshmem_version() -> Optional[str]:
+    """The version of the installed nvidia-nvshmem-cu13 package, or None."""
+    try:
+        return importlib.metadata.version(NVSHMEM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_nvshmem_version():
+    """Raises DeepEPError unless the installed NVSHMEM is the one the installed `_nvshmem_lib` was built
+    against: NVSHMEM refuses to start when its host library and the device library linked into the module
+    differ. A build without that record (a source checkout's, which links the NVSHMEM it runs with) passes."""
+    built = build_info().get("nvshmem")
+    installed = installed_nvshmem_version()
+    if built is not None and installed != built:
+        raise DeepEPError(f"jax_deepep {NVSHMEM.name} was built against {NVSHMEM_PACKAGE} {built} but "
+                          f"{installed or 'none'} is installed: pip install '{NVSHMEM_PACKAGE}=={built}', or "
+                          "reinstall jax_deepep with this one present (pip install --no-build-isolation .)")
+
+
 def _import(module: Module, path: pathlib.Path):
     loader = importlib.machinery.ExtensionFileLoader(f"jax_deepep.gpu.{module.name}", str(path))
     spec = importlib.util.spec_from_file_location(loader.name, path, loader=loader)
@@ -71,7 +95,8 @@ def _import(module: Module, path: pathlib.Path):
 
 @functools.lru_cache(maxsize=None)
 def _load(module: Module):
-    """(extension module with its FFI targets registered, None) or (None, reason)."""
+    """(extension module with its FFI targets registered, None) or (None, reason); DeepEPError for an
+    NVSHMEM of another version than the module's (that fails loudly rather than falling back)."""
     path = next((p for p in candidates(module) if p.exists()), None)
     if path is None:
         return None, f"{module.name}.so was not built ({module.missing})"
@@ -79,7 +104,8 @@ def _load(module: Module):
         if module is NVSHMEM:
             nv = nvshmem_dir()
             if nv is None:
-                return None, "NVSHMEM is missing: pip install nvidia-nvshmem-cu13"
+                return None, f"NVSHMEM is missing: pip install {NVSHMEM_PACKAGE}"
+            check_nvshmem_version()
             # The module links libnvshmem_host.so.3 by soname only: load it from the package first.
             ctypes.CDLL(str(nv / "lib" / _NVSHMEM_HOST_LIBRARY), mode=ctypes.RTLD_GLOBAL)
         mod = _import(module, path)

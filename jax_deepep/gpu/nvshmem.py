@@ -95,7 +95,9 @@ def _own_device_and_rank(mesh, axis_name: str):
     if len(mine) != 1:
         raise DeepEPError(f"Buffer: NVSHMEM (low-latency or internode mode) needs exactly one GPU of the mesh per "
                           f"process (one PE per process); process {jax.process_index()} owns {len(mine)}. Start one "
-                          "process per GPU.")
+                          "process per GPU (jax.distributed.initialize(..., local_device_ids=[gpu]) or "
+                          "CUDA_VISIBLE_DEVICES=gpu in each), or use normal intranode mode, which serves a process "
+                          "owning several GPUs.")
     return devices[mine[0]], mine[0]
 
 
@@ -110,8 +112,9 @@ class SymmetricBuffer:
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, *,
                  direct_group: Optional[int] = None):
-        self.lib = nvshmem_library()
+        # The process model first: a process owning several GPUs is refused before NVSHMEM is loaded.
         device, self.rank = _own_device_and_rank(mesh, axis_name)
+        self.lib = nvshmem_library()
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_bytes = int(num_rdma_bytes)
         direct_group = self.num_ranks if direct_group is None else direct_group

@@ -1,0 +1,84 @@
+"""The process models of each mode (README, docs/API.md "Process models"), checked on CPU devices.
+
+On a GPU mesh the Buffer picks the CUDA backends; here the mesh's platform is reported as "gpu" and the
+compiled modules are replaced by fakes that only record what they were asked, so the backend selection and
+the process-model checks run as on GPUs with no device behind them. One process owning the 8 CPU devices
+plays a host where one process owns every GPU (JAX's default on one host).
+"""
+import types
+
+import jax
+import numpy as np
+import pytest
+
+import jax_deepep as deepep
+from jax_deepep import buffer as buffer_module
+from jax_deepep import gpu
+from jax_deepep.gpu import intranode, nvshmem, runtime
+from harness import AXIS, make_mesh
+
+
+class FakeIntranodeLib:
+    """`_intranode_lib`'s buffer calls: records which device made a buffer and which peers it mapped."""
+    RING_OFFSET, MAX_CHANNELS, MAX_LOCAL_EXPERTS = 0, 24, 64  # any sizes: no op is traced
+
+    def __init__(self):
+        self.created, self.local_peers = [], []
+
+    def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes):
+        self.created.append((ordinal, rank, num_ranks))
+
+    def connect_local(self, buffer_id, ordinal, peer_rank, peer_ordinal):
+        self.local_peers.append((ordinal, peer_ordinal))
+
+    def disconnect(self, buffer_id, ordinal):
+        pass
+
+    def destroy(self, buffer_id, ordinal):
+        pass
+
+
+@pytest.fixture
+def gpu_platform(monkeypatch):
+    """The CUDA backend selection on CPU devices, with fake compiled modules; yields the intranode fake."""
+    lib = FakeIntranodeLib()
+    monkeypatch.setattr(buffer_module, "_mesh_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(gpu, "available", lambda: True)
+    monkeypatch.setattr(runtime, "_lib", lambda: lib)
+    monkeypatch.setattr(nvshmem, "available", lambda: True)
+    # Never reached by a refused process model: NVSHMEM is joined after the model is checked.
+    monkeypatch.setattr(nvshmem, "nvshmem_library", lambda: pytest.fail("NVSHMEM joined"))
+    yield lib
+
+
+def test_normal_intranode_one_process_owning_several_gpus_works(gpu_platform):
+    mesh = make_mesh(8)
+    with deepep.Buffer(mesh, AXIS) as buffer:
+        assert isinstance(buffer.normal_backend, intranode.IntranodeBackend)
+    assert sorted(gpu_platform.created) == [(d.local_hardware_id, r, 8) for r, d in enumerate(mesh.devices)]
+    # Every device maps each of its 7 peers in this process (peer access, no IPC).
+    assert len(gpu_platform.local_peers) == 8 * 7
+
+
+@pytest.mark.parametrize("mode, buffer_args", [
+    ("internode", dict(num_rdma_bytes=1 << 30, ranks_per_node=4)),
+    ("low latency", dict(low_latency_mode=True, num_rdma_bytes=1 << 30)),
+])
+def test_nvshmem_modes_refuse_one_process_owning_several_gpus(gpu_platform, mode, buffer_args):
+    with pytest.raises(deepep.DeepEPError, match=r"one GPU of the mesh per process.*Start one process per GPU"):
+        deepep.Buffer(make_mesh(8), AXIS, **buffer_args)
+
+
+def _mesh_of_processes(num_ranks: int):
+    """A stand-in mesh over `num_ranks` GPUs, each owned by its own process (process index = rank)."""
+    devices = np.array([types.SimpleNamespace(id=r, process_index=r) for r in range(num_ranks)], dtype=object)
+    return types.SimpleNamespace(axis_names=(AXIS,), shape={AXIS: num_ranks}, devices=devices)
+
+
+@pytest.mark.parametrize("process", [0, 5])
+def test_nvshmem_modes_take_one_process_per_gpu(monkeypatch, process):
+    """Each process finds its one GPU and its rank (the PE it joins NVSHMEM as)."""
+    mesh = _mesh_of_processes(8)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    device, rank = nvshmem._own_device_and_rank(mesh, AXIS)
+    assert (device.id, rank) == (process, process)
