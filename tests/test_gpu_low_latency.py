@@ -110,13 +110,15 @@ class Worker:
         import jax
         from jax.sharding import Mesh
 
+        from jax_deepep import creation
         from jax_deepep.buffer import resolve_timeout_s
         from jax_deepep.gpu.low_latency import LowLatencyBackend
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, timeout_s=resolve_timeout_s(None),
-                                              direct_group=direct_group)
+        keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group})
+        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys,
+                                              timeout_s=resolve_timeout_s(None), direct_group=direct_group)
         self.failures = []
         self._compiled = {}
 
