@@ -102,9 +102,9 @@ class SymmetricBuffer:
 
     Making it joins NVSHMEM first (once per process); it takes the agreed id of its Buffer (`keys`).
     Every wait of its kernels on a peer gives up after `timeout_s` seconds (the Buffer's, from
-    `buffer.resolve_timeout_s`). `direct_group`: peers in this
-    rank's group of that many consecutive ranks are written with loads/stores where NVSHMEM maps them
-    (NVLink, or the same GPU); the others get nvshmem puts. By default every peer may be direct.
+    `buffer.resolve_timeout_s`). `direct_group`: peers in this rank's group of that many consecutive
+    ranks are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
+    get nvshmem puts. By default every peer may be direct.
     """
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
