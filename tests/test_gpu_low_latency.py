@@ -90,7 +90,7 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     from jax_deepep.reference import ReferenceBackend
 
     monkeypatch.setattr(LowLatencyBackend, "open",
-                        staticmethod(lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend()))
+                        staticmethod(lambda mesh, axis_name, num_rdma_bytes, keys, **_: ReferenceBackend()))
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
