@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 
+from . import creation
 from . import low_latency as _ll
 from . import normal as _normal
 from .backend import RankContext
@@ -43,6 +44,10 @@ def resolve_timeout_s(timeout_s: Optional[float]) -> float:
                    _environment_value("JAX_DEEPEP_TIMEOUT_S", env, float), maximum=_MAX_TIMEOUT_S)
 
 
+def _backend_choice() -> str:
+    return os.environ.get("JAX_DEEPEP_BACKEND", "auto")
+
+
 def _mesh_platform(mesh) -> str:
     platforms = {d.platform for d in mesh.devices.flat}
     return platforms.pop() if len(platforms) == 1 else "mixed"
@@ -55,7 +60,9 @@ class Buffer:
     symmetric buffer per rank, needed by low-latency mode and by normal mode across nodes;
     `low_latency_mode` enables the low-latency ops; `allow_nvlink_for_low_latency_mode=False` sends
     every low-latency row as an NVSHMEM put; `num_qps_per_rank` is accepted for DeepEP and unused.
-    Collective in a multi-process job: every process constructs it with the same arguments.
+    Collective in a multi-process job: every process constructs it with the same arguments (checked:
+    otherwise every process raises a `DeepEPError` naming what differs; `creation.agree`), and the
+    processes agree on its `buffer_id`, which namespaces its keys in the jax.distributed store.
     A node (ranks sharing NVLink) is the ranks whose devices' processes run on one host, which must be
     equal blocks of consecutive ranks (`topology.detect_ranks_per_node`; `JAX_DEEPEP_HOST_ID` fakes a
     process's host). `ranks_per_node`, else `JAX_DEEPEP_RANKS_PER_NODE`, overrides how many consecutive
@@ -101,12 +108,28 @@ class Buffer:
             raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
                               f"got {ranks_per_node}")
         self.ranks_per_node = min(ranks_per_node, self.num_ranks)
+        # Checked and agreed on before any backend allocates: a peer sized differently would be
+        # written out of bounds.
+        self.keys = creation.agree(mesh, self._arguments())
+        self.buffer_id = self.keys.buffer_id
         self.normal_backend, self.low_latency_backend = self._make_backends()
         self._destroyed = False
 
+    def _arguments(self) -> dict:
+        """What every process must have passed alike (the default Configs follow from `num_ranks` and
+        `Buffer.num_sms`), as JSON values."""
+        return {"axis_name": self.axis_name, "num_ranks": self.num_ranks,
+                "mesh.device_ids": self.mesh.device_ids.tolist(), "num_nvl_bytes": self.num_nvl_bytes,
+                "num_rdma_bytes": self.num_rdma_bytes, "low_latency_mode": self.low_latency_mode,
+                "num_qps_per_rank": self.num_qps_per_rank,
+                "allow_nvlink_for_low_latency_mode": self.allow_nvlink_for_low_latency_mode,
+                "ranks_per_node": self.ranks_per_node, "timeout_s": self.timeout_s,
+                "exact_internode_combine": self.exact_internode_combine, "Buffer.num_sms": Buffer.num_sms,
+                "JAX_DEEPEP_BACKEND": _backend_choice()}
+
     def _make_backends(self) -> tuple:
         """(normal-mode backend, low-latency backend), chosen once for this Buffer."""
-        choice = os.environ.get("JAX_DEEPEP_BACKEND", "auto")
+        choice = _backend_choice()
         if choice == "reference" or _mesh_platform(self.mesh) != "gpu":
             return REFERENCE_BACKEND, REFERENCE_BACKEND
         from . import gpu
@@ -118,7 +141,7 @@ class Buffer:
             warnings.warn(f"jax_deepep: CUDA library not available ({gpu.unavailable_reason()}); "
                           "using the pure-JAX implementation")
             return REFERENCE_BACKEND, REFERENCE_BACKEND
-        return gpu.make_backends(self)
+        return gpu.make_backends(self, self.keys)
 
     @property
     def backend(self):

@@ -45,8 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, num_ranks: int, env: dict, tag: str = ""):
-    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits 0.
+def run_workers(script: str, num_ranks: int, env: dict, tag: str = "", timeout_s: float = WORKER_TIMEOUT_S):
+    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits 0
+    within `timeout_s` (the workers are killed then).
 
     With JAX_DEEPEP_WORKER_LOGS set, each worker writes its output to a file in that folder as it
     goes, so a run cut short from outside still leaves what every rank printed (`tag` tells
@@ -63,7 +64,7 @@ def run_workers(script: str, num_ranks: int, env: dict, tag: str = ""):
     procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--num-ranks", str(num_ranks),
                                "--port", str(port)], env=env, stdout=logs[r], stderr=subprocess.STDOUT,
                               text=True) for r in range(num_ranks)]
-    outputs, deadline = [], time.time() + WORKER_TIMEOUT_S
+    outputs, deadline = [], time.time() + timeout_s
     for p in procs:
         try:
             outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0] or "")

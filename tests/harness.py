@@ -60,6 +60,14 @@ def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
     return buffer
 
 
+def buffer_keys_in_store() -> list[str]:
+    """The keys of Buffers (their namespaces and creation records) in the jax.distributed key-value store."""
+    from jax_deepep.topology import kv_client
+
+    return [key for key, _ in kv_client().key_value_dir_get("jax_deepep")
+            if key.startswith(("jax_deepep/buffer/", "jax_deepep/creation/"))]
+
+
 def random_bf16(rng, shape):
     """Normal values rounded to bf16 (returned as an ml_dtypes bf16 numpy array)."""
     return rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)

@@ -137,6 +137,16 @@ def timeout_check(w: normal_checks.Worker) -> None:
     kv_client().wait_at_barrier("test_gpu_internode/timeout", 120_000)
 
 
+def check_no_keys_left():
+    """Once every process destroyed its Buffer, no key of it is left in the jax.distributed store."""
+    from jax._src import distributed
+
+    from harness import buffer_keys_in_store
+
+    distributed.global_state.client.wait_at_barrier("test_gpu_internode/destroyed", 120_000)
+    assert not buffer_keys_in_store(), f"keys of a destroyed Buffer left: {buffer_keys_in_store()}"
+
+
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
@@ -166,6 +176,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("network traffic: one row per (token, node)", lambda: check_traffic(w, 99))
     w.check("pressure: 100 rounds", lambda: normal_checks.check_pressure(w, 4321, 100))
     w.buffer.destroy()
+    w.check("no key of the Buffer (the NVSHMEM unique id among them) left in the store", check_no_keys_left)
     print(f"rank {rank}: {len(w.failures)} failures {w.failures} (ranks per node "
           f"{os.environ.get('JAX_DEEPEP_RANKS_PER_NODE')})", flush=True)
     return 1 if w.failures else 0

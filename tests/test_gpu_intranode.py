@@ -84,11 +84,12 @@ def check_destroyed_buffer_program(w: Worker):
 
 def check_recreate(w: Worker, times: int):
     """Destroy and re-create the Buffer `times` times: device memory comes back every time (the GPU
-    is shared by every process, so each measurement waits for all of them)."""
+    is shared by every process, so each measurement waits for all of them), and no key of a destroyed
+    Buffer stays in the jax.distributed store."""
     import jax
 
     import jax_deepep as deepep
-    from harness import random_bf16, random_topk
+    from harness import buffer_keys_in_store, random_bf16, random_topk
     from jax_deepep.gpu import runtime
 
     ordinal = jax.local_devices()[0].local_hardware_id
@@ -108,6 +109,8 @@ def check_recreate(w: Worker, times: int):
     leaked = before - after
     try:
         assert leaked < 64 << 20, f"{leaked} bytes of device memory not returned after {times} re-creations"
+        if jax.process_count() > 1:
+            assert not buffer_keys_in_store(), f"keys of destroyed Buffers left: {buffer_keys_in_store()}"
     finally:  # collective: the other processes must not wait for this one's Buffer
         w.buffer = deepep.Buffer(w.mesh, AXIS)
 

@@ -90,7 +90,7 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
     from jax_deepep.reference import ReferenceBackend
 
     monkeypatch.setattr(LowLatencyBackend, "open",
-                        staticmethod(lambda mesh, axis_name, num_rdma_bytes, **_: ReferenceBackend()))
+                        staticmethod(lambda mesh, axis_name, num_rdma_bytes, keys, **_: ReferenceBackend()))
     worker = Worker(0, 2, 0, devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     for variant in VARIANTS:
@@ -110,13 +110,15 @@ class Worker:
         import jax
         from jax.sharding import Mesh
 
+        from jax_deepep import creation
         from jax_deepep.buffer import resolve_timeout_s
         from jax_deepep.gpu.low_latency import LowLatencyBackend
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, timeout_s=resolve_timeout_s(None),
-                                              direct_group=direct_group)
+        keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group})
+        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys,
+                                              timeout_s=resolve_timeout_s(None), direct_group=direct_group)
         self.failures = []
         self._compiled = {}
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec
 import jax_deepep as deepep
 from harness import buffer_with_cuda_backends, make_mesh, run_per_rank
 from jax_deepep import gpu
+from jax_deepep.buffer_keys import BufferKeys
 
 R, T, H, K, E, M = 2, 8, 128, 4, 8, 8
 BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
@@ -356,5 +357,5 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
                                    allow_nvlink_for_low_latency_mode=True, timeout_s=3.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a low-latency Buffer's normal mode across nodes falls back to pure JAX
-        gpu.make_backends(buffer)
+        gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
     assert opened["LowLatencyBackend" if low_latency_mode else "InternodeBackend"]["timeout_s"] == 3.5

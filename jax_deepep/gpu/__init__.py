@@ -22,14 +22,14 @@ def _use_reference(what: str, why: str):
     return reference.BACKEND
 
 
-def _normal_backend(buffer):
+def _normal_backend(buffer, keys):
     if buffer.ranks_per_node > MAX_NVL_PEERS:
         return _use_reference("normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
                                                  f"ranks, this axis has {buffer.ranks_per_node} per node")
     if buffer.ranks_per_node == buffer.num_ranks:
         from .intranode import IntranodeBackend
 
-        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes)
+        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
         return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
                                                  "nodes and the internode kernels need `num_rdma_bytes`")
@@ -38,11 +38,11 @@ def _normal_backend(buffer):
 
     if not nvshmem.available():
         return _use_reference("internode ops", nvshmem.unavailable_reason())
-    return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node,
+    return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node, keys,
                                  timeout_s=buffer.timeout_s)
 
 
-def _low_latency_backend(buffer):
+def _low_latency_backend(buffer, keys):
     if not (buffer.low_latency_mode and buffer.num_rdma_bytes > 0):
         return reference.BACKEND  # the ops refuse such a Buffer before reaching a backend
     from . import nvshmem
@@ -52,16 +52,17 @@ def _low_latency_backend(buffer):
         return _use_reference("low-latency ops", nvshmem.unavailable_reason())
     # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
     direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
-    return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, timeout_s=buffer.timeout_s,
-                                  direct_group=direct_group)
+    return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, keys,
+                                  timeout_s=buffer.timeout_s, direct_group=direct_group)
 
 
-def make_backends(buffer) -> tuple:
-    """(normal-mode backend, low-latency backend) of `buffer` on a GPU mesh; on failure, frees what was
-    made before raising."""
-    normal = _normal_backend(buffer)
+def make_backends(buffer, keys) -> tuple:
+    """(normal-mode backend, low-latency backend) of `buffer` on a GPU mesh, both under the Buffer's
+    agreed id and key-value namespace `keys` (a `BufferKeys`); on failure, frees what was made before
+    raising."""
+    normal = _normal_backend(buffer, keys)
     try:
-        return normal, _low_latency_backend(buffer)
+        return normal, _low_latency_backend(buffer, keys)
     except BaseException:
         normal.destroy()
         raise

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import reference
 from ..backend import DispatchResult, RankContext
+from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import valid_expert_ids
 from ..sizes import internode_combine_layout, internode_dispatch_layout, internode_rdma_bytes
@@ -69,11 +70,12 @@ class InternodeBackend:
         self.ranks_per_node = ranks_per_node
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, *,
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
              timeout_s: float) -> "InternodeBackend":
-        """Joins NVSHMEM and allocates the symmetric buffer (collective); peers within a node are written
-        directly, the others over the network; waits on a peer give up after `timeout_s`."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=ranks_per_node),
+        """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective); peers
+        within a node are written directly, the others over the network; waits on a peer give up after
+        `timeout_s`."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node),
                    ranks_per_node)
 
     def destroy(self):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..backend import DispatchResult, RankContext
+from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import valid_expert_ids
 from ..sizes import combine_slot, dispatch_slot
@@ -70,9 +71,10 @@ class IntranodeBackend:
         self._max_local_experts = lib.MAX_LOCAL_EXPERTS
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_nvl_bytes: int) -> "IntranodeBackend":
-        """Allocates and maps the communication buffers (collective over the processes of `mesh`)."""
-        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES))
+    def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys) -> "IntranodeBackend":
+        """Allocates and maps the communication buffers of the Buffer `keys` names (collective over the
+        processes of `mesh`)."""
+        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys))
 
     def destroy(self):
         self.comm.destroy()

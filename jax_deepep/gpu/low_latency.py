@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..backend import LowLatencyOptions, RankContext
+from ..buffer_keys import BufferKeys
 from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
 from .ffi_call import ffi_call, optional_result
@@ -36,10 +37,12 @@ class LowLatencyBackend:
         self.symmetric = symmetric
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, *, timeout_s: float, direct_group: Optional[int] = None):
-        """Joins NVSHMEM and allocates the symmetric buffer (collective); `timeout_s` and `direct_group` as for
-        `SymmetricBuffer` (a Buffer passes its `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`)."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, direct_group=direct_group))
+    def open(cls, mesh, axis_name: str, num_rdma_bytes: int, keys: BufferKeys, *, timeout_s: float,
+             direct_group: Optional[int] = None):
+        """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective);
+        `timeout_s` and `direct_group` as for `SymmetricBuffer` (a Buffer passes its `ranks_per_node`, or 1
+        without `allow_nvlink_for_low_latency_mode`)."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=direct_group))
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""

@@ -5,7 +5,8 @@ PE per process, and each Buffer's symmetric buffer (`SymmetricBuffer`).
 NVSHMEM runs one PE per process, PE = the process's position on the expert-parallel axis; it is
 initialised once per process (NVSHMEM cannot be initialised again after finalize) and finalised at
 exit, while each Buffer allocates and frees its own symmetric buffer (xla_ffi/nvshmem_runtime.h says
-what NVSHMEM allows only once per process).
+what NVSHMEM allows only once per process). The NVSHMEM unique id travels in the key-value
+namespace of the Buffer that joins, and is deleted as soon as every PE has joined.
 """
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ from typing import Optional
 
 import jax
 
-from ..topology import KV_TIMEOUT_MS, kv_client
+from ..buffer_keys import BufferKeys
 from ..validation import DeepEPError
 from .library import NVSHMEM, is_available, load, reason_unavailable
-from .runtime import next_buffer_id
 
-_UNIQUE_ID_KEY = "jax_deepep/nvshmem_unique_id"
+_UNIQUE_ID_KEY = "nvshmem_unique_id"
 _HEAP_MARGIN_BYTES = 256 << 20
 
 
@@ -55,22 +55,18 @@ def timeout_flag() -> int:
 
 
 # ---- the process's NVSHMEM PE ----------------------------------------------------------------
-def _unique_id(lib, rank: int, num_ranks: int) -> bytes:
-    """PE 0 makes the id; the others read it from the jax.distributed key-value store."""
+def _unique_id(lib, rank: int, num_ranks: int, keys: BufferKeys) -> bytes:
+    """PE 0 makes the id; the others read it from the Buffer's namespace in the key-value store."""
     if num_ranks == 1:
         return _check("nvshmemx_get_uniqueid", lib.unique_id)
-    client = kv_client()
-    if client is None:
-        raise DeepEPError("Buffer: a low-latency Buffer over several processes needs jax.distributed.initialize() "
-                          "first (its key-value store carries the NVSHMEM unique id)")
     if rank == 0:
         uid = _check("nvshmemx_get_uniqueid", lib.unique_id)
-        client.key_value_set(_UNIQUE_ID_KEY, uid.hex())
+        keys.set(_UNIQUE_ID_KEY, uid.hex())
         return uid
-    return bytes.fromhex(client.blocking_key_value_get(_UNIQUE_ID_KEY, KV_TIMEOUT_MS))
+    return bytes.fromhex(keys.get(_UNIQUE_ID_KEY))
 
 
-def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: int):
+def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: int, keys: BufferKeys):
     pe = lib.pe()
     if pe is not None:
         if pe != (rank, num_ranks):
@@ -80,8 +76,10 @@ def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: 
     # The symmetric heap is sized once, at init, from the first Buffer unless the user chose a size.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
-    _check("init", lib.join, _unique_id(lib, rank, num_ranks), rank, num_ranks, device_ordinal)
+    _check("init", lib.join, _unique_id(lib, rank, num_ranks, keys), rank, num_ranks, device_ordinal)
     atexit.register(lib.leave)
+    if rank == 0 and num_ranks > 1:  # joining returns once every PE has joined, so every PE has read the id
+        keys.delete(_UNIQUE_ID_KEY)
 
 
 def _own_device_and_rank(mesh, axis_name: str):
@@ -104,13 +102,14 @@ def _own_device_and_rank(mesh, axis_name: str):
 class SymmetricBuffer:
     """One Buffer's NVSHMEM symmetric buffer (collective to make and to free).
 
-    Making it joins NVSHMEM first (once per process). Every wait of its kernels on a peer gives up after
-    `timeout_s` seconds (the Buffer's, from `buffer.resolve_timeout_s`). `direct_group`: peers in this
-    rank's group of that many consecutive ranks are written with loads/stores where NVSHMEM maps them
-    (NVLink, or the same GPU); the others get nvshmem puts. By default every peer may be direct.
+    Making it joins NVSHMEM first (once per process); it takes the agreed id of its Buffer (`keys`).
+    Every wait of its kernels on a peer gives up after `timeout_s` seconds (the Buffer's, from
+    `buffer.resolve_timeout_s`). `direct_group`: peers in this rank's group of that many consecutive
+    ranks are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
+    get nvshmem puts. By default every peer may be direct.
     """
 
-    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, *,
+    def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
                  direct_group: Optional[int] = None):
         # The process model first: a process owning several GPUs is refused before NVSHMEM is loaded.
         device, self.rank = _own_device_and_rank(mesh, axis_name)
@@ -122,8 +121,9 @@ class SymmetricBuffer:
             raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({self.num_ranks}), "
                               f"got {direct_group}")
         self.device = device.local_hardware_id
-        _ensure_pe(self.lib, self.rank, self.num_ranks, self.device, self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES)
-        self.buffer_id = next_buffer_id()
+        _ensure_pe(self.lib, self.rank, self.num_ranks, self.device, self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES,
+                   keys)
+        self.buffer_id = keys.buffer_id
         _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
                timeout_s, direct_group)
         self._live = True

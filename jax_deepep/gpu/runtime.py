@@ -3,28 +3,20 @@
 Each device's rank is its coordinate along the expert-parallel axis; its peers are the devices
 that differ from it only along that axis. A peer in this process is mapped with peer access;
 a peer in another process through its CUDA IPC handle, swapped via the jax.distributed
-key-value store. The FFI handlers find a device's buffer by (buffer id, device ordinal).
+key-value store under the Buffer's namespace (`BufferKeys`). The FFI handlers find a device's
+buffer by (buffer id, device ordinal).
 """
 from __future__ import annotations
-
-import itertools
 
 import jax
 import numpy as np
 
-from ..topology import KV_TIMEOUT_MS, kv_client
+from ..buffer_keys import BufferKeys
 from .library import INTRANODE, load
-
-_buffer_ids = itertools.count(1)  # every process creates its Buffers in the same order
 
 
 def _lib():
     return load(INTRANODE)
-
-
-def next_buffer_id() -> int:
-    """A fresh Buffer id; the id of a Buffer's state in the compiled modules, for every mode."""
-    return next(_buffer_ids)
 
 
 def device_free_bytes(ordinal: int) -> int:
@@ -41,11 +33,13 @@ def _check(call, what: str, *args):
 
 
 class CommBuffers:
-    """The communication buffers of every local device of `mesh` for axis `axis_name`."""
+    """The communication buffers of every local device of `mesh` for axis `axis_name`, under the id and
+    key-value namespace `keys` of their Buffer."""
 
-    def __init__(self, mesh, axis_name: str, num_bytes: int):
+    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys):
         lib = _lib()
-        self.buffer_id = next_buffer_id()
+        self.keys = keys
+        self.buffer_id = keys.buffer_id
         self.num_bytes = int(num_bytes)
         self.ring_bytes = self.num_bytes - lib.RING_OFFSET
         axis = mesh.axis_names.index(axis_name)
@@ -68,21 +62,18 @@ class CommBuffers:
             self.destroy()
             raise
 
-    def _key(self, device) -> str:
-        return f"jax_deepep/buffer/{self.buffer_id}/device/{device.id}"
+    @staticmethod
+    def _key(device) -> str:
+        return f"device/{device.id}"
 
     def _connect(self):
         lib = _lib()
         self._remote_peers = any(peer.process_index != jax.process_index()
                                  for _, _, group in self._local for peer in group)
         if self._remote_peers:
-            client = kv_client()
-            if client is None:
-                raise RuntimeError("jax_deepep: the mesh spans several processes but jax.distributed is not "
-                                   "initialised")
             for ordinal, rank, group in self._local:
                 handle = _check(lib.ipc_handle, "exporting the IPC handle", self.buffer_id, ordinal)
-                client.key_value_set(self._key(group[rank]), handle.hex())
+                self.keys.set(self._key(group[rank]), handle.hex())
         for ordinal, rank, group in self._local:
             for peer_rank, peer in enumerate(group):
                 if peer_rank == rank:
@@ -91,7 +82,7 @@ class CommBuffers:
                     _check(lib.connect_local, "mapping a peer's buffer (peer access)", self.buffer_id, ordinal,
                            peer_rank, peer.local_hardware_id)
                 else:
-                    hex_handle = kv_client().blocking_key_value_get(self._key(peer), KV_TIMEOUT_MS)
+                    hex_handle = self.keys.get(self._key(peer))
                     _check(lib.connect_ipc, "opening a peer's IPC handle", self.buffer_id, ordinal, peer_rank,
                            bytes.fromhex(hex_handle))
 
@@ -102,14 +93,17 @@ class CommBuffers:
         return {k: v for k, v in codes.items() if v}
 
     def destroy(self):
-        """Unmap peers everywhere, wait for every process, then free (idempotent)."""
+        """Unmap peers everywhere, wait for every process, then free and delete the IPC handle keys
+        (idempotent)."""
         if self._destroyed:
             return
         self._destroyed = True
         lib = _lib()
         for ordinal, _, _ in self._local:
             _check(lib.disconnect, "unmapping peers' buffers", self.buffer_id, ordinal)
-        if self._remote_peers:  # a peer process may still have our buffer mapped
-            kv_client().wait_at_barrier(f"jax_deepep/buffer/{self.buffer_id}/destroy", KV_TIMEOUT_MS)
+        if self._remote_peers:  # a peer process may still have our buffer mapped, or be reading its handle
+            self.keys.barrier("destroy")
+            for _, rank, group in self._local:
+                self.keys.delete(self._key(group[rank]))
         for ordinal, _, _ in self._local:
             _check(lib.destroy, "freeing the communication buffer", self.buffer_id, ordinal)

@@ -1,0 +1,47 @@
+"""One Buffer's keys in the jax.distributed key-value store, all under `jax_deepep/buffer/<id>/`.
+
+<id> is the Buffer id its processes agreed on when it was made (creation.py): it also names the
+Buffer's state in the FFI registries, so it is unique in every process. A key's writer deletes it
+once every reader is known to have read it (the CUDA IPC handles after the destroy barrier, the
+NVSHMEM unique id once every PE has joined), so `Buffer.destroy()` leaves none of them behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .topology import KV_TIMEOUT_MS, kv_client
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferKeys:
+    """The key-value namespace of Buffer `buffer_id`, made over the devices of `processes` (sorted).
+
+    `client` is the jax.distributed key-value client, None in a job of one process (nothing to swap)."""
+
+    buffer_id: int
+    processes: tuple
+    client: object = None
+
+    @property
+    def prefix(self) -> str:
+        return f"jax_deepep/buffer/{self.buffer_id}"
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def set(self, name: str, value: str):
+        self.client.key_value_set(self.key(name), value)
+
+    def get(self, name: str) -> str:
+        """The value under `name`, waiting up to KV_TIMEOUT_MS for a peer to set it."""
+        return self.client.blocking_key_value_get(self.key(name), KV_TIMEOUT_MS)
+
+    def barrier(self, name: str):
+        """Wait until every process of this Buffer reaches the barrier `name` (KV_TIMEOUT_MS at most)."""
+        self.client.wait_at_barrier(self.key(name), KV_TIMEOUT_MS, process_ids=list(self.processes))
+
+    def delete(self, name: str):
+        """Remove `name` (and any key under it). A store that is gone (jax.distributed shut down, or
+        initialised again) took the key with it, so there is nothing to delete then."""
+        if self.client is not None and kv_client() is self.client:
+            self.client.key_value_delete(self.key(name))
