@@ -1,4 +1,4 @@
-// Internode normal mode (SPEC.md section 2 over several nodes) on NVSHMEM: a token crosses the
+// Internode normal mode (docs/API.md, across several nodes) on NVSHMEM: a token crosses the
 // network once per destination node, to its "RDMA peer" there (same local index), which forwards
 // it over NVLink to the ranks of that node that need it. Combine runs the other way: each rank
 // returns its rows to the forwarder over NVLink, the forwarder sums its node's rows in f32 and

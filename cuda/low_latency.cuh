@@ -1,4 +1,4 @@
-// Low-latency dispatch/combine kernels over an NVSHMEM symmetric buffer (SPEC.md section 3).
+// Low-latency dispatch/combine kernels over an NVSHMEM symmetric buffer (docs/API.md).
 //
 // The symmetric buffer holds two halves used by alternate calls (call number `seq`, counted per op
 // kind, uses half `seq & 1`), so a call never overwrites what a slower peer still reads from the

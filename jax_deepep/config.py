@@ -32,7 +32,7 @@ class Config:
     in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
     publishing its tail.
 
-    The two RDMA chunk sizes are accepted and checked (SPEC.md fixes them) but steer nothing
+    The two RDMA chunk sizes are accepted and checked (the API contract fixes them) but steer nothing
     here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
     """
 

@@ -1,5 +1,5 @@
 """Making a Buffer across processes: one handshake that checks that every process passed the same
-arguments and agrees on the Buffer's id (SPEC.md section 5).
+arguments and agrees on the Buffer's id (docs/API.md).
 
 Every process of the mesh publishes its arguments under `jax_deepep/creation/<group>/<n>/<process>`
 (the n-th Buffer made over that group of processes: processes make their Buffers in the same order,

@@ -1,4 +1,4 @@
-"""What the CUDA kernels can serve: the limits every backend enforces alike (SPEC.md section 4)."""
+"""What the CUDA kernels can serve: the limits every backend enforces alike (docs/API.md)."""
 
 MAX_TOPK = 32  # top-k columns the kernels keep per token (shared-memory tables of 32)
 FP8_BLOCK = 128  # channels per FP8 scale

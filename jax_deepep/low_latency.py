@@ -1,4 +1,4 @@
-"""Low-latency ops (SPEC.md section 3): validation, the recv-hook split, then the backend."""
+"""Low-latency ops (docs/API.md): validation, the recv-hook split, then the backend."""
 from __future__ import annotations
 
 import jax
@@ -14,7 +14,7 @@ from .validation import expect_array, expect_top_k, fail, index_dtypes, integer,
 
 
 def _first_occurrences(topk_idx):
-    """`topk_idx` with every repeat of an expert within a token's row set to -1 (SPEC.md section 4), so an
+    """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
     expert gets each token once and never more than M rows from one rank. Dispatch and combine both
     apply it, before any backend sees the ids."""
     top_k = topk_idx.shape[1]

@@ -1,4 +1,4 @@
-"""Normal-mode ops (SPEC.md section 2): validation, autodiff rules, then the backend.
+"""Normal-mode ops (docs/API.md): validation, autodiff rules, then the backend.
 
 The rules: the cotangent of dispatch is a combine over the same handle; the cotangent of
 combine is a cached dispatch. They hold for any backend, so pure JAX and CUDA share them.

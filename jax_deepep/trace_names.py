@@ -1,4 +1,4 @@
-"""The names the ops leave in a trace (SPEC.md section 6).
+"""The names the ops leave in a trace (docs/API.md).
 
 - Each op is traced under `jax.named_scope("deepep/<op>")`, on every backend, so the op metadata of
   HLO dumps and profiles says which op an instruction belongs to.

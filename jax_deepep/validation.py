@@ -1,4 +1,4 @@
-"""Trace-time argument checks (SPEC.md section 4): every message names the argument and what
+"""Trace-time argument checks (docs/API.md): every message names the argument and what
 was expected, and is raised before anything is lowered."""
 from __future__ import annotations
 

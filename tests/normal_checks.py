@@ -90,7 +90,7 @@ class Worker:
 
 
 def edge_checks(w: Worker, rng, experts: int) -> list:
-    """(name, check) pairs of the limits SPEC section 4 makes valid, for every normal-mode worker."""
+    """(name, check) pairs of the limits the API (docs/API.md) makes valid, for every normal-mode worker."""
     common = dict(hidden=512, topk=8, experts=experts)
     checks = [("expert alignment 65536", lambda: check_dispatch(w, rng, tokens=64, alignment=65536, **common))]
     # Zero-size receive rows: with several processes sharing the GPU, XLA (jax 0.11.2) crashed compiling

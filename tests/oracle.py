@@ -1,4 +1,4 @@
-"""An independent numpy model of SPEC.md sections 2 and 3, written from the spec with plain loops
+"""An independent numpy model of docs/API.md, written from the spec with plain loops
 (it shares no code with jax_deepep). Inputs and outputs hold every rank at once: `[R, ...]`.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradients (SPEC.md section 2, Autodiff) against dense numpy computations: the cotangent of
+"""Gradients (docs/API.md) against dense numpy computations: the cotangent of
 dispatch is a combine over the same handle, the cotangent of combine a cached dispatch.
 
 Inside shard_map, `jax.grad` of each rank's loss differentiates the sum of all ranks' losses.

@@ -1,4 +1,4 @@
-"""The host-side Buffer and Config (SPEC.md section 1)."""
+"""The host-side Buffer and Config (docs/API.md)."""
 import jax
 import numpy as np
 import pytest

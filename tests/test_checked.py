@@ -1,4 +1,4 @@
-"""Checked mode (SPEC.md section 4): `deepep.checked(fn)` raises on expert ids outside [-1, E)
+"""Checked mode (docs/API.md): `deepep.checked(fn)` raises on expert ids outside [-1, E)
 that the plain ops treat as -1."""
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Normal-mode combine (SPEC.md section 2) against the numpy oracle: sums over the ranks that
+"""Normal-mode combine (docs/API.md) against the numpy oracle: sums over the ranks that
 received each token in f32, rounded to bf16 once, plus zero, one or two biases."""
 import functools
 

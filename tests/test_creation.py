@@ -1,4 +1,4 @@
-"""Buffer creation across processes (SPEC.md section 5, jax_deepep/creation.py): every process must pass
+"""Buffer creation across processes (docs/API.md, jax_deepep/creation.py): every process must pass
 the same arguments, the processes agree on the Buffer's id, and destroy() leaves no key of the Buffer
 in the jax.distributed store.
 

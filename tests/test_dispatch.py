@@ -1,4 +1,4 @@
-"""Normal-mode dispatch (SPEC.md section 2) against the numpy oracle: bf16 and FP8 tokens,
+"""Normal-mode dispatch (docs/API.md) against the numpy oracle: bf16 and FP8 tokens,
 uneven and out-of-range routing, cached mode, expert alignment and a too-small capacity."""
 import functools
 

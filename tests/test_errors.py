@@ -1,4 +1,4 @@
-"""Bad input (SPEC.md section 4): a `DeepEPError` at trace time whose message names the argument
+"""Bad input (docs/API.md): a `DeepEPError` at trace time whose message names the argument
 and what was expected. Everything here only traces (`jax.eval_shape`): nothing runs."""
 import jax
 import jax.numpy as jnp

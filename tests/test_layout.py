@@ -1,4 +1,4 @@
-"""get_dispatch_layout (SPEC.md section 2) against the numpy oracle."""
+"""get_dispatch_layout (docs/API.md) against the numpy oracle."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The limits of SPEC.md section 4 on every backend: top-k, expert alignment, the sizes the low-latency
+"""The limits of docs/API.md on every backend: top-k, expert alignment, the sizes the low-latency
 kernels serve, handles made for another axis size or token count, integer arguments (numpy integers in,
 bools out), T = 0, and the Buffer's timeout. Checks made by the ops are traced through the pure-JAX and
 (where the library is built) the CUDA backends alike; nothing here needs a GPU."""

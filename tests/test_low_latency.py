@@ -1,4 +1,4 @@
-"""Low-latency dispatch/combine (SPEC.md section 3) against the numpy oracle: per-expert receive
+"""Low-latency dispatch/combine (docs/API.md) against the numpy oracle: per-expert receive
 blocks, bf16 and FP8 (f32, power-of-two and packed UE8M0 scales), the recv-hook split."""
 import functools
 

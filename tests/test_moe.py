@@ -49,7 +49,7 @@ def mse(y, target):
 
 
 class NaNPaddingBackend:
-    """The pure-JAX backend, but receive rows past num_recv_tokens hold NaN: SPEC leaves them
+    """The pure-JAX backend, but receive rows past num_recv_tokens hold NaN: the API leaves them
     unspecified and the CUDA kernels do not write them, so the layer must never let them leak."""
 
     def __init__(self, inner):

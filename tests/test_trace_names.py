@@ -1,4 +1,4 @@
-"""The names the ops leave in a trace (SPEC.md section 6): every op's named scope in the HLO op
+"""The names the ops leave in a trace (docs/API.md): every op's named scope in the HLO op
 metadata, and checkpoint names that a `jax.checkpoint` policy can save or recompute."""
 import jax
 import jax.numpy as jnp

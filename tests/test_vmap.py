@@ -1,5 +1,5 @@
 """`jax.vmap` over an op inside `shard_map` behaves as a loop over the mapped axis, under `jax.grad`
-too (SPEC.md section 6): numbers from the pure-JAX backend, the same as a Python loop's.
+too (docs/API.md): numbers from the pure-JAX backend, the same as a Python loop's.
 test_gpu_backend_tracing.py traces the same cases (vmap_cases.py) on the CUDA backend."""
 import jax
 import numpy as np

@@ -1,5 +1,5 @@
 """Per-rank functions of every op, each taking one batch element, for checking that `jax.vmap` over
-them is a loop (SPEC.md section 6). test_vmap.py runs them on the pure-JAX backend and compares
+them is a loop (docs/API.md). test_vmap.py runs them on the pure-JAX backend and compares
 numbers; test_gpu_backend_tracing.py traces them on the CUDA backend.
 
 Each case takes `(buffer, x bf16[T, H], topk_idx i32[T, K], topk_weights f32[T, K])` and returns a

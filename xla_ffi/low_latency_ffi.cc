@@ -1,7 +1,7 @@
 // XLA FFI handlers of the low-latency kernels (cuda/low_latency.cu), one per custom call.
 //
 // The send and recv halves of each op are separate custom calls so that XLA may schedule other
-// work between them (SPEC.md's return_recv_hook). The send launch numbers the op on the device (a
+// work between them (docs/API.md's return_recv_hook). The send launch numbers the op on the device (a
 // counter per kind and process: every rank runs the same program, so the same sequence of ops) and
 // writes that number into a small `token` output; the recv call takes the token as an input, which
 // both orders the two calls and tells the recv kernels which buffer half and signal tag to wait for.
