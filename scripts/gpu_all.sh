@@ -7,7 +7,8 @@
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency bench_internode bench_internode_mps
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
-# /tmp/jax_deepep_gpu_all without $OUT.
+# /tmp/jax_deepep_gpu_all without $OUT. $PYTHON names the Python that builds and runs everything
+# (default: the GPU machine's /opt/torch/.venv/bin/python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}
