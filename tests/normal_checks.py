@@ -53,7 +53,7 @@ class Worker:
             spec = PartitionSpec(AXIS)
 
             def body(*shards):
-                out = fn(*(s[0] for s in shards))
+                out = fn(*jax.tree.map(lambda a: a[0], shards))
                 return jax.tree.map(lambda a: a[None], out)
 
             self._compiled[fn] = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec,

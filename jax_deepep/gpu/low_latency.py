@@ -48,6 +48,9 @@ class LowLatencyBackend:
         """Free the symmetric buffer (collective; idempotent)."""
         self.symmetric.destroy()
 
+    def failures(self) -> list:
+        return self.symmetric.failures()
+
     def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int) -> dict:
         """The `sizes` attribute every low-latency custom call takes."""
         return dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
