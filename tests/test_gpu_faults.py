@@ -7,7 +7,7 @@ process's CUDA context with it:
     per cycle, measured once every process is between cycles);
   - late: rank 1 never takes part: rank 0 raises within timeout + 10 s, `Buffer.failure()` names the op,
     both ranks and "timed out", and `destroy()` returns within timeout + 10 s;
-  - killed: rank 1 is SIGKILLed just before the op: the same for rank 0, then a new job works;
+  - killed: rank 1 is SIGKILLed just before the op: the same for rank 0, then a new job (fresh) works;
   - mismatch: rank 0 dispatches while rank 1 combines: both raise; intranode names both ops at once, the
     NVSHMEM modes (separate signals per op) time out naming their own op.
 Workers check themselves; a worker's exit code says whether its checks passed.
@@ -71,7 +71,7 @@ def test_peer_late_past_timeout(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_killed_peer_then_a_new_job_works(mode):
     _run(mode, "killed", exit_codes=[0, -signal.SIGKILL])
-    _run(mode, "ok")
+    _run(mode, "fresh")
 
 
 @pytest.mark.gpu
@@ -229,14 +229,24 @@ def _expect_failure(w: FaultWorker, run, *, within_s: float, contains):
 def scenario_peer_gone(w: FaultWorker, killed: bool):
     step = w.compiled(w.round_trip)  # every process compiles: XLA shares autotuning results in a job
     _barrier("compiled")
+    from jax_deepep.topology import kv_client
+
     if w.rank == 1:
         if killed:
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(TIMEOUT_S + BOUND_S + 5)  # outlives rank 0's checks, takes part in nothing
+        kv_client().blocking_key_value_get("test_gpu_faults/rank 0 done", 120_000)  # alive, taking part in nothing
         return 0
     w.check("the op without its peer raises, names the op, destroy returns",
             lambda: _expect_failure(w, lambda: step(*w.args()), within_s=TIMEOUT_S + BOUND_S,
                                     contains=("timed out", _op_name(w.mode), "rank 0", "rank 1")))
+    kv_client().key_value_set("test_gpu_faults/rank 0 done", "1")
+    return 1 if w.failures else 0
+
+
+def scenario_fresh(w: FaultWorker):
+    """After a job whose peer was killed, a new job works."""
+    w.check("a round trip in a new job", lambda: w.expect_exact(w.compiled(w.round_trip)(*w.args()), "round trip"))
+    w.buffer.destroy()
     return 1 if w.failures else 0
 
 
@@ -290,6 +300,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w = FaultWorker(rank, mode)
     if scenario == "ok":
         code = scenario_ok(w)
+    elif scenario == "fresh":
+        code = scenario_fresh(w)
     elif scenario in ("late", "killed"):
         code = scenario_peer_gone(w, killed=scenario == "killed")
     else:
