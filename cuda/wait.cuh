@@ -126,7 +126,7 @@ static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind wha
       printf("jax_deepep: %s on rank %d met %s on rank %d (the ranks' ops or shapes differ); trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, op_name(peer_op), peer);
     } else {
-      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d); trapping\n",
+      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none); trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel);
     }
   } else {

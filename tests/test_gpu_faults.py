@@ -277,13 +277,14 @@ def scenario_mismatch(w: FaultWorker):
     dispatch = w.compiled(first)
     out = dispatch(*args)  # a valid handle for the combine
     combine = w.compile(second).lower(*second_args(out, args)).compile()
-    jax.block_until_ready(out)
-    _barrier("first dispatch done")
+    jax.block_until_ready(combine(*second_args(out, args)))  # both programs have run once: no cold start below
+    out = jax.block_until_ready(dispatch(*args))
+    _barrier("both programs ran")
     run = (lambda: dispatch(*args)) if w.rank == 0 else (lambda: combine(*second_args(out, args)))
     if w.mode == "intranode":  # the op barrier compares signatures: both ranks fail at once, naming both ops
         mine, theirs = ("dispatch", "combine") if w.rank == 0 else ("combine", "dispatch")
         contains = (f"{mine} on rank {w.rank} met {theirs} on rank {1 - w.rank}",)
-        within = TIMEOUT_S  # well before any wait could time out
+        within = TIMEOUT_S  # before any wait could time out
     else:
         contains = ("timed out", f"rank {w.rank}", f"rank {1 - w.rank}")
         within = TIMEOUT_S + BOUND_S
@@ -307,6 +308,9 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     else:
         code = scenario_mismatch(w)
     print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)
+    if not (scenario == "killed" or w.failures):
+        # A process that leaves the job first makes jax.distributed terminate the others: leave together.
+        _barrier("end", 60)
     return code
 
 
