@@ -119,7 +119,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
-    for name, edge_check in normal_checks.edge_checks(w, rng, experts):
+    for name, edge_check in normal_checks.edge_checks(w, rng, experts) + normal_checks.vmap_checks(w, rng):
         w.check(name, edge_check)
     w.check("gradient through a jitted step",
             lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
