@@ -150,14 +150,23 @@ class Buffer:
 
     # ---- lifetime -------------------------------------------------------------------------
     def destroy(self):
-        """Free the device buffers (idempotent). Both backends are freed even if the first one fails."""
-        if self._destroyed:
-            return
+        """Free every device and host resource of the Buffer; collective like the constructor.
+
+        Waits for this process's ops on the Buffer, then for the other processes at most `timeout_s`
+        (one that does not come is taken as gone: this process frees what it can alone, and says what
+        stays). Releases everything it can even after a failure, then raises one `DeepEPError` listing
+        what failed; calling it again retries only that. Once everything is released it does nothing.
+        A Buffer dropped without `destroy()` frees what this process holds when it is garbage collected
+        or the interpreter exits, with no waiting on peers (docs/RELIABILITY.md)."""
         self._destroyed = True
-        try:
-            self.normal_backend.destroy()
-        finally:
-            self.low_latency_backend.destroy()
+        problems = []
+        for backend in (self.normal_backend, self.low_latency_backend):
+            try:
+                backend.destroy()
+            except DeepEPError as e:
+                problems.append(str(e))
+        if problems:
+            raise DeepEPError("Buffer.destroy: " + "; ".join(problems) + " (destroy() may be called again)")
 
     def __enter__(self):
         """`with Buffer(...) as buffer:` destroys the Buffer when the block ends."""
@@ -168,7 +177,8 @@ class Buffer:
 
     @property
     def is_destroyed(self) -> bool:
-        """True once `destroy()` was called; ops of a destroyed Buffer raise `DeepEPError`."""
+        """True once `destroy()` was called (even one that failed); ops of a destroyed Buffer raise
+        `DeepEPError`."""
         return self._destroyed
 
     # ---- configuration --------------------------------------------------------------------

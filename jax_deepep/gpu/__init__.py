@@ -13,6 +13,7 @@ import warnings
 
 from .. import reference
 from ..config import MAX_NVL_PEERS
+from ..validation import DeepEPError
 from .library import available, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "make_backends"]
@@ -29,7 +30,8 @@ def _normal_backend(buffer, keys):
     if buffer.ranks_per_node == buffer.num_ranks:
         from .intranode import IntranodeBackend
 
-        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys)
+        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys,
+                                     timeout_s=buffer.timeout_s)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
         return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
                                                  "nodes and the internode kernels need `num_rdma_bytes`")
@@ -63,6 +65,10 @@ def make_backends(buffer, keys) -> tuple:
     normal = _normal_backend(buffer, keys)
     try:
         return normal, _low_latency_backend(buffer, keys)
-    except BaseException:
-        normal.destroy()
+    except BaseException as error:
+        # Collective like any destroy, and bounded by the Buffer's timeout where a process is missing.
+        try:
+            normal.destroy()
+        except DeepEPError as cleanup:
+            error.add_note(f"jax_deepep: freeing the normal-mode buffers made before failed too: {cleanup}")
         raise

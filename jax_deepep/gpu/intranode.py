@@ -71,10 +71,12 @@ class IntranodeBackend:
         self._max_local_experts = lib.MAX_LOCAL_EXPERTS
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys) -> "IntranodeBackend":
+    def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys, *,
+             timeout_s: float) -> "IntranodeBackend":
         """Allocates and maps the communication buffers of the Buffer `keys` names (collective over the
-        processes of `mesh`)."""
-        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys))
+        processes of `mesh`); `destroy()` waits up to `timeout_s` for the other processes."""
+        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys,
+                                       timeout_s=timeout_s))
 
     def destroy(self):
         self.comm.destroy()
