@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 import jax_deepep as deepep
-from jax_deepep import buffer as buffer_module
-from jax_deepep import buffer_keys, gpu
+from jax_deepep import buffer_keys
 from jax_deepep.buffer_keys import BufferKeys
 from jax_deepep.gpu import nvshmem, runtime
-from harness import AXIS, make_mesh
+from harness import AXIS, fake_cuda_platform, make_mesh
 
 _TIMEOUT_S = 0.5
 _SLACK_S = 5.0  # what a loaded CI machine may add to a wait of _TIMEOUT_S
@@ -111,9 +110,7 @@ class FakeStore:
 def intranode_lib(monkeypatch):
     """Buffers on the 8 CPU devices get the intranode CUDA backend, over a fake `_intranode_lib`."""
     lib = FakeIntranodeLib()
-    monkeypatch.setattr(buffer_module, "_mesh_platform", lambda mesh: "gpu")
-    monkeypatch.setattr(gpu, "available", lambda: True)
-    monkeypatch.setattr(runtime, "_lib", lambda: lib)
+    fake_cuda_platform(monkeypatch, lib)
     return lib
 
 
