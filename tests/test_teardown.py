@@ -176,7 +176,8 @@ def test_destroy_with_a_peer_process_that_never_comes_returns_within_the_timeout
     assert set(keys.client.keys) == {"jax_deepep/buffer/7/device/0"}
     start = time.monotonic()
     with pytest.raises(deepep.DeepEPError, match=r"not every process of Buffer 7 \(processes \[0, 1\]\) reached "
-                                                 r"`destroy/1` within 0.5 s.*taken as gone: this process freed its buffers anyway"):
+                                                 r"`destroy/1` within 0.5 s.*taken as gone: this process freed its "
+                                                 r"buffers anyway"):
         comm.destroy()
     assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
     assert intranode_lib.freed() == [0] and not keys.client.keys
