@@ -63,10 +63,11 @@ class FakeIntranodeLib:
 
 
 class FakeNvshmemLib:
-    """`_nvshmem_lib`'s buffer calls, as PE 0 of two that joined NVSHMEM already."""
+    """`_nvshmem_lib`'s buffer calls, as PE 0 of two that joined NVSHMEM already; `sticky` is what retire
+    returns (a trapped context's CUDA error)."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.sticky = [], ""
 
     def pe(self):
         return (0, 2)
@@ -76,7 +77,7 @@ class FakeNvshmemLib:
 
     def retire(self, buffer_id, device):
         self.calls.append("retire")
-        return ""
+        return self.sticky
 
     def release(self, buffer_id, device, collective_free):
         self.calls.append(("release", collective_free))
@@ -213,6 +214,16 @@ def test_nvshmem_destroy_with_a_dead_peer_skips_the_collective_free_within_the_t
     assert not nvshmem._finalize_at_exit  # nvshmem_finalize would wait for the dead peer at exit
     symmetric.destroy()
     assert len(lib.calls) == 3
+
+
+def test_nvshmem_destroy_after_a_trap_joins_no_collective(monkeypatch, store):
+    keys = store(peer_arrives=True)
+    symmetric, lib = _symmetric_buffer(monkeypatch, keys)
+    lib.sticky = "waiting for the kernels on the symmetric buffer: unspecified launch failure"
+    with pytest.raises(deepep.DeepEPError, match=r"unspecified launch failure.*collective free was skipped"):
+        symmetric.destroy()
+    assert lib.calls == ["create", "retire", ("release", False)] and not keys.client.barriers
+    assert not nvshmem._finalize_at_exit
 
 
 # ---- construction and the finalizer ---------------------------------------------------------------

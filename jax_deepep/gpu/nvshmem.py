@@ -122,6 +122,7 @@ class _Holdings:
     keys: BufferKeys
     teardown: Teardown
     attempts: int = 0  # collective destroys tried: each meets at its own barrier
+    context_lost: bool = False  # waiting for the kernels met a CUDA error: a trapped kernel's sticky one
     released: bool = False
 
 
@@ -134,13 +135,13 @@ def _release(held: _Holdings, wait_s: Optional[float]):
     if held.released:
         return
     teardown = held.teardown
-    if not teardown.run("waiting for this process's kernels on the buffer", held.lib.retire, held.buffer_id,
-                        held.device):
+    retired = "waiting for this process's kernels on the buffer"
+    if not teardown.run(retired, held.lib.retire, held.buffer_id, held.device):
         teardown.raise_problems()  # a handler may still hold it: freeing anything is not safe yet
-    # A CUDA error here is the sticky one of a trapped kernel: such a PE takes part in no collective.
-    healthy = not teardown.problems
-    collective = healthy and held.num_ranks == 1
-    if healthy and held.num_ranks > 1 and wait_s is not None:
+    held.context_lost |= any(problem.startswith(retired) for problem in teardown.problems)
+    # A PE whose CUDA context is lost takes part in no collective.
+    collective = not held.context_lost and held.num_ranks == 1
+    if not held.context_lost and held.num_ranks > 1 and wait_s is not None:
         held.attempts += 1
         # nvshmem_free waits for every PE with no timeout: first make sure that they are all here.
         collective = teardown.run("waiting for every process to reach destroy", held.keys.barrier,
