@@ -133,6 +133,14 @@ def store(monkeypatch):
     return make
 
 
+def _destroy_within_the_timeout(resource, message: str):
+    """`resource.destroy()` raises a DeepEPError matching `message`, about _TIMEOUT_S after it began."""
+    start = time.monotonic()
+    with pytest.raises(deepep.DeepEPError, match=message):
+        resource.destroy()
+    assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
+
+
 # ---- destroy --------------------------------------------------------------------------------------
 def test_destroy_frees_each_device_once(intranode_lib):
     buffer = deepep.Buffer(make_mesh(8), AXIS)
@@ -175,12 +183,8 @@ def test_destroy_with_a_peer_process_that_never_comes_returns_within_the_timeout
     keys = store(peer_arrives=False)
     comm = runtime.CommBuffers(_two_process_mesh(), AXIS, 1 << 20, keys, timeout_s=_TIMEOUT_S)
     assert set(keys.client.keys) == {"jax_deepep/buffer/7/device/0"}
-    start = time.monotonic()
-    with pytest.raises(deepep.DeepEPError, match=r"not every process of Buffer 7 \(processes \[0, 1\]\) reached "
-                                                 r"`destroy/1` within 0.5 s.*taken as gone: this process freed its "
-                                                 r"buffers anyway"):
-        comm.destroy()
-    assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
+    _destroy_within_the_timeout(comm, r"not every process of Buffer 7 \(processes \[0, 1\]\) reached `destroy/1` "
+                                      r"within 0.5 s.*taken as gone: this process freed its buffers anyway")
     assert intranode_lib.freed() == [0] and not keys.client.keys
     comm.destroy()  # everything local is released: nothing left to do
     assert keys.client.barriers == ["jax_deepep/buffer/7/destroy/1"]
@@ -204,12 +208,9 @@ def test_nvshmem_destroy_frees_collectively_once_every_process_is_there(monkeypa
 
 def test_nvshmem_destroy_with_a_dead_peer_skips_the_collective_free_within_the_timeout(monkeypatch, store):
     symmetric, lib = _symmetric_buffer(monkeypatch, store(peer_arrives=False))
-    start = time.monotonic()
-    with pytest.raises(deepep.DeepEPError, match=r"within 0.5 s.*collective free was skipped \(a peer process "
-                                                 r"that did not come is taken as gone.*NVSHMEM symmetric memory stays "
-                                                 r"allocated until it exits"):
-        symmetric.destroy()
-    assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
+    _destroy_within_the_timeout(symmetric, r"within 0.5 s.*collective free was skipped \(a peer process that did not "
+                                           r"come is taken as gone.*NVSHMEM symmetric memory stays allocated until it "
+                                           r"exits")
     assert lib.calls == ["create", "retire", ("release", False)]
     assert not nvshmem._finalize_at_exit  # nvshmem_finalize would wait for the dead peer at exit
     symmetric.destroy()
