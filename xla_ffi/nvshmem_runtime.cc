@@ -194,8 +194,9 @@ void nvshmem_release(int64_t buffer_id, int device, bool collective_free) {
 
 void nvshmem_leave(bool finalize) {
   // At exit, with no waits on peers that may be gone: any buffer left keeps its symmetric memory
-  // until nvshmem_finalize releases the heap.
-  for (const auto& [key, state] : states().all()) nvshmem_retire(key.first, key.second);
+  // until nvshmem_finalize releases the heap. A CUDA error while waiting for its kernels means a
+  // lost context (a trap), which cannot take part in nvshmem_finalize's collective either.
+  for (const auto& [key, state] : states().all()) finalize &= nvshmem_retire(key.first, key.second).empty();
   for (const auto& [key, state] : retired().all()) nvshmem_release(key.first, key.second, false);
   std::lock_guard<std::mutex> lock(pe_mutex);
   if (joined_pe && finalize) nvshmem_finalize();

@@ -80,7 +80,7 @@ std::string nvshmem_retire(int64_t buffer_id, int device);
 // (a peer that is gone would never join the collective free). Idempotent.
 void nvshmem_release(int64_t buffer_id, int device, bool collective_free);
 // Leaves NVSHMEM (at process exit): releases every buffer left without collective waits, then
-// nvshmem_finalize (collective) when `finalize`.
+// nvshmem_finalize (collective) when `finalize` and no kernel of those buffers left the context lost.
 void nvshmem_leave(bool finalize);
 // The WaitKind of the first wait that gave up in any of the process's NVSHMEM buffers (cuda/wait.cuh), 0 if none.
 int nvshmem_timeout_flag();

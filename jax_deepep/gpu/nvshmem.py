@@ -58,13 +58,13 @@ def timeout_flag() -> int:
 
 
 # ---- the process's NVSHMEM PE ----------------------------------------------------------------
-# False once a destroy went on without a peer, or a kernel gave up waiting (its CUDA context is lost):
-# nvshmem_finalize, collective, would then wait forever at exit.
+# False once a destroy went on without a peer, or found this process's CUDA context lost (a kernel
+# trapped): nvshmem_finalize, collective, would then wait forever at exit.
 _finalize_at_exit = True
 
 
 def _leave(lib):
-    lib.leave(_finalize_at_exit and lib.timeout_flag() == 0)
+    lib.leave(_finalize_at_exit)
 
 
 def _unique_id(lib, rank: int, num_ranks: int, keys: BufferKeys) -> bytes:
@@ -138,8 +138,10 @@ def _release(held: _Holdings, wait_s: Optional[float]):
     retired = "waiting for this process's kernels on the buffer"
     if not teardown.run(retired, held.lib.retire, held.buffer_id, held.device):
         teardown.raise_problems()  # a handler may still hold it: freeing anything is not safe yet
-    held.context_lost |= any(problem.startswith(retired) for problem in teardown.problems)
-    # A PE whose CUDA context is lost takes part in no collective.
+    if any(problem.startswith(retired) for problem in teardown.problems):
+        held.context_lost = True
+        _finalize_at_exit = False
+    # A PE whose CUDA context is lost takes part in no collective (nor nvshmem_finalize at exit).
     collective = not held.context_lost and held.num_ranks == 1
     if not held.context_lost and held.num_ranks > 1 and wait_s is not None:
         held.attempts += 1
