@@ -9,7 +9,10 @@ block's shared expert is computed while tokens are in flight, `buffer.low_latenc
 the receive, the routed experts run on their `[E_l, R * M, H]` blocks, and `low_latency_combine`
 (again split by the recv hook) brings the results back. With --check every step's logits are
 compared with the same model computed densely on one device (no dispatch/combine), stepping from
-the same KV cache, so the comparison measures each step's error rather than 32 steps of drift.
+the same KV cache, so the comparison measures each step's error rather than 32 steps of drift; and
+each of its MoE layers takes the expert-parallel step's input to that layer, so it measures each
+layer's own error: FP8's rounding steps would otherwise turn ulp-level differences upstream of a
+layer (matmuls of other shapes, sums in another order) into logit differences of about 1e-2.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_deepep as deepep
 from jax_deepep import moe
+from jax_deepep.rounding import round_to
 
 FLAGS = flags.FLAGS
 common.define_model_flags(flags, vocab=512, topk=4, hidden_note=" (a multiple of 128 for FP8)")
@@ -108,19 +112,28 @@ def shared_expert(shared: dict, h):
     return moe.swiglu(shared["w_gate"], shared["w_up"], shared["w_down"], h)
 
 
-def decode_step(params, cache, tokens, position, config: ModelConfig, mixture):
-    """Logits of the next token for each sequence; `mixture(block, h)` is routed + shared experts."""
+def decode_step(params, cache, tokens, position, config: ModelConfig, mixture, moe_inputs=None):
+    """(logits of the next token for each sequence, the updated cache, each MoE layer's input
+    `[layers, B, H]` bf16); `mixture(block, h)` is routed + shared experts. Given `moe_inputs`, the MoE
+    layers take those instead of computing their own (--check feeds the dense model so)."""
     x = params["embed"][tokens]
-    new_k, new_v = [], []
+    new_k, new_v, inputs = [], [], []
     for layer, block in enumerate(params["blocks"]):
         attn, k, v = attend(rms_norm(x, block["attn_norm"]), block, cache["k"][layer], cache["v"][layer], position,
                             config.heads)
         x = x + attn
         new_k.append(k)
         new_v.append(v)
-        x = x + mixture(block, rms_norm(x, block["moe_norm"]).astype(jnp.bfloat16)).astype(jnp.float32)
+        if moe_inputs is None:
+            # Rounded for good: the kernels read this bf16 `h` from memory, and the router must see the
+            # same values (XLA:GPU would fold the `astype` into the router's f32 matmul input).
+            h = round_to(rms_norm(x, block["moe_norm"]), jnp.bfloat16)
+        else:
+            h = moe_inputs[layer]
+        inputs.append(h)
+        x = x + mixture(block, h).astype(jnp.float32)
     logits = rms_norm(x, params["final_norm"]) @ params["unembed"]
-    return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}, jnp.stack(inputs)
 
 
 def expert_parallel_mixture(buffer: deepep.Buffer, config: moe.MoEConfig, max_tokens: int):
@@ -154,7 +167,7 @@ def main(argv):
     if check:  # f32 matmuls in full precision (GPUs default to TF32), so the comparison sees dispatch/combine only
         jax.config.update("jax_default_matmul_precision", "highest")
     if FLAGS.short:
-        steps, batch, vocab, hidden, heads, ffn, experts, topk, layers = 4, 4, 64, 128, 2, 128, 8, 2, 1
+        steps, batch, vocab, hidden, heads, ffn, experts, topk, layers = 4, 4, 64, 128, 2, 128, 8, 2, 2
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
     config = ModelConfig(vocab=vocab, heads=heads, layers=layers, max_len=steps + 1,
@@ -180,19 +193,19 @@ def main(argv):
     mixture = expert_parallel_mixture(buffer, config.moe, batch)
     step_fn = jax.jit(jax.shard_map(
         lambda p, c, t, pos: decode_step(p, c, t, pos, config, mixture), mesh=mesh,
-        in_specs=(specs, CACHE_SPECS, SEQUENCES, P()), out_specs=(SEQUENCES, CACHE_SPECS)))
-    dense_step = jax.jit(lambda p, c, t, pos: decode_step(p, c, t, pos, config, dense_mixture(config.moe)))
+        in_specs=(specs, CACHE_SPECS, SEQUENCES, P()), out_specs=(SEQUENCES, CACHE_SPECS, P(None, AXIS))))
+    dense_step = jax.jit(lambda p, c, t, h, pos: decode_step(p, c, t, pos, config, dense_mixture(config.moe), h))
     single = devices[0]
     dense_params = jax.device_put(params, single)
 
     generated, times, worst = [], [], 0.0
     for position in range(steps):
         start = time.perf_counter()
-        logits, next_cache = jax.block_until_ready(step_fn(params, cache, tokens, position))
+        logits, next_cache, moe_inputs = jax.block_until_ready(step_fn(params, cache, tokens, position))
         times.append(time.perf_counter() - start)
-        if check:  # the dense step starts from the same cache and tokens: differences cannot compound over steps
-            dense_logits, _ = dense_step(dense_params, jax.device_put(cache, single), jax.device_put(tokens, single),
-                                         position)
+        if check:  # the dense step starts from the same cache, tokens and MoE inputs: no difference compounds
+            dense_logits, _, _ = dense_step(dense_params, *jax.device_put((cache, tokens, moe_inputs), single),
+                                            position)
             worst = max(worst, relative_diff(logits, dense_logits))
         cache = next_cache
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)

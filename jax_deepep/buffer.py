@@ -114,6 +114,7 @@ class Buffer:
         self.buffer_id = self.keys.buffer_id
         self.normal_backend, self.low_latency_backend = self._make_backends()
         self._destroyed = False
+        self._failure = None  # Buffer.failure(), once known
 
     def _arguments(self) -> dict:
         """What every process must have passed alike (the default Configs follow from `num_ranks` and
@@ -150,22 +151,35 @@ class Buffer:
 
     # ---- lifetime -------------------------------------------------------------------------
     def destroy(self):
-        """Free the device buffers (idempotent). Both backends are freed even if the first one fails."""
-        if self._destroyed:
-            return
+        """Free every device and host resource of the Buffer; collective like the constructor.
+
+        Waits for this process's ops on the Buffer, then for the other processes at most `timeout_s`
+        (one that does not come is taken as gone: this process frees what it can alone, and says what
+        stays). Releases everything it can even after a failure, then raises one `DeepEPError` listing
+        what failed; calling it again retries only that. Once everything is released it does nothing.
+        A Buffer dropped without `destroy()` frees what this process holds when it is garbage collected
+        or the interpreter exits, with no waiting on peers (docs/RELIABILITY.md)."""
+        failure = self.failure()  # kept: the kernels' records go with their buffers
         self._destroyed = True
-        try:
-            self.normal_backend.destroy()
-        finally:
-            self.low_latency_backend.destroy()
+        problems = []
+        for backend in (self.normal_backend, self.low_latency_backend):
+            try:
+                backend.destroy()
+            except DeepEPError as e:
+                problems.append(str(e))
+        if problems:
+            after = f" after the failure: {failure}" if failure else ""
+            raise DeepEPError("Buffer.destroy" + after + ": " + "; ".join(problems) + " (destroy() may be called again)")
 
     def failure(self) -> Optional[str]:
         """None while every kernel of this Buffer in this process succeeded. Otherwise what the first
         that failed reports: a wait on a peer that timed out (the message contains "timed out", the
         op, this rank and the peer), or ranks that reached different ops. Such a kernel traps, so the
         process's CUDA context is lost and the process must restart (docs/RELIABILITY.md)."""
-        failures = self.normal_backend.failures() + self.low_latency_backend.failures()
-        return failures[0] if failures else None
+        if self._failure is None:
+            failures = self.normal_backend.failures() + self.low_latency_backend.failures()
+            self._failure = failures[0] if failures else None
+        return self._failure
 
     def __enter__(self):
         """`with Buffer(...) as buffer:` destroys the Buffer when the block ends."""
@@ -176,7 +190,8 @@ class Buffer:
 
     @property
     def is_destroyed(self) -> bool:
-        """True once `destroy()` was called; ops of a destroyed Buffer raise `DeepEPError`."""
+        """True once `destroy()` was called (even one that failed); ops of a destroyed Buffer raise
+        `DeepEPError`."""
         return self._destroyed
 
     # ---- configuration --------------------------------------------------------------------

@@ -8,8 +8,14 @@ NVSHMEM unique id once every PE has joined), so `Buffer.destroy()` leaves none o
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
+
+import jax
 
 from .topology import KV_TIMEOUT_MS, kv_client
+from .validation import DeepEPError
+
+_MAX_TIMEOUT_MS = 2**31 - 1  # about 24 days; fits whatever integer the store takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +42,15 @@ class BufferKeys:
         """The value under `name`, waiting up to KV_TIMEOUT_MS for a peer to set it."""
         return self.client.blocking_key_value_get(self.key(name), KV_TIMEOUT_MS)
 
-    def barrier(self, name: str):
-        """Wait until every process of this Buffer reaches the barrier `name` (KV_TIMEOUT_MS at most)."""
-        self.client.wait_at_barrier(self.key(name), KV_TIMEOUT_MS, process_ids=list(self.processes))
+    def barrier(self, name: str, timeout_s: Optional[float] = None):
+        """Wait until every process of this Buffer reaches the barrier `name`, `timeout_s` seconds at most
+        (None: KV_TIMEOUT_MS); DeepEPError when one does not come in time (each name meets once)."""
+        timeout_ms = KV_TIMEOUT_MS if timeout_s is None else min(max(int(timeout_s * 1000), 1), _MAX_TIMEOUT_MS)
+        try:
+            self.client.wait_at_barrier(self.key(name), timeout_ms, process_ids=list(self.processes))
+        except jax.errors.JaxRuntimeError as e:
+            raise DeepEPError(f"not every process of Buffer {self.buffer_id} (processes {list(self.processes)}) "
+                              f"reached `{name}` within {timeout_ms / 1000:g} s: {e}") from None
 
     def delete(self, name: str):
         """Remove `name` (and any key under it). A store that is gone (jax.distributed shut down, or

@@ -28,8 +28,15 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     IEEE quotient the kernels and numpy compute, measured on the H200), hence
     `_correctly_rounded_quotient`.
     The e4m3 values are rounded through a barrier (`round_to`): otherwise XLA:GPU folds a cast
-    followed by `per_block_cast_back` in the same program into no rounding at all.
+    followed by `per_block_cast_back` in the same program into no rounding at all. So is the input:
+    the kernels quantise the bf16 `x` they are handed, and so must this cast (see below).
     """
+    # XLA:GPU folds `f32 -> bf16 -> f32` into no rounding (rounding.py), so a bf16 `x` made in the same
+    # program from f32 (`rms_norm(h).astype(bf16)`) would be quantised here from its unrounded f32
+    # values, with other amaxes and scales than the kernels see. The barrier makes the cast read `x`
+    # as its dtype holds it; XLA never removes or looks through a barrier, whereas a
+    # `reduce_precision` to bf16 would also round f32 inputs, which this cast takes as they are.
+    x = jax.lax.optimization_barrier(jnp.asarray(x))
     *lead, h = x.shape
     blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)

@@ -60,6 +60,18 @@ def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
     return buffer
 
 
+def fake_cuda_platform(monkeypatch, intranode_lib):
+    """Buffers on CPU devices choose the CUDA backends as on GPUs, with `intranode_lib` (a fake that
+    records what it is asked) in place of the compiled `_intranode_lib`."""
+    from jax_deepep import buffer as buffer_module
+    from jax_deepep import gpu
+    from jax_deepep.gpu import runtime
+
+    monkeypatch.setattr(buffer_module, "_mesh_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(gpu, "available", lambda: True)
+    monkeypatch.setattr(runtime, "_lib", lambda: intranode_lib)
+
+
 def buffer_keys_in_store() -> list[str]:
     """The keys of Buffers (their namespaces and creation records) in the jax.distributed key-value store."""
     from jax_deepep.topology import kv_client

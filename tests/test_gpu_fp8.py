@@ -8,13 +8,15 @@ so this runs the comparison on the GPU, in a worker process with the GPU visible
   XLA:GPU's division put 0.1% of the values one e4m3 step off on the H200);
 - the cast and its inverse in one program, and the dense twin's straight-through form: both must
   round through e4m3 and bf16 exactly as the dequantised cast (XLA:GPU once folded the pair away);
+- the cast of a bf16 made from f32 in the same program: it must quantise the rounded bf16, as the
+  kernels do (XLA:GPU folded the f32 -> bf16 -> f32 pair, which put serve_moe --check 3e-2 off);
 - for the record, how often XLA's own f32 `448 / amax` is the IEEE quotient (on the H200: 73-77%).
 Inputs: normal, heavy-tailed and tiny-magnitude bf16 rows.
 Then one low-latency MoE layer (`moe.low_latency_moe`, FP8 and bf16) on the same data with the
 CUDA kernels, with the pure-JAX buffer and as the dense twin: the received rows must be identical
-and the outputs agree to 1e-6. (`examples/serve_moe.py --check` compares two separately compiled
-2-layer decoders instead; FP8's rounding steps turn their ulp-level differences upstream of a
-layer into logit differences of a few 1e-2 there, so that check is only meaningful in bf16.)
+and the outputs agree to 1e-6. (`examples/serve_moe.py --check` feeds each layer of its dense
+decoder the expert-parallel input for the same reason: FP8's rounding steps would turn ulp-level
+differences upstream of a layer into logit differences of about 1e-2.)
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def worker_main() -> int:
 
     assert jax.devices()[0].platform == "gpu", jax.devices()
     cast = jax.jit(per_block_cast_to_fp8)
+    cast_of_rounded = jax.jit(lambda x32: per_block_cast_to_fp8(x32.astype(jnp.bfloat16)))
     round_trip = jax.jit(lambda x: per_block_cast_back(*per_block_cast_to_fp8(x)))
     straight_through = jax.jit(
         lambda x: x + jax.lax.stop_gradient(per_block_cast_back(*per_block_cast_to_fp8(x)) - x))
@@ -61,6 +64,7 @@ def worker_main() -> int:
     failures = []
     for kind, values in _inputs(np.random.default_rng(0)):
         x = values.astype(ml_dtypes.bfloat16)
+        values32 = values.astype(np.float32)
         q_ref, s_ref = oracle.fp8_cast(x)
         q, s = (np.asarray(a) for a in cast(jnp.asarray(x)))
         own_back = oracle.fp8_dequant(q, s).astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -75,6 +79,9 @@ def worker_main() -> int:
                 np.asarray(round_trip(jnp.asarray(x)), np.float32), own_back),
             "straight-through rounds": lambda: np.testing.assert_array_equal(
                 np.asarray(straight_through(jnp.asarray(x)), np.float32), own_back),
+            "cast of a bf16 made in the program": lambda: np.testing.assert_array_equal(
+                np.asarray(cast_of_rounded(jnp.asarray(values32))[0]).view(np.uint8),
+                oracle.fp8_cast(values32.astype(ml_dtypes.bfloat16))[0].view(np.uint8)),
         }
         for what, check in checks.items():
             try:

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 import jax_deepep as deepep
-from jax_deepep import buffer as buffer_module
-from jax_deepep import gpu
-from jax_deepep.gpu import intranode, nvshmem, runtime
-from harness import AXIS, make_mesh
+from jax_deepep.gpu import intranode, nvshmem
+from harness import AXIS, fake_cuda_platform, make_mesh
 
 
 class FakeIntranodeLib:
@@ -24,6 +22,9 @@ class FakeIntranodeLib:
 
     def __init__(self):
         self.created, self.local_peers = [], []
+
+    def failure(self, buffer_id, device):
+        return ""  # no kernel ran
 
     def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes, timeout_s):
         self.created.append((ordinal, rank, num_ranks))
@@ -42,9 +43,7 @@ class FakeIntranodeLib:
 def gpu_platform(monkeypatch):
     """The CUDA backend selection on CPU devices, with fake compiled modules; yields the intranode fake."""
     lib = FakeIntranodeLib()
-    monkeypatch.setattr(buffer_module, "_mesh_platform", lambda mesh: "gpu")
-    monkeypatch.setattr(gpu, "available", lambda: True)
-    monkeypatch.setattr(runtime, "_lib", lambda: lib)
+    fake_cuda_platform(monkeypatch, lib)
     monkeypatch.setattr(nvshmem, "available", lambda: True)
     # Never reached by a refused process model: NVSHMEM is joined after the model is checked.
     monkeypatch.setattr(nvshmem, "nvshmem_library", lambda: pytest.fail("NVSHMEM joined"))

@@ -26,6 +26,13 @@ inline void check_cuda(cudaError_t status, const std::string& what) {
                              : ""));
 }
 
+// Teardown goes on past a CUDA error (after a kernel trapped, every call returns the same sticky
+// error): it appends "what: error" to `notes`, which the teardown returns to Python to report.
+inline void note_cuda(std::string& notes, cudaError_t status, const std::string& what) {
+  if (status == cudaSuccess) return;
+  notes += (notes.empty() ? "" : "; ") + what + ": " + cudaGetErrorString(status);
+}
+
 // Makes `device` current for the calling thread and restores the previous one on scope exit.
 class DeviceGuard {
  public:

@@ -32,8 +32,10 @@ PYBIND11_MODULE(_nvshmem_lib, m) {
   m.def("pe", &jd::nvshmem_pe, "(rank, number of ranks) once joined, else None");
   m.def("create", &jd::nvshmem_create, kNoGil, py::arg("buffer_id"), py::arg("device"), py::arg("num_bytes"),
         py::arg("timeout_s"), py::arg("direct_group"));
-  m.def("destroy", &jd::nvshmem_destroy, kNoGil, py::arg("buffer_id"), py::arg("device"));
-  m.def("leave", &jd::nvshmem_leave, kNoGil);
+  m.def("retire", &jd::nvshmem_retire, kNoGil, py::arg("buffer_id"), py::arg("device"));
+  m.def("release", &jd::nvshmem_release, kNoGil, py::arg("buffer_id"), py::arg("device"),
+        py::arg("collective_free"));
+  m.def("leave", &jd::nvshmem_leave, kNoGil, py::arg("finalize"));
   m.def("failure", &jd::nvshmem_failure, py::arg("buffer_id"), py::arg("device"),
         "what the first failed kernel of the buffer reports, \"\" if none failed");
   m.def("internode_traffic", &jd::internode_traffic, kNoGil, py::arg("buffer_id"), py::arg("device"));

@@ -5,7 +5,9 @@
 #include <nvshmem_host.h>
 #include <nvshmemx.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "xla_ffi/failure.h"
 #include "xla_ffi/host_errors.h"
@@ -19,6 +21,13 @@ Registry<NvshmemState>& states() {
   return registry;
 }
 
+// Buffers being destroyed: out of states() (no handler finds them), their kernels done, waiting
+// for nvshmem_release.
+Registry<NvshmemState>& retired() {
+  static Registry<NvshmemState> registry;
+  return registry;
+}
+
 // The process's PE, once nvshmemx_init_attr succeeded (NVSHMEM is process-wide).
 std::mutex pe_mutex;
 std::optional<std::pair<int, int>> joined_pe;
@@ -26,8 +35,8 @@ std::optional<std::pair<int, int>> joined_pe;
 }  // namespace
 
 NvshmemState::~NvshmemState() {
+  // Local frees only: the symmetric memory is freed collectively by nvshmem_release, or stays.
   for (const auto& r : registrations) nvshmemx_buffer_unregister(reinterpret_cast<void*>(r.first));
-  if (memory.local != nullptr) nvshmem_free(memory.local);
   cudaFree(const_cast<char**>(memory.peer));
   cudaFree(memory.call_numbers);
   cudaFree(traffic);
@@ -101,7 +110,8 @@ std::optional<std::pair<int, int>> nvshmem_pe() {
 
 void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group) {
   if (!nvshmem_pe()) fail("NVSHMEM is not initialised");
-  if (!states().all().empty()) fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
+  if (!states().all().empty() || !retired().all().empty())
+    fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
   // The kernels compare elapsed nanoseconds with it unsigned: it must be positive and representable.
   if (!(timeout_s > 0.0 && timeout_s < 1e9)) fail("the timeout must be in (0, 1e9) seconds");
   const int rank = nvshmem_my_pe(), num_ranks = nvshmem_n_pes();
@@ -157,20 +167,40 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   if (!states().add({buffer_id, device}, std::move(s))) fail("buffer already exists on this device");
 }
 
-void nvshmem_destroy(int64_t buffer_id, int device) {
+std::string nvshmem_retire(int64_t buffer_id, int device) {
   std::shared_ptr<NvshmemState> s = states().remove({buffer_id, device});
-  if (!s) return;
+  if (!s) return "";
+  // A handler that found the state before it left the registry may still be launching an op on it;
+  // launching takes microseconds, the state's timeout bounds the wait all the same.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(s->memory.timeout_ns);
+  while (s.use_count() > 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  std::string notes;
+  if (s.use_count() > 1) notes = "an op was still being launched on the buffer after the timeout";
   DeviceGuard guard(device);
-  const cudaError_t status = cudaDeviceSynchronize();  // none of our kernels may still use the buffer
-  nvshmem_barrier_all();                               // nor a peer's
-  s.reset();  // frees, unless a handler still holds it (then it frees when done)
-  check_cuda(status, "synchronising before freeing the symmetric buffer");
+  // Bounded: a wait that gives up traps its kernel (then this returns the sticky error).
+  note_cuda(notes, cudaDeviceSynchronize(), "waiting for the kernels on the symmetric buffer");
+  retired().add({buffer_id, device}, std::move(s));
+  return notes;
 }
 
-void nvshmem_leave() {
-  for (const auto& [key, state] : states().all()) nvshmem_destroy(key.first, key.second);
+void nvshmem_release(int64_t buffer_id, int device, bool collective_free) {
+  std::shared_ptr<NvshmemState> s = retired().remove({buffer_id, device});
+  if (!s) return;
+  DeviceGuard guard(device);
+  if (collective_free) nvshmem_free(s->memory.local);  // every PE frees its part, after a barrier
+  // Otherwise the symmetric memory stays allocated until nvshmem_finalize or the process's end.
+}
+
+void nvshmem_leave(bool finalize) {
+  // At exit, with no waits on peers that may be gone: any buffer left keeps its symmetric memory
+  // until nvshmem_finalize releases the heap. A CUDA error while waiting for its kernels means a
+  // lost context (a trap), which cannot take part in nvshmem_finalize's collective either.
+  for (const auto& [key, state] : states().all()) finalize &= nvshmem_retire(key.first, key.second).empty();
+  for (const auto& [key, state] : retired().all()) nvshmem_release(key.first, key.second, false);
   std::lock_guard<std::mutex> lock(pe_mutex);
-  if (joined_pe) nvshmem_finalize();
+  if (joined_pe && finalize) nvshmem_finalize();
   joined_pe.reset();
 }
 

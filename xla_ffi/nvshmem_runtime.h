@@ -46,7 +46,7 @@ struct NvshmemState {
   NvshmemState() = default;
   NvshmemState(const NvshmemState&) = delete;
   NvshmemState& operator=(const NvshmemState&) = delete;
-  ~NvshmemState();  // unregisters the put sources and frees the symmetric buffer (collective)
+  ~NvshmemState();  // unregisters the put sources and frees what is local (not the symmetric memory)
 
   // The record of the first wait that gave up; its `code` (a WaitKind, cuda/wait.cuh) is 0 while none did.
   const volatile ErrorRecord& error() const { return *error_host; }
@@ -70,10 +70,18 @@ std::optional<std::pair<int, int>> nvshmem_pe();
 // collective. Peers in this PE's group of `direct_group` consecutive ranks get loads/stores
 // through the mapping nvshmem_ptr gives (where it gives one); all others get nvshmem puts.
 void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group);
-// Frees the symmetric buffer once every PE's kernels are done; collective (idempotent).
-void nvshmem_destroy(int64_t buffer_id, int device);
-// Leaves NVSHMEM (at process exit); frees any buffer first.
-void nvshmem_leave();
+// Destroying a buffer, in two steps around a barrier of every PE (with a timeout, in Python):
+// Takes the buffer out of the registry (no handler finds it any more) and waits until this PE's
+// kernels are done with it; returns the CUDA errors met ("" when none; after a trap, the sticky
+// error), going on past them. Idempotent.
+std::string nvshmem_retire(int64_t buffer_id, int device);
+// Frees a retired buffer: the symmetric memory with nvshmem_free (collective) when `collective_free`,
+// what is local always; without it the symmetric memory stays until the process leaves NVSHMEM
+// (a peer that is gone would never join the collective free). Idempotent.
+void nvshmem_release(int64_t buffer_id, int device, bool collective_free);
+// Leaves NVSHMEM (at process exit): releases every buffer left without collective waits, then
+// nvshmem_finalize (collective) when `finalize` and no kernel of those buffers left the context lost.
+void nvshmem_leave(bool finalize);
 // What the first of the buffer's kernels that failed reports (xla_ffi/failure.h), "" if none did.
 std::string nvshmem_failure(int64_t buffer_id, int device);
 // The internode network traffic counters of the buffer: dispatch rows, bytes, combine rows, bytes

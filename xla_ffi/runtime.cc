@@ -24,9 +24,9 @@ std::shared_ptr<RankState> existing(int64_t buffer_id, int device, const char* w
   return s;
 }
 
-void close_peers(RankState& s) {
+void close_peers(RankState& s, std::string& notes) {
   for (int r = 0; r < s.num_ranks; ++r) {
-    if (s.peer_is_ipc[r]) check_cuda(cudaIpcCloseMemHandle(s.peers[r]), "cudaIpcCloseMemHandle");
+    if (s.peer_is_ipc[r]) note_cuda(notes, cudaIpcCloseMemHandle(s.peers[r]), "cudaIpcCloseMemHandle");
     s.peer_is_ipc[r] = false;
     s.peers[r] = r == s.rank ? s.local : nullptr;
   }
@@ -127,19 +127,24 @@ void connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device
   s->peers[peer_rank] = peer->local;
 }
 
-void disconnect(int64_t buffer_id, int device) {
+std::string disconnect(int64_t buffer_id, int device) {
   std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
-  if (!s) return;
+  if (!s) return "";
   DeviceGuard guard(device);
-  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  close_peers(*s);
+  std::string notes;
+  // Bounded: a wait that gives up traps its kernel. The mappings are closed even after an error.
+  note_cuda(notes, cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  close_peers(*s, notes);
+  return notes;
 }
 
-void destroy_comm_buffer(int64_t buffer_id, int device) {
+std::string destroy_comm_buffer(int64_t buffer_id, int device) {
   std::shared_ptr<RankState> s = states().remove({buffer_id, device});
-  if (!s) return;
+  if (!s) return "";
   DeviceGuard guard(device);
-  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::string notes;
+  note_cuda(notes, cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return notes;  // `s` frees the memory now, or when a handler still launching an op lets go of it
 }
 
 std::string comm_buffer_failure(int64_t buffer_id, int device) {

@@ -1,6 +1,6 @@
 // Host runtime of the normal (intranode) mode: the communication buffer of each (Buffer, device)
 // and its peers' mappings, kept in the library's Registry (xla_ffi/registry.h). The functions
-// below are what the Python bindings (intranode_module.cc) call; each throws on failure.
+// below are what the Python bindings (intranode_module.cc) call; each throws on failure, except the teardown.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,10 +47,12 @@ std::string comm_buffer_ipc_handle(int64_t buffer_id, int device);
 void connect_ipc(int64_t buffer_id, int device, int peer_rank, const std::string& handle);
 // Maps `peer_rank`'s buffer living on `peer_device` of this process (peer access).
 void connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device);
-// Unmaps the peers' buffers (every process does this before any buffer is freed).
-void disconnect(int64_t buffer_id, int device);
-// Unregisters the buffer; its memory goes with the last handler holding it (idempotent).
-void destroy_comm_buffer(int64_t buffer_id, int device);
+// The teardown below goes on past CUDA errors and returns them as text ("" when none), so that a
+// trapped CUDA context still gets everything released that can be; both are idempotent.
+// Unmaps the peers' buffers once the device is idle (every process does this before any buffer is freed).
+std::string disconnect(int64_t buffer_id, int device);
+// Unregisters the buffer and waits for the device; its memory goes with the last handler holding it.
+std::string destroy_comm_buffer(int64_t buffer_id, int device);
 // What the first of the buffer's kernels that failed reports (xla_ffi/failure.h), "" if none did.
 std::string comm_buffer_failure(int64_t buffer_id, int device);
 // Free device memory as the driver reports it (for leak checks).

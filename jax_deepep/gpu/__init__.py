@@ -13,6 +13,7 @@ import warnings
 
 from .. import reference
 from ..config import MAX_NVL_PEERS
+from ..validation import DeepEPError
 from .library import available, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "make_backends"]
@@ -64,6 +65,10 @@ def make_backends(buffer, keys) -> tuple:
     normal = _normal_backend(buffer, keys)
     try:
         return normal, _low_latency_backend(buffer, keys)
-    except BaseException:
-        normal.destroy()
+    except BaseException as error:
+        # Collective like any destroy, and bounded by the Buffer's timeout where a process is missing.
+        try:
+            normal.destroy()
+        except DeepEPError as cleanup:
+            error.add_note(f"jax_deepep: freeing the normal-mode buffers made before failed too: {cleanup}")
         raise

@@ -74,8 +74,10 @@ class IntranodeBackend:
     def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys, *,
              timeout_s: float) -> "IntranodeBackend":
         """Allocates and maps the communication buffers of the Buffer `keys` names (collective over the
-        processes of `mesh`); every wait of their kernels gives up after `timeout_s`."""
-        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys, timeout_s))
+        processes of `mesh`); every wait of their kernels gives up after `timeout_s`, and `destroy()` waits
+        up to `timeout_s` for the other processes."""
+        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys,
+                                       timeout_s=timeout_s))
 
     def destroy(self):
         self.comm.destroy()

@@ -11,7 +11,9 @@ namespace of the Buffer that joins, and is deleted as soon as every PE has joine
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
+import weakref
 from typing import Optional
 
 import jax
@@ -19,6 +21,7 @@ import jax
 from ..buffer_keys import BufferKeys
 from ..validation import DeepEPError
 from .library import NVSHMEM, is_available, load, reason_unavailable
+from .teardown import Teardown, release_dropped
 
 _UNIQUE_ID_KEY = "nvshmem_unique_id"
 _HEAP_MARGIN_BYTES = 256 << 20
@@ -50,6 +53,15 @@ def _check(what: str, call, *args):
 
 
 # ---- the process's NVSHMEM PE ----------------------------------------------------------------
+# False once a destroy went on without a peer, or found this process's CUDA context lost (a kernel
+# trapped): nvshmem_finalize, collective, would then wait forever at exit.
+_finalize_at_exit = True
+
+
+def _leave(lib):
+    lib.leave(_finalize_at_exit)
+
+
 def _unique_id(lib, rank: int, num_ranks: int, keys: BufferKeys) -> bytes:
     """PE 0 makes the id; the others read it from the Buffer's namespace in the key-value store."""
     if num_ranks == 1:
@@ -72,7 +84,7 @@ def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: 
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
     _check("init", lib.join, _unique_id(lib, rank, num_ranks, keys), rank, num_ranks, device_ordinal)
-    atexit.register(lib.leave)
+    atexit.register(_leave, lib)
     if rank == 0 and num_ranks > 1:  # joining returns once every PE has joined, so every PE has read the id
         keys.delete(_UNIQUE_ID_KEY)
 
@@ -94,14 +106,65 @@ def _own_device_and_rank(mesh, axis_name: str):
     return devices[mine[0]], mine[0]
 
 
+@dataclasses.dataclass
+class _Holdings:
+    """What a SymmetricBuffer holds, kept apart from it so that its finalizer can release it."""
+
+    lib: object
+    buffer_id: int
+    device: int
+    num_ranks: int
+    keys: BufferKeys
+    teardown: Teardown
+    attempts: int = 0  # collective destroys tried: each meets at its own barrier
+    context_lost: bool = False  # waiting for the kernels met a CUDA error: a trapped kernel's sticky one
+    released: bool = False
+
+
+def _release(held: _Holdings, wait_s: Optional[float]):
+    """Wait for this PE's kernels, then, if every PE arrives within `wait_s` seconds (None: no waiting,
+    so no collective free beside a lone PE), free the symmetric memory collectively; free what is
+    local in any case. Goes on past failures and raises them together; a later call retries what
+    failed."""
+    global _finalize_at_exit
+    if held.released:
+        return
+    teardown = held.teardown
+    retired = "waiting for this process's kernels on the buffer"
+    if not teardown.run(retired, held.lib.retire, held.buffer_id, held.device):
+        teardown.raise_problems()  # a handler may still hold it: freeing anything is not safe yet
+    if any(problem.startswith(retired) for problem in teardown.problems):
+        held.context_lost = True
+        _finalize_at_exit = False
+    # A PE whose CUDA context is lost takes part in no collective (nor nvshmem_finalize at exit).
+    collective = not held.context_lost and held.num_ranks == 1
+    if not held.context_lost and held.num_ranks > 1 and wait_s is not None:
+        held.attempts += 1
+        # nvshmem_free waits for every PE with no timeout: first make sure that they are all here.
+        collective = teardown.run("waiting for every process to reach destroy", held.keys.barrier,
+                                  f"destroy/{held.attempts}", wait_s)
+    held.released = teardown.run("freeing the buffer", held.lib.release, held.buffer_id, held.device, collective)
+    if not collective and held.num_ranks > 1:
+        if wait_s is None:
+            why = "freeing it is collective, and a dropped Buffer waits for no peer"
+        else:
+            why = "a peer process that did not come is taken as gone, or this process's CUDA context is lost"
+            _finalize_at_exit = False  # nvshmem_finalize would wait for that peer at exit
+        teardown.problems.append(f"the collective free was skipped ({why}): this process's NVSHMEM symmetric "
+                                 "memory stays allocated until it exits")
+    teardown.raise_problems()
+
+
 class SymmetricBuffer:
     """One Buffer's NVSHMEM symmetric buffer (collective to make and to free).
 
     Making it joins NVSHMEM first (once per process); it takes the agreed id of its Buffer (`keys`).
     Every wait of its kernels on a peer gives up after `timeout_s` seconds (the Buffer's, from
-    `buffer.resolve_timeout_s`). `direct_group`: peers in this rank's group of that many consecutive
-    ranks are written with loads/stores where NVSHMEM maps them (NVLink, or the same GPU); the others
-    get nvshmem puts. By default every peer may be direct.
+    `buffer.resolve_timeout_s`), and so does `destroy()`'s wait for the other PEs. `direct_group`:
+    peers in this rank's group of that many consecutive ranks are written with loads/stores where
+    NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts. By default every peer
+    may be direct. Dropped without `destroy()`, what is local is freed at garbage collection or
+    exit; the symmetric memory (collective) stays until the process leaves NVSHMEM.
     """
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
@@ -111,6 +174,7 @@ class SymmetricBuffer:
         self.lib = nvshmem_library()
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_bytes = int(num_rdma_bytes)
+        self.timeout_s = timeout_s
         direct_group = self.num_ranks if direct_group is None else direct_group
         if direct_group < 1 or self.num_ranks % direct_group:
             raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({self.num_ranks}), "
@@ -121,15 +185,21 @@ class SymmetricBuffer:
         self.buffer_id = keys.buffer_id
         _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
                timeout_s, direct_group)
-        self._live = True
+        self._held = _Holdings(self.lib, self.buffer_id, self.device, self.num_ranks, keys,
+                               Teardown(f"Buffer {self.buffer_id}: releasing the NVSHMEM symmetric buffer"))
+        self._finalizer = weakref.finalize(self, release_dropped, f"Buffer {self.buffer_id}'s NVSHMEM buffer",
+                                           _release, self._held, None)
 
     def failures(self) -> list:
         """What the first failed kernel of this buffer reports (xla_ffi/failure.h); [] if none failed."""
-        message = self.lib.failure(self.buffer_id, self.device) if self._live else ""
+        message = self.lib.failure(self.buffer_id, self.device)  # "" once destroyed
         return [message] if message else []
 
     def destroy(self):
-        """Free the symmetric buffer (collective; idempotent)."""
-        if self._live:
-            self._live = False
-            _check("free", self.lib.destroy, self.buffer_id, self.device)
+        """Free the symmetric buffer: collective, with every PE met first for at most `timeout_s`; a PE
+        that does not come is taken as gone, and then only what is local is freed. Idempotent;
+        everything that can be released is, even after a failure, which is then raised as one
+        DeepEPError; calling it again retries what failed."""
+        _release(self._held, self.timeout_s)
+        if self._held.released:
+            self._finalizer.detach()

@@ -8,11 +8,17 @@ buffer by (buffer id, device ordinal).
 """
 from __future__ import annotations
 
+import dataclasses
+import weakref
+from typing import Optional
+
 import jax
 import numpy as np
 
 from ..buffer_keys import BufferKeys
+from ..validation import DeepEPError
 from .library import INTRANODE, load
+from .teardown import Teardown, release_dropped
 
 
 def _lib():
@@ -32,16 +38,55 @@ def _check(call, what: str, *args):
         raise RuntimeError(f"jax_deepep: {what} failed: {e}") from None
 
 
+@dataclasses.dataclass
+class _Holdings:
+    """What a CommBuffers holds, kept apart from it so that its finalizer can release it."""
+
+    buffer_id: int
+    ordinals: list  # the local devices with a buffer
+    keys: BufferKeys
+    key_names: list  # the IPC handle keys this process set
+    teardown: Teardown
+    attempts: int = 0  # collective destroys tried: each meets at its own barrier
+    released: bool = False
+
+
+def _release(held: _Holdings, wait_s: Optional[float], delete_keys: bool):
+    """Unmap the peers' buffers on every local device, wait up to `wait_s` seconds (None: not at all)
+    until every process has, then free the buffers and (`delete_keys`) the IPC handle keys. Goes on
+    past failures and raises them together; a later call retries only what failed."""
+    if held.released:
+        return
+    lib, teardown = _lib(), held.teardown
+    for ordinal in held.ordinals:
+        teardown.run(f"unmapping the peers' buffers on device {ordinal}", lib.disconnect, held.buffer_id, ordinal)
+    if wait_s is not None:  # a peer process frees its buffer only once ours no longer maps it
+        held.attempts += 1
+        if not teardown.run("waiting for every process to unmap the buffers", held.keys.barrier,
+                            f"destroy/{held.attempts}", wait_s):
+            teardown.problems.append("a peer process that did not come is taken as gone: this process freed its "
+                                     "buffers anyway")
+    done = [teardown.run(f"freeing the buffer on device {ordinal}", lib.destroy, held.buffer_id, ordinal)
+            for ordinal in held.ordinals]
+    if delete_keys:
+        done += [teardown.run(f"deleting the key {name}", held.keys.delete, name) for name in held.key_names]
+    held.released = all(done)
+    teardown.raise_problems()
+
+
 class CommBuffers:
     """The communication buffers of every local device of `mesh` for axis `axis_name`, under the id and
-    key-value namespace `keys` of their Buffer."""
+    key-value namespace `keys` of their Buffer; `timeout_s` bounds the wait for the other processes in
+    `destroy()`. Dropped without `destroy()`, they are freed at garbage collection or exit (with no
+    waiting on peers: a peer process that still maps them must be gone or done with them)."""
 
-    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, timeout_s: float):
+    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, *, timeout_s: float):
         lib = _lib()
         self.keys = keys
         self.buffer_id = keys.buffer_id
         self.num_bytes = int(num_bytes)
         self.ring_bytes = self.num_bytes - lib.RING_OFFSET
+        self.timeout_s = timeout_s
         axis = mesh.axis_names.index(axis_name)
         devices = np.moveaxis(np.asarray(mesh.devices), axis, -1)
         groups = devices.reshape(-1, devices.shape[-1])  # each row: one expert-parallel group, by rank
@@ -51,15 +96,24 @@ class CommBuffers:
             for rank, device in enumerate(group):
                 if device.process_index == me:
                     self._local.append((device.local_hardware_id, rank, group))
-        self._destroyed = False
-        self._remote_peers = False
+        self._remote_peers = any(peer.process_index != me for _, _, group in self._local for peer in group)
+        self._held = _Holdings(self.buffer_id, [], keys, [],
+                               Teardown(f"Buffer {self.buffer_id}: releasing the communication buffers"))
+        self._finalizer = weakref.finalize(self, release_dropped, f"Buffer {self.buffer_id}'s communication buffers",
+                                           _release, self._held, None, False)
         try:
             for ordinal, rank, group in self._local:
                 _check(lib.create, "allocating the communication buffer", self.buffer_id, ordinal, rank, len(group),
                        self.num_bytes, timeout_s)
+                self._held.ordinals.append(ordinal)
             self._connect()
-        except Exception:
-            self.destroy()
+        except Exception as error:
+            # The other processes may not be here to meet: free what this one made, without waiting.
+            try:
+                _release(self._held, None, True)
+            except DeepEPError as cleanup:
+                error.add_note(f"jax_deepep: freeing the buffers made so far failed too: {cleanup}")
+            self._finalizer.detach()
             raise
 
     @staticmethod
@@ -68,12 +122,12 @@ class CommBuffers:
 
     def _connect(self):
         lib = _lib()
-        self._remote_peers = any(peer.process_index != jax.process_index()
-                                 for _, _, group in self._local for peer in group)
         if self._remote_peers:
             for ordinal, rank, group in self._local:
                 handle = _check(lib.ipc_handle, "exporting the IPC handle", self.buffer_id, ordinal)
-                self.keys.set(self._key(group[rank]), handle.hex())
+                name = self._key(group[rank])
+                self._held.key_names.append(name)
+                self.keys.set(name, handle.hex())
         for ordinal, rank, group in self._local:
             for peer_rank, peer in enumerate(group):
                 if peer_rank == rank:
@@ -92,17 +146,10 @@ class CommBuffers:
         return [m for m in (lib.failure(self.buffer_id, ordinal) for ordinal, _, _ in self._local) if m]
 
     def destroy(self):
-        """Unmap peers everywhere, wait for every process, then free and delete the IPC handle keys
-        (idempotent)."""
-        if self._destroyed:
-            return
-        self._destroyed = True
-        lib = _lib()
-        for ordinal, _, _ in self._local:
-            _check(lib.disconnect, "unmapping peers' buffers", self.buffer_id, ordinal)
-        if self._remote_peers:  # a peer process may still have our buffer mapped, or be reading its handle
-            self.keys.barrier("destroy")
-            for _, rank, group in self._local:
-                self.keys.delete(self._key(group[rank]))
-        for ordinal, _, _ in self._local:
-            _check(lib.destroy, "freeing the communication buffer", self.buffer_id, ordinal)
+        """Unmap the peers' buffers, wait (up to `timeout_s`) until every process has, then free the
+        buffers and delete the IPC handle keys. Collective; idempotent. Everything that can be released
+        is, even after a failure, which is then raised as one DeepEPError; calling it again retries
+        what failed."""
+        _release(self._held, self.timeout_s if self._remote_peers else None, True)
+        if self._held.released:
+            self._finalizer.detach()
