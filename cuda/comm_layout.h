@@ -27,8 +27,10 @@ struct CommHeader {
   // Every op drains its rings, so sender and receiver totals agree at each op's start.
   uint64_t sent_total[kMaxChannels][kMaxRanks];
   uint64_t consumed_total[kMaxChannels][kMaxRanks];
-  // Remote: barrier flag of each source rank, by epoch parity.
+  // Remote: barrier flag of each source rank, by epoch parity, and the signature (op and shapes,
+  // cuda/op_sync.cuh) of the op it started.
   uint32_t barrier_flag[2][kMaxRanks];
+  uint32_t barrier_signature[2][kMaxRanks];
   // Remote: (epoch << 32 | slot count) a sender announces for its ring of each channel.
   uint64_t channel_count[kMaxChannels][kMaxRanks];
   // Remote: slots pushed into my ring by each source rank (tail) and slots each destination

@@ -238,8 +238,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Com
   const bool sender = !solo && blockIdx.x % 2 == 0;
   const WaitContext wait = wait_context(info, OpKind::kCombine);
   const uint32_t epoch = op_epoch(info);
-  if (blockIdx.x == 0) announce_op(info, epoch);
-  wait_for_peers(info, wait, epoch);
+  const OpSignature signature(wait.op, {static_cast<uint32_t>(args.slot.bytes), static_cast<uint32_t>(args.hidden),
+                                        static_cast<uint32_t>(args.num_topk),
+                                        static_cast<uint32_t>(args.ring.num_channels),
+                                        static_cast<uint32_t>(args.ring.slots),
+                                        static_cast<uint32_t>(args.ring.chunk_tokens)});
+  if (blockIdx.x == 0) announce_op(info, epoch, signature);
+  wait_for_peers(info, wait, epoch, signature);
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);

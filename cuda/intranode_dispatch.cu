@@ -227,11 +227,11 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
   CommHeader* theirs = header_of(info.buffers[src]);
   const uint64_t base = mine->consumed_total[channel][src];
   if (g.leader) {
-    uint64_t announced = 0;
-    const bool arrived = wait_until(&mine->channel_count[channel][src],
-                                    [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, wait,
-                                    WaitKind::kChannelCount, src, channel, &announced);
-    shared_count[src] = arrived ? static_cast<int64_t>(announced & 0xffffffffu) : 0;
+    const uint64_t announced =
+        wait_until(&mine->channel_count[channel][src],
+                   [epoch](uint64_t v) { return static_cast<uint32_t>(v >> 32) == epoch; }, wait,
+                   WaitKind::kChannelCount, src, channel);
+    shared_count[src] = static_cast<int64_t>(announced & 0xffffffffu);
   }
   named_barrier(g.barrier_id, g.threads());
   const int64_t count = shared_count[src];
@@ -239,12 +239,9 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
   while (done < count) {
     named_barrier(g.barrier_id, g.threads());  // everyone read shared_count[src] of the last round
     if (g.leader) {
-      uint64_t tail = 0;
-      const bool arrived = wait_until(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; }, wait,
-                                      WaitKind::kRingData, src, channel, &tail);
-      // Once the wait gave up, the rest of the ring is drained as garbage.
-      const int64_t ready = arrived ? static_cast<int64_t>(tail - base) - done : count - done;
-      shared_count[src] = min(ready, count - done);
+      const uint64_t tail = wait_until(&mine->tail[channel][src], [&](uint64_t v) { return v > base + done; },
+                                       wait, WaitKind::kRingData, src, channel);
+      shared_count[src] = min(static_cast<int64_t>(tail - base) - done, count - done);
     }
     named_barrier(g.barrier_id, g.threads());
     const int64_t ready = shared_count[src];
@@ -279,11 +276,16 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
   const int experts_per_rank = args.num_experts / num_ranks;
   const WaitContext wait = wait_context(info, first ? OpKind::kDispatch : OpKind::kCachedDispatch);
   const uint32_t epoch = op_epoch(info);
+  const OpSignature signature(wait.op, {static_cast<uint32_t>(args.slot.bytes), static_cast<uint32_t>(args.num_parts),
+                                        static_cast<uint32_t>(args.num_topk), static_cast<uint32_t>(args.num_experts),
+                                        static_cast<uint32_t>(args.ring.num_channels),
+                                        static_cast<uint32_t>(args.ring.slots),
+                                        static_cast<uint32_t>(args.ring.chunk_tokens)});
   if (blockIdx.x == 0) {
     if (first) post_counts(info, args.notify, epoch);
-    announce_op(info, epoch);
+    announce_op(info, epoch, signature);
   }
-  wait_for_peers(info, wait, epoch);
+  wait_for_peers(info, wait, epoch, signature);
   if (first) read_counts(info, args.notify, epoch, counts);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, first ? counts.num_recv : *args.num_recv_tokens);

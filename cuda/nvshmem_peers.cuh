@@ -49,19 +49,18 @@ __device__ __forceinline__ int tagged_count(uint32_t seq, int count) {
   return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count & 0xffff));
 }
 
-// Waits for the count signal of call `seq` at `p`; the count, or 0 once the wait gave up.
+// Waits for the count signal of call `seq` at `p`; the count.
 __device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
                                           int peer) {
-  int value = 0;
-  const bool arrived = wait_until(
-      p, [seq](int v) { return (static_cast<uint32_t>(v) >> 16) == (seq & 0xffffu); }, wait, what, peer, -1, &value);
-  return arrived ? value & 0xffff : 0;
+  const int value = wait_until(
+      p, [seq](int v) { return (static_cast<uint32_t>(v) >> 16) == (seq & 0xffffu); }, wait, what, peer, -1);
+  return value & 0xffff;
 }
 
-// Waits for the done signal of call `seq` at `p` (the call number itself); false once it gave up.
-__device__ __forceinline__ bool wait_call(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
+// Waits for the done signal of call `seq` at `p` (the call number itself).
+__device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
                                           int peer) {
-  return wait_until(p, [seq](int v) { return static_cast<uint32_t>(v) == seq; }, wait, what, peer, -1);
+  wait_until(p, [seq](int v) { return static_cast<uint32_t>(v) == seq; }, wait, what, peer, -1);
 }
 
 #endif  // __CUDACC__

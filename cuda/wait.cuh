@@ -1,14 +1,16 @@
-// The one bounded wait of every kernel (intranode, low latency, internode) and the record of the
-// first wait that gave up.
+// The one bounded wait of every kernel (intranode, low latency, internode), the record of the
+// first failure, and what a kernel does then.
 //
 // wait_until spins on a flag a peer writes, with system-scope acquire loads, and reads the clock
-// every kSpinsPerCheck spins. Past its context's timeout it gives up: the first wait of the
-// Buffer to do so fills the ErrorRecord (host-mapped: the host reads it without a sync) and
-// prints one line. A wait also gives up, without recording, once the record shows that another
-// wait already did, so one dead peer makes every kernel finish (with garbage) instead of hanging.
-// The record lives in host memory, and reading it from thousands of waiting threads would cost
-// more than the waits (docs/LOW_LATENCY.md): only waits that already lasted kRecordCheckAfterNs
-// read it.
+// every kSpinsPerCheck spins. Past its context's timeout it gives up (fail_op): the first failure
+// of the Buffer fills the ErrorRecord (host-mapped: the host reads it without a sync), prints one
+// line and traps. The trap ends every kernel of the process on that device at once, so nothing more
+// is written into a peer's memory and no output of the op is ever handed on as valid: the next
+// synchronisation with the device raises, and the handlers and the host runtime turn the record
+// into a "timed out" error (xla_ffi/failure.h). The price is the CUDA context: the process must
+// restart, which is what a multi-host job does when a rank stalls past the timeout anyway
+// (docs/RELIABILITY.md). The other choice, a flag every handler checks, cannot stop XLA from
+// handing the failed op's outputs on.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +49,7 @@ enum class WaitKind : int {
   kForwardedRows,      // internode: a forwarder's flag that it placed its rows here
   kReturnedRows,       // internode: a rank's flag that it returned its rows to this forwarder
   kPartialSums,        // internode: a node's partial sums of this rank's tokens
+  kOpMismatch,         // not a timeout: the peer started a different op, or the same op with other shapes
 };
 
 // Host-mapped pinned memory, one per (Buffer, device); all zero while no wait gave up.
@@ -56,6 +59,8 @@ struct ErrorRecord {
   int rank;     // this rank
   int peer;     // the rank it waited for
   int channel;  // channel (intranode), else -1
+  int peer_op;  // kOpMismatch: the OpKind the peer started, else 0
+  int complete; // 1 once the fields above are written
 };
 
 JDEEP_HOST_DEVICE inline const char* op_name(int op) {
@@ -84,6 +89,7 @@ JDEEP_HOST_DEVICE inline const char* wait_name(int code) {
     case WaitKind::kForwardedRows: return "forwarded rows";
     case WaitKind::kReturnedRows: return "returned rows";
     case WaitKind::kPartialSums: return "partial sums";
+    case WaitKind::kOpMismatch: return "the same op";
   }
   return "unknown wait";
 }
@@ -99,52 +105,52 @@ struct WaitContext {
 #ifdef __CUDACC__
 
 constexpr uint32_t kSpinsPerCheck = 256;
-constexpr uint64_t kRecordCheckAfterNs = 1000 * 1000;
+constexpr uint64_t kRecordWaitNs = 100 * 1000 * 1000;
 
-// Whether some wait of this Buffer already gave up. Today every later wait then gives up too.
-__device__ __forceinline__ bool gave_up_before(const ErrorRecord* record) {
-  return *reinterpret_cast<const volatile int*>(&record->code) != 0;
-}
-
-// The first caller fills the record and prints; the others only fence. A host that reads the
-// record while it is being filled may see `code` before the other fields.
-static __device__ __noinline__ void record_give_up(ErrorRecord* record, OpKind op, int rank, WaitKind what,
-                                                   int peer, int channel) {
-  if (atomicCAS(&record->code, 0, static_cast<int>(what)) == 0) {
-    volatile ErrorRecord* r = record;
-    r->op = static_cast<int>(op);
-    r->rank = rank;
+// Records the failure (the first caller of the Buffer only), prints it and traps; never returns.
+// A later caller waits (bounded) for the first one's record to be complete, so that the trap,
+// which stops every thread, cannot cut the record short.
+static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind what, int peer, int channel,
+                                            int peer_op = 0) {
+  volatile ErrorRecord* r = ctx.record;
+  if (atomicCAS(&ctx.record->code, 0, static_cast<int>(what)) == 0) {
+    r->op = static_cast<int>(ctx.op);
+    r->rank = ctx.rank;
     r->peer = peer;
     r->channel = channel;
-    printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d)\n",
-           op_name(static_cast<int>(op)), rank, peer, wait_name(static_cast<int>(what)), channel);
-  }
-  __threadfence_system();
-}
-
-// Spins until `done(load_acquire(flag))`; true then, false once the wait gave up (see the top of
-// this file). *last (when given) gets the last value read.
-template <typename T, typename Done>
-__device__ __forceinline__ bool wait_until(const T* flag, Done done, const WaitContext& ctx, WaitKind what, int peer,
-                                           int channel, T* last = nullptr) {
-  T value = load_acquire(flag);
-  bool arrived = done(value);
-  if (!arrived) {
+    r->peer_op = peer_op;
+    __threadfence_system();
+    r->complete = 1;
+    __threadfence_system();
+    if (what == WaitKind::kOpMismatch) {
+      printf("jax_deepep: %s on rank %d met %s on rank %d (the ranks' ops or shapes differ); trapping\n",
+             op_name(static_cast<int>(ctx.op)), ctx.rank, op_name(peer_op), peer);
+    } else {
+      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none); trapping\n",
+             op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel);
+    }
+  } else {
     const uint64_t start = global_time_ns();
-    for (uint32_t spins = 1;; ++spins) {
-      value = load_acquire(flag);
-      if ((arrived = done(value))) break;
-      if (spins % kSpinsPerCheck != 0) continue;
-      const uint64_t waited = global_time_ns() - start;
-      if (waited > static_cast<uint64_t>(ctx.timeout_ns)) {
-        record_give_up(ctx.record, ctx.op, ctx.rank, what, peer, channel);
-        break;
-      }
-      if (waited > kRecordCheckAfterNs && gave_up_before(ctx.record)) break;
+    while (r->complete == 0 && global_time_ns() - start < kRecordWaitNs) {
     }
   }
-  if (last != nullptr) *last = value;
-  return arrived;
+  __trap();
+}
+
+// Spins until `done(load_acquire(flag))` and returns the value read; fails the op (see the top of
+// this file) once the wait lasted longer than the context's timeout.
+template <typename T, typename Done>
+__device__ __forceinline__ T wait_until(const T* flag, Done done, const WaitContext& ctx, WaitKind what, int peer,
+                                        int channel) {
+  T value = load_acquire(flag);
+  if (done(value)) return value;
+  const uint64_t start = global_time_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    value = load_acquire(flag);
+    if (done(value)) return value;
+    if (spins % kSpinsPerCheck == 0 && global_time_ns() - start > static_cast<uint64_t>(ctx.timeout_ns))
+      fail_op(ctx, what, peer, channel);
+  }
 }
 
 #endif  // __CUDACC__

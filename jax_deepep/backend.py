@@ -61,6 +61,9 @@ class NormalBackend(Protocol):
     def destroy(self) -> None:
         """Free what the backend holds (idempotent)."""
 
+    def failures(self) -> list:
+        """What each of its kernels that failed (timed out, or met another op) reports; [] if none did."""
+
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout: ...
 
     def dispatch(self, ctx: RankContext, config: Config, parts: tuple, topk_idx, topk_weights,
@@ -87,6 +90,9 @@ class LowLatencyBackend(Protocol):
 
     def destroy(self) -> None:
         """Free what the backend holds (idempotent)."""
+
+    def failures(self) -> list:
+        """As `NormalBackend.failures`."""
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict: ...
 

@@ -159,6 +159,14 @@ class Buffer:
         finally:
             self.low_latency_backend.destroy()
 
+    def failure(self) -> Optional[str]:
+        """None while every kernel of this Buffer in this process succeeded. Otherwise what the first
+        that failed reports: a wait on a peer that timed out (the message contains "timed out", the
+        op, this rank and the peer), or ranks that reached different ops. Such a kernel traps, so the
+        process's CUDA context is lost and the process must restart (docs/RELIABILITY.md)."""
+        failures = self.normal_backend.failures() + self.low_latency_backend.failures()
+        return failures[0] if failures else None
+
     def __enter__(self):
         """`with Buffer(...) as buffer:` destroys the Buffer when the block ends."""
         return self

@@ -4,7 +4,8 @@
 # name it in the device call's carry):
 #   here:           rm -rf .before && mkdir .before && git archive REV | tar -x -C .before
 #   on the device:  bash scripts/bench_before_after.sh
-# Prints each side's table; the JSONs go to $OUT/compare.tgz (or stay in /tmp/cmp/json).
+# Prints each side's table (at R=1 with kernel times from a profile); the JSONs go to $OUT/compare.tgz
+# (or stay in /tmp/cmp/json).
 set -u
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}; ROOT=$PWD
 NV=$($PY -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])")
@@ -25,7 +26,7 @@ run() {  # run SIDE NAME ARGS...
   (cd $src && env $(lib_env $side) PYTHONPATH=$src timeout 240 $PY -m jax_deepep.bench --only buffer --json /tmp/cmp/json/${side}_$name.json "$@" 2>&1 \
     | grep -v "^I1\|^W1\|tpu\|^ *$\|GRPC\|Source Location\|grpc_util\|CANCELLED\|UNAVAILABLE" | tail -8)
 }
-for side in before after; do run $side r1 --warmup 2 --iters 6; done
+for side in before after; do run $side r1 --warmup 2 --iters 6 --profile /tmp/cmp/profile_$side; done
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/cmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/cmp/mpsl CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50
 mkdir -p /tmp/cmp/mps /tmp/cmp/mpsl && nvidia-cuda-mps-control -d
 i=0; for side in before after; do i=$((i+1)); run $side r2_mps_$i --spawn 2 --warmup 2 --iters 6 --batch 2; done

@@ -3,7 +3,7 @@
 # named steps (all of them by default, most wanted first, so a call cut short still brings back the
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
-# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode) bench_normal
+# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency bench_internode bench_internode_mps
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
@@ -66,11 +66,13 @@ mps_off() {
 
 run_step() {
   case $1 in
-    gpu_tests) run_step gpu_fp8; run_step gpu_intranode; run_step gpu_low_latency; run_step gpu_internode ;;
+    gpu_tests) run_step gpu_fp8; run_step gpu_intranode; run_step gpu_low_latency; run_step gpu_internode
+               run_step gpu_faults ;;
     gpu_fp8) gpu_test gpu_fp8 90 tests/test_gpu_fp8.py ;;
     gpu_intranode) gpu_test gpu_intranode 240 tests/test_gpu_intranode.py ;;
     gpu_low_latency) gpu_test gpu_low_latency 260 tests/test_gpu_low_latency.py ;;
     gpu_internode) gpu_test gpu_internode 300 tests/test_gpu_internode.py ;;
+    gpu_faults) gpu_test gpu_faults 480 tests/test_gpu_faults.py ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check

@@ -45,9 +45,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, num_ranks: int, env: dict, tag: str = "", timeout_s: float = WORKER_TIMEOUT_S):
-    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits 0
-    within `timeout_s` (the workers are killed then).
+def run_workers(script: str, num_ranks: int, env: dict, tag: str = "", timeout_s: float = WORKER_TIMEOUT_S,
+                exit_codes=None):
+    """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits with
+    its code of `exit_codes` (default all 0) within `timeout_s` (the workers are killed then).
 
     With JAX_DEEPEP_WORKER_LOGS set, each worker writes its output to a file in that folder as it
     goes, so a run cut short from outside still leaves what every rank printed (`tag` tells
@@ -79,7 +80,9 @@ def run_workers(script: str, num_ranks: int, env: dict, tag: str = "", timeout_s
             log.close()
     for r, (p, out) in enumerate(zip(procs, outputs)):
         print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
-    assert all(p.returncode == 0 for p in procs), f"a worker failed (R={num_ranks}); see the output above"
+    want = list(exit_codes) if exit_codes is not None else [0] * num_ranks
+    got = [p.returncode for p in procs]
+    assert got == want, f"workers exited with {got}, expected {want} (R={num_ranks}); see the output above"
 
 
 def arm_watchdog():

@@ -53,7 +53,7 @@ class Worker:
             spec = PartitionSpec(AXIS)
 
             def body(*shards):
-                out = fn(*(s[0] for s in shards))
+                out = fn(*jax.tree.map(lambda a: a[0], shards))
                 return jax.tree.map(lambda a: a[None], out)
 
             self._compiled[fn] = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec,
@@ -103,6 +103,29 @@ def edge_checks(w: Worker, rng, experts: int) -> list:
             ("no tokens (T = 0)", lambda: check_dispatch(w, rng, tokens=0, **common)),
         ]
     return checks
+
+
+def vmap_checks(w: Worker, rng) -> list:
+    """(name, check) pairs: `jax.vmap` over each normal-mode op (tests/vmap_cases.py), under `jax.grad`
+    where it applies, gives exactly what a Python loop over the batch gives, on the kernels."""
+    import jax
+
+    import vmap_cases
+    from harness import random_bf16, random_topk, random_weights
+
+    def check(case):
+        batch, r = vmap_cases.BATCH, w.num_ranks
+        x = random_bf16(rng, (r, batch, vmap_cases.T, vmap_cases.H))
+        idx = random_topk(rng, r * batch, vmap_cases.T, vmap_cases.K, vmap_cases.E).reshape(
+            r, batch, vmap_cases.T, vmap_cases.K)
+        weights = random_weights(rng, (r, batch, vmap_cases.T, vmap_cases.K))
+        got = w.run(vmap_cases.mapped(case, w.buffer), x, idx, weights)
+        want = w.run(vmap_cases.looped(case, w.buffer), x, idx, weights)
+        for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+            same_values(a, b, f"output {i}")
+
+    return [(f"vmap is a loop: {name}", lambda case=case: check(case))
+            for name, case in sorted(vmap_cases.CASES.items()) if not case.low_latency]
 
 
 def same_values(got, want, what):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import gpu_workers
-from normal_checks import AXIS, Worker, check_dispatch, check_gradient, check_pressure, edge_checks, skip_reason
+from normal_checks import (AXIS, Worker, check_dispatch, check_gradient, check_pressure, edge_checks, skip_reason,
+                           vmap_checks)
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
@@ -133,17 +134,16 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check_dispatch(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check_dispatch(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
-    for name, edge_check in edge_checks(w, rng, experts):
+    for name, edge_check in edge_checks(w, rng, experts) + vmap_checks(w, rng):
         w.check(name, edge_check)
     w.check("gradient through a jitted step", lambda: check_gradient(w, rng, tokens=256, hidden=512, topk=4,
                                                                       experts=experts))
     w.check("pressure: 200 rounds", lambda: check_pressure(w, 4321, 200))
     w.check("a program of a destroyed Buffer", lambda: check_destroyed_buffer_program(w))
     w.check("destroy/re-create 20 times", lambda: check_recreate(w, 20))
-    errors = w.buffer.backend.error_codes()
-    if errors:
-        w.failures.append("kernel errors")
-        print(f"FAIL kernel error codes {errors}")
+    if w.buffer.failure():
+        w.failures.append("kernel failure")
+        print(f"FAIL {w.buffer.failure()}")
     w.buffer.destroy()
     print(f"rank {rank}: {len(w.failures)} failures {w.failures}", flush=True)
     return 1 if w.failures else 0

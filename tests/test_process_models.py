@@ -25,7 +25,7 @@ class FakeIntranodeLib:
     def __init__(self):
         self.created, self.local_peers = [], []
 
-    def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes):
+    def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes, timeout_s):
         self.created.append((ordinal, rank, num_ranks))
 
     def connect_local(self, buffer_id, ordinal, peer_rank, peer_ordinal):

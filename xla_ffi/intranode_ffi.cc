@@ -9,6 +9,7 @@
 
 #include "cuda/launch.h"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/failure.h"
 #include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/layout_check.h"
 #include "xla_ffi/operands.h"
@@ -83,10 +84,19 @@ ffi::Error cuda_error(cudaError_t err, const char* what) {
 
 ffi::Error invalid(const std::string& what) { return invalid_argument("jax_deepep: " + what); }
 
-ffi::Error no_state(int64_t buffer_id, int32_t device) {
-  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                    "jax_deepep: no communication buffer " + std::to_string(buffer_id) + " on device " +
-                        std::to_string(device) + " (was the Buffer destroyed?)");
+// The state of (buffer_id, device), or null with *error set: no buffer, or an earlier kernel of
+// the Buffer failed (xla_ffi/failure.h).
+std::shared_ptr<RankState> live_state(int64_t buffer_id, int32_t device, ffi::Error* error) {
+  std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
+  if (!s) {
+    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                        "jax_deepep: no communication buffer " + std::to_string(buffer_id) + " on device " +
+                            std::to_string(device) + " (was the Buffer destroyed?)");
+  } else if (const std::string failure = failure_message(*s->error_host); !failure.empty()) {
+    *error = ffi::Error(ffi::ErrorCode::kAborted, failure);
+    s.reset();
+  }
+  return s;
 }
 
 RingShape ring_shape(const RingAttrs& r) {
@@ -169,8 +179,9 @@ ffi::Error Dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::
                     ffi::Result<I32> recv_src_rank, ffi::Result<I32> send_row, ffi::Result<I32> send_count_before,
                     ffi::Result<I32> send_offset, ffi::Result<I32> recv_rank_prefix, ffi::Result<I32> num_recv_tokens,
                     ffi::Result<I32> num_recv_tokens_per_expert, DispatchAttrs attrs) {
-  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
-  if (!s) return no_state(attrs.buffer_id, device);
+  ffi::Error error;
+  std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
+  if (!s) return error;
   DispatchArgs d{};
   set_parts(d, x, scales, *recv_x, *recv_scales);
   d.topk_idx = data_or_null<const int32_t>(topk_idx);
@@ -207,8 +218,9 @@ ffi::Error CachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           I32 num_recv_tokens, ffi::Result<ffi::AnyBuffer> recv_x,
                           ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<F32> recv_topk_weights,
                           CachedDispatchAttrs attrs) {
-  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
-  if (!s) return no_state(attrs.buffer_id, device);
+  ffi::Error error;
+  std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
+  if (!s) return error;
   DispatchArgs d{};
   set_parts(d, x, scales, *recv_x, *recv_scales);
   d.topk_weights = data_or_null<const float>(topk_weights);
@@ -229,8 +241,9 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_w
                    BF16 bias1, PredMatrix is_token_in_rank, I32 send_row, I32 send_count_before,
                    I32 send_offset, I32 recv_src_idx, I32 recv_rank_prefix, I32 num_recv_tokens,
                    ffi::Result<BF16> combined_x, ffi::Result<F32> combined_topk_weights, CombineAttrs attrs) {
-  std::shared_ptr<RankState> s = find_rank_state(attrs.buffer_id, device);
-  if (!s) return no_state(attrs.buffer_id, device);
+  ffi::Error error;
+  std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
+  if (!s) return error;
   CombineArgs c{};
   c.y = reinterpret_cast<const __nv_bfloat16*>(y.typed_data());
   c.capacity = static_cast<int>(y.dimensions()[0]);

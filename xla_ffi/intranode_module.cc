@@ -20,7 +20,7 @@ PYBIND11_MODULE(_intranode_lib, m) {
     return out;
   }, "{target name: XLA FFI handler capsule}");
   m.def("create", &jd::create_comm_buffer, kNoGil, py::arg("buffer_id"), py::arg("device"), py::arg("rank"),
-        py::arg("num_ranks"), py::arg("num_bytes"));
+        py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"));
   m.def("ipc_handle", [](int64_t buffer_id, int device) {
     return py::bytes(jd::comm_buffer_ipc_handle(buffer_id, device));
   }, py::arg("buffer_id"), py::arg("device"));
@@ -31,7 +31,8 @@ PYBIND11_MODULE(_intranode_lib, m) {
         py::arg("peer_device"));
   m.def("disconnect", &jd::disconnect, kNoGil, py::arg("buffer_id"), py::arg("device"));
   m.def("destroy", &jd::destroy_comm_buffer, kNoGil, py::arg("buffer_id"), py::arg("device"));
-  m.def("error_code", &jd::comm_buffer_error_code, py::arg("buffer_id"), py::arg("device"));
+  m.def("failure", &jd::comm_buffer_failure, py::arg("buffer_id"), py::arg("device"),
+        "what the first failed kernel of the buffer reports, \"\" if none failed");
   m.def("device_free_bytes", &jd::device_free_bytes, py::arg("device"));
   m.attr("RING_OFFSET") = jd::ring_offset();
   m.attr("MAX_RANKS") = jd::kMaxRanks;

@@ -9,12 +9,13 @@
 
 #include "cuda/nvshmem_peers.cuh"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/failure.h"
 #include "xla_ffi/nvshmem_runtime.h"
 
 namespace jax_deepep {
 
 // The state of (buffer_id, device), or null with *error set: no buffer (`set_up` says which
-// Buffer makes one), or an earlier wait timed out. `mode` prefixes the messages ("low-latency",
+// Buffer makes one), or an earlier kernel of the Buffer failed (xla_ffi/failure.h). `mode` prefixes the messages ("low-latency",
 // "internode").
 inline std::shared_ptr<NvshmemState> live_nvshmem_state(int64_t buffer_id, int device, const std::string& mode,
                                                         const char* set_up, xla::ffi::Error* error) {
@@ -25,11 +26,8 @@ inline std::shared_ptr<NvshmemState> live_nvshmem_state(int64_t buffer_id, int d
                                  " on device " + std::to_string(device) + " (" + set_up + ")");
     return nullptr;
   }
-  if (const volatile ErrorRecord& r = state->error(); r.code != 0) {
-    *error = xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded,
-                             "jax_deepep " + mode + ": an earlier " + op_name(r.op) + " on rank " +
-                                 std::to_string(r.rank) + " timed out waiting for rank " + std::to_string(r.peer) +
-                                 " (" + wait_name(r.code) + "); the buffer is unusable, destroy the Buffer");
+  if (const std::string failure = failure_message(state->error()); !failure.empty()) {
+    *error = xla::ffi::Error(xla::ffi::ErrorCode::kAborted, failure);
     return nullptr;
   }
   *error = xla::ffi::Error::Success();

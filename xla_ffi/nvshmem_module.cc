@@ -34,6 +34,7 @@ PYBIND11_MODULE(_nvshmem_lib, m) {
         py::arg("timeout_s"), py::arg("direct_group"));
   m.def("destroy", &jd::nvshmem_destroy, kNoGil, py::arg("buffer_id"), py::arg("device"));
   m.def("leave", &jd::nvshmem_leave, kNoGil);
-  m.def("timeout_flag", &jd::nvshmem_timeout_flag);
+  m.def("failure", &jd::nvshmem_failure, py::arg("buffer_id"), py::arg("device"),
+        "what the first failed kernel of the buffer reports, \"\" if none failed");
   m.def("internode_traffic", &jd::internode_traffic, kNoGil, py::arg("buffer_id"), py::arg("device"));
 }

@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "xla_ffi/failure.h"
 #include "xla_ffi/host_errors.h"
 #include "xla_ffi/registry.h"
 
@@ -173,11 +174,9 @@ void nvshmem_leave() {
   joined_pe.reset();
 }
 
-int nvshmem_timeout_flag() {
-  for (const auto& [key, state] : states().all()) {
-    if (const int code = state->error().code; code != 0) return code;
-  }
-  return 0;
+std::string nvshmem_failure(int64_t buffer_id, int device) {
+  std::shared_ptr<NvshmemState> s = find_nvshmem_state(buffer_id, device);
+  return s ? failure_message(s->error()) : "";
 }
 
 std::array<uint64_t, 4> internode_traffic(int64_t buffer_id, int device) {

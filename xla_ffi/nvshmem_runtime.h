@@ -74,8 +74,8 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
 void nvshmem_destroy(int64_t buffer_id, int device);
 // Leaves NVSHMEM (at process exit); frees any buffer first.
 void nvshmem_leave();
-// The WaitKind of the first wait that gave up in any of the process's NVSHMEM buffers (cuda/wait.cuh), 0 if none.
-int nvshmem_timeout_flag();
+// What the first of the buffer's kernels that failed reports (xla_ffi/failure.h), "" if none did.
+std::string nvshmem_failure(int64_t buffer_id, int device);
 // The internode network traffic counters of the buffer: dispatch rows, bytes, combine rows, bytes
 // (synchronises the device; for tests).
 std::array<uint64_t, 4> internode_traffic(int64_t buffer_id, int device);

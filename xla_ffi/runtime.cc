@@ -5,14 +5,12 @@
 #include <cstring>
 
 #include "cuda/launch.h"
+#include "xla_ffi/failure.h"
 #include "xla_ffi/host_errors.h"
 #include "xla_ffi/registry.h"
 
 namespace jax_deepep {
 namespace {
-
-// How long an intranode wait may last, until the Buffer's timeout is handed down here.
-constexpr long long kWaitTimeoutNs = 5'000'000'000;
 
 Registry<RankState>& states() {
   static Registry<RankState> registry;
@@ -52,7 +50,7 @@ RankInfo RankState::info() const {
   out.num_ranks = num_ranks;
   for (int r = 0; r < kMaxRanks; ++r) out.buffers[r] = peers[r];
   out.error = error_device;
-  out.timeout_ns = kWaitTimeoutNs;
+  out.timeout_ns = timeout_ns;
   return out;
 }
 
@@ -60,9 +58,10 @@ std::shared_ptr<RankState> find_rank_state(int64_t buffer_id, int device) {
   return states().find({buffer_id, device});
 }
 
-void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes) {
+void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes, double timeout_s) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks)
     fail("bad rank " + std::to_string(rank) + " of " + std::to_string(num_ranks));
+  if (!(timeout_s > 0.0 && timeout_s < 1e9)) fail("the timeout must be in (0, 1e9) seconds");
   if (num_bytes < ring_offset()) fail("buffer smaller than its header");
   if (find_rank_state(buffer_id, device)) fail("buffer already exists on this device");
   DeviceGuard guard(device);
@@ -71,6 +70,7 @@ void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, 
   s->rank = rank;
   s->num_ranks = num_ranks;
   s->num_bytes = num_bytes;
+  s->timeout_ns = static_cast<long long>(timeout_s * 1e9);
   check_cuda(cudaMalloc(&s->local, num_bytes), "cudaMalloc");
   check_cuda(cudaMemset(s->local, 0, num_bytes), "cudaMemset");
   check_cuda(cudaHostAlloc(&s->error_host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
@@ -142,9 +142,9 @@ void destroy_comm_buffer(int64_t buffer_id, int device) {
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
-int comm_buffer_error_code(int64_t buffer_id, int device) {
+std::string comm_buffer_failure(int64_t buffer_id, int device) {
   std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
-  return s ? static_cast<const volatile ErrorRecord*>(s->error_host)->code : 0;
+  return s ? failure_message(*s->error_host) : "";
 }
 
 size_t device_free_bytes(int device) {

@@ -19,6 +19,7 @@ struct RankState {
   int rank = 0;
   int num_ranks = 1;
   size_t num_bytes = 0;
+  long long timeout_ns = 0;                 // how long one wait of a kernel may last (the Buffer's timeout)
   char* local = nullptr;                    // this rank's buffer (cudaMalloc)
   char* peers[kMaxRanks] = {};              // every rank's buffer as seen from this device
   bool peer_is_ipc[kMaxRanks] = {};         // opened with cudaIpcOpenMemHandle (must be closed)
@@ -37,8 +38,9 @@ struct RankState {
 // The state registered for (buffer id, device ordinal), or null.
 std::shared_ptr<RankState> find_rank_state(int64_t buffer_id, int device);
 
-// Allocates and zeroes the buffer of `rank` on `device`; its peers are connected later.
-void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes);
+// Allocates and zeroes the buffer of `rank` on `device`; its peers are connected later. Every wait
+// of its kernels gives up after `timeout_s` seconds.
+void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes, double timeout_s);
 // The CUDA IPC handle of the buffer.
 std::string comm_buffer_ipc_handle(int64_t buffer_id, int device);
 // Maps `peer_rank`'s buffer, living in another process, from its IPC handle.
@@ -49,8 +51,8 @@ void connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device
 void disconnect(int64_t buffer_id, int device);
 // Unregisters the buffer; its memory goes with the last handler holding it (idempotent).
 void destroy_comm_buffer(int64_t buffer_id, int device);
-// The first kernel error code raised on this buffer (see KernelError), 0 if none.
-int comm_buffer_error_code(int64_t buffer_id, int device);
+// What the first of the buffer's kernels that failed reports (xla_ffi/failure.h), "" if none did.
+std::string comm_buffer_failure(int64_t buffer_id, int device);
 // Free device memory as the driver reports it (for leak checks).
 size_t device_free_bytes(int device);
 

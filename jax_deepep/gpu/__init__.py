@@ -29,7 +29,8 @@ def _normal_backend(buffer, keys):
     if buffer.ranks_per_node == buffer.num_ranks:
         from .intranode import IntranodeBackend
 
-        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys)
+        return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys,
+                                     timeout_s=buffer.timeout_s)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
         return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
                                                  "nodes and the internode kernels need `num_rdma_bytes`")

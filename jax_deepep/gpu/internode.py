@@ -83,6 +83,9 @@ class InternodeBackend:
         """Free the symmetric buffer (collective; idempotent)."""
         self.symmetric.destroy()
 
+    def failures(self) -> list:
+        return self.symmetric.failures()
+
     def traffic(self) -> dict:
         """Rows and bytes this process has put on the network so far (synchronises; for tests)."""
         out = self.symmetric.lib.internode_traffic(self.symmetric.buffer_id, self.symmetric.device)

@@ -71,17 +71,17 @@ class IntranodeBackend:
         self._max_local_experts = lib.MAX_LOCAL_EXPERTS
 
     @classmethod
-    def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys) -> "IntranodeBackend":
+    def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys, *,
+             timeout_s: float) -> "IntranodeBackend":
         """Allocates and maps the communication buffers of the Buffer `keys` names (collective over the
-        processes of `mesh`)."""
-        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys))
+        processes of `mesh`); every wait of their kernels gives up after `timeout_s`."""
+        return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys, timeout_s))
 
     def destroy(self):
         self.comm.destroy()
 
-    def error_codes(self) -> dict:
-        """Waits that gave up so far ({device ordinal: WaitKind code}); see cuda/wait.cuh."""
-        return self.comm.error_codes()
+    def failures(self) -> list:
+        return self.comm.failures()
 
     # ---- launch shapes ------------------------------------------------------------------------
     def _ring(self, op: str, ctx: RankContext, config: Config, slot, half_ring_chunks: bool = False) -> dict:

@@ -49,6 +49,9 @@ class LowLatencyBackend:
         """Free the symmetric buffer (collective; idempotent)."""
         self.symmetric.destroy()
 
+    def failures(self) -> list:
+        return self.symmetric.failures()
+
     def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int, hidden: int) -> dict:
         """The `sizes` and `layout` attributes every low-latency custom call takes: the Buffer, the
         static sizes and the layout of a buffer half."""

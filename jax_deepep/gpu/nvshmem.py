@@ -49,11 +49,6 @@ def _check(what: str, call, *args):
         raise DeepEPError(f"jax_deepep NVSHMEM {what} failed: {e}") from None
 
 
-def timeout_flag() -> int:
-    """The WaitKind (cuda/wait.cuh) of the first wait of this process's NVSHMEM kernels that gave up, 0 if none."""
-    return nvshmem_library().timeout_flag() if available() else 0
-
-
 # ---- the process's NVSHMEM PE ----------------------------------------------------------------
 def _unique_id(lib, rank: int, num_ranks: int, keys: BufferKeys) -> bytes:
     """PE 0 makes the id; the others read it from the Buffer's namespace in the key-value store."""
@@ -127,6 +122,11 @@ class SymmetricBuffer:
         _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
                timeout_s, direct_group)
         self._live = True
+
+    def failures(self) -> list:
+        """What the first failed kernel of this buffer reports (xla_ffi/failure.h); [] if none failed."""
+        message = self.lib.failure(self.buffer_id, self.device) if self._live else ""
+        return [message] if message else []
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""

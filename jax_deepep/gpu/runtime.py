@@ -36,7 +36,7 @@ class CommBuffers:
     """The communication buffers of every local device of `mesh` for axis `axis_name`, under the id and
     key-value namespace `keys` of their Buffer."""
 
-    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys):
+    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, timeout_s: float):
         lib = _lib()
         self.keys = keys
         self.buffer_id = keys.buffer_id
@@ -56,7 +56,7 @@ class CommBuffers:
         try:
             for ordinal, rank, group in self._local:
                 _check(lib.create, "allocating the communication buffer", self.buffer_id, ordinal, rank, len(group),
-                       self.num_bytes)
+                       self.num_bytes, timeout_s)
             self._connect()
         except Exception:
             self.destroy()
@@ -86,11 +86,10 @@ class CommBuffers:
                     _check(lib.connect_ipc, "opening a peer's IPC handle", self.buffer_id, ordinal, peer_rank,
                            bytes.fromhex(hex_handle))
 
-    def error_codes(self) -> dict:
-        """{device ordinal: first kernel error code} for devices whose kernels gave up waiting."""
+    def failures(self) -> list:
+        """What the first failed kernel on each local device reports (xla_ffi/failure.h); [] if none failed."""
         lib = _lib()
-        codes = {ordinal: lib.error_code(self.buffer_id, ordinal) for ordinal, _, _ in self._local}
-        return {k: v for k, v in codes.items() if v}
+        return [m for m in (lib.failure(self.buffer_id, ordinal) for ordinal, _, _ in self._local) if m]
 
     def destroy(self):
         """Unmap peers everywhere, wait for every process, then free and delete the IPC handle keys

@@ -23,6 +23,9 @@ class ReferenceBackend:
     def destroy(self):
         pass
 
+    def failures(self):
+        return []  # XLA's collectives report their own failures
+
     get_dispatch_layout = staticmethod(normal.get_dispatch_layout)
     dispatch = staticmethod(normal.dispatch)
     cached_dispatch = staticmethod(normal.cached_dispatch)

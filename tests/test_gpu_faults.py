@@ -1,0 +1,320 @@
+"""Fault injection on the GPU (docs/RELIABILITY.md): every mode, two ranks as two processes sharing GPU 0.
+
+Each scenario is one job of fresh processes, because a kernel that gives up traps and takes its
+process's CUDA context with it:
+  - ok: a peer late by less than the timeout (the result is exact), 100 dispatch/combine pairs in one
+    `lax.fori_loop` (exact), and 100 create/destroy cycles (free device memory drifts by at most 1 MiB
+    per cycle, measured once every process is between cycles);
+  - late: rank 1 never takes part: rank 0 raises within timeout + 10 s, `Buffer.failure()` names the op,
+    both ranks and "timed out", and `destroy()` returns within timeout + 10 s;
+  - killed: rank 1 is SIGKILLed just before the op: the same for rank 0, then a new job (fresh) works;
+  - mismatch: rank 0 dispatches while rank 1 combines: both raise; intranode names both ops at once, the
+    NVSHMEM modes (separate signals per op) time out naming their own op.
+Workers check themselves; a worker's exit code says whether its checks passed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import gpu_workers
+import normal_checks
+
+TIMEOUT_S = 3.0  # the Buffer's timeout in the failing scenarios
+OK_TIMEOUT_S = 8.0  # ... and in the scenario whose peer is late by less
+LATE_S = 2.0  # how late the peer is in the ok scenario
+BOUND_S = 10.0  # the spec's slack over the timeout
+MODES = ("intranode", "low_latency", "internode")
+NUM_RANKS = 2
+T, H, K, M = 64, 256, 2, 64
+EXPERTS = 4 * NUM_RANKS
+_SCENARIO = "JAX_DEEPEP_TEST_FAULT"
+_MODE = "JAX_DEEPEP_TEST_FAULT_MODE"
+
+
+def _run(mode: str, scenario: str, exit_codes=None):
+    reason = normal_checks.skip_reason()
+    if reason is None and mode != "intranode":
+        from jax_deepep.gpu import nvshmem
+
+        if not nvshmem.available():
+            reason = nvshmem.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    env = gpu_workers.worker_env(NUM_RANKS, 0.4 / NUM_RANKS)
+    env.update({_SCENARIO: scenario, _MODE: mode, "JAX_DEEPEP_BACKEND": "cuda",
+                "JAX_DEEPEP_TIMEOUT_S": str(OK_TIMEOUT_S if scenario == "ok" else TIMEOUT_S)})
+    if mode == "internode":
+        env["JAX_DEEPEP_RANKS_PER_NODE"] = "1"
+    env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    gpu_workers.run_workers(__file__, NUM_RANKS, env, f"_{mode}_{scenario}", timeout_s=180, exit_codes=exit_codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_late_peer_within_timeout_loops_and_cycles(mode):
+    _run(mode, "ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_peer_late_past_timeout(mode):
+    _run(mode, "late")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_killed_peer_then_a_new_job_works(mode):
+    _run(mode, "killed", exit_codes=[0, -signal.SIGKILL])
+    _run(mode, "fresh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_mismatched_ops(mode):
+    _run(mode, "mismatch")
+
+
+# ---- the workers ----------------------------------------------------------------------------------
+def _make_buffer(mode: str, **kwargs):
+    import jax
+    from jax.sharding import Mesh
+
+    import jax_deepep as deepep
+    from jax_deepep.config import low_latency_rdma_size_hint
+
+    mesh = Mesh(np.array(jax.devices()), (normal_checks.AXIS,))
+    if mode == "low_latency":
+        kwargs.update(low_latency_mode=True,
+                      num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS))
+    elif mode == "internode":
+        kwargs.update(num_rdma_bytes=256 << 20)
+    buffer = deepep.Buffer(mesh, normal_checks.AXIS, **kwargs)
+    assert buffer.backend.mode == mode, f"backend {buffer.backend.mode}, expected {mode}"
+    return buffer
+
+
+class FaultWorker(normal_checks.Worker):
+    """A rank with the mode's round trip: dispatch then combine, whose result is the input again."""
+
+    def __init__(self, rank: int, mode: str):
+        import jax
+        from jax.sharding import Mesh
+
+        self.rank, self.num_ranks, self.mode = rank, NUM_RANKS, mode
+        self.mesh = Mesh(np.array(jax.devices()), (normal_checks.AXIS,))
+        self.buffer = _make_buffer(mode)
+        self.failures, self._compiled = [], {}
+        rng = np.random.default_rng(5)
+        from harness import random_bf16
+
+        # Two distinct experts per token (so both fit the low-latency weights of 1/2), on random ranks.
+        idx = np.stack([rng.permutation(EXPERTS)[:K] for _ in range(NUM_RANKS * T)]).astype(np.int32)
+        self.idx = idx.reshape(NUM_RANKS, T, K)
+        self.x = random_bf16(rng, (NUM_RANKS, T, H))
+        # Normal combine sums the copies of a token on every rank that received it: 1 or 2 of them.
+        ranks = self.idx // (EXPERTS // NUM_RANKS)
+        self.copies = (1 + (ranks[..., 0] != ranks[..., 1])).astype(np.float32)[..., None]
+        self.weights = np.full((NUM_RANKS, T, K), 0.5, np.float32)
+
+    def round_trip(self, x, idx, copies, weights):
+        """The value of x after dispatch and combine, turned back into x exactly (per shard)."""
+        import jax.numpy as jnp
+
+        b = self.buffer
+        if self.mode == "low_latency":
+            ll = b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=EXPERTS,
+                                        use_fp8=False)
+            return b.low_latency_combine(ll.recv_x, idx, weights, ll.handle)
+        out = b.dispatch(x, topk_idx=idx, num_experts=EXPERTS)
+        combined, _ = b.combine(out.recv_x, out.handle)
+        return (combined.astype(jnp.float32) / copies).astype(jnp.bfloat16)
+
+    def args(self):
+        return [self.place(a) for a in (self.x, self.idx, self.copies, self.weights)]
+
+    def compiled(self, fn):
+        return self.compile(fn).lower(*self.args()).compile()
+
+    def expect_exact(self, got, what):
+        normal_checks.same_values(self.local(got), self.x[self.rank], what)
+
+
+def _barrier(name: str, timeout_s: float = 120):
+    from jax_deepep.topology import kv_client
+
+    kv_client().wait_at_barrier(f"test_gpu_faults/{name}", int(timeout_s * 1000))
+
+
+def scenario_ok(w: FaultWorker):
+    import jax
+    from jax import lax
+
+    step = w.compiled(w.round_trip)
+
+    def late_peer():
+        if w.rank == 1:
+            time.sleep(LATE_S)
+        w.expect_exact(step(*w.args()), "round trip with a peer late by less than the timeout")
+
+    def loop_of_100():
+        def body(x, idx, copies, weights):
+            return lax.fori_loop(0, 100, lambda _, v: w.round_trip(v, idx, copies, weights), x)
+
+        w.expect_exact(w.compiled(body)(*w.args()), "100 round trips in one fori_loop")
+
+    def cycles_of_100():
+        from jax_deepep.gpu import runtime
+
+        ordinal = jax.local_devices()[0].local_hardware_id
+        w.buffer.destroy()
+        free = []
+        for cycle in range(100):
+            _make_buffer(w.mode).destroy()
+            _barrier(f"cycle/{cycle}")  # every process is between cycles
+            if cycle in (0, 99):
+                free.append(runtime.device_free_bytes(ordinal))
+            _barrier(f"cycle/{cycle}/measured")
+        drift = free[0] - free[1]
+        assert drift <= 99 << 20, f"{drift} bytes of device memory not returned over 99 cycles"
+        print(f"create/destroy drift over 99 cycles: {drift} bytes", flush=True)
+        w.buffer = _make_buffer(w.mode)
+
+    w.check("a peer late by less than the timeout", late_peer)
+    w.check("100 round trips in one fori_loop", loop_of_100)
+    w.check("100 create/destroy cycles", cycles_of_100)
+    w.buffer.destroy()
+    return 1 if w.failures else 0
+
+
+def _op_name(mode: str) -> str:
+    return {"intranode": "dispatch", "low_latency": "low_latency_dispatch", "internode": "internode dispatch"}[mode]
+
+
+def _expect_failure(w: FaultWorker, run, *, within_s: float, contains):
+    """`run()` raises within `within_s`, then Buffer.failure() holds every string of `contains`, and
+    destroy() returns (or raises DeepEPError) within timeout + BOUND_S."""
+    import jax
+
+    from jax_deepep import DeepEPError
+
+    start = time.time()
+    try:
+        jax.block_until_ready(run())
+        raised = None
+    except Exception as e:  # XLA's error for the trapped context, or the handler's
+        raised = e
+    took = time.time() - start
+    assert raised is not None, f"no error after {took:.1f} s"
+    print(f"raised after {took:.1f} s: {type(raised).__name__}: {str(raised)[:300]}", flush=True)
+    assert took < within_s, f"raised after {took:.1f} s, more than {within_s} s"
+    failure = w.buffer.failure()
+    print(f"Buffer.failure(): {failure}", flush=True)
+    assert failure is not None and all(s in failure for s in contains), f"failure {failure!r} lacks {contains}"
+    start = time.time()
+    try:
+        w.buffer.destroy()
+    except DeepEPError as e:
+        print(f"destroy raised DeepEPError: {e}", flush=True)
+    took = time.time() - start
+    print(f"destroy took {took:.1f} s", flush=True)
+    assert took < TIMEOUT_S + BOUND_S, f"destroy took {took:.1f} s"
+
+
+def scenario_peer_gone(w: FaultWorker, killed: bool):
+    step = w.compiled(w.round_trip)  # every process compiles: XLA shares autotuning results in a job
+    _barrier("compiled")
+    from jax_deepep.topology import kv_client
+
+    if w.rank == 1:
+        if killed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        kv_client().blocking_key_value_get("test_gpu_faults/rank 0 done", 120_000)  # alive, taking part in nothing
+        return 0
+    w.check("the op without its peer raises, names the op, destroy returns",
+            lambda: _expect_failure(w, lambda: step(*w.args()), within_s=TIMEOUT_S + BOUND_S,
+                                    contains=("timed out", _op_name(w.mode), "rank 0", "rank 1")))
+    kv_client().key_value_set("test_gpu_faults/rank 0 done", "1")
+    return 1 if w.failures else 0
+
+
+def scenario_fresh(w: FaultWorker):
+    """After a job whose peer was killed, a new job works."""
+    w.check("a round trip in a new job", lambda: w.expect_exact(w.compiled(w.round_trip)(*w.args()), "round trip"))
+    w.buffer.destroy()
+    return 1 if w.failures else 0
+
+
+def scenario_mismatch(w: FaultWorker):
+    import jax
+
+    b = w.buffer
+    if w.mode == "low_latency":
+        def first(x, idx, copies, weights):
+            return b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=EXPERTS,
+                                          use_fp8=False)
+
+        def second(ll, idx, weights):
+            return b.low_latency_combine(ll.recv_x, idx, weights, ll.handle)
+
+        def second_args(out, args):
+            return out, args[1], args[3]
+    else:
+        def first(x, idx, copies, weights):
+            return b.dispatch(x, topk_idx=idx, num_experts=EXPERTS)
+
+        def second(out):
+            return b.combine(out.recv_x, out.handle)[0]
+
+        def second_args(out, args):
+            return (out,)
+    args = w.args()
+    dispatch = w.compiled(first)
+    out = dispatch(*args)  # a valid handle for the combine
+    combine = w.compile(second).lower(*second_args(out, args)).compile()
+    jax.block_until_ready(combine(*second_args(out, args)))  # both programs have run once: no cold start below
+    out = jax.block_until_ready(dispatch(*args))
+    _barrier("both programs ran")
+    run = (lambda: dispatch(*args)) if w.rank == 0 else (lambda: combine(*second_args(out, args)))
+    if w.mode == "intranode":  # the op barrier compares signatures: both ranks fail at once, naming both ops
+        mine, theirs = ("dispatch", "combine") if w.rank == 0 else ("combine", "dispatch")
+        contains = (f"{mine} on rank {w.rank} met {theirs} on rank {1 - w.rank}",)
+        within = TIMEOUT_S  # before any wait could time out
+    else:
+        contains = ("timed out", f"rank {w.rank}", f"rank {1 - w.rank}")
+        within = TIMEOUT_S + BOUND_S
+    w.check("rank 0 dispatches while rank 1 combines: an error",
+            lambda: _expect_failure(w, run, within_s=within, contains=contains))
+    return 1 if w.failures else 0
+
+
+def worker_main(rank: int, num_ranks: int, port: int) -> int:
+    import jax
+
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
+    scenario, mode = os.environ[_SCENARIO], os.environ[_MODE]
+    w = FaultWorker(rank, mode)
+    if scenario == "ok":
+        code = scenario_ok(w)
+    elif scenario == "fresh":
+        code = scenario_fresh(w)
+    elif scenario in ("late", "killed"):
+        code = scenario_peer_gone(w, killed=scenario == "killed")
+    else:
+        code = scenario_mismatch(w)
+    print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)
+    if not (scenario == "killed" or w.failures):
+        # A process that leaves the job first makes jax.distributed terminate the others: leave together.
+        _barrier("end", 60)
+    return code
+
+
+if __name__ == "__main__":
+    a = gpu_workers.worker_args()
+    # os._exit: a peer that died or trapped must not make jax.distributed's shutdown wait for it.
+    os._exit(worker_main(a.rank, a.num_ranks, a.port))

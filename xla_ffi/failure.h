@@ -1,0 +1,29 @@
+// The host's reading of a Buffer's ErrorRecord (cuda/wait.cuh): the one message that the handlers
+// (as an FFI error) and the Python bindings (Buffer.failure) give for a kernel that failed.
+#pragma once
+
+#include <string>
+
+#include "cuda/wait.cuh"
+
+namespace jax_deepep {
+
+// "" while no kernel of the record's Buffer failed.
+inline std::string failure_message(const volatile ErrorRecord& r) {
+  const int code = r.code;
+  if (code == 0) return "";
+  const std::string op = op_name(r.op), rank = std::to_string(r.rank), peer = std::to_string(r.peer);
+  std::string what;
+  if (code == static_cast<int>(WaitKind::kOpMismatch)) {
+    what = op + " on rank " + rank + " met " + op_name(r.peer_op) + " on rank " + peer +
+           ": the ranks reached different ops, or the same op with different shapes";
+  } else {
+    what = op + " on rank " + rank + " timed out waiting for rank " + peer + " (" + wait_name(code) +
+           (r.channel >= 0 ? ", channel " + std::to_string(r.channel) : std::string()) + ")";
+  }
+  return "jax_deepep: " + what +
+         "; the kernel trapped, so this process's CUDA context is lost and the process must restart "
+         "(docs/RELIABILITY.md)";
+}
+
+}  // namespace jax_deepep
