@@ -7,7 +7,7 @@
 // copies the landed rows into XLA's outputs and builds the handle.
 // Combine: (1) return: rows back to their forwarder over NVLink; (2) reduce: one block per source
 // node sums them per token in f32 and puts the partial to the source; (3) finish: sums partials.
-#include "internode.cuh"
+#include "cuda/launch.h"
 
 #include <cuda_bf16.h>
 #include <nvshmem.h>
@@ -34,7 +34,7 @@ struct Topology {
 
 // ---- dispatch -------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, InternodeTraffic traffic,
-                                                                 size_t region, InternodeDispatchShape s,
+                                                                 InternodeRegion region, InternodeDispatchShape s,
                                                                  InternodeDispatchLayout l, InternodeDispatchIn in,
                                                                  const int* token) {
   extern __shared__ int scratch[];  // [T]: token | mask << 16
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const size_t half = (seq & 1u) * l.half_stride;
+  const size_t half = (seq & 1u) * region.half_stride;
 
   if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
     const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
@@ -56,13 +56,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       const int* my_experts = staged + R + d * experts_per_rank;
       if (char* peer = mem.peer[d]) {
         for (int i = lane; i < R; i += kWarpSize)
-          store_release(reinterpret_cast<int*>(peer + region + counts_at) + i, staged[i]);
+          store_release(reinterpret_cast<int*>(peer + region.offset + counts_at) + i, staged[i]);
         for (int i = lane; i < experts_per_rank; i += kWarpSize)
-          store_release(reinterpret_cast<int*>(peer + region + experts_at) + i, my_experts[i]);
+          store_release(reinterpret_cast<int*>(peer + region.offset + experts_at) + i, my_experts[i]);
       } else {
-        nvshmemx_putmem_nbi_warp(mem.local + region + counts_at, staged, R * 4, d);
+        nvshmemx_putmem_nbi_warp(mem.local + region.offset + counts_at, staged, R * 4, d);
         if (experts_per_rank > 0)
-          nvshmemx_putmem_nbi_warp(mem.local + region + experts_at, my_experts, experts_per_rank * 4, d);
+          nvshmemx_putmem_nbi_warp(mem.local + region.offset + experts_at, my_experts, experts_per_rank * 4, d);
       }
     }
     __syncwarp();
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   __syncthreads();
   const int count = sending.running[0];
   char* const peer = mem.peer[dst];
-  const size_t inbox_at = region + half + l.inbox + static_cast<size_t>(topo.node) * T * l.row_bytes;
+  const size_t inbox_at = region.offset + half + l.inbox + static_cast<size_t>(topo.node) * T * l.row_bytes;
   char* const rows = peer != nullptr ? peer + inbox_at : mem.staging + static_cast<size_t>(m) * T * l.row_bytes;
   for (int j = warp; j < count; j += kWarps) {
     const int t = scratch[j] & 0xffff, mask = scratch[j] >> 16;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
                                 static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
                                 s.part_bytes[p], lane);
   }
-  const size_t signal_at = region + half + l.inbox_signals + topo.node * 4;
+  const size_t signal_at = region.offset + half + l.inbox_signals + topo.node * 4;
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
@@ -126,9 +126,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
 
 // One block per source node n: the inbox rows from rank (n, this local index) go to their final
 // rows on every rank of this node they are bound for.
-__global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_t region, InternodeDispatchShape s,
-                                                           InternodeDispatchLayout l, const int* token,
-                                                           int* forwarded) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, InternodeRegion region,
+                                                           InternodeDispatchShape s, InternodeDispatchLayout l,
+                                                           const int* token, int* forwarded) {
   __shared__ int base[kInternodeMaxRanksPerNode];
   __shared__ BlockPrefix<1> bound_rows[kInternodeMaxRanksPerNode];  // rows bound for each local rank
   __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
-  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
+  const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   if (threadIdx.x < kInternodeMaxRanksPerNode) bound_rows[threadIdx.x].running[0] = 0;
   if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
       const int jj = p / L, d = p % L, row = dest_row[jj][d];
       if (row < 0) continue;
       char* peer = mem.peer[topo.node * L + d];
-      char* landing = peer + region + (seq & 1u) * l.half_stride + l.landing;
+      char* landing = peer + region.offset + (seq & 1u) * region.half_stride + l.landing;
       warp_copy<Source::kPeer>(landing + static_cast<size_t>(row) * l.row_bytes,
                                inbox + static_cast<size_t>(start + jj) * l.row_bytes, l.row_bytes, lane);
     }
@@ -187,7 +187,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, size_
   __syncthreads();
   if (threadIdx.x < L) {
     char* peer = mem.peer[topo.node * L + threadIdx.x];
-    store_release(reinterpret_cast<int*>(peer + region + (seq & 1u) * l.half_stride + l.forward_signals) +
+    store_release(reinterpret_cast<int*>(peer + region.offset + (seq & 1u) * region.half_stride +
+                                         l.forward_signals) +
                       topo.local * topo.nodes + n,
                   static_cast<int>(seq));
   }
@@ -203,7 +204,7 @@ __device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, co
 }
 
 // Block 0: handle metadata; every block: copies of the landed rows into the outputs.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, size_t region,
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, InternodeRegion region,
                                                                  InternodeDispatchShape s, InternodeDispatchLayout l,
                                                                  const bool* is_token_in_rank, const int* token,
                                                                  InternodeDispatchOut out, int expert_alignment) {
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
-  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
+  const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   wait_forwarded(wait, topo, half, l, seq);
   for (int src = threadIdx.x; src < R; src += kThreads)
@@ -281,19 +282,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
 
 // ---- combine --------------------------------------------------------------------------------
 // Rows back to their forwarder (rank (this node, source's local index)), at [this local][n][t].
-__global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, size_t region,
+__global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
                                                                   InternodeCombineIn in, const int* token) {
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, L = topo.per_node;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const size_t half = (seq & 1u) * l.half_stride;
+  const size_t half = (seq & 1u) * region.half_stride;
   const int rows = min(max(*in.num_recv, 0), s.capacity);
   for (int i = blockIdx.x * kWarps + warp; i < rows; i += gridDim.x * kWarps) {
     const int src = in.src_rank[i], t = in.src_idx[i];
     if (src < 0 || src >= topo.num_ranks || t < 0 || t >= T) continue;
     char* peer = mem.peer[topo.node * L + src % L];
-    char* dst = peer + region + half + l.returns +
+    char* dst = peer + region.offset + half + l.returns +
                 ((static_cast<size_t>(topo.local) * topo.nodes + src / L) * T + t) * l.return_bytes;
     warp_copy<Source::kInput>(dst, in.y + static_cast<size_t>(i) * s.hidden, s.hidden * 2, lane);
     if (in.weights != nullptr && lane < s.top_k)
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
   __syncthreads();
   if (threadIdx.x < L) {
     char* peer = mem.peer[topo.node * L + threadIdx.x];
-    store_release(reinterpret_cast<int*>(peer + region + half + l.return_signals) +
+    store_release(reinterpret_cast<int*>(peer + region.offset + half + l.return_signals) +
                       topo.local * kInternodeReturnBlocks + blockIdx.x,
                   static_cast<int>(seq));
   }
@@ -312,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
 // One block per source node n: per token of source (n, this local index) that this node got,
 // the f32 sum of the rows its ranks returned, put to the source as partial [this node][t].
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem, InternodeTraffic traffic,
-                                                                  size_t region, InternodeCombineShape s,
+                                                                  InternodeRegion region, InternodeCombineShape s,
                                                                   InternodeCombineLayout l, const int* forwarded,
                                                                   const int* token) {
   __shared__ int sent;
@@ -321,15 +322,15 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
-  const size_t half = (seq & 1u) * l.half_stride;
-  const char* mine = mem.local + region + half;
+  const size_t half = (seq & 1u) * region.half_stride;
+  const char* mine = mem.local + region.offset + half;
   const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
   for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
     wait_call(signals + i, seq, wait, WaitKind::kReturnedRows, topo.node * L + i / kInternodeReturnBlocks);
   if (threadIdx.x == 0) sent = 0;
   __syncthreads();
   const bool local_source = src == topo.rank;
-  const size_t partial_at = region + half + l.partials + static_cast<size_t>(topo.node) * T * l.partial_bytes;
+  const size_t partial_at = region.offset + half + l.partials + static_cast<size_t>(topo.node) * T * l.partial_bytes;
   char* const partials = local_source ? mem.local + partial_at
                                       : mem.staging + static_cast<size_t>(n) * T * l.partial_bytes;
   int my_rows = 0;
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x != 0) return;
-  int* signal = reinterpret_cast<int*>(mem.local + region + half + l.partial_signals) + topo.node;
+  int* signal = reinterpret_cast<int*>(mem.local + region.offset + half + l.partial_signals) + topo.node;
   if (local_source) {
     store_release(signal, static_cast<int>(seq));
   } else {
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
 }
 
 // One block per token: the partials of the nodes it went to, in node order, plus biases, rounded once.
-__global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem, size_t region,
+__global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
                                                                   InternodeCombineIn in, InternodeCombineOut out,
                                                                   const int* token) {
@@ -394,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
-  const char* half = mem.local + region + (seq & 1u) * l.half_stride;
+  const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
     wait_call(signals + m, seq, wait, WaitKind::kPartialSums, m * L + topo.local);
@@ -432,76 +433,33 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
 
 }  // namespace
 
-InternodeDispatchLayout make_internode_dispatch_layout(const InternodeDispatchShape& s, int num_ranks) {
-  InternodeDispatchLayout l{};
-  const size_t k = s.top_k, nodes = num_ranks / s.ranks_per_node, T = s.num_tokens;
-  l.ids_at = 16;
-  l.weights_at = l.ids_at + (s.has_ids ? k * 4 : 0);
-  size_t at = align16(l.weights_at + (s.has_weights ? k * 4 : 0));
-  for (int p = 0; p < 2; ++p) {
-    l.part_at[p] = at;
-    at = align16(at + (p < s.num_parts ? s.part_bytes[p] : 0));
-  }
-  l.row_bytes = at;
-  const size_t experts_per_rank = s.has_ids ? s.num_experts / num_ranks : 0;
-  l.counts = 0;
-  l.expert_counts = align16(l.counts + static_cast<size_t>(num_ranks) * num_ranks * 4);
-  l.inbox = align16(l.expert_counts + num_ranks * experts_per_rank * 4);
-  l.inbox_signals = l.inbox + nodes * T * l.row_bytes;
-  l.landing = align16(l.inbox_signals + nodes * 4);
-  l.forward_signals = l.landing + static_cast<size_t>(s.capacity) * l.row_bytes;
-  l.half_bytes = (l.forward_signals + s.ranks_per_node * nodes * 4 + 255) / 256 * 256;
-  l.staged_counts = nodes * T * l.row_bytes;
-  l.staging_bytes = l.staged_counts + (num_ranks + (s.has_ids ? s.num_experts : 0)) * 4;
-  return l;
-}
-
-InternodeCombineLayout make_internode_combine_layout(const InternodeCombineShape& s, int num_ranks) {
-  InternodeCombineLayout l{};
-  const size_t nodes = num_ranks / s.ranks_per_node, T = s.num_tokens;
-  l.return_bytes = align16(s.hidden * 2 + s.top_k * 4);
-  l.partial_bytes = align16(s.hidden * 4 + s.top_k * 4);
-  l.returns = 0;
-  l.return_signals = static_cast<size_t>(s.ranks_per_node) * nodes * T * l.return_bytes;
-  l.partials = align16(l.return_signals + s.ranks_per_node * kInternodeReturnBlocks * 4);
-  l.partial_signals = l.partials + nodes * T * l.partial_bytes;
-  l.half_bytes = (l.partial_signals + nodes * 4 + 255) / 256 * 256;
-  l.staging_bytes = nodes * T * l.partial_bytes;
-  return l;
-}
-
-cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                      size_t region_bytes, const InternodeDispatchShape& s,
-                                      const InternodeDispatchIn& in, const InternodeDispatchOut& out,
-                                      int expert_alignment) {
-  InternodeDispatchLayout l = make_internode_dispatch_layout(s, mem.num_ranks);
-  l.half_stride = region_bytes / 2;
-  const int nodes = mem.num_ranks / s.ranks_per_node;
-  const size_t region = 0;  // the dispatch region starts the buffer
-  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeDispatchCall, out.token);
-  dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(mem, traffic, region, s, l, in,
-                                                                                     out.token);
-  forward_kernel<<<nodes, kThreads, 0, stream>>>(mem, region, s, l, out.token, out.forwarded);
-  const int blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
-  dispatch_recv_kernel<<<blocks, kThreads, (mem.num_ranks + 1) * 4, stream>>>(
-      mem, region, s, l, in.is_token_in_rank, out.token, out, expert_alignment);
+cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const InternodeDispatchIn& in,
+                                      const InternodeDispatchOut& out, cudaStream_t stream) {
+  const InternodeDispatchShape& s = call.shape;
+  const int nodes = call.mem.num_ranks / s.ranks_per_node;
+  const int recv_blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
+  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kInternodeDispatchCall, out.token);
+  dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(
+      call.mem, call.traffic, call.region, s, call.layout, in, out.token);
+  forward_kernel<<<nodes, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, out.token, out.forwarded);
+  dispatch_recv_kernel<<<recv_blocks, kThreads, (call.mem.num_ranks + 1) * 4, stream>>>(
+      call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
   return cudaGetLastError();
 }
 
-cudaError_t launch_internode_combine(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                     size_t region_bytes, const InternodeCombineShape& s, const InternodeCombineIn& in,
-                                     const InternodeCombineOut& out) {
-  InternodeCombineLayout l = make_internode_combine_layout(s, mem.num_ranks);
-  l.half_stride = region_bytes / 2;
-  const int nodes = mem.num_ranks / s.ranks_per_node;
-  const size_t region = region_bytes;  // the combine region follows the dispatch region
-  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kInternodeCombineCall, out.token);
-  combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(mem, region, s, l, in, out.token);
-  combine_reduce_kernel<<<nodes, kThreads, 0, stream>>>(mem, traffic, region, s, l, in.forwarded, out.token);
+cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
+                                     const InternodeCombineOut& out, cudaStream_t stream) {
+  const InternodeCombineShape& s = call.shape;
+  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kInternodeCombineCall, out.token);
+  combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
+                                                                         out.token);
+  combine_reduce_kernel<<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
+      call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token);
   if (s.num_tokens > 0) {
     const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
     const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-    combine_finish_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, region, s, l, in, out, out.token);
+    combine_finish_kernel<<<s.num_tokens, threads, 0, stream>>>(call.mem, call.region, s, call.layout, in, out,
+                                                                out.token);
   }
   return cudaGetLastError();
 }

@@ -37,6 +37,7 @@ struct InternodeDispatchShape {
 
 // One dispatched token (inbox and landing rows): a 16-byte header (source rank, source token,
 // mask of the node's ranks it goes to), K ids, K weights, then each part, each 16-byte aligned.
+// As jax_deepep/sizes.py:internode_dispatch_layout computes it (the handler passes it on).
 struct InternodeDispatchLayout {
   size_t row_bytes, ids_at, weights_at, part_at[2];
   // Within one half of the dispatch region:
@@ -47,13 +48,9 @@ struct InternodeDispatchLayout {
   size_t landing;          // rows [N]: the received tokens in their final order
   size_t forward_signals;  // int [L forwarder][nodes source node]: call number when forwarded
   size_t half_bytes;       // what one call uses
-  size_t half_stride;      // where the second half starts: half the region, whatever the call's sizes,
-                           // so consecutive calls of different sizes never overlap
   size_t staging_bytes;    // put sources: rows [nodes][T], then R + E tagged counts
   size_t staged_counts;
 };
-
-InternodeDispatchLayout make_internode_dispatch_layout(const InternodeDispatchShape& s, int num_ranks);
 
 struct InternodeCombineShape {
   int num_tokens;  // T per rank
@@ -64,6 +61,7 @@ struct InternodeCombineShape {
   int ranks_per_node;
 };
 
+// As jax_deepep/sizes.py:internode_combine_layout computes it.
 struct InternodeCombineLayout {
   size_t return_bytes;   // a row returned to its forwarder: bf16 [H], then f32 weights [K]
   size_t partial_bytes;  // a node's partial sum for a token: f32 [H], then f32 weights [K]
@@ -73,14 +71,17 @@ struct InternodeCombineLayout {
   size_t partials;        // rows [nodes][T]
   size_t partial_signals; // int [nodes]
   size_t half_bytes;
-  size_t half_stride;     // as in InternodeDispatchLayout
   size_t staging_bytes;   // partial rows [nodes][T]
 };
 
-InternodeCombineLayout make_internode_combine_layout(const InternodeCombineShape& s, int num_ranks);
-
-// The dispatch and combine regions: [0, region) and [region, 2 * region) of the symmetric buffer.
-inline size_t internode_region_bytes(size_t num_bytes) { return num_bytes / 2 / 256 * 256; }
+// Where an op's region lies in the symmetric buffer (jax_deepep/sizes.py:internode_regions): the
+// dispatch region starts it, the combine region follows. Each holds two halves used by alternate
+// calls; the second starts half_stride in, whatever the call's sizes, so consecutive calls of
+// different sizes never overlap.
+struct InternodeRegion {
+  size_t offset;
+  size_t half_stride;
+};
 
 // Device counters of this PE's network traffic: dispatch rows and bytes, combine rows and bytes.
 struct InternodeTraffic {
@@ -110,13 +111,6 @@ struct InternodeDispatchOut {
   int* token;               // [1]: the call number
 };
 
-// Dispatch (and cached dispatch, without ids): notify + network send, forward, receive.
-// region_bytes: internode_region_bytes of the buffer (the dispatch region starts it).
-cudaError_t launch_internode_dispatch(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                      size_t region_bytes, const InternodeDispatchShape& s,
-                                      const InternodeDispatchIn& in, const InternodeDispatchOut& out,
-                                      int expert_alignment);
-
 struct InternodeCombineIn {
   const uint16_t* y;              // bf16 [N, H]
   const float* weights;           // [N, K] or null
@@ -134,9 +128,22 @@ struct InternodeCombineOut {
   int* token;        // [1]
 };
 
-// region_bytes: internode_region_bytes of the buffer (where the combine region starts).
-cudaError_t launch_internode_combine(cudaStream_t stream, const PeerMemory& mem, InternodeTraffic traffic,
-                                     size_t region_bytes, const InternodeCombineShape& s, const InternodeCombineIn& in,
-                                     const InternodeCombineOut& out);
+// What an internode launch needs besides its arrays (launchers: cuda/launch.h).
+struct InternodeDispatchCall {
+  PeerMemory mem;
+  InternodeTraffic traffic;
+  InternodeRegion region;
+  InternodeDispatchShape shape;
+  InternodeDispatchLayout layout;
+  int expert_alignment;  // per-expert counts are rounded up to a multiple of it
+};
+
+struct InternodeCombineCall {
+  PeerMemory mem;
+  InternodeTraffic traffic;
+  InternodeRegion region;
+  InternodeCombineShape shape;
+  InternodeCombineLayout layout;
+};
 
 }  // namespace jax_deepep

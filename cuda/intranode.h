@@ -1,4 +1,4 @@
-// Launchers of the normal-mode (intranode) kernels and their argument structs.
+// The argument structs of the normal-mode (intranode) kernels (launchers: cuda/launch.h).
 //
 // Receive order is (source rank, source token index), so the row a token lands in on each rank
 // is a pure function of the layout (`send_row`, computed by the dispatch kernel). Senders put
@@ -14,7 +14,6 @@
 
 #include "cuda/comm_layout.h"
 #include "cuda/rank_info.h"
-#include "cuda/toolbox.cuh"
 
 namespace jax_deepep {
 
@@ -51,38 +50,18 @@ struct RingShape {
   int chunk_tokens;  // tokens a sender moves between tail updates (<= slots)
 };
 
-// Bytes of one ring slot and the offsets inside it (16-byte aligned pieces, cuda/toolbox.cuh).
+// Bytes of one ring slot and the offsets inside it, as jax_deepep/sizes.py computes them (the
+// handler passes them on): the source token index and destination row (int2), each part, K ids,
+// K weights.
 struct DispatchSlot {
-  static constexpr int kMetaBytes = 16;  // source token index, destination row
   int part_offset[2];
   int topk_idx_offset, topk_weights_offset, bytes;
 };
 
-inline JDEEP_HOST_DEVICE DispatchSlot dispatch_slot(const int* part_bytes, int num_parts, int num_topk) {
-  DispatchSlot s{};
-  int at = DispatchSlot::kMetaBytes;
-  for (int p = 0; p < num_parts; ++p) {
-    s.part_offset[p] = at;
-    at += align16(part_bytes[p]);
-  }
-  s.topk_idx_offset = at;
-  at += align16(num_topk * 4);
-  s.topk_weights_offset = at;
-  at += align16(num_topk * 4);
-  s.bytes = at;
-  return s;
-}
-
+// A combine slot: bf16 [H], then K f32 weights.
 struct CombineSlot {
   int weights_offset, bytes;
 };
-
-inline JDEEP_HOST_DEVICE CombineSlot combine_slot(int hidden, int num_topk) {
-  CombineSlot s{};
-  s.weights_offset = align16(hidden * 2);
-  s.bytes = s.weights_offset + align16(num_topk * 4);
-  return s;
-}
 
 struct DispatchArgs {
   int num_tokens, capacity, num_topk, num_experts;
@@ -126,17 +105,5 @@ struct CombineArgs {
   RingShape ring;
   CombineSlot slot;
 };
-
-// Raise the kernels' shared-memory limits on the current device. Called once per Buffer and
-// device, so the handlers spend no host call on it per launch.
-cudaError_t prepare_layout();
-cudaError_t prepare_dispatch();
-cudaError_t prepare_combine();
-
-cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
-// One kernel per op: each starts with the barrier over all ranks (cuda/op_sync.cuh), and a first
-// dispatch also exchanges the counts and fills the handle's arrays.
-cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream);
-cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream);
 
 }  // namespace jax_deepep

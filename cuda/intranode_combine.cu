@@ -12,7 +12,7 @@
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/bulk_copy.cuh"
-#include "cuda/intranode.h"
+#include "cuda/launch.h"
 #include "cuda/intranode_common.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/op_sync.cuh"
@@ -260,15 +260,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Com
 
 }  // namespace
 
-cudaError_t prepare_combine() {
-  return cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kIntranodeSharedBytes);
-}
+cudaError_t prepare_combine() { return allow_intranode_shared_memory(combine_kernel); }
 
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
-  CombineArgs a = args;
-  const int blocks = intranode_blocks(info, a.ring);  // one rank: every block receives its own channel
-  combine_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
-  return cudaGetLastError();
+  return launch_intranode(combine_kernel, info, args, stream);
 }
 
 }  // namespace jax_deepep

@@ -26,6 +26,20 @@ inline int intranode_blocks(const RankInfo& info, RingShape& ring) {
   return ring.num_channels;
 }
 
+// The dispatch and combine kernels each take every warp's bulk-copy staging in shared memory.
+template <typename Args>
+cudaError_t allow_intranode_shared_memory(void (*kernel)(RankInfo, Args)) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kIntranodeSharedBytes);
+}
+
+// A dispatch or combine launch: intranode_blocks blocks, each of kThreads with that staging.
+template <typename Args>
+cudaError_t launch_intranode(void (*kernel)(RankInfo, Args), const RankInfo& info, Args args, cudaStream_t stream) {
+  const int blocks = intranode_blocks(info, args.ring);
+  kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, args);
+  return cudaGetLastError();
+}
+
 // Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
 // so a ring carries its tokens in (source token index) order.
 struct TokenRange {

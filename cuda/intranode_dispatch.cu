@@ -9,7 +9,7 @@
 //  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
 //    publishes the head so the sender can reuse the slots.
 #include "cuda/bulk_copy.cuh"
-#include "cuda/intranode.h"
+#include "cuda/launch.h"
 #include "cuda/intranode_common.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/notify.cuh"
@@ -315,15 +315,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
 
 }  // namespace
 
-cudaError_t prepare_dispatch() {
-  return cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kIntranodeSharedBytes);
-}
+cudaError_t prepare_dispatch() { return allow_intranode_shared_memory(dispatch_kernel); }
 
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
-  DispatchArgs a = args;
-  const int blocks = intranode_blocks(info, a.ring);  // one rank: every block sends its own channel
-  dispatch_kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, a);
-  return cudaGetLastError();
+  return launch_intranode(dispatch_kernel, info, args, stream);
 }
 
 }  // namespace jax_deepep

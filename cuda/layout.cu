@@ -1,5 +1,5 @@
 // get_dispatch_layout: per-rank and per-expert token counts and the token-to-rank mask.
-#include "cuda/intranode.h"
+#include "cuda/launch.h"
 
 namespace jax_deepep {
 namespace {

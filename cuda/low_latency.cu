@@ -4,7 +4,7 @@
 // buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
 // a quiet and then the signal put. Every wait gives up after mem.timeout_ns and fills the
 // host-mapped error record instead of spinning forever (wait.cuh).
-#include "low_latency.cuh"
+#include "cuda/launch.h"
 
 #include <cuda_fp8.h>
 #include <nvshmem.h>
@@ -88,10 +88,6 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
     *reinterpret_cast<uint2*>(payload + ch) = packed;
     if (lane % 16 == 0) reinterpret_cast<float*>(payload + hidden)[ch / kFp8Block] = scale;
   }
-}
-
-__device__ __forceinline__ size_t dispatch_payload_bytes(int hidden, bool use_fp8) {
-  return kRowHeaderBytes + (use_fp8 ? hidden + (hidden / kFp8Block) * 4 : hidden * 2);
 }
 
 // One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
@@ -394,51 +390,44 @@ int num_sms() {
 
 __global__ void next_call_number_kernel(uint32_t* counter, int* token) { token[0] = static_cast<int>(++*counter); }
 
-cudaError_t launch_low_latency_dispatch_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                             const __nv_bfloat16* x, const int* topk_idx, int* send_slot,
-                                             int* token, bool use_fp8, bool round_scale) {
-  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
-  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kDispatchCall, token);
+cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const LowLatencyDispatchSendArgs& a,
+                                             cudaStream_t stream) {
+  const LowLatencyShape& s = call.shape;
+  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kDispatchCall, a.token);
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
-      mem, s, layout, x, topk_idx, send_slot, token, use_fp8, round_scale);
+      call.mem, s, call.layout, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
   return cudaGetLastError();
 }
 
-cudaError_t launch_low_latency_dispatch_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                             const int* token, void* recv_x, void* recv_scales, int* recv_count,
-                                             int* recv_src_info, int* recv_layout_range, bool use_fp8,
-                                             bool use_ue8m0) {
-  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
-  const int experts_per_rank = s.num_experts / mem.num_ranks;
+cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const LowLatencyDispatchRecvArgs& a,
+                                             cudaStream_t stream) {
+  const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
   // Enough blocks to cover the SMs twice; the parts of one expert split its rows.
   const int parts = std::max(1, std::min(32, (2 * num_sms() + experts_per_rank - 1) / experts_per_rank));
-  dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (mem.num_ranks + 1) * sizeof(int), stream>>>(
-      mem, s, layout, token, recv_x, recv_scales, recv_count, recv_src_info, recv_layout_range, use_fp8, use_ue8m0);
+  dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(
+      call.mem, call.shape, call.layout, a.token, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info,
+      a.recv_layout_range, a.use_fp8, a.use_ue8m0);
   return cudaGetLastError();
 }
 
-cudaError_t launch_low_latency_combine_send(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const __nv_bfloat16* y, const int* recv_layout_range, int* token,
-                                            bool zero_copy) {
-  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
-  const int experts_per_rank = s.num_experts / mem.num_ranks;
-  next_call_number_kernel<<<1, 1, 0, stream>>>(mem.call_numbers + kCombineCall, token);
-  combine_send_kernel<<<dim3(experts_per_rank, mem.num_ranks), kThreads, 0, stream>>>(mem, s, layout, y,
-                                                                                      recv_layout_range, token,
-                                                                                      zero_copy);
+cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const LowLatencyCombineSendArgs& a,
+                                            cudaStream_t stream) {
+  const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
+  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kCombineCall, a.token);
+  combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
+      call.mem, call.shape, call.layout, a.y, a.recv_layout_range, a.token, a.zero_copy);
   return cudaGetLastError();
 }
 
-cudaError_t launch_low_latency_combine_recv(cudaStream_t stream, const PeerMemory& mem, const LowLatencyShape& s,
-                                            const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
-                                            const int* topk_idx, const float* topk_weights, const int* send_slot,
-                                            __nv_bfloat16* out) {
+cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const LowLatencyCombineRecvArgs& a,
+                                            cudaStream_t stream) {
+  const LowLatencyShape& s = call.shape;
   if (s.num_tokens == 0) return cudaSuccess;
-  const LowLatencyLayout layout = make_low_latency_layout(s.max_tokens, s.hidden, s.num_experts);
   const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
   const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(mem, s, layout, token, y, recv_layout_range, topk_idx,
-                                                            topk_weights, send_slot, out);
+  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(call.mem, s, call.layout, a.token, a.y,
+                                                            a.recv_layout_range, a.topk_idx, a.topk_weights,
+                                                            a.send_slot, a.out);
   return cudaGetLastError();
 }
 

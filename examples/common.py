@@ -1,7 +1,10 @@
-"""What the example scripts share: 8 virtual CPU devices by default, and the model-size flags."""
+"""What the example scripts share: 8 virtual CPU devices by default, the model-size flags, and the
+training examples' flags and (data, expert) mesh."""
 from __future__ import annotations
 
 import os
+
+DATA, EXPERT = "data", "expert"
 
 
 def default_to_8_cpu_devices():
@@ -20,3 +23,22 @@ def define_model_flags(flags, *, vocab: int, topk: int, hidden_note: str = ""):
     flags.DEFINE_integer("topk", topk, "routed experts per token")
     flags.DEFINE_integer("layers", 2, "MoE layers")
     flags.DEFINE_integer("seed", 0, "random seed")
+
+
+def define_training_flags(flags, *, steps: int):
+    """The flags both training examples take besides the model sizes (absl `flags`)."""
+    flags.DEFINE_bool("short", False, "tiny model, few steps (CI)")
+    flags.DEFINE_integer("steps", steps, "training steps")
+    flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the other devices")
+
+
+def data_expert_mesh(data_parallel: int):
+    """A (DATA, EXPERT) mesh over every device: `data_parallel` along DATA, the others along EXPERT."""
+    import jax
+    from absl import app
+
+    devices = jax.devices()
+    if len(devices) % data_parallel:
+        raise app.UsageError(f"--data_parallel={data_parallel} must divide the {len(devices)} devices")
+    return jax.make_mesh((data_parallel, len(devices) // data_parallel), (DATA, EXPERT),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)

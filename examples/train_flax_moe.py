@@ -29,14 +29,12 @@ from jax_deepep.flax import MoE
 
 FLAGS = flags.FLAGS
 common.define_model_flags(flags, vocab=512, topk=2)
-flags.DEFINE_bool("short", False, "tiny model, few steps (CI)")
-flags.DEFINE_integer("steps", 200, "training steps")
+common.define_training_flags(flags, steps=200)
 flags.DEFINE_integer("tokens_per_device", 64, "tokens per device per step")
-flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the other devices")
 flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate")
 flags.DEFINE_integer("log_every", 20, "log every N steps")
 
-DATA, EXPERT = "data", "expert"
+DATA, EXPERT = common.DATA, common.EXPERT
 
 
 class Model(nnx.Module):
@@ -60,11 +58,7 @@ def main(argv):
     if FLAGS.short:
         FLAGS.steps, FLAGS.tokens_per_device, FLAGS.log_every = 6, 16, 2
         FLAGS.vocab, FLAGS.hidden, FLAGS.ffn = 64, 128, 128
-    devices = jax.devices()
-    if len(devices) % FLAGS.data_parallel:
-        raise app.UsageError(f"--data_parallel={FLAGS.data_parallel} must divide the {len(devices)} devices")
-    mesh = jax.make_mesh((FLAGS.data_parallel, len(devices) // FLAGS.data_parallel), (DATA, EXPERT),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = common.data_expert_mesh(FLAGS.data_parallel)
     buffer = deepep.Buffer(mesh, EXPERT)
     config = moe.MoEConfig(hidden=FLAGS.hidden, ffn_hidden=FLAGS.ffn, num_experts=FLAGS.experts, top_k=FLAGS.topk)
     model = Model(buffer, FLAGS.vocab, FLAGS.layers, config, rngs=nnx.Rngs(FLAGS.seed))
@@ -85,7 +79,7 @@ def main(argv):
 
     rng = np.random.default_rng(FLAGS.seed)
     shuffle = rng.permutation(FLAGS.vocab).astype(np.int32)
-    batch = FLAGS.tokens_per_device * len(devices)
+    batch = FLAGS.tokens_per_device * mesh.size
     sharding = NamedSharding(mesh, P((DATA, EXPERT)))
     first = None
     for step in range(1, FLAGS.steps + 1):

@@ -34,12 +34,10 @@ from jax_deepep import moe
 
 FLAGS = flags.FLAGS
 common.define_model_flags(flags, vocab=256, topk=2)
-flags.DEFINE_bool("short", False, "tiny model, few steps (CI)")
-flags.DEFINE_integer("steps", 100, "training steps")
+common.define_training_flags(flags, steps=100)
 flags.DEFINE_integer("batch_per_device", 8, "sequences per device per step")
 flags.DEFINE_integer("seq_len", 64, "tokens per sequence")
 flags.DEFINE_integer("heads", 4, "attention heads")
-flags.DEFINE_integer("data_parallel", 1, "size of the data axis; the expert axis takes the other devices")
 flags.DEFINE_enum("score_func", "softmax", moe.SCORE_FUNCS, "router scores")
 flags.DEFINE_bool("fp8", False, "dispatch tokens as FP8")
 flags.DEFINE_float("aux_loss_weight", 0.01, "weight of the load-balancing loss")
@@ -51,7 +49,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process's id (multi-host)")
 
-DATA, EXPERT = "data", "expert"
+DATA, EXPERT = common.DATA, common.EXPERT
 TOKENS = P((DATA, EXPERT))  # batch dimension split over every device
 
 
@@ -187,8 +185,7 @@ def main(argv):
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     opts = options()
     devices = jax.devices()
-    mesh = jax.make_mesh((FLAGS.data_parallel, len(devices) // FLAGS.data_parallel), (DATA, EXPERT),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = common.data_expert_mesh(FLAGS.data_parallel)
     buffer = deepep.Buffer(mesh, EXPERT)
     config = ModelConfig(vocab=opts["vocab"], seq_len=opts["seq_len"], heads=opts["heads"], layers=opts["layers"],
                          moe=moe.MoEConfig(hidden=opts["hidden"], ffn_hidden=opts["ffn"], num_experts=opts["experts"],

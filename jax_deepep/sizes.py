@@ -9,8 +9,12 @@ Three layouts:
     communication buffer (cuda/intranode.h);
   - the low-latency half (`low_latency_layout`): one of the two alternating halves of the
     symmetric buffer (cuda/low_latency.cuh);
-  - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`): the dispatch
-    and combine regions of the symmetric buffer (cuda/internode.cuh).
+  - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`) and where they
+    lie (`internode_regions`): the dispatch and combine regions of the symmetric buffer
+    (cuda/internode.cuh).
+
+The handlers decode these dataclasses into the C++ structs of the same names and fields
+(`gpu/ffi_call.struct_attribute`), and check that each piece fits before any kernel runs.
 """
 from __future__ import annotations
 
@@ -157,9 +161,18 @@ def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per
                                   half, nodes * t * partial_bytes)
 
 
-def internode_region_bytes(num_rdma_bytes: int) -> int:
-    """The dispatch and combine regions: [0, region) and [region, 2 * region) of the symmetric buffer."""
-    return num_rdma_bytes // 2 // 256 * 256
+@dataclasses.dataclass(frozen=True)
+class InternodeRegion:
+    offset: int       # where the op's region starts in the symmetric buffer
+    half_stride: int  # where its second half starts: half the region, whatever a call's sizes
+
+
+def internode_regions(num_rdma_bytes: int) -> tuple:
+    """The dispatch region [0, region) and the combine region [region, 2 * region) of the symmetric
+    buffer. Each holds two halves used by alternate calls, so consecutive calls of different sizes
+    never overlap."""
+    region = num_rdma_bytes // 2 // 256 * 256
+    return InternodeRegion(0, region // 2), InternodeRegion(region, region // 2)
 
 
 def internode_rdma_bytes(half_bytes: int, staging_bytes: int) -> int:

@@ -9,9 +9,10 @@
 #include <memory>
 #include <string>
 
-#include "cuda/internode.cuh"
+#include "cuda/launch.h"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/layout_check.h"
 #include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
 #include "xla_ffi/operands.h"
@@ -25,21 +26,44 @@ struct InternodeDispatchAttrs {
   int64_t num_experts;  // 0 without ids
   int64_t ranks_per_node;
   int64_t expert_alignment;
+  InternodeRegion region;
+  InternodeDispatchLayout layout;
 };
 
 struct InternodeCombineAttrs {
   int64_t buffer_id;
   int64_t ranks_per_node;
+  InternodeRegion region;
+  InternodeCombineLayout layout;
 };
 
 }  // namespace jax_deepep
 
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeRegion, StructMember<uint64_t>("offset"),
+                                      StructMember<uint64_t>("half_stride"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchLayout, StructMember<uint64_t>("row_bytes"),
+                                      StructMember<uint64_t>("ids_at"), StructMember<uint64_t>("weights_at"),
+                                      StructMember<uint64_t>("part_at0"), StructMember<uint64_t>("part_at1"),
+                                      StructMember<uint64_t>("counts"), StructMember<uint64_t>("expert_counts"),
+                                      StructMember<uint64_t>("inbox"), StructMember<uint64_t>("inbox_signals"),
+                                      StructMember<uint64_t>("landing"), StructMember<uint64_t>("forward_signals"),
+                                      StructMember<uint64_t>("half_bytes"), StructMember<uint64_t>("staging_bytes"),
+                                      StructMember<uint64_t>("staged_counts"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineLayout, StructMember<uint64_t>("return_bytes"),
+                                      StructMember<uint64_t>("partial_bytes"), StructMember<uint64_t>("returns"),
+                                      StructMember<uint64_t>("return_signals"), StructMember<uint64_t>("partials"),
+                                      StructMember<uint64_t>("partial_signals"), StructMember<uint64_t>("half_bytes"),
+                                      StructMember<uint64_t>("staging_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_experts"),
                                       StructMember<int64_t>("ranks_per_node"),
-                                      StructMember<int64_t>("expert_alignment"));
+                                      StructMember<int64_t>("expert_alignment"),
+                                      StructMember<jax_deepep::InternodeRegion>("region"),
+                                      StructMember<jax_deepep::InternodeDispatchLayout>("layout"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructMember<int64_t>("buffer_id"),
-                                      StructMember<int64_t>("ranks_per_node"));
+                                      StructMember<int64_t>("ranks_per_node"),
+                                      StructMember<jax_deepep::InternodeRegion>("region"),
+                                      StructMember<jax_deepep::InternodeCombineLayout>("layout"));
 
 namespace jax_deepep {
 namespace {
@@ -69,14 +93,76 @@ std::shared_ptr<NvshmemState> usable_state(int64_t buffer_id, int32_t device, in
   return rt;
 }
 
-ffi::Error fits(const NvshmemState& rt, size_t half_bytes, size_t staging_bytes) {
-  const size_t region = internode_region_bytes(rt.num_bytes);
-  if (2 * half_bytes > region || staging_bytes > rt.num_bytes / 2) {
+// The op's two halves lie in the buffer at its region, and its staging in the staging half
+// (xla_ffi/nvshmem_runtime.h); the message names the size hint when the buffer is too small.
+ffi::Error check_region(const NvshmemState& rt, const InternodeRegion& region, uint64_t half_bytes,
+                        uint64_t staging_bytes) {
+  if (half_bytes > region.half_stride || staging_bytes > rt.num_bytes / 2) {
     return invalid("num_rdma_bytes=" + std::to_string(rt.num_bytes) + " is too small: these sizes need " +
                    std::to_string(4 * half_bytes) + " bytes of halves and " + std::to_string(2 * staging_bytes) +
                    " for staging (jax_deepep.gpu.internode.rdma_bytes_hint)");
   }
-  return ffi::Error::Success();
+  return check_layout("internode region", {{"first half", region.offset, half_bytes, 256},
+                                           {"second half", region.offset + region.half_stride, half_bytes, 16}},
+                      rt.num_bytes);
+}
+
+// The dispatch layout fits the buffer at its region, and each piece holds what the kernels write into it.
+ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs, const InternodeDispatchShape& s,
+                     int64_t num_ranks) {
+  const InternodeDispatchLayout& l = attrs.layout;
+  const uint64_t ranks = num_ranks, per_node = s.ranks_per_node, nodes = ranks / per_node, tokens = s.num_tokens;
+  const uint64_t topk_bytes = 4 * static_cast<uint64_t>(s.top_k), experts = s.num_experts;
+  const uint64_t part_bytes[2] = {static_cast<uint64_t>(s.part_bytes[0]),
+                                  s.num_parts == 2 ? static_cast<uint64_t>(s.part_bytes[1]) : 0};
+  return first_failure({
+      check_region(rt, attrs.region, l.half_bytes, l.staging_bytes),
+      check_layout("internode dispatch row",
+                   {{"header", 0, 16, 16},
+                    {"ids", l.ids_at, s.has_ids ? topk_bytes : 0, 4},
+                    {"weights", l.weights_at, s.has_weights ? topk_bytes : 0, 4},
+                    {"part 0", l.part_at[0], part_bytes[0], 16},
+                    {"part 1", l.part_at[1], part_bytes[1], 16},
+                    {"next row", l.row_bytes, 0, 16}},
+                   l.row_bytes),
+      check_layout("internode dispatch half",
+                   {{"counts", l.counts, 4 * ranks * ranks, 16},
+                    {"expert counts", l.expert_counts, 4 * experts, 16},  // [R][E / R]
+                    {"inbox", l.inbox, nodes * tokens * l.row_bytes, 16},
+                    {"inbox signals", l.inbox_signals, 4 * nodes, 4},
+                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16},
+                    {"forward signals", l.forward_signals, 4 * per_node * nodes, 4}},
+                   l.half_bytes),
+      check_layout("internode dispatch staging",
+                   {{"rows", 0, nodes * tokens * l.row_bytes, 16},
+                    {"counts", l.staged_counts, 4 * (ranks + experts), 4}},
+                   l.staging_bytes)});
+}
+
+// The combine layout fits the buffer at its region, and each piece holds what the kernels write into it.
+ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs, const InternodeCombineShape& s,
+                     int64_t num_ranks) {
+  const InternodeCombineLayout& l = attrs.layout;
+  const uint64_t per_node = s.ranks_per_node, nodes = num_ranks / per_node, tokens = s.num_tokens;
+  const uint64_t hidden = s.hidden, topk_bytes = 4 * static_cast<uint64_t>(s.top_k);
+  return first_failure({
+      check_region(rt, attrs.region, l.half_bytes, l.staging_bytes),
+      check_layout("internode return row",
+                   {{"bf16 values", 0, 2 * hidden, 16}, {"weights", 2 * hidden, topk_bytes, 4},
+                    {"next row", l.return_bytes, 0, 16}},
+                   l.return_bytes),
+      check_layout("internode partial row",
+                   {{"f32 values", 0, 4 * hidden, 16}, {"weights", 4 * hidden, topk_bytes, 4},
+                    {"next row", l.partial_bytes, 0, 16}},
+                   l.partial_bytes),
+      check_layout("internode combine half",
+                   {{"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
+                    {"return signals", l.return_signals, 4 * per_node * kInternodeReturnBlocks, 4},
+                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16},
+                    {"partial signals", l.partial_signals, 4 * nodes, 4}},
+                   l.half_bytes),
+      check_layout("internode combine staging", {{"partial rows", 0, nodes * tokens * l.partial_bytes, 16}},
+                   l.staging_bytes)});
 }
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "internode", what); }
@@ -134,12 +220,10 @@ ffi::Error Dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::
   ffi::Error error;
   std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
-  const InternodeDispatchLayout layout = make_internode_dispatch_layout(s, static_cast<int>(num_ranks));
-  if (ffi::Error e = fits(*rt, layout.half_bytes, layout.staging_bytes); e.failure()) return e;
-  return launched(launch_internode_dispatch(stream, rt->memory, InternodeTraffic{rt->traffic},
-                                            internode_region_bytes(rt->num_bytes), s, in, out,
-                                            static_cast<int>(attrs.expert_alignment)),
-                  "dispatch");
+  if (ffi::Error e = check_fit(*rt, attrs, s, num_ranks); e.failure()) return e;
+  const InternodeDispatchCall call{rt->memory, InternodeTraffic{rt->traffic}, attrs.region, s, attrs.layout,
+                                   static_cast<int>(attrs.expert_alignment)};
+  return launched(launch_internode_dispatch(call, in, out, stream), "dispatch");
 }
 
 ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weights, BF16 bias0, BF16 bias1, I32 src_rank, I32 src_idx,
@@ -176,11 +260,9 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weight
   ffi::Error error;
   std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
-  const InternodeCombineLayout layout = make_internode_combine_layout(s, static_cast<int>(num_ranks));
-  if (ffi::Error e = fits(*rt, layout.half_bytes, layout.staging_bytes); e.failure()) return e;
-  return launched(launch_internode_combine(stream, rt->memory, InternodeTraffic{rt->traffic},
-                                           internode_region_bytes(rt->num_bytes), s, in, out),
-                  "combine");
+  if (ffi::Error e = check_fit(*rt, attrs, s, num_ranks); e.failure()) return e;
+  const InternodeCombineCall call{rt->memory, InternodeTraffic{rt->traffic}, attrs.region, s, attrs.layout};
+  return launched(launch_internode_combine(call, in, out, stream), "combine");
 }
 
 }  // namespace
@@ -189,9 +271,7 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weight
 namespace jd = jax_deepep;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_dispatch, jd::Dispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<ffi::AnyBuffer>()  // x [T, H] (bf16, or FP8 values)
                                   .Arg<ffi::AnyBuffer>()  // FP8 scales [T, S] or absent
                                   .Arg<jd::I32>()         // ids [T, K] or absent
@@ -214,9 +294,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_dispatch, jd::Dispatch,
                                   .Attrs<jd::InternodeDispatchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_combine, jd::Combine,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::BF16Matrix>()  // y [N, H]
                                   .Arg<jd::F32>()         // weights [N, K] or absent
                                   .Arg<jd::BF16>()        // bias [T, H] or absent

@@ -4,14 +4,14 @@
 // jax_deepep/gpu/backend.py calls each target once, in the same order.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <memory>
 #include <string>
 
-#include "cuda/intranode.h"
+#include "cuda/launch.h"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/failure.h"
 #include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/layout_check.h"
 #include "xla_ffi/operands.h"
 #include "xla_ffi/runtime.h"
 
@@ -36,16 +36,19 @@ struct DispatchAttrs {
   int64_t num_experts;
   int64_t expert_alignment;
   RingAttrs ring;
+  DispatchSlot slot;
 };
 
 struct CachedDispatchAttrs {
   int64_t buffer_id;
   RingAttrs ring;
+  DispatchSlot slot;
 };
 
 struct CombineAttrs {
   int64_t buffer_id;
   RingAttrs ring;
+  CombineSlot slot;
 };
 
 }  // namespace jax_deepep
@@ -54,14 +57,22 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LayoutAttrs, StructMember<int6
                                       StructMember<int64_t>("num_ranks"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::RingAttrs, StructMember<int64_t>("num_channels"),
                                       StructMember<int64_t>("slots"), StructMember<int64_t>("chunk_tokens"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSlot, StructMember<int32_t>("part_offset0"),
+                                      StructMember<int32_t>("part_offset1"), StructMember<int32_t>("topk_idx_offset"),
+                                      StructMember<int32_t>("topk_weights_offset"), StructMember<int32_t>("bytes"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSlot, StructMember<int32_t>("weights_offset"),
+                                      StructMember<int32_t>("bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_experts"),
                                       StructMember<int64_t>("expert_alignment"),
-                                      StructMember<jax_deepep::RingAttrs>("ring"));
+                                      StructMember<jax_deepep::RingAttrs>("ring"),
+                                      StructMember<jax_deepep::DispatchSlot>("slot"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CachedDispatchAttrs, StructMember<int64_t>("buffer_id"),
-                                      StructMember<jax_deepep::RingAttrs>("ring"));
+                                      StructMember<jax_deepep::RingAttrs>("ring"),
+                                      StructMember<jax_deepep::DispatchSlot>("slot"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineAttrs, StructMember<int64_t>("buffer_id"),
-                                      StructMember<jax_deepep::RingAttrs>("ring"));
+                                      StructMember<jax_deepep::RingAttrs>("ring"),
+                                      StructMember<jax_deepep::CombineSlot>("slot"));
 
 namespace jax_deepep {
 namespace {
@@ -92,10 +103,12 @@ RingShape ring_shape(const RingAttrs& r) {
   return RingShape{static_cast<int>(r.num_channels), static_cast<int>(r.slots), static_cast<int>(r.chunk_tokens)};
 }
 
-// Ring shape checks shared by every op that uses the rings.
+// Ring shape checks shared by every op that uses the rings: slots of `slot_bytes` (16-byte
+// aligned, so that every slot starts aligned) that fit the buffer.
 ffi::Error check_ring(const RankState& s, RingShape ring, int slot_bytes) {
   if (ring.num_channels < 1 || 2 * ring.num_channels > kMaxChannels)
     return invalid("channel count out of range: " + std::to_string(ring.num_channels));
+  if (slot_bytes < 16 || slot_bytes % 16 != 0) return invalid("bad ring slot size " + std::to_string(slot_bytes));
   if (s.num_ranks == 1) return ffi::Error::Success();
   if (ring.chunk_tokens < 1 || ring.slots < ring.chunk_tokens)
     return invalid("ring slots (" + std::to_string(ring.slots) + ") below the chunk size");
@@ -103,6 +116,31 @@ ffi::Error check_ring(const RankState& s, RingShape ring, int slot_bytes) {
   if (need > s.ring_bytes())
     return invalid("rings need " + std::to_string(need) + " bytes, the buffer has " + std::to_string(s.ring_bytes()));
   return ffi::Error::Success();
+}
+
+// The dispatch slot from the attributes holds what the kernel writes into each piece, and the rings fit.
+ffi::Error check_dispatch_rings(const RankState& s, const DispatchArgs& d) {
+  const DispatchSlot& slot = d.slot;
+  const uint64_t topk_bytes = 4 * static_cast<uint64_t>(d.num_topk);
+  auto at = [](int offset) { return static_cast<uint64_t>(offset); };
+  return first_failure({check_layout("intranode dispatch slot",
+                                     {{"source index and row", 0, 2 * sizeof(int32_t), 16},
+                                      {"part 0", at(slot.part_offset[0]), at(d.parts[0].row_bytes), 16},
+                                      {"part 1", at(slot.part_offset[1]), at(d.parts[1].row_bytes), 16},
+                                      {"top-k ids", at(slot.topk_idx_offset), topk_bytes, 16},
+                                      {"top-k weights", at(slot.topk_weights_offset), topk_bytes, 16}},
+                                     at(slot.bytes)),
+                        check_ring(s, d.ring, slot.bytes)});
+}
+
+// The combine slot from the attributes holds what the kernel writes into each piece, and the rings fit.
+ffi::Error check_combine_rings(const RankState& s, const CombineArgs& c) {
+  auto at = [](int offset) { return static_cast<uint64_t>(offset); };
+  return first_failure({check_layout("intranode combine slot",
+                                     {{"bf16 row", 0, 2 * at(c.hidden), 16},
+                                      {"top-k weights", at(c.slot.weights_offset), 4 * at(c.num_topk), 16}},
+                                     at(c.slot.bytes)),
+                        check_ring(s, c.ring, c.slot.bytes)});
 }
 
 // The token payload: x, and FP8 scales when given.
@@ -169,10 +207,9 @@ ffi::Error Dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::
   n.num_recv_tokens_per_expert = num_recv_tokens_per_expert->typed_data();
   d.num_experts = n.num_experts;
   d.ring = ring_shape(attrs.ring);
-  const int part_bytes[2] = {d.parts[0].row_bytes, d.parts[1].row_bytes};
-  d.slot = dispatch_slot(part_bytes, d.num_parts, d.num_topk);
+  d.slot = attrs.slot;
   if (n.num_experts / s->num_ranks > kMaxLocalExperts) return invalid("too many local experts");
-  if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
+  if (ffi::Error e = check_dispatch_rings(*s, d); e.failure()) return e;
   return cuda_error(launch_dispatch(s->info(), d, stream), "dispatch kernel");
 }
 
@@ -195,9 +232,8 @@ ffi::Error CachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   d.num_recv_tokens = num_recv_tokens.typed_data();
   d.num_experts = s->num_ranks;  // unused without expert ids; keeps experts_per_rank nonzero
   d.ring = ring_shape(attrs.ring);
-  const int part_bytes[2] = {d.parts[0].row_bytes, d.parts[1].row_bytes};
-  d.slot = dispatch_slot(part_bytes, d.num_parts, d.num_topk);
-  if (ffi::Error e = check_ring(*s, d.ring, d.slot.bytes); e.failure()) return e;
+  d.slot = attrs.slot;
+  if (ffi::Error e = check_dispatch_rings(*s, d); e.failure()) return e;
   return cuda_error(launch_dispatch(s->info(), d, stream), "cached dispatch kernel");
 }
 
@@ -227,12 +263,9 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_w
   c.num_recv_tokens = num_recv_tokens.typed_data();
   c.combined_x = reinterpret_cast<__nv_bfloat16*>(combined_x->typed_data());
   c.combined_topk_weights = data_or_null<float>(*combined_topk_weights);
-  // A receiver waits for up to a chunk of slots past its head; the sender's chunk holding the
-  // last of them must fit in the ring, hence chunks of at most half the ring.
   c.ring = ring_shape(attrs.ring);
-  c.ring.chunk_tokens = std::min(c.ring.chunk_tokens, std::max(c.ring.slots / 2, 1));
-  c.slot = combine_slot(c.hidden, c.num_topk);
-  if (ffi::Error e = check_ring(*s, c.ring, c.slot.bytes); e.failure()) return e;
+  c.slot = attrs.slot;
+  if (ffi::Error e = check_combine_rings(*s, c); e.failure()) return e;
   return cuda_error(launch_combine(s->info(), c, stream), "combine kernel");
 }
 
@@ -251,9 +284,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_layout, jd::Layout,
                                   .Attrs<jd::LayoutAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_dispatch, jd::Dispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<ffi::AnyBuffer>()  // x [T, H] (bf16, or FP8 values)
                                   .Arg<ffi::AnyBuffer>()  // FP8 scales [T, S] or absent
                                   .Arg<jd::I32>()         // topk_idx [T, K] or absent
@@ -276,9 +307,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_dispatch, jd::Dispatch,
                                   .Attrs<jd::DispatchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_cached_dispatch, jd::CachedDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<ffi::AnyBuffer>()  // x [T, H]
                                   .Arg<ffi::AnyBuffer>()  // FP8 scales [T, S] or absent
                                   .Arg<jd::F32>()         // topk_weights [T, K] or absent
@@ -292,9 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_cached_dispatch, jd::CachedDispatch,
                                   .Attrs<jd::CachedDispatchAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_combine, jd::Combine,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::BF16Matrix>()  // y [N, H]
                                   .Arg<jd::F32>()         // topk_weights [N, K] or absent
                                   .Arg<jd::BF16>()        // bias [T, H] or absent

@@ -7,13 +7,15 @@
 // both orders the two calls and tells the recv kernels which buffer half and signal tag to wait for.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
 
-#include "cuda/low_latency.cuh"
+#include "cuda/launch.h"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_targets.h"
+#include "xla_ffi/layout_check.h"
 #include "xla_ffi/operands.h"
 #include "xla_ffi/nvshmem_ffi.h"
 #include "xla_ffi/nvshmem_runtime.h"
@@ -30,43 +32,56 @@ struct LowLatencySizes {
   int64_t num_experts;
 };
 
+// Every op also takes the layout of a buffer half (jax_deepep/sizes.py:low_latency_layout).
 struct DispatchSendAttrs {
   LowLatencySizes sizes;
+  LowLatencyLayout layout;
   bool use_fp8;
   bool round_scale;
 };
 
 struct DispatchRecvAttrs {
   LowLatencySizes sizes;
+  LowLatencyLayout layout;
   bool use_ue8m0;
 };
 
 struct CombineSendAttrs {
   LowLatencySizes sizes;
+  LowLatencyLayout layout;
   bool zero_copy;
 };
 
 struct CombineRecvAttrs {
   LowLatencySizes sizes;
+  LowLatencyLayout layout;
 };
 
 }  // namespace jax_deepep
 
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencyLayout, StructMember<uint64_t>("dispatch_row_bytes"),
+                                      StructMember<uint64_t>("combine_row_bytes"),
+                                      StructMember<uint64_t>("combine_offset"),
+                                      StructMember<uint64_t>("signal_offset"), StructMember<uint64_t>("half_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_ranks"),
                                       StructMember<int64_t>("num_max_dispatch_tokens_per_rank"),
                                       StructMember<int64_t>("num_experts"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<jax_deepep::LowLatencyLayout>("layout"),
                                       StructMember<bool>("use_fp8"), StructMember<bool>("round_scale"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<jax_deepep::LowLatencyLayout>("layout"),
                                       StructMember<bool>("use_ue8m0"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<jax_deepep::LowLatencyLayout>("layout"),
                                       StructMember<bool>("zero_copy"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineRecvAttrs,
-                                      StructMember<jax_deepep::LowLatencySizes>("sizes"));
+                                      StructMember<jax_deepep::LowLatencySizes>("sizes"),
+                                      StructMember<jax_deepep::LowLatencyLayout>("layout"));
 
 namespace jax_deepep {
 namespace {
@@ -76,9 +91,9 @@ constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-
 
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep low-latency: " + message); }
 
-// The Buffer's state, checked against the op's static sizes and `hidden`; `error` set when unusable.
-std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySizes& sizes, int64_t hidden,
-                                           ffi::Error* error) {
+// The Buffer's state, checked against the op's static sizes, layout and `hidden`; `error` set when unusable.
+std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySizes& sizes,
+                                           const LowLatencyLayout& l, int64_t hidden, ffi::Error* error) {
   std::shared_ptr<NvshmemState> rt = live_nvshmem_state(sizes.buffer_id, device, "low-latency",
                                                         "create the Buffer with low_latency_mode=True and "
                                                         "num_rdma_bytes > 0 first", error);
@@ -97,20 +112,39 @@ std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySize
                      " (a multiple of 8), num_experts=" + std::to_string(num_experts) + " (a multiple of ranks)");
     return nullptr;
   }
-  const LowLatencyLayout layout = make_low_latency_layout(max_tokens, hidden, num_experts);
-  if (2 * layout.half_bytes > rt->num_bytes) {
+  if (2 * l.half_bytes > rt->num_bytes) {
     *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " is too small, these sizes need " +
-                     std::to_string(2 * layout.half_bytes));
+                     std::to_string(2 * l.half_bytes));
     return nullptr;
   }
-  *error = ffi::Error::Success();
+  const uint64_t rows = num_experts * max_tokens;
+  const uint64_t dispatch_bytes =
+      std::max(dispatch_payload_bytes(hidden, false), dispatch_payload_bytes(hidden, true));
+  *error = first_failure({
+      check_layout("low-latency dispatch row", {{"header and payload", 0, dispatch_bytes, 16},
+                                                {"next row", l.dispatch_row_bytes, 0, 16}},
+                   l.dispatch_row_bytes),
+      check_layout("low-latency combine row", {{"bf16 row", 0, 2 * static_cast<uint64_t>(hidden), 16},
+                                               {"next row", l.combine_row_bytes, 0, 16}},
+                   l.combine_row_bytes),
+      check_layout("low-latency half", {{"dispatch rows", 0, rows * l.dispatch_row_bytes, 16},
+                                        {"combine rows", l.combine_offset, rows * l.combine_row_bytes, 16},
+                                        {"signals", l.signal_offset, 2 * 4 * static_cast<uint64_t>(num_experts), 16}},
+                   l.half_bytes),
+      check_layout("low-latency buffer",
+                   {{"first half", 0, l.half_bytes, 16}, {"second half", l.half_bytes, l.half_bytes, 16}},
+                   rt->num_bytes)});
+  if (error->failure()) return nullptr;
   return rt;
 }
 
-LowLatencyShape shape_of(const LowLatencySizes& sizes, int64_t num_tokens, int64_t top_k, int64_t hidden) {
-  return LowLatencyShape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
-                         static_cast<int>(sizes.num_max_dispatch_tokens_per_rank),
-                         static_cast<int>(sizes.num_experts)};
+// What the launch needs besides its arrays: the peers, the op's sizes and the checked layout.
+LowLatencyCall call_of(const NvshmemState& rt, const LowLatencySizes& sizes, const LowLatencyLayout& layout,
+                       int64_t num_tokens, int64_t top_k, int64_t hidden) {
+  const LowLatencyShape shape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
+                              static_cast<int>(sizes.num_max_dispatch_tokens_per_rank),
+                              static_cast<int>(sizes.num_experts)};
+  return LowLatencyCall{rt.memory, shape, layout};
 }
 
 // y and recv_x are [E / R, R * M, H].
@@ -129,17 +163,20 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("dispatch expects x [T, H] and topk_idx [T, K <= 32]");
   }
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, x_dims[1], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, x_dims[1], &error);
   if (rt == nullptr) return error;
   if (x_dims[0] > attrs.sizes.num_max_dispatch_tokens_per_rank) {
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
   if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
-  return launched(launch_low_latency_dispatch_send(
-                      stream, rt->memory, shape_of(attrs.sizes, x_dims[0], idx_dims[1], x_dims[1]),
-                      reinterpret_cast<const __nv_bfloat16*>(x.typed_data()), topk_idx.typed_data(),
-                      send_slot->typed_data(), token->typed_data(), attrs.use_fp8, attrs.round_scale),
-                  "dispatch send");
+  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, x_dims[0], idx_dims[1], x_dims[1]);
+  const LowLatencyDispatchSendArgs args{reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
+                                        topk_idx.typed_data(),
+                                        send_slot->typed_data(),
+                                        token->typed_data(),
+                                        attrs.use_fp8,
+                                        attrs.round_scale};
+  return launched(launch_low_latency_dispatch_send(call, args, stream), "dispatch send");
 }
 
 // recv_scales is absent for bf16 rows.
@@ -149,18 +186,17 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Res
   const auto dims = recv_x->dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("dispatch recv_x must be [E / R, R * M, H]");
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (rt == nullptr) return error;
   const bool use_fp8 = given(*recv_scales);
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
     return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
   }
-  return launched(launch_low_latency_dispatch_recv(stream, rt->memory, shape_of(attrs.sizes, 0, 0, dims[2]),
-                                                   token.typed_data(), recv_x->untyped_data(),
-                                                   data_or_null<void>(*recv_scales), recv_count->typed_data(),
-                                                   recv_src_info->typed_data(), recv_layout_range->typed_data(),
-                                                   use_fp8, attrs.use_ue8m0),
-                  "dispatch recv");
+  const LowLatencyDispatchRecvArgs args{token.typed_data(), recv_x->untyped_data(), data_or_null<void>(*recv_scales),
+                                        recv_count->typed_data(), recv_src_info->typed_data(),
+                                        recv_layout_range->typed_data(), use_fp8, attrs.use_ue8m0};
+  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, 0, 0, dims[2]);
+  return launched(launch_low_latency_dispatch_recv(call, args, stream), "dispatch recv");
 }
 
 ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_layout_range, ffi::Result<I32> token,
@@ -168,17 +204,17 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_lay
   const auto dims = y.dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("combine y must be [E / R, R * M, H]");
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, dims[2], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (rt == nullptr) return error;
   // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
   const bool put_from_y = attrs.zero_copy && rt->has_put_peers;
   if (std::string why; put_from_y && !register_put_source(*rt, y.untyped_data(), y.size_bytes(), &why)) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepep low-latency: zero_copy combine: " + why);
   }
-  return launched(launch_low_latency_combine_send(stream, rt->memory, shape_of(attrs.sizes, 0, 0, dims[2]),
-                                                  reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                                  recv_layout_range.typed_data(), token->typed_data(), put_from_y),
-                  "combine send");
+  const LowLatencyCombineSendArgs args{reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
+                                       recv_layout_range.typed_data(), token->typed_data(), put_from_y};
+  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, 0, 0, dims[2]);
+  return launched(launch_low_latency_combine_send(call, args, stream), "combine send");
 }
 
 ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I32 recv_layout_range, I32 topk_idx, F32 topk_weights,
@@ -194,16 +230,17 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
     return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, out_dims[1], &error);
+  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, out_dims[1], &error);
   if (rt == nullptr) return error;
-  return launched(launch_low_latency_combine_recv(stream, rt->memory,
-                                                  shape_of(attrs.sizes, idx_dims[0], idx_dims[1], out_dims[1]),
-                                                  token.typed_data(),
-                                                  reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                                  recv_layout_range.typed_data(), topk_idx.typed_data(),
-                                                  topk_weights.typed_data(), send_slot.typed_data(),
-                                                  reinterpret_cast<__nv_bfloat16*>(out->typed_data())),
-                  "combine recv");
+  const LowLatencyCombineRecvArgs args{token.typed_data(),
+                                       reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
+                                       recv_layout_range.typed_data(),
+                                       topk_idx.typed_data(),
+                                       topk_weights.typed_data(),
+                                       send_slot.typed_data(),
+                                       reinterpret_cast<__nv_bfloat16*>(out->typed_data())};
+  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, idx_dims[0], idx_dims[1], out_dims[1]);
+  return launched(launch_low_latency_combine_recv(call, args, stream), "combine recv");
 }
 
 }  // namespace
@@ -212,9 +249,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
 namespace jd = jax_deepep;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::BF16>()  // x [T, H]
                                   .Arg<jd::I32>()   // topk_idx [T, K]
                                   .Ret<jd::I32>()   // send_slot [T, K]
@@ -222,9 +257,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
                                   .Attrs<jd::DispatchSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::I32>()         // token [1]
                                   .Ret<ffi::AnyBuffer>()  // recv_x [E / R, R * M, H] (bf16 or e4m3)
                                   .Ret<ffi::AnyBuffer>()  // FP8 scales [E / R, R * M, S] or absent
@@ -234,18 +267,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
                                   .Attrs<jd::DispatchRecvAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::BF16>()  // y [E / R, R * M, H]
                                   .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
                                   .Ret<jd::I32>()   // token [1]
                                   .Attrs<jd::CombineSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jd::bind_on_device()
                                   .Arg<jd::I32>()   // token [1]
                                   .Arg<jd::BF16>()  // y [E / R, R * M, H]
                                   .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]

@@ -5,6 +5,8 @@
 // cannot be confused, even for zero tokens.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 #include <string>
 
@@ -43,6 +45,12 @@ inline int64_t row_bytes(const xla::ffi::AnyBuffer& b) {
 
 inline int64_t leading_dim(const xla::ffi::AnyBuffer& b) {
   return b.dimensions().size() == 0 ? 0 : b.dimensions()[0];
+}
+
+// The start of every Bind list but the layout's: XLA's stream and the device ordinal, which with
+// the Buffer id finds the Buffer's state.
+inline auto bind_on_device() {
+  return xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>().Ctx<xla::ffi::DeviceOrdinal>();
 }
 
 inline xla::ffi::Error invalid_argument(const std::string& message) {

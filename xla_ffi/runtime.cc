@@ -4,7 +4,7 @@
 
 #include <cstring>
 
-#include "cuda/intranode.h"
+#include "cuda/launch.h"
 #include "xla_ffi/failure.h"
 #include "xla_ffi/host_errors.h"
 #include "xla_ffi/registry.h"

@@ -15,8 +15,11 @@ peers' calls pair up element by element.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..varying import mark_varying
 
@@ -30,6 +33,19 @@ def optional_operand(a, dtype):
 def optional_result(shape, dtype) -> jax.ShapeDtypeStruct:
     """A result of `shape`, or with `shape` None an absent one (shape (0,), as `optional_operand`)."""
     return jax.ShapeDtypeStruct((0,) if shape is None else shape, dtype)
+
+
+def struct_attribute(layout, dtype=np.uint64) -> dict:
+    """A `jax_deepep.sizes` dataclass as a struct attribute (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING):
+    every field a `dtype` scalar, a tuple field `f` spelled `f0`, `f1`, ... (the C++ struct's array)."""
+    attribute = {}
+    for field in dataclasses.fields(layout):
+        value = getattr(layout, field.name)
+        if isinstance(value, tuple):
+            attribute.update({f"{field.name}{i}": dtype(v) for i, v in enumerate(value)})
+        else:
+            attribute[field.name] = dtype(value)
+    return attribute
 
 
 def ffi_call(target: str, results, *args, axis_name: str, **attrs):

@@ -19,10 +19,10 @@ from ..backend import DispatchResult, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import valid_expert_ids
-from ..sizes import internode_combine_layout, internode_dispatch_layout, internode_rdma_bytes
+from ..sizes import internode_combine_layout, internode_dispatch_layout, internode_rdma_bytes, internode_regions
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
 from ..validation import expect_array, fail
-from .ffi_call import ffi_call, optional_operand, optional_result
+from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 from .nvshmem import SymmetricBuffer
 
 
@@ -68,6 +68,7 @@ class InternodeBackend:
         self.symmetric = symmetric
         self.num_rdma_bytes = symmetric.num_bytes
         self.ranks_per_node = ranks_per_node
+        self._dispatch_region, self._combine_region = internode_regions(symmetric.num_bytes)
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
@@ -126,7 +127,8 @@ class InternodeBackend:
             is_token_in_rank, tokens_per_rank, optional_operand(tokens_per_expert, i32),
             axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
             num_experts=np.int64(num_experts if ids is not None else 0),
-            ranks_per_node=np.int64(self.ranks_per_node), expert_alignment=np.int64(expert_alignment))
+            ranks_per_node=np.int64(self.ranks_per_node), expert_alignment=np.int64(expert_alignment),
+            region=struct_attribute(self._dispatch_region), layout=struct_attribute(layout))
         recv_x, recv_scales, recv_ids, recv_weights, *meta, _token = out
         recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
         return (recv_parts, recv_ids if ids is not None else None, recv_weights if weights is not None else None,
@@ -179,5 +181,6 @@ class InternodeBackend:
             y, optional_operand(None if topk_weights is None else topk_weights.astype(f32), f32), *biases,
             handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
             route.forwarded, axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
-            ranks_per_node=np.int64(self.ranks_per_node))
+            ranks_per_node=np.int64(self.ranks_per_node), region=struct_attribute(self._combine_region),
+            layout=struct_attribute(layout))
         return x, (weights if topk_weights is not None else None)

@@ -19,7 +19,7 @@ from ..sizes import combine_slot, dispatch_slot
 from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
 from ..validation import expect_array, fail
 from . import runtime
-from .ffi_call import ffi_call, optional_operand, optional_result
+from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 
 # Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
 DEFAULT_NUM_NVL_BYTES = 512 << 20
@@ -86,24 +86,27 @@ class IntranodeBackend:
         return self.comm.failures()
 
     # ---- launch shapes ------------------------------------------------------------------------
-    def _ring(self, op: str, ctx: RankContext, config: Config, slot_bytes: int, chunk_tokens: int) -> dict:
+    def _ring(self, op: str, ctx: RankContext, config: Config, slot, half_ring_chunks: bool = False) -> dict:
+        """The Buffer id, ring and slot attributes of an op moving tokens in slots of `slot` (a
+        `sizes` slot); with `half_ring_chunks`, chunks of at most half the ring."""
         channels = config.num_channels
         if channels > self._max_channels:
             fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
-        slots = config.num_max_nvl_chunked_recv_tokens
+        slots, chunk_tokens = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
         if ctx.num_ranks > 1:
-            slots = min(slots, self.comm.ring_bytes // (channels * ctx.num_ranks * slot_bytes))
+            slots = min(slots, self.comm.ring_bytes // (channels * ctx.num_ranks * slot.bytes))
             if slots < chunk_tokens:
                 fail(op, f"the Buffer is too small: num_nvl_bytes={self.comm.num_bytes} holds {slots} ring slots "
-                         f"of {slot_bytes} bytes per channel and peer, the config needs at least {chunk_tokens}")
-        return dict(buffer_id=_i64(self.comm.buffer_id),
-                    ring=dict(num_channels=_i64(channels), slots=_i64(slots), chunk_tokens=_i64(chunk_tokens)))
+                         f"of {slot.bytes} bytes per channel and peer, the config needs at least {chunk_tokens}")
+        if half_ring_chunks:
+            chunk_tokens = min(chunk_tokens, max(slots // 2, 1))
+        ring = dict(num_channels=_i64(channels), slots=_i64(slots), chunk_tokens=_i64(chunk_tokens))
+        return dict(buffer_id=_i64(self.comm.buffer_id), ring=ring, slot=struct_attribute(slot, np.int32))
 
     def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
-        """Ring attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
+        """Attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
         part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts]
-        slot_bytes = dispatch_slot(part_bytes, num_topk).bytes
-        return self._ring("dispatch", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        return self._ring("dispatch", ctx, config, dispatch_slot(part_bytes, num_topk))
 
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
@@ -179,8 +182,9 @@ class IntranodeBackend:
                             f"multiple of 8), got hidden size {hidden}")
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
-        slot_bytes = combine_slot(hidden, num_topk).bytes
-        attrs = self._ring("combine", ctx, config, slot_bytes, config.num_max_nvl_chunked_send_tokens)
+        # A receiver waits for up to a chunk of slots past its head; the sender's chunk holding the
+        # last of them must fit in the ring, hence chunks of at most half the ring.
+        attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), half_ring_chunks=True)
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
         num_tokens = handle.is_token_in_rank.shape[0]

@@ -18,7 +18,8 @@ from ..backend import LowLatencyOptions, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
-from .ffi_call import ffi_call, optional_result
+from ..sizes import low_latency_layout
+from .ffi_call import ffi_call, optional_result, struct_attribute
 from .nvshmem import SymmetricBuffer
 
 
@@ -51,11 +52,13 @@ class LowLatencyBackend:
     def failures(self) -> list:
         return self.symmetric.failures()
 
-    def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int) -> dict:
-        """The `sizes` attribute every low-latency custom call takes."""
-        return dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
-                    num_max_dispatch_tokens_per_rank=np.int64(num_max_dispatch_tokens_per_rank),
-                    num_experts=np.int64(num_experts))
+    def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int, hidden: int) -> dict:
+        """The `sizes` and `layout` attributes every low-latency custom call takes: the Buffer, the
+        static sizes and the layout of a buffer half."""
+        m = num_max_dispatch_tokens_per_rank
+        sizes = dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
+                     num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
+        return dict(sizes=sizes, layout=struct_attribute(low_latency_layout(m, hidden, num_experts)))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
@@ -63,7 +66,7 @@ class LowLatencyBackend:
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
             x, idx, axis_name=ctx.axis_name,
-            sizes=self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts),
+            **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
             use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         return {"token": token, "send_slot": send_slot, "sizes": sizes}
@@ -85,7 +88,7 @@ class LowLatencyBackend:
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
-            transit["token"], axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
+            transit["token"], axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden),
             use_ue8m0=bool(opts.use_ue8m0))
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
@@ -96,8 +99,8 @@ class LowLatencyBackend:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts),
-            zero_copy=bool(zero_copy))
+            y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
+            **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
@@ -110,4 +113,4 @@ class LowLatencyBackend:
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
             transit["topk_weights"], transit["send_slot"],
-            axis_name=ctx.axis_name, sizes=self._sizes(ctx, m, num_experts))
+            axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden))

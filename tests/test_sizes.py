@@ -1,0 +1,76 @@
+"""jax_deepep.sizes: the layouts the handlers receive as attributes, pinned to known values (those
+the kernels' former C++ formulas gave), and the attribute names the handlers decode."""
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from jax_deepep import sizes
+from jax_deepep.gpu.ffi_call import struct_attribute
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_low_latency_layouts():
+    assert sizes.low_latency_layout(128, 7168, 288) == sizes.LowLatencyLayout(
+        14352, 14336, 529072128, 1057554432, 1057556736)
+    assert sizes.low_latency_layout(8, 256, 16) == sizes.LowLatencyLayout(528, 512, 67584, 133120, 133248)
+
+
+def test_intranode_slots():
+    assert sizes.dispatch_slot([14336], 8) == sizes.DispatchSlot((16, 14352), 14352, 14384, 14416)
+    assert sizes.dispatch_slot([7168, 224], 8) == sizes.DispatchSlot((16, 7184), 7408, 7440, 7472)
+    assert sizes.combine_slot(7168, 8) == sizes.CombineSlot(14336, 14368)
+
+
+def test_internode_layouts():
+    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384.
+    assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
+        sizes.InternodeDispatchLayout(14416, 16, 48, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
+                                      354289920, 118096960, 118095872)
+    # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
+    assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
+        sizes.InternodeDispatchLayout(7440, 16, 16, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
+                                      952336, 952320)
+    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16) == sizes.InternodeCombineLayout(
+        14368, 28704, 0, 941621248, 941622272, 1176765440, 1176765696, 235143168)
+    assert sizes.internode_combine_layout(64, 128, 0, 2, 4) == sizes.InternodeCombineLayout(
+        256, 512, 0, 65536, 65792, 131328, 131584, 65536)
+
+
+def test_internode_regions():
+    dispatch, combine = sizes.internode_regions((1 << 30) + 100)
+    assert dispatch == sizes.InternodeRegion(0, 1 << 28)
+    assert combine == sizes.InternodeRegion(1 << 29, 1 << 28)
+
+
+def test_struct_attribute_spells_tuples_per_element():
+    attribute = struct_attribute(sizes.dispatch_slot([14336], 8), np.int32)
+    assert attribute == {"part_offset0": 16, "part_offset1": 14352, "topk_idx_offset": 14352,
+                         "topk_weights_offset": 14384, "bytes": 14416}
+    assert all(type(v) is np.int32 for v in attribute.values())
+
+
+def _decoded_members(struct: str) -> list:
+    """The member names xla_ffi/*_ffi.cc decode `jax_deepep::<struct>` from, in order."""
+    for path in sorted((ROOT / "xla_ffi").glob("*_ffi.cc")):
+        match = re.search(rf"XLA_FFI_REGISTER_STRUCT_ATTR_DECODING\(jax_deepep::{struct},(.*?)\);", path.read_text(),
+                          re.S)
+        if match:
+            return re.findall(r'StructMember<[\w:]+>\("(\w+)"\)', match.group(1))
+    raise AssertionError(f"no decoding of {struct} in xla_ffi/")
+
+
+@pytest.mark.parametrize("layout", [
+    sizes.low_latency_layout(8, 256, 16),
+    sizes.dispatch_slot([14336], 8),
+    sizes.combine_slot(7168, 8),
+    sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4),
+    sizes.internode_combine_layout(64, 128, 0, 2, 4),
+    sizes.internode_regions(1 << 20)[1],
+], ids=lambda layout: type(layout).__name__)
+def test_handlers_decode_the_fields_python_passes(layout):
+    if not (ROOT / "xla_ffi").is_dir():
+        pytest.skip("the C++ sources are not next to the tests")
+    assert list(struct_attribute(layout)) == _decoded_members(type(layout).__name__)
