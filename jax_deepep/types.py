@@ -92,6 +92,11 @@ class ExpertGroupedHandle:
     def is_token_in_rank(self) -> Array:
         return self.tokens.is_token_in_rank
 
+    def with_unit_weights(self) -> "ExpertGroupedHandle":
+        """This handle with weight 1 on every pair: its `combine` is the unweighted sum over a token's
+        pairs, the transpose of the dispatch (what a custom gradient of the dispatch needs)."""
+        return dataclasses.replace(self, weight=(self.token_row >= 0).astype(self.weight.dtype))
+
 
 @pytree_dataclass()
 class DispatchOutput:
