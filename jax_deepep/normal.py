@@ -291,6 +291,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
     backend = _serving(backend, num_tokens)
+    ops = _grouped_ops(op, backend) if expert_grouped else backend
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     if topk_idx is None and layout is None:
         fail(op, "routing is missing: pass `topk_idx` with `layout` or `num_experts`, or a `handle`")
@@ -321,7 +322,6 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
             num_worst_tokens = grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
                                                 num_experts // ctx.num_ranks, expert_alignment)
     num_worst_tokens = integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens, minimum=0)
-    ops = _grouped_ops(op, backend) if expert_grouped else backend
     static = _Static(ops, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
 

@@ -10,7 +10,8 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import make_mesh, random_bf16, random_tokens, random_weights, run_per_rank
+import vmap_cases
+from harness import make_mesh, random_bf16, random_tokens, random_topk, random_weights, run_per_rank
 
 T, H, K, E = 10, 128, 4, 16
 RANKS = (1, 2, 4)
@@ -245,3 +246,27 @@ def test_bad_input(rng, call, message):
     buffer = deepep.Buffer(make_mesh(2), "ep")
     with pytest.raises(deepep.DeepEPError, match=message):
         run_per_rank(make_mesh(2), lambda x, idx: call(buffer, x, idx), x, idx)
+
+
+def _dispatch_and_combine(buffer, x, topk_idx, topk_weights):
+    """A vmap_cases-style case: grouped dispatch, a cached dispatch of it, and the weighted combine."""
+    out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=vmap_cases.E,
+                          expert_grouped=True, expert_alignment=2)
+    again = buffer.dispatch(jnp.cos(x), handle=out.handle).recv_x
+    combined = buffer.combine(jnp.sin(out.recv_x) + again, out.handle, topk_weights=out.recv_topk_weights)
+    return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens_per_expert, *combined
+
+
+def test_vmap_is_a_loop(rng):
+    """`jax.vmap` of the grouped ops (and `jax.grad` of it) gives what a Python loop gives."""
+    num_ranks, batch = 4, vmap_cases.BATCH
+    case = vmap_cases.Case(_dispatch_and_combine, targets=None)
+    buffer = deepep.Buffer(make_mesh(num_ranks), "ep")
+    x = random_bf16(rng, (num_ranks, batch, vmap_cases.T, vmap_cases.H))
+    idx = random_topk(rng, num_ranks * batch, vmap_cases.T, vmap_cases.K, vmap_cases.E, "repeated")
+    args = (x, idx.reshape(num_ranks, batch, vmap_cases.T, vmap_cases.K),
+            random_weights(rng, (num_ranks, batch, vmap_cases.T, vmap_cases.K)))
+    got = run_per_rank(make_mesh(num_ranks), vmap_cases.mapped(case, buffer), *args)
+    want = run_per_rank(make_mesh(num_ranks), vmap_cases.looped(case, buffer), *args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64))
