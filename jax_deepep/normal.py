@@ -319,14 +319,14 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     if num_worst_tokens is None:
         num_worst_tokens = ctx.num_ranks * num_tokens
         if expert_grouped:
-            num_worst_tokens = grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
+            num_worst_tokens = _grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
                                                 num_experts // ctx.num_ranks, expert_alignment)
     num_worst_tokens = integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens, minimum=0)
     static = _Static(ops, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
 
 
-def grouped_capacity(num_ranks: int, num_tokens: int, top_k: int, num_local_experts: int,
+def _grouped_capacity(num_ranks: int, num_tokens: int, top_k: int, num_local_experts: int,
                      expert_alignment: int) -> int:
     """The default N of an expert-grouped dispatch, room for every pair: a token makes at most
     min(K, E_l) pairs on one rank, and each expert's group at most `expert_alignment - 1` padding rows."""
