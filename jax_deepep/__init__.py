@@ -11,7 +11,7 @@ from .build_info import build_info
 from .checking import checked
 from .config import Config
 from .gpu import available as cuda_available
-from .types import (DispatchHandle, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput,
+from .types import (DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle, LowLatencyDispatchOutput,
                     LowLatencyHandle, PendingLowLatencyCombine)
 from .trace_names import CHECKPOINT_NAMES
 from .validation import DeepEPError
@@ -20,7 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "CHECKPOINT_NAMES", "Config", "build_info", "DispatchHandle", "DispatchLayout", "DispatchOutput",
-    "LowLatencyDispatchOutput",
-    "LowLatencyHandle", "PendingLowLatencyCombine", "DeepEPError", "checked", "cuda_available", "fp8",
-    "reference",
+    "ExpertGroupedHandle", "LowLatencyDispatchOutput", "LowLatencyHandle", "PendingLowLatencyCombine", "DeepEPError",
+    "checked", "cuda_available", "fp8", "reference",
 ]

@@ -57,6 +57,9 @@ class NormalBackend(Protocol):
 
     name: str  # "reference" or "cuda"
     mode: str  # "reference", "intranode", "internode"
+    # The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
+    # has their signatures), or None where `expert_grouped=True` is not implemented.
+    expert_grouped: Optional[object]
 
     def destroy(self) -> None:
         """Free what the backend holds (idempotent)."""

@@ -4,6 +4,7 @@ formulations in `baselines.py` and against a plain device copy of the same bytes
     python -m jax_deepep.bench                         # normal mode, T=4096 H=7168 K=8 E=256
     python -m jax_deepep.bench --mode low_latency      # 128 tokens per rank, latency in us
     python -m jax_deepep.bench --mode internode --spawn 2 --ranks-per-node 1   # 2 "nodes" on this host
+    python -m jax_deepep.bench --mode moe              # a MoE layer per layout and transport (bench_moe.py)
     python -m jax_deepep.bench --json out.json --png out.png
 
 Ranks are the local devices (R = 1 on one GPU). Internode mode runs one process per GPU over the
@@ -510,10 +511,10 @@ def _fmt(v, digits=1):
 
 
 def table(results) -> str:
-    lines = [f"{'op':<12} {'impl':<20} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'span us':>9} {'GB/s':>8} "
-             f"{'vs copy':>8}  note", "-" * 100]
+    lines = [f"{'op':<12} {'impl':<26} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'span us':>9} {'GB/s':>8} "
+             f"{'vs copy':>8}  note", "-" * 106]
     for r in results:
-        lines.append(f"{r.op:<12} {r.impl:<20} {r.dtype:<5} {_fmt(r.time_us):>9} {_fmt(r.device_us):>9} "
+        lines.append(f"{r.op:<12} {r.impl:<26} {r.dtype:<5} {_fmt(r.time_us):>9} {_fmt(r.device_us):>9} "
                      f"{_fmt(r.span_us):>9} "
                      f"{_fmt(r.gbps):>8} {_fmt(r.vs_copy, 3):>8}  {r.note}")
     return "\n".join(lines)
@@ -551,9 +552,19 @@ def _num_sms(value: str, device) -> int:
         raise SystemExit(f"--num-sms: a number or 'max', got {value!r}") from None
 
 
+def _bench_moe(runner: Runner, mesh: Mesh, sizes: Sizes, args):
+    from .bench_moe import bench_moe  # it builds on this module's plumbing
+
+    return bench_moe(runner, mesh, sizes, args)
+
+
+# What each --mode runs (internode: the normal-mode ops on a Buffer over several nodes).
+_BENCHES = {"normal": bench_normal, "low_latency": bench_low_latency, "internode": bench_normal, "moe": _bench_moe}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jax_deepep.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("normal", "low_latency", "internode"), default="normal")
+    p.add_argument("--mode", choices=tuple(_BENCHES), default="normal")
     p.add_argument("--num-tokens", type=int, default=None, help="tokens per rank (4096; 128 in low_latency)")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-topk", type=int, default=8)
@@ -588,6 +599,7 @@ def parse_args(argv=None):
     jobs.add_argument("--process-id", type=int, default=None)
     jobs.add_argument("--local-device", type=int, default=None, help="this process's local GPU (with --coordinator)")
     jobs.add_argument("--shared-gpu", action="store_true", help=argparse.SUPPRESS)  # set by --spawn
+    p.add_argument("--moe-ffn", type=int, default=2048, help="width of each expert's SwiGLU (--mode moe)")
     return p.parse_args(argv)
 
 
@@ -654,7 +666,7 @@ def main(argv=None):
         Buffer.set_num_sms(_num_sms(args.num_sms, devices[0]))
     runner = Runner(mesh, args)
     # The Buffer outlives the profile, which runs its ops once more.
-    buffer = (bench_low_latency if args.mode == "low_latency" else bench_normal)(runner, mesh, sizes, args)
+    buffer = _BENCHES[args.mode](runner, mesh, sizes, args)
     leader = jax.process_index() == 0
     if args.profile:
         # Every process runs the profiled ops (internode ops wait for their peers), each into its own folder.

@@ -247,14 +247,16 @@ class Buffer:
         return _normal.get_dispatch_layout(self.normal_backend, ctx, topk_idx, num_experts)
 
     def dispatch(self, x, *, topk_idx=None, topk_weights=None, num_experts=None, layout=None, handle=None,
-                 num_worst_tokens=None, expert_alignment=1, config=None):
+                 num_worst_tokens=None, expert_alignment=1, expert_grouped=False, config=None):
         """Per shard: send each token to the ranks of its experts; returns a `DispatchOutput`.
 
         `x`: bf16 `[T, H]` or the FP8 pair (float8_e4m3fn `[T, H]`, f32 scales `[T, H // 128]`).
         Routing: `topk_idx` (i32 `[T, K]`) with `num_experts` or `layout`, or `layout` alone, or the
         `handle` of an earlier dispatch (cached mode, no other routing). `topk_weights`: f32
         `[T, K]`. `num_worst_tokens`: the receive capacity N (default R * T); `expert_alignment`
-        rounds the per-expert counts up; `config` defaults to `get_dispatch_config`.
+        rounds the per-expert counts up; `config` defaults to `get_dispatch_config`. `expert_grouped=True`
+        receives a row per (token, local expert) pair, grouped by expert and padded to `expert_alignment`,
+        ready for `jax.lax.ragged_dot` (docs/API.md, "Expert-grouped dispatch").
         Differentiable in bf16 `x` and `topk_weights`; under `jax.vmap`, a loop over the mapped axis.
 
         Traced under `jax.named_scope("deepep/dispatch")`. Checkpoint names (`jax.checkpoint` policies):
@@ -267,14 +269,15 @@ class Buffer:
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
                                 num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
-                                num_nvl_bytes=self.num_nvl_bytes)
+                                expert_grouped=expert_grouped, num_nvl_bytes=self.num_nvl_bytes)
 
     def combine(self, y, handle, *, topk_weights=None, bias=None, config=None):
         """Per shard: sum each token's rows back on its source rank; returns
         (bf16 `[T, H]`, f32 `[T, K]` or None).
 
         `y`: bf16 `[N, H]`, a row per received row of the dispatch whose `handle` is given (rows past
-        `num_recv_tokens` are ignored); `topk_weights`: f32 `[N, K]`, summed back alike; `bias`:
+        `num_recv_tokens` are ignored); `topk_weights`: f32 `[N, K]`, summed back alike; with an
+        expert-grouped handle, each token's sum weights its pair rows, and `topk_weights` is f32 `[N]`; `bias`:
         None, or one or two bf16 `[T, H]` added to the sum, which is taken in f32 and rounded once.
         Differentiable in `y`, `topk_weights` and `bias`; under `jax.vmap`, a loop over the mapped axis.
 

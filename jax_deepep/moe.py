@@ -2,6 +2,10 @@
 
     router -> top-k -> dispatch (bf16 or FP8) -> grouped SwiGLU experts -> combine
 
+The dispatch receives its rows grouped by expert (`expert_grouped=True`), ready for `ragged_dot`, and
+the combine weights them; where the Buffer's backend cannot group (the CUDA kernels, for now) or with
+`MoEConfig(expert_grouped=False)`, the rows come by source and `group_by_expert` sorts them instead.
+
 Parameters are plain dicts of arrays (`init_params`); the expert weights are sharded over the
 expert-parallel mesh axis (`param_specs`), the router is replicated. `moe_layer` runs per shard,
 inside `jax.shard_map` over (at least) the buffer's axis; `low_latency_moe` is the decoding variant
@@ -23,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from .buffer import Buffer
 from .fp8 import per_block_cast_back, per_block_cast_to_fp8
 from .rounding import round_to
-from .types import DispatchOutput
+from .types import DispatchOutput, ExpertGroupedHandle
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -37,7 +41,10 @@ class MoEConfig:
     score_func: str = "softmax"  # "softmax" or "sigmoid" router scores
     normalize_topk: bool = True  # rescale the k chosen scores to sum to 1
     use_fp8: bool = False  # dispatch tokens as per-128-channel FP8 (gradients still flow, in bf16)
-    capacity: Optional[int] = None  # receive rows per rank (`num_worst_tokens`); None: R * T, nothing dropped
+    capacity: Optional[int] = None  # receive rows per rank (`num_worst_tokens`); None: nothing dropped
+    # Receive rows grouped by expert: None where the Buffer's normal-mode backend can, True (a DeepEPError
+    # where it cannot), False for rows by source sorted by `group_by_expert` (the layout before grouping).
+    expert_grouped: Optional[bool] = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -186,12 +193,14 @@ class _DispatchArgs:
     buffer: Buffer
     num_experts: int
     capacity: Optional[int]
+    expert_grouped: bool
 
 
 def _fp8_dispatch_body(args: _DispatchArgs, x, topk_weights, topk_idx) -> DispatchOutput:
     """Dispatch `x` as FP8 and dequantise on arrival; the cotangent is a bf16 combine (FP8 has none)."""
     out = args.buffer.dispatch(per_block_cast_to_fp8(x), topk_idx=topk_idx, topk_weights=topk_weights,
-                               num_experts=args.num_experts, num_worst_tokens=args.capacity)
+                               num_experts=args.num_experts, num_worst_tokens=args.capacity,
+                               expert_grouped=args.expert_grouped)
     return dataclasses.replace(out, recv_x=per_block_cast_back(*out.recv_x))
 
 
@@ -206,7 +215,12 @@ def _fp8_dispatch_fwd(args, x, topk_weights, topk_idx):
 
 def _fp8_dispatch_bwd(args, residuals, g: DispatchOutput):
     handle, recv_topk_idx = residuals
-    g_weights = jnp.where(recv_topk_idx >= 0, g.recv_topk_weights, 0.0)
+    g_weights = g.recv_topk_weights
+    if isinstance(handle, ExpertGroupedHandle):
+        # The pair weights reach the combine through the handle; the transpose of dispatch is unweighted.
+        g_weights = g_weights + g.handle.weight
+        handle = handle.with_unit_weights()
+    g_weights = jnp.where(recv_topk_idx >= 0, g_weights, 0.0)
     g_x, g_topk_weights = args.buffer.combine(g.recv_x, handle, topk_weights=g_weights)
     return g_x, g_topk_weights, None
 
@@ -214,12 +228,19 @@ def _fp8_dispatch_bwd(args, residuals, g: DispatchOutput):
 _fp8_dispatch.defvjp(_fp8_dispatch_fwd, _fp8_dispatch_bwd)
 
 
-def _dispatch(buffer: Buffer, x, routing: Routing, config: MoEConfig) -> DispatchOutput:
+def expert_grouped(buffer: Buffer, config: MoEConfig) -> bool:
+    """Whether the layer receives its rows grouped by expert (`MoEConfig.expert_grouped`)."""
+    if config.expert_grouped is None:
+        return buffer.normal_backend.expert_grouped is not None
+    return config.expert_grouped
+
+
+def _dispatch(buffer: Buffer, x, routing: Routing, config: MoEConfig, grouped: bool) -> DispatchOutput:
     if config.use_fp8:
-        return _fp8_dispatch(_DispatchArgs(buffer, config.num_experts, config.capacity), x,
+        return _fp8_dispatch(_DispatchArgs(buffer, config.num_experts, config.capacity, grouped), x,
                              routing.topk_weights, routing.topk_idx)
     return buffer.dispatch(x, topk_idx=routing.topk_idx, topk_weights=routing.topk_weights,
-                           num_experts=config.num_experts, num_worst_tokens=config.capacity)
+                           num_experts=config.num_experts, num_worst_tokens=config.capacity, expert_grouped=grouped)
 
 
 # ---- the layer ----------------------------------------------------------------------------------
@@ -234,8 +255,13 @@ def moe_layer(params: dict, x, buffer: Buffer, config: MoEConfig, token_mask=Non
 
 def moe_from_routing(params: dict, x, routing: Routing, buffer: Buffer, config: MoEConfig):
     """`moe_layer` after the router: dispatch, local experts, combine."""
-    out = _dispatch(buffer, x, routing, config)
-    y = local_experts(params, out.recv_x, out.recv_topk_idx, out.recv_topk_weights)
+    grouped = expert_grouped(buffer, config)
+    out = _dispatch(buffer, x, routing, config, grouped)
+    if grouped:  # each pair's output goes back as its own bf16 row; combine weights and sums them
+        y = grouped_swiglu(params["w_gate"], params["w_up"], params["w_down"], out.recv_x,
+                           out.num_recv_tokens_per_expert).astype(jnp.bfloat16)
+    else:
+        y = local_experts(params, out.recv_x, out.recv_topk_idx, out.recv_topk_weights)
     combined, _ = buffer.combine(y, out.handle)
     return combined
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .backend import DispatchResult, RankContext
+from .reference.expert_grouped import ExpertGroupedOps
 from .types import DispatchHandle, DispatchLayout
 from .varying import mark_varying
 
@@ -17,6 +18,9 @@ from .varying import mark_varying
 class NoTokensBackend:
     name = "no_tokens"
     mode = "no_tokens"
+
+    def __init__(self):
+        self.expert_grouped = ExpertGroupedOps(self)
 
     def destroy(self):
         pass

@@ -2,6 +2,11 @@
 
 The rules: the cotangent of dispatch is a combine over the same handle; the cotangent of
 combine is a cached dispatch. They hold for any backend, so pure JAX and CUDA share them.
+
+An expert-grouped dispatch (`expert_grouped=True`) runs on the backend's `expert_grouped` ops, whose
+`combine` is unweighted (the transpose of their dispatch) unless given `row_weights`: the public
+combine of a grouped handle passes the handle's pair weights as an argument of its own custom_vjp,
+so their gradient flows back through the handle to the dispatch's `topk_weights`.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from .config import Config
 from .limits import MAX_EXPERT_ALIGNMENT
 from .no_tokens import NO_TOKENS
 from .trace_names import named, scoped
-from .types import DispatchHandle, DispatchLayout, DispatchOutput
+from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
 from .validation import expect_array, expect_top_k, fail, integer, token_parts, topk_ids
 
 
@@ -74,6 +79,8 @@ def _dispatch_bwd(static, residuals, g: DispatchOutput):
     if isinstance(g.recv_x, tuple):  # FP8 tokens carry no gradient
         return None, None, None, None
     g_w = g.recv_topk_weights
+    if g_w is not None and isinstance(handle, ExpertGroupedHandle):
+        g_w = g_w + g.handle.weight  # what a combine of the handle sends back to the pair weights
     if g_w is not None:
         g_w = jnp.where(recv_topk_idx >= 0, g_w, 0.0)
     g_x, g_topk_weights = static.backend.combine(static.ctx, static.config, handle, g.recv_x, g_w, ())
@@ -134,6 +141,36 @@ def _combine_bwd(static, residuals, g):
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
+def _grouped_combine_body(static: _Static, y, row_weights, topk_weights, bias, handle):
+    combined_x, combined_topk_weights = static.backend.combine(static.ctx, static.config, handle, y, topk_weights,
+                                                               bias, row_weights)
+    return named("combine", "combined_x", combined_x), named("combine", "combined_topk_weights", combined_topk_weights)
+
+
+_grouped_combine = jax.custom_vjp(_grouped_combine_body, nondiff_argnums=(0,))
+
+
+def _grouped_combine_fwd(static, y, row_weights, topk_weights, bias, handle):
+    bias_marks = tuple(jnp.zeros((0,), b.dtype) for b in bias)
+    out = _grouped_combine_body(static, y, row_weights, topk_weights, bias, handle)
+    return out, (handle, y, row_weights, bias_marks)
+
+
+def _grouped_combine_bwd(static, residuals, g):
+    handle, y, row_weights, bias_marks = residuals
+    g_x, g_w = g
+    (g_rows,), g_topk_weights = static.backend.cached_dispatch(static.ctx, static.config, handle, (g_x,), g_w)
+    live = (handle.token_row >= 0)[:, None]
+    g_rows = jnp.where(live, g_rows.astype(jnp.float32), 0.0)  # each pair's row gets its token's cotangent
+    g_y = (g_rows * row_weights[:, None]).astype(y.dtype)
+    g_row_weights = jnp.sum(g_rows * jnp.where(live, y.astype(jnp.float32), 0.0), axis=1)
+    g_bias = tuple(g_x.astype(m.dtype) for m in bias_marks)
+    return g_y, g_row_weights, g_topk_weights, g_bias, None
+
+
+_grouped_combine.defvjp(_grouped_combine_fwd, _grouped_combine_bwd)
+
+
 def _check_topk(op: str, topk_idx, topk_weights, num_tokens: int):
     topk_ids(op, topk_idx, num_tokens)
     if topk_weights is not None:
@@ -163,27 +200,64 @@ _HANDLE_ARRAYS = (("is_token_in_rank", jnp.bool_, ("T", "R")), ("send_row", jnp.
                   ("num_recv_tokens_per_expert", jnp.int32, ("E_l",)))
 
 
-def _check_handle(op: str, handle, ctx: RankContext):
-    """`handle` must be a DispatchHandle made over an axis of this size: a handle made for another axis size
-    would make the kernels read out of bounds. Its T and N are those of its own arrays."""
-    if not isinstance(handle, DispatchHandle):
-        fail(op, f"`handle` must be the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
-    arrays = {name: getattr(handle, name) for name, _, _ in _HANDLE_ARRAYS}
-    if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays.values()):
-        fail(op, "`handle` must hold the arrays of a DispatchHandle from dispatch")
-    def leading(a):
-        return a.shape[0] if len(a.shape) else -1
+# The arrays an ExpertGroupedHandle adds to its token-level handle (RT = R * T rows, K its top-k).
+_GROUPED_HANDLE_ARRAYS = (("token_row", jnp.int32, ("N",)), ("pair_row", jnp.int32, ("RT", "K")),
+                          ("weight", jnp.float32, ("N",)), ("num_recv_tokens", jnp.int32, ()),
+                          ("num_recv_tokens_per_expert", jnp.int32, ("E_l",)))
 
-    sizes = {"R": ctx.num_ranks, "T": leading(handle.is_token_in_rank), "N": leading(handle.recv_src_idx),
-             "E_l": leading(handle.num_recv_tokens_per_expert)}
-    for name, dtype, dims in _HANDLE_ARRAYS:
+
+def _leading(a) -> int:
+    return a.shape[0] if len(a.shape) else -1
+
+
+def _check_arrays(op: str, name: str, handle, specs, sizes: dict, ctx: RankContext):
+    """Each (field, dtype, dims) of `specs` names an array of `handle` with that dtype and shape."""
+    arrays = {field: getattr(handle, field) for field, _, _ in specs}
+    if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays.values()):
+        fail(op, f"`{name}` must hold the arrays of a {type(handle).__name__} from dispatch")
+    for field, dtype, dims in specs:
         want = tuple(sizes[d] for d in dims)
-        a = arrays[name]
+        a = arrays[field]
         if tuple(a.shape) != want or a.dtype != dtype:
-            fail(op, f"`handle` does not fit this call: `handle.{name}` must be {np.dtype(dtype).name}"
+            fail(op, f"`handle` does not fit this call: `{name}.{field}` must be {np.dtype(dtype).name}"
                      f"{list(want)} ({', '.join(f'{d}={sizes[d]}' for d in dims) or 'a scalar'}; R is the size "
                      f"of axis {ctx.axis_name!r}), got {np.dtype(a.dtype).name}{list(a.shape)}: was it made "
                      "under another axis size?")
+
+
+def _check_token_handle(op: str, name: str, handle, ctx: RankContext):
+    if not isinstance(handle, DispatchHandle):
+        fail(op, f"`{name}` must be the DispatchHandle of an earlier dispatch, got {type(handle).__name__}")
+    sizes = {"R": ctx.num_ranks, "T": _leading(handle.is_token_in_rank), "N": _leading(handle.recv_src_idx),
+             "E_l": _leading(handle.num_recv_tokens_per_expert)}
+    _check_arrays(op, name, handle, _HANDLE_ARRAYS, sizes, ctx)
+
+
+def _check_handle(op: str, handle, ctx: RankContext):
+    """`handle` must be a DispatchHandle (or ExpertGroupedHandle) made over an axis of this size: a handle
+    made for another axis size would make the kernels read out of bounds. Its T and N are those of its own
+    arrays."""
+    if not isinstance(handle, ExpertGroupedHandle):
+        _check_token_handle(op, "handle", handle, ctx)
+        return
+    _check_token_handle(op, "handle.tokens", handle.tokens, ctx)
+    tokens = handle.tokens
+    sizes = {"N": _leading(handle.token_row), "RT": ctx.num_ranks * tokens.is_token_in_rank.shape[0],
+             "K": handle.pair_row.shape[-1] if hasattr(handle.pair_row, "shape") else -1,
+             "E_l": _leading(tokens.num_recv_tokens_per_expert)}
+    if tokens.capacity != sizes["RT"]:
+        fail(op, f"`handle.tokens` must have room for every token (R * T = {sizes['RT']} rows), got "
+                 f"{tokens.capacity}")
+    _check_arrays(op, "handle", handle, _GROUPED_HANDLE_ARRAYS, sizes, ctx)
+
+
+def _grouped_ops(op: str, backend):
+    """The backend's expert-grouped ops; a backend without them (the CUDA kernels, for now) refuses."""
+    ops = getattr(backend, "expert_grouped", None)
+    if ops is None:
+        fail(op, f"expert_grouped=True is not yet implemented on the {backend.name.upper()} {backend.mode} "
+                 "backend")
+    return ops
 
 
 def _serving(backend, num_tokens: int):
@@ -204,17 +278,25 @@ def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -
 def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, topk_weights=None,
              num_experts: Optional[int] = None, layout: Optional[DispatchLayout] = None,
              handle: Optional[DispatchHandle] = None, num_worst_tokens: Optional[int] = None,
-             expert_alignment: int = 1, num_nvl_bytes: int = 0) -> DispatchOutput:
+             expert_alignment: int = 1, expert_grouped: bool = False, num_nvl_bytes: int = 0) -> DispatchOutput:
     """`num_nvl_bytes`: the Buffer's, checked against what `config` needs (0: not checked)."""
     op = "dispatch"
+    if not isinstance(expert_grouped, bool):
+        fail(op, f"`expert_grouped` must be True or False, got {expert_grouped!r}")
     if handle is not None:
+        if expert_grouped and not isinstance(handle, ExpertGroupedHandle):
+            fail(op, "expert_grouped=True with a `handle` needs the ExpertGroupedHandle of an expert-grouped "
+                     f"dispatch, got a {type(handle).__name__}")
         return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes)
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
     backend = _serving(backend, num_tokens)
+    ops = _grouped_ops(op, backend) if expert_grouped else backend
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     if topk_idx is None and layout is None:
         fail(op, "routing is missing: pass `topk_idx` with `layout` or `num_experts`, or a `handle`")
+    if expert_grouped and topk_idx is None:
+        fail(op, "expert_grouped=True needs `topk_idx` (the rows are (token, expert) pairs)")
     if topk_idx is not None:
         _check_topk(op, topk_idx, topk_weights, num_tokens)
     elif topk_weights is not None:
@@ -233,12 +315,23 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         num_experts = _check_num_experts(op, layout_experts, ctx)
         if topk_idx is not None:
             checking.check_expert_ids(topk_idx, num_experts)
+    expert_alignment = integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
     if num_worst_tokens is None:
         num_worst_tokens = ctx.num_ranks * num_tokens
+        if expert_grouped:
+            num_worst_tokens = _grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
+                                                num_experts // ctx.num_ranks, expert_alignment)
     num_worst_tokens = integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens, minimum=0)
-    expert_alignment = integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
-    static = _Static(backend, ctx, config, num_experts, num_worst_tokens, expert_alignment)
+    static = _Static(ops, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
+
+
+def _grouped_capacity(num_ranks: int, num_tokens: int, top_k: int, num_local_experts: int,
+                     expert_alignment: int) -> int:
+    """The default N of an expert-grouped dispatch, room for every pair: a token makes at most
+    min(K, E_l) pairs on one rank, and each expert's group at most `expert_alignment - 1` padding rows."""
+    padding = num_local_experts * (expert_alignment - 1)
+    return num_ranks * num_tokens * min(top_k, num_local_experts) + padding
 
 
 def _check_layout(op: str, layout, ctx: RankContext, num_tokens: int):
@@ -266,7 +359,9 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
         fail(op, f"`x` has {parts[0].shape[0]} tokens but `handle` was made for {num_tokens}: `x` must have "
                  f"shape [{num_tokens}, *]")
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
-    recv_parts = _cached_dispatch(_Static(_serving(backend, num_tokens), ctx, config), parts, handle)
+    backend = _serving(backend, num_tokens)
+    ops = _grouped_ops(op, backend) if isinstance(handle, ExpertGroupedHandle) else backend
+    recv_parts = _cached_dispatch(_Static(ops, ctx, config), parts, handle)
     recv_x = tuple(recv_parts) if len(parts) == 2 else recv_parts[0]
     return DispatchOutput(recv_x, None, None, handle.num_recv_tokens_per_expert, handle.num_recv_tokens, handle)
 
@@ -280,7 +375,10 @@ def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle
     num_tokens = handle.is_token_in_rank.shape[0]
     expect_array(op, "y", y, ndim=2, dtypes=(jnp.bfloat16,), shape=(handle.capacity, None))
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, y.shape[1])
-    if topk_weights is not None:
+    grouped = isinstance(handle, ExpertGroupedHandle)
+    if topk_weights is not None and grouped:
+        expect_array(op, "topk_weights", topk_weights, ndim=1, dtypes=(jnp.float32,), shape=(handle.capacity,))
+    elif topk_weights is not None:
         expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,),
                      shape=(handle.capacity, None))
         expect_top_k(op, "topk_weights", topk_weights)
@@ -292,4 +390,8 @@ def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle
         fail(op, f"`bias` must be None, one or two bf16 [T, H] arrays, got {len(bias)}")
     for i, b in enumerate(bias):
         expect_array(op, f"bias[{i}]", b, ndim=2, dtypes=(jnp.bfloat16,), shape=(num_tokens, y.shape[1]))
-    return _combine(_Static(_serving(backend, num_tokens), ctx, config), y, topk_weights, tuple(bias), handle)
+    backend = _serving(backend, num_tokens)
+    if grouped:
+        return _grouped_combine(_Static(_grouped_ops(op, backend), ctx, config), y, handle.weight, topk_weights,
+                                tuple(bias), handle)
+    return _combine(_Static(backend, ctx, config), y, topk_weights, tuple(bias), handle)

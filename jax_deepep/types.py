@@ -66,16 +66,53 @@ class DispatchHandle:
 
 
 @pytree_dataclass()
+class ExpertGroupedHandle:
+    """Everything `combine` and a cached `dispatch` need to replay one expert-grouped dispatch
+    (`dispatch(..., expert_grouped=True)`; N = `capacity` grouped rows, one per (token, local expert)
+    pair, grouped by local expert and padded to `expert_alignment`).
+
+    `tokens` is the token-level routing the pairs were cut from, with room for every token (R * T rows:
+    nothing is dropped at that level). `weight` is what `combine` multiplies each row by: it is
+    differentiable, so the gradient of a combine reaches the dispatch's `topk_weights` through it.
+    """
+
+    tokens: DispatchHandle  # token-level routing, capacity R * T
+    token_row: Array  # i32[N]: token-level receive row each grouped row copies, -1 for padding
+    pair_row: Array  # i32[R * T, K]: grouped row of (token-level row j, its k-th expert), -1 for none
+    weight: Array  # f32[N]: the pair's weight (1 without `topk_weights`), 0 for padding
+    num_recv_tokens: Array  # i32[]: grouped rows needed (padding included; may exceed N)
+    num_recv_tokens_per_expert: Array  # i32[E_l]: padded group sizes held within the N rows
+
+    @property
+    def capacity(self) -> int:
+        """N, the number of grouped rows."""
+        return self.token_row.shape[0]
+
+    @property
+    def is_token_in_rank(self) -> Array:
+        return self.tokens.is_token_in_rank
+
+    def with_unit_weights(self) -> "ExpertGroupedHandle":
+        """This handle with weight 1 on every pair: its `combine` is the unweighted sum over a token's
+        pairs, the transpose of the dispatch (what a custom gradient of the dispatch needs)."""
+        return dataclasses.replace(self, weight=(self.token_row >= 0).astype(self.weight.dtype))
+
+
+@pytree_dataclass()
 class DispatchOutput:
     """Result of `dispatch`: the received rows (ordered by source rank, then source token; rows past
-    `num_recv_tokens` unspecified), their local expert ids and weights, the counts, and the handle."""
+    `num_recv_tokens` unspecified), their local expert ids and weights, the counts, and the handle.
+
+    With `expert_grouped=True` a row per (token, local expert) pair instead, grouped by local expert:
+    `recv_topk_idx` and `recv_topk_weights` are then [N] (the row's expert and pair weight) and the
+    handle an `ExpertGroupedHandle` (docs/API.md, "Expert-grouped dispatch")."""
 
     recv_x: Tokens  # [N, H] (or FP8 pair)
-    recv_topk_idx: Optional[Array]  # i32[N, K], local expert ids, -1 elsewhere
-    recv_topk_weights: Optional[Array]  # f32[N, K], 0 where recv_topk_idx == -1
+    recv_topk_idx: Optional[Array]  # i32[N, K], local expert ids, -1 elsewhere (grouped: i32[N])
+    recv_topk_weights: Optional[Array]  # f32[N, K], 0 where recv_topk_idx == -1 (grouped: f32[N])
     num_recv_tokens_per_expert: Array  # i32[E_l], rounded up to expert_alignment
     num_recv_tokens: Array  # i32[]
-    handle: DispatchHandle
+    handle: Union[DispatchHandle, ExpertGroupedHandle]
 
 
 @pytree_dataclass(static=("num_max_dispatch_tokens_per_rank", "num_experts"))

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_all.sh [STEP ...]
 # Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency bench_internode bench_internode_mps
+#        bench_moe (not run by default)
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
 # /tmp/jax_deepep_gpu_all without $OUT. $PYTHON names the Python that builds and runs everything
@@ -83,6 +84,7 @@ run_step() {
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
     bench_internode) bench_internode bench_internode ;;
+    bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json" ;;
     bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;
   esac

@@ -266,3 +266,85 @@ def low_latency_combine(y, topk_weights, received: list, num_tokens: int):
             for i, (s, t, k) in enumerate(rows):
                 out[s, t] += w[s, t, k] * y[d, local, i]
     return out
+
+
+# ---- expert-grouped normal mode -------------------------------------------------------------
+@dataclasses.dataclass
+class GroupedDispatched:
+    """The spec'd result of an expert-grouped dispatch on one rank."""
+
+    pairs: list  # per kept row: (src_rank, src_token, local expert), or None for a padding row
+    recv_parts: list  # one [N, ...] array per payload; padding rows and rows past the groups are zero
+    recv_topk_idx: np.ndarray  # [N]: the row's local expert, -1 for padding
+    recv_topk_weights: np.ndarray  # f32 [N]: the pair's weight (its token's weights for that expert, summed)
+    num_recv_tokens_per_expert: np.ndarray  # [E_l]: padded group sizes, cut at N
+    num_recv_tokens: int  # rows needed, padding included
+
+
+def grouped_dispatch(parts, topk_idx, topk_weights, num_experts: int, capacity: int,
+                     expert_alignment: int = 1) -> list:
+    """Expert-grouped dispatch of every rank: one row per (token, local expert) pair, by local expert,
+    then source rank, then source token; each group padded with zero rows to `expert_alignment`."""
+    idx = valid_ids(topk_idx, num_experts)
+    num_ranks, num_tokens, top_k = idx.shape
+    experts_per_rank = num_experts // num_ranks
+    weights = np.ones(idx.shape, np.float32) if topk_weights is None else np.asarray(topk_weights, np.float32)
+    results = []
+    for d in range(num_ranks):
+        rows, pair_weights, sizes = [], [], []
+        for local in range(experts_per_rank):
+            expert = d * experts_per_rank + local
+            group = [(s, t) for s in range(num_ranks) for t in range(num_tokens) if expert in idx[s, t]]
+            padding = -len(group) % expert_alignment
+            rows += [(s, t, local) for s, t in group] + [None] * padding
+            pair_weights += [sum(weights[s, t, k] for k in range(top_k) if idx[s, t, k] == expert)
+                             for s, t in group] + [0.0] * padding
+            sizes.append(len(group) + padding)
+        kept = rows[:capacity]
+        recv_parts = []
+        for p in parts:
+            p = np.asarray(p)
+            buf = np.zeros((capacity,) + p.shape[2:], p.dtype)
+            for i, pair in enumerate(kept):
+                if pair is not None:
+                    buf[i] = p[pair[0], pair[1]]
+            recv_parts.append(buf)
+        expert_of_row = np.full(capacity, -1, np.int64)
+        weight_of_row = np.zeros(capacity, np.float32)
+        for i, pair in enumerate(kept):
+            if pair is not None:
+                expert_of_row[i], weight_of_row[i] = pair[2], pair_weights[i]
+        starts = np.cumsum(sizes) - sizes
+        held = np.clip(capacity - starts, 0, sizes)
+        results.append(GroupedDispatched(kept, recv_parts, expert_of_row, weight_of_row, held, len(rows)))
+    return results
+
+
+def grouped_combine(rows, dispatched: list, num_tokens: int, bias=(), weighted: bool = True):
+    """Per token, the sum over its kept pairs of (the pair's weight *) `rows [R, N, ...]`, in float64,
+    plus each bias `[R, T, ...]`. Returns `[R, T, ...]`."""
+    rows = np.asarray(rows, np.float64)
+    out = np.zeros((len(dispatched), num_tokens) + rows.shape[2:])
+    for d, result in enumerate(dispatched):
+        for i, pair in enumerate(result.pairs):
+            if pair is not None:
+                weight = float(result.recv_topk_weights[i]) if weighted else 1.0
+                out[pair[0], pair[1]] += weight * rows[d, i]
+    for b in bias:
+        out += np.asarray(b, np.float64)
+    return out
+
+
+def grouped_combined_weights(row_weights, dispatched: list, topk_idx, num_experts: int):
+    """`[R, T, K]`: for each (token, k), `row_weights [R, N]` at the kept row of its pair, else 0."""
+    idx = valid_ids(topk_idx, num_experts)
+    experts_per_rank = num_experts // idx.shape[0]
+    out = np.zeros(idx.shape, np.float64)
+    for d, result in enumerate(dispatched):
+        row_of = {pair: i for i, pair in enumerate(result.pairs) if pair is not None}
+        for s, t, k in np.ndindex(idx.shape):
+            expert = idx[s, t, k]
+            if expert >= 0 and expert // experts_per_rank == d:
+                i = row_of.get((s, t, expert - d * experts_per_rank))
+                out[s, t, k] = 0.0 if i is None else row_weights[d][i]
+    return out

@@ -174,6 +174,28 @@ def test_bench_runs_and_writes_json(tmp_path, mode, tokens):
             assert by_name[key]["time_us"] > 0, key
 
 
+def test_bench_moe_layer_runs_and_writes_json(tmp_path):
+    """`--mode moe`: the MoE layer forward and forward + backward in both layouts and on the JAX-native
+    transports, each checked against the Buffer's rows-by-source layer, and the experts' ceiling."""
+    if len(jax.devices("cpu")) < 2:
+        pytest.skip("needs 2 CPU devices")
+    path = tmp_path / "moe.json"
+    bench.main(["--mode", "moe", "--num-ranks", "2", "--num-tokens", "16", "--hidden", "128", "--num-topk", "2",
+                "--num-experts", "8", "--moe-ffn", "64", "--warmup", "1", "--iters", "1", "--batch", "1",
+                "--rotations", "2", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["meta"]["mode"] == "moe"
+    by_name = {(r["op"], r["impl"]): r for r in data["results"]}
+    for r in data["results"]:
+        assert "failed" not in r["note"] and "mismatch" not in r["note"], r
+    for op in ("moe_fwd", "moe_fwd_bwd"):
+        for impl in ("buffer[reference]/grouped", "buffer[reference]/argsort", "jax:padded/argsort",
+                     "jax:ring/argsort"):
+            assert by_name[(op, impl)]["time_us"] > 0, (op, impl)
+        assert "ragged" in by_name[(op, "jax:ragged/argsort")]["note"]  # skipped on XLA:CPU
+    assert by_name[("experts", "ceiling")]["time_us"] > 0
+
+
 def test_num_sms_flag():
     cpu = jax.devices()[0]
     assert bench._num_sms("24", cpu) == 24

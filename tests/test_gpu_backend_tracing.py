@@ -5,6 +5,8 @@ for their device memory. This catches tracing-time errors of the GPU path in CI,
 custom-call outputs whose varying-axis type does not match what the custom_vjp rules need.
 Needs the compiled library (built by `pip install .` where nvcc exists); skipped without it.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -38,6 +40,25 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
     assert "jax_deepep_combine" in str(traced.jaxpr) and "jax_deepep_cached_dispatch" in str(traced.jaxpr)
     # Without effects the training step keeps JAX's C++ dispatch path (gpu/ffi_call.py says why).
     assert not traced.jaxpr.effects, traced.jaxpr.effects
+
+
+@pytest.mark.parametrize("backend_class", ["intranode", "internode"])
+def test_expert_grouped_is_refused_by_the_cuda_backends(backend_class):
+    """Until the kernels write grouped rows, `expert_grouped=True` is a DeepEPError on the CUDA backends, and
+    the MoE layer (`MoEConfig.expert_grouped=None`) receives its rows by source there instead."""
+    from jax_deepep.gpu.internode import InternodeBackend
+
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "expert")
+    if backend_class == "internode":  # only its class attributes are reached before the refusal
+        buffer.normal_backend = object.__new__(InternodeBackend)
+    config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2)
+    assert not moe.expert_grouped(buffer, config)
+    params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 128)), NamedSharding(mesh, P("expert")))
+    layer = moe.sharded_moe(buffer, dataclasses.replace(config, expert_grouped=True))
+    with pytest.raises(DeepEPError, match=f"expert_grouped=True is not yet implemented on the CUDA {backend_class}"):
+        jax.jit(layer).trace(params, x)
 
 
 def test_low_latency_moe_traces_through_cuda_kernels():

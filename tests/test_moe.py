@@ -49,29 +49,33 @@ def mse(y, target):
 
 
 class NaNPaddingBackend:
-    """The pure-JAX backend, but receive rows past num_recv_tokens hold NaN: the API leaves them
-    unspecified and the CUDA kernels do not write them, so the layer must never let them leak."""
+    """The pure-JAX backend, but receive rows past num_recv_tokens (grouped: past the last group) hold
+    NaN: the API leaves them unspecified and the CUDA kernels do not write them, so the layer must never
+    let them leak."""
 
-    def __init__(self, inner):
-        self.inner, self.name = inner, f"nan-padding({inner.name})"
+    def __init__(self, inner, grouped: bool = False):
+        self.inner, self.name, self.grouped = inner, f"nan-padding({getattr(inner, 'name', 'grouped')})", grouped
+        if not grouped:
+            self.expert_grouped = NaNPaddingBackend(inner.expert_grouped, grouped=True)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    @staticmethod
-    def _poison(parts, num_recv_tokens):
+    def _poison(self, parts, handle):
+        num_live = jnp.sum(handle.num_recv_tokens_per_expert) if self.grouped else handle.num_recv_tokens
+
         def poison(a):
-            live = (jnp.arange(a.shape[0]) < num_recv_tokens).reshape(-1, *([1] * (a.ndim - 1)))
+            live = (jnp.arange(a.shape[0]) < num_live).reshape(-1, *([1] * (a.ndim - 1)))
             return jnp.where(live, a, jnp.asarray(jnp.nan, a.dtype))
         return tuple(poison(a) for a in parts)
 
     def dispatch(self, *args, **kwargs):
         result = self.inner.dispatch(*args, **kwargs)
-        return dataclasses.replace(result, recv_parts=self._poison(result.recv_parts, result.num_recv_tokens))
+        return dataclasses.replace(result, recv_parts=self._poison(result.recv_parts, result.handle))
 
     def cached_dispatch(self, ctx, config, handle, parts, topk_weights=None):
         recv_parts, recv_w = self.inner.cached_dispatch(ctx, config, handle, parts, topk_weights)
-        return self._poison(recv_parts, handle.num_recv_tokens), recv_w
+        return self._poison(recv_parts, handle), recv_w
 
 
 def ep_vs_dense(mesh: Mesh, config: moe.MoEConfig, seed: int, nan_padding: bool = False):
@@ -127,10 +131,18 @@ def test_fp8_sigmoid_router_without_normalisation():
     assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=5))
 
 
+@pytest.mark.parametrize("expert_grouped", [False, True])
 @pytest.mark.parametrize("use_fp8", [False, True])
-def test_unwritten_padding_rows_never_leak(use_fp8):
-    config = dataclasses.replace(CONFIG, use_fp8=use_fp8)
+def test_unwritten_padding_rows_never_leak(use_fp8, expert_grouped):
+    config = dataclasses.replace(CONFIG, use_fp8=use_fp8, expert_grouped=expert_grouped, capacity=200)
     assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=13, nan_padding=True))
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_layer_with_rows_by_source_matches_dense(use_fp8):
+    """`MoEConfig(expert_grouped=False)`: the rows come by source and `group_by_expert` sorts them."""
+    config = dataclasses.replace(CONFIG, use_fp8=use_fp8, expert_grouped=False)
+    assert_matches(*ep_vs_dense(make_mesh(1, 4), config, seed=17))
 
 
 def test_too_small_capacity_drops_tokens():

@@ -63,6 +63,7 @@ class InternodeBackend:
 
     name = "cuda"
     mode = "internode"
+    expert_grouped = None  # the ops refuse `expert_grouped=True` until the kernels write grouped rows
 
     def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int):
         self.symmetric = symmetric

@@ -63,6 +63,7 @@ class IntranodeBackend:
 
     name = "cuda"
     mode = "intranode"
+    expert_grouped = None  # the ops refuse `expert_grouped=True` until the kernels write grouped rows
 
     def __init__(self, comm: runtime.CommBuffers):
         lib = runtime._lib()

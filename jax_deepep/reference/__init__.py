@@ -12,6 +12,7 @@ from ..backend import RankContext
 from ..config import default_combine_config
 from ..validation import axis_size
 from . import low_latency, normal
+from .expert_grouped import ExpertGroupedOps
 
 
 class ReferenceBackend:
@@ -30,6 +31,7 @@ class ReferenceBackend:
     dispatch = staticmethod(normal.dispatch)
     cached_dispatch = staticmethod(normal.cached_dispatch)
     combine = staticmethod(normal.combine)
+    expert_grouped = ExpertGroupedOps(normal)
     low_latency_dispatch_send = staticmethod(low_latency.dispatch_send)
     low_latency_dispatch_recv = staticmethod(low_latency.dispatch_recv)
     low_latency_combine_send = staticmethod(low_latency.combine_send)
