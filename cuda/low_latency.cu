@@ -388,12 +388,23 @@ int num_sms() {
 
 }  // namespace
 
-__global__ void next_call_number_kernel(uint32_t* counter, int* token) { token[0] = static_cast<int>(++*counter); }
+__global__ void start_call_kernel(PeerMemory mem, int call_kind, OpKind op, int* token) {
+  if (threadIdx.x == 0) token[0] = static_cast<int>(++mem.call_numbers[call_kind]);
+  const size_t stamp_at = reinterpret_cast<char*>(mem.op_stamps + mem.rank) - mem.local;
+  for (int pe = threadIdx.x; pe < mem.num_ranks; pe += blockDim.x) {
+    if (pe == mem.rank) continue;
+    if (mem.peer[pe] != nullptr) {
+      *reinterpret_cast<volatile int*>(mem.peer[pe] + stamp_at) = static_cast<int>(op);
+    } else {
+      nvshmem_int_p(mem.op_stamps + mem.rank, static_cast<int>(op), pe);
+    }
+  }
+}
 
 cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const LowLatencyDispatchSendArgs& a,
                                              cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kDispatchCall, a.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, OpKind::kLowLatencyDispatch, a.token);
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
       call.mem, s, call.layout, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
   return cudaGetLastError();
@@ -413,7 +424,7 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
 cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const LowLatencyCombineSendArgs& a,
                                             cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
-  next_call_number_kernel<<<1, 1, 0, stream>>>(call.mem.call_numbers + kCombineCall, a.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, OpKind::kLowLatencyCombine, a.token);
   combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
       call.mem, call.shape, call.layout, a.y, a.recv_layout_range, a.token, a.zero_copy);
   return cudaGetLastError();

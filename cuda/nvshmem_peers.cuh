@@ -27,6 +27,9 @@ struct PeerMemory {
   // Device memory [kNumCallKinds]: the last call number of each op kind. Each op counts its call on
   // the device, so no host state ties a launch to its call and XLA may treat the ops as pure.
   uint32_t* call_numbers;
+  // Symmetric [R]: op_stamps[p] is the OpKind peer p started last, written by p as each of its ops
+  // starts. A wait that times out names the peer's op, so ranks at different ops learn both.
+  int* op_stamps;
 };
 
 // Indices into PeerMemory::call_numbers.
@@ -37,12 +40,13 @@ constexpr int kInternodeCombineCall = 3;   // internode combine
 constexpr int kNumCallKinds = 4;
 
 inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op) {
-  return {mem.error, mem.timeout_ns, mem.rank, op};
+  return {mem.error, mem.timeout_ns, mem.rank, op, mem.op_stamps};
 }
 
 #ifdef __CUDACC__
-// Numbers a call: token[0] = ++counter. The kernels after it on the stream read token[0].
-__global__ void next_call_number_kernel(uint32_t* counter, int* token);
+// The first kernel of every op (one warp): numbers the call, token[0] = ++call_numbers[call_kind]
+// (the kernels after it on the stream read token[0]), and stamps `op` into every peer's op_stamps.
+__global__ void start_call_kernel(PeerMemory mem, int call_kind, OpKind op, int* token);
 
 // A count signal: the low 16 bits of the call number above a 16-bit count.
 __device__ __forceinline__ int tagged_count(uint32_t seq, int count) {

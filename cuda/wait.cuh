@@ -59,7 +59,7 @@ struct ErrorRecord {
   int rank;     // this rank
   int peer;     // the rank it waited for
   int channel;  // channel (intranode), else -1
-  int peer_op;  // kOpMismatch: the OpKind the peer started, else 0
+  int peer_op;  // the OpKind the peer started last (kOpMismatch: instead of ours), 0 if unknown
   int complete; // 1 once the fields above are written
 };
 
@@ -100,6 +100,7 @@ struct WaitContext {
   long long timeout_ns;
   int rank;
   OpKind op;
+  const int* peer_ops;  // [R]: the OpKind each peer started last (NVSHMEM modes), or null
 };
 
 #ifdef __CUDACC__
@@ -113,6 +114,7 @@ constexpr uint64_t kRecordWaitNs = 100 * 1000 * 1000;
 static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind what, int peer, int channel,
                                             int peer_op = 0) {
   volatile ErrorRecord* r = ctx.record;
+  if (peer_op == 0 && ctx.peer_ops != nullptr) peer_op = *reinterpret_cast<const volatile int*>(ctx.peer_ops + peer);
   if (atomicCAS(&ctx.record->code, 0, static_cast<int>(what)) == 0) {
     r->op = static_cast<int>(ctx.op);
     r->rank = ctx.rank;
@@ -126,8 +128,9 @@ static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind wha
       printf("jax_deepep: %s on rank %d met %s on rank %d (the ranks' ops or shapes differ); trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, op_name(peer_op), peer);
     } else {
-      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none); trapping\n",
-             op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel);
+      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none)%s%s; trapping\n",
+             op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel,
+             peer_op != 0 ? "; it last started " : "", peer_op != 0 ? op_name(peer_op) : "");
     }
   } else {
     const uint64_t start = global_time_ns();

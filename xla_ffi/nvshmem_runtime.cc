@@ -120,17 +120,21 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   }
   DeviceGuard guard(device);
   auto s = std::make_shared<NvshmemState>();
-  // Receive halves, then one half of staging for puts to peers without a direct mapping.
+  // Receive halves, then one half of staging for puts to peers without a direct mapping, then the
+  // peers' op stamps.
   const uint64_t staging_bytes = num_bytes / 2;
-  char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes));
+  const uint64_t stamps_bytes = num_ranks * sizeof(int);
+  char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes + stamps_bytes));
   if (buffer == nullptr) {
-    fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes) +
+    fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes + stamps_bytes) +
          " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
   s->memory.local = buffer;
   s->memory.staging = buffer + num_bytes;
-  // Signals start at zero on every PE before anyone can write one.
+  s->memory.op_stamps = reinterpret_cast<int*>(buffer + num_bytes + staging_bytes);
+  // Signals and stamps start at zero on every PE before anyone can write one.
   check_cuda(cudaMemset(buffer, 0, num_bytes), "clearing the symmetric buffer");
+  check_cuda(cudaMemset(s->memory.op_stamps, 0, stamps_bytes), "clearing the op stamps");
   check_cuda(cudaDeviceSynchronize(), "clearing the symmetric buffer");
   nvshmem_barrier_all();
 
