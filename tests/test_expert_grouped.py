@@ -11,7 +11,8 @@ import pytest
 import jax_deepep as deepep
 import oracle
 import vmap_cases
-from harness import make_mesh, random_bf16, random_tokens, random_topk, random_weights, run_per_rank
+from harness import (enable_x64, int64_ids_beyond_int32, make_mesh, random_bf16, random_tokens, random_topk,
+                     random_weights, run_per_rank)
 
 T, H, K, E = 10, 128, 4, 16
 RANKS = (1, 2, 4)
@@ -104,6 +105,14 @@ def test_fp8_rows_carry_their_scales(rng, num_ranks):
                           None)
     capacity = num_ranks * T * min(K, E // num_ranks) + (E // num_ranks) * 7
     check_grouped(out, oracle.grouped_dispatch([q, scales], idx, w, E, capacity, 8))
+
+
+def test_int64_ids_beyond_int32_make_no_pairs(rng):
+    """int64 ids that would wrap into [0, E) when narrowed count as -1, as in the plain layout."""
+    x, idx, w = random_tokens(rng, 2, T, H, K, E)
+    with enable_x64():
+        out, _ = run_per_rank(make_mesh(2), _grouped(2), x, int64_ids_beyond_int32(idx), w, None)
+    check_grouped(out, oracle.grouped_dispatch([x], idx, w, E, 2 * T * K))
 
 
 def test_group_sizes_feed_ragged_dot(rng):
