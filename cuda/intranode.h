@@ -106,4 +106,38 @@ struct CombineArgs {
   CombineSlot slot;
 };
 
+// An expert-grouped dispatch (docs/API.md, "Expert-grouped dispatch"): the token-level dispatch of
+// `DispatchArgs` (capacity R * T, so nothing is dropped at that level; no per-row ids or weights),
+// whose receivers write each token straight to its grouped rows, one per (token, local expert)
+// pair: parts[p].recv are the grouped outputs [N, row_bytes]. A pair's row is its expert's first
+// row (padded groups of the experts before it), plus the expert's rows from lower source ranks,
+// plus its prefix: how many earlier tokens of its sender name that expert.
+// Each block keeps a table of one row base per (source rank, local expert), R * E_l = E ints
+// (cuda/intranode_grouped.cuh); jax_deepep/gpu/intranode.py MAX_GROUPED_EXPERTS.
+constexpr int kMaxGroupedExperts = 4096;
+
+struct GroupedDispatchArgs : DispatchArgs {
+  int grouped_capacity;        // N grouped rows
+  int expert_alignment;        // each expert's group is padded to a multiple of this
+  const int32_t* topk_prefix;  // [T, K] a pair's prefix (repeats of an expert: the same); null in cached mode
+  int topk_prefix_offset;      // of the K prefixes in a ring slot
+  // [R * T, K]: grouped row of (token-level row, k), -1 for none: written by a first dispatch
+  // (repeats of an expert share its row), read by a cached one.
+  int32_t* pair_row;
+  int32_t* token_row;          // [N]: token-level row of each grouped row, -1 for padding (as pair_row)
+  int32_t* recv_expert;        // [N]: local expert of each row, -1 for padding (first dispatch)
+  float* recv_weight;          // [N]: the pair's weight (its token's weights for the expert, summed), or null
+  int32_t* num_grouped_rows;   // []: grouped rows needed, padding included (first dispatch)
+  int32_t* grouped_per_expert; // [E_l]: padded group sizes held within the N rows (first dispatch)
+};
+
+// An expert-grouped combine: per token, sum over its pairs of row_weight * y[pair row] in f32,
+// rounded to bf16 once. `y` [N, H] holds grouped rows and `topk_weights` is [N]; the rest of
+// `CombineArgs` is the token-level routing (capacity R * T). A ring slot carries one f32 partial
+// sum per (token, rank) (`slot.weights_offset` past its 4 * H bytes), then K f32 weights.
+struct GroupedCombineArgs : CombineArgs {
+  const int32_t* pair_row;   // [R * T, K]
+  const float* row_weights;  // [N], or null: every pair weighs 1 (the transpose of the dispatch)
+};
+
 }  // namespace jax_deepep

@@ -8,12 +8,19 @@
 //  - receiver warps: for each token of channel c, add up (in f32, rank order) its rows from every
 //    rank it went to: this rank's own rows straight from `y`, the peers' from the rings; add the
 //    biases, round to bf16 once.
+// The expert-grouped combine is the same kernel on GroupedCombineArgs: a sender's slot carries the
+// f32 sum of the token's pairs on this rank, and the receiver adds those partials instead of rows
+// (cuda/intranode_grouped.cuh). One f32 partial per (token, rank), not one bf16 row per pair: the
+// rings keep the plain combine's slot order (one slot per token and rank, by source token), so the
+// ring bookkeeping is the plain combine's; the price is twice the bytes of a bf16 row per slot,
+// about what the ~K/R pairs a token has on a rank would cost as rows.
 #include <cuda_bf16.h>
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/bulk_copy.cuh"
 #include "cuda/launch.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/intranode_grouped.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/op_sync.cuh"
 #include "cuda/toolbox.cuh"
@@ -36,7 +43,8 @@ __device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int 
   return lo;
 }
 
-__device__ void send_back(const RankInfo& info, const WaitContext& wait, const CombineArgs& args, BulkPipe& pipe,
+template <typename Args>
+__device__ void send_back(const RankInfo& info, const WaitContext& wait, const Args& args, BulkPipe& pipe,
                           const PeerGroup& g, int channel) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -57,10 +65,14 @@ __device__ void send_back(const RankInfo& info, const WaitContext& wait, const C
     for (int i = chunk + g.warp_in_group; i < chunk_end; i += g.warps) {
       const int64_t row = first_row + i;
       char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, args.slot.bytes, base + i);
-      const char* src = reinterpret_cast<const char*>(args.y + row * args.hidden);
-      copy_row<Source::kInput>(pipe, p, src, row_bytes, lane);
-      if (args.topk_weights && lane < args.num_topk)
-        reinterpret_cast<float*>(p + args.slot.weights_offset)[lane] = args.topk_weights[row * args.num_topk + lane];
+      if constexpr (kIsGrouped<Args>) {
+        write_partial(args, p, static_cast<int>(row), lane);
+      } else {
+        const char* src = reinterpret_cast<const char*>(args.y + row * args.hidden);
+        copy_row<Source::kInput>(pipe, p, src, row_bytes, lane);
+        if (args.topk_weights && lane < args.num_topk)
+          reinterpret_cast<float*>(p + args.slot.weights_offset)[lane] = args.topk_weights[row * args.num_topk + lane];
+      }
     }
     publish_tail(pipe, g, theirs, channel, me, base + chunk_end);
   }
@@ -157,7 +169,8 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
-__device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, const CombineArgs& args, int channel,
+template <typename Args>
+__device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, const Args& args, int channel,
                                BulkPipe& pipe) {
   __shared__ uint64_t base[kMaxRanks];
   __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
@@ -216,10 +229,17 @@ __device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, co
       for (int r = 0; r < kMaxRanks; ++r) {
         rows.row[r] = nullptr;
         if (p.at[r] < 0) continue;
-        rows.row[r] = r == me ? reinterpret_cast<const char*>(args.y + static_cast<int64_t>(p.at[r]) * args.hidden)
-                              : ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, base[r] + p.at[r]);
+        if (r != me) {
+          rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, base[r] + p.at[r]);
+        } else if constexpr (!kIsGrouped<Args>) {
+          rows.row[r] = reinterpret_cast<const char*>(args.y + static_cast<int64_t>(p.at[r]) * args.hidden);
+        }
       }
-      combine_token(info, args, rows, pipe);
+      if constexpr (kIsGrouped<Args>) {
+        combine_partials(info, args, p.token, p.at[me], rows.row);  // this rank's own term: its token-level row
+      } else {
+        combine_token(info, args, rows, pipe);
+      }
     });
     if (threadIdx.x % 32 == 0) pipe.flush();  // the ring slots are read: the senders may refill them
     __threadfence();
@@ -231,12 +251,13 @@ __device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, co
   if (d < num_ranks && d != me) mine->consumed_total[channel][d] = base[d] + filled(range.last, d);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, CombineArgs args) {
+template <typename Args>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Args args) {
   const int num_ranks = info.num_ranks;
   const bool solo = num_ranks == 1;
   const int channel = solo ? blockIdx.x : blockIdx.x / 2;
   const bool sender = !solo && blockIdx.x % 2 == 0;
-  const WaitContext wait = wait_context(info, OpKind::kCombine);
+  const WaitContext wait = wait_context(info, kIsGrouped<Args> ? OpKind::kGroupedCombine : OpKind::kCombine);
   const uint32_t epoch = op_epoch(info);
   const OpSignature signature(wait.op, {static_cast<uint32_t>(args.slot.bytes), static_cast<uint32_t>(args.hidden),
                                         static_cast<uint32_t>(args.num_topk),
@@ -260,10 +281,17 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Com
 
 }  // namespace
 
-cudaError_t prepare_combine() { return allow_intranode_shared_memory(combine_kernel); }
+cudaError_t prepare_combine() {
+  const cudaError_t err = allow_intranode_shared_memory(combine_kernel<CombineArgs>);
+  return err == cudaSuccess ? allow_intranode_shared_memory(combine_kernel<GroupedCombineArgs>) : err;
+}
 
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream) {
-  return launch_intranode(combine_kernel, info, args, stream);
+  return launch_intranode(combine_kernel<CombineArgs>, info, args, stream);
+}
+
+cudaError_t launch_grouped_combine(const RankInfo& info, const GroupedCombineArgs& args, cudaStream_t stream) {
+  return launch_intranode(combine_kernel<GroupedCombineArgs>, info, args, stream);
 }
 
 }  // namespace jax_deepep

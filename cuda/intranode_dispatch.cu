@@ -8,9 +8,13 @@
 //    the group for this rank itself writes rows straight to their final output row;
 //  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
 //    publishes the head so the sender can reuse the slots.
+// The expert-grouped dispatch is the same kernel on GroupedDispatchArgs: the rows stamped on the
+// slots are token-level rows, each slot also carries its pairs' prefixes, and the receiver writes
+// the token straight to its grouped rows (cuda/intranode_grouped.cuh).
 #include "cuda/bulk_copy.cuh"
 #include "cuda/launch.h"
 #include "cuda/intranode_common.cuh"
+#include "cuda/intranode_grouped.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/notify.cuh"
 #include "cuda/op_sync.cuh"
@@ -34,9 +38,19 @@ struct Token {
   float weight;
 };
 
+// A token of a grouped dispatch also carries its pairs' prefixes (GroupedDispatchArgs::topk_prefix;
+// a cached dispatch: 0). A separate type keeps the plain kernel's tokens as they were.
+struct GroupedToken : Token {
+  int prefix;
+};
+
+template <typename Args>
+using TokenOf = std::conditional_t<kIsGrouped<Args>, GroupedToken, Token>;
+
 // Sender side: token t of the inputs, as sent to rank `dst`.
-__device__ __forceinline__ Token input_token(const DispatchArgs& args, int num_ranks, int t, int dst, int lane) {
-  Token k;
+template <typename Args>
+__device__ __forceinline__ TokenOf<Args> input_token(const Args& args, int num_ranks, int t, int dst, int lane) {
+  TokenOf<Args> k;
 #pragma unroll
   for (int p = 0; p < 2; ++p)
     k.part[p] = p < args.num_parts ? args.parts[p].send + static_cast<int64_t>(t) * args.parts[p].row_bytes : nullptr;
@@ -48,12 +62,14 @@ __device__ __forceinline__ Token input_token(const DispatchArgs& args, int num_r
   k.sent = __ldg(reinterpret_cast<const unsigned char*>(args.is_token_in_rank) + at) != 0;
   k.expert = args.topk_idx && lane < args.num_topk ? __ldg(args.topk_idx + pick) : -1;
   k.weight = args.topk_weights && lane < args.num_topk ? __ldg(args.topk_weights + pick) : 0.0f;
+  if constexpr (kIsGrouped<Args>) k.prefix = args.topk_prefix && lane < args.num_topk ? __ldg(args.topk_prefix + pick) : 0;
   return k;
 }
 
 // Receiver side: the token in ring slot `p` (written by a peer: cache-volatile loads).
-__device__ __forceinline__ Token ring_token(const DispatchArgs& args, const DispatchSlot& slot, const char* p, int lane) {
-  Token k;
+template <typename Args>
+__device__ __forceinline__ TokenOf<Args> ring_token(const Args& args, const DispatchSlot& slot, const char* p, int lane) {
+  TokenOf<Args> k;
 #pragma unroll
   for (int i = 0; i < 2; ++i) k.part[i] = p + slot.part_offset[i];
   const int2 meta = __ldcv(reinterpret_cast<const int2*>(p));
@@ -64,6 +80,8 @@ __device__ __forceinline__ Token ring_token(const DispatchArgs& args, const Disp
   const bool picks = lane < args.num_topk;
   k.expert = args.topk_idx && picks ? __ldcv(reinterpret_cast<const int*>(p + slot.topk_idx_offset) + lane) : -1;
   k.weight = args.topk_weights && picks ? __ldcv(reinterpret_cast<const float*>(p + slot.topk_weights_offset) + lane) : 0.0f;
+  if constexpr (kIsGrouped<Args>)
+    k.prefix = args.topk_prefix && picks ? __ldcv(reinterpret_cast<const int*>(p + args.topk_prefix_offset) + lane) : 0;
   return k;
 }
 
@@ -83,6 +101,50 @@ __device__ __forceinline__ void deliver(const DispatchArgs& args, BulkPipe& pipe
     const bool mine = e >= 0 && e < args.num_experts && e / experts_per_rank == me;
     if (args.topk_idx) args.recv_topk_idx[at] = mine ? e - me * experts_per_rank : -1;
     if (args.topk_weights) args.recv_topk_weights[at] = (args.topk_idx && !mine) ? 0.0f : k.weight;
+  }
+  if (lane == 0 && args.recv_src_idx) args.recv_src_idx[k.row] = k.index;
+  if (lane == 0 && args.recv_src_rank) args.recv_src_rank[k.row] = source_rank;
+}
+
+// Grouped: writes token `k` (token-level row k.row, from `source_rank`) to each of its grouped rows,
+// and the token-level handle's arrays; a first dispatch finds the rows from the bases table and
+// the prefixes and writes them as the token's pair rows, a cached one reads them there.
+template <Source kSource>
+__device__ __forceinline__ void deliver_pairs(const GroupedDispatchArgs& args, BulkPipe& pipe, const int* bases,
+                                              int me, int experts_per_rank, const GroupedToken& k, int source_rank,
+                                              int lane) {
+  const bool first = args.topk_prefix != nullptr;
+  const int64_t at = static_cast<int64_t>(k.row) * args.num_topk + lane;
+  int local = -1, row = -1;
+  if (lane < args.num_topk) {
+    if (first) {
+      const int e = k.expert;
+      if (e >= 0 && e < args.num_experts && e / experts_per_rank == me) {
+        local = e - me * experts_per_rank;
+        row = bases[source_rank * experts_per_rank + local] + k.prefix;
+        if (row >= args.grouped_capacity) row = -1;  // dropped (past capacity)
+      }
+      args.pair_row[at] = row;
+    } else {
+      row = args.pair_row[at];
+    }
+  }
+  const PairLanes pairs = pair_lanes(row, k.weight, args.num_topk, lane);
+  for (unsigned rest = pairs.owners; rest; rest &= rest - 1) {
+    const int r = __shfl_sync(0xffffffffu, row, __ffs(rest) - 1);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (p >= args.num_parts) break;
+      const int bytes = args.parts[p].row_bytes;
+      copy_row<kSource>(pipe, args.parts[p].recv + static_cast<int64_t>(r) * bytes, k.part[p], bytes, lane);
+    }
+  }
+  if (pairs.owner) {
+    if (args.recv_weight) args.recv_weight[row] = pairs.weight;
+    if (first) {
+      args.recv_expert[row] = local;
+      args.token_row[row] = k.row;
+    }
   }
   if (lane == 0 && args.recv_src_idx) args.recv_src_idx[k.row] = k.index;
   if (lane == 0 && args.recv_src_rank) args.recv_src_rank[k.row] = source_rank;
@@ -160,19 +222,25 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
   }
 }
 
-__device__ void send_to_self(const RankInfo& info, const DispatchArgs& args, BulkPipe& pipe, const PeerGroup& g,
-                             TokenRange range, int experts_per_rank) {
+template <typename Args>
+__device__ void send_to_self(const RankInfo& info, const Args& args, BulkPipe& pipe, const PeerGroup& g,
+                             TokenRange range, int experts_per_rank, const int* bases) {
   const int me = info.rank, lane = threadIdx.x % 32;
   for_each_ahead(
       range.first + g.warp_in_group, range.last, g.warps,
       [&](int t) { return input_token(args, info.num_ranks, t, me, lane); },
-      [&](const Token& k) {
+      [&](const TokenOf<Args>& k) {
         if (k.row < 0 || k.row >= args.capacity) return;  // not sent here, or dropped (past capacity)
-        deliver<Source::kInput>(args, pipe, me, experts_per_rank, k, me, lane);
+        if constexpr (kIsGrouped<Args>) {
+          deliver_pairs<Source::kInput>(args, pipe, bases, me, experts_per_rank, k, me, lane);
+        } else {
+          deliver<Source::kInput>(args, pipe, me, experts_per_rank, k, me, lane);
+        }
       });
 }
 
-__device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args, BulkPipe& pipe,
+template <typename Args>
+__device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, const Args& args, BulkPipe& pipe,
                              const DispatchSlot& slot, const PeerGroup& g, int channel, TokenRange range,
                              uint32_t epoch) {
   const int me = info.rank, dst = g.peer, num_ranks = info.num_ranks, lane = threadIdx.x % 32;
@@ -198,7 +266,7 @@ __device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, cons
     wait_ring_space(wait, g, mine, channel, base + sent_after, slots);
     for_each_ahead(
         chunk + g.warp_in_group, chunk_end, g.warps, [&](int t) { return input_token(args, num_ranks, t, dst, lane); },
-        [&](const Token& k) {
+        [&](const TokenOf<Args>& k) {
           if (!k.sent) return;
           char* p = ring_slot(info.buffers[dst], channel, me, num_ranks, slots, slot.bytes, base + k.position - first);
           if (lane == 0) *reinterpret_cast<int2*>(p) = make_int2(k.index, k.row);
@@ -210,6 +278,9 @@ __device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, cons
           if (lane < args.num_topk) {
             if (args.topk_idx) reinterpret_cast<int32_t*>(p + slot.topk_idx_offset)[lane] = k.expert;
             if (args.topk_weights) reinterpret_cast<float*>(p + slot.topk_weights_offset)[lane] = k.weight;
+            if constexpr (kIsGrouped<Args>) {
+              if (args.topk_prefix) reinterpret_cast<int32_t*>(p + args.topk_prefix_offset)[lane] = k.prefix;
+            }
           }
         });
     publish_tail(pipe, g, theirs, channel, me, base + sent_after);
@@ -217,9 +288,10 @@ __device__ void send_to_peer(const RankInfo& info, const WaitContext& wait, cons
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-__device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait, const DispatchArgs& args,
+template <typename Args>
+__device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait, const Args& args,
                                   BulkPipe& pipe, const DispatchSlot& slot, const PeerGroup& g, int channel,
-                                  uint32_t epoch, int experts_per_rank) {
+                                  uint32_t epoch, int experts_per_rank, const int* bases) {
   __shared__ int64_t shared_count[kMaxRanks];
   const int me = info.rank, src = g.peer, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
@@ -253,9 +325,13 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
           const char* p = ring_slot(info.buffers[me], channel, src, info.num_ranks, slots, slot.bytes, base + done + i);
           return ring_token(args, slot, p, lane);
         },
-        [&](const Token& k) {
+        [&](const TokenOf<Args>& k) {
           if (k.row < 0 || k.row >= args.capacity) return;  // dropped (past capacity)
-          deliver<Source::kPeer>(args, pipe, me, experts_per_rank, k, src, lane);
+          if constexpr (kIsGrouped<Args>) {
+            deliver_pairs<Source::kPeer>(args, pipe, bases, me, experts_per_rank, k, src, lane);
+          } else {
+            deliver<Source::kPeer>(args, pipe, me, experts_per_rank, k, src, lane);
+          }
         });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
@@ -266,7 +342,15 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
   if (g.leader) mine->consumed_total[channel][src] = base + count;
 }
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, DispatchArgs args) {
+// The op a dispatch kernel runs: plain or grouped, first or cached.
+template <typename Args>
+__device__ __forceinline__ OpKind dispatch_op(bool first) {
+  if constexpr (kIsGrouped<Args>) return first ? OpKind::kGroupedDispatch : OpKind::kGroupedCachedDispatch;
+  return first ? OpKind::kDispatch : OpKind::kCachedDispatch;
+}
+
+template <typename Args>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Args args) {
   __shared__ RankCounts counts;
   const int num_ranks = info.num_ranks, me = info.rank;
   const bool solo = num_ranks == 1;
@@ -274,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
   const bool sender = solo || blockIdx.x % 2 == 0;
   const bool first = args.positions.send_row != nullptr;  // not cached: exchange counts, compute positions
   const int experts_per_rank = args.num_experts / num_ranks;
-  const WaitContext wait = wait_context(info, first ? OpKind::kDispatch : OpKind::kCachedDispatch);
+  const WaitContext wait = wait_context(info, dispatch_op<Args>(first));
   const uint32_t epoch = op_epoch(info);
   const OpSignature signature(wait.op, {static_cast<uint32_t>(args.slot.bytes), static_cast<uint32_t>(args.num_parts),
                                         static_cast<uint32_t>(args.num_topk), static_cast<uint32_t>(args.num_experts),
@@ -289,6 +373,17 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
   if (first) read_counts(info, args.notify, epoch, counts);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
   fill_padding(args, first ? counts.num_recv : *args.num_recv_tokens);
+  const int* bases = nullptr;
+  if constexpr (kIsGrouped<Args>) {
+    if (first) {
+      int* table = grouped_bases();
+      const int total = build_grouped_bases(info, args, epoch, table);
+      fill_grouped_padding(info, args, epoch, table, total, counts.num_recv);
+      bases = table;
+    } else {
+      fill_cached_grouped_padding(args);
+    }
+  }
   if (sender && first) {
     compute_positions(args, num_ranks, range, counts.send_offset);
     __syncthreads();
@@ -301,12 +396,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
   if (g.peer < num_ranks) {  // spare warps when R does not divide the warp count
     if (sender) {
       if (g.peer == me) {
-        send_to_self(info, args, pipe, g, range, experts_per_rank);
+        send_to_self(info, args, pipe, g, range, experts_per_rank, bases);
       } else {
         send_to_peer(info, wait, args, pipe, args.slot, g, channel, range, epoch);
       }
     } else if (g.peer != me) {
-      receive_from_peer(info, wait, args, pipe, args.slot, g, channel, epoch, experts_per_rank);
+      receive_from_peer(info, wait, args, pipe, args.slot, g, channel, epoch, experts_per_rank, bases);
     }
   }
   if (threadIdx.x % 32 == 0) pipe.drain();  // shared memory must outlive the last bulk store
@@ -315,10 +410,17 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Di
 
 }  // namespace
 
-cudaError_t prepare_dispatch() { return allow_intranode_shared_memory(dispatch_kernel); }
+cudaError_t prepare_dispatch() {
+  const cudaError_t err = allow_intranode_shared_memory(dispatch_kernel<DispatchArgs>);
+  return err == cudaSuccess ? allow_intranode_shared_memory(dispatch_kernel<GroupedDispatchArgs>) : err;
+}
 
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream) {
-  return launch_intranode(dispatch_kernel, info, args, stream);
+  return launch_intranode(dispatch_kernel<DispatchArgs>, info, args, stream);
+}
+
+cudaError_t launch_grouped_dispatch(const RankInfo& info, const GroupedDispatchArgs& args, cudaStream_t stream) {
+  return launch_intranode(dispatch_kernel<GroupedDispatchArgs>, info, args, stream);
 }
 
 }  // namespace jax_deepep

@@ -26,6 +26,10 @@ cudaError_t launch_layout(const LayoutArgs& args, cudaStream_t stream);
 // dispatch also exchanges the counts and fills the handle's arrays.
 cudaError_t launch_dispatch(const RankInfo& info, const DispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_combine(const RankInfo& info, const CombineArgs& args, cudaStream_t stream);
+// The expert-grouped instantiations of the same kernels (their own OpKinds, so a rank running one
+// never pairs with a peer running the plain op); prepare_dispatch / prepare_combine prepare them too.
+cudaError_t launch_grouped_dispatch(const RankInfo& info, const GroupedDispatchArgs& args, cudaStream_t stream);
+cudaError_t launch_grouped_combine(const RankInfo& info, const GroupedCombineArgs& args, cudaStream_t stream);
 
 // ---- low latency (cuda/low_latency.cu) -----------------------------------------------------------
 // Sends this rank's tokens (FP8-cast in flight when use_fp8) to every expert's rank and signals

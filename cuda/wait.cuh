@@ -35,6 +35,9 @@ enum class OpKind : int {
   kLowLatencyCombine,
   kInternodeDispatch,
   kInternodeCombine,
+  kGroupedDispatch,
+  kGroupedCachedDispatch,
+  kGroupedCombine,
 };
 
 // What a wait waits for (ErrorRecord::code).
@@ -73,6 +76,9 @@ JDEEP_HOST_DEVICE inline const char* op_name(int op) {
     case OpKind::kLowLatencyCombine: return "low_latency_combine";
     case OpKind::kInternodeDispatch: return "internode dispatch";
     case OpKind::kInternodeCombine: return "internode combine";
+    case OpKind::kGroupedDispatch: return "expert-grouped dispatch";
+    case OpKind::kGroupedCachedDispatch: return "expert-grouped cached dispatch";
+    case OpKind::kGroupedCombine: return "expert-grouped combine";
   }
   return "unknown op";
 }

@@ -5,8 +5,9 @@ user-facing "buffer too small" checks compare these sizes with the Buffer's at t
 Python: the size hints work without the compiled modules (CPU CI calls them).
 
 Three layouts:
-  - intranode ring slots (`dispatch_slot`, `combine_slot`): one token in a ring of the
-    communication buffer (cuda/intranode.h);
+  - intranode ring slots (`dispatch_slot`, `combine_slot`, and the expert-grouped
+    `grouped_dispatch_slot`, `grouped_combine_slot`): one token in a ring of the communication
+    buffer (cuda/intranode.h);
   - the low-latency half (`low_latency_layout`): one of the two alternating halves of the
     symmetric buffer (cuda/low_latency.cuh);
   - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`) and where they
@@ -52,6 +53,14 @@ def dispatch_slot(part_bytes, num_topk: int) -> DispatchSlot:
     return DispatchSlot(tuple(offsets), idx_at, weights_at, weights_at + align(num_topk * 4, 16))
 
 
+def grouped_dispatch_slot(part_bytes, num_topk: int) -> tuple:
+    """An expert-grouped dispatch slot: a dispatch slot, then K i32 prefixes (each pair's position among
+    its sender's earlier tokens of that expert). Returns (the slot, its bytes covering the prefixes; the
+    prefixes' offset)."""
+    plain = dispatch_slot(part_bytes, num_topk)
+    return dataclasses.replace(plain, bytes=plain.bytes + align(num_topk * 4, 16)), plain.bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class CombineSlot:
     weights_offset: int
@@ -61,6 +70,12 @@ class CombineSlot:
 def combine_slot(hidden: int, num_topk: int) -> CombineSlot:
     """A combine slot: bf16 [H], then K f32 weights, each 16-byte aligned."""
     weights_at = align(hidden * 2, 16)
+    return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
+
+
+def grouped_combine_slot(hidden: int, num_topk: int) -> CombineSlot:
+    """An expert-grouped combine slot: a token's f32 partial sum [H] on one rank, then K f32 weights."""
+    weights_at = align(hidden * 4, 16)
     return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
 
 

@@ -324,3 +324,165 @@ def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
     exact_w = oracle.combine(np.stack(d_recv_w), everyone, tokens)[d]
     np.testing.assert_allclose(grad_w, exact_w, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(exact_w))),
                                err_msg="grad topk_weights")
+
+
+def _grouped_sum_f32(rows, dispatched: list, topk_idx, num_experts: int, source: int, bias):
+    """Rank `source`'s tokens of the expert-grouped combine, rounded as the pure-JAX backend rounds them:
+    per token, each rank's f32 partial (0, then pair weight * row for its pairs in the order of their
+    first k, each product and sum rounded to f32), the partials added in rank order, then the biases,
+    rounded to bf16 once."""
+    import ml_dtypes
+
+    import oracle
+
+    idx = oracle.valid_ids(topk_idx, num_experts)[source]
+    num_tokens, top_k = idx.shape
+    experts_per_rank = num_experts // len(dispatched)
+    rows = np.asarray(rows).astype(np.float32)
+    out = np.zeros((num_tokens, rows.shape[-1]), np.float32)
+    for d, result in enumerate(dispatched):
+        row_of = {pair: i for i, pair in enumerate(result.pairs) if pair is not None}
+        for t in range(num_tokens):
+            partial = np.zeros(rows.shape[-1], np.float32)
+            for k in range(top_k):
+                e = idx[t, k]
+                if e < 0 or e // experts_per_rank != d or e in idx[t, :k]:
+                    continue
+                i = row_of.get((source, t, int(e - d * experts_per_rank)))
+                if i is not None:
+                    partial = partial + np.float32(result.recv_topk_weights[i]) * rows[d, i]
+            out[t] = out[t] + partial
+    for b in bias:
+        out = out + np.asarray(b[source]).astype(np.float32)
+    return out.astype(ml_dtypes.bfloat16)
+
+
+def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random", fp8=False, capacity=None,
+                  alignment=1, with_weights=True, bias=2):
+    """An expert-grouped dispatch, a cached dispatch with its handle and a weighted combine on fresh random
+    data: the rows, ids, weights and counts exactly as the oracle's (padding rows zero), the combine rounded
+    exactly as the pure-JAX backend rounds it (and within half a bf16 ulp of the exact sum)."""
+    import jax.numpy as jnp
+
+    import oracle
+    from harness import random_bf16, random_topk, random_weights
+    from jax_deepep import fp8 as fp8_ops
+
+    r, d = w.num_ranks, w.rank
+    idx = random_topk(rng, r, tokens, topk, experts, kind)
+    x = random_bf16(rng, (r, tokens, hidden))
+    weights = random_weights(rng, (r, tokens, topk))
+    parts = [x]
+    if fp8:
+        q, s = fp8_ops.per_block_cast_to_fp8(jnp.asarray(x))
+        parts = [np.asarray(q), np.asarray(s)]
+    if capacity is None:  # the op's default: room for every pair and each group's padding
+        capacity = r * tokens * min(topk, experts // r) + (experts // r) * (alignment - 1)
+    everyone = oracle.grouped_dispatch(parts, idx, weights if with_weights else None, experts, capacity, alignment)
+    y = random_bf16(rng, (r, capacity, hidden))
+    row_weights = random_weights(rng, (r, capacity))
+    biases = [random_bf16(rng, (r, tokens, hidden)) for _ in range(bias)]
+    buffer, num_parts = w.buffer, len(parts)
+
+    def body(*args):
+        parts_, (idx_, weights_, y_, rw_), bias_ = args[:num_parts], args[num_parts:num_parts + 4], args[num_parts + 4:]
+        tokens_in = tuple(parts_) if fp8 else parts_[0]
+        out = buffer.dispatch(tokens_in, topk_idx=idx_, topk_weights=weights_ if with_weights else None,
+                              num_experts=experts, num_worst_tokens=capacity, expert_alignment=alignment,
+                              expert_grouped=True)
+        combined = buffer.combine(y_, out.handle, topk_weights=rw_, bias=tuple(bias_) or None)
+        return {"recv_x": out.recv_x, "recv_topk_idx": out.recv_topk_idx, "recv_topk_weights": out.recv_topk_weights,
+                "weight": out.handle.weight, "per_expert": out.num_recv_tokens_per_expert,
+                "num_recv": out.num_recv_tokens, "cached_x": buffer.dispatch(tokens_in, handle=out.handle).recv_x,
+                "combined": combined}
+
+    got = w.run(body, *parts, idx, weights, y, row_weights, *biases)
+    mine = everyone[d]
+    assert int(got["num_recv"]) == mine.num_recv_tokens, f"num_recv_tokens {int(got['num_recv'])}"
+    same_values(got["per_expert"], mine.num_recv_tokens_per_expert.astype(np.int32), "num_recv_tokens_per_expert")
+    recv = got["recv_x"] if fp8 else (got["recv_x"],)
+    cached = got["cached_x"] if fp8 else (got["cached_x"],)
+    for i, want in enumerate(mine.recv_parts):
+        same_values(recv[i], want, f"recv part {i}")
+        same_values(cached[i], want, f"cached recv part {i}")
+    same_values(got["recv_topk_idx"], mine.recv_topk_idx.astype(np.int32), "recv_topk_idx")
+    same_values(got["weight"], mine.recv_topk_weights, "handle.weight")
+    if with_weights:
+        same_values(got["recv_topk_weights"], mine.recv_topk_weights, "recv_topk_weights")
+    else:
+        assert got["recv_topk_weights"] is None
+    combined_x, combined_w = got["combined"]
+    # The combine weights each row by the handle's pair weight (1 without topk_weights).
+    rounded = _grouped_sum_f32(y, everyone, idx, experts, d, biases)
+    same_values(combined_x, rounded, "combined_x (the pure-JAX rounding)")
+    exact = oracle.grouped_combine(y, everyone, tokens, biases)[d]
+    oracle.assert_rounded_once(combined_x, exact, np.abs(exact) + 1.0)
+    want_w = oracle.grouped_combined_weights(row_weights, everyone, idx, experts)[d]
+    same_values(combined_w, want_w.astype(np.float32), "combined_topk_weights")
+
+
+def check_grouped_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
+    """Value and gradients (x, topk_weights) of a jitted expert-grouped dispatch -> combine step (rows
+    unchanged: combined[t] = sum over t's pairs of weight * x[t]) against the chain rule: the grouped
+    custom VJPs run the grouped kernels (combine for dispatch, cached dispatch for combine)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    import oracle
+    from harness import random_bf16, random_topk, random_weights
+
+    r, d = w.num_ranks, w.rank
+    idx = random_topk(rng, r, tokens, topk, experts, "repeated")
+    x = random_bf16(rng, (r, tokens, hidden))
+    weights = np.round(random_weights(rng, (r, tokens, topk)) * 64) / 64  # sums exact in any order
+    g = random_bf16(rng, (r, tokens, hidden)).astype(np.float32)
+    buffer = w.buffer
+
+    def loss(x_, w_, idx_, g_):
+        out = buffer.dispatch(x_, topk_idx=idx_, topk_weights=w_, num_experts=experts, expert_grouped=True)
+        combined, _ = buffer.combine(out.recv_x, out.handle)
+        return jnp.sum(combined.astype(jnp.float32) * g_)
+
+    def body(x_, w_, idx_, g_):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
+        return value, grads[0], grads[1]
+
+    value, grad_x, grad_w = w.run(body, x, weights, idx, g)
+    bf16 = ml_dtypes.bfloat16
+    ids = oracle.valid_ids(idx, experts)[d]
+    valid = ids >= 0
+    xs, gs = x[d].astype(np.float64), g[d].astype(np.float64)
+    combined = np.zeros((tokens, hidden))  # the sum over each token's pairs of pair weight * x[t]
+    exact_x = np.zeros((tokens, hidden))  # the sum over its pairs of bf16(g[t] * pair weight)
+    for t in range(tokens):
+        for e in set(ids[t][valid[t]].tolist()):
+            pair_weight = np.float32(np.sum(weights[d, t][ids[t] == e]))
+            combined[t] += pair_weight * xs[t]
+            exact_x[t] += (gs[t] * pair_weight).astype(np.float32).astype(bf16).astype(np.float64)
+    want_value = np.sum(combined.astype(np.float32).astype(bf16).astype(np.float64) * gs)
+    np.testing.assert_allclose(value, want_value, rtol=1e-3, err_msg="loss")
+    oracle.assert_rounded_once(grad_x, exact_x, np.abs(exact_x) + 1.0)
+    exact_w = np.where(valid, np.sum(gs * xs, axis=1)[:, None], 0.0)
+    np.testing.assert_allclose(grad_w, exact_w, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(exact_w)) + 1e-30),
+                               err_msg="grad topk_weights")
+
+
+def grouped_checks(w: Worker, rng, experts: int) -> list:
+    """(name, check) pairs of the expert-grouped layout (docs/API.md, "Expert-grouped dispatch")."""
+    common = dict(tokens=256, hidden=512, topk=8, experts=experts)
+    return [
+        ("grouped dispatch/combine bf16", lambda: check_grouped(w, rng, **common)),
+        ("grouped: -1, out-of-range and repeated ids",
+         lambda: check_grouped(w, rng, kind="repeated", **common)),
+        ("grouped: out-of-range ids", lambda: check_grouped(w, rng, kind="out_of_range", **common)),
+        ("grouped: alignment 4, no weights, one bias",
+         lambda: check_grouped(w, rng, alignment=4, with_weights=False, bias=1, kind="repeated", **common)),
+        ("grouped: capacity overflow (rows past N dropped)",
+         lambda: check_grouped(w, rng, capacity=300, alignment=4, kind="hot", **common)),
+        ("grouped: fp8", lambda: check_grouped(w, rng, fp8=True, alignment=4, **common)),
+        ("grouped: H=7168, T=1024",
+         lambda: check_grouped(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts, bias=0)),
+        ("grouped: gradient through a jitted step",
+         lambda: check_grouped_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts)),
+    ]

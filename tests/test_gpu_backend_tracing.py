@@ -20,44 +20,64 @@ from jax_deepep.gpu import available, unavailable_reason
 pytestmark = pytest.mark.skipif(not available(), reason=f"CUDA library: {unavailable_reason()}")
 
 
+# The custom calls of each layout: its dispatch, combine and cached dispatch (a combine's gradient).
+_TARGETS = {False: ("jax_deepep_dispatch", "jax_deepep_combine", "jax_deepep_cached_dispatch"),
+            True: ("jax_deepep_grouped_dispatch", "jax_deepep_grouped_combine", "jax_deepep_grouped_cached_dispatch")}
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("data_parallel", [1, 2])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8):
+def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8, grouped):
+    """The MoE layer and its gradient on the intranode kernels, with rows by source or grouped by expert
+    (the layer's default there): the layout's custom calls and no other's, without effects."""
     mesh = jax.make_mesh((data_parallel, 8 // data_parallel), ("data", "expert"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     buffer = buffer_with_cuda_backends(mesh, "expert")
     config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=fp8)
+    assert moe.expert_grouped(buffer, config)
+    config = dataclasses.replace(config, expert_grouped=grouped)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config)
     tokens = NamedSharding(mesh, P(("data", "expert")))
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 128)), tokens)
     mask = jax.device_put(jnp.ones((64,), bool), tokens)
 
-    def loss(p):
+    def loss(p, x):
         return jnp.sum(layer(p, x, mask).astype(jnp.float32) ** 2)
 
-    traced = jax.jit(jax.value_and_grad(loss)).trace(params)
-    assert "jax_deepep_combine" in str(traced.jaxpr) and "jax_deepep_cached_dispatch" in str(traced.jaxpr)
+    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(params, x)
+    called = {e.params["target_name"] for e in _equations(traced.jaxpr.jaxpr) if e.primitive.name == "ffi_call"}
+    assert set(_TARGETS[grouped]) <= called and not called & set(_TARGETS[not grouped]), called
     # Without effects the training step keeps JAX's C++ dispatch path (gpu/ffi_call.py says why).
     assert not traced.jaxpr.effects, traced.jaxpr.effects
 
 
-@pytest.mark.parametrize("backend_class", ["intranode", "internode"])
-def test_expert_grouped_is_refused_by_the_cuda_backends(backend_class):
-    """Until the kernels write grouped rows, `expert_grouped=True` is a DeepEPError on the CUDA backends, and
-    the MoE layer (`MoEConfig.expert_grouped=None`) receives its rows by source there instead."""
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations' parameters."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_expert_grouped_is_refused_by_the_internode_backend():
+    """Until its kernels write grouped rows, `expert_grouped=True` is a DeepEPError on the internode backend,
+    and the MoE layer (`MoEConfig.expert_grouped=None`) receives its rows by source there instead."""
     from jax_deepep.gpu.internode import InternodeBackend
 
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
     buffer = buffer_with_cuda_backends(mesh, "expert")
-    if backend_class == "internode":  # only its class attributes are reached before the refusal
-        buffer.normal_backend = object.__new__(InternodeBackend)
+    buffer.normal_backend = object.__new__(InternodeBackend)  # only its class attributes are reached
     config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2)
     assert not moe.expert_grouped(buffer, config)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 128)), NamedSharding(mesh, P("expert")))
     layer = moe.sharded_moe(buffer, dataclasses.replace(config, expert_grouped=True))
-    with pytest.raises(DeepEPError, match=f"expert_grouped=True is not yet implemented on the CUDA {backend_class}"):
+    with pytest.raises(DeepEPError, match="expert_grouped=True is not yet implemented on the CUDA internode"):
         jax.jit(layer).trace(params, x)
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import gpu_workers
-from normal_checks import (AXIS, Worker, check_dispatch, check_gradient, check_pressure, edge_checks, skip_reason,
-                           vmap_checks)
+from normal_checks import (AXIS, Worker, check_dispatch, check_gradient, check_pressure, edge_checks,
+                           grouped_checks, skip_reason, vmap_checks)
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
@@ -134,7 +134,7 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     w.check("expert alignment 4, no weights, one bias",
             lambda: check_dispatch(w, rng, alignment=4, with_weights=False, bias=1, **common))
     w.check("H=7168 bf16, T=1024", lambda: check_dispatch(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
-    for name, edge_check in edge_checks(w, rng, experts) + vmap_checks(w, rng):
+    for name, edge_check in edge_checks(w, rng, experts) + vmap_checks(w, rng) + grouped_checks(w, rng, experts):
         w.check(name, edge_check)
     w.check("gradient through a jitted step", lambda: check_gradient(w, rng, tokens=256, hidden=512, topk=4,
                                                                       experts=experts))

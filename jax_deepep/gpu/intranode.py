@@ -4,6 +4,9 @@ extension module `_intranode_lib.so`) as XLA FFI custom calls, for an expert-par
 Every method runs per shard inside `shard_map`. The custom calls find this rank's communication
 buffer (`runtime.CommBuffers`, mapped by every peer over CUDA IPC or peer access) by the Buffer's
 id and the device they run on; ring sizes come from the `Config` (clamped to what the buffer holds).
+
+`IntranodeBackend.expert_grouped` (`IntranodeGroupedOps`) runs the same kernels on expert-grouped
+arguments: the receivers write each token straight to its (token, local expert) rows.
 """
 from __future__ import annotations
 
@@ -15,14 +18,16 @@ from ..backend import DispatchResult, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import valid_expert_ids
-from ..sizes import combine_slot, dispatch_slot
-from ..types import DispatchHandle, DispatchLayout, pytree_dataclass
+from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot
+from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from . import runtime
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 
 # Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
 DEFAULT_NUM_NVL_BYTES = 512 << 20
+# An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh).
+MAX_GROUPED_EXPERTS = 4096
 
 def _i64(v) -> np.int64:
     return np.int64(v)
@@ -33,6 +38,10 @@ def _kernel_expert_ids(topk_idx, num_experts: int):
     anything outside [0, E) as -1 themselves); wider ids are narrowed by `valid_expert_ids`,
     which checks them first (narrowing could wrap them into range)."""
     return topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, num_experts)
+
+
+def _part_bytes(parts) -> list:
+    return [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts]
 
 
 def _shape(a, rows=None):
@@ -63,13 +72,13 @@ class IntranodeBackend:
 
     name = "cuda"
     mode = "intranode"
-    expert_grouped = None  # the ops refuse `expert_grouped=True` until the kernels write grouped rows
 
     def __init__(self, comm: runtime.CommBuffers):
         lib = runtime._lib()
         self.comm = comm
         self._max_channels = lib.MAX_CHANNELS // 2
         self._max_local_experts = lib.MAX_LOCAL_EXPERTS
+        self.expert_grouped = IntranodeGroupedOps(self)
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys, *,
@@ -106,8 +115,7 @@ class IntranodeBackend:
 
     def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
         """Attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
-        part_bytes = [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts]
-        return self._ring("dispatch", ctx, config, dispatch_slot(part_bytes, num_topk))
+        return self._ring("dispatch", ctx, config, dispatch_slot(_part_bytes(parts), num_topk))
 
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
@@ -198,4 +206,123 @@ class IntranodeBackend:
             y, optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *biases,
             handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
             handle.recv_rank_prefix, handle.num_recv_tokens, axis_name=ctx.axis_name, **attrs)
+        return combined_x, (combined_topk_weights if has_weights else None)
+
+
+def _grouped_routing(topk_idx, num_experts: int):
+    """What a grouped dispatch sends beyond a dispatch's routing: checked ids, each pair's prefix (how
+    many earlier tokens of this rank name its expert; the repeats of an expert within a token share
+    their first's), and per expert the tokens naming it (repeats once), which the count exchange sends."""
+    ids = valid_expert_ids(topk_idx, num_experts)
+    num_tokens, top_k = ids.shape
+    first_k = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)  # the first k' naming the same id
+    first = (ids >= 0) & (first_k == jnp.arange(top_k))
+    # Sorting the first occurrences by expert (stable: by token within an expert) ranks each among its
+    # expert's: int32 keys of T * K pairs, never the token rows.
+    key = jnp.where(first, ids, num_experts).ravel()
+    order = jnp.argsort(key, stable=True)
+    position = jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.arange(key.size, dtype=jnp.int32))
+    counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)
+    starts = jnp.cumsum(counts, dtype=jnp.int32) - counts
+    prefix = (position - starts[key]).reshape(num_tokens, top_k)
+    return ids, jnp.take_along_axis(prefix, first_k, axis=1), counts[:num_experts]
+
+
+class IntranodeGroupedOps:
+    """The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
+    has their contract) on the intranode kernels: one custom call each, whose receivers write each
+    token straight to its grouped rows; the handle's token-level routing has room for every token."""
+
+    def __init__(self, backend: IntranodeBackend):
+        self.backend = backend
+
+    def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
+                 num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
+        op = "dispatch"
+        if num_experts > MAX_GROUPED_EXPERTS:
+            fail(op, f"expert_grouped=True serves at most {MAX_GROUPED_EXPERTS} experts on the CUDA intranode "
+                     f"backend, got num_experts={num_experts}")
+        if num_experts // ctx.num_ranks > self.backend._max_local_experts:
+            fail(op, f"at most {self.backend._max_local_experts} experts per rank, got {num_experts // ctx.num_ranks}")
+        n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
+        rows, top_k = r * num_tokens, topk_idx.shape[1]
+        slot, prefix_offset = grouped_dispatch_slot(_part_bytes(parts), top_k)
+        attrs = self.backend._ring(op, ctx, config, slot)
+        ids, prefix, per_expert = _grouped_routing(topk_idx, num_experts)
+        weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
+        scales = parts[1] if len(parts) == 2 else None
+        i32, f32 = jnp.int32, jnp.float32
+        (recv_x, recv_scales, expert, weight, token_row, pair_row, recv_src_idx, recv_src_rank, send_row,
+         send_count_before, send_offset, recv_rank_prefix, num_recv_tokens, token_per_expert, num_rows,
+         held) = ffi_call(
+            "jax_deepep_grouped_dispatch",
+            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
+                                                  f32 if scales is None else scales.dtype),
+             jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((n,), i32),
+             jax.ShapeDtypeStruct((rows, top_k), i32), jax.ShapeDtypeStruct((rows,), i32),
+             jax.ShapeDtypeStruct((rows,), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
+             jax.ShapeDtypeStruct((num_tokens, r), i32), jax.ShapeDtypeStruct((r,), i32),
+             jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((), i32),
+             jax.ShapeDtypeStruct((num_experts // r,), i32), jax.ShapeDtypeStruct((), i32),
+             jax.ShapeDtypeStruct((num_experts // r,), i32)),
+            parts[0], optional_operand(scales, f32), ids, weights, prefix, layout.is_token_in_rank,
+            layout.num_tokens_per_rank, per_expert, axis_name=ctx.axis_name, num_experts=_i64(num_experts),
+            expert_alignment=_i64(expert_alignment), topk_prefix_offset=_i64(prefix_offset), **attrs)
+        tokens = DispatchHandle(
+            is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=recv_src_rank,
+            recv_src_idx=recv_src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv_tokens,
+            num_recv_tokens_per_expert=token_per_expert, route=IntranodeRoute(send_count_before, send_offset))
+        handle = ExpertGroupedHandle(tokens=tokens, token_row=token_row, pair_row=pair_row, weight=weight,
+                                     num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
+        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+        return DispatchResult(recv_parts, expert, None if topk_weights is None else weight, held, num_rows, handle)
+
+    def cached_dispatch(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, parts,
+                        topk_weights=None):
+        """Returns (grouped rows, f32[N] pair weights from `topk_weights [T, K]` or None)."""
+        n, has_weights = handle.capacity, topk_weights is not None
+        top_k = handle.pair_row.shape[1]
+        attrs = self.backend._dispatch_ring(ctx, config, parts, top_k)
+        tokens = handle.tokens
+        send_count_before = _route("dispatch", tokens).send_count_before
+        scales = parts[1] if len(parts) == 2 else None
+        f32 = jnp.float32
+        recv_x, recv_scales, recv_weight = ffi_call(
+            "jax_deepep_grouped_cached_dispatch",
+            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
+                                                  f32 if scales is None else scales.dtype),
+             optional_result((n,) if has_weights else None, f32)),
+            parts[0], optional_operand(scales, f32),
+            optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
+            tokens.is_token_in_rank, tokens.send_row, send_count_before, tokens.num_recv_tokens, handle.pair_row,
+            handle.token_row, axis_name=ctx.axis_name, **attrs)
+        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+        return recv_parts, (recv_weight if has_weights else None)
+
+    def combine(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, y, topk_weights, bias,
+                row_weights=None):
+        """(bf16 [T, H]: per token, the sum over its pairs of row_weights[row] * y[row] (unweighted without
+        `row_weights`) plus `bias`, in f32 and rounded once; f32 [T, K] or None: for each (t, k) the
+        `topk_weights [N]` of its pair's row)."""
+        hidden = y.shape[1]
+        if hidden % 8:
+            fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
+                            f"multiple of 8), got hidden size {hidden}")
+        has_weights = topk_weights is not None
+        top_k = handle.pair_row.shape[1]
+        # As the plain combine: chunks of at most half the ring (IntranodeBackend.combine says why).
+        attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k), half_ring_chunks=True)
+        tokens = handle.tokens
+        route = _route("combine", tokens)
+        num_tokens = tokens.is_token_in_rank.shape[0]
+        f32, bf16 = jnp.float32, jnp.bfloat16
+        biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
+        combined_x, combined_topk_weights = ffi_call(
+            "jax_deepep_grouped_combine",
+            (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
+             optional_result((num_tokens, top_k) if has_weights else None, f32)),
+            y, optional_operand(None if row_weights is None else row_weights.astype(f32), f32),
+            optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *biases,
+            tokens.is_token_in_rank, tokens.send_row, route.send_count_before, route.send_offset, tokens.recv_src_idx,
+            tokens.recv_rank_prefix, tokens.num_recv_tokens, handle.pair_row, axis_name=ctx.axis_name, **attrs)
         return combined_x, (combined_topk_weights if has_weights else None)

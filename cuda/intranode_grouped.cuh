@@ -1,0 +1,265 @@
+// What the expert-grouped instantiations of the intranode kernels add (GroupedDispatchArgs,
+// GroupedCombineArgs in cuda/intranode.h): the table of grouped row bases, the padding rows, a
+// token's pair lanes and the weighted pair sums. The plain instantiations never reach this code,
+// so their generated code is that of the kernels without it.
+//
+// Sums follow jax_deepep/reference/expert_grouped.py term by term: each product weight * y and
+// each sum is rounded to f32 on its own (no fused multiply-add), pairs are added in k order and
+// ranks in rank order, and a token is rounded to bf16 once.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/bf16x8.cuh"
+#include "cuda/intranode.h"
+#include "cuda/notify.cuh"
+#include "cuda/toolbox.cuh"
+
+namespace jax_deepep {
+
+template <typename Args>
+constexpr bool kIsGrouped = std::is_same_v<Args, GroupedDispatchArgs> || std::is_same_v<Args, GroupedCombineArgs>;
+
+// The block's table: bases[s * E_l + e] = first grouped row of source s's pairs of local expert e.
+__device__ __forceinline__ int* grouped_bases() {
+  __shared__ int bases[kMaxGroupedExperts];
+  return bases;
+}
+
+// Whole block: the sum of `value` over the threads before this one; `*total` gets the block's sum.
+__device__ __forceinline__ int block_exclusive_sum(int value, int* total) {
+  __shared__ int warp_sums[kWarps];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  int inclusive = value;
+#pragma unroll
+  for (int d = 1; d < kWarpSize; d *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += v;
+  }
+  if (lane == kWarpSize - 1) warp_sums[warp] = inclusive;
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_sums[w] : 0;
+    sum += warp_sums[w];
+  }
+  __syncthreads();  // warp_sums is reused by the next call
+  *total = sum;
+  return before + inclusive - value;
+}
+
+// Whole block, a first grouped dispatch after read_counts: fills the block's bases table from the
+// count exchange (padded groups of the experts before e, then the pairs of the sources before s)
+// and returns the grouped rows needed. Block 0 also writes the handle's grouped counts.
+__device__ __forceinline__ int build_grouped_bases(const RankInfo& info, const GroupedDispatchArgs& args,
+                                                   uint32_t epoch, int* bases) {
+  const int num_ranks = info.num_ranks, experts = args.num_experts / num_ranks, a = args.expert_alignment;
+  const int run = (experts + kThreads - 1) / kThreads;  // each thread owns a run of experts
+  const int lo = min(static_cast<int>(threadIdx.x) * run, experts), hi = min(lo + run, experts);
+  auto pairs = [&](int src, int e) { return sent_count(info, args.notify, epoch, src, num_ranks + e); };
+  auto padded = [a](int rows) { return (rows + a - 1) / a * a; };
+  int rows = 0;
+  for (int e = lo; e < hi; ++e) {
+    int group = 0;
+    for (int s = 0; s < num_ranks; ++s) group += pairs(s, e);
+    rows += padded(group);
+  }
+  int total = 0;
+  int start = block_exclusive_sum(rows, &total);
+  for (int e = lo; e < hi; ++e) {
+    int at = start;
+    for (int s = 0; s < num_ranks; ++s) {
+      bases[s * experts + e] = at;
+      at += pairs(s, e);
+    }
+    const int group = padded(at - start);
+    if (blockIdx.x == 0) args.grouped_per_expert[e] = max(min(args.grouped_capacity - start, group), 0);
+    start += group;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *args.num_grouped_rows = total;
+  __syncthreads();
+  return total;
+}
+
+// Whole warp: `bytes` of zeros at `dst`.
+__device__ __forceinline__ void zero_row(char* dst, int bytes, int lane) {
+  if (((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) & 15) == 0) {
+    for (int i = lane; i < bytes / 16; i += kWarpSize) reinterpret_cast<int4*>(dst)[i] = make_int4(0, 0, 0, 0);
+  } else {
+    for (int i = lane; i < bytes; i += kWarpSize) dst[i] = 0;
+  }
+}
+
+// Whole warp: grouped row `row` holds no pair (zero payload, weight 0; a first dispatch also
+// writes expert -1 and token row -1).
+__device__ __forceinline__ void clear_grouped_row(const GroupedDispatchArgs& args, int row, bool first, int lane) {
+  for (int p = 0; p < args.num_parts; ++p) {
+    const int bytes = args.parts[p].row_bytes;
+    zero_row(args.parts[p].recv + static_cast<int64_t>(row) * bytes, bytes, lane);
+  }
+  if (lane == 0) {
+    if (args.recv_weight) args.recv_weight[row] = 0.0f;
+    if (first) {
+      args.recv_expert[row] = -1;
+      args.token_row[row] = -1;
+    }
+  }
+}
+
+// Whole grid, a first grouped dispatch: the grouped rows no pair fills (each group's padding, and
+// the rows past every group) and the pair rows of the token-level rows past `num_recv`.
+__device__ __forceinline__ void fill_grouped_padding(const RankInfo& info, const GroupedDispatchArgs& args,
+                                                     uint32_t epoch, const int* bases, int total, int num_recv) {
+  const int lane = threadIdx.x % kWarpSize, warps = gridDim.x * kWarps;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize;
+  const int num_ranks = info.num_ranks, experts = args.num_experts / num_ranks, last = num_ranks - 1;
+  for (int e = warp; e < experts; e += warps) {
+    const int filled = bases[last * experts + e] + sent_count(info, args.notify, epoch, last, num_ranks + e);
+    const int end = min(e + 1 < experts ? bases[e + 1] : total, args.grouped_capacity);
+    for (int row = filled; row < end; ++row) clear_grouped_row(args, row, true, lane);
+  }
+  for (int row = total + warp; row < args.grouped_capacity; row += warps) clear_grouped_row(args, row, true, lane);
+  for (int j = max(num_recv, 0) + warp; j < args.capacity; j += warps) {
+    if (lane < args.num_topk) args.pair_row[static_cast<int64_t>(j) * args.num_topk + lane] = -1;
+  }
+}
+
+// Whole grid, a cached grouped dispatch: the handle's padding rows (token row -1).
+__device__ __forceinline__ void fill_cached_grouped_padding(const GroupedDispatchArgs& args) {
+  const int lane = threadIdx.x % kWarpSize, warps = gridDim.x * kWarps;
+  for (int row = blockIdx.x * kWarps + threadIdx.x / kWarpSize; row < args.grouped_capacity; row += warps) {
+    if (__ldg(args.token_row + row) < 0) clear_grouped_row(args, row, false, lane);
+  }
+}
+
+// One token's pairs as a warp holds them: lane k < K has `row`, the grouped row of the token's k-th
+// expert (-1 for none). Repeats of an expert share its row; the lowest of their lanes owns it.
+struct PairLanes {
+  bool owner;       // this lane owns its row
+  float weight;     // owners: the sum of the weights of the lanes sharing the row, in k order
+  unsigned owners;  // the owner lanes
+};
+
+__device__ __forceinline__ PairLanes pair_lanes(int row, float weight, int num_topk, int lane) {
+  const unsigned same = __match_any_sync(0xffffffffu, row);
+  PairLanes p;
+  p.owner = row >= 0 && lane == __ffs(same) - 1;
+  p.weight = 0.0f;
+  for (int k = 0; k < num_topk; ++k) {
+    const float w = __shfl_sync(0xffffffffu, weight, k);
+    if (same >> k & 1u) p.weight += w;
+  }
+  p.owners = __ballot_sync(0xffffffffu, p.owner);
+  return p;
+}
+
+// Whole warp: out (the eight channels of vector `i`, when `valid`) += for each owner lane in k
+// order, its `weight` * y[its `row`], each product and sum rounded on its own.
+__device__ __forceinline__ void add_pair_rows(float (&out)[8], const __nv_bfloat16* y, int hidden, unsigned owners,
+                                              int row, float weight, int i, bool valid) {
+  for (unsigned rest = owners; rest; rest &= rest - 1) {
+    const int k = __ffs(rest) - 1;
+    const int r = __shfl_sync(0xffffffffu, row, k);
+    const float w = __shfl_sync(0xffffffffu, weight, k);
+    if (!valid) continue;
+    float f[8];
+    unpack_bf16x8(__ldg(reinterpret_cast<const int4*>(y + static_cast<int64_t>(r) * hidden) + i), f);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) out[c] = __fadd_rn(out[c], __fmul_rn(w, f[c]));
+  }
+}
+
+// Whole warp: the pairs of token-level row `j` (-1: none) as lanes, each with its row weight.
+struct TokenPairs {
+  int row;       // lane k < K: the grouped row of the k-th expert, -1 for none
+  float weight;  // owners: row_weights[row] (1 without row weights)
+  unsigned owners;
+};
+
+__device__ __forceinline__ TokenPairs token_pairs(const GroupedCombineArgs& args, int j, int lane) {
+  TokenPairs t;
+  t.row = j >= 0 && lane < args.num_topk ? args.pair_row[static_cast<int64_t>(j) * args.num_topk + lane] : -1;
+  const PairLanes lanes = pair_lanes(t.row, 0.0f, args.num_topk, lane);
+  t.owners = lanes.owners;
+  t.weight = lanes.owner && args.row_weights ? args.row_weights[t.row] : 1.0f;
+  return t;
+}
+
+// Whole warp, a grouped combine's sender: the f32 partial sum of token-level row j's pairs (one ring
+// slot: f32 [H], then each k's topk_weights at its pair's row, 0 for none).
+__device__ __forceinline__ void write_partial(const GroupedCombineArgs& args, char* slot, int j, int lane) {
+  const TokenPairs t = token_pairs(args, j, lane);
+  const int vectors = args.hidden / 8;
+  float4* out = reinterpret_cast<float4*>(slot);
+  for (int first = 0; first < vectors; first += kWarpSize) {
+    const int i = first + lane;
+    float acc[8] = {};
+    add_pair_rows(acc, args.y, args.hidden, t.owners, t.row, t.weight, i, i < vectors);
+    if (i < vectors) {
+      out[2 * i] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      out[2 * i + 1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+  }
+  // Every rank of the op combines weights or none (the same shapes); with N = 0 no row has any.
+  if (args.combined_topk_weights && lane < args.num_topk)
+    reinterpret_cast<float*>(slot + args.slot.weights_offset)[lane] = t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
+}
+
+// Whole warp, a grouped combine's receiver: token `token`'s sum over ranks (in rank order) of the
+// partials: this rank's from its own pairs (token-level row `own`, -1: none), the peers' from
+// their ring slots `slots[d]` (null: none); then the biases, rounded to bf16 once.
+__device__ __forceinline__ void combine_partials(const RankInfo& info, const GroupedCombineArgs& args, int token,
+                                                 int own, const char* const (&slots)[kMaxRanks]) {
+  const int me = info.rank, lane = threadIdx.x % kWarpSize, vectors = args.hidden / 8;
+  const TokenPairs t = token_pairs(args, own, lane);
+  const int64_t at = static_cast<int64_t>(token) * args.hidden;
+  const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + at : nullptr);
+  const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + at : nullptr);
+  int4* out = reinterpret_cast<int4*>(args.combined_x + at);
+  for (int first = 0; first < vectors; first += kWarpSize) {
+    const int i = first + lane;
+    const bool valid = i < vectors;
+    float acc[8] = {};
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (d >= info.num_ranks) continue;
+      float part[8] = {};
+      if (d == me) {
+        if (own < 0) continue;
+        add_pair_rows(part, args.y, args.hidden, t.owners, t.row, t.weight, i, valid);
+      } else {
+        if (!slots[d] || !valid) continue;
+        const float4* p = reinterpret_cast<const float4*>(slots[d]);
+        const float4 a = __ldcv(p + 2 * i), b = __ldcv(p + 2 * i + 1);
+        const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int c = 0; c < 8; ++c) part[c] = f[c];
+      }
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+    }
+    if (!valid) continue;
+    for (const int4* bias : {bias0, bias1}) {
+      if (bias) accumulate(acc, __ldg(bias + i));
+    }
+    out[i] = pack_bf16x8<int4>(acc);
+  }
+  if (args.combined_topk_weights && lane < args.num_topk) {
+    float w = 0.0f;
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (d >= info.num_ranks) continue;
+      if (d == me) {
+        if (own >= 0) w += t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
+      } else if (slots[d]) {
+        w += reinterpret_cast<const volatile float*>(slots[d] + args.slot.weights_offset)[lane];
+      }
+    }
+    args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] = w;
+  }
+}
+
+}  // namespace jax_deepep
