@@ -345,20 +345,14 @@ ffi::Error GroupedCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBu
   return cuda_error(launch_grouped_dispatch(s->info(), g, stream), "cached expert-grouped dispatch kernel");
 }
 
-ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_weights, BF16 bias0,
-                   BF16 bias1, PredMatrix is_token_in_rank, I32 send_row, I32 send_count_before,
-                   I32 send_offset, I32 recv_src_idx, I32 recv_rank_prefix, I32 num_recv_tokens,
-                   ffi::Result<BF16> combined_x, ffi::Result<F32> combined_topk_weights, CombineAttrs attrs) {
-  ffi::Error error;
-  std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
-  if (!s) return error;
-  CombineArgs c{};
+// What a combine and an expert-grouped combine take alike: rows, weights, biases, the token-level
+// routing, outputs and rings (the caller sets its capacity and K, which come from different operands).
+void set_combine(CombineArgs& c, BF16Matrix y, F32 topk_weights, BF16 bias0, BF16 bias1, PredMatrix is_token_in_rank,
+                 I32 send_row, I32 send_count_before, I32 send_offset, I32 recv_src_idx, I32 recv_rank_prefix,
+                 I32 num_recv_tokens, BF16 combined_x, F32 combined_topk_weights, const CombineAttrs& attrs) {
   c.y = reinterpret_cast<const __nv_bfloat16*>(y.typed_data());
-  c.capacity = static_cast<int>(y.dimensions()[0]);
   c.hidden = static_cast<int>(y.dimensions()[1]);
-  if (c.hidden % 8) return invalid("combine needs a hidden size divisible by 8");
   c.topk_weights = data_or_null<const float>(topk_weights);
-  c.num_topk = given(topk_weights) ? static_cast<int>(topk_weights.dimensions()[1]) : 0;
   c.bias[0] = data_or_null<const __nv_bfloat16>(bias0);
   c.bias[1] = data_or_null<const __nv_bfloat16>(bias1);
   c.is_token_in_rank = is_token_in_rank.typed_data();
@@ -369,10 +363,25 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_w
   c.recv_src_idx = recv_src_idx.typed_data();
   c.recv_rank_prefix = recv_rank_prefix.typed_data();
   c.num_recv_tokens = num_recv_tokens.typed_data();
-  c.combined_x = reinterpret_cast<__nv_bfloat16*>(combined_x->typed_data());
-  c.combined_topk_weights = data_or_null<float>(*combined_topk_weights);
+  c.combined_x = reinterpret_cast<__nv_bfloat16*>(combined_x.typed_data());
+  c.combined_topk_weights = data_or_null<float>(combined_topk_weights);
   c.ring = ring_shape(attrs.ring);
   c.slot = attrs.slot;
+}
+
+ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 topk_weights, BF16 bias0,
+                   BF16 bias1, PredMatrix is_token_in_rank, I32 send_row, I32 send_count_before,
+                   I32 send_offset, I32 recv_src_idx, I32 recv_rank_prefix, I32 num_recv_tokens,
+                   ffi::Result<BF16> combined_x, ffi::Result<F32> combined_topk_weights, CombineAttrs attrs) {
+  ffi::Error error;
+  std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
+  if (!s) return error;
+  CombineArgs c{};
+  set_combine(c, y, topk_weights, bias0, bias1, is_token_in_rank, send_row, send_count_before, send_offset,
+              recv_src_idx, recv_rank_prefix, num_recv_tokens, *combined_x, *combined_topk_weights, attrs);
+  c.capacity = static_cast<int>(y.dimensions()[0]);
+  c.num_topk = given(topk_weights) ? static_cast<int>(topk_weights.dimensions()[1]) : 0;
+  if (c.hidden % 8) return invalid("combine needs a hidden size divisible by 8");
   if (ffi::Error e = check_combine_rings(*s, c); e.failure()) return e;
   return cuda_error(launch_combine(s->info(), c, stream), "combine kernel");
 }
@@ -388,33 +397,18 @@ ffi::Error GroupedCombine(cudaStream_t stream, int32_t device, BF16Matrix y, F32
   std::shared_ptr<RankState> s = live_state(attrs.buffer_id, device, &error);
   if (!s) return error;
   GroupedCombineArgs c{};
-  c.y = reinterpret_cast<const __nv_bfloat16*>(y.typed_data());
-  c.hidden = static_cast<int>(y.dimensions()[1]);
-  if (c.hidden % 8) return invalid("combine needs a hidden size divisible by 8");
+  set_combine(c, y, topk_weights, bias0, bias1, is_token_in_rank, send_row, send_count_before, send_offset,
+              recv_src_idx, recv_rank_prefix, num_recv_tokens, *combined_x, *combined_topk_weights, attrs);
   c.capacity = static_cast<int>(pair_row.dimensions()[0]);
   c.num_topk = static_cast<int>(pair_row.dimensions()[1]);
   c.row_weights = data_or_null<const float>(row_weights);
-  c.topk_weights = data_or_null<const float>(topk_weights);
-  c.bias[0] = data_or_null<const __nv_bfloat16>(bias0);
-  c.bias[1] = data_or_null<const __nv_bfloat16>(bias1);
-  c.is_token_in_rank = is_token_in_rank.typed_data();
-  c.num_tokens = static_cast<int>(is_token_in_rank.dimensions()[0]);
-  c.send_row = send_row.typed_data();
-  c.send_count_before = send_count_before.typed_data();
-  c.send_offset = send_offset.typed_data();
-  c.recv_src_idx = recv_src_idx.typed_data();
-  c.recv_rank_prefix = recv_rank_prefix.typed_data();
-  c.num_recv_tokens = num_recv_tokens.typed_data();
   c.pair_row = pair_row.typed_data();
-  c.combined_x = reinterpret_cast<__nv_bfloat16*>(combined_x->typed_data());
-  c.combined_topk_weights = data_or_null<float>(*combined_topk_weights);
+  if (c.hidden % 8) return invalid("combine needs a hidden size divisible by 8");
   // With N = 0 grouped rows an [N] topk_weights reads as absent; no pair row then points into it.
   if (c.combined_topk_weights && !c.topk_weights && y.dimensions()[0] > 0)
     return invalid("expert-grouped combine: combined_topk_weights needs topk_weights");
   if (recv_src_idx.element_count() != static_cast<size_t>(c.capacity))
     return invalid("expert-grouped combine: pair_row must have a row per token-level receive row");
-  c.ring = ring_shape(attrs.ring);
-  c.slot = attrs.slot;
   if (ffi::Error e = check_combine_rings(*s, c, true); e.failure()) return e;
   return cuda_error(launch_grouped_combine(s->info(), c, stream), "expert-grouped combine kernel");
 }

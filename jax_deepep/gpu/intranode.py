@@ -44,6 +44,13 @@ def _part_bytes(parts) -> list:
     return [int(np.prod(p.shape[1:])) * p.dtype.itemsize for p in parts]
 
 
+def _received_parts(parts, rows: int) -> tuple:
+    """The results of `rows` received rows of `parts`: the rows, and FP8 scales or an absent result."""
+    scales = parts[1] if len(parts) == 2 else None
+    return (_shape(parts[0], rows), optional_result(None if scales is None else (rows,) + scales.shape[1:],
+                                                    jnp.float32 if scales is None else scales.dtype))
+
+
 def _shape(a, rows=None):
     return jax.ShapeDtypeStruct(((rows,) if rows is not None else a.shape[:1]) + tuple(a.shape[1:]), a.dtype)
 
@@ -141,8 +148,7 @@ class IntranodeBackend:
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank, send_row,
          send_count_before, send_offset, recv_rank_prefix, num_recv_tokens, per_expert) = ffi_call(
             "jax_deepep_dispatch",
-            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
-                                                  f32 if scales is None else scales.dtype),
+            (*_received_parts(parts, n),
              optional_result((n, num_topk) if has_topk else None, i32),
              optional_result((n, num_topk) if has_weights else None, f32),
              jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), i32),
@@ -174,8 +180,7 @@ class IntranodeBackend:
         f32 = jnp.float32
         recv_x, recv_scales, recv_topk_weights = ffi_call(
             "jax_deepep_cached_dispatch",
-            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
-                                                  f32 if scales is None else scales.dtype),
+            (*_received_parts(parts, n),
              optional_result((n, num_topk) if has_weights else None, f32)),
             parts[0], optional_operand(scales, f32),
             optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
@@ -256,8 +261,7 @@ class IntranodeGroupedOps:
          send_count_before, send_offset, recv_rank_prefix, num_recv_tokens, token_per_expert, num_rows,
          held) = ffi_call(
             "jax_deepep_grouped_dispatch",
-            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
-                                                  f32 if scales is None else scales.dtype),
+            (*_received_parts(parts, n),
              jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((n,), i32),
              jax.ShapeDtypeStruct((rows, top_k), i32), jax.ShapeDtypeStruct((rows,), i32),
              jax.ShapeDtypeStruct((rows,), i32), jax.ShapeDtypeStruct((num_tokens, r), i32),
@@ -289,8 +293,7 @@ class IntranodeGroupedOps:
         f32 = jnp.float32
         recv_x, recv_scales, recv_weight = ffi_call(
             "jax_deepep_grouped_cached_dispatch",
-            (_shape(parts[0], n), optional_result(None if scales is None else (n,) + scales.shape[1:],
-                                                  f32 if scales is None else scales.dtype),
+            (*_received_parts(parts, n),
              optional_result((n,) if has_weights else None, f32)),
             parts[0], optional_operand(scales, f32),
             optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
