@@ -4,8 +4,7 @@ by `nvshmem.py`) as XLA FFI custom calls.
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
 which buffer half to read. `sizes` is a zero-size array whose shape carries the static sizes
-(E, M, H) to the recv call, since `transit` holds arrays only. Every call declares a side effect,
-so that neither JAX nor XLA merges or drops one (`ffi_call.py` says why, and what it costs).
+(E, M, H) to the recv call, since `transit` holds arrays only.
 """
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ class LowLatencyBackend:
         send_slot, token = ffi_call(
             "jax_deepep_ll_dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-            x, idx, axis_name=ctx.axis_name, side_effect=True,
+            x, idx, axis_name=ctx.axis_name,
             **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
             use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
@@ -89,7 +88,7 @@ class LowLatencyBackend:
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
-            transit["token"], axis_name=ctx.axis_name, side_effect=True, **self._sizes(ctx, m, num_experts, hidden),
+            transit["token"], axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden),
             use_ue8m0=bool(opts.use_ue8m0))
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
@@ -100,7 +99,7 @@ class LowLatencyBackend:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name, side_effect=True, zero_copy=bool(zero_copy),
+            y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
             **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
@@ -114,4 +113,4 @@ class LowLatencyBackend:
             "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
             transit["topk_weights"], transit["send_slot"],
-            axis_name=ctx.axis_name, side_effect=True, **self._sizes(ctx, m, num_experts, hidden))
+            axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden))
