@@ -300,13 +300,18 @@ def _input_sets(mesh: Mesh, sizes: Sizes, args):
             for i in range(args.rotations)]
 
 
+def _nvl_bytes(sizes: Sizes) -> int:
+    """`num_nvl_bytes` for the default dispatch and combine configs of bf16 rows."""
+    R, H = sizes.num_ranks, sizes.hidden
+    return max(Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(H * 2, R),
+               Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
+
+
 def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
     """The Buffer of normal mode, and of internode mode (`num_rdma_bytes` sized for the bench's
     dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected)."""
     R, H = sizes.num_ranks, sizes.hidden
-    config = Buffer.get_dispatch_config(R)
-    nvl_bytes = max(config.get_nvl_buffer_size_hint(H * 2, R),
-                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
+    nvl_bytes = _nvl_bytes(sizes)
     if args.mode != "internode":
         return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
     rdma_bytes = 1 << 20  # what the pure-JAX implementation gets (it ignores it)
@@ -320,8 +325,9 @@ def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
     return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node)
 
 
-def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
-    """Normal mode, and internode mode (the same ops on a Buffer over several nodes)."""
+def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args) -> list:
+    """Normal mode, and internode mode (the same ops on a Buffer over several nodes, then on an
+    intranode Buffer of the same ranks: `_intranode_reference`)."""
     R, E, H = sizes.num_ranks, sizes.num_experts, sizes.hidden
     sets = _input_sets(mesh, sizes, args)
     to_fp8 = per_rank(mesh, lambda x: per_block_cast_to_fp8(x))
@@ -415,7 +421,45 @@ def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args):
             back = _zeros((R, R * min(sizes.num_tokens, capacity), H), jnp.bfloat16, mesh) if ragged else None
             runner.run(Result("combine", name, "bf16", bytes_per_rank=bf16_bytes), combine_op, list(zip(ys, plans)),
                        back, skip)
-    return buffer
+    if args.mode == "internode":
+        return [buffer, *_intranode_reference(runner, mesh, sizes, args, sets, bf16_bytes)]
+    return [buffer]
+
+
+INTRANODE_REFERENCE = "intranode"  # the suffix of the reference rows' impl
+
+
+def _intranode_reference(runner: Runner, mesh: Mesh, sizes: Sizes, args, sets, bf16_bytes: float) -> list:
+    """Internode mode's same-run reference: bf16 dispatch and combine on an intranode Buffer of the same
+    ranks and inputs, whose times `main` records in the JSON's `meta` (`intranode_dispatch_us`,
+    `intranode_combine_us`), so the internode cost is a ratio from one run. On CPU both Buffers run
+    the pure-JAX ops. Returns the Buffer, or none where ranks cannot share one (several hosts)."""
+    try:
+        buffer = Buffer(mesh, AXIS, num_nvl_bytes=_nvl_bytes(sizes))
+    except Exception as e:  # the internode figures stand without their reference
+        print(f"no intranode reference: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        return []
+    impl, E = f"buffer[{buffer.backend.name}]/{INTRANODE_REFERENCE}", sizes.num_experts
+    layouts = [per_rank(mesh, lambda idx: buffer.get_dispatch_layout(idx, E))(idx) for _, idx, _ in sets]
+
+    def dispatch(x, idx, w, lay):
+        return buffer.dispatch(x, topk_idx=idx, topk_weights=w, layout=lay)
+
+    inputs = [(x, idx, w, lay) for (x, idx, w), lay in zip(sets, layouts)]
+    runner.run(Result("dispatch", impl, "bf16", bytes_per_rank=bf16_bytes), stateless(dispatch), inputs)
+    handles = [per_rank(mesh, dispatch)(*a).handle for a in inputs]
+    capacity = handles[0].recv_src_idx.shape[1]
+    keys = jax.random.split(jax.random.PRNGKey(args.seed + 2), len(sets))
+    ys = [random_tokens(mesh, k, sizes, rows=capacity) for k in keys]
+    runner.run(Result("combine", impl, "bf16", bytes_per_rank=bf16_bytes),
+               stateless(lambda y, h: buffer.combine(y, h)[0]), list(zip(ys, handles)))
+    return [buffer]
+
+
+def _intranode_reference_meta(results) -> dict:
+    """`intranode_dispatch_us` and `intranode_combine_us` from `_intranode_reference`'s rows (None if not run)."""
+    times = {r.op: r.time_us for r in results if r.impl.endswith("/" + INTRANODE_REFERENCE)}
+    return {f"intranode_{op}_us": times.get(op) for op in ("dispatch", "combine")}
 
 
 def _gather_rows(a, rows, as_words: bool):
@@ -501,7 +545,7 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     runner.run(Result("ll_combine", "jax:padded", "bf16", bytes_per_rank=bf16_bytes),
                stateless(lambda y, w, p: baselines.low_latency_combine(y, w, p, axis_name=AXIS)),
                [(y, w, plan) for y, (_, _, w), (plan, _) in zip(ys, sets, outs)], None, check)
-    return buffer
+    return [buffer]
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -555,10 +599,11 @@ def _num_sms(value: str, device) -> int:
 def _bench_moe(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     from .bench_moe import bench_moe  # it builds on this module's plumbing
 
-    return bench_moe(runner, mesh, sizes, args)
+    return [bench_moe(runner, mesh, sizes, args)]
 
 
-# What each --mode runs (internode: the normal-mode ops on a Buffer over several nodes).
+# What each --mode runs (internode: the normal-mode ops on a Buffer over several nodes); each returns
+# the Buffers it made.
 _BENCHES = {"normal": bench_normal, "low_latency": bench_low_latency, "internode": bench_normal, "moe": _bench_moe}
 
 
@@ -665,8 +710,8 @@ def main(argv=None):
     if args.num_sms:
         Buffer.set_num_sms(_num_sms(args.num_sms, devices[0]))
     runner = Runner(mesh, args)
-    # The Buffer outlives the profile, which runs its ops once more.
-    buffer = _BENCHES[args.mode](runner, mesh, sizes, args)
+    # The Buffers outlive the profile, which runs their ops once more.
+    buffers = _BENCHES[args.mode](runner, mesh, sizes, args)
     leader = jax.process_index() == 0
     if args.profile:
         # Every process runs the profiled ops (internode ops wait for their peers), each into its own folder.
@@ -681,16 +726,19 @@ def main(argv=None):
                       + ", ".join(f"{name[:40]} {us:.1f}" for name, us in r.kernels))
     runner.fill_bandwidths()
     jax.effects_barrier()
-    buffer.destroy()
+    for buffer in buffers:
+        buffer.destroy()
     if not leader:
         return runner.results
     print(table(runner.results))
     meta = {"mode": args.mode, "sizes": dataclasses.asdict(sizes), "device": devices[0].device_kind,
             "platform": devices[0].platform, "jax": jax.__version__, "python": platform.python_version(),
             "num_sms": Buffer.num_sms, "processes": jax.process_count(), "shared_gpu": args.shared_gpu,
-            "ranks_per_node": buffer.ranks_per_node,
+            "ranks_per_node": buffers[0].ranks_per_node,
             "timing": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "rotations": args.rotations},
             "command": "python -m jax_deepep.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if args.mode == "internode":
+        meta.update(_intranode_reference_meta(runner.results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in runner.results]}, f, indent=1)

@@ -209,7 +209,7 @@ def test_num_sms_flag():
 
 def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
     """`--spawn 2` starts two processes of one jax.distributed job (here on CPU: the pure-JAX ops);
-    process 0 writes the results."""
+    process 0 writes the results, with the same run's intranode times in `meta`."""
     path = tmp_path / "internode.json"
     bench.main(["--mode", "internode", "--spawn", "2", "--ranks-per-node", "1", "--num-tokens", "16", "--hidden", "128",
                 "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
@@ -217,5 +217,13 @@ def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
     data = json.loads(path.read_text())
     assert data["meta"]["processes"] == 2 and data["meta"]["ranks_per_node"] == 1
     assert data["meta"]["sizes"]["num_ranks"] == 2
-    timed = {(r["op"], r["dtype"]) for r in data["results"] if r["time_us"]}
-    assert {("dispatch", "bf16"), ("dispatch", "fp8"), ("combine", "bf16")} <= timed, data["results"]
+    timed = {(r["op"], r["impl"], r["dtype"]) for r in data["results"] if r["time_us"]}
+    internode = {("dispatch", "buffer[reference]", "bf16"), ("dispatch", "buffer[reference]", "fp8"),
+                 ("combine", "buffer[reference]", "bf16")}
+    # The same-run reference: an intranode Buffer of the same 2 ranks (on CPU, pure JAX like the internode one).
+    intranode = {("dispatch", "buffer[reference]/intranode", "bf16"),
+                 ("combine", "buffer[reference]/intranode", "bf16")}
+    assert internode | intranode <= timed, data["results"]
+    by_name = {(r["op"], r["impl"], r["dtype"]): r["time_us"] for r in data["results"]}
+    assert data["meta"]["intranode_dispatch_us"] == by_name[("dispatch", "buffer[reference]/intranode", "bf16")]
+    assert data["meta"]["intranode_combine_us"] == by_name[("combine", "buffer[reference]/intranode", "bf16")]
