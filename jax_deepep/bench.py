@@ -304,9 +304,8 @@ def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
     """The Buffer of normal mode, and of internode mode (`num_rdma_bytes` sized for the bench's
     dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected)."""
     R, H = sizes.num_ranks, sizes.hidden
-    config = Buffer.get_dispatch_config(R)
-    nvl_bytes = max(config.get_nvl_buffer_size_hint(H * 2, R),
-                    Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
+    configs = [Buffer.get_dispatch_config(R, hidden=H, dtype=d) for d in ("bf16", "fp8")]  # tuned ones included
+    nvl_bytes = max(c.get_nvl_buffer_size_hint(H * 2, R) for c in configs + [Buffer.get_combine_config(R, hidden=H)])
     if args.mode != "internode":
         return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
     rdma_bytes = 1 << 20  # what the pure-JAX implementation gets (it ignores it)
