@@ -44,21 +44,24 @@ def resolve_timeout_s(timeout_s: Optional[float]) -> float:
                    _environment_value("JAX_DEEPEP_TIMEOUT_S", env, float), maximum=_MAX_TIMEOUT_S)
 
 
-def _default_config(where: str, op: str, num_ranks: int, hidden: Optional[int], dtype: str,
-                    tuned_configs: Optional[tuned.TunedConfigs]) -> Config:
-    """`op`'s default Config: the tuned one for (`hidden`, `dtype`) from `tuned_configs` (None: the file
-    as it is now, for the first device), at `Buffer.num_sms` once `set_num_sms` chose it, else the built-in
-    default with `Buffer.num_sms` SMs."""
-    num_ranks = integer(where, "num_ranks", num_ranks, minimum=1)
-    if hidden is not None:
-        hidden = integer(where, "hidden", hidden, minimum=1)
-    if dtype not in tuned.DTYPES or (op, dtype) == ("combine", "fp8"):
-        fail(where, f"`dtype` must be one of {tuned.DTYPES} (bf16 for combine), got {dtype!r}")
-    if tuned_configs is None:
-        tuned_configs = tuned.load(jax.devices()[0].device_kind, num_ranks)
+def _default_config(op: str, num_ranks: int, hidden: Optional[int], dtype: str,
+                    tuned_configs: tuned.TunedConfigs) -> Config:
+    """`op`'s default Config: the tuned one for (`hidden`, `dtype`), at `Buffer.num_sms` once `set_num_sms`
+    chose it, else the built-in default with `Buffer.num_sms` SMs. Unchecked: the ops check their inputs."""
     builtin = default_dispatch_config if op == "dispatch" else default_combine_config
     return (tuned_configs.get(op, hidden, dtype, Buffer.num_sms if Buffer.num_sms_chosen else None)
             or builtin(num_ranks, Buffer.num_sms))
+
+
+def _looked_up_config(where: str, op: str, num_ranks, hidden, dtype) -> Config:
+    """`_default_config` for the static getters: arguments checked, the tuned configs read now for
+    this process's first device."""
+    num_ranks = integer(where, "num_ranks", num_ranks, minimum=1)
+    if hidden is not None:
+        hidden = integer(where, "hidden", hidden, minimum=1)
+    if dtype not in tuned.DTYPES:
+        fail(where, f"`dtype` must be one of {tuned.DTYPES}, got {dtype!r}")
+    return _default_config(op, num_ranks, hidden, dtype, tuned.load(jax.devices()[0].device_kind, num_ranks))
 
 
 def _backend_choice() -> str:
@@ -227,12 +230,12 @@ class Buffer:
         """The `Config` dispatch uses by default for `num_ranks` ranks: with `hidden`, the tuned one for
         tokens of that size in `dtype` ("bf16" or "fp8") on this process's first device, if the tuned
         configs have one (read now); else the built-in default (`Buffer.num_sms` SMs)."""
-        return _default_config("Buffer.get_dispatch_config", "dispatch", num_ranks, hidden, dtype, None)
+        return _looked_up_config("Buffer.get_dispatch_config", "dispatch", num_ranks, hidden, dtype)
 
     @staticmethod
     def get_combine_config(num_ranks: int, *, hidden: Optional[int] = None) -> Config:
         """The `Config` combine uses by default for `num_ranks` ranks, as `get_dispatch_config` (bf16)."""
-        return _default_config("Buffer.get_combine_config", "combine", num_ranks, hidden, "bf16", None)
+        return _looked_up_config("Buffer.get_combine_config", "combine", num_ranks, hidden, "bf16")
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -287,8 +290,8 @@ class Buffer:
         dispatching again.
         """
         ctx = self._context("dispatch")
-        config = self._config("dispatch", config, _default_config("dispatch", "dispatch", self.num_ranks,
-                                                                  *tuned.token_key(x), self.tuned_configs))
+        config = self._config("dispatch", config, _default_config("dispatch", self.num_ranks, *tuned.token_key(x),
+                                                                  self.tuned_configs))
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
                                 num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
@@ -308,8 +311,8 @@ class Buffer:
         "deepep/combine/combined_topk_weights".
         """
         ctx = self._context("combine")
-        config = self._config("combine", config, _default_config("combine", "combine", self.num_ranks,
-                                                                 *tuned.token_key(y), self.tuned_configs))
+        config = self._config("combine", config, _default_config("combine", self.num_ranks, tuned.token_key(y)[0],
+                                                                 "bf16", self.tuned_configs))
         return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias,
                                num_nvl_bytes=self.num_nvl_bytes)
 

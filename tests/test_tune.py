@@ -169,6 +169,7 @@ def test_a_malformed_file_is_an_error_naming_it(tuned_file, text, expected):
 
 
 def test_bad_lookup_arguments():
+    """The getters check their arguments; the ops leave bad tokens to their own checks."""
     with pytest.raises(deepep.DeepEPError, match="dtype"):
         deepep.Buffer.get_dispatch_config(2, hidden=H, dtype="fp16")
     with pytest.raises(deepep.DeepEPError, match="hidden"):
