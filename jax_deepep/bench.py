@@ -301,10 +301,11 @@ def _input_sets(mesh: Mesh, sizes: Sizes, args):
 
 
 def _nvl_bytes(sizes: Sizes) -> int:
-    """`num_nvl_bytes` for the default dispatch and combine configs of bf16 rows."""
+    """`num_nvl_bytes` for the dispatch and combine configs the ops will use (tuned ones included) on
+    bf16 rows."""
     R, H = sizes.num_ranks, sizes.hidden
-    return max(Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(H * 2, R),
-               Buffer.get_combine_config(R).get_nvl_buffer_size_hint(H * 2, R))
+    configs = [Buffer.get_dispatch_config(R, hidden=H, dtype=d) for d in ("bf16", "fp8")]
+    return max(c.get_nvl_buffer_size_hint(H * 2, R) for c in configs + [Buffer.get_combine_config(R, hidden=H)])
 
 
 def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import jax
 
-from . import creation
+from . import creation, tuned
 from . import low_latency as _ll
 from . import normal as _normal
 from .backend import RankContext
@@ -42,6 +42,26 @@ def resolve_timeout_s(timeout_s: Optional[float]) -> float:
         return DEFAULT_TIMEOUT_S
     return seconds("Buffer", "timeout_s (from JAX_DEEPEP_TIMEOUT_S)",
                    _environment_value("JAX_DEEPEP_TIMEOUT_S", env, float), maximum=_MAX_TIMEOUT_S)
+
+
+def _default_config(op: str, num_ranks: int, hidden: Optional[int], dtype: str,
+                    tuned_configs: tuned.TunedConfigs) -> Config:
+    """`op`'s default Config: the tuned one for (`hidden`, `dtype`), at `Buffer.num_sms` once `set_num_sms`
+    chose it, else the built-in default with `Buffer.num_sms` SMs. Unchecked: the ops check their inputs."""
+    builtin = default_dispatch_config if op == "dispatch" else default_combine_config
+    return (tuned_configs.get(op, hidden, dtype, Buffer.num_sms if Buffer.num_sms_chosen else None)
+            or builtin(num_ranks, Buffer.num_sms))
+
+
+def _looked_up_config(where: str, op: str, num_ranks, hidden, dtype) -> Config:
+    """`_default_config` for the static getters: arguments checked, the tuned configs read now for
+    this process's first device."""
+    num_ranks = integer(where, "num_ranks", num_ranks, minimum=1)
+    if hidden is not None:
+        hidden = integer(where, "hidden", hidden, minimum=1)
+    if dtype not in tuned.DTYPES:
+        fail(where, f"`dtype` must be one of {tuned.DTYPES}, got {dtype!r}")
+    return _default_config(op, num_ranks, hidden, dtype, tuned.load(jax.devices()[0].device_kind, num_ranks))
 
 
 def _backend_choice() -> str:
@@ -78,6 +98,7 @@ class Buffer:
     """
 
     num_sms: int = 20
+    num_sms_chosen: bool = False  # set by `set_num_sms`: the default configs then keep those SMs
 
     def __init__(self, mesh, axis_name: str = "ep", *, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
@@ -110,6 +131,7 @@ class Buffer:
         self.ranks_per_node = min(ranks_per_node, self.num_ranks)
         # Checked and agreed on before any backend allocates: a peer sized differently would be
         # written out of bounds.
+        self.tuned_configs = tuned.load(mesh.devices.flat[0].device_kind, self.num_ranks)
         self.keys = creation.agree(mesh, self._arguments())
         self.buffer_id = self.keys.buffer_id
         self.normal_backend, self.low_latency_backend = self._make_backends()
@@ -117,8 +139,8 @@ class Buffer:
         self._failure = None  # Buffer.failure(), once known
 
     def _arguments(self) -> dict:
-        """What every process must have passed alike (the default Configs follow from `num_ranks` and
-        `Buffer.num_sms`), as JSON values."""
+        """What every process must have passed alike (the default Configs follow from `num_ranks`,
+        `Buffer.num_sms` and the tuned configs), as JSON values."""
         return {"axis_name": self.axis_name, "num_ranks": self.num_ranks,
                 "mesh.device_ids": self.mesh.device_ids.tolist(), "num_nvl_bytes": self.num_nvl_bytes,
                 "num_rdma_bytes": self.num_rdma_bytes, "low_latency_mode": self.low_latency_mode,
@@ -126,6 +148,7 @@ class Buffer:
                 "allow_nvlink_for_low_latency_mode": self.allow_nvlink_for_low_latency_mode,
                 "ranks_per_node": self.ranks_per_node, "timeout_s": self.timeout_s,
                 "exact_internode_combine": self.exact_internode_combine, "Buffer.num_sms": Buffer.num_sms,
+                "Buffer.num_sms_chosen": Buffer.num_sms_chosen, "tuned_configs": self.tuned_configs.as_json(),
                 "JAX_DEEPEP_BACKEND": _backend_choice()}
 
     def _make_backends(self) -> tuple:
@@ -197,20 +220,22 @@ class Buffer:
     # ---- configuration --------------------------------------------------------------------
     @staticmethod
     def set_num_sms(new_num_sms: int):
-        """Set the SMs (a positive even int) of the default normal-mode configs, for every Buffer."""
+        """Set the SMs (a positive even int) of the default normal-mode configs, for every Buffer
+        (tuned configs then only for that SM count)."""
         Buffer.num_sms = sm_count("Buffer.set_num_sms", "new_num_sms", new_num_sms)
+        Buffer.num_sms_chosen = True
 
     @staticmethod
-    def get_dispatch_config(num_ranks: int) -> Config:
-        """The `Config` dispatch uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
-        return default_dispatch_config(integer("Buffer.get_dispatch_config", "num_ranks", num_ranks, minimum=1),
-                                       Buffer.num_sms)
+    def get_dispatch_config(num_ranks: int, *, hidden: Optional[int] = None, dtype: str = "bf16") -> Config:
+        """The `Config` dispatch uses by default for `num_ranks` ranks: with `hidden`, the tuned one for
+        tokens of that size in `dtype` ("bf16" or "fp8") on this process's first device, if the tuned
+        configs have one (read now); else the built-in default (`Buffer.num_sms` SMs)."""
+        return _looked_up_config("Buffer.get_dispatch_config", "dispatch", num_ranks, hidden, dtype)
 
     @staticmethod
-    def get_combine_config(num_ranks: int) -> Config:
-        """The `Config` combine uses by default for `num_ranks` ranks (`Buffer.num_sms` SMs)."""
-        return default_combine_config(integer("Buffer.get_combine_config", "num_ranks", num_ranks, minimum=1),
-                                      Buffer.num_sms)
+    def get_combine_config(num_ranks: int, *, hidden: Optional[int] = None) -> Config:
+        """The `Config` combine uses by default for `num_ranks` ranks, as `get_dispatch_config` (bf16)."""
+        return _looked_up_config("Buffer.get_combine_config", "combine", num_ranks, hidden, "bf16")
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -265,7 +290,8 @@ class Buffer:
         dispatching again.
         """
         ctx = self._context("dispatch")
-        config = self._config("dispatch", config, self.get_dispatch_config(self.num_ranks))
+        config = self._config("dispatch", config, _default_config("dispatch", self.num_ranks, *tuned.token_key(x),
+                                                                  self.tuned_configs))
         return _normal.dispatch(self.normal_backend, ctx, config, x, topk_idx=topk_idx, topk_weights=topk_weights,
                                 num_experts=num_experts, layout=layout, handle=handle,
                                 num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
@@ -285,7 +311,8 @@ class Buffer:
         "deepep/combine/combined_topk_weights".
         """
         ctx = self._context("combine")
-        config = self._config("combine", config, self.get_combine_config(self.num_ranks))
+        config = self._config("combine", config, _default_config("combine", self.num_ranks, tuned.token_key(y)[0],
+                                                                 "bf16", self.tuned_configs))
         return _normal.combine(self.normal_backend, ctx, config, y, handle, topk_weights=topk_weights, bias=bias,
                                num_nvl_bytes=self.num_nvl_bytes)
 

@@ -79,6 +79,11 @@ def grouped_combine_slot(hidden: int, num_topk: int) -> CombineSlot:
     return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
 
 
+def intranode_ring_bytes(num_channels: int, num_ranks: int, slots: int, slot_bytes: int) -> int:
+    """Bytes the rings of one rank's buffer take: `slots` slots of `slot_bytes` per channel and peer."""
+    return num_channels * num_ranks * slots * slot_bytes
+
+
 # ---- low latency -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LowLatencyLayout:

@@ -4,8 +4,8 @@
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
 # Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults) bench_normal
-#        bench_normal_max_sms serve_moe demo train_moe bench_low_latency bench_internode bench_internode_mps
-#        bench_moe (not run by default)
+#        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
+#        tuned_configs.json) bench_internode bench_internode_mps bench_moe (these three not run by default)
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
 # /tmp/jax_deepep_gpu_all without $OUT. $PYTHON names the Python that builds and runs everything
@@ -84,6 +84,7 @@ run_step() {
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
     bench_internode) bench_internode bench_internode ;;
+    tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
     bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json" ;;
     bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;
@@ -95,6 +96,6 @@ step build 240 bash -c "cmake -S . -B build/gpu_all -DPython_EXECUTABLE=$PY -DCM
                         cmake --build build/gpu_all -j 16"
 [ "$status" = 0 ] || exit 1
 steps=("$@")
-[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency)
+[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune)
 for s in "${steps[@]}"; do run_step "$s"; done
 exit "$status"

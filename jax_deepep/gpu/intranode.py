@@ -3,7 +3,8 @@ extension module `_intranode_lib.so`) as XLA FFI custom calls, for an expert-par
 
 Every method runs per shard inside `shard_map`. The custom calls find this rank's communication
 buffer (`runtime.CommBuffers`, mapped by every peer over CUDA IPC or peer access) by the Buffer's
-id and the device they run on; ring sizes come from the `Config` (clamped to what the buffer holds).
+id and the device they run on; ring sizes come from the `Config`, and one whose rings the buffer
+cannot hold is refused at trace time (never shrunk).
 
 `IntranodeBackend.expert_grouped` (`IntranodeGroupedOps`) runs the same kernels on expert-grouped
 arguments: the receivers write each token straight to its (token, local expert) rows.
@@ -18,13 +19,14 @@ from ..backend import DispatchResult, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import valid_expert_ids
-from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot
+from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot, intranode_ring_bytes
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from . import runtime
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 
-# Without `num_nvl_bytes` the buffer holds the default configs' rings for H = 7168 at 8 ranks.
+# Without `num_nvl_bytes` the buffer holds the built-in default configs' rings for H = 7168 at up to
+# 34 SMs at 8 ranks, 46 at 4 and 68 at 2 (tests/test_tune.py checks it).
 DEFAULT_NUM_NVL_BYTES = 512 << 20
 # An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh).
 MAX_GROUPED_EXPERTS = 4096
@@ -103,18 +105,24 @@ class IntranodeBackend:
         return self.comm.failures()
 
     # ---- launch shapes ------------------------------------------------------------------------
-    def _ring(self, op: str, ctx: RankContext, config: Config, slot, half_ring_chunks: bool = False) -> dict:
-        """The Buffer id, ring and slot attributes of an op moving tokens in slots of `slot` (a
-        `sizes` slot); with `half_ring_chunks`, chunks of at most half the ring."""
+    def _ring(self, op: str, ctx: RankContext, config: Config, slot, hidden: int,
+              half_ring_chunks: bool = False) -> dict:
+        """The Buffer id, ring and slot attributes of an op moving tokens of `hidden` channels in
+        slots of `slot` (a `sizes` slot); with `half_ring_chunks`, chunks of at most half the ring."""
         channels = config.num_channels
         if channels > self._max_channels:
             fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
         slots, chunk_tokens = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
-        if ctx.num_ranks > 1:
-            slots = min(slots, self.comm.ring_bytes // (channels * ctx.num_ranks * slot.bytes))
-            if slots < chunk_tokens:
-                fail(op, f"the Buffer is too small: num_nvl_bytes={self.comm.num_bytes} holds {slots} ring slots "
-                         f"of {slot.bytes} bytes per channel and peer, the config needs at least {chunk_tokens}")
+        need = intranode_ring_bytes(channels, ctx.num_ranks, slots, slot.bytes)
+        if ctx.num_ranks > 1 and need > self.comm.ring_bytes:
+            # Shrinking the ring to fit would run another config than the one asked for.
+            fail(op, f"the Buffer is too small for `config.num_max_nvl_chunked_recv_tokens`={slots} at "
+                     f"`config.num_sms`={config.num_sms}: the rings need {need} bytes ({channels} channels x "
+                     f"{ctx.num_ranks} ranks x {slots} slots of {slot.bytes} bytes) but num_nvl_bytes="
+                     f"{self.comm.num_bytes} holds {self.comm.ring_bytes}; make the Buffer with num_nvl_bytes >= "
+                     f"{config.get_nvl_buffer_size_hint(2 * hidden, ctx.num_ranks)} (config.get_nvl_buffer_size_"
+                     f"hint({2 * hidden}, {ctx.num_ranks}), as the ops check it), or pass a Config with fewer SMs "
+                     "or ring slots")
         if half_ring_chunks:
             chunk_tokens = min(chunk_tokens, max(slots // 2, 1))
         ring = dict(num_channels=_i64(channels), slots=_i64(slots), chunk_tokens=_i64(chunk_tokens))
@@ -122,7 +130,7 @@ class IntranodeBackend:
 
     def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
         """Attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
-        return self._ring("dispatch", ctx, config, dispatch_slot(_part_bytes(parts), num_topk))
+        return self._ring("dispatch", ctx, config, dispatch_slot(_part_bytes(parts), num_topk), parts[0].shape[1])
 
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
@@ -198,7 +206,7 @@ class IntranodeBackend:
         num_topk = topk_weights.shape[1] if has_weights else 0
         # A receiver waits for up to a chunk of slots past its head; the sender's chunk holding the
         # last of them must fit in the ring, hence chunks of at most half the ring.
-        attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), half_ring_chunks=True)
+        attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), hidden, half_ring_chunks=True)
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
         num_tokens = handle.is_token_in_rank.shape[0]
@@ -252,7 +260,7 @@ class IntranodeGroupedOps:
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         slot, prefix_offset = grouped_dispatch_slot(_part_bytes(parts), top_k)
-        attrs = self.backend._ring(op, ctx, config, slot)
+        attrs = self.backend._ring(op, ctx, config, slot, parts[0].shape[1])
         ids, prefix, per_expert = _grouped_routing(topk_idx, num_experts)
         weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
         scales = parts[1] if len(parts) == 2 else None
@@ -314,7 +322,9 @@ class IntranodeGroupedOps:
         has_weights = topk_weights is not None
         top_k = handle.pair_row.shape[1]
         # As the plain combine: chunks of at most half the ring (IntranodeBackend.combine says why).
-        attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k), half_ring_chunks=True)
+        # The size hint counts bf16 rows: an f32 partial row takes two of them.
+        attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k), 2 * hidden,
+                                   half_ring_chunks=True)
         tokens = handle.tokens
         route = _route("combine", tokens)
         num_tokens = tokens.is_token_in_rank.shape[0]
