@@ -299,7 +299,9 @@ def scenario_mismatch(w: FaultWorker):
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
+    # A dead peer must not make jax.distributed end the survivor before its checks are done.
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank,
+                               heartbeat_timeout_seconds=300)
     scenario, mode = os.environ[_SCENARIO], os.environ[_MODE]
     w = FaultWorker(rank, mode)
     if scenario == "ok":
