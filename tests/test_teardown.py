@@ -22,6 +22,7 @@ from harness import AXIS, fake_cuda_platform, make_mesh
 
 _TIMEOUT_S = 0.5
 _SLACK_S = 5.0  # what a loaded CI machine may add to a wait of _TIMEOUT_S
+_ALLOCATE = "jax_deepep/buffer/7/allocate"  # the barrier before the collective nvshmem_malloc
 
 
 class FakeIntranodeLib:
@@ -213,7 +214,9 @@ def test_nvshmem_destroy_frees_collectively_once_every_process_is_there(monkeypa
 
 
 def test_nvshmem_destroy_with_a_dead_peer_skips_the_collective_free_within_the_timeout(monkeypatch, store):
-    symmetric, lib = _symmetric_buffer(monkeypatch, store(peer_arrives=False))
+    keys = store(peer_arrives=True)
+    symmetric, lib = _symmetric_buffer(monkeypatch, keys)
+    keys.client.peer_arrives = False  # the peer dies after the Buffer was made
     _destroy_within_the_timeout(symmetric, r"within 0.5 s.*collective free was skipped \(a peer process that did not "
                                            r"come is taken as gone.*NVSHMEM symmetric memory stays allocated until it "
                                            r"exits")
@@ -223,13 +226,21 @@ def test_nvshmem_destroy_with_a_dead_peer_skips_the_collective_free_within_the_t
     assert len(lib.calls) == 3
 
 
+def test_nvshmem_allocation_without_a_peer_fails_within_the_timeout(monkeypatch, store):
+    """nvshmem_malloc is collective with no timeout: the PEs meet at a bounded barrier first."""
+    start = time.monotonic()
+    with pytest.raises(deepep.DeepEPError, match=r"reached `allocate` within 0.5 s"):
+        _symmetric_buffer(monkeypatch, store(peer_arrives=False))
+    assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
+
+
 def test_nvshmem_destroy_after_a_trap_joins_no_collective(monkeypatch, store):
     keys = store(peer_arrives=True)
     symmetric, lib = _symmetric_buffer(monkeypatch, keys)
     lib.sticky = "waiting for the kernels on the symmetric buffer: unspecified launch failure"
     with pytest.raises(deepep.DeepEPError, match=r"unspecified launch failure.*collective free was skipped"):
         symmetric.destroy()
-    assert lib.calls == ["create", "retire", ("release", False)] and not keys.client.barriers
+    assert lib.calls == ["create", "retire", ("release", False)] and keys.client.barriers == [_ALLOCATE]
     assert not nvshmem._finalize_at_exit
 
 
@@ -258,12 +269,13 @@ def test_a_dropped_buffer_is_freed_by_its_finalizer(intranode_lib):
 
 
 def test_a_dropped_nvshmem_buffer_frees_what_is_local_without_waiting_for_peers(monkeypatch, store):
-    keys = store(peer_arrives=False)
+    keys = store(peer_arrives=True)
     symmetric, lib = _symmetric_buffer(monkeypatch, keys)
+    keys.client.peer_arrives = False
     with pytest.warns(ResourceWarning, match="dropped without destroy"), pytest.warns(RuntimeWarning, match="stays"):
         del symmetric
         gc.collect()
-    assert lib.calls == ["create", "retire", ("release", False)] and not keys.client.barriers
+    assert lib.calls == ["create", "retire", ("release", False)] and keys.client.barriers == [_ALLOCATE]
     assert nvshmem._finalize_at_exit  # nobody is known to be missing
 
 

@@ -183,6 +183,8 @@ class SymmetricBuffer:
         _ensure_pe(self.lib, self.rank, self.num_ranks, self.device, self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES,
                    keys)
         self.buffer_id = keys.buffer_id
+        if self.num_ranks > 1:  # nvshmem_malloc is collective with no timeout: meet every PE first, bounded
+            keys.barrier("allocate", timeout_s)
         _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
                timeout_s, direct_group)
         self._held = _Holdings(self.lib, self.buffer_id, self.device, self.num_ranks, keys,
