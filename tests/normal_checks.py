@@ -128,6 +128,17 @@ def vmap_checks(w: Worker, rng) -> list:
             for name, case in sorted(vmap_cases.CASES.items()) if not case.low_latency]
 
 
+def _value_and_grads(loss):
+    """A per-rank function (x, topk_weights, topk_idx, cotangent) -> (loss, grad x, grad topk_weights)."""
+    import jax
+
+    def body(x_, w_, idx_, g_):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
+        return value, grads[0], grads[1]
+
+    return body
+
+
 def same_values(got, want, what):
     """Exact equality (payloads are random normals: no NaNs)."""
     got, want = np.asarray(got), np.asarray(want)
@@ -270,7 +281,6 @@ def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
     """Value and gradients (x, topk_weights) of a jitted dispatch -> scale -> combine step against
     the numpy oracle: the custom VJPs run the kernels (combine for dispatch, cached dispatch for
     combine), and their results are those of the chain rule with bf16 rounding where the arrays are bf16."""
-    import jax
     import jax.numpy as jnp
     import ml_dtypes
 
@@ -294,11 +304,7 @@ def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
         combined, _ = buffer.combine(y, out.handle, topk_weights=out.recv_topk_weights)
         return jnp.sum(combined.astype(jnp.float32) * g_)
 
-    def body(x_, w_, idx_, g_):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
-        return value, grads[0], grads[1]
-
-    value, grad_x, grad_w = w.run(body, x, weights, idx, g)
+    value, grad_x, grad_w = w.run(_value_and_grads(loss), x, weights, idx, g)
 
     bf16 = ml_dtypes.bfloat16
     everyone = oracle.dispatch([x], idx, weights, experts, r * tokens)
@@ -425,7 +431,6 @@ def check_grouped_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
     """Value and gradients (x, topk_weights) of a jitted expert-grouped dispatch -> combine step (rows
     unchanged: combined[t] = sum over t's pairs of weight * x[t]) against the chain rule: the grouped
     custom VJPs run the grouped kernels (combine for dispatch, cached dispatch for combine)."""
-    import jax
     import jax.numpy as jnp
     import ml_dtypes
 
@@ -444,11 +449,7 @@ def check_grouped_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
         combined, _ = buffer.combine(out.recv_x, out.handle)
         return jnp.sum(combined.astype(jnp.float32) * g_)
 
-    def body(x_, w_, idx_, g_):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x_, w_, idx_, g_)
-        return value, grads[0], grads[1]
-
-    value, grad_x, grad_w = w.run(body, x, weights, idx, g)
+    value, grad_x, grad_w = w.run(_value_and_grads(loss), x, weights, idx, g)
     bf16 = ml_dtypes.bfloat16
     ids = oracle.valid_ids(idx, experts)[d]
     valid = ids >= 0

@@ -31,6 +31,11 @@ DEFAULT_NUM_NVL_BYTES = 512 << 20
 # An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh).
 MAX_GROUPED_EXPERTS = 4096
 
+def _bias_operands(bias) -> list:
+    """The combine kernels' two bias operands: the given bf16 [T, H] biases, absent ones as (0,) arrays."""
+    return [optional_operand(b, jnp.bfloat16) for b in (list(bias) + [None, None])[:2]]
+
+
 def _i64(v) -> np.int64:
     return np.int64(v)
 
@@ -210,8 +215,8 @@ class IntranodeBackend:
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
         num_tokens = handle.is_token_in_rank.shape[0]
-        f32, bf16 = jnp.float32, jnp.bfloat16
-        biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
+        f32 = jnp.float32
+        biases = _bias_operands(bias)
         combined_x, combined_topk_weights = ffi_call(
             "jax_deepep_combine",
             (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
@@ -328,8 +333,8 @@ class IntranodeGroupedOps:
         tokens = handle.tokens
         route = _route("combine", tokens)
         num_tokens = tokens.is_token_in_rank.shape[0]
-        f32, bf16 = jnp.float32, jnp.bfloat16
-        biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
+        f32 = jnp.float32
+        biases = _bias_operands(bias)
         combined_x, combined_topk_weights = ffi_call(
             "jax_deepep_grouped_combine",
             (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
