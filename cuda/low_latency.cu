@@ -3,7 +3,9 @@
 // Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
 // buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
 // a quiet and then the signal put. Every wait gives up after mem.timeout_ns and fills the
-// host-mapped error record instead of spinning forever (wait.cuh).
+// host-mapped error record instead of spinning forever (wait.cuh). Sends claim their half of each
+// destination first, and the last block of each receive hands out the receipts that let the
+// senders reuse it (low_latency.cuh).
 #include "cuda/launch.h"
 
 #include <cuda_fp8.h>
@@ -11,6 +13,7 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
@@ -29,12 +32,78 @@ constexpr float kFp8Max = 448.0f;
 constexpr float kInverseFp8Max = 1.0f / kFp8Max;
 constexpr float kMinAmax = 1e-4f;  // keeps all-zero blocks from producing a zero scale
 
-__device__ __forceinline__ size_t half_offset(uint32_t seq, const LowLatencyLayout& layout) {
-  return (seq & 1u) * layout.half_bytes;
+__device__ __forceinline__ size_t half_offset(uint32_t seq, const LowLatencyCall& c) {
+  return static_cast<size_t>(seq % static_cast<uint32_t>(c.num_halves)) * c.layout.half_bytes;
 }
 
-__device__ __forceinline__ int* signals_at(char* base, uint32_t seq, const LowLatencyLayout& layout) {
-  return reinterpret_cast<int*>(base + half_offset(seq, layout) + layout.signal_offset);
+__device__ __forceinline__ uint64_t* signals_at(char* base, uint32_t seq, const LowLatencyCall& c) {
+  return reinterpret_cast<uint64_t*>(base + half_offset(seq, c) + c.layout.signal_offset);
+}
+
+// Writes `value` to `field`, an address in this PE's symmetric memory, as PE `pe` holds it: a
+// release store where pe's memory is mapped here, an nvshmem put otherwise.
+template <typename T>
+__device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field, T value, int pe) {
+  if (mem.peer[pe] != nullptr) {
+    store_release(reinterpret_cast<T*>(mem.peer[pe] + (reinterpret_cast<char*>(field) - mem.local)), value);
+  } else if constexpr (std::is_same_v<T, int>) {
+    nvshmem_int_p(field, value, pe);
+  } else {
+    nvshmem_uint32_p(field, value, pe);
+  }
+}
+
+// Thread 0 of every send block: call `seq` of `kind` reuses the half of call seq - B, so this rank
+// must have received that call already. If it has not, its receive runs after this send on the
+// stream, and neither it nor any peer (every rank runs the same program) can ever hand out the
+// receipt this send would wait for: fail now, naming the limit.
+__device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kind, uint32_t seq,
+                                                const WaitContext& wait) {
+  const uint32_t halves = static_cast<uint32_t>(c.num_halves);
+  if (threadIdx.x != 0 || seq <= halves) return;
+  const uint32_t own = load_acquire(c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank);
+  if (static_cast<int32_t>(own - (seq - halves)) < 0) {
+    fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
+  }
+}
+
+// Whole block, before writing into `dst`'s half of call `seq`: dst has received call seq - B.
+__device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, uint32_t seq, int dst,
+                                           const WaitContext& wait) {
+  const uint32_t halves = static_cast<uint32_t>(c.num_halves);
+  if (threadIdx.x == 0 && seq > halves) {
+    const uint32_t previous = seq - halves;
+    wait_until(c.mem.receipts + kind * c.mem.num_ranks + dst,
+               [previous](uint32_t v) { return static_cast<int32_t>(v - previous) >= 0; }, wait, WaitKind::kReceipt,
+               dst, -1);
+  }
+  __syncthreads();
+}
+
+// Thread 0 of every receive block, before reading: this rank has not received call `seq` yet (a
+// second receive of one call could read a half that its senders already reuse).
+__device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int kind, uint32_t seq,
+                                                    const WaitContext& wait) {
+  if (threadIdx.x != 0) return;
+  const uint32_t own = load_acquire(c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank);
+  if (static_cast<int32_t>(own - seq) >= 0) fail_op(wait, WaitKind::kRepeatedReceive, c.mem.rank, -1);
+}
+
+// Whole block, last: the block has read what it needed of call `seq`; the launch's last block to
+// finish gives every PE this rank's receipt of the call.
+__device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind, uint32_t seq) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t blocks = gridDim.x * gridDim.y;
+    last = atomicAdd(c.mem.receive_blocks_done + kind, 1u) == blocks - 1;
+    if (last) c.mem.receive_blocks_done[kind] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  uint32_t* receipt = c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank;
+  for (int pe = threadIdx.x; pe < c.mem.num_ranks; pe += blockDim.x) store_symmetric(c.mem, receipt, seq, pe);
 }
 
 // Smallest power of two >= s (s positive and normal), exactly.
@@ -93,17 +162,20 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
 // One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
 // among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
 // e's rank, then publishes count tagged with the call number.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, LowLatencyShape s,
-                                                                 LowLatencyLayout layout, const __nv_bfloat16* x,
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
                                                                  const int* topk_idx, int* send_slot,
                                                                  const int* token, bool use_fp8, bool round_scale) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
   __shared__ BlockPrefix<1> matches;
+  const PeerMemory& mem = c.mem;
+  const LowLatencyShape& s = c.shape;
   const int e = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
+  check_in_flight(c, kDispatchCall, seq, wait);
 
   if (threadIdx.x == 0) matches.running[0] = 0;
   __syncthreads();
@@ -120,11 +192,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       send_slot[i] = -1;  // ids outside [0, E) go nowhere
     }
   }
-  __syncthreads();  // slot_token is complete
+  claim_half(c, kDispatchCall, seq, dst, wait);  // and slot_token is complete
   const int count = min(matches.running[0], s.max_tokens);
 
-  const size_t row_bytes = layout.dispatch_row_bytes;
-  const size_t half = half_offset(seq, layout);
+  const size_t row_bytes = c.layout.dispatch_row_bytes;
+  const size_t half = half_offset(seq, c);
   const size_t first_row = (static_cast<size_t>(local) * mem.num_ranks + mem.rank) * s.max_tokens;
   char* const peer = mem.peer[dst];
   char* const rows = peer != nullptr ? peer + half + first_row * row_bytes
@@ -145,12 +217,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
       if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, use_fp8, round_scale);
   }
 
-  const int signal = tagged_count(seq, count);
+  const uint64_t signal = call_signal(c.signature, seq, count);
   const int signal_index = local * mem.num_ranks + mem.rank;
   if (peer != nullptr) {
-    __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) store_release(signals_at(peer, seq, layout) + signal_index, signal);
+    __syncthreads();  // the release store of one thread covers the rows the whole block wrote
+    if (threadIdx.x == 0) store_release(signals_at(peer, seq, c) + signal_index, signal);
     return;
   }
   __syncthreads();
@@ -161,24 +232,25 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   __syncwarp();
   if (lane == 0) nvshmem_quiet();
   __syncthreads();
-  if (threadIdx.x == 0) nvshmem_int_p(signals_at(mem.local, seq, layout) + signal_index, signal, dst);
+  if (threadIdx.x == 0) nvshmem_uint64_p(signals_at(mem.local, seq, c) + signal_index, signal, dst);
 }
 
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
 // rows in (source rank, slot) order; the parts of one expert share its rows.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, LowLatencyShape s,
-                                                                 LowLatencyLayout layout, const int* token,
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall c, const int* token,
                                                                  void* recv_x, void* recv_scales, int* recv_count,
                                                                  int* recv_src_info, int* recv_layout_range,
                                                                  bool use_fp8, bool use_ue8m0) {
   extern __shared__ int offsets[];  // [R + 1]
+  const PeerMemory& mem = c.mem;
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
+  const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
-  const int* signals = signals_at(mem.local, seq, layout) + local * num_ranks;
+  check_first_receive(c, kDispatchCall, seq, wait);
+  const uint64_t* signals = signals_at(mem.local, seq, c) + local * num_ranks;
   for (int src = threadIdx.x; src < num_ranks; src += kThreads)
-    offsets[src + 1] = min(wait_count(signals + src, seq, wait, WaitKind::kTokenCounts, src), m);
+    offsets[src + 1] = min(wait_call_signal(signals + src, seq, c.signature, wait, WaitKind::kTokenCounts, src), m);
   __syncthreads();
   if (threadIdx.x == 0) {
     offsets[0] = 0;
@@ -198,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     }
   }
 
-  const char* area = mem.local + half_offset(seq, layout);
+  const char* area = mem.local + half_offset(seq, c);
   const int passes = (hidden + kPassChannels - 1) / kPassChannels;
   const int groups = hidden / kFp8Block;
   for (int item = blockIdx.y * kWarps + warp; item < total * passes; item += gridDim.y * kWarps) {
@@ -214,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
       }
     }
     const int j = i - offsets[src];
-    const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * layout.dispatch_row_bytes;
+    const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * c.layout.dispatch_row_bytes;
     const size_t out_row = local * rows_per_expert + i;
     if (first == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
     const char* payload = row + kRowHeaderBytes;
@@ -252,6 +324,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
       }
     }
   }
+  finish_receive(c, kDispatchCall, seq);
 }
 
 // Rows [offset, offset + count) of local expert `local`'s block in y hold the tokens of source
@@ -274,21 +347,25 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 // rows stored straight from y; any other peer gets nvshmem puts, from a staged copy of the rows,
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
 // contiguous in y and in the destination, so each warp puts one run of them.
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, LowLatencyShape s,
-                                                                LowLatencyLayout layout, const __nv_bfloat16* y,
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
                                                                 const int* recv_layout_range, const int* token,
                                                                 bool zero_copy) {
+  const PeerMemory& mem = c.mem;
+  const LowLatencyLayout& layout = c.layout;
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (dst == mem.rank) return;
-  const int num_ranks = mem.num_ranks, m = s.max_tokens, hidden = s.hidden;
-  const int experts_per_rank = s.num_experts / num_ranks;
-  const int e = mem.rank * experts_per_rank + local;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
+  check_in_flight(c, kCombineCall, seq, wait);
+  if (dst == mem.rank) return;
+  const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
+  const int experts_per_rank = c.shape.num_experts / num_ranks;
+  const int e = mem.rank * experts_per_rank + local;
   const int rows_per_expert = num_ranks * m;
   const auto [offset, count] = source_rows(recv_layout_range, local, dst, num_ranks, m);
+  claim_half(c, kCombineCall, seq, dst, wait);
 
   const size_t row_bytes = layout.combine_row_bytes;
-  const size_t half = half_offset(seq, layout);
+  const size_t half = half_offset(seq, c);
   char* const peer = mem.peer[dst];
   const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
   const bool put_from_y = peer == nullptr && zero_copy;
@@ -309,11 +386,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
     }
   }
 
-  const int flag_index = s.num_experts + e;
+  const int flag_index = c.shape.num_experts + e;
+  const uint64_t flag = call_signal(c.signature, seq, count);
   if (peer != nullptr) {
-    __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) store_release(signals_at(peer, seq, layout) + flag_index, static_cast<int>(seq));
+    __syncthreads();  // the release store of one thread covers the rows the whole block wrote
+    if (threadIdx.x == 0) store_release(signals_at(peer, seq, c) + flag_index, flag);
     return;
   }
   __syncthreads();
@@ -327,28 +404,21 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerMemory mem, 
     if (lane == 0) nvshmem_quiet();
   }
   __syncthreads();
-  if (threadIdx.x == 0) nvshmem_int_p(signals_at(mem.local, seq, layout) + flag_index, static_cast<int>(seq), dst);
+  if (threadIdx.x == 0) nvshmem_uint64_p(signals_at(mem.local, seq, c) + flag_index, flag, dst);
 }
 
-// One block per token: wait until every other rank's experts have flagged this call, then reduce
-// the token's top-k rows (this rank's experts' rows straight from y) with its weights in f32 and
-// round to bf16 once.
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, LowLatencyShape s,
-                                                                LowLatencyLayout layout, const int* token,
-                                                                const __nv_bfloat16* y, const int* recv_layout_range,
-                                                                const int* topk_idx, const float* topk_weights,
-                                                                const int* send_slot, __nv_bfloat16* out) {
+// Whole block: token t's output, the sum over its top-k rows (received ones from this call's half,
+// this rank's experts' rows straight from y) times its weights in f32, rounded to bf16 once.
+__device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uint32_t seq, const __nv_bfloat16* y,
+                                             const int* recv_layout_range, const int* topk_idx,
+                                             const float* topk_weights, const int* send_slot, __nv_bfloat16* out) {
   __shared__ const __nv_bfloat16* rows[32];
   __shared__ float weights[32];
-  const int t = blockIdx.x, top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const PeerMemory& mem = c.mem;
+  const LowLatencyShape& s = c.shape;
+  const int top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
   const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
-  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
-  const int* flags = signals_at(mem.local, seq, layout) + s.num_experts;
-  for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
-    if (e / experts_per_rank != mem.rank) wait_call(flags + e, seq, wait, WaitKind::kExpertRows, e / experts_per_rank);
-  }
-  const char* area = mem.local + half_offset(seq, layout) + layout.combine_offset;
+  const char* area = mem.local + half_offset(seq, c) + c.layout.combine_offset;
   if (threadIdx.x < top_k) {
     const int k = threadIdx.x;
     const int id = topk_idx[t * top_k + k], slot = send_slot[t * top_k + k];
@@ -357,7 +427,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
       const int local = id - mem.rank * experts_per_rank;
       if (id / experts_per_rank != mem.rank) {
         row = reinterpret_cast<const __nv_bfloat16*>(area + (static_cast<size_t>(id) * m + slot) *
-                                                                layout.combine_row_bytes);
+                                                                c.layout.combine_row_bytes);
       } else if (const SourceRows own = source_rows(recv_layout_range, local, mem.rank, num_ranks, m); slot < own.count) {
         row = y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) * hidden;
       }
@@ -376,6 +446,29 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerMemory mem, 
   }
 }
 
+// One block per token (one block when T = 0, to receive the call all the same): wait until every
+// other rank's experts have flagged this call, then reduce the token's top-k rows (this rank's
+// experts' rows straight from y) with its weights in f32 and round to bf16 once.
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(LowLatencyCall c, const int* token,
+                                                                const __nv_bfloat16* y, const int* recv_layout_range,
+                                                                const int* topk_idx, const float* topk_weights,
+                                                                const int* send_slot, __nv_bfloat16* out) {
+  const PeerMemory& mem = c.mem;
+  const LowLatencyShape& s = c.shape;
+  const int t = blockIdx.x;
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const int experts_per_rank = s.num_experts / mem.num_ranks;
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
+  check_first_receive(c, kCombineCall, seq, wait);
+  const uint64_t* flags = signals_at(mem.local, seq, c) + s.num_experts;
+  for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
+    const int owner = e / experts_per_rank;
+    if (owner != mem.rank) wait_call_signal(flags + e, seq, c.signature, wait, WaitKind::kExpertRows, owner);
+  }
+  if (t < s.num_tokens) reduce_token(c, t, seq, y, recv_layout_range, topk_idx, topk_weights, send_slot, out);
+  finish_receive(c, kCombineCall, seq);
+}
+
 int num_sms() {
   static const int sms = [] {
     int device = 0, value = 0;
@@ -390,14 +483,8 @@ int num_sms() {
 
 __global__ void start_call_kernel(PeerMemory mem, int call_kind, OpKind op, int* token) {
   if (threadIdx.x == 0) token[0] = static_cast<int>(++mem.call_numbers[call_kind]);
-  const size_t stamp_at = reinterpret_cast<char*>(mem.op_stamps + mem.rank) - mem.local;
   for (int pe = threadIdx.x; pe < mem.num_ranks; pe += blockDim.x) {
-    if (pe == mem.rank) continue;
-    if (mem.peer[pe] != nullptr) {
-      *reinterpret_cast<volatile int*>(mem.peer[pe] + stamp_at) = static_cast<int>(op);
-    } else {
-      nvshmem_int_p(mem.op_stamps + mem.rank, static_cast<int>(op), pe);
-    }
+    if (pe != mem.rank) store_symmetric(mem, mem.op_stamps + mem.rank, static_cast<int>(op), pe);
   }
 }
 
@@ -406,7 +493,7 @@ cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const L
   const LowLatencyShape& s = call.shape;
   start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, OpKind::kLowLatencyDispatch, a.token);
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
-      call.mem, s, call.layout, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
+      call, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
   return cudaGetLastError();
 }
 
@@ -416,8 +503,8 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
   // Enough blocks to cover the SMs twice; the parts of one expert split its rows.
   const int parts = std::max(1, std::min(32, (2 * num_sms() + experts_per_rank - 1) / experts_per_rank));
   dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(
-      call.mem, call.shape, call.layout, a.token, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info,
-      a.recv_layout_range, a.use_fp8, a.use_ue8m0);
+      call, a.token, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info, a.recv_layout_range, a.use_fp8,
+      a.use_ue8m0);
   return cudaGetLastError();
 }
 
@@ -426,19 +513,17 @@ cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const Lo
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
   start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, OpKind::kLowLatencyCombine, a.token);
   combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
-      call.mem, call.shape, call.layout, a.y, a.recv_layout_range, a.token, a.zero_copy);
+      call, a.y, a.recv_layout_range, a.token, a.zero_copy);
   return cudaGetLastError();
 }
 
 cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const LowLatencyCombineRecvArgs& a,
                                             cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  if (s.num_tokens == 0) return cudaSuccess;
   const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
   const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-  combine_recv_kernel<<<s.num_tokens, threads, 0, stream>>>(call.mem, s, call.layout, a.token, a.y,
-                                                            a.recv_layout_range, a.topk_idx, a.topk_weights,
-                                                            a.send_slot, a.out);
+  combine_recv_kernel<<<std::max(s.num_tokens, 1), threads, 0, stream>>>(
+      call, a.token, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out);
   return cudaGetLastError();
 }
 

@@ -1,11 +1,15 @@
 // Low-latency dispatch/combine kernels over an NVSHMEM symmetric buffer (docs/API.md).
 //
-// The symmetric buffer holds two halves used by alternate calls (call number `seq`, counted per op
-// kind, uses half `seq & 1`), so a call never overwrites what a slower peer still reads from the
-// call before. One half (jax_deepep/sizes.py:low_latency_layout):
+// The symmetric buffer holds B >= 2 halves (as many as num_rdma_bytes holds): call number `seq`,
+// counted per op kind, uses half `seq % B`. Before a send writes into a peer's half it waits for
+// that peer's receipt of call `seq - B`, the half's previous user, so a fast rank never overwrites
+// rows a slow rank has yet to read, whatever order XLA runs the calls in. A send whose own rank has
+// not yet received call `seq - B` can never get that receipt (the stream runs this rank's receive
+// after the send): it fails at once, naming the limit. One half (jax_deepep/sizes.py:low_latency_layout):
 //   dispatch area  [E_l][R][M] rows of (16-byte header + payload), header = source token index
 //   combine area   [E][M] rows of bf16 [H]: expert e's output for the token in slot j of e
-//   signals        E dispatch counts [E_l][R] (seq << 16 | count) + E combine flags [E] (seq)
+//   signals        E dispatch counts [E_l][R] + E combine flags [E], 64-bit (call_signal in
+//                  nvshmem_peers.cuh: the op's signature, the call number and a count)
 // Signals carry the call number, so nobody resets them and any number of blocks may poll them.
 #pragma once
 
@@ -50,6 +54,8 @@ struct LowLatencyCall {
   PeerMemory mem;
   LowLatencyShape shape;
   LowLatencyLayout layout;
+  int num_halves;      // B
+  uint32_t signature;  // OpSignature of the op and its sizes: ranks must agree on it
 };
 
 struct LowLatencyDispatchSendArgs {

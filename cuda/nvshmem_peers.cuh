@@ -30,6 +30,13 @@ struct PeerMemory {
   // Symmetric [R]: op_stamps[p] is the OpKind peer p started last, written by p as each of its ops
   // starts. A wait that times out names the peer's op, so ranks at different ops learn both.
   int* op_stamps;
+  // Symmetric [kNumReceiptKinds][R] (low latency): receipts[kind * R + d] is the last call of that
+  // op kind whose rows rank d has finished reading, written by d; a sender reuses a buffer half only
+  // once every destination has received the call that used it before.
+  uint32_t* receipts;
+  // Device [kNumReceiptKinds]: blocks of the running receive kernel that are done (the last one
+  // writes the receipts and resets it).
+  uint32_t* receive_blocks_done;
 };
 
 // Indices into PeerMemory::call_numbers.
@@ -38,6 +45,7 @@ constexpr int kCombineCall = 1;            // low-latency combine
 constexpr int kInternodeDispatchCall = 2;  // internode dispatch and cached dispatch
 constexpr int kInternodeCombineCall = 3;   // internode combine
 constexpr int kNumCallKinds = 4;
+constexpr int kNumReceiptKinds = 2;        // the low-latency kinds: kDispatchCall and kCombineCall
 
 inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op) {
   return {mem.error, mem.timeout_ns, mem.rank, op, mem.op_stamps};
@@ -65,6 +73,24 @@ __device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const Wait
 __device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
                                           int peer) {
   wait_until(p, [seq](int v) { return static_cast<uint32_t>(v) == seq; }, wait, what, peer, -1);
+}
+
+// Low-latency signals are 64-bit: the op's signature (OpSignature: op and shapes) above the low 16
+// bits of the call number above a 16-bit count, so a receiver learns in one load that the peer's
+// rows of this call are there and that the peer ran the same op with the same shapes.
+__device__ __forceinline__ uint64_t call_signal(uint32_t signature, uint32_t seq, int count) {
+  return static_cast<uint64_t>(signature) << 32 | (seq & 0xffffu) << 16 | static_cast<uint32_t>(count & 0xffff);
+}
+
+// Waits for the signal of call `seq` at `p` and returns its count; fails the op at once when the
+// peer's signature differs from `signature`.
+__device__ __forceinline__ int wait_call_signal(const uint64_t* p, uint32_t seq, uint32_t signature,
+                                                const WaitContext& wait, WaitKind what, int peer) {
+  const uint64_t value = wait_until(
+      p, [seq](uint64_t v) { return ((v >> 16) & 0xffffu) == (seq & 0xffffu); }, wait, what, peer, -1);
+  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
+  if (theirs != signature) fail_op(wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
+  return static_cast<int>(value & 0xffffu);
 }
 
 #endif  // __CUDACC__

@@ -12,7 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <initializer_list>
 
 #include "cuda/comm_layout.h"
 #include "cuda/memory_order.cuh"
@@ -20,19 +19,6 @@
 #include "cuda/wait.cuh"
 
 namespace jax_deepep {
-
-// What two ranks must agree on to pair their kernels: the op in the top 8 bits, a hash of the
-// shapes that size its slots and rings in the low 24.
-struct OpSignature {
-  uint32_t value;
-  JDEEP_HOST_DEVICE OpSignature(OpKind op, std::initializer_list<uint32_t> shapes) {
-    uint32_t h = 2166136261u;  // FNV-1a over the shape words
-    for (uint32_t word : shapes) {
-      for (int b = 0; b < 4; ++b) h = (h ^ ((word >> (8 * b)) & 0xffu)) * 16777619u;
-    }
-    value = static_cast<uint32_t>(op) << 24 | (h & 0xffffffu);
-  }
-};
 
 // The op this launch runs (whole block).
 __device__ __forceinline__ uint32_t op_epoch(const RankInfo& info) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "cuda/toolbox.cuh"
 
@@ -53,7 +54,16 @@ enum class WaitKind : int {
   kReturnedRows,       // internode: a rank's flag that it returned its rows to this forwarder
   kPartialSums,        // internode: a node's partial sums of this rank's tokens
   kOpMismatch,         // not a timeout: the peer started a different op, or the same op with other shapes
+  kReceipt,            // low latency: a rank's receipt of an earlier call, before its buffer half is reused
+  kTooManyInFlight,    // not a timeout: more sends of one low-latency op in flight than the buffer has halves
+  kRepeatedReceive,    // not a timeout: a low-latency call received a second time (its half may be reused)
 };
+
+// True for the codes that are not timeouts but a call pattern or a peer the kernels cannot pair.
+JDEEP_HOST_DEVICE inline bool is_refusal(int code) {
+  return code == static_cast<int>(WaitKind::kOpMismatch) || code == static_cast<int>(WaitKind::kTooManyInFlight) ||
+         code == static_cast<int>(WaitKind::kRepeatedReceive);
+}
 
 // Host-mapped pinned memory, one per (Buffer, device); all zero while no wait gave up.
 struct ErrorRecord {
@@ -63,6 +73,7 @@ struct ErrorRecord {
   int peer;     // the rank it waited for
   int channel;  // channel (intranode), else -1
   int peer_op;  // the OpKind the peer started last (kOpMismatch: instead of ours), 0 if unknown
+  int detail;   // kTooManyInFlight: the buffer's halves; else 0
   int complete; // 1 once the fields above are written
 };
 
@@ -96,9 +107,25 @@ JDEEP_HOST_DEVICE inline const char* wait_name(int code) {
     case WaitKind::kReturnedRows: return "returned rows";
     case WaitKind::kPartialSums: return "partial sums";
     case WaitKind::kOpMismatch: return "the same op";
+    case WaitKind::kReceipt: return "its receipt of an earlier call";
+    case WaitKind::kTooManyInFlight: return "fewer calls in flight";
+    case WaitKind::kRepeatedReceive: return "a call not yet received";
   }
   return "unknown wait";
 }
+
+// What two ranks must agree on to pair their kernels: the op in the top 8 bits, a hash of the
+// shapes that size its buffers in the low 24.
+struct OpSignature {
+  uint32_t value;
+  JDEEP_HOST_DEVICE OpSignature(OpKind op, std::initializer_list<uint32_t> shapes) {
+    uint32_t h = 2166136261u;  // FNV-1a over the shape words
+    for (uint32_t word : shapes) {
+      for (int b = 0; b < 4; ++b) h = (h ^ ((word >> (8 * b)) & 0xffu)) * 16777619u;
+    }
+    value = static_cast<uint32_t>(op) << 24 | (h & 0xffffffu);
+  }
+};
 
 // What a kernel's waits share.
 struct WaitContext {
@@ -118,7 +145,7 @@ constexpr uint64_t kRecordWaitNs = 100 * 1000 * 1000;
 // A later caller waits (bounded) for the first one's record to be complete, so that the trap,
 // which stops every thread, cannot cut the record short.
 static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind what, int peer, int channel,
-                                            int peer_op = 0) {
+                                            int peer_op = 0, int detail = 0) {
   volatile ErrorRecord* r = ctx.record;
   if (peer_op == 0 && ctx.peer_ops != nullptr) peer_op = *reinterpret_cast<const volatile int*>(ctx.peer_ops + peer);
   if (atomicCAS(&ctx.record->code, 0, static_cast<int>(what)) == 0) {
@@ -127,12 +154,17 @@ static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind wha
     r->peer = peer;
     r->channel = channel;
     r->peer_op = peer_op;
+    r->detail = detail;
     __threadfence_system();
     r->complete = 1;
     __threadfence_system();
     if (what == WaitKind::kOpMismatch) {
       printf("jax_deepep: %s on rank %d met %s on rank %d (the ranks' ops or shapes differ); trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, op_name(peer_op), peer);
+    } else if (is_refusal(static_cast<int>(what))) {
+      printf("jax_deepep: %s on rank %d: %s; trapping\n", op_name(static_cast<int>(ctx.op)), ctx.rank,
+             what == WaitKind::kTooManyInFlight ? "more sends in flight than the buffer has halves"
+                                                : "a call received twice");
     } else {
       printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none)%s%s; trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel,

@@ -100,8 +100,9 @@ def default_combine_config(num_ranks: int, num_sms: int) -> Config:
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                num_experts: int) -> int:
-    """Bytes of symmetric buffer the low-latency kernels need: two alternating halves, each
-    holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`)."""
+    """Bytes of symmetric buffer the low-latency kernels need: two halves that calls take in turn,
+    each holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`).
+    More bytes hold more halves, and so allow more sends of one op in flight (docs/API.md)."""
     sizes = dict(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
                  num_ranks=num_ranks, num_experts=num_experts)
     m, hidden, _, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)

@@ -119,7 +119,7 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
 def _one_at_a_time(op):
     """`op` (a send and its receive) under `jax.vmap` runs whole, once per element, in order. Batched
     by plain vmap it would become every element's send, then every receive: more calls in flight
-    than the CUDA kernels' two alternating buffer halves hold."""
+    than the CUDA kernels' buffer halves serve (two at the size hint; docs/LOW_LATENCY.md)."""
     return jax.custom_batching.sequential_vmap(op)
 
 
@@ -133,7 +133,7 @@ def _unmapped_on_cuda(backend, op: str, send):
     @guarded.def_vmap
     def refuse(axis_size, in_batched, *args):
         fail(op, f"`return_recv_hook=True` cannot be mapped by jax.vmap on the CUDA kernels (all {axis_size} "
-                 "sends would be in flight before the first receive, and they hold two); pass "
+                 "sends would be in flight before the first receive, more than the buffer's halves serve); pass "
                  "return_recv_hook=False, which maps as a loop")
 
     return guarded

@@ -8,8 +8,8 @@ Three layouts:
   - intranode ring slots (`dispatch_slot`, `combine_slot`, and the expert-grouped
     `grouped_dispatch_slot`, `grouped_combine_slot`): one token in a ring of the communication
     buffer (cuda/intranode.h);
-  - the low-latency half (`low_latency_layout`): one of the two alternating halves of the
-    symmetric buffer (cuda/low_latency.cuh);
+  - the low-latency half (`low_latency_layout`): one of the halves that calls take in turn
+    (`low_latency_num_halves` of them) in the symmetric buffer (cuda/low_latency.cuh);
   - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`) and where they
     lie (`internode_regions`): the dispatch and combine regions of the symmetric buffer
     (cuda/internode.cuh).
@@ -24,6 +24,7 @@ import dataclasses
 from .limits import FP8_BLOCK
 
 _ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispatched row
+_LOW_LATENCY_SIGNAL_BYTES = 8  # low latency: signature, call number and count (cuda/nvshmem_peers.cuh)
 _SLOT_META_BYTES = 16  # intranode: source token index and destination row before each slot
 _INTERNODE_RETURN_BLOCKS = 32  # cuda/internode.cuh: kInternodeReturnBlocks
 
@@ -97,14 +98,20 @@ class LowLatencyLayout:
 def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyLayout:
     """One half: the dispatch receive area ([E][M] rows of header + payload, big enough for bf16
     and FP8 rows), the combine receive area ([E][M] bf16 rows), then E dispatch counts and E
-    combine flags."""
+    combine flags (64-bit signals)."""
     m = num_max_dispatch_tokens_per_rank
     dispatch_row = _ROW_HEADER_BYTES + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
     combine_row = hidden * 2
     combine_offset = align(num_experts * m * dispatch_row, 128)
     signal_offset = combine_offset + align(num_experts * m * combine_row, 128)
-    half = signal_offset + align(num_experts * 4 * 2, 128)
+    half = signal_offset + align(num_experts * _LOW_LATENCY_SIGNAL_BYTES * 2, 128)
     return LowLatencyLayout(dispatch_row, combine_row, combine_offset, signal_offset, half)
+
+
+def low_latency_num_halves(num_rdma_bytes: int, layout: LowLatencyLayout) -> int:
+    """B: how many halves of `layout` a symmetric buffer of `num_rdma_bytes` holds. Call n of an op uses
+    half n % B, so a rank may have up to B sends of one op in flight (cuda/low_latency.cuh)."""
+    return num_rdma_bytes // layout.half_bytes
 
 
 # ---- internode ---------------------------------------------------------------------------------

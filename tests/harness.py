@@ -4,6 +4,8 @@ per-rank function under `jax.jit(jax.shard_map(...))`, and random tokens and rou
 Imported by the test modules after conftest.py has set XLA_FLAGS (8 virtual CPU devices).
 """
 import functools
+import pathlib
+import re
 import types
 
 import jax
@@ -14,6 +16,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "ep"
 RANK_COUNTS = (1, 2, 4, 8)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def decoded_struct_members(struct: str) -> dict:
+    """{member name: its struct type's name, or None for a scalar} that xla_ffi/*_ffi.cc decode
+    `jax_deepep::<struct>` from, in order."""
+    for path in sorted((ROOT / "xla_ffi").glob("*_ffi.cc")):
+        match = re.search(rf"XLA_FFI_REGISTER_STRUCT_ATTR_DECODING\(jax_deepep::{struct},(.*?)\);", path.read_text(),
+                          re.S)
+        if match:
+            members = re.findall(r'StructMember<([\w:]+)>\("(\w+)"\)', match.group(1))
+            return {name: (kind.split("::")[-1] if kind.startswith(("jax_deepep::", "jd::")) else None)
+                    for kind, name in members}
+    raise AssertionError(f"no decoding of {struct} in xla_ffi/")
+
+
+def handler_attrs_struct(target: str) -> str:
+    """The struct whose fields the FFI handler `target` takes as its attributes (`.Attrs<jd::X>()`)."""
+    for path in sorted((ROOT / "xla_ffi").glob("*_ffi.cc")):
+        match = re.search(rf"XLA_FFI_DEFINE_HANDLER_SYMBOL\({target},.*?\.Attrs<jd::(\w+)>\(\)\);", path.read_text(),
+                          re.S)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no handler {target} in xla_ffi/")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +84,8 @@ def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
 
     buffer = deepep.Buffer(mesh, axis_name, **buffer_args)
     buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30))
-    buffer.low_latency_backend = LowLatencyBackend(symmetric=types.SimpleNamespace(buffer_id=2))
+    rdma_bytes = buffer_args.get("num_rdma_bytes", 1 << 30)
+    buffer.low_latency_backend = LowLatencyBackend(symmetric=types.SimpleNamespace(buffer_id=2, num_bytes=rdma_bytes))
     return buffer
 
 

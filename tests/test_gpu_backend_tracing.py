@@ -6,6 +6,7 @@ custom-call outputs whose varying-axis type does not match what the custom_vjp r
 Needs the compiled library (built by `pip install .` where nvcc exists); skipped without it.
 """
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import vmap_cases
-from harness import buffer_with_cuda_backends
+from harness import buffer_with_cuda_backends, decoded_struct_members, handler_attrs_struct
 from jax_deepep import DeepEPError, moe
 from jax_deepep.gpu import available, unavailable_reason
 
@@ -94,6 +95,64 @@ def test_low_latency_moe_traces_through_cuda_kernels():
                    "jax_deepep_ll_combine_recv"):
         assert target in str(traced.jaxpr), target
     assert not traced.jaxpr.effects, traced.jaxpr.effects
+
+
+def _mlir_dict(text: str, start: int) -> tuple:
+    """The MLIR attribute dictionary opening at text[start] ("{"): ({name: nested dict, or the value's text},
+    the index after its closing brace)."""
+    out, i = {}, start + 1
+    while text[i] != "}":
+        name = re.match(r"\s*([\w.]+) = ", text[i:])
+        i += name.end()
+        if text[i] == "{":
+            value, i = _mlir_dict(text, i)
+        else:
+            end = re.search(r"[,}]", text[i:]).start()
+            value, i = text[i:i + end].strip(), i + end
+        out[name.group(1)] = value
+        i += text[i] == ","
+    return out, i + 1
+
+
+def _custom_call_attributes(text: str) -> list:
+    """(target, its attribute dictionary) of every jax_deepep custom call in a StableHLO module's text."""
+    calls = []
+    for match in re.finditer(r"custom_call @(jax_deepep_\w+)\(.*?mhlo\.backend_config = ", text):
+        calls.append((match.group(1), _mlir_dict(text, match.end())[0]))
+    return calls
+
+
+def _check_decodable(attributes: dict, struct: str, where: str):
+    members = decoded_struct_members(struct)
+    assert sorted(attributes) == sorted(members), (where, struct)
+    for name, nested in members.items():
+        if nested is not None:
+            _check_decodable(attributes[name], nested, f"{where}.{name}")
+
+
+def test_low_latency_calls_carry_what_the_handlers_decode():
+    """Every low-latency custom call's attributes are the fields its handler decodes (checked on the GPU
+    only when it runs); each send has a call site of its own, so XLA can never merge two."""
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    half = 133376  # sizes.low_latency_layout(8, 256, 16).half_bytes
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=3 * half + 5)
+    config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
+    params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
+    layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 256)), NamedSharding(mesh, P("expert")))
+
+    def two_equal_layers(params, x):
+        return layer(params, x), layer(params, x)
+
+    text = jax.jit(two_equal_layers).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    calls = _custom_call_attributes(text)
+    assert sorted({target for target, _ in calls}) == ["jax_deepep_ll_combine_recv", "jax_deepep_ll_combine_send",
+                                                       "jax_deepep_ll_dispatch_recv", "jax_deepep_ll_dispatch_send"]
+    for target, attributes in calls:
+        _check_decodable(attributes, handler_attrs_struct(target), target)
+        assert attributes["sizes"]["num_halves"] == "3 : i64"
+    sites = [attributes["call_site"] for target, attributes in calls if target.endswith("_send")]
+    assert len(sites) == 4 and len(set(sites)) == 4, sites
 
 
 @pytest.mark.parametrize("name", sorted(vmap_cases.CASES))

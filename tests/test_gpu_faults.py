@@ -3,13 +3,17 @@
 Each scenario is one job of fresh processes, because a kernel that gives up traps and takes its
 process's CUDA context with it:
   - ok: a peer late by less than the timeout (the result is exact), 100 dispatch/combine pairs in one
-    `lax.fori_loop` (exact), and 100 create/destroy cycles (free device memory drifts by at most 1 MiB
-    per cycle, measured once every process is between cycles);
+    `lax.fori_loop` (1000 in low-latency mode: decode steps; exact), and 100 create/destroy cycles (free
+    device memory drifts by at most 1 MiB per cycle, measured once every process is between cycles);
+    in low-latency mode also three equal dispatches sent before any is received, on a buffer of three
+    halves, run twice with rank 1 late (exact);
   - late: rank 1 never takes part: rank 0 raises within timeout + 10 s, `Buffer.failure()` names the op,
     both ranks and "timed out", and `destroy()` returns within timeout + 10 s;
   - killed: rank 1 is SIGKILLed just before the op: the same for rank 0, then a new job (fresh) works;
   - mismatch: rank 0 dispatches while rank 1 combines: both raise naming both ops; intranode at once, the
-    NVSHMEM modes (separate signals per op) after the timeout.
+    NVSHMEM modes (separate signals per op) after the timeout;
+  - in_flight (low latency): three dispatches sent before any is received, on a buffer of two halves:
+    both ranks raise at once, saying that more sends are in flight than the buffer has halves.
 Workers check themselves; a worker's exit code says whether its checks passed.
 """
 from __future__ import annotations
@@ -80,8 +84,13 @@ def test_mismatched_ops(mode):
     _run(mode, "mismatch")
 
 
+@pytest.mark.gpu
+def test_more_low_latency_sends_in_flight_than_halves():
+    _run("low_latency", "in_flight")
+
+
 # ---- the workers ----------------------------------------------------------------------------------
-def _make_buffer(mode: str, **kwargs):
+def _make_buffer(mode: str, halves: int = 2, **kwargs):
     import jax
     from jax.sharding import Mesh
 
@@ -89,9 +98,9 @@ def _make_buffer(mode: str, **kwargs):
     from jax_deepep.config import low_latency_rdma_size_hint
 
     mesh = Mesh(np.array(jax.devices()), (normal_checks.AXIS,))
-    if mode == "low_latency":
+    if mode == "low_latency":  # the hint holds two halves
         kwargs.update(low_latency_mode=True,
-                      num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS))
+                      num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS) * halves // 2)
     elif mode == "internode":
         kwargs.update(num_rdma_bytes=256 << 20)
     buffer = deepep.Buffer(mesh, normal_checks.AXIS, **kwargs)
@@ -138,6 +147,18 @@ class FaultWorker(normal_checks.Worker):
     def args(self):
         return [self.place(a) for a in (self.x, self.idx, self.copies, self.weights)]
 
+    def three_in_flight(self, x, idx, copies, weights):
+        """Three equal low-latency dispatches, all sent before any is received (an optimization barrier
+        orders them so), each then combined: three times x."""
+        from jax import lax
+
+        b = self.buffer
+        sends = [b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=EXPERTS,
+                                        use_fp8=False, return_recv_hook=True) for _ in range(3)]
+        sends = lax.optimization_barrier(sends)
+        outs = [b.low_latency_recv(s) for s in sends]
+        return [b.low_latency_combine(o.recv_x, idx, weights, o.handle) for o in outs]
+
     def compiled(self, fn):
         return self.compile(fn).lower(*self.args()).compile()
 
@@ -162,11 +183,27 @@ def scenario_ok(w: FaultWorker):
             time.sleep(LATE_S)
         w.expect_exact(step(*w.args()), "round trip with a peer late by less than the timeout")
 
-    def loop_of_100():
-        def body(x, idx, copies, weights):
-            return lax.fori_loop(0, 100, lambda _, v: w.round_trip(v, idx, copies, weights), x)
+    steps = 1000 if w.mode == "low_latency" else 100  # low latency: a decode loop
 
-        w.expect_exact(w.compiled(body)(*w.args()), "100 round trips in one fori_loop")
+    def loop_of_steps():
+        def body(x, idx, copies, weights):
+            return lax.fori_loop(0, steps, lambda _, v: w.round_trip(v, idx, copies, weights), x)
+
+        w.expect_exact(w.compiled(body)(*w.args()), f"{steps} round trips in one fori_loop")
+
+    def three_in_flight():
+        # Run twice, rank 1 late to both: rank 0's second sends reuse the halves of its first, and wait for
+        # rank 1's receipts of them.
+        w.buffer.destroy()
+        w.buffer = _make_buffer(w.mode, halves=3)
+        run = w.compiled(w.three_in_flight)
+        _barrier("three in flight compiled")
+        if w.rank == 1:
+            time.sleep(LATE_S)
+        results = [run(*w.args()), run(*w.args())]
+        for r, result in enumerate(results):
+            for i, got in enumerate(result):
+                w.expect_exact(got, f"run {r}, dispatch {i} of three in flight")
 
     def cycles_of_100():
         from jax_deepep.gpu import runtime
@@ -186,7 +223,9 @@ def scenario_ok(w: FaultWorker):
         w.buffer = _make_buffer(w.mode)
 
     w.check("a peer late by less than the timeout", late_peer)
-    w.check("100 round trips in one fori_loop", loop_of_100)
+    w.check(f"{steps} round trips in one fori_loop", loop_of_steps)
+    if w.mode == "low_latency":
+        w.check("three dispatches in flight on three halves, twice, rank 1 late", three_in_flight)
     w.check("100 create/destroy cycles", cycles_of_100)
     w.buffer.destroy()
     return 1 if w.failures else 0
@@ -296,6 +335,16 @@ def scenario_mismatch(w: FaultWorker):
     return 1 if w.failures else 0
 
 
+def scenario_in_flight(w: FaultWorker):
+    """Three sends before the first receive on two halves: the third send fails at once on every rank."""
+    run = w.compiled(w.three_in_flight)
+    w.check("three low-latency dispatches in flight on two halves: an error",
+            lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S,
+                                    contains=("low_latency_dispatch", f"rank {w.rank}", "in flight",
+                                              "2 halves")))
+    return 1 if w.failures else 0
+
+
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
@@ -310,6 +359,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         code = scenario_fresh(w)
     elif scenario in ("late", "killed"):
         code = scenario_peer_gone(w, killed=scenario == "killed")
+    elif scenario == "in_flight":
+        code = scenario_in_flight(w)
     else:
         code = scenario_mismatch(w)
     print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)

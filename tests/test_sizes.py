@@ -1,21 +1,27 @@
 """jax_deepep.sizes: the layouts the handlers receive as attributes, pinned to known values (those
 the kernels' former C++ formulas gave), and the attribute names the handlers decode."""
-import pathlib
-import re
-
 import numpy as np
 import pytest
 
+import jax_deepep as deepep
 from jax_deepep import sizes
 from jax_deepep.gpu.ffi_call import struct_attribute
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from harness import ROOT, decoded_struct_members
 
 
 def test_low_latency_layouts():
+    # Signals: E dispatch counts and E combine flags of 8 bytes each.
     assert sizes.low_latency_layout(128, 7168, 288) == sizes.LowLatencyLayout(
-        14352, 14336, 529072128, 1057554432, 1057556736)
-    assert sizes.low_latency_layout(8, 256, 16) == sizes.LowLatencyLayout(528, 512, 67584, 133120, 133248)
+        14352, 14336, 529072128, 1057554432, 1057559040)
+    assert sizes.low_latency_layout(8, 256, 16) == sizes.LowLatencyLayout(528, 512, 67584, 133120, 133376)
+
+
+def test_low_latency_halves_are_what_the_buffer_holds():
+    layout = sizes.low_latency_layout(8, 256, 16)
+    hint = 2 * layout.half_bytes
+    assert sizes.low_latency_num_halves(hint, layout) == 2
+    assert sizes.low_latency_num_halves(3 * layout.half_bytes + 100, layout) == 3
+    assert deepep.Buffer.get_low_latency_rdma_size_hint(8, 256, 2, 16) == hint
 
 
 def test_intranode_slots():
@@ -52,16 +58,6 @@ def test_struct_attribute_spells_tuples_per_element():
     assert all(type(v) is np.int32 for v in attribute.values())
 
 
-def _decoded_members(struct: str) -> list:
-    """The member names xla_ffi/*_ffi.cc decode `jax_deepep::<struct>` from, in order."""
-    for path in sorted((ROOT / "xla_ffi").glob("*_ffi.cc")):
-        match = re.search(rf"XLA_FFI_REGISTER_STRUCT_ATTR_DECODING\(jax_deepep::{struct},(.*?)\);", path.read_text(),
-                          re.S)
-        if match:
-            return re.findall(r'StructMember<[\w:]+>\("(\w+)"\)', match.group(1))
-    raise AssertionError(f"no decoding of {struct} in xla_ffi/")
-
-
 @pytest.mark.parametrize("layout", [
     sizes.low_latency_layout(8, 256, 16),
     sizes.dispatch_slot([14336], 8),
@@ -73,4 +69,4 @@ def _decoded_members(struct: str) -> list:
 def test_handlers_decode_the_fields_python_passes(layout):
     if not (ROOT / "xla_ffi").is_dir():
         pytest.skip("the C++ sources are not next to the tests")
-    assert list(struct_attribute(layout)) == _decoded_members(type(layout).__name__)
+    assert list(struct_attribute(layout)) == list(decoded_struct_members(type(layout).__name__))

@@ -17,6 +17,15 @@ inline std::string failure_message(const volatile ErrorRecord& r) {
   if (code == static_cast<int>(WaitKind::kOpMismatch)) {
     what = op + " on rank " + rank + " met " + op_name(r.peer_op) + " on rank " + peer +
            ": the ranks reached different ops, or the same op with different shapes";
+  } else if (code == static_cast<int>(WaitKind::kTooManyInFlight)) {
+    const std::string halves = std::to_string(r.detail);
+    what = op + " on rank " + rank + ": a send started before the call " + halves +
+           " calls earlier, which used the same buffer half, was received: the program has more sends of this "
+           "op in flight than the buffer's " + halves + " halves serve (receive earlier, or give the Buffer more "
+           "num_rdma_bytes; docs/LOW_LATENCY.md)";
+  } else if (code == static_cast<int>(WaitKind::kRepeatedReceive)) {
+    what = op + " on rank " + rank + ": a call was received a second time, after its buffer half may have been "
+           "reused (receive each call once; docs/LOW_LATENCY.md)";
   } else {
     what = op + " on rank " + rank + " timed out waiting for rank " + peer + " (" + wait_name(code) +
            (r.channel >= 0 ? ", channel " + std::to_string(r.channel) : std::string()) + ")";

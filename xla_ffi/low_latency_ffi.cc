@@ -5,6 +5,8 @@
 // counter per kind and process: every rank runs the same program, so the same sequence of ops) and
 // writes that number into a small `token` output; the recv call takes the token as an input, which
 // both orders the two calls and tells the recv kernels which buffer half and signal tag to wait for.
+// Each send also carries a `call_site` attribute that the kernels never read: it differs between
+// the sends of one program, so XLA cannot merge two equal sends into one feeding two receives.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -30,6 +32,7 @@ struct LowLatencySizes {
   int64_t num_ranks;
   int64_t num_max_dispatch_tokens_per_rank;  // M
   int64_t num_experts;
+  int64_t num_halves;  // B: the halves of the layout that num_rdma_bytes holds
 };
 
 // Every op also takes the layout of a buffer half (jax_deepep/sizes.py:low_latency_layout).
@@ -38,6 +41,7 @@ struct DispatchSendAttrs {
   LowLatencyLayout layout;
   bool use_fp8;
   bool round_scale;
+  int64_t call_site;
 };
 
 struct DispatchRecvAttrs {
@@ -50,6 +54,7 @@ struct CombineSendAttrs {
   LowLatencySizes sizes;
   LowLatencyLayout layout;
   bool zero_copy;
+  int64_t call_site;
 };
 
 struct CombineRecvAttrs {
@@ -66,11 +71,12 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencyLayout, StructMember
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_ranks"),
                                       StructMember<int64_t>("num_max_dispatch_tokens_per_rank"),
-                                      StructMember<int64_t>("num_experts"));
+                                      StructMember<int64_t>("num_experts"), StructMember<int64_t>("num_halves"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
-                                      StructMember<bool>("use_fp8"), StructMember<bool>("round_scale"));
+                                      StructMember<bool>("use_fp8"), StructMember<bool>("round_scale"),
+                                      StructMember<int64_t>("call_site"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
@@ -78,7 +84,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
-                                      StructMember<bool>("zero_copy"));
+                                      StructMember<bool>("zero_copy"), StructMember<int64_t>("call_site"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineRecvAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"));
@@ -112,9 +118,10 @@ std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySize
                      " (a multiple of 8), num_experts=" + std::to_string(num_experts) + " (a multiple of ranks)");
     return nullptr;
   }
-  if (2 * l.half_bytes > rt->num_bytes) {
-    *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " is too small, these sizes need " +
-                     std::to_string(2 * l.half_bytes));
+  if (sizes.num_halves < 2 || sizes.num_halves * l.half_bytes > rt->num_bytes) {
+    *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " does not hold the " +
+                     std::to_string(sizes.num_halves) + " halves of " + std::to_string(l.half_bytes) +
+                     " bytes the op was traced with (at least 2 are needed)");
     return nullptr;
   }
   const uint64_t rows = num_experts * max_tokens;
@@ -129,22 +136,27 @@ std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySize
                    l.combine_row_bytes),
       check_layout("low-latency half", {{"dispatch rows", 0, rows * l.dispatch_row_bytes, 16},
                                         {"combine rows", l.combine_offset, rows * l.combine_row_bytes, 16},
-                                        {"signals", l.signal_offset, 2 * 4 * static_cast<uint64_t>(num_experts), 16}},
+                                        {"signals", l.signal_offset, 2 * 8 * static_cast<uint64_t>(num_experts), 16}},
                    l.half_bytes),
-      check_layout("low-latency buffer",
-                   {{"first half", 0, l.half_bytes, 16}, {"second half", l.half_bytes, l.half_bytes, 16}},
+      check_layout("low-latency buffer", {{"last half", (sizes.num_halves - 1) * l.half_bytes, l.half_bytes, 16}},
                    rt->num_bytes)});
   if (error->failure()) return nullptr;
   return rt;
 }
 
-// What the launch needs besides its arrays: the peers, the op's sizes and the checked layout.
-LowLatencyCall call_of(const NvshmemState& rt, const LowLatencySizes& sizes, const LowLatencyLayout& layout,
-                       int64_t num_tokens, int64_t top_k, int64_t hidden) {
+// What the launch needs besides its arrays: the peers, the op's sizes, the checked layout, and the
+// signature every rank's call of `op` must carry (the op and what sizes its buffer halves; the send
+// and the receive of one op compute the same).
+LowLatencyCall call_of(const NvshmemState& rt, OpKind op, const LowLatencySizes& sizes,
+                       const LowLatencyLayout& layout, int64_t num_tokens, int64_t top_k, int64_t hidden,
+                       bool use_fp8) {
   const LowLatencyShape shape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
                               static_cast<int>(sizes.num_max_dispatch_tokens_per_rank),
                               static_cast<int>(sizes.num_experts)};
-  return LowLatencyCall{rt.memory, shape, layout};
+  const OpSignature signature(op, {static_cast<uint32_t>(shape.max_tokens), static_cast<uint32_t>(hidden),
+                                   static_cast<uint32_t>(shape.num_experts), static_cast<uint32_t>(sizes.num_halves),
+                                   static_cast<uint32_t>(layout.half_bytes), use_fp8 ? 1u : 0u});
+  return LowLatencyCall{rt.memory, shape, layout, static_cast<int>(sizes.num_halves), signature.value};
 }
 
 // y and recv_x are [E / R, R * M, H].
@@ -169,7 +181,8 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
   if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
-  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, x_dims[0], idx_dims[1], x_dims[1]);
+  const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0],
+                                      idx_dims[1], x_dims[1], attrs.use_fp8);
   const LowLatencyDispatchSendArgs args{reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
                                         topk_idx.typed_data(),
                                         send_slot->typed_data(),
@@ -195,7 +208,8 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Res
   const LowLatencyDispatchRecvArgs args{token.typed_data(), recv_x->untyped_data(), data_or_null<void>(*recv_scales),
                                         recv_count->typed_data(), recv_src_info->typed_data(),
                                         recv_layout_range->typed_data(), use_fp8, attrs.use_ue8m0};
-  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, 0, 0, dims[2]);
+  const LowLatencyCall call =
+      call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, 0, 0, dims[2], use_fp8);
   return launched(launch_low_latency_dispatch_recv(call, args, stream), "dispatch recv");
 }
 
@@ -213,7 +227,7 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_lay
   }
   const LowLatencyCombineSendArgs args{reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
                                        recv_layout_range.typed_data(), token->typed_data(), put_from_y};
-  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, 0, 0, dims[2]);
+  const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyCombine, attrs.sizes, attrs.layout, 0, 0, dims[2], false);
   return launched(launch_low_latency_combine_send(call, args, stream), "combine send");
 }
 
@@ -239,7 +253,8 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
                                        topk_weights.typed_data(),
                                        send_slot.typed_data(),
                                        reinterpret_cast<__nv_bfloat16*>(out->typed_data())};
-  const LowLatencyCall call = call_of(*rt, attrs.sizes, attrs.layout, idx_dims[0], idx_dims[1], out_dims[1]);
+  const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyCombine, attrs.sizes, attrs.layout, idx_dims[0],
+                                      idx_dims[1], out_dims[1], false);
   return launched(launch_low_latency_combine_recv(call, args, stream), "combine recv");
 }
 

@@ -39,6 +39,7 @@ NvshmemState::~NvshmemState() {
   for (const auto& r : registrations) nvshmemx_buffer_unregister(reinterpret_cast<void*>(r.first));
   cudaFree(const_cast<char**>(memory.peer));
   cudaFree(memory.call_numbers);
+  cudaFree(memory.receive_blocks_done);
   cudaFree(traffic);
   if (error_host != nullptr) cudaFreeHost(error_host);
 }
@@ -120,21 +121,23 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   }
   DeviceGuard guard(device);
   auto s = std::make_shared<NvshmemState>();
-  // Receive halves, then one half of staging for puts to peers without a direct mapping, then the
-  // peers' op stamps.
+  // Receive halves, then one half of staging for puts to peers without a direct mapping (the low-
+  // latency halves are at most num_bytes / 2 each), then the peers' op stamps and receipts.
   const uint64_t staging_bytes = num_bytes / 2;
-  const uint64_t stamps_bytes = num_ranks * sizeof(int);
-  char* buffer = static_cast<char*>(nvshmem_malloc(num_bytes + staging_bytes + stamps_bytes));
+  const uint64_t control_at = (num_bytes + staging_bytes + 15) / 16 * 16;
+  const uint64_t control_bytes = (1 + kNumReceiptKinds) * num_ranks * sizeof(uint32_t);
+  char* buffer = static_cast<char*>(nvshmem_malloc(control_at + control_bytes));
   if (buffer == nullptr) {
-    fail("nvshmem_malloc of " + std::to_string(num_bytes + staging_bytes + stamps_bytes) +
+    fail("nvshmem_malloc of " + std::to_string(control_at + control_bytes) +
          " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
   s->memory.local = buffer;
   s->memory.staging = buffer + num_bytes;
-  s->memory.op_stamps = reinterpret_cast<int*>(buffer + num_bytes + staging_bytes);
-  // Signals and stamps start at zero on every PE before anyone can write one.
+  s->memory.op_stamps = reinterpret_cast<int*>(buffer + control_at);
+  s->memory.receipts = reinterpret_cast<uint32_t*>(s->memory.op_stamps + num_ranks);
+  // Signals, stamps and receipts start at zero on every PE before anyone can write one.
   check_cuda(cudaMemset(buffer, 0, num_bytes), "clearing the symmetric buffer");
-  check_cuda(cudaMemset(s->memory.op_stamps, 0, stamps_bytes), "clearing the op stamps");
+  check_cuda(cudaMemset(buffer + control_at, 0, control_bytes), "clearing the op stamps and receipts");
   check_cuda(cudaDeviceSynchronize(), "clearing the symmetric buffer");
   nvshmem_barrier_all();
 
@@ -160,6 +163,8 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   check_cuda(cudaHostGetDevicePointer(&s->memory.error, s->error_host, 0), what);
   check_cuda(cudaMalloc(&s->memory.call_numbers, kNumCallKinds * sizeof(uint32_t)), what);
   check_cuda(cudaMemset(s->memory.call_numbers, 0, kNumCallKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMalloc(&s->memory.receive_blocks_done, kNumReceiptKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMemset(s->memory.receive_blocks_done, 0, kNumReceiptKinds * sizeof(uint32_t)), what);
   check_cuda(cudaMalloc(&s->traffic, 4 * sizeof(unsigned long long)), what);
   check_cuda(cudaMemset(s->traffic, 0, 4 * sizeof(unsigned long long)), what);
   check_cuda(cudaDeviceSynchronize(), what);

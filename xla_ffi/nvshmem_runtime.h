@@ -1,8 +1,8 @@
 // Host runtime of the NVSHMEM kernels (low latency and internode): the process's NVSHMEM PE and,
 // per (Buffer, device) in the library's Registry (xla_ffi/registry.h), a symmetric buffer of
-// num_rdma_bytes (two alternating halves) plus one half of staging for nvshmem puts, the peers'
-// buffers mapped over NVLink where possible, the kernels' error record and the put sources
-// registered with NVSHMEM.
+// num_rdma_bytes (the low-latency halves, or internode's regions) plus half as much again of staging
+// for nvshmem puts, the peers' buffers mapped over NVLink where possible, the kernels' error record
+// and the put sources registered with NVSHMEM.
 //
 // What NVSHMEM allows only once per process, not per Buffer:
 //  - init and finalize: one PE per process for its lifetime (NVSHMEM cannot re-initialise after
@@ -32,7 +32,7 @@ namespace jax_deepep {
 
 struct NvshmemState {
   PeerMemory memory{};
-  uint64_t num_bytes = 0;       // both halves (num_rdma_bytes)
+  uint64_t num_bytes = 0;       // the receive halves (num_rdma_bytes)
   ErrorRecord* error_host = nullptr;  // host view of memory.error (mapped pinned memory)
   bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
   bool group_mapped = false;    // every peer of this PE's direct group is mapped (nvshmem_ptr)

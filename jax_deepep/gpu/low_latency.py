@@ -4,10 +4,12 @@ by `nvshmem.py`) as XLA FFI custom calls.
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
 which buffer half to read. `sizes` is a zero-size array whose shape carries the static sizes
-(E, M, H) to the recv call, since `transit` holds arrays only.
+(E, M, H) to the recv call, since `transit` holds arrays only. Every send gets a `call_site` number
+of its own, which only keeps XLA from merging two equal sends (xla_ffi/low_latency_ffi.cc).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import jax
@@ -18,9 +20,12 @@ from ..backend import LowLatencyOptions, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
-from ..sizes import low_latency_layout
+from ..sizes import low_latency_layout, low_latency_num_halves
 from .ffi_call import ffi_call, optional_result, struct_attribute
 from .nvshmem import SymmetricBuffer
+
+
+_call_sites = itertools.count(1)
 
 
 def _static_sizes(*sizes: int):
@@ -54,11 +59,13 @@ class LowLatencyBackend:
 
     def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int, hidden: int) -> dict:
         """The `sizes` and `layout` attributes every low-latency custom call takes: the Buffer, the
-        static sizes and the layout of a buffer half."""
+        static sizes, the layout of a buffer half and how many halves the buffer holds."""
         m = num_max_dispatch_tokens_per_rank
+        layout = low_latency_layout(m, hidden, num_experts)
         sizes = dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
-                     num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts))
-        return dict(sizes=sizes, layout=struct_attribute(low_latency_layout(m, hidden, num_experts)))
+                     num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts),
+                     num_halves=np.int64(low_latency_num_halves(self.symmetric.num_bytes, layout)))
+        return dict(sizes=sizes, layout=struct_attribute(layout))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
@@ -67,7 +74,8 @@ class LowLatencyBackend:
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
             x, idx, axis_name=ctx.axis_name,
             **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
-            use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0))
+            use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0),
+            call_site=np.int64(next(_call_sites)))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         return {"token": token, "send_slot": send_slot, "sizes": sizes}
 
@@ -100,7 +108,7 @@ class LowLatencyBackend:
         token = ffi_call(
             "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
             y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
-            **self._sizes(ctx, m, num_experts, y.shape[2]))
+            call_site=np.int64(next(_call_sites)), **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
