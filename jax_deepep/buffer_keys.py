@@ -2,8 +2,10 @@
 
 <id> is the Buffer id its processes agreed on when it was made (creation.py): it also names the
 Buffer's state in the FFI registries, so it is unique in every process. A key's writer deletes it
-once every reader is known to have read it (the CUDA IPC handles after the destroy barrier, the
-NVSHMEM unique id once every PE has joined), so `Buffer.destroy()` leaves none of them behind.
+while the Buffer is made, once every reader is known to have read it (the CUDA IPC handles after
+the `connected` barrier, the NVSHMEM unique id once every PE has joined), or at once when making it
+fails; so a Buffer, whether destroyed or dropped, leaves no key behind (barriers are no keys). Only
+the id counter `jax_deepep/buffer_ids`, shared by every Buffer of the job, stays in the store.
 """
 from __future__ import annotations
 

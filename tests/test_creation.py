@@ -1,12 +1,13 @@
 """Buffer creation across processes (docs/API.md, jax_deepep/creation.py): every process must pass
-the same arguments, the processes agree on the Buffer's id, and destroy() leaves no key of the Buffer
-in the jax.distributed store.
+the same arguments, the processes agree on the Buffer's id, and a destroyed or dropped Buffer leaves
+no key in the jax.distributed store.
 
 The job of two processes runs on CPU (one device each, this file run as a script); each process writes
 what it saw to a JSON file that the pytest side compares.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
@@ -75,7 +76,8 @@ def test_two_processes_agree_on_ids_refuse_different_sizes_and_leave_no_keys(tmp
 
 
 def _worker():
-    """Three Buffers with a refused one between them, destroyed (the first twice); then the store's keys."""
+    """Three Buffers with a refused one between them, destroyed (the first twice), and one dropped; then
+    the store's keys."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
@@ -96,8 +98,11 @@ def _worker():
     # As the CUDA backends swap handles: set, read the peer's, wait for each other, delete.
     third.keys.set(f"device/{args.rank}", str(args.rank))
     seen["peer"] = third.keys.get(f"device/{1 - args.rank}")
-    third.keys.barrier("read")
+    third.keys.barrier("connected")
     third.keys.delete(f"device/{args.rank}")
+    dropped = deepep.Buffer(mesh, "ep")
+    del dropped
+    gc.collect()
     for buffer in (first, second, third, first):
         buffer.destroy()
     client = kv_client()

@@ -1,11 +1,12 @@
 """Tearing a Buffer down (docs/RELIABILITY.md): `destroy()` is idempotent and retryable, releases all it
 can before raising one `DeepEPError`, returns within the Buffer's timeout when a peer process never
 comes, frees what a failed construction made, and a Buffer dropped without `destroy()` is freed by
-its finalizer.
+its finalizer. No Buffer, made, failed, destroyed or dropped, leaves a key in the key-value store.
 
 The compiled modules and the jax.distributed key-value store are replaced by fakes that record what
 they are asked (as in test_process_models.py), so this runs on CPU devices.
 """
+import contextlib
 import gc
 import time
 import types
@@ -23,6 +24,8 @@ from harness import AXIS, fake_cuda_platform, make_mesh
 _TIMEOUT_S = 0.5
 _SLACK_S = 5.0  # what a loaded CI machine may add to a wait of _TIMEOUT_S
 _ALLOCATE = "jax_deepep/buffer/7/allocate"  # the barrier before the collective nvshmem_malloc
+_CONNECTED = "jax_deepep/buffer/7/connected"  # the barrier once every process has read the IPC handles
+_OWN_HANDLE = "jax_deepep/buffer/7/device/0"  # the CUDA IPC handle this process publishes
 
 
 class FakeIntranodeLib:
@@ -95,10 +98,11 @@ class FakeStore:
     barrier (as if it had died), so every barrier times out."""
 
     def __init__(self, peer_arrives: bool):
-        self.peer_arrives, self.keys, self.barriers = peer_arrives, {}, []
+        self.peer_arrives, self.keys, self.barriers, self.written = peer_arrives, {}, [], []
 
     def key_value_set(self, key, value):
         self.keys[key] = value
+        self.written.append(key)
 
     def blocking_key_value_get(self, key, timeout_ms):
         return b"peer handle".hex()
@@ -186,15 +190,88 @@ def test_a_trapped_context_still_frees_everything_and_says_so(intranode_lib):
     assert intranode_lib.calls == []
 
 
+def _comm_buffers(keys: BufferKeys) -> runtime.CommBuffers:
+    return runtime.CommBuffers(_two_process_mesh(), AXIS, 1 << 20, keys, timeout_s=_TIMEOUT_S)
+
+
 def test_destroy_with_a_peer_process_that_never_comes_returns_within_the_timeout(intranode_lib, store):
-    keys = store(peer_arrives=False)
-    comm = runtime.CommBuffers(_two_process_mesh(), AXIS, 1 << 20, keys, timeout_s=_TIMEOUT_S)
-    assert set(keys.client.keys) == {"jax_deepep/buffer/7/device/0"}
+    keys = store(peer_arrives=True)
+    comm = _comm_buffers(keys)
+    keys.client.peer_arrives = False  # the peer dies after the Buffer was made
     _destroy_within_the_timeout(comm, r"not every process of Buffer 7 \(processes \[0, 1\]\) reached `destroy/1` "
                                       r"within 0.5 s.*taken as gone: this process freed its buffers anyway")
-    assert intranode_lib.freed() == [0] and not keys.client.keys
+    assert intranode_lib.freed() == [0]
     comm.destroy()  # everything local is released: nothing left to do
-    assert keys.client.barriers == ["jax_deepep/buffer/7/destroy/1"]
+    assert keys.client.barriers == [_CONNECTED, "jax_deepep/buffer/7/destroy/1"]
+
+
+# ---- the key-value store ----------------------------------------------------------------------------
+def test_the_ipc_handles_are_deleted_once_every_process_has_mapped_its_peers(intranode_lib, store):
+    keys = store(peer_arrives=True)
+    comm = _comm_buffers(keys)
+    assert keys.client.written == [_OWN_HANDLE] and keys.client.barriers == [_CONNECTED]
+    assert not keys.client.keys  # right after creation
+    comm.destroy()
+    assert not keys.client.keys
+
+
+def test_a_peer_that_does_not_connect_fails_the_creation_within_the_timeout(intranode_lib, store):
+    keys = store(peer_arrives=False)
+    start = time.monotonic()
+    with pytest.raises(deepep.DeepEPError, match=r"Buffer: mapping the peers' buffers over CUDA IPC: not every "
+                                                 r"process of Buffer 7 \(processes \[0, 1\]\) reached `connected` "
+                                                 r"within 0.5 s"):
+        _comm_buffers(keys)
+    assert time.monotonic() - start < _TIMEOUT_S + _SLACK_S
+    assert intranode_lib.freed() == [0] and ("disconnect", 0) in intranode_lib.calls
+    assert keys.client.written == [_OWN_HANDLE] and not keys.client.keys
+
+
+def test_a_failed_creation_deletes_the_handles_it_published(intranode_lib, store):
+    keys = store(peer_arrives=True)
+    intranode_lib.fail = {"connect_ipc": {0}}
+    with pytest.raises(RuntimeError, match="opening a peer's IPC handle failed: injected connect_ipc failure"):
+        _comm_buffers(keys)
+    assert intranode_lib.freed() == [0]
+    assert keys.client.written == [_OWN_HANDLE] and not keys.client.keys
+
+
+def test_a_dropped_buffer_leaves_no_keys(intranode_lib, store):
+    keys = store(peer_arrives=True)
+    comm = _comm_buffers(keys)
+    with pytest.warns(ResourceWarning, match="dropped without destroy"):
+        del comm
+        gc.collect()
+    assert intranode_lib.freed() == [0] and not keys.client.keys
+    assert keys.client.barriers == [_CONNECTED]  # the finalizer waits on no peer
+
+
+class FakeNvshmemJoin:
+    """`_nvshmem_lib`'s joining, as PE 0 of two before it joined; `fails`: joining raises."""
+
+    def __init__(self, fails: bool):
+        self.fails = fails
+
+    def pe(self):
+        return None
+
+    def unique_id(self):
+        return b"unique id"
+
+    def join(self, unique_id, rank, num_ranks, device_ordinal):
+        if self.fails:
+            raise RuntimeError("injected nvshmemx_init_attr failure")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["joined", "failed"])
+def test_the_nvshmem_unique_id_is_deleted_after_joining(monkeypatch, store, fails):
+    keys = store(peer_arrives=True)
+    monkeypatch.setattr(nvshmem.atexit, "register", lambda *args: None)
+    for name in ("NVSHMEM_SYMMETRIC_SIZE", "NVSHMEM_DISABLE_NVLS"):  # so that joining changes no environment
+        monkeypatch.setenv(name, "1")
+    with pytest.raises(deepep.DeepEPError, match="init failed") if fails else contextlib.nullcontext():
+        nvshmem._ensure_pe(FakeNvshmemJoin(fails), 0, 2, 0, 1 << 20, keys)
+    assert keys.client.written == ["jax_deepep/buffer/7/nvshmem_unique_id"] and not keys.client.keys
 
 
 # ---- NVSHMEM --------------------------------------------------------------------------------------

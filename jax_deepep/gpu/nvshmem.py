@@ -6,7 +6,7 @@ NVSHMEM runs one PE per process, PE = the process's position on the expert-paral
 initialised once per process (NVSHMEM cannot be initialised again after finalize) and finalised at
 exit, while each Buffer allocates and frees its own symmetric buffer (xla_ffi/nvshmem_runtime.h says
 what NVSHMEM allows only once per process). The NVSHMEM unique id travels in the key-value
-namespace of the Buffer that joins, and is deleted as soon as every PE has joined.
+namespace of the Buffer that joins, and is deleted as soon as every PE has joined (or joining failed).
 """
 from __future__ import annotations
 
@@ -83,10 +83,13 @@ def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: 
     # The symmetric heap is sized once, at init, from the first Buffer unless the user chose a size.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
-    _check("init", lib.join, _unique_id(lib, rank, num_ranks, keys), rank, num_ranks, device_ordinal)
+    try:
+        _check("init", lib.join, _unique_id(lib, rank, num_ranks, keys), rank, num_ranks, device_ordinal)
+    finally:
+        # Joining returns once every PE has joined, so every PE has read the id; a failed join needs it no more.
+        if rank == 0 and num_ranks > 1:
+            keys.delete(_UNIQUE_ID_KEY)
     atexit.register(_leave, lib)
-    if rank == 0 and num_ranks > 1:  # joining returns once every PE has joined, so every PE has read the id
-        keys.delete(_UNIQUE_ID_KEY)
 
 
 def _own_device_and_rank(mesh, axis_name: str):
