@@ -35,6 +35,7 @@ function(jax_deepep_add_nvshmem_module)
     cuda/internode.cu
     xla_ffi/low_latency_ffi.cc
     xla_ffi/internode_ffi.cc
+    xla_ffi/nvshmem_low_latency_memory.cc
     xla_ffi/nvshmem_module.cc
     xla_ffi/nvshmem_runtime.cc)
   set_target_properties(_nvshmem_lib PROPERTIES

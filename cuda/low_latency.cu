@@ -1,23 +1,21 @@
 // Low-latency dispatch/combine kernels (layout and protocol: low_latency.cuh).
 //
-// Peers reachable over NVLink/P2P (nvshmem_ptr non-null) get plain stores into their symmetric
-// buffer and a release store of the signal; other peers get rows staged locally, nvshmem puts,
-// a quiet and then the signal put. Every wait gives up after mem.timeout_ns and fills the
+// Peers reachable over NVLink/P2P (mapped: nvshmem_ptr, or CUDA IPC within a node) get plain stores
+// into their buffer and a release store of the signal; other peers get rows staged locally, puts,
+// a quiet and then the signal put (remote_put.cuh; built with NVSHMEM only). Every wait gives up after mem.timeout_ns and fills the
 // host-mapped error record instead of spinning forever (wait.cuh). Sends claim their half of each
 // destination first, and the last block of each receive hands out the receipts that let the
 // senders reuse it (low_latency.cuh).
 #include "cuda/launch.h"
 
 #include <cuda_fp8.h>
-#include <nvshmem.h>
-#include <nvshmemx.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "cuda/bf16x8.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/nvshmem_peers.cuh"
+#include "cuda/remote_put.cuh"
 #include "cuda/toolbox.cuh"
 #include "cuda/wait.cuh"
 
@@ -41,15 +39,13 @@ __device__ __forceinline__ uint64_t* signals_at(char* base, uint32_t seq, const 
 }
 
 // Writes `value` to `field`, an address in this PE's symmetric memory, as PE `pe` holds it: a
-// release store where pe's memory is mapped here, an nvshmem put otherwise.
+// release store where pe's memory is mapped here, a put otherwise.
 template <typename T>
 __device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field, T value, int pe) {
   if (mem.peer[pe] != nullptr) {
     store_release(reinterpret_cast<T*>(mem.peer[pe] + (reinterpret_cast<char*>(field) - mem.local)), value);
-  } else if constexpr (std::is_same_v<T, int>) {
-    nvshmem_int_p(field, value, pe);
   } else {
-    nvshmem_uint32_p(field, value, pe);
+    put_value(field, value, pe);
   }
 }
 
@@ -227,12 +223,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   __syncthreads();
   const size_t bytes = dispatch_payload_bytes(s.hidden, use_fp8);
   for (int j = warp; j < count; j += kWarps) {
-    nvshmemx_putmem_nbi_warp(mem.local + half + (first_row + j) * row_bytes, rows + j * row_bytes, bytes, dst);
+    put_warp(mem.local + half + (first_row + j) * row_bytes, rows + j * row_bytes, bytes, dst);
   }
   __syncwarp();
-  if (lane == 0) nvshmem_quiet();
+  if (lane == 0) put_quiet();
   __syncthreads();
-  if (threadIdx.x == 0) nvshmem_uint64_p(signals_at(mem.local, seq, c) + signal_index, signal, dst);
+  if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + signal_index, signal, dst);
 }
 
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
@@ -344,7 +340,7 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 // Blocks (local expert, destination rank): send the expert's rows of that source rank back into
 // slots [0, count) of the global expert on the destination, then flag the expert done there.
 // Rows for this rank itself stay in y: the recv kernel reads them there. A mapped peer gets the
-// rows stored straight from y; any other peer gets nvshmem puts, from a staged copy of the rows,
+// rows stored straight from y; any other peer gets puts, from a staged copy of the rows,
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
 // contiguous in y and in the destination, so each warp puts one run of them.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
@@ -398,13 +394,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   const int first_row = count * warp / kWarps, end_row = count * (warp + 1) / kWarps;
   if (end_row > first_row) {
     char* dst_rows = mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes;
-    nvshmemx_putmem_nbi_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes,
+    put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes,
                              (end_row - first_row) * row_bytes, dst);
     __syncwarp();
-    if (lane == 0) nvshmem_quiet();
+    if (lane == 0) put_quiet();
   }
   __syncthreads();
-  if (threadIdx.x == 0) nvshmem_uint64_p(signals_at(mem.local, seq, c) + flag_index, flag, dst);
+  if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + flag_index, flag, dst);
 }
 
 // Whole block: token t's output, the sum over its top-k rows (received ones from this call's half,

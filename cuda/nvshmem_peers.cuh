@@ -1,6 +1,8 @@
 // What the NVSHMEM kernels (low_latency.cu, internode.cu) share: where this PE's symmetric memory is
-// and how to reach the other PEs, the call numbers that tag every signal, and the two kinds of
-// signal they wait for (wait.cuh's wait_until underneath).
+// and how to reach the other PEs, the call numbers that tag every signal, and the kinds of signal
+// they wait for (wait.cuh's wait_until underneath). The low-latency kernels also run without
+// NVSHMEM within one node, on a communication buffer's low-latency area mapped over CUDA IPC or
+// peer access (xla_ffi/ipc_low_latency_memory.cc): the same PeerMemory, every peer mapped.
 //
 // Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group get
 // plain stores; every other peer gets nvshmem puts from the symmetric staging area. Signals carry

@@ -84,8 +84,8 @@ def buffer_with_cuda_backends(mesh: Mesh, axis_name: str = AXIS, **buffer_args):
 
     buffer = deepep.Buffer(mesh, axis_name, **buffer_args)
     buffer.normal_backend = IntranodeBackend(types.SimpleNamespace(buffer_id=1, num_bytes=1 << 30, ring_bytes=1 << 30))
-    rdma_bytes = buffer_args.get("num_rdma_bytes", 1 << 30)
-    buffer.low_latency_backend = LowLatencyBackend(symmetric=types.SimpleNamespace(buffer_id=2, num_bytes=rdma_bytes))
+    buffer.low_latency_backend = LowLatencyBackend(types.SimpleNamespace(buffer_id=2),
+                                                   buffer_args.get("num_rdma_bytes", 1 << 30), "jax_deepep_ll_")
     return buffer
 
 

@@ -32,7 +32,8 @@ TIMEOUT_S = 3.0  # the Buffer's timeout in the failing scenarios
 OK_TIMEOUT_S = 8.0  # ... and in the scenario whose peer is late by less
 LATE_S = 2.0  # how late the peer is in the ok scenario
 BOUND_S = 10.0  # the spec's slack over the timeout
-MODES = ("intranode", "low_latency", "internode")
+# low_latency: within one node over CUDA IPC; low_latency_nvshmem: every row by NVSHMEM put (as across nodes).
+MODES = ("intranode", "low_latency", "low_latency_nvshmem", "internode")
 NUM_RANKS = 2
 T, H, K, M = 64, 256, 2, 64
 EXPERTS = 4 * NUM_RANKS
@@ -42,7 +43,7 @@ _MODE = "JAX_DEEPEP_TEST_FAULT_MODE"
 
 def _run(mode: str, scenario: str, exit_codes=None):
     reason = normal_checks.skip_reason()
-    if reason is None and mode != "intranode":
+    if reason is None and mode in ("low_latency_nvshmem", "internode"):
         from jax_deepep.gpu import nvshmem
 
         if not nvshmem.available():
@@ -85,8 +86,9 @@ def test_mismatched_ops(mode):
 
 
 @pytest.mark.gpu
-def test_more_low_latency_sends_in_flight_than_halves():
-    _run("low_latency", "in_flight")
+@pytest.mark.parametrize("mode", ["low_latency", "low_latency_nvshmem"])
+def test_more_low_latency_sends_in_flight_than_halves(mode):
+    _run(mode, "in_flight")
 
 
 # ---- the workers ----------------------------------------------------------------------------------
@@ -98,13 +100,14 @@ def _make_buffer(mode: str, halves: int = 2, **kwargs):
     from jax_deepep.config import low_latency_rdma_size_hint
 
     mesh = Mesh(np.array(jax.devices()), (normal_checks.AXIS,))
-    if mode == "low_latency":  # the hint holds two halves
+    if mode.startswith("low_latency"):  # the hint holds two halves
         kwargs.update(low_latency_mode=True,
-                      num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS) * halves // 2)
+                      num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS) * halves // 2,
+                      allow_nvlink_for_low_latency_mode=mode == "low_latency")
     elif mode == "internode":
         kwargs.update(num_rdma_bytes=256 << 20)
     buffer = deepep.Buffer(mesh, normal_checks.AXIS, **kwargs)
-    assert buffer.backend.mode == mode, f"backend {buffer.backend.mode}, expected {mode}"
+    assert mode.startswith(buffer.backend.mode), f"backend {buffer.backend.mode}, expected {mode}"
     return buffer
 
 
@@ -136,7 +139,7 @@ class FaultWorker(normal_checks.Worker):
         import jax.numpy as jnp
 
         b = self.buffer
-        if self.mode == "low_latency":
+        if self.mode.startswith("low_latency"):
             ll = b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=EXPERTS,
                                         use_fp8=False)
             return b.low_latency_combine(ll.recv_x, idx, weights, ll.handle)
@@ -183,7 +186,7 @@ def scenario_ok(w: FaultWorker):
             time.sleep(LATE_S)
         w.expect_exact(step(*w.args()), "round trip with a peer late by less than the timeout")
 
-    steps = 1000 if w.mode == "low_latency" else 100  # low latency: a decode loop
+    steps = 1000 if w.mode.startswith("low_latency") else 100  # low latency: a decode loop
 
     def loop_of_steps():
         def body(x, idx, copies, weights):
@@ -224,7 +227,7 @@ def scenario_ok(w: FaultWorker):
 
     w.check("a peer late by less than the timeout", late_peer)
     w.check(f"{steps} round trips in one fori_loop", loop_of_steps)
-    if w.mode == "low_latency":
+    if w.mode.startswith("low_latency"):
         w.check("three dispatches in flight on three halves, twice, rank 1 late", three_in_flight)
     w.check("100 create/destroy cycles", cycles_of_100)
     w.buffer.destroy()
@@ -232,7 +235,7 @@ def scenario_ok(w: FaultWorker):
 
 
 def _op_name(mode: str) -> str:
-    return {"intranode": "dispatch", "low_latency": "low_latency_dispatch", "internode": "internode dispatch"}[mode]
+    return {"intranode": "dispatch", "internode": "internode dispatch"}.get(mode, "low_latency_dispatch")
 
 
 def _expect_failure(w: FaultWorker, run, *, within_s: float, contains):
@@ -293,7 +296,7 @@ def scenario_mismatch(w: FaultWorker):
     import jax
 
     b = w.buffer
-    if w.mode == "low_latency":
+    if w.mode.startswith("low_latency"):
         def first(x, idx, copies, weights):
             return b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=EXPERTS,
                                           use_fp8=False)
@@ -326,6 +329,7 @@ def scenario_mismatch(w: FaultWorker):
         within = TIMEOUT_S  # before any wait could time out
     else:  # each op has its own signals: both time out, naming the op the peer started instead
         ops = {"low_latency": ("low_latency_dispatch", "low_latency_combine"),
+               "low_latency_nvshmem": ("low_latency_dispatch", "low_latency_combine"),
                "internode": ("internode dispatch", "internode combine")}[w.mode]
         theirs = ops[1] if w.rank == 0 else ops[0]
         contains = ("timed out", f"rank {w.rank}", f"rank {1 - w.rank} last started {theirs}")

@@ -1,9 +1,10 @@
-"""GPU tests of the NVSHMEM low-latency kernels (jax_deepep/gpu/low_latency.py) against the numpy oracle.
+"""GPU tests of the low-latency kernels (jax_deepep/gpu/low_latency.py) against the numpy oracle, over both
+memories: NVSHMEM, and within one node the communication buffers mapped over CUDA IPC (`node`).
 
 Every check runs in fresh worker processes (this file run as a script), since NVSHMEM lives once
-per process: R = 1 in one process, and R = 2 and 4 as processes sharing GPU 0 (NVSHMEM PEs,
-jax.distributed; no XLA collectives between them, so each process compares its own shard with the
-oracle computed from the same seeded global data). R = 2 and 4 run again as nodes of one and two
+per process: R = 1 in one process, and R = 2 and 4 as processes sharing GPU 0 (NVSHMEM PEs or CUDA
+IPC peers, jax.distributed; no XLA collectives between them, so each process compares its own shard
+with the oracle computed from the same seeded global data). R = 2 and 4 run again as nodes of one and two
 ranks (`direct_group`): rows to a peer on another "node" travel as nvshmem puts, as across hosts,
 although all PEs share the GPU; combine puts from the staging buffer, or with `zero_copy` (half
 of the variants) straight from y. The R = 1 worker also checks the bench's
@@ -26,6 +27,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 AXIS = "ep"
 _DIRECT_GROUP_VARIABLE = "JAX_DEEPEP_TEST_DIRECT_GROUP"  # the workers' `direct_group` (0: every peer)
+_NODE_VARIABLE = "JAX_DEEPEP_TEST_LOW_LATENCY_NODE"  # "1": the workers use the one-node memory, not NVSHMEM
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
@@ -38,7 +40,7 @@ def _skip_reason():
     return None if nvshmem.available() else nvshmem.unavailable_reason()
 
 
-def _run_workers(num_ranks: int, direct_group: int = 0):
+def _run_workers(num_ranks: int, direct_group: int = 0, node: bool = False):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -49,6 +51,9 @@ def _run_workers(num_ranks: int, direct_group: int = 0):
     if direct_group:
         env[_DIRECT_GROUP_VARIABLE] = str(direct_group)
         tag = f"_direct{direct_group}"
+    if node:
+        env[_NODE_VARIABLE] = "1"
+        tag += "_node"
     gpu_workers.run_workers(__file__, num_ranks, env, tag)
 
 
@@ -65,6 +70,12 @@ def test_low_latency_two_ranks_on_one_gpu():
 @pytest.mark.gpu
 def test_low_latency_four_ranks_on_one_gpu():
     _run_workers(4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_low_latency_within_one_node_over_cuda_ipc(num_ranks):
+    _run_workers(num_ranks, node=True)
 
 
 @pytest.mark.gpu
@@ -103,19 +114,27 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
 class Worker:
     """One rank: builds the kernels object, runs dispatch + combine on global data, checks its shard."""
 
-    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int, devices=None, direct_group=None):
+    def __init__(self, rank: int, num_ranks: int, num_rdma_bytes: int, devices=None, direct_group=None,
+                 node: bool = False):
         import jax
         from jax.sharding import Mesh
 
         from jax_deepep import creation
         from jax_deepep.buffer import resolve_timeout_s
+        from jax_deepep.gpu import runtime
         from jax_deepep.gpu.low_latency import LowLatencyBackend
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group})
-        self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys,
-                                              timeout_s=resolve_timeout_s(None), direct_group=direct_group)
+        keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group,
+                                          "node": node})
+        if node:  # rings of no use here: the communication buffer's header, then the low-latency area
+            comm = runtime.CommBuffers(self.mesh, AXIS, 1 << 20, keys, timeout_s=resolve_timeout_s(None),
+                                       low_latency_bytes=num_rdma_bytes)
+            self.kernels = LowLatencyBackend.within_node(comm)
+        else:
+            self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys,
+                                                  timeout_s=resolve_timeout_s(None), direct_group=direct_group)
         self.failures = []
         self._compiled = {}
 
@@ -317,7 +336,8 @@ def worker_main(args):
     sizes = [BIG, ROUNDS] + ([BENCH] if args.num_ranks == 1 else [])
     num_rdma_bytes = max(low_latency_rdma_size_hint(s["m"], s["h"], args.num_ranks, s["e"]) for s in sizes)
     worker = Worker(args.rank, args.num_ranks, num_rdma_bytes,
-                    direct_group=int(os.environ.get(_DIRECT_GROUP_VARIABLE, 0)) or None)
+                    direct_group=int(os.environ.get(_DIRECT_GROUP_VARIABLE, 0)) or None,
+                    node=os.environ.get(_NODE_VARIABLE) == "1")
     worker.check("correctness", lambda: correctness(worker, seed=1234))
     if args.num_ranks == 1:
         bench_size(worker)

@@ -21,13 +21,14 @@ class FakeIntranodeLib:
     RING_OFFSET, MAX_CHANNELS, MAX_LOCAL_EXPERTS = 0, 24, 64  # any sizes: no op is traced
 
     def __init__(self):
-        self.created, self.local_peers = [], []
+        self.created, self.local_peers, self.low_latency_bytes = [], [], set()
 
     def failure(self, buffer_id, device):
         return ""  # no kernel ran
 
-    def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes, timeout_s):
+    def create(self, buffer_id, ordinal, rank, num_ranks, num_bytes, timeout_s, low_latency_bytes):
         self.created.append((ordinal, rank, num_ranks))
+        self.low_latency_bytes.add(low_latency_bytes)
 
     def connect_local(self, buffer_id, ordinal, peer_rank, peer_ordinal):
         self.local_peers.append((ordinal, peer_ordinal))
@@ -59,9 +60,26 @@ def test_normal_intranode_one_process_owning_several_gpus_works(gpu_platform):
     assert len(gpu_platform.local_peers) == 8 * 7
 
 
+def test_low_latency_within_one_node_one_process_owning_several_gpus_works(gpu_platform):
+    """Low latency within one node runs on the communication buffers' low-latency area, each device
+    mapping its peers in this process: no NVSHMEM (the fixture fails any join)."""
+    from jax_deepep.gpu import low_latency
+
+    mesh = make_mesh(8)
+    with deepep.Buffer(mesh, AXIS, low_latency_mode=True, num_rdma_bytes=1 << 30) as buffer:
+        backend = buffer.low_latency_backend
+        assert isinstance(backend, low_latency.LowLatencyBackend)
+        assert backend.targets == low_latency.NODE_TARGET_PREFIX and backend.num_bytes == 1 << 30
+        assert backend.memory is buffer.normal_backend.comm
+    assert gpu_platform.low_latency_bytes == {1 << 30}
+    assert len(gpu_platform.local_peers) == 8 * 7
+
+
 @pytest.mark.parametrize("mode, buffer_args", [
     ("internode", dict(num_rdma_bytes=1 << 30, ranks_per_node=4)),
-    ("low latency", dict(low_latency_mode=True, num_rdma_bytes=1 << 30)),
+    ("low latency across nodes", dict(low_latency_mode=True, num_rdma_bytes=1 << 30, ranks_per_node=4)),
+    ("low latency by NVSHMEM puts", dict(low_latency_mode=True, num_rdma_bytes=1 << 30,
+                                         allow_nvlink_for_low_latency_mode=False)),
 ])
 def test_nvshmem_modes_refuse_one_process_owning_several_gpus(gpu_platform, mode, buffer_args):
     with pytest.raises(deepep.DeepEPError, match=r"one GPU of the mesh per process.*Start one process per GPU"):

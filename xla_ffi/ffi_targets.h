@@ -2,12 +2,13 @@
 // jax.ffi.register_ffi_target. Each name is written once, next to its handler's Bind list.
 #pragma once
 
+#include <string>
 #include <vector>
 
 namespace jax_deepep {
 
 struct FfiTarget {
-  const char* name;
+  std::string name;
   void* handler;  // an XLA_FFI_Handler*
 };
 

@@ -16,11 +16,15 @@ PYBIND11_MODULE(_intranode_lib, m) {
   m.doc() = "jax_deepep normal-mode (intranode) CUDA kernels: communication buffers and XLA FFI handlers";
   m.def("ffi_targets", [] {
     py::dict out;
-    for (const jd::FfiTarget& t : jd::intranode_ffi_targets()) out[t.name] = py::capsule(t.handler);
+    // The normal-mode ops, and the low-latency ops within one node (the handlers of _nvshmem_lib, built
+    // without NVSHMEM: xla_ffi/low_latency_memory.h).
+    for (const auto& targets : {jd::intranode_ffi_targets(), jd::low_latency_ffi_targets()}) {
+      for (const jd::FfiTarget& t : targets) out[t.name.c_str()] = py::capsule(t.handler);
+    }
     return out;
   }, "{target name: XLA FFI handler capsule}");
   m.def("create", &jd::create_comm_buffer, kNoGil, py::arg("buffer_id"), py::arg("device"), py::arg("rank"),
-        py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"));
+        py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("low_latency_bytes"));
   m.def("ipc_handle", [](int64_t buffer_id, int device) {
     return py::bytes(jd::comm_buffer_ipc_handle(buffer_id, device));
   }, py::arg("buffer_id"), py::arg("device"));

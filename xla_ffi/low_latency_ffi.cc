@@ -1,4 +1,6 @@
-// XLA FFI handlers of the low-latency kernels (cuda/low_latency.cu), one per custom call.
+// XLA FFI handlers of the low-latency kernels (cuda/low_latency.cu), one per custom call. Built into
+// both libraries: over NVSHMEM in _nvshmem_lib, within one node over CUDA IPC in _intranode_lib; each
+// links its own find_low_latency_memory and target names (xla_ffi/low_latency_memory.h).
 //
 // The send and recv halves of each op are separate custom calls so that XLA may schedule other
 // work between them (docs/API.md's return_recv_hook). The send launch numbers the op on the device (a
@@ -18,9 +20,8 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/layout_check.h"
+#include "xla_ffi/low_latency_memory.h"
 #include "xla_ffi/operands.h"
-#include "xla_ffi/nvshmem_ffi.h"
-#include "xla_ffi/nvshmem_runtime.h"
 
 namespace ffi = xla::ffi;
 
@@ -97,32 +98,30 @@ constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-
 
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep low-latency: " + message); }
 
-// The Buffer's state, checked against the op's static sizes, layout and `hidden`; `error` set when unusable.
-std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySizes& sizes,
-                                           const LowLatencyLayout& l, int64_t hidden, ffi::Error* error) {
-  std::shared_ptr<NvshmemState> rt = live_nvshmem_state(sizes.buffer_id, device, "low-latency",
-                                                        "create the Buffer with low_latency_mode=True and "
-                                                        "num_rdma_bytes > 0 first", error);
-  if (rt == nullptr) return nullptr;
+// The Buffer's memory, checked against the op's static sizes, layout and `hidden`; `error` set when unusable.
+std::optional<LowLatencyMemory> checked_memory(int32_t device, const LowLatencySizes& sizes,
+                                               const LowLatencyLayout& l, int64_t hidden, ffi::Error* error) {
+  std::optional<LowLatencyMemory> rt = find_low_latency_memory(sizes.buffer_id, device, error);
+  if (!rt) return std::nullopt;
   const int64_t num_ranks = sizes.num_ranks, max_tokens = sizes.num_max_dispatch_tokens_per_rank;
   const int64_t num_experts = sizes.num_experts;
   if (num_ranks != rt->memory.num_ranks) {
-    *error = invalid("the op runs over " + std::to_string(num_ranks) + " ranks but NVSHMEM has " +
-                     std::to_string(rt->memory.num_ranks) + " PEs");
-    return nullptr;
+    *error = invalid("the op runs over " + std::to_string(num_ranks) + " ranks but the Buffer has " +
+                     std::to_string(rt->memory.num_ranks));
+    return std::nullopt;
   }
   if (max_tokens <= 0 || max_tokens > kMaxTokensPerRank || hidden <= 0 || hidden % 8 ||
       num_experts % num_ranks != 0 || num_experts <= 0) {
     *error = invalid("unsupported sizes: num_max_dispatch_tokens_per_rank=" + std::to_string(max_tokens) +
                      " (1.." + std::to_string(kMaxTokensPerRank) + "), hidden=" + std::to_string(hidden) +
                      " (a multiple of 8), num_experts=" + std::to_string(num_experts) + " (a multiple of ranks)");
-    return nullptr;
+    return std::nullopt;
   }
   if (sizes.num_halves < 2 || sizes.num_halves * l.half_bytes > rt->num_bytes) {
     *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " does not hold the " +
                      std::to_string(sizes.num_halves) + " halves of " + std::to_string(l.half_bytes) +
                      " bytes the op was traced with (at least 2 are needed)");
-    return nullptr;
+    return std::nullopt;
   }
   const uint64_t rows = num_experts * max_tokens;
   const uint64_t dispatch_bytes =
@@ -140,14 +139,14 @@ std::shared_ptr<NvshmemState> checked_state(int32_t device, const LowLatencySize
                    l.half_bytes),
       check_layout("low-latency buffer", {{"last half", (sizes.num_halves - 1) * l.half_bytes, l.half_bytes, 16}},
                    rt->num_bytes)});
-  if (error->failure()) return nullptr;
+  if (error->failure()) return std::nullopt;
   return rt;
 }
 
 // What the launch needs besides its arrays: the peers, the op's sizes, the checked layout, and the
 // signature every rank's call of `op` must carry (the op and what sizes its buffer halves; the send
 // and the receive of one op compute the same).
-LowLatencyCall call_of(const NvshmemState& rt, OpKind op, const LowLatencySizes& sizes,
+LowLatencyCall call_of(const LowLatencyMemory& rt, OpKind op, const LowLatencySizes& sizes,
                        const LowLatencyLayout& layout, int64_t num_tokens, int64_t top_k, int64_t hidden,
                        bool use_fp8) {
   const LowLatencyShape shape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
@@ -175,8 +174,8 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("dispatch expects x [T, H] and topk_idx [T, K <= 32]");
   }
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, x_dims[1], &error);
-  if (rt == nullptr) return error;
+  std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, x_dims[1], &error);
+  if (!rt) return error;
   if (x_dims[0] > attrs.sizes.num_max_dispatch_tokens_per_rank) {
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
@@ -199,8 +198,8 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Res
   const auto dims = recv_x->dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("dispatch recv_x must be [E / R, R * M, H]");
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, dims[2], &error);
-  if (rt == nullptr) return error;
+  std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
+  if (!rt) return error;
   const bool use_fp8 = given(*recv_scales);
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
     return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
@@ -218,8 +217,8 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_lay
   const auto dims = y.dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("combine y must be [E / R, R * M, H]");
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, dims[2], &error);
-  if (rt == nullptr) return error;
+  std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
+  if (!rt) return error;
   // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
   const bool put_from_y = attrs.zero_copy && rt->has_put_peers;
   if (std::string why; put_from_y && !register_put_source(*rt, y.untyped_data(), y.size_bytes(), &why)) {
@@ -240,12 +239,12 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
   }
   const auto y_dims = y.dimensions();
   if (!is_expert_rows(y_dims, attrs.sizes) || y_dims[2] != out_dims[1] ||
-      recv_layout_range.element_count() != y_dims[0] * attrs.sizes.num_ranks * 2) {
+      static_cast<int64_t>(recv_layout_range.element_count()) != y_dims[0] * attrs.sizes.num_ranks * 2) {
     return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
   ffi::Error error;
-  std::shared_ptr<NvshmemState> rt = checked_state(device, attrs.sizes, attrs.layout, out_dims[1], &error);
-  if (rt == nullptr) return error;
+  std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, out_dims[1], &error);
+  if (!rt) return error;
   const LowLatencyCombineRecvArgs args{token.typed_data(),
                                        reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
                                        recv_layout_range.typed_data(),
@@ -299,9 +298,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                                   .Ret<jd::BF16>()  // combined x [T, H]
                                   .Attrs<jd::CombineRecvAttrs>());
 
+// Named with this library's prefix: jax_deepep_ll_dispatch_send (NVSHMEM), jax_deepep_ll_node_dispatch_send (one node).
 std::vector<jd::FfiTarget> jd::low_latency_ffi_targets() {
-  return {{"jax_deepep_ll_dispatch_send", reinterpret_cast<void*>(jax_deepep_ll_dispatch_send)},
-          {"jax_deepep_ll_dispatch_recv", reinterpret_cast<void*>(jax_deepep_ll_dispatch_recv)},
-          {"jax_deepep_ll_combine_send", reinterpret_cast<void*>(jax_deepep_ll_combine_send)},
-          {"jax_deepep_ll_combine_recv", reinterpret_cast<void*>(jax_deepep_ll_combine_recv)}};
+  const std::string prefix = jd::low_latency_target_prefix();
+  return {{prefix + "dispatch_send", reinterpret_cast<void*>(jax_deepep_ll_dispatch_send)},
+          {prefix + "dispatch_recv", reinterpret_cast<void*>(jax_deepep_ll_dispatch_recv)},
+          {prefix + "combine_send", reinterpret_cast<void*>(jax_deepep_ll_combine_send)},
+          {prefix + "combine_recv", reinterpret_cast<void*>(jax_deepep_ll_combine_recv)}};
 }

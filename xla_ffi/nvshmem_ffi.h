@@ -1,5 +1,5 @@
-// What the NVSHMEM handlers (low_latency_ffi.cc, internode_ffi.cc) share: their Buffer's state in
-// a usable state, and a kernel launch's status as an FFI error.
+// What the NVSHMEM handlers (internode_ffi.cc, and low_latency_ffi.cc through
+// nvshmem_low_latency_memory.cc) share: their Buffer's state in a usable state.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,12 +32,6 @@ inline std::shared_ptr<NvshmemState> live_nvshmem_state(int64_t buffer_id, int d
   }
   *error = xla::ffi::Error::Success();
   return state;
-}
-
-inline xla::ffi::Error launch_status(cudaError_t status, const std::string& mode, const char* what) {
-  if (status == cudaSuccess) return xla::ffi::Error::Success();
-  return xla::ffi::Error(xla::ffi::ErrorCode::kInternal,
-                         "jax_deepep " + mode + ": launching " + what + ": " + cudaGetErrorString(status));
 }
 
 }  // namespace jax_deepep

@@ -19,7 +19,7 @@ PYBIND11_MODULE(_nvshmem_lib, m) {
   m.def("ffi_targets", [] {
     py::dict out;
     for (const auto& targets : {jd::low_latency_ffi_targets(), jd::internode_ffi_targets()}) {
-      for (const jd::FfiTarget& t : targets) out[t.name] = py::capsule(t.handler);
+      for (const jd::FfiTarget& t : targets) out[t.name.c_str()] = py::capsule(t.handler);
     }
     return out;
   }, "{target name: XLA FFI handler capsule}");

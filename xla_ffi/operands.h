@@ -57,4 +57,11 @@ inline xla::ffi::Error invalid_argument(const std::string& message) {
   return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, message);
 }
 
+// A kernel launch's status as an FFI error; `mode` prefixes the message ("low-latency", "internode").
+inline xla::ffi::Error launch_status(cudaError_t status, const std::string& mode, const char* what) {
+  if (status == cudaSuccess) return xla::ffi::Error::Success();
+  return xla::ffi::Error(xla::ffi::ErrorCode::kInternal,
+                         "jax_deepep " + mode + ": launching " + what + ": " + cudaGetErrorString(status));
+}
+
 }  // namespace jax_deepep

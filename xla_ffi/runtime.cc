@@ -17,6 +17,24 @@ Registry<RankState>& states() {
   return registry;
 }
 
+// Where the low-latency area's halves start in a buffer (its control block lies just before).
+size_t low_latency_halves_at(const RankState& s) {
+  constexpr size_t kPage = 4096;
+  const size_t control_at = (s.num_bytes + kPage - 1) / kPage * kPage;
+  return control_at + (sizeof(LowLatencyControl) + kPage - 1) / kPage * kPage;
+}
+
+LowLatencyControl* low_latency_control(const RankState& s) {
+  return reinterpret_cast<LowLatencyControl*>(s.local + low_latency_halves_at(s) - sizeof(LowLatencyControl));
+}
+
+// Keeps the low-latency kernels' table of peers in step with s.peers[r] (null while unmapped).
+cudaError_t publish_low_latency_peer(const RankState& s, int r) {
+  if (s.low_latency_bytes == 0) return cudaSuccess;
+  char* halves = s.peers[r] == nullptr ? nullptr : s.peers[r] + low_latency_halves_at(s);
+  return cudaMemcpy(&low_latency_control(s)->peers[r], &halves, sizeof(halves), cudaMemcpyHostToDevice);
+}
+
 std::shared_ptr<RankState> existing(int64_t buffer_id, int device, const char* what) {
   std::shared_ptr<RankState> s = states().find({buffer_id, device});
   if (!s) fail(std::string(what) + ": no communication buffer " + std::to_string(buffer_id) + " on device " +
@@ -29,6 +47,7 @@ void close_peers(RankState& s, std::string& notes) {
     if (s.peer_is_ipc[r]) note_cuda(notes, cudaIpcCloseMemHandle(s.peers[r]), "cudaIpcCloseMemHandle");
     s.peer_is_ipc[r] = false;
     s.peers[r] = r == s.rank ? s.local : nullptr;
+    note_cuda(notes, publish_low_latency_peer(s, r), "clearing the low-latency peer table");
   }
 }
 
@@ -54,11 +73,29 @@ RankInfo RankState::info() const {
   return out;
 }
 
+PeerMemory RankState::low_latency_memory() const {
+  LowLatencyControl* control = low_latency_control(*this);
+  PeerMemory out{};
+  out.local = local + low_latency_halves_at(*this);
+  out.staging = nullptr;  // every peer is mapped: nothing is ever put
+  out.peer = control->peers;
+  out.error = error_device;
+  out.timeout_ns = timeout_ns;
+  out.rank = rank;
+  out.num_ranks = num_ranks;
+  out.call_numbers = control->call_numbers;
+  out.op_stamps = control->op_stamps;
+  out.receipts = control->receipts;
+  out.receive_blocks_done = control->receive_blocks_done;
+  return out;
+}
+
 std::shared_ptr<RankState> find_rank_state(int64_t buffer_id, int device) {
   return states().find({buffer_id, device});
 }
 
-void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes, double timeout_s) {
+void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, size_t num_bytes, double timeout_s,
+                        size_t low_latency_bytes) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks)
     fail("bad rank " + std::to_string(rank) + " of " + std::to_string(num_ranks));
   if (!(timeout_s > 0.0 && timeout_s < 1e9)) fail("the timeout must be in (0, 1e9) seconds");
@@ -70,9 +107,11 @@ void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, 
   s->rank = rank;
   s->num_ranks = num_ranks;
   s->num_bytes = num_bytes;
+  s->low_latency_bytes = low_latency_bytes;
   s->timeout_ns = static_cast<long long>(timeout_s * 1e9);
-  check_cuda(cudaMalloc(&s->local, num_bytes), "cudaMalloc");
-  check_cuda(cudaMemset(s->local, 0, num_bytes), "cudaMemset");
+  const size_t total = low_latency_bytes > 0 ? low_latency_halves_at(*s) + low_latency_bytes : num_bytes;
+  check_cuda(cudaMalloc(&s->local, total), "cudaMalloc");
+  check_cuda(cudaMemset(s->local, 0, total), "cudaMemset");  // rings, signals, receipts: all start at zero
   check_cuda(cudaHostAlloc(&s->error_host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
              "cudaHostAlloc");
   *s->error_host = ErrorRecord{};
@@ -83,6 +122,7 @@ void create_comm_buffer(int64_t buffer_id, int device, int rank, int num_ranks, 
   check_cuda(prepare_combine(), "prepare_combine");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   s->peers[rank] = s->local;
+  check_cuda(publish_low_latency_peer(*s, rank), "publishing the low-latency peer table");
   if (!states().add({buffer_id, device}, std::move(s))) fail("buffer already exists on this device");
 }
 
@@ -105,6 +145,7 @@ void connect_ipc(int64_t buffer_id, int device, int peer_rank, const std::string
   check_cuda(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
   s->peers[peer_rank] = static_cast<char*>(ptr);
   s->peer_is_ipc[peer_rank] = true;
+  check_cuda(publish_low_latency_peer(*s, peer_rank), "publishing the low-latency peer table");
 }
 
 void connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device) {
@@ -125,6 +166,8 @@ void connect_local(int64_t buffer_id, int device, int peer_rank, int peer_device
     }
   }
   s->peers[peer_rank] = peer->local;
+  DeviceGuard guard(device);
+  check_cuda(publish_low_latency_peer(*s, peer_rank), "publishing the low-latency peer table");
 }
 
 std::string disconnect(int64_t buffer_id, int device) {

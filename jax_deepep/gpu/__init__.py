@@ -5,7 +5,10 @@
   `InternodeBackend` (gpu/internode.py) for an axis of several nodes when the Buffer has `num_rdma_bytes`;
   otherwise the pure-JAX `ReferenceBackend`, with a warning saying why;
 - low-latency mode: `LowLatencyBackend` (gpu/low_latency.py) for a `low_latency_mode` Buffer with
-  `num_rdma_bytes`, else the pure-JAX backend (with a warning when only the NVSHMEM library is missing).
+  `num_rdma_bytes`: within one node (and `allow_nvlink_for_low_latency_mode`) on a low-latency area of
+  the intranode backend's communication buffers, mapped over CUDA IPC or peer access (any process
+  model); across nodes over NVSHMEM (one process per GPU); else the pure-JAX backend (with a warning
+  when only the NVSHMEM library is missing).
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ def _use_reference(what: str, why: str):
     return reference.BACKEND
 
 
+def _low_latency_within_node(buffer) -> bool:
+    """Whether the low-latency ops run on the intranode backend's buffers: every rank in one node of NVLink
+    peers, which DeepEP's allow_nvlink_for_low_latency_mode=False forbids (every row then goes by NVSHMEM put)."""
+    return (buffer.low_latency_mode and buffer.num_rdma_bytes > 0 and buffer.allow_nvlink_for_low_latency_mode
+            and buffer.ranks_per_node == buffer.num_ranks <= MAX_NVL_PEERS)
+
+
 def _normal_backend(buffer, keys):
     if buffer.ranks_per_node > MAX_NVL_PEERS:
         return _use_reference("normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
@@ -31,7 +41,8 @@ def _normal_backend(buffer, keys):
         from .intranode import IntranodeBackend
 
         return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys,
-                                     timeout_s=buffer.timeout_s)
+                                     timeout_s=buffer.timeout_s,
+                                     low_latency_bytes=buffer.num_rdma_bytes if _low_latency_within_node(buffer) else 0)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
         return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
                                                  "nodes and the internode kernels need `num_rdma_bytes`")
@@ -44,11 +55,14 @@ def _normal_backend(buffer, keys):
                                  timeout_s=buffer.timeout_s)
 
 
-def _low_latency_backend(buffer, keys):
+def _low_latency_backend(buffer, keys, normal):
     if not (buffer.low_latency_mode and buffer.num_rdma_bytes > 0):
         return reference.BACKEND  # the ops refuse such a Buffer before reaching a backend
     from . import nvshmem
     from .low_latency import LowLatencyBackend
+
+    if _low_latency_within_node(buffer):
+        return LowLatencyBackend.within_node(normal.comm)
 
     if not nvshmem.available():
         return _use_reference("low-latency ops", nvshmem.unavailable_reason())
@@ -64,7 +78,7 @@ def make_backends(buffer, keys) -> tuple:
     raising."""
     normal = _normal_backend(buffer, keys)
     try:
-        return normal, _low_latency_backend(buffer, keys)
+        return normal, _low_latency_backend(buffer, keys, normal)
     except BaseException as error:
         # Collective like any destroy, and bounded by the Buffer's timeout where a process is missing.
         try:

@@ -96,12 +96,13 @@ class IntranodeBackend:
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_nvl_bytes: int, keys: BufferKeys, *,
-             timeout_s: float) -> "IntranodeBackend":
+             timeout_s: float, low_latency_bytes: int = 0) -> "IntranodeBackend":
         """Allocates and maps the communication buffers of the Buffer `keys` names (collective over the
         processes of `mesh`); every wait of their kernels gives up after `timeout_s`, and `destroy()` waits
-        up to `timeout_s` for the other processes."""
+        up to `timeout_s` for the other processes. `low_latency_bytes`: the low-latency area the buffers
+        also hold for `gpu.low_latency.LowLatencyBackend.within_node` (0: none)."""
         return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys,
-                                       timeout_s=timeout_s))
+                                       timeout_s=timeout_s, low_latency_bytes=low_latency_bytes))
 
     def destroy(self):
         self.comm.destroy()

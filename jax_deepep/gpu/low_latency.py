@@ -1,5 +1,9 @@
-"""Low-latency mode on NVSHMEM: the kernels of `cuda/low_latency.cu` (in the `_nvshmem_lib` module, set up
-by `nvshmem.py`) as XLA FFI custom calls.
+"""Low-latency mode: the kernels of `cuda/low_latency.cu` as XLA FFI custom calls, over one of two memories:
+  - within one node, the low-latency area of the Buffer's communication buffers (`runtime.CommBuffers`),
+    every peer mapped over CUDA IPC or peer access: the `_intranode_lib` module's `jax_deepep_ll_node_*`
+    targets; one process per GPU or one process owning several GPUs;
+  - across nodes (or without NVLink between the ranks), NVSHMEM's symmetric buffer (`nvshmem.py`): the
+    `_nvshmem_lib` module's `jax_deepep_ll_*` targets; one process per GPU.
 
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
@@ -32,45 +36,60 @@ def _static_sizes(*sizes: int):
     return jnp.zeros((0, *sizes), jnp.int8)
 
 
+NVSHMEM_TARGET_PREFIX = "jax_deepep_ll_"
+NODE_TARGET_PREFIX = "jax_deepep_ll_node_"
+
+
 class LowLatencyBackend:
-    """Low-latency mode over NVSHMEM: the four low-latency methods of `jax_deepep.backend.LowLatencyBackend`
-    on one Buffer's symmetric buffer."""
+    """The four low-latency methods of `jax_deepep.backend.LowLatencyBackend` on one Buffer's memory:
+    `memory` (a `SymmetricBuffer`, or the `CommBuffers` of a Buffer within one node: its `buffer_id`,
+    `destroy()` and `failures()`) holding `num_bytes` of halves, driven through the custom calls named
+    `targets` + op."""
 
     name = "cuda"
     mode = "low_latency"
 
-    def __init__(self, symmetric: SymmetricBuffer):
-        self.symmetric = symmetric
+    def __init__(self, memory, num_bytes: int, targets: str):
+        self.memory = memory
+        self.num_bytes = int(num_bytes)
+        self.targets = targets
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, keys: BufferKeys, *, timeout_s: float,
              direct_group: Optional[int] = None):
-        """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective);
-        `timeout_s` and `direct_group` as for `SymmetricBuffer` (a Buffer passes its `ranks_per_node`, or 1
-        without `allow_nvlink_for_low_latency_mode`)."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=direct_group))
+        """Over NVSHMEM: joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names
+        (collective); `timeout_s` and `direct_group` as for `SymmetricBuffer` (a Buffer passes its
+        `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`)."""
+        symmetric = SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=direct_group)
+        return cls(symmetric, num_rdma_bytes, NVSHMEM_TARGET_PREFIX)
+
+    @classmethod
+    def within_node(cls, comm):
+        """Within one node: on the low-latency area of `comm` (`runtime.CommBuffers` made with
+        `low_latency_bytes`), which the Buffer's normal-mode backend shares."""
+        return cls(comm, comm.low_latency_bytes, NODE_TARGET_PREFIX)
 
     def destroy(self):
-        """Free the symmetric buffer (collective; idempotent)."""
-        self.symmetric.destroy()
+        """Free the memory (collective; idempotent: a shared `CommBuffers` is freed once)."""
+        self.memory.destroy()
 
     def failures(self) -> list:
-        return self.symmetric.failures()
+        return self.memory.failures()
 
     def _sizes(self, ctx: RankContext, num_max_dispatch_tokens_per_rank: int, num_experts: int, hidden: int) -> dict:
         """The `sizes` and `layout` attributes every low-latency custom call takes: the Buffer, the
         static sizes, the layout of a buffer half and how many halves the buffer holds."""
         m = num_max_dispatch_tokens_per_rank
         layout = low_latency_layout(m, hidden, num_experts)
-        sizes = dict(buffer_id=np.int64(self.symmetric.buffer_id), num_ranks=np.int64(ctx.num_ranks),
+        sizes = dict(buffer_id=np.int64(self.memory.buffer_id), num_ranks=np.int64(ctx.num_ranks),
                      num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts),
-                     num_halves=np.int64(low_latency_num_halves(self.symmetric.num_bytes, layout)))
+                     num_halves=np.int64(low_latency_num_halves(self.num_bytes, layout)))
         return dict(sizes=sizes, layout=struct_attribute(layout))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
         send_slot, token = ffi_call(
-            "jax_deepep_ll_dispatch_send",
+            self.targets + "dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
             x, idx, axis_name=ctx.axis_name,
             **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
@@ -92,7 +111,7 @@ class LowLatencyBackend:
             recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
             scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32)
         x, x_scales, recv_count, recv_src_info, layout_range = ffi_call(
-            "jax_deepep_ll_dispatch_recv",
+            self.targets + "dispatch_recv",
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
@@ -106,7 +125,7 @@ class LowLatencyBackend:
         del use_logfmt  # bf16 rows always travel as they are
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
         token = ffi_call(
-            "jax_deepep_ll_combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
+            self.targets + "combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
             y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
             call_site=np.int64(next(_call_sites)), **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
@@ -118,7 +137,7 @@ class LowLatencyBackend:
         num_experts, m, hidden = transit["sizes"].shape[1:]
         num_tokens = transit["topk_idx"].shape[0]
         return ffi_call(
-            "jax_deepep_ll_combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
+            self.targets + "combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
             transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
             transit["topk_weights"], transit["send_slot"],
             axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden))

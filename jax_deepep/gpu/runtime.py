@@ -75,14 +75,17 @@ def _release(held: _Holdings, wait_s: Optional[float]):
 class CommBuffers:
     """The communication buffers of every local device of `mesh` for axis `axis_name`, under the id and
     key-value namespace `keys` of their Buffer; `timeout_s` bounds the waits for the other processes at
-    creation and in `destroy()`. Dropped without `destroy()`, they are freed at garbage collection or exit (with no
+    creation and in `destroy()`. With `low_latency_bytes`, each buffer also has a low-latency area of
+    that many bytes of halves, for the low-latency kernels within one node (xla_ffi/runtime.h). Dropped without `destroy()`, they are freed at garbage collection or exit (with no
     waiting on peers: a peer process that still maps them must be gone or done with them)."""
 
-    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, *, timeout_s: float):
+    def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, *, timeout_s: float,
+                 low_latency_bytes: int = 0):
         lib = _lib()
         self.keys = keys
         self.buffer_id = keys.buffer_id
         self.num_bytes = int(num_bytes)
+        self.low_latency_bytes = int(low_latency_bytes)
         self.ring_bytes = self.num_bytes - lib.RING_OFFSET
         self.timeout_s = timeout_s
         axis = mesh.axis_names.index(axis_name)
@@ -104,7 +107,7 @@ class CommBuffers:
         try:
             for ordinal, rank, group in self._local:
                 _check(lib.create, "allocating the communication buffer", self.buffer_id, ordinal, rank, len(group),
-                       self.num_bytes, timeout_s)
+                       self.num_bytes, timeout_s, self.low_latency_bytes)
                 self._held.ordinals.append(ordinal)
             self._connect(published)
         except Exception as error:

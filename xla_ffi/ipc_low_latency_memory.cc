@@ -1,0 +1,49 @@
+// The low-latency handlers' memory in _intranode_lib: the low-latency area of the Buffer's
+// communication buffer (xla_ffi/runtime.h), every peer of the node mapped over CUDA IPC or peer
+// access (xla_ffi/low_latency_memory.h). Nothing is ever put, so the kernels here are built
+// without NVSHMEM (cuda/remote_put.cuh).
+#include <string>
+
+#include "xla_ffi/failure.h"
+#include "xla_ffi/low_latency_memory.h"
+#include "xla_ffi/runtime.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_deepep {
+
+const char* low_latency_target_prefix() { return "jax_deepep_ll_node_"; }
+
+std::optional<LowLatencyMemory> find_low_latency_memory(int64_t buffer_id, int device, ffi::Error* error) {
+  std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
+  const std::string where = "communication buffer " + std::to_string(buffer_id) + " on device " + std::to_string(device);
+  if (s == nullptr || s->low_latency_bytes == 0) {
+    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                        "jax_deepep low-latency: no " + where + (s ? " with a low-latency area" : "") +
+                            " (create the Buffer with low_latency_mode=True and num_rdma_bytes > 0 first; was it "
+                            "destroyed?)");
+    return std::nullopt;
+  }
+  if (const std::string failure = failure_message(*s->error_host); !failure.empty()) {
+    *error = ffi::Error(ffi::ErrorCode::kAborted, failure);
+    return std::nullopt;
+  }
+  for (int r = 0; r < s->num_ranks; ++r) {
+    if (s->peers[r] == nullptr) {
+      *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                          "jax_deepep low-latency: rank " + std::to_string(r) + "'s buffer is not mapped in " + where);
+      return std::nullopt;
+    }
+  }
+  *error = ffi::Error::Success();
+  const PeerMemory memory = s->low_latency_memory();
+  const uint64_t num_bytes = s->low_latency_bytes;
+  return LowLatencyMemory{std::move(s), memory, num_bytes, false};
+}
+
+bool register_put_source(const LowLatencyMemory&, const void*, size_t, std::string* why) {
+  *why = "nothing is put within one node";  // has_put_peers is false here: the handler never asks
+  return false;
+}
+
+}  // namespace jax_deepep
