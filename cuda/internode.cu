@@ -438,8 +438,8 @@ cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const I
   const InternodeDispatchShape& s = call.shape;
   const int nodes = call.mem.num_ranks / s.ranks_per_node;
   const int recv_blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall, OpKind::kInternodeDispatch,
-                                                 out.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall,
+                                                 OpSignature(OpKind::kInternodeDispatch, {}).value, out.token);
   dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(
       call.mem, call.traffic, call.region, s, call.layout, in, out.token);
   forward_kernel<<<nodes, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, out.token, out.forwarded);
@@ -451,8 +451,8 @@ cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const I
 cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
                                      const InternodeCombineOut& out, cudaStream_t stream) {
   const InternodeCombineShape& s = call.shape;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall, OpKind::kInternodeCombine,
-                                                 out.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall,
+                                                 OpSignature(OpKind::kInternodeCombine, {}).value, out.token);
   combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
                                                                          out.token);
   combine_reduce_kernel<<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(

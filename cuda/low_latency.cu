@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
   check_in_flight(c, kDispatchCall, seq, wait);
 
   if (threadIdx.x == 0) matches.running[0] = 0;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall 
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
   check_first_receive(c, kDispatchCall, seq, wait);
   const uint64_t* signals = signals_at(mem.local, seq, c) + local * num_ranks;
   for (int src = threadIdx.x; src < num_ranks; src += kThreads)
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   const LowLatencyLayout& layout = c.layout;
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   check_in_flight(c, kCombineCall, seq, wait);
   if (dst == mem.rank) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(LowLatencyCall c
   const int t = blockIdx.x;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int experts_per_rank = s.num_experts / mem.num_ranks;
-  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine);
+  const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   check_first_receive(c, kCombineCall, seq, wait);
   const uint64_t* flags = signals_at(mem.local, seq, c) + s.num_experts;
   for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
@@ -477,17 +477,17 @@ int num_sms() {
 
 }  // namespace
 
-__global__ void start_call_kernel(PeerMemory mem, int call_kind, OpKind op, int* token) {
+__global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp, int* token) {
   if (threadIdx.x == 0) token[0] = static_cast<int>(++mem.call_numbers[call_kind]);
   for (int pe = threadIdx.x; pe < mem.num_ranks; pe += blockDim.x) {
-    if (pe != mem.rank) store_symmetric(mem, mem.op_stamps + mem.rank, static_cast<int>(op), pe);
+    if (pe != mem.rank) store_symmetric(mem, mem.op_stamps + mem.rank, static_cast<int>(stamp), pe);
   }
 }
 
 cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const LowLatencyDispatchSendArgs& a,
                                              cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, OpKind::kLowLatencyDispatch, a.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, call.signature, a.token);
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
       call, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
   return cudaGetLastError();
@@ -507,7 +507,7 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
 cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const LowLatencyCombineSendArgs& a,
                                             cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, OpKind::kLowLatencyCombine, a.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, call.signature, a.token);
   combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
       call, a.y, a.recv_layout_range, a.token, a.zero_copy);
   return cudaGetLastError();

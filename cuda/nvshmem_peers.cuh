@@ -29,8 +29,9 @@ struct PeerMemory {
   // Device memory [kNumCallKinds]: the last call number of each op kind. Each op counts its call on
   // the device, so no host state ties a launch to its call and XLA may treat the ops as pure.
   uint32_t* call_numbers;
-  // Symmetric [R]: op_stamps[p] is the OpKind peer p started last, written by p as each of its ops
-  // starts. A wait that times out names the peer's op, so ranks at different ops learn both.
+  // Symmetric [R]: op_stamps[p] is the stamp of the op peer p started last (its OpSignature; the op
+  // alone for internode), written by p as each of its ops starts. A wait that times out names the
+  // peer's op and whether its shapes differ, so ranks at different ops learn both.
   int* op_stamps;
   // Symmetric [kNumReceiptKinds][R] (low latency): receipts[kind * R + d] is the last call of that
   // op kind whose rows rank d has finished reading, written by d; a sender reuses a buffer half only
@@ -49,14 +50,16 @@ constexpr int kInternodeCombineCall = 3;   // internode combine
 constexpr int kNumCallKinds = 4;
 constexpr int kNumReceiptKinds = 2;        // the low-latency kinds: kDispatchCall and kCombineCall
 
-inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op) {
-  return {mem.error, mem.timeout_ns, mem.rank, op, mem.op_stamps};
+// `signature`: the op's OpSignature where its stamps carry one (low latency), else 0.
+inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op, uint32_t signature = 0) {
+  return {mem.error, mem.timeout_ns, mem.rank, op, mem.op_stamps, signature};
 }
 
 #ifdef __CUDACC__
 // The first kernel of every op (one warp): numbers the call, token[0] = ++call_numbers[call_kind]
-// (the kernels after it on the stream read token[0]), and stamps `op` into every peer's op_stamps.
-__global__ void start_call_kernel(PeerMemory mem, int call_kind, OpKind op, int* token);
+// (the kernels after it on the stream read token[0]), and writes `stamp` (the op in the top 8 bits,
+// as OpSignature) into every peer's op_stamps.
+__global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp, int* token);
 
 // A count signal: the low 16 bits of the call number above a 16-bit count.
 __device__ __forceinline__ int tagged_count(uint32_t seq, int count) {

@@ -16,7 +16,7 @@ struct RankInfo {
 };
 
 inline JDEEP_HOST_DEVICE WaitContext wait_context(const RankInfo& info, OpKind op) {
-  return {info.error, info.timeout_ns, info.rank, op, nullptr};  // a mismatch is found at the op barrier
+  return {info.error, info.timeout_ns, info.rank, op, nullptr, 0};  // a mismatch is found at the op barrier
 }
 
 }  // namespace jax_deepep

@@ -73,6 +73,7 @@ struct ErrorRecord {
   int peer;     // the rank it waited for
   int channel;  // channel (intranode), else -1
   int peer_op;  // the OpKind the peer started last (kOpMismatch: instead of ours), 0 if unknown
+  int peer_other_shapes;  // 1: the peer started the same op with other shapes (its signature differs)
   int detail;   // kTooManyInFlight: the buffer's halves; else 0
   int complete; // 1 once the fields above are written
 };
@@ -133,7 +134,10 @@ struct WaitContext {
   long long timeout_ns;
   int rank;
   OpKind op;
-  const int* peer_ops;  // [R]: the OpKind each peer started last (NVSHMEM modes), or null
+  // [R]: the stamp each peer wrote as its last op started (the op in the top 8 bits, as in
+  // OpSignature), or null: a wait that gives up names the peer's op.
+  const int* peer_stamps;
+  uint32_t signature;  // this op's OpSignature, which the peer's stamp is compared with; 0: unknown
 };
 
 #ifdef __CUDACC__
@@ -147,13 +151,19 @@ constexpr uint64_t kRecordWaitNs = 100 * 1000 * 1000;
 static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind what, int peer, int channel,
                                             int peer_op = 0, int detail = 0) {
   volatile ErrorRecord* r = ctx.record;
-  if (peer_op == 0 && ctx.peer_ops != nullptr) peer_op = *reinterpret_cast<const volatile int*>(ctx.peer_ops + peer);
+  int other_shapes = 0;
+  if (peer_op == 0 && ctx.peer_stamps != nullptr) {
+    const uint32_t stamp = *reinterpret_cast<const volatile uint32_t*>(ctx.peer_stamps + peer);
+    peer_op = static_cast<int>(stamp >> 24);
+    other_shapes = ctx.signature != 0 && peer_op == static_cast<int>(ctx.op) && stamp != ctx.signature;
+  }
   if (atomicCAS(&ctx.record->code, 0, static_cast<int>(what)) == 0) {
     r->op = static_cast<int>(ctx.op);
     r->rank = ctx.rank;
     r->peer = peer;
     r->channel = channel;
     r->peer_op = peer_op;
+    r->peer_other_shapes = other_shapes;
     r->detail = detail;
     __threadfence_system();
     r->complete = 1;
@@ -166,9 +176,10 @@ static __device__ __noinline__ void fail_op(const WaitContext& ctx, WaitKind wha
              what == WaitKind::kTooManyInFlight ? "more sends in flight than the buffer has halves"
                                                 : "a call received twice");
     } else {
-      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none)%s%s; trapping\n",
+      printf("jax_deepep: %s on rank %d timed out waiting for rank %d (%s, channel %d; -1: none)%s%s%s; trapping\n",
              op_name(static_cast<int>(ctx.op)), ctx.rank, peer, wait_name(static_cast<int>(what)), channel,
-             peer_op != 0 ? "; it last started " : "", peer_op != 0 ? op_name(peer_op) : "");
+             peer_op != 0 ? "; it last started " : "", peer_op != 0 ? op_name(peer_op) : "",
+             other_shapes ? " with other shapes" : "");
     }
   } else {
     const uint64_t start = global_time_ns();

@@ -13,7 +13,9 @@ process's CUDA context with it:
   - mismatch: rank 0 dispatches while rank 1 combines: both raise naming both ops; intranode at once, the
     NVSHMEM modes (separate signals per op) after the timeout;
   - in_flight (low latency): three dispatches sent before any is received, on a buffer of two halves:
-    both ranks raise at once, saying that more sends are in flight than the buffer has halves.
+    both ranks raise at once, saying that more sends are in flight than the buffer has halves;
+  - shapes (low latency): rank 1 dispatches with another `num_max_dispatch_tokens_per_rank`: both raise
+    within the timeout, naming the op and saying that the shapes differ.
 Workers check themselves; a worker's exit code says whether its checks passed.
 """
 from __future__ import annotations
@@ -89,6 +91,12 @@ def test_mismatched_ops(mode):
 @pytest.mark.parametrize("mode", ["low_latency", "low_latency_nvshmem"])
 def test_more_low_latency_sends_in_flight_than_halves(mode):
     _run(mode, "in_flight")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["low_latency", "low_latency_nvshmem"])
+def test_low_latency_op_with_other_shapes_on_a_peer(mode):
+    _run(mode, "shapes")
 
 
 # ---- the workers ----------------------------------------------------------------------------------
@@ -349,6 +357,23 @@ def scenario_in_flight(w: FaultWorker):
     return 1 if w.failures else 0
 
 
+def scenario_shapes(w: FaultWorker):
+    """Rank 1 dispatches with half the `num_max_dispatch_tokens_per_rank` of rank 0 (both fit the buffer)."""
+    b = w.buffer
+    m = M if w.rank == 0 else M // 2
+
+    def dispatch(x, idx, copies, weights):
+        return b.low_latency_dispatch(x[:m], idx[:m], num_max_dispatch_tokens_per_rank=m, num_experts=EXPERTS,
+                                      use_fp8=False).recv_x
+
+    run = w.compiled(dispatch)
+    _barrier("compiled")
+    w.check("one low-latency dispatch with other shapes on each rank: an error",
+            lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S + BOUND_S,
+                                    contains=("low_latency_dispatch", f"rank {w.rank}", "shapes")))
+    return 1 if w.failures else 0
+
+
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
@@ -365,6 +390,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         code = scenario_peer_gone(w, killed=scenario == "killed")
     elif scenario == "in_flight":
         code = scenario_in_flight(w)
+    elif scenario == "shapes":
+        code = scenario_shapes(w)
     else:
         code = scenario_mismatch(w)
     print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)

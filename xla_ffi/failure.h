@@ -30,6 +30,7 @@ inline std::string failure_message(const volatile ErrorRecord& r) {
     what = op + " on rank " + rank + " timed out waiting for rank " + peer + " (" + wait_name(code) +
            (r.channel >= 0 ? ", channel " + std::to_string(r.channel) : std::string()) + ")";
     if (r.peer_op != 0) what += std::string("; rank ") + peer + " last started " + op_name(r.peer_op);
+    if (r.peer_other_shapes) what += " with other shapes";
   }
   return "jax_deepep: " + what +
          "; the kernel trapped, so this process's CUDA context is lost and the process must restart "
