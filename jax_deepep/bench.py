@@ -500,7 +500,8 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
 
     rdma_bytes = Buffer.get_low_latency_rdma_size_hint(M, H, R, E)
     buffer = Buffer(mesh, AXIS, num_rdma_bytes=rdma_bytes, low_latency_mode=True)
-    impl = f"buffer[{buffer.backend.name}]"
+    transport = getattr(buffer.backend, "transport", None)  # the CUDA kernels' memory: "node" or "nvshmem"
+    impl = f"buffer[{buffer.backend.name}{'/' + transport if transport else ''}]"
 
     keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), len(sets))
     srcs = [random_tokens(mesh, k, sizes, rows=max(int(num_pairs), 1)) for k in keys]

@@ -69,6 +69,11 @@ class LowLatencyBackend:
         `low_latency_bytes`), which the Buffer's normal-mode backend shares."""
         return cls(comm, comm.low_latency_bytes, NODE_TARGET_PREFIX)
 
+    @property
+    def transport(self) -> str:
+        """"node" (CUDA IPC or peer access within one node) or "nvshmem"."""
+        return "node" if self.targets == NODE_TARGET_PREFIX else "nvshmem"
+
     def destroy(self):
         """Free the memory (collective; idempotent: a shared `CommBuffers` is freed once)."""
         self.memory.destroy()
