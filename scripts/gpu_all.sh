@@ -3,7 +3,9 @@
 # named steps (all of them by default, most wanted first, so a call cut short still brings back the
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
-# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults) bench_normal
+# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults; gpu_faults = one step
+#        per memory: gpu_faults_intranode gpu_faults_low_latency gpu_faults_low_latency_nvshmem
+#        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
 #        tuned_configs.json) bench_internode bench_internode_mps bench_moe (these three not run by default)
 # Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
@@ -34,10 +36,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and 
   [ "$rc" = 0 ] || status=1
 }
 
-gpu_test() {  # gpu_test NAME LIMIT_S FILE: one GPU test file; workers stop before the limit, logs kept
+gpu_test() {  # gpu_test NAME LIMIT_S FILE [PYTEST ARGS...]: one GPU test file; workers stop before the limit, logs kept
   local name=$1 limit=$2 file=$3
+  shift 3
   JAX_DEEPEP_WORKER_TIMEOUT_S=$((limit - 20)) JAX_DEEPEP_WORKER_LOGS="$LOGS/workers" \
-    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file"
+    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file" "$@"
   pkill -9 -f "$file" 2>/dev/null  # workers of a run cut short must not hold the GPU for the next step
 }
 
@@ -73,7 +76,11 @@ run_step() {
     gpu_intranode) gpu_test gpu_intranode 240 tests/test_gpu_intranode.py ;;
     gpu_low_latency) gpu_test gpu_low_latency 260 tests/test_gpu_low_latency.py ;;
     gpu_internode) gpu_test gpu_internode 300 tests/test_gpu_internode.py ;;
-    gpu_faults) gpu_test gpu_faults 480 tests/test_gpu_faults.py ;;
+    gpu_faults) for m in intranode low_latency low_latency_nvshmem internode; do run_step "gpu_faults_$m"; done ;;
+    gpu_faults_intranode) gpu_test "$1" 300 tests/test_gpu_faults.py -k intranode ;;
+    gpu_faults_low_latency) gpu_test "$1" 300 tests/test_gpu_faults.py -k "low_latency and not nvshmem" ;;
+    gpu_faults_low_latency_nvshmem) gpu_test "$1" 300 tests/test_gpu_faults.py -k nvshmem ;;
+    gpu_faults_internode) gpu_test "$1" 300 tests/test_gpu_faults.py -k internode ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
