@@ -155,12 +155,55 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
   }
 }
 
+// Grid-stride over (token, pass of kPassChunks chunks): each token's FP8 row as every expert it goes
+// to receives it (header, e4m3 values, f32 scales), into `rows` [T] of `row_bytes`. Cast once per
+// token here, the send copies the row to each of its experts instead of casting it once per expert.
+__global__ void __launch_bounds__(kThreads) cast_tokens_kernel(LowLatencyShape s, const __nv_bfloat16* x, char* rows,
+                                                               size_t row_bytes, bool round_scale) {
+  const int lane = threadIdx.x % kWarpSize, warps = gridDim.x * kWarps;
+  const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
+  const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+  for (int item = blockIdx.x * kWarps + threadIdx.x / kWarpSize; item < s.num_tokens * passes; item += warps) {
+    const int t = item / passes, first = item % passes * kPassChunks;
+    char* row = rows + static_cast<size_t>(t) * row_bytes;
+    if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
+    const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
+    uint4 raw[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, true, round_scale);
+  }
+}
+
+// Whole block: rows [0, count) of `rows` become the cast rows of the slots' tokens, `vectors` 16-byte
+// pieces each, a warp per (row, part of kPassChunks pieces per lane), so several loads are in flight.
+__device__ __forceinline__ void copy_cast_rows(const char* cast_rows, const int* slot_token, int count, char* rows,
+                                               size_t row_bytes, int vectors) {
+  constexpr int kPartVectors = kPassChunks * kWarpSize;
+  const int lane = threadIdx.x % kWarpSize, parts = (vectors + kPartVectors - 1) / kPartVectors;
+  for (int item = threadIdx.x / kWarpSize; item < count * parts; item += kWarps) {
+    const int j = item / parts, first = item % parts * kPartVectors + lane;
+    const uint4* src = reinterpret_cast<const uint4*>(cast_rows + static_cast<size_t>(slot_token[j]) * row_bytes);
+    uint4* dst = reinterpret_cast<uint4*>(rows + static_cast<size_t>(j) * row_bytes);
+    uint4 piece[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (first + u * kWarpSize < vectors) piece[u] = src[first + u * kWarpSize];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (first + u * kWarpSize < vectors) dst[first + u * kWarpSize] = piece[u];
+  }
+}
+
 // One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
 // among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
-// e's rank, then publishes count tagged with the call number.
+// e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then publishes count tagged with
+// the call number.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
-                                                                 const int* topk_idx, int* send_slot,
-                                                                 const int* token, bool use_fp8, bool round_scale) {
+                                                                 const char* cast_rows, const int* topk_idx,
+                                                                 int* send_slot, const int* token, bool use_fp8) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
   __shared__ BlockPrefix<1> matches;
   const PeerMemory& mem = c.mem;
@@ -197,20 +240,25 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   char* const peer = mem.peer[dst];
   char* const rows = peer != nullptr ? peer + half + first_row * row_bytes
                                      : mem.staging + static_cast<size_t>(e) * s.max_tokens * row_bytes;
-  const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
-  const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
-  for (int item = warp; item < count * passes; item += kWarps) {
-    const int j = item / passes, first = item % passes * kPassChunks;
-    const int t = slot_token[j];
-    char* row = rows + j * row_bytes;
-    if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
-    const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
-    uint4 raw[kPassChunks];
+  const size_t bytes = dispatch_payload_bytes(s.hidden, use_fp8);
+  if (use_fp8) {
+    copy_cast_rows(cast_rows, slot_token, count, rows, row_bytes, static_cast<int>((bytes + 15) / 16));
+  } else {
+    const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
+    const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+    for (int item = warp; item < count * passes; item += kWarps) {
+      const int j = item / passes, first = item % passes * kPassChunks;
+      const int t = slot_token[j];
+      char* row = rows + j * row_bytes;
+      if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
+      const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
+      uint4 raw[kPassChunks];
 #pragma unroll
-    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
+      for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
 #pragma unroll
-    for (int u = 0; u < kPassChunks; ++u)
-      if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, use_fp8, round_scale);
+      for (int u = 0; u < kPassChunks; ++u)
+        if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, false, false);
+    }
   }
 
   const uint64_t signal = call_signal(c.signature, seq, count);
@@ -221,7 +269,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
     return;
   }
   __syncthreads();
-  const size_t bytes = dispatch_payload_bytes(s.hidden, use_fp8);
   for (int j = warp; j < count; j += kWarps) {
     put_warp(mem.local + half + (first_row + j) * row_bytes, rows + j * row_bytes, bytes, dst);
   }
@@ -488,8 +535,14 @@ cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const L
                                              cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
   start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, call.signature, a.token);
+  if (a.use_fp8 && s.num_tokens > 0) {
+    const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+    const int blocks = std::min((s.num_tokens * passes + kWarps - 1) / kWarps, 2 * num_sms());
+    cast_tokens_kernel<<<blocks, kThreads, 0, stream>>>(s, a.x, a.cast_rows, call.layout.dispatch_row_bytes,
+                                                        a.round_scale);
+  }
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
-      call, a.x, a.topk_idx, a.send_slot, a.token, a.use_fp8, a.round_scale);
+      call, a.x, a.cast_rows, a.topk_idx, a.send_slot, a.token, a.use_fp8);
   return cudaGetLastError();
 }
 

@@ -58,11 +58,14 @@ struct LowLatencyCall {
   uint32_t signature;  // OpSignature of the op and its sizes: ranks must agree on it
 };
 
+// cast_rows (FP8 only, else null): scratch [T] of layout.dispatch_row_bytes, each token's row cast
+// once before the send copies it to every expert it goes to.
 struct LowLatencyDispatchSendArgs {
   const __nv_bfloat16* x;  // [T, H]
   const int* topk_idx;     // [T, K]
   int* send_slot;          // [T, K]
   int* token;              // [1]
+  char* cast_rows;
   bool use_fp8, round_scale;
 };
 

@@ -166,8 +166,9 @@ bool is_expert_rows(ffi::Span<const int64_t> dims, const LowLatencySizes& sizes)
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
-ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot, ffi::Result<I32> token,
-                        DispatchSendAttrs attrs) {
+// cast_rows: FP8 only, u8 [T, dispatch_row_bytes] of scratch; absent for bf16.
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot,
+                        ffi::Result<I32> token, ffi::Result<ffi::AnyBuffer> cast_rows, DispatchSendAttrs attrs) {
   const auto x_dims = x.dimensions();
   const auto idx_dims = topk_idx.dimensions();
   if (x_dims.size() != 2 || idx_dims.size() != 2 || idx_dims[0] != x_dims[0] || idx_dims[1] > kMaxTopk) {
@@ -180,12 +181,18 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
   if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
+  const uint64_t cast_bytes = attrs.use_fp8 ? x_dims[0] * attrs.layout.dispatch_row_bytes : 0;
+  if (given(*cast_rows) != attrs.use_fp8 || (attrs.use_fp8 && cast_rows->size_bytes() != cast_bytes)) {
+    return invalid("dispatch expects FP8 scratch rows of " + std::to_string(cast_bytes) + " bytes, got " +
+                   std::to_string(given(*cast_rows) ? cast_rows->size_bytes() : 0));
+  }
   const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0],
                                       idx_dims[1], x_dims[1], attrs.use_fp8);
   const LowLatencyDispatchSendArgs args{reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
                                         topk_idx.typed_data(),
                                         send_slot->typed_data(),
                                         token->typed_data(),
+                                        data_or_null<char>(*cast_rows),
                                         attrs.use_fp8,
                                         attrs.round_scale};
   return launched(launch_low_latency_dispatch_send(call, args, stream), "dispatch send");
@@ -266,8 +273,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
                               jd::bind_on_device()
                                   .Arg<jd::BF16>()  // x [T, H]
                                   .Arg<jd::I32>()   // topk_idx [T, K]
-                                  .Ret<jd::I32>()   // send_slot [T, K]
-                                  .Ret<jd::I32>()   // token [1]
+                                  .Ret<jd::I32>()          // send_slot [T, K]
+                                  .Ret<jd::I32>()          // token [1]
+                                  .Ret<ffi::AnyBuffer>()   // FP8 scratch rows u8 [T, row bytes], or absent
                                   .Attrs<jd::DispatchSendAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,

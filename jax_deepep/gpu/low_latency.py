@@ -93,9 +93,13 @@ class LowLatencyBackend:
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
         idx = valid_expert_ids(topk_idx, opts.num_experts)
-        send_slot, token = ffi_call(
+        row_bytes = low_latency_layout(opts.num_max_dispatch_tokens_per_rank, x.shape[1],
+                                       opts.num_experts).dispatch_row_bytes
+        # FP8: scratch for each token's row, cast once before it goes to its experts (cuda/low_latency.cu).
+        cast_rows = optional_result((x.shape[0], row_bytes) if opts.use_fp8 else None, jnp.uint8)
+        send_slot, token, _ = ffi_call(
             self.targets + "dispatch_send",
-            (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
+            (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cast_rows),
             x, idx, axis_name=ctx.axis_name,
             **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
             use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0),
