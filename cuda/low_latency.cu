@@ -49,6 +49,12 @@ __device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field,
   }
 }
 
+// Receipts are kept per half (receipt_of): rank d's receipt of half seq % B holds the last call in
+// that half d has received, whatever order the calls were received in.
+__device__ __forceinline__ uint32_t* half_receipt(const LowLatencyCall& c, int kind, uint32_t seq, int rank) {
+  return receipt_of(c.mem, kind, static_cast<int>(seq % static_cast<uint32_t>(c.num_halves)), rank);
+}
+
 // Thread 0 of every send block: call `seq` of `kind` reuses the half of call seq - B, so this rank
 // must have received that call already. If it has not, its receive runs after this send on the
 // stream, and neither it nor any peer (every rank runs the same program) can ever hand out the
@@ -57,7 +63,7 @@ __device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kin
                                                 const WaitContext& wait) {
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
   if (threadIdx.x != 0 || seq <= halves) return;
-  const uint32_t own = load_acquire(c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank);
+  const uint32_t own = load_acquire(half_receipt(c, kind, seq, c.mem.rank));
   if (static_cast<int32_t>(own - (seq - halves)) < 0) {
     fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
   }
@@ -69,7 +75,7 @@ __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, ui
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
   if (threadIdx.x == 0 && seq > halves) {
     const uint32_t previous = seq - halves;
-    wait_until(c.mem.receipts + kind * c.mem.num_ranks + dst,
+    wait_until(half_receipt(c, kind, seq, dst),
                [previous](uint32_t v) { return static_cast<int32_t>(v - previous) >= 0; }, wait, WaitKind::kReceipt,
                dst, -1);
   }
@@ -81,12 +87,13 @@ __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, ui
 __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int kind, uint32_t seq,
                                                     const WaitContext& wait) {
   if (threadIdx.x != 0) return;
-  const uint32_t own = load_acquire(c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank);
+  const uint32_t own = load_acquire(half_receipt(c, kind, seq, c.mem.rank));
   if (static_cast<int32_t>(own - seq) >= 0) fail_op(wait, WaitKind::kRepeatedReceive, c.mem.rank, -1);
 }
 
 // Whole block, last: the block has read what it needed of call `seq`; the launch's last block to
-// finish gives every PE this rank's receipt of the call.
+// finish gives every PE this rank's receipt of the call. The fences on both sides of the count
+// order every block's reads before the receipts (as a grid barrier does).
 __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind, uint32_t seq) {
   __shared__ bool last;
   __syncthreads();
@@ -94,11 +101,14 @@ __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind
     __threadfence();
     const uint32_t blocks = gridDim.x * gridDim.y;
     last = atomicAdd(c.mem.receive_blocks_done + kind, 1u) == blocks - 1;
-    if (last) c.mem.receive_blocks_done[kind] = 0;
+    if (last) {
+      __threadfence();
+      c.mem.receive_blocks_done[kind] = 0;
+    }
   }
   __syncthreads();
   if (!last) return;
-  uint32_t* receipt = c.mem.receipts + kind * c.mem.num_ranks + c.mem.rank;
+  uint32_t* receipt = half_receipt(c, kind, seq, c.mem.rank);
   for (int pe = threadIdx.x; pe < c.mem.num_ranks; pe += blockDim.x) store_symmetric(c.mem, receipt, seq, pe);
 }
 

@@ -1,9 +1,11 @@
 // Low-latency dispatch/combine kernels over an NVSHMEM symmetric buffer (docs/API.md).
 //
-// The symmetric buffer holds B >= 2 halves (as many as num_rdma_bytes holds): call number `seq`,
-// counted per op kind, uses half `seq % B`. Before a send writes into a peer's half it waits for
-// that peer's receipt of call `seq - B`, the half's previous user, so a fast rank never overwrites
-// rows a slow rank has yet to read, whatever order XLA runs the calls in. A send whose own rank has
+// The symmetric buffer holds B halves (as many as num_rdma_bytes holds, 2 to kMaxLowLatencyHalves):
+// call number `seq`, counted per op kind, uses half `seq % B`. Before a send writes into a peer's
+// half it waits for that peer's receipt of call `seq - B`, the half's previous user (receipts are
+// kept per half, so calls may be received in any order), so a fast rank never overwrites rows a
+// slow rank has yet to read, whatever order XLA runs the calls in. Where the halves lie depends on
+// (M, H, E): a Buffer serves one of them (jax_deepep/gpu/low_latency.py). A send whose own rank has
 // not yet received call `seq - B` can never get that receipt (the stream runs this rank's receive
 // after the send): it fails at once, naming the limit. One half (jax_deepep/sizes.py:low_latency_layout):
 //   dispatch area  [E_l][R][M] rows of (16-byte header + payload), header = source token index

@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda/memory_order.cuh"
@@ -33,9 +34,10 @@ struct PeerMemory {
   // alone for internode), written by p as each of its ops starts. A wait that times out names the
   // peer's op and whether its shapes differ, so ranks at different ops learn both.
   int* op_stamps;
-  // Symmetric [kNumReceiptKinds][R] (low latency): receipts[kind * R + d] is the last call of that
-  // op kind whose rows rank d has finished reading, written by d; a sender reuses a buffer half only
-  // once every destination has received the call that used it before.
+  // Symmetric [kNumReceiptKinds][kMaxLowLatencyHalves][R] (low latency): receipts[kind][h][d] is the
+  // last call of that op kind in half h whose rows rank d has finished reading, written by d; a sender
+  // reuses a half only once every destination has received the call that used it before. One per
+  // half, so calls may be received in any order.
   uint32_t* receipts;
   // Device [kNumReceiptKinds]: blocks of the running receive kernel that are done (the last one
   // writes the receipts and resets it).
@@ -49,6 +51,12 @@ constexpr int kInternodeDispatchCall = 2;  // internode dispatch and cached disp
 constexpr int kInternodeCombineCall = 3;   // internode combine
 constexpr int kNumCallKinds = 4;
 constexpr int kNumReceiptKinds = 2;        // the low-latency kinds: kDispatchCall and kCombineCall
+constexpr int kMaxLowLatencyHalves = 8;    // B at most (jax_deepep/sizes.py:low_latency_num_halves)
+
+// Rank `rank`'s receipt of half `half` of op kind `kind` (a kDispatchCall or kCombineCall).
+inline JDEEP_HOST_DEVICE uint32_t* receipt_of(const PeerMemory& mem, int kind, int half, int rank) {
+  return mem.receipts + (static_cast<size_t>(kind) * kMaxLowLatencyHalves + half) * mem.num_ranks + rank;
+}
 
 // `signature`: the op's OpSignature where its stamps carry one (low latency), else 0.
 inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op, uint32_t signature = 0) {

@@ -35,19 +35,20 @@ __device__ __forceinline__ void put_quiet() {
 #endif
 }
 
-// Writes `value` to `dst` (this PE's symmetric address) on `pe`.
+// Sets `dst` (this PE's symmetric address) on `pe` to `value` atomically: a reader polling it never
+// sees half of it (a plain put does not promise that over a network).
 template <typename T>
 __device__ __forceinline__ void put_value(T* dst, T value, int pe) {
 #ifdef JDEEP_WITHOUT_NVSHMEM
   __trap();
 #else
   if constexpr (std::is_same_v<T, int>) {
-    nvshmem_int_p(dst, value, pe);
+    nvshmem_int_atomic_set(dst, value, pe);
   } else if constexpr (std::is_same_v<T, uint32_t>) {
-    nvshmem_uint32_p(dst, value, pe);
+    nvshmem_uint32_atomic_set(dst, value, pe);
   } else {
     static_assert(std::is_same_v<T, uint64_t>, "put_value takes int, uint32_t or uint64_t");
-    nvshmem_uint64_p(dst, value, pe);
+    nvshmemx_signal_op(dst, value, NVSHMEM_SIGNAL_SET, pe);
   }
 #endif
 }

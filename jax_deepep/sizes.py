@@ -25,6 +25,7 @@ from .limits import FP8_BLOCK
 
 _ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispatched row
 _LOW_LATENCY_SIGNAL_BYTES = 8  # low latency: signature, call number and count (cuda/nvshmem_peers.cuh)
+MAX_LOW_LATENCY_HALVES = 8  # cuda/nvshmem_peers.cuh: kMaxLowLatencyHalves (a receipt per half)
 _SLOT_META_BYTES = 16  # intranode: source token index and destination row before each slot
 _INTERNODE_RETURN_BLOCKS = 32  # cuda/internode.cuh: kInternodeReturnBlocks
 
@@ -109,9 +110,10 @@ def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_e
 
 
 def low_latency_num_halves(num_rdma_bytes: int, layout: LowLatencyLayout) -> int:
-    """B: how many halves of `layout` a symmetric buffer of `num_rdma_bytes` holds. Call n of an op uses
-    half n % B, so a rank may have up to B sends of one op in flight (cuda/low_latency.cuh)."""
-    return num_rdma_bytes // layout.half_bytes
+    """B: how many halves of `layout` a symmetric buffer of `num_rdma_bytes` holds, at most
+    MAX_LOW_LATENCY_HALVES. Call n of an op uses half n % B, so a rank may have up to B sends of one op
+    in flight (cuda/low_latency.cuh)."""
+    return min(num_rdma_bytes // layout.half_bytes, MAX_LOW_LATENCY_HALVES)
 
 
 # ---- internode ---------------------------------------------------------------------------------

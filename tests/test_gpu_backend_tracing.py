@@ -180,3 +180,23 @@ def test_vmap_traces_through_cuda_backend(name):
     for target in case.targets:
         assert target in jaxpr, target
     assert "scan" in jaxpr
+
+
+def test_low_latency_kernels_serve_one_size_per_buffer():
+    """Where the buffer halves lie depends on (M, H, E): a second size on the same Buffer is refused at trace
+    time, since its calls' halves would overlap those of calls in flight."""
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
+    x = jax.device_put(jnp.zeros((64, 256), jnp.bfloat16), NamedSharding(mesh, P("expert")))
+    idx = jax.device_put(jnp.zeros((64, 2), jnp.int32), NamedSharding(mesh, P("expert")))
+
+    def dispatch(m):
+        def body(x, idx):
+            return buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=m, num_experts=16).recv_x
+
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))).trace(x, idx)
+
+    dispatch(8)
+    dispatch(8)  # the same size again
+    with pytest.raises(DeepEPError, match=r"serve one .*first \(8, 256, 16\), got \(16, 256, 16\)"):
+        dispatch(16)

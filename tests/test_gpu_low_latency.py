@@ -31,17 +31,19 @@ _NODE_VARIABLE = "JAX_DEEPEP_TEST_LOW_LATENCY_NODE"  # "1": the workers use the 
 
 
 # ---- the pytest side: launch the workers ------------------------------------------------------
-def _skip_reason():
+def _skip_reason(node: bool):
     if not gpu_workers.has_gpu():
         return "needs a CUDA GPU"
     sys.path.insert(0, str(ROOT))
-    from jax_deepep.gpu import nvshmem
+    from jax_deepep.gpu import available, nvshmem, unavailable_reason
 
+    if node:  # the one-node memory is the intranode module's
+        return None if available() else unavailable_reason()
     return None if nvshmem.available() else nvshmem.unavailable_reason()
 
 
 def _run_workers(num_ranks: int, direct_group: int = 0, node: bool = False):
-    reason = _skip_reason()
+    reason = _skip_reason(node)
     if reason:
         pytest.skip(reason)
     env = gpu_workers.worker_env(num_ranks, 0.4 if num_ranks == 1 else 0.6 / num_ranks)
@@ -126,16 +128,26 @@ class Worker:
 
         self.rank, self.num_ranks = rank, num_ranks
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
-        keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group,
-                                          "node": node})
-        if node:  # rings of no use here: the communication buffer's header, then the low-latency area
-            comm = runtime.CommBuffers(self.mesh, AXIS, 1 << 20, keys, timeout_s=resolve_timeout_s(None),
-                                       low_latency_bytes=num_rdma_bytes)
-            self.kernels = LowLatencyBackend.within_node(comm)
-        else:
-            self.kernels = LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys,
-                                                  timeout_s=resolve_timeout_s(None), direct_group=direct_group)
+
+        def open_kernels():
+            keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group,
+                                              "node": node})
+            if node:  # rings of no use here: the communication buffer's header, then the low-latency area
+                comm = runtime.CommBuffers(self.mesh, AXIS, 1 << 20, keys, timeout_s=resolve_timeout_s(None),
+                                           low_latency_bytes=num_rdma_bytes)
+                return LowLatencyBackend.within_node(comm)
+            return LowLatencyBackend.open(self.mesh, AXIS, num_rdma_bytes, keys, timeout_s=resolve_timeout_s(None),
+                                          direct_group=direct_group)
+
+        self._open_kernels = open_kernels
+        self.kernels = open_kernels()
         self.failures = []
+        self._compiled = {}
+
+    def reopen(self):
+        """Fresh kernels (a Buffer serves one low-latency size): destroy these, open new ones (collective)."""
+        self.kernels.destroy()
+        self.kernels = self._open_kernels()
         self._compiled = {}
 
     def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs):
@@ -288,6 +300,7 @@ def correctness(worker, seed):
         data = make_data(rng, n, BIG["t"], BIG["h"], BIG["k"], BIG["e"], BIG["m"], kind)
         check_dispatch_combine(worker, f"R={n} T=128 H=7168 {kind} fp8/round/ue8m0/hook/zero_copy={variant}", data,
                                BIG["m"], BIG["e"], *variant)
+    worker.reopen()  # the rounds' size
     start = time.time()
     failures_before = len(worker.failures)
     for r in range(100):  # back to back, fresh data each round, the variants in turn
@@ -340,6 +353,7 @@ def worker_main(args):
                     node=os.environ.get(_NODE_VARIABLE) == "1")
     worker.check("correctness", lambda: correctness(worker, seed=1234))
     if args.num_ranks == 1:
+        worker.reopen()
         bench_size(worker)
     worker.kernels.destroy()
     print(f"rank {args.rank}: {len(worker.failures)} failures: {worker.failures}")

@@ -117,10 +117,11 @@ std::optional<LowLatencyMemory> checked_memory(int32_t device, const LowLatencyS
                      " (a multiple of 8), num_experts=" + std::to_string(num_experts) + " (a multiple of ranks)");
     return std::nullopt;
   }
-  if (sizes.num_halves < 2 || sizes.num_halves * l.half_bytes > rt->num_bytes) {
+  if (sizes.num_halves < 2 || sizes.num_halves > kMaxLowLatencyHalves ||
+      sizes.num_halves * l.half_bytes > rt->num_bytes) {
     *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " does not hold the " +
                      std::to_string(sizes.num_halves) + " halves of " + std::to_string(l.half_bytes) +
-                     " bytes the op was traced with (at least 2 are needed)");
+                     " bytes the op was traced with (2 to " + std::to_string(kMaxLowLatencyHalves) + " are served)");
     return std::nullopt;
   }
   const uint64_t rows = num_experts * max_tokens;

@@ -125,7 +125,7 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   // latency halves are at most num_bytes / 2 each), then the peers' op stamps and receipts.
   const uint64_t staging_bytes = num_bytes / 2;
   const uint64_t control_at = (num_bytes + staging_bytes + 15) / 16 * 16;
-  const uint64_t control_bytes = (1 + kNumReceiptKinds) * num_ranks * sizeof(uint32_t);
+  const uint64_t control_bytes = (1 + kNumReceiptKinds * kMaxLowLatencyHalves) * num_ranks * sizeof(uint32_t);
   char* buffer = static_cast<char*>(nvshmem_malloc(control_at + control_bytes));
   if (buffer == nullptr) {
     fail("nvshmem_malloc of " + std::to_string(control_at + control_bytes) +

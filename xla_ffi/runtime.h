@@ -27,7 +27,7 @@ struct LowLatencyControl {
   uint32_t call_numbers[kNumCallKinds];            // local
   uint32_t receive_blocks_done[kNumReceiptKinds];  // local
   int op_stamps[kMaxRanks];                        // written by the peers
-  uint32_t receipts[kNumReceiptKinds * kMaxRanks]; // written by the peers
+  uint32_t receipts[kNumReceiptKinds * kMaxLowLatencyHalves * kMaxRanks];  // written by the peers (receipt_of)
 };
 
 struct RankState {

@@ -25,6 +25,7 @@ from ..buffer_keys import BufferKeys
 from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
 from ..sizes import low_latency_layout, low_latency_num_halves
+from ..validation import DeepEPError
 from .ffi_call import ffi_call, optional_result, struct_attribute
 from .nvshmem import SymmetricBuffer
 
@@ -53,6 +54,9 @@ class LowLatencyBackend:
         self.memory = memory
         self.num_bytes = int(num_bytes)
         self.targets = targets
+        # (M, H, E) of the first op traced: where the halves lie depends on them, and calls of other
+        # sizes would overlap the halves of calls still in flight, so the Buffer serves only these.
+        self.served = None
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, keys: BufferKeys, *, timeout_s: float,
@@ -85,6 +89,13 @@ class LowLatencyBackend:
         """The `sizes` and `layout` attributes every low-latency custom call takes: the Buffer, the
         static sizes, the layout of a buffer half and how many halves the buffer holds."""
         m = num_max_dispatch_tokens_per_rank
+        if self.served is None:
+            self.served = (m, hidden, num_experts)
+        elif self.served != (m, hidden, num_experts):
+            raise DeepEPError(
+                "low-latency ops: a Buffer's low-latency kernels serve one (num_max_dispatch_tokens_per_rank, "
+                f"hidden, num_experts), first {self.served}, got {(m, hidden, num_experts)}: the calls' buffer halves "
+                "would overlap. Make one Buffer per size (docs/LOW_LATENCY.md)")
         layout = low_latency_layout(m, hidden, num_experts)
         sizes = dict(buffer_id=np.int64(self.memory.buffer_id), num_ranks=np.int64(ctx.num_ranks),
                      num_max_dispatch_tokens_per_rank=np.int64(m), num_experts=np.int64(num_experts),
