@@ -165,25 +165,31 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
   }
 }
 
+// Whole warp: pass `first / kPassChunks` of token t's row (the header with the first pass), bf16
+// or FP8, written into `row` with every lane's kPassChunks loads in flight before any store.
+__device__ __forceinline__ void write_token_pass(const __nv_bfloat16* x, int hidden, int t, int first, char* row,
+                                                 bool use_fp8, bool round_scale) {
+  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
+  if (first == 0 && threadIdx.x % kWarpSize == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
+  const __nv_bfloat16* src = x + static_cast<size_t>(t) * hidden;
+  uint4 raw[kPassChunks];
+#pragma unroll
+  for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, hidden, first + u);
+#pragma unroll
+  for (int u = 0; u < kPassChunks; ++u)
+    if (first + u < chunks) write_token_chunk(raw[u], row, hidden, first + u, use_fp8, round_scale);
+}
+
 // Grid-stride over (token, pass of kPassChunks chunks): each token's FP8 row as every expert it goes
 // to receives it (header, e4m3 values, f32 scales), into `rows` [T] of `row_bytes`. Cast once per
 // token here, the send copies the row to each of its experts instead of casting it once per expert.
 __global__ void __launch_bounds__(kThreads) cast_tokens_kernel(LowLatencyShape s, const __nv_bfloat16* x, char* rows,
                                                                size_t row_bytes, bool round_scale) {
-  const int lane = threadIdx.x % kWarpSize, warps = gridDim.x * kWarps;
-  const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
-  const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+  const int warps = gridDim.x * kWarps, passes = (s.hidden + kPassChannels - 1) / kPassChannels;
   for (int item = blockIdx.x * kWarps + threadIdx.x / kWarpSize; item < s.num_tokens * passes; item += warps) {
-    const int t = item / passes, first = item % passes * kPassChunks;
-    char* row = rows + static_cast<size_t>(t) * row_bytes;
-    if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
-    const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
-    uint4 raw[kPassChunks];
-#pragma unroll
-    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
-#pragma unroll
-    for (int u = 0; u < kPassChunks; ++u)
-      if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, true, round_scale);
+    const int t = item / passes;
+    write_token_pass(x, s.hidden, t, item % passes * kPassChunks, rows + static_cast<size_t>(t) * row_bytes, true,
+                     round_scale);
   }
 }
 
@@ -254,20 +260,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   if (use_fp8) {
     copy_cast_rows(cast_rows, slot_token, count, rows, row_bytes, static_cast<int>((bytes + 15) / 16));
   } else {
-    const int chunks = (s.hidden + kChunkChannels - 1) / kChunkChannels;
     const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
     for (int item = warp; item < count * passes; item += kWarps) {
-      const int j = item / passes, first = item % passes * kPassChunks;
-      const int t = slot_token[j];
-      char* row = rows + j * row_bytes;
-      if (first == 0 && lane == 0) *reinterpret_cast<int4*>(row) = make_int4(t, 0, 0, 0);
-      const __nv_bfloat16* src = x + static_cast<size_t>(t) * s.hidden;
-      uint4 raw[kPassChunks];
-#pragma unroll
-      for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, s.hidden, first + u);
-#pragma unroll
-      for (int u = 0; u < kPassChunks; ++u)
-        if (first + u < chunks) write_token_chunk(raw[u], row, s.hidden, first + u, false, false);
+      const int j = item / passes;
+      write_token_pass(x, s.hidden, slot_token[j], item % passes * kPassChunks, rows + j * row_bytes, false, false);
     }
   }
 
