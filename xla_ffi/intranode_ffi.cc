@@ -9,9 +9,9 @@
 
 #include "cuda/launch.h"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/failure.h"
 #include "xla_ffi/ffi_targets.h"
 #include "xla_ffi/layout_check.h"
+#include "xla_ffi/live_state.h"
 #include "xla_ffi/operands.h"
 #include "xla_ffi/runtime.h"
 
@@ -103,19 +103,16 @@ ffi::Error cuda_error(cudaError_t err, const char* what) {
 
 ffi::Error invalid(const std::string& what) { return invalid_argument("jax_deepep: " + what); }
 
-// The state of (buffer_id, device), or null with *error set: no buffer, or an earlier kernel of
-// the Buffer failed (xla_ffi/failure.h).
+// The state of (buffer_id, device), or null with *error set (xla_ffi/live_state.h): no buffer, or an
+// earlier kernel of the Buffer failed.
 std::shared_ptr<RankState> live_state(int64_t buffer_id, int32_t device, ffi::Error* error) {
-  std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
-  if (!s) {
-    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                        "jax_deepep: no communication buffer " + std::to_string(buffer_id) + " on device " +
-                            std::to_string(device) + " (was the Buffer destroyed?)");
-  } else if (const std::string failure = failure_message(*s->error_host); !failure.empty()) {
-    *error = ffi::Error(ffi::ErrorCode::kAborted, failure);
-    s.reset();
-  }
-  return s;
+  return live_state_or_error(
+      find_rank_state(buffer_id, device),
+      [&] {
+        return "jax_deepep: no communication buffer " + std::to_string(buffer_id) + " on device " +
+               std::to_string(device) + " (was the Buffer destroyed?)";
+      },
+      error);
 }
 
 RingShape ring_shape(const RingAttrs& r) {
