@@ -4,7 +4,7 @@
 // without NVSHMEM (cuda/remote_put.cuh).
 #include <string>
 
-#include "xla_ffi/failure.h"
+#include "xla_ffi/live_state.h"
 #include "xla_ffi/low_latency_memory.h"
 #include "xla_ffi/runtime.h"
 
@@ -15,19 +15,17 @@ namespace jax_deepep {
 const char* low_latency_target_prefix() { return "jax_deepep_ll_node_"; }
 
 std::optional<LowLatencyMemory> find_low_latency_memory(int64_t buffer_id, int device, ffi::Error* error) {
-  std::shared_ptr<RankState> s = find_rank_state(buffer_id, device);
+  std::shared_ptr<RankState> found = find_rank_state(buffer_id, device);
   const std::string where = "communication buffer " + std::to_string(buffer_id) + " on device " + std::to_string(device);
-  if (s == nullptr || s->low_latency_bytes == 0) {
-    *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                        "jax_deepep low-latency: no " + where + (s ? " with a low-latency area" : "") +
-                            " (create the Buffer with low_latency_mode=True and num_rdma_bytes > 0 first; was it "
-                            "destroyed?)");
-    return std::nullopt;
-  }
-  if (const std::string failure = failure_message(*s->error_host); !failure.empty()) {
-    *error = ffi::Error(ffi::ErrorCode::kAborted, failure);
-    return std::nullopt;
-  }
+  if (found != nullptr && found->low_latency_bytes == 0) found.reset();  // a Buffer without low-latency area
+  std::shared_ptr<RankState> s = live_state_or_error(
+      std::move(found),
+      [&] {
+        return "jax_deepep low-latency: no " + where + " with a low-latency area (create the Buffer with "
+               "low_latency_mode=True and num_rdma_bytes > 0 first; was it destroyed?)";
+      },
+      error);
+  if (s == nullptr) return std::nullopt;
   for (int r = 0; r < s->num_ranks; ++r) {
     if (s->peers[r] == nullptr) {
       *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
@@ -35,7 +33,6 @@ std::optional<LowLatencyMemory> find_low_latency_memory(int64_t buffer_id, int d
       return std::nullopt;
     }
   }
-  *error = ffi::Error::Success();
   const PeerMemory memory = s->low_latency_memory();
   const uint64_t num_bytes = s->low_latency_bytes;
   return LowLatencyMemory{std::move(s), memory, num_bytes, false};
