@@ -18,30 +18,30 @@ from .library import available, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "make_backends"]
 
-def _use_reference(what: str, why: str):
+def _use_reference(buffer, what: str, why: str):
     warnings.warn(f"jax_deepep: {what} use the pure-JAX implementation: {why}")
-    return reference.BACKEND
+    return reference.ReferenceBackend(buffer.exact_internode_combine)
 
 
 def _normal_backend(buffer, keys):
     if buffer.ranks_per_node > MAX_NVL_PEERS:
-        return _use_reference("normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
-                                                 f"ranks, this axis has {buffer.ranks_per_node} per node")
+        return _use_reference(buffer, "normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
+                                                         f"ranks, this axis has {buffer.ranks_per_node} per node")
     if buffer.ranks_per_node == buffer.num_ranks:
         from .intranode import IntranodeBackend
 
         return IntranodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_nvl_bytes, keys,
                                      timeout_s=buffer.timeout_s)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
-        return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
-                                                 "nodes and the internode kernels need `num_rdma_bytes`")
+        return _use_reference(buffer, "normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
+                                                         "nodes and the internode kernels need `num_rdma_bytes`")
     from . import nvshmem
     from .internode import InternodeBackend
 
     if not nvshmem.available():
-        return _use_reference("internode ops", nvshmem.unavailable_reason())
+        return _use_reference(buffer, "internode ops", nvshmem.unavailable_reason())
     return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node, keys,
-                                 timeout_s=buffer.timeout_s)
+                                 timeout_s=buffer.timeout_s, exact_combine=buffer.exact_internode_combine)
 
 
 def _low_latency_backend(buffer, keys):
@@ -51,7 +51,7 @@ def _low_latency_backend(buffer, keys):
     from .low_latency import LowLatencyBackend
 
     if not nvshmem.available():
-        return _use_reference("low-latency ops", nvshmem.unavailable_reason())
+        return _use_reference(buffer, "low-latency ops", nvshmem.unavailable_reason())
     # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
     direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
     return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, keys,
