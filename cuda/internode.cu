@@ -6,7 +6,8 @@
 // places each inbox row at its final row on every rank of this node that it goes to. (3) recv:
 // copies the landed rows into XLA's outputs and builds the handle.
 // Combine: (1) return: rows back to their forwarder over NVLink; (2) reduce: one block per source
-// node sums them per token in f32 and puts the partial to the source; (3) finish: sums partials.
+// node sums them per token in f32 and puts the partial (bf16, or f32 when exact) to the source;
+// (3) finish: sums partials.
 #include "cuda/launch.h"
 
 #include <cuda_bf16.h>
@@ -281,6 +282,38 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
 }
 
 // ---- combine --------------------------------------------------------------------------------
+// Eight channels of a node's partial as they travel to the source: f32 when exact (the sum is
+// rounded once, at the source), else rounded to bf16 at the forwarder as DeepEP does, which halves
+// the network bytes of combine.
+template <bool kExact>
+struct PartialValues;
+
+template <>
+struct PartialValues<true> {
+  static constexpr int kBytes = 4;  // per channel
+  __device__ static void store(char* at, const float (&acc)[8]) {
+    reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    reinterpret_cast<float4*>(at)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+  __device__ static void add_to(float (&acc)[8], const char* at) {
+    const float4* p = reinterpret_cast<const float4*>(at);
+    const float4 a = p[0], b = p[1];
+    acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
+    acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
+  }
+};
+
+template <>
+struct PartialValues<false> {
+  static constexpr int kBytes = 2;
+  __device__ static void store(char* at, const float (&acc)[8]) {
+    *reinterpret_cast<uint4*>(at) = pack_bf16x8<uint4>(acc);
+  }
+  __device__ static void add_to(float (&acc)[8], const char* at) {
+    accumulate(acc, *reinterpret_cast<const uint4*>(at));
+  }
+};
+
 // Rows back to their forwarder (rank (this node, source's local index)), at [this local][n][t].
 __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
@@ -311,7 +344,9 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
 }
 
 // One block per source node n: per token of source (n, this local index) that this node got,
-// the f32 sum of the rows its ranks returned, put to the source as partial [this node][t].
+// the f32 sum of the rows its ranks returned, put to the source as partial [this node][t] (in
+// f32 when kExact, else rounded to bf16).
+template <bool kExact>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem, InternodeTraffic traffic,
                                                                   InternodeRegion region, InternodeCombineShape s,
                                                                   InternodeCombineLayout l, const int* forwarded,
@@ -345,8 +380,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
         const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
         accumulate(acc, *reinterpret_cast<const uint4*>(row + ch * 2));
       }
-      reinterpret_cast<float4*>(out + ch * 4)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      reinterpret_cast<float4*>(out + ch * 4)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      PartialValues<kExact>::store(out + ch * PartialValues<kExact>::kBytes, acc);
     }
     if (lane < s.top_k) {
       float w = 0.0f;
@@ -355,7 +389,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
         const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
         w += reinterpret_cast<const float*>(row + H * 2)[lane];
       }
-      reinterpret_cast<float*>(out + H * 4)[lane] = w;
+      reinterpret_cast<float*>(out + H * PartialValues<kExact>::kBytes)[lane] = w;
     }
     __syncwarp();
     if (!local_source) {
@@ -385,6 +419,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
 }
 
 // One block per token: the partials of the nodes it went to, in node order, plus biases, rounded once.
+template <bool kExact>
 __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
                                                                   InternodeCombineIn in, InternodeCombineOut out,
@@ -411,11 +446,8 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   for (int ch = threadIdx.x * 8; ch < H; ch += blockDim.x * 8) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < num_went; ++i) {
-      const float4* p = reinterpret_cast<const float4*>(
-          half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes + ch * 4);
-      const float4 a = p[0], b = p[1];
-      acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
-      acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
+      PartialValues<kExact>::add_to(acc, half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
+                                             ch * PartialValues<kExact>::kBytes);
     }
     for (int b = 0; b < s.num_bias; ++b) {
       accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
@@ -426,8 +458,23 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
     float w = 0.0f;
     for (int i = 0; i < num_went; ++i)
       w += reinterpret_cast<const float*>(half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
-                                          H * 4)[threadIdx.x];
+                                          H * PartialValues<kExact>::kBytes)[threadIdx.x];
     out.weights[t * s.top_k + threadIdx.x] = w;
+  }
+}
+
+// Combine's reduce and finish kernels, with partials in f32 (kExact) or bf16.
+template <bool kExact>
+void launch_reduce_and_finish(const InternodeCombineCall& call, const InternodeCombineIn& in,
+                              const InternodeCombineOut& out, cudaStream_t stream) {
+  const InternodeCombineShape& s = call.shape;
+  combine_reduce_kernel<kExact><<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
+      call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token);
+  if (s.num_tokens > 0) {
+    const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
+    const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
+    combine_finish_kernel<kExact><<<s.num_tokens, threads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
+                                                                        out, out.token);
   }
 }
 
@@ -455,13 +502,10 @@ cudaError_t launch_internode_combine(const InternodeCombineCall& call, const Int
                                                  OpSignature(OpKind::kInternodeCombine, {}).value, out.token);
   combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
                                                                          out.token);
-  combine_reduce_kernel<<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
-      call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token);
-  if (s.num_tokens > 0) {
-    const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
-    const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-    combine_finish_kernel<<<s.num_tokens, threads, 0, stream>>>(call.mem, call.region, s, call.layout, in, out,
-                                                                out.token);
+  if (s.exact_partials) {
+    launch_reduce_and_finish<true>(call, in, out, stream);
+  } else {
+    launch_reduce_and_finish<false>(call, in, out, stream);
   }
   return cudaGetLastError();
 }

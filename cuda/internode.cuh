@@ -2,7 +2,8 @@
 // network once per destination node, to its "RDMA peer" there (same local index), which forwards
 // it over NVLink to the ranks of that node that need it. Combine runs the other way: each rank
 // returns its rows to the forwarder over NVLink, the forwarder sums its node's rows in f32 and
-// puts one f32 partial per (token, node) back; the source sums the partials and rounds once.
+// puts one partial per (token, node) back, rounded to bf16 as in DeepEP (or kept in f32 with
+// exact_partials); the source sums the partials in f32 and rounds once.
 //
 // Every row's place is a pure function of the counts every rank notifies: receive order is
 // (source rank, source token), as in intranode mode. The symmetric buffer holds a dispatch region
@@ -59,12 +60,13 @@ struct InternodeCombineShape {
   int top_k;       // K weights per row (0: none)
   int num_bias;    // 0, 1 or 2 bf16 [T, H]
   int ranks_per_node;
+  bool exact_partials;  // f32 partials (Buffer(exact_internode_combine=True)), else bf16
 };
 
 // As jax_deepep/sizes.py:internode_combine_layout computes it.
 struct InternodeCombineLayout {
   size_t return_bytes;   // a row returned to its forwarder: bf16 [H], then f32 weights [K]
-  size_t partial_bytes;  // a node's partial sum for a token: f32 [H], then f32 weights [K]
+  size_t partial_bytes;  // a node's partial sum for a token: f32 or bf16 [H], then f32 weights [K]
   // Within one half of the combine region:
   size_t returns;         // rows [L returning rank][nodes][T]
   size_t return_signals;  // int [L][kInternodeReturnBlocks]

@@ -310,7 +310,8 @@ def _nvl_bytes(sizes: Sizes) -> int:
 
 def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
     """The Buffer of normal mode, and of internode mode (`num_rdma_bytes` sized for the bench's
-    dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected)."""
+    dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected; combine's partials in
+    f32 with `--exact-internode-combine`, else bf16)."""
     R, H = sizes.num_ranks, sizes.hidden
     nvl_bytes = _nvl_bytes(sizes)
     if args.mode != "internode":
@@ -320,10 +321,12 @@ def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
         from .gpu import internode
 
         try:
-            rdma_bytes = internode.rdma_bytes_hint(sizes.num_tokens, H, sizes.num_topk, sizes.num_experts, R)
+            rdma_bytes = internode.rdma_bytes_hint(sizes.num_tokens, H, sizes.num_topk, sizes.num_experts, R,
+                                                   exact_internode_combine=args.exact_internode_combine)
         except DeepEPError as e:  # no NVSHMEM library: the Buffer warns and runs pure JAX
             print(f"internode kernels unavailable: {e}", file=sys.stderr)
-    return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node)
+    return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node,
+                  exact_internode_combine=args.exact_internode_combine)
 
 
 def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args) -> list:
@@ -637,6 +640,8 @@ def parse_args(argv=None):
     jobs = p.add_argument_group("several processes (internode mode)")
     jobs.add_argument("--ranks-per-node", type=int, default=None,
                       help="ranks per node (default: the processes' hosts decide; Buffer(ranks_per_node=))")
+    jobs.add_argument("--exact-internode-combine", action="store_true",
+                      help="combine's partials in f32, not bf16 (Buffer(exact_internode_combine=True))")
     jobs.add_argument("--spawn", type=int, default=0,
                       help="start this many processes here, one per local GPU (all on GPU 0 when there are fewer)")
     jobs.add_argument("--distributed", action="store_true",
@@ -741,6 +746,7 @@ def main(argv=None):
             "command": "python -m jax_deepep.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.mode == "internode":
         meta.update(_intranode_reference_meta(runner.results))
+        meta["internode_partials"] = "f32" if buffers[0].exact_internode_combine else "bf16"
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in runner.results]}, f, indent=1)

@@ -18,9 +18,9 @@ from . import low_latency as _ll
 from . import normal as _normal
 from .backend import RankContext
 from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint, sm_count
-from .reference import BACKEND as REFERENCE_BACKEND
+from .reference import ReferenceBackend
 from .topology import detect_ranks_per_node
-from .validation import DeepEPError, axis_size, fail, integer, seconds
+from .validation import DeepEPError, axis_size, boolean, fail, integer, seconds
 
 DEFAULT_TIMEOUT_S = 100.0
 _MAX_TIMEOUT_S = 1e9  # what the NVSHMEM runtime takes (xla_ffi/nvshmem_runtime.cc)
@@ -92,9 +92,10 @@ class Buffer:
 
     `timeout_s` (None: the environment variable JAX_DEEPEP_TIMEOUT_S, else 100 s; a number in (0, 1e9))
     bounds every wait on a peer of the NVSHMEM kernels (low-latency and internode mode); the intranode
-    kernels still wait their own fixed time. `exact_internode_combine`: today's internode combine is
-    exact either way (f32 partials per node, one rounding at the source), so both values give the
-    same result.
+    kernels still wait their own fixed time. `exact_internode_combine` (True or False): across several
+    nodes, combine sums each node's rows into one partial per token there; by default that partial is
+    rounded to bf16 before it crosses the network, as in DeepEP (half the bytes); True keeps it in f32,
+    so the result is the sum rounded to bf16 once (docs/INTERNODE.md). Within one node it changes nothing.
     """
 
     num_sms: int = 20
@@ -117,9 +118,7 @@ class Buffer:
         self.num_qps_per_rank = integer("Buffer", "num_qps_per_rank", num_qps_per_rank, minimum=0)
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         self.timeout_s = resolve_timeout_s(timeout_s)
-        # The internode combine sums each node's partial in f32 and rounds once at the source, so both
-        # values give the exact result today; the flag is kept for a bf16-partial fast path.
-        self.exact_internode_combine = bool(exact_internode_combine)
+        self.exact_internode_combine = boolean("Buffer", "exact_internode_combine", exact_internode_combine)
         if ranks_per_node is None:
             env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
             ranks_per_node = (_environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int) if env is not None
@@ -154,8 +153,9 @@ class Buffer:
     def _make_backends(self) -> tuple:
         """(normal-mode backend, low-latency backend), chosen once for this Buffer."""
         choice = _backend_choice()
+        reference = ReferenceBackend(self.exact_internode_combine)
         if choice == "reference" or _mesh_platform(self.mesh) != "gpu":
-            return REFERENCE_BACKEND, REFERENCE_BACKEND
+            return reference, reference
         from . import gpu
 
         if not gpu.available():
@@ -164,7 +164,7 @@ class Buffer:
                                   f"{gpu.unavailable_reason()}")
             warnings.warn(f"jax_deepep: CUDA library not available ({gpu.unavailable_reason()}); "
                           "using the pure-JAX implementation")
-            return REFERENCE_BACKEND, REFERENCE_BACKEND
+            return reference, reference
         return gpu.make_backends(self, self.keys)
 
     @property

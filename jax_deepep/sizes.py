@@ -174,13 +174,13 @@ class InternodeCombineLayout:
     staging_bytes: int
 
 
-def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per_node: int,
-                             num_ranks: int) -> InternodeCombineLayout:
-    """A returned row (bf16 [H] + K weights), a node's f32 partial ([H] + K), and one half of the
-    combine region."""
+def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per_node: int, num_ranks: int, *,
+                             exact_partials: bool) -> InternodeCombineLayout:
+    """A returned row (bf16 [H] + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else
+    bf16, then K f32 weights), and one half of the combine region."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     return_bytes = align(hidden * 2 + top_k * 4, 16)
-    partial_bytes = align(hidden * 4 + top_k * 4, 16)
+    partial_bytes = align(hidden * (4 if exact_partials else 2) + top_k * 4, 16)
     returns = 0
     return_signals = ranks_per_node * nodes * t * return_bytes
     partials = align(return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * 4, 16)

@@ -39,6 +39,13 @@ def integer(op: str, name: str, value, *, minimum: Optional[int] = None, maximum
     return value
 
 
+def boolean(op: str, name: str, value) -> bool:
+    """`value` as a Python bool: True or False (numpy bools too); anything else refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        fail(op, f"`{name}` must be True or False, got {value!r}")
+    return bool(value)
+
+
 def seconds(op: str, name: str, value, *, maximum: float) -> float:
     """`value` as a float number of seconds in (0, maximum); bools refused."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):

@@ -29,18 +29,24 @@ def skip_reason():
 
 
 class Worker:
-    """One rank: a Buffer over the global mesh, ops run on global data, checks of its own shard."""
+    """One rank: a Buffer over the global mesh, ops run on global data, checks of its own shard.
+    `devices` (default: all of the job's) and `backend` (the one the Buffer must have) let a CPU test
+    run the checks on the pure-JAX ops, as rank 0 of devices of one process."""
 
-    def __init__(self, rank: int, num_ranks: int, **buffer_kwargs):
+    def __init__(self, rank: int, num_ranks: int, devices=None, backend: str = "cuda", **buffer_kwargs):
         import jax
         from jax.sharding import Mesh
 
         import jax_deepep as deepep
 
         self.rank, self.num_ranks = rank, num_ranks
-        self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+        self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
         self.buffer = deepep.Buffer(self.mesh, AXIS, **buffer_kwargs)
-        assert self.buffer.backend.name == "cuda", self.buffer.backend.name
+        assert self.buffer.backend.name == backend, self.buffer.backend.name
+        # Over several nodes combine rounds each node's partial to bf16 unless exact (oracle.combine's model).
+        self.bf16_node_partials = None
+        if self.buffer.ranks_per_node < num_ranks and not self.buffer.exact_internode_combine:
+            self.bf16_node_partials = self.buffer.ranks_per_node
         self.failures = []
         self._compiled = {}
 
@@ -241,7 +247,7 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
             ys.append(yy.astype(ml_dtypes.bfloat16))
         ys = np.stack(ys)
         same_values(got["y"][:kept], ys[d][:kept], "combine input y (rebuilt)")
-        exact = oracle.combine(ys, everyone, tokens, [b for b in biases])[d]
+        exact = oracle.combine(ys, everyone, tokens, [b for b in biases], w.bf16_node_partials)[d]
         combined_x, combined_w = got["combined"]
         oracle.assert_rounded_once(combined_x, exact, np.abs(exact) + 1.0)
         if with_weights:
@@ -273,7 +279,8 @@ def check_pressure(w: Worker, seed: int, rounds: int):
         kept = everyone[d].received.num_kept
         assert int(num_recv) == everyone[d].received.num_recv_tokens, f"round {i}: num_recv_tokens"
         same_values(recv_x[:kept], everyone[d].recv_parts[0][:kept], f"round {i}: recv_x")
-        exact = oracle.combine(np.stack([o.recv_parts[0] for o in everyone]), everyone, tokens)[d]
+        exact = oracle.combine(np.stack([o.recv_parts[0] for o in everyone]), everyone, tokens,
+                               bf16_node_partials=w.bf16_node_partials)[d]
         oracle.assert_rounded_once(combined, exact, np.abs(exact) + 1.0)
 
 
@@ -320,11 +327,13 @@ def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
         d_recv_x.append(np.pad((g_rows * scale).astype(bf16), pad))
         d_scale = np.sum(g_rows * rows, axis=1, keepdims=True)
         d_recv_w.append(np.pad(np.where(o.recv_topk_idx[:kept] >= 0, d_scale, 0.0), pad))
-    combined = oracle.combine(np.stack(ys), everyone, tokens)[d].astype(np.float32).astype(bf16)
+    partials = w.bf16_node_partials  # combine's partials, also in dispatch's gradient (a combine)
+    combined = oracle.combine(np.stack(ys), everyone, tokens, bf16_node_partials=partials)[d]
+    combined = combined.astype(np.float32).astype(bf16)
     want_value = float(np.sum(combined.astype(np.float64) * g[d]))
     # Sums in another order than the oracle's may round a rare element to the other bf16 neighbour.
     np.testing.assert_allclose(value, want_value, rtol=1e-3, err_msg="loss")
-    exact_x = oracle.combine(np.stack(d_recv_x), everyone, tokens)[d]
+    exact_x = oracle.combine(np.stack(d_recv_x), everyone, tokens, bf16_node_partials=partials)[d]
     terms = oracle.combine(np.abs(np.stack(d_recv_x).astype(np.float32)), everyone, tokens)[d]
     oracle.assert_rounded_once(grad_x, exact_x, terms + 1.0)
     exact_w = oracle.combine(np.stack(d_recv_w), everyone, tokens)[d]

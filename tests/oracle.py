@@ -122,15 +122,25 @@ def dispatch(parts, topk_idx, topk_weights, num_experts: int, capacity: int, exp
     return results
 
 
-def combine(rows, dispatched: list, num_tokens: int, bias=()):
+def combine(rows, dispatched: list, num_tokens: int, bias=(), bf16_node_partials: Optional[int] = None):
     """Sum receive rows `rows [R, N, ...]` back onto their source tokens, in f64 (exact for a few
-    bf16/f32 terms), plus each bias `[R, T, ...]`. Returns `[R, T, ...]` float64."""
-    rows = np.asarray(rows, np.float64)
-    out = np.zeros((len(dispatched), num_tokens) + rows.shape[2:])
+    bf16/f32 terms), plus each bias `[R, T, ...]`. Returns `[R, T, ...]` float64.
+
+    `bf16_node_partials=L` is the internode combine's default over nodes of L ranks (several nodes):
+    each node's partial of a token, the f32 sum of its ranks' rows in rank order, is rounded to bf16,
+    and the partials are summed (in f64, plus the biases) instead of the rows."""
+    num_ranks = len(dispatched)
+    ranks_per_node = bf16_node_partials or num_ranks
+    dtype = np.float64 if bf16_node_partials is None else np.float32
+    rows = np.asarray(rows, dtype)
+    partials = np.zeros((num_ranks // ranks_per_node, num_ranks, num_tokens) + rows.shape[2:], dtype)
     for d, result in enumerate(dispatched):
         received = result.received
         for i in range(received.num_kept):
-            out[received.src_rank[i], received.src_token[i]] += rows[d, i]
+            partials[d // ranks_per_node, received.src_rank[i], received.src_token[i]] += rows[d, i]
+    if bf16_node_partials is not None:
+        partials = partials.astype(ml_dtypes.bfloat16)
+    out = np.sum(partials, axis=0, dtype=np.float64)
     for b in bias:
         out += np.asarray(b, np.float64)
     return out

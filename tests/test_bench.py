@@ -216,6 +216,7 @@ def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
                 "--rotations", "1", "--only", "buffer", "--json", str(path)])
     data = json.loads(path.read_text())
     assert data["meta"]["processes"] == 2 and data["meta"]["ranks_per_node"] == 1
+    assert data["meta"]["internode_partials"] == "bf16"  # the default; --exact-internode-combine: "f32"
     assert data["meta"]["sizes"]["num_ranks"] == 2
     timed = {(r["op"], r["impl"], r["dtype"]) for r in data["results"] if r["time_us"]}
     internode = {("dispatch", "buffer[reference]", "bf16"), ("dispatch", "buffer[reference]", "fp8"),

@@ -42,9 +42,9 @@ def _dispatch_then_combine(num_ranks: int, capacity: int):
     return per_rank
 
 
-def check_combine(got_x, got_w, want, y, w, bias):
+def check_combine(got_x, got_w, want, y, w, bias, bf16_node_partials=None):
     assert got_x.dtype == ml_dtypes.bfloat16 and got_x.shape == (len(want), T, H)
-    exact = oracle.combine(y.astype(np.float32), want, T, [b.astype(np.float32) for b in bias])
+    exact = oracle.combine(y.astype(np.float32), want, T, [b.astype(np.float32) for b in bias], bf16_node_partials)
     magnitude = oracle.combine(np.abs(y.astype(np.float32)), want, T, [np.abs(b.astype(np.float32)) for b in bias])
     oracle.assert_rounded_once(got_x, exact, magnitude)
     assert got_w.dtype == np.float32 and got_w.shape == (len(want), T, K)
@@ -77,6 +77,28 @@ def test_combine_hot_expert_sums_many_ranks(rng):
     y, w = _expert_outputs(rng, want, 8 * T)
     bias = [random_bf16(rng, (8, T, H)) for _ in range(2)]
     check_combine(*_run(mesh, x, topk_idx, y, w, bias, 8 * T), want, y, w, bias)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("ranks_per_node", [1, 4])
+def test_combine_across_nodes_rounds_like_the_internode_kernels(rng, ranks_per_node, exact):
+    """Eight ranks in nodes of 1 or 4: each node's partial of a token (the f32 sum of its ranks' rows)
+    is rounded to bf16 before the partials are summed, unless exact_internode_combine=True (one rounding);
+    the weights' partials stay f32 either way."""
+    mesh = make_mesh(8)
+    buffer = deepep.Buffer(mesh, "ep", ranks_per_node=ranks_per_node, exact_internode_combine=exact)
+    x = random_bf16(rng, (8, T, H))
+    topk_idx = random_topk(rng, 8, T, K, E, "random")
+    want = oracle.dispatch([x], topk_idx, None, E, 8 * T)
+    y, w = _expert_outputs(rng, want, 8 * T)
+    bias = [random_bf16(rng, (8, T, H))]
+
+    def per_rank(x, idx, y, w, bias):
+        out = buffer.dispatch(x, topk_idx=idx, num_experts=E)
+        return buffer.combine(y, out.handle, topk_weights=w, bias=bias)
+
+    got_x, got_w = run_per_rank(mesh, per_rank, x, topk_idx, y, w, bias[0])
+    check_combine(got_x, got_w, want, y, w, bias, None if exact else ranks_per_node)
 
 
 def test_combine_without_weights(rng):

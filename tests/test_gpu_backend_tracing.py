@@ -7,6 +7,7 @@ Needs the compiled library (built by `pip install .` where nvcc exists); skipped
 """
 import dataclasses
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,38 @@ def test_low_latency_calls_carry_what_the_handlers_decode():
         assert attributes["sizes"]["num_halves"] == "3 : i64"
     sites = [attributes["call_site"] for target, attributes in calls if target.endswith("_send")]
     assert len(sites) == 4 and len(set(sites)) == 4, sites
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_internode_calls_carry_what_the_handlers_decode(exact):
+    """The internode dispatch and combine attributes are the fields their handlers decode; combine's
+    `exact_partials` is the Buffer's `exact_internode_combine`, and its partial rows are sized for it
+    (f32 or bf16 values, then the K f32 weights)."""
+    from jax_deepep.gpu import nvshmem
+    from jax_deepep.gpu.internode import InternodeBackend
+
+    if not nvshmem.available():
+        pytest.skip(nvshmem.unavailable_reason())
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "ep", ranks_per_node=4, exact_internode_combine=exact)
+    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=1 << 30)
+    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=4, exact_combine=exact)
+    hidden, top_k = 256, 4  # rows of 16-byte multiples: no padding
+
+    def step(x, idx, w):
+        out = buffer.dispatch(x[0], topk_idx=idx[0], topk_weights=w[0], num_experts=16)
+        return buffer.combine(out.recv_x, out.handle, topk_weights=out.recv_topk_weights)[0][None]
+
+    args = (jax.ShapeDtypeStruct((8, 16, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((8, 16, top_k), jnp.int32),
+            jax.ShapeDtypeStruct((8, 16, top_k), jnp.float32))
+    traced = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)
+    calls = _custom_call_attributes(traced.lower(lowering_platforms=("cuda",)).as_text())
+    assert sorted({target for target, _ in calls}) == ["jax_deepep_internode_combine", "jax_deepep_internode_dispatch"]
+    for target, attributes in calls:
+        _check_decodable(attributes, handler_attrs_struct(target), target)
+    combine = next(attributes for target, attributes in calls if target == "jax_deepep_internode_combine")
+    assert combine["exact_partials"] == ("true" if exact else "false")
+    assert combine["layout"]["partial_bytes"] == f"{hidden * (4 if exact else 2) + top_k * 4} : ui64"
 
 
 @pytest.mark.parametrize("name", sorted(vmap_cases.CASES))

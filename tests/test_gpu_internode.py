@@ -6,8 +6,10 @@ each other's buffers directly; every byte between "nodes" travels as nvshmem put
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
 combine with weights and biases, gradients, 100 rounds), plus the network traffic: one row per (token,
-destination node other than its own) in dispatch, one partial per (token, node) back in combine.
-Timeouts are tests/test_gpu_faults.py's.
+destination node other than its own) in dispatch, one partial per (token, node) back in combine, of
+bf16 or f32. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
+partial to bf16), then what the combine's rounding decides again on one with
+`exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 import gpu_workers
 import normal_checks
 NUM_RDMA_BYTES = 1 << 30
+SIZES = dict(tokens=256, hidden=512, topk=8)  # of most checks
 
 
 def _run_workers(num_ranks: int, ranks_per_node: int):
@@ -48,6 +51,24 @@ def test_internode_two_nodes_of_two_ranks():
 @pytest.mark.gpu
 def test_internode_four_nodes_of_one_rank():
     _run_workers(4, 1)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_checks_accept_the_pure_jax_ops(exact):
+    """On CPU: the combine checks pass on the pure-JAX ops over 2 nodes of 2 ranks, whose combine
+    rounds as the kernels do (each node's partial to bf16 unless exact), so a GPU failure points at
+    the kernels, not at the checks. Four CPU devices of one process; the worker checks rank 0's shard.
+    Not the gradient check: inside its program XLA:CPU may drop the bf16 rounding of `y`, which the
+    oracle applies (even on one node); nor H = 7168, half a minute here."""
+    import jax
+
+    w = normal_checks.Worker(0, 4, devices=jax.devices()[:4], backend="reference", ranks_per_node=2,
+                             exact_internode_combine=exact)
+    rng = np.random.default_rng(1234)
+    for name, check in combine_checks(w, rng, 16 * 4, large=False):
+        w.check(name, check)
+    w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
+    assert not w.failures
 
 
 def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, rank: int) -> tuple:
@@ -88,6 +109,8 @@ def check_traffic(w: normal_checks.Worker, seed: int):
     assert got["combine_rows"] == forwarded, f"combine rows {got['combine_rows']} != {forwarded}"
     row_bytes = 16 + (topk * 4 + 15) // 16 * 16 + hidden * 2  # header, ids (16-byte aligned), bf16 payload
     assert got["dispatch_bytes"] == sent * row_bytes, got
+    partial_bytes = hidden * (4 if buffer.exact_internode_combine else 2)  # f32 or bf16 values, no weights
+    assert got["combine_bytes"] == forwarded * partial_bytes, got
     print(f"traffic: {got}", flush=True)
 
 
@@ -101,35 +124,61 @@ def check_no_keys_left():
     assert not buffer_keys_in_store(), f"keys of a destroyed Buffer left: {buffer_keys_in_store()}"
 
 
+def combine_checks(w: normal_checks.Worker, rng, experts: int, large: bool = True) -> list:
+    """(name, check) pairs whose results depend on how combine rounds (its partials); `large` adds
+    H = 7168 with T = 1024."""
+    common = dict(SIZES, experts=experts)
+    check = normal_checks.check_dispatch
+    checks = [
+        ("dispatch/combine bf16", lambda: check(w, rng, **common)),
+        ("expert alignment 4, no weights, one bias",
+         lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common)),
+    ]
+    if large:
+        checks.append(("H=7168 bf16, T=1024",
+                       lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts)))
+    return checks
+
+
+def dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
+    """(name, check) pairs of the rest: routing, FP8, capacity, limits, vmap."""
+    common = dict(SIZES, experts=experts)
+    check = normal_checks.check_dispatch
+    return [
+        ("uneven routing (hot experts)", lambda: check(w, rng, kind="hot", **common)),
+        ("out-of-range ids behave like -1", lambda: check(w, rng, kind="out_of_range", **common)),
+        ("fp8 dispatch", lambda: check(w, rng, fp8=True, **common)),
+        ("capacity overflow (rows past N dropped)", lambda: check(w, rng, capacity=96, kind="hot", **common)),
+    ] + normal_checks.edge_checks(w, rng, experts) + normal_checks.vmap_checks(w, rng)
+
+
 def worker_main(rank: int, num_ranks: int, port: int) -> int:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_ranks, process_id=rank)
-    w = normal_checks.Worker(rank, num_ranks, num_rdma_bytes=NUM_RDMA_BYTES)
-    assert w.buffer.normal_backend.mode == "internode", f"the internode kernels are not in use: {w.buffer.normal_backend.mode}"
     rng = np.random.default_rng(1234)  # the same global data in every process
     experts = 16 * num_ranks
-    common = dict(tokens=256, hidden=512, topk=8, experts=experts)
-    check = normal_checks.check_dispatch
-    w.check("dispatch/combine bf16", lambda: check(w, rng, **common))
-    w.check("uneven routing (hot experts)", lambda: check(w, rng, kind="hot", **common))
-    w.check("out-of-range ids behave like -1", lambda: check(w, rng, kind="out_of_range", **common))
-    w.check("fp8 dispatch", lambda: check(w, rng, fp8=True, **common))
-    w.check("capacity overflow (rows past N dropped)", lambda: check(w, rng, capacity=96, kind="hot", **common))
-    w.check("expert alignment 4, no weights, one bias",
-            lambda: check(w, rng, alignment=4, with_weights=False, bias=1, **common))
-    w.check("H=7168 bf16, T=1024", lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts))
-    for name, edge_check in normal_checks.edge_checks(w, rng, experts) + normal_checks.vmap_checks(w, rng):
-        w.check(name, edge_check)
-    w.check("gradient through a jitted step",
-            lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
-    w.check("network traffic: one row per (token, node)", lambda: check_traffic(w, 99))
-    w.check("pressure: 100 rounds", lambda: normal_checks.check_pressure(w, 4321, 100))
-    w.buffer.destroy()
-    w.check("no key of the Buffer (the NVSHMEM unique id among them) left in the store", check_no_keys_left)
-    print(f"rank {rank}: {len(w.failures)} failures {w.failures} (ranks per node "
+    failures = []
+    for exact in (False, True):
+        w = normal_checks.Worker(rank, num_ranks, num_rdma_bytes=NUM_RDMA_BYTES, exact_internode_combine=exact)
+        w.failures = failures  # one report for both Buffers
+        mode = w.buffer.normal_backend.mode
+        assert mode == "internode", f"the internode kernels are not in use: {mode}"
+        checks = combine_checks(w, rng, experts) + ([] if exact else dispatch_checks(w, rng, experts))
+        for name, check in checks:
+            w.check(f"{name} (exact_internode_combine={exact})", check)
+        w.check(f"gradient through a jitted step (exact_internode_combine={exact})",
+                lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
+        w.check(f"network traffic: one row per (token, node) (exact_internode_combine={exact})",
+                lambda: check_traffic(w, 99))
+        rounds = 20 if exact else 100
+        w.check(f"pressure: {rounds} rounds (exact_internode_combine={exact})",
+                lambda: normal_checks.check_pressure(w, 4321, rounds))
+        w.buffer.destroy()
+    w.check("no key of the Buffers (the NVSHMEM unique id among them) left in the store", check_no_keys_left)
+    print(f"rank {rank}: {len(failures)} failures {failures} (ranks per node "
           f"{os.environ.get('JAX_DEEPEP_RANKS_PER_NODE')})", flush=True)
-    return 1 if w.failures else 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

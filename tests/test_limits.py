@@ -337,14 +337,21 @@ def test_timeout_s(monkeypatch):
 
 
 def test_exact_internode_combine_is_kept():
+    """A bool (numpy's too), kept and handed to the pure-JAX backend, whose combine honours it."""
     mesh = make_mesh(R)
-    assert deepep.Buffer(mesh, "ep").exact_internode_combine is False
-    assert deepep.Buffer(mesh, "ep", exact_internode_combine=True).exact_internode_combine is True
+    buffer = deepep.Buffer(mesh, "ep")
+    assert buffer.exact_internode_combine is False and buffer.normal_backend.exact_internode_combine is False
+    buffer = deepep.Buffer(mesh, "ep", exact_internode_combine=np.bool_(True))
+    assert buffer.exact_internode_combine is True and buffer.normal_backend.exact_internode_combine is True
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(deepep.DeepEPError, match=r"Buffer: `exact_internode_combine` must be True or False"):
+            deepep.Buffer(mesh, "ep", exact_internode_combine=bad)
 
 
 @pytest.mark.parametrize("low_latency_mode", [False, True])
 def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
-    """gpu.make_backends hands the Buffer's timeout to the NVSHMEM backends it opens."""
+    """gpu.make_backends hands the Buffer's timeout to the NVSHMEM backends it opens, and
+    `exact_internode_combine` to the internode one, or to the pure-JAX one that takes its place."""
     from jax_deepep.gpu import internode, low_latency as gpu_low_latency, nvshmem
 
     opened = {}
@@ -354,8 +361,12 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
                             classmethod(lambda c, *args, **kwargs: opened.setdefault(c.__name__, kwargs)))
     buffer = types.SimpleNamespace(mesh=None, axis_name="ep", num_ranks=4, ranks_per_node=2, num_nvl_bytes=0,
                                    num_rdma_bytes=1 << 20, low_latency_mode=low_latency_mode,
-                                   allow_nvlink_for_low_latency_mode=True, timeout_s=3.5)
+                                   allow_nvlink_for_low_latency_mode=True, timeout_s=3.5, exact_internode_combine=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a low-latency Buffer's normal mode across nodes falls back to pure JAX
-        gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
+        normal, _ = gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
     assert opened["LowLatencyBackend" if low_latency_mode else "InternodeBackend"]["timeout_s"] == 3.5
+    if low_latency_mode:
+        assert normal.exact_internode_combine is True
+    else:
+        assert opened["InternodeBackend"]["exact_combine"] is True

@@ -39,10 +39,32 @@ def test_internode_layouts():
     assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
         sizes.InternodeDispatchLayout(7440, 16, 16, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
                                       952336, 952320)
-    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16) == sizes.InternodeCombineLayout(
+    # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
+    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(
         14368, 28704, 0, 941621248, 941622272, 1176765440, 1176765696, 235143168)
-    assert sizes.internode_combine_layout(64, 128, 0, 2, 4) == sizes.InternodeCombineLayout(
+    assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=True) == sizes.InternodeCombineLayout(
         256, 512, 0, 65536, 65792, 131328, 131584, 65536)
+    # ... and with bf16 partials (the default): a partial row is a returned row's size, half the f32 one.
+    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False) == sizes.InternodeCombineLayout(
+        14368, 14368, 0, 941621248, 941622272, 1059324928, 1059325184, 117702656)
+    assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False) == sizes.InternodeCombineLayout(
+        256, 256, 0, 65536, 65792, 98560, 98816, 32768)
+
+
+def test_internode_hint_shrinks_with_bf16_partials():
+    """`rdma_bytes_hint` sizes combine for the Buffer's partials: at 2 nodes of 8 (T=4096, H=7168) f32
+    partials make combine the larger op, bf16 ones leave dispatch the larger."""
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    args = (4096, 7168, 8, 256, 16)
+    combine = {exact: sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=exact)
+               for exact in (False, True)}
+    dispatch = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16)
+    need = {exact: sizes.internode_rdma_bytes(c.half_bytes, c.staging_bytes) for exact, c in combine.items()}
+    dispatch_need = sizes.internode_rdma_bytes(dispatch.half_bytes, dispatch.staging_bytes)
+    assert need[False] < dispatch_need < need[True]
+    assert rdma_bytes_hint(*args, ranks_per_node=8, exact_internode_combine=True) == need[True]
+    assert rdma_bytes_hint(*args, ranks_per_node=8) == dispatch_need
 
 
 def test_internode_regions():
@@ -63,7 +85,7 @@ def test_struct_attribute_spells_tuples_per_element():
     sizes.dispatch_slot([14336], 8),
     sizes.combine_slot(7168, 8),
     sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4),
-    sizes.internode_combine_layout(64, 128, 0, 2, 4),
+    sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False),
     sizes.internode_regions(1 << 20)[1],
 ], ids=lambda layout: type(layout).__name__)
 def test_handlers_decode_the_fields_python_passes(layout):

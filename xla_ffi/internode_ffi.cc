@@ -33,6 +33,7 @@ struct InternodeDispatchAttrs {
 struct InternodeCombineAttrs {
   int64_t buffer_id;
   int64_t ranks_per_node;
+  bool exact_partials;  // f32 partials, else bf16 (the layout's partial rows are sized for it)
   InternodeRegion region;
   InternodeCombineLayout layout;
 };
@@ -61,7 +62,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchAttrs, Struct
                                       StructMember<jax_deepep::InternodeRegion>("region"),
                                       StructMember<jax_deepep::InternodeDispatchLayout>("layout"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructMember<int64_t>("buffer_id"),
-                                      StructMember<int64_t>("ranks_per_node"),
+                                      StructMember<int64_t>("ranks_per_node"), StructMember<bool>("exact_partials"),
                                       StructMember<jax_deepep::InternodeRegion>("region"),
                                       StructMember<jax_deepep::InternodeCombineLayout>("layout"));
 
@@ -145,6 +146,7 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
   const InternodeCombineLayout& l = attrs.layout;
   const uint64_t per_node = s.ranks_per_node, nodes = num_ranks / per_node, tokens = s.num_tokens;
   const uint64_t hidden = s.hidden, topk_bytes = 4 * static_cast<uint64_t>(s.top_k);
+  const uint64_t partial_values = (s.exact_partials ? 4 : 2) * hidden;
   return first_failure({
       check_region(rt, attrs.region, l.half_bytes, l.staging_bytes),
       check_layout("internode return row",
@@ -152,7 +154,8 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
                     {"next row", l.return_bytes, 0, 16}},
                    l.return_bytes),
       check_layout("internode partial row",
-                   {{"f32 values", 0, 4 * hidden, 16}, {"weights", 4 * hidden, topk_bytes, 4},
+                   {{s.exact_partials ? "f32 values" : "bf16 values", 0, partial_values, 16},
+                    {"weights", partial_values, topk_bytes, 4},
                     {"next row", l.partial_bytes, 0, 16}},
                    l.partial_bytes),
       check_layout("internode combine half",
@@ -249,6 +252,7 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weight
   in.forwarded = forwarded.typed_data();
   s.num_tokens = static_cast<int>(is_token_in_rank.dimensions()[0]);
   s.ranks_per_node = static_cast<int>(attrs.ranks_per_node);
+  s.exact_partials = attrs.exact_partials;
   const int64_t num_ranks = is_token_in_rank.dimensions()[1];
   if (s.num_tokens > kInternodeMaxTokens || s.top_k > kInternodeMaxTopk) {
     return invalid("unsupported sizes: T=" + std::to_string(s.num_tokens) + ", top-k " + std::to_string(s.top_k));

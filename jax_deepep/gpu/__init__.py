@@ -21,9 +21,9 @@ from .library import available, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "make_backends"]
 
-def _use_reference(what: str, why: str):
+def _use_reference(buffer, what: str, why: str):
     warnings.warn(f"jax_deepep: {what} use the pure-JAX implementation: {why}")
-    return reference.BACKEND
+    return reference.ReferenceBackend(buffer.exact_internode_combine)
 
 
 def _low_latency_within_node(buffer) -> bool:
@@ -35,8 +35,8 @@ def _low_latency_within_node(buffer) -> bool:
 
 def _normal_backend(buffer, keys):
     if buffer.ranks_per_node > MAX_NVL_PEERS:
-        return _use_reference("normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
-                                                 f"ranks, this axis has {buffer.ranks_per_node} per node")
+        return _use_reference(buffer, "normal-mode ops", f"the CUDA kernels take nodes of up to {MAX_NVL_PEERS} "
+                                                         f"ranks, this axis has {buffer.ranks_per_node} per node")
     if buffer.ranks_per_node == buffer.num_ranks:
         from .intranode import IntranodeBackend
 
@@ -44,15 +44,15 @@ def _normal_backend(buffer, keys):
                                      timeout_s=buffer.timeout_s,
                                      low_latency_bytes=buffer.num_rdma_bytes if _low_latency_within_node(buffer) else 0)
     if buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
-        return _use_reference("normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
-                                                 "nodes and the internode kernels need `num_rdma_bytes`")
+        return _use_reference(buffer, "normal-mode ops", f"the axis spans {buffer.num_ranks // buffer.ranks_per_node} "
+                                                         "nodes and the internode kernels need `num_rdma_bytes`")
     from . import nvshmem
     from .internode import InternodeBackend
 
     if not nvshmem.available():
-        return _use_reference("internode ops", nvshmem.unavailable_reason())
+        return _use_reference(buffer, "internode ops", nvshmem.unavailable_reason())
     return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node, keys,
-                                 timeout_s=buffer.timeout_s)
+                                 timeout_s=buffer.timeout_s, exact_combine=buffer.exact_internode_combine)
 
 
 def _low_latency_backend(buffer, keys, normal):
@@ -65,7 +65,7 @@ def _low_latency_backend(buffer, keys, normal):
         return LowLatencyBackend.within_node(normal.comm)
 
     if not nvshmem.available():
-        return _use_reference("low-latency ops", nvshmem.unavailable_reason())
+        return _use_reference(buffer, "low-latency ops", nvshmem.unavailable_reason())
     # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
     direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
     return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, keys,

@@ -2,7 +2,8 @@
 custom calls, for an expert-parallel axis of several nodes.
 
 A token crosses the network once per destination node and is forwarded over NVLink inside it;
-combine returns one f32 partial per (token, node) and rounds once at the source (protocol in
+combine returns one partial per (token, node), rounded to bf16 by default or in f32 with
+`Buffer(exact_internode_combine=True)`, and rounds their sum once at the source (protocol in
 `cuda/internode.cuh`). Results are those of the pure-JAX implementation, row for row. The handle's
 `route` is an `InternodeRoute`, which combine reads.
 """
@@ -27,14 +28,16 @@ from .nvshmem import SymmetricBuffer
 
 
 def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
-                    ranks_per_node: int = 1, capacity: Optional[int] = None) -> int:
+                    ranks_per_node: int = 1, capacity: Optional[int] = None,
+                    exact_internode_combine: bool = False) -> int:
     """`num_rdma_bytes` that internode dispatch (bf16 or FP8, with ids and weights) and combine of
-    these sizes need; `capacity` defaults to dispatch's (R * T). One rank per node is the most any
-    node size needs."""
+    these sizes need, on a Buffer with this `exact_internode_combine` (f32 partials take more);
+    `capacity` defaults to dispatch's (R * T). One rank per node is the most any node size needs."""
     capacity = num_ranks * num_tokens if capacity is None else capacity
     dispatch = internode_dispatch_layout(num_tokens, capacity, num_topk, True, True, [hidden * 2], num_experts,
                                          ranks_per_node, num_ranks)
-    combine = internode_combine_layout(num_tokens, hidden, num_topk, ranks_per_node, num_ranks)
+    combine = internode_combine_layout(num_tokens, hidden, num_topk, ranks_per_node, num_ranks,
+                                       exact_partials=exact_internode_combine)
     return max(internode_rdma_bytes(dispatch.half_bytes, dispatch.staging_bytes),
                internode_rdma_bytes(combine.half_bytes, combine.staging_bytes))
 
@@ -65,20 +68,21 @@ class InternodeBackend:
     mode = "internode"
     expert_grouped = None  # the ops refuse `expert_grouped=True` until the kernels write grouped rows
 
-    def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int):
+    def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int, exact_combine: bool):
         self.symmetric = symmetric
         self.num_rdma_bytes = symmetric.num_bytes
         self.ranks_per_node = ranks_per_node
+        self.exact_combine = exact_combine  # f32 partials, else bf16 (Buffer(exact_internode_combine=))
         self._dispatch_region, self._combine_region = internode_regions(symmetric.num_bytes)
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
-             timeout_s: float) -> "InternodeBackend":
+             timeout_s: float, exact_combine: bool) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective); peers
         within a node are written directly, the others over the network; waits on a peer give up after
-        `timeout_s`."""
+        `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16."""
         return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node),
-                   ranks_per_node)
+                   ranks_per_node, exact_combine)
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
@@ -170,7 +174,8 @@ class InternodeBackend:
             fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
                             f"multiple of 8), got hidden size {hidden}")
         top_k = topk_weights.shape[1] if topk_weights is not None else 0
-        layout = internode_combine_layout(num_tokens, hidden, top_k, self.ranks_per_node, ctx.num_ranks)
+        layout = internode_combine_layout(num_tokens, hidden, top_k, self.ranks_per_node, ctx.num_ranks,
+                                          exact_partials=self.exact_combine)
         self._fits("combine", layout.half_bytes, layout.staging_bytes)
         f32, bf16 = jnp.float32, jnp.bfloat16
         biases = [optional_operand(b, bf16) for b in (list(bias) + [None, None])[:2]]
@@ -182,6 +187,6 @@ class InternodeBackend:
             y, optional_operand(None if topk_weights is None else topk_weights.astype(f32), f32), *biases,
             handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
             route.forwarded, axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
-            ranks_per_node=np.int64(self.ranks_per_node), region=struct_attribute(self._combine_region),
-            layout=struct_attribute(layout))
+            ranks_per_node=np.int64(self.ranks_per_node), exact_partials=self.exact_combine,
+            region=struct_attribute(self._combine_region), layout=struct_attribute(layout))
         return x, (weights if topk_weights is not None else None)

@@ -16,10 +16,16 @@ from .expert_grouped import ExpertGroupedOps
 
 
 class ReferenceBackend:
-    """Both modes in pure JAX (XLA collectives over the axis); holds no state."""
+    """Both modes in pure JAX (XLA collectives over the axis); holds no device state. Over several nodes its
+    combine rounds each node's partial sum to bf16 as the internode kernels do, unless
+    `exact_internode_combine` (`Buffer(exact_internode_combine=)`)."""
 
     name = "reference"
     mode = "reference"
+
+    def __init__(self, exact_internode_combine: bool = False):
+        self.exact_internode_combine = exact_internode_combine
+        self.expert_grouped = ExpertGroupedOps(self)
 
     def destroy(self):
         pass
@@ -30,8 +36,11 @@ class ReferenceBackend:
     get_dispatch_layout = staticmethod(normal.get_dispatch_layout)
     dispatch = staticmethod(normal.dispatch)
     cached_dispatch = staticmethod(normal.cached_dispatch)
-    combine = staticmethod(normal.combine)
-    expert_grouped = ExpertGroupedOps(normal)
+
+    def combine(self, ctx: RankContext, config, handle, y, topk_weights, bias):
+        return normal.combine(ctx, config, handle, y, topk_weights, bias,
+                              exact_partials=self.exact_internode_combine)
+
     low_latency_dispatch_send = staticmethod(low_latency.dispatch_send)
     low_latency_dispatch_recv = staticmethod(low_latency.dispatch_recv)
     low_latency_combine_send = staticmethod(low_latency.combine_send)

@@ -77,8 +77,10 @@ def _recv_flat_rows(handle: DispatchHandle, capacity: int):
     return jnp.where(src >= 0, src * capacity + j, -1)
 
 
-def _backward(ctx: RankContext, handle: DispatchHandle, rows, accumulate_dtype):
-    """Sum receive rows `rows [N, ...]` back onto their source tokens: `[T, ...]`."""
+def _backward(ctx: RankContext, handle: DispatchHandle, rows, accumulate_dtype, bf16_partials: bool = False):
+    """Sum receive rows `rows [N, ...]` back onto their source tokens: `[T, ...]`. As the internode
+    kernels sum: per node, its ranks' rows in rank order (the node's partial, rounded to bf16 with
+    `bf16_partials`), then the partials in node order."""
     num_tokens, num_ranks = handle.is_token_in_rank.shape
     capacity = min(num_tokens, handle.capacity)
     # Slot (s, j) of the return buffer holds receive row prefix[s] + j when that row exists.
@@ -95,7 +97,15 @@ def _backward(ctx: RankContext, handle: DispatchHandle, rows, accumulate_dtype):
     def add_rank(d, acc):
         return acc + gather_rows(back, flat_back[:, d]).astype(accumulate_dtype)
 
-    return jax.lax.fori_loop(1, num_ranks, add_rank, add_rank(0, 0))
+    def add_node(node, acc):
+        first = node * ctx.ranks_per_node
+        partial = jax.lax.fori_loop(first + 1, first + ctx.ranks_per_node, add_rank, add_rank(first, 0))
+        if bf16_partials:
+            # reduce_precision, unlike a cast to bf16 and back, survives XLA's excess-precision rewrites.
+            partial = jax.lax.reduce_precision(partial, exponent_bits=8, mantissa_bits=7)
+        return acc + partial
+
+    return jax.lax.fori_loop(1, ctx.num_nodes, add_node, add_node(0, 0))
 
 
 def _make_handle(ctx: RankContext, layout: DispatchLayout, num_experts: int, capacity: int,
@@ -155,10 +165,13 @@ def cached_dispatch(ctx: RankContext, config, handle: DispatchHandle, parts, top
     return recv_parts, recv_w
 
 
-def combine(ctx: RankContext, config, handle: DispatchHandle, y, topk_weights, bias):
+def combine(ctx: RankContext, config, handle: DispatchHandle, y, topk_weights, bias, exact_partials: bool):
+    """Over several nodes each node's partial of `y` is rounded to bf16 unless `exact_partials`; the
+    weights' partials stay f32, as in the internode kernels."""
     del config
     live = (jnp.arange(handle.capacity) < handle.num_recv_tokens)[:, None]
-    acc = _backward(ctx, handle, jnp.where(live, y, jnp.zeros((), y.dtype)), jnp.float32)
+    acc = _backward(ctx, handle, jnp.where(live, y, jnp.zeros((), y.dtype)), jnp.float32,
+                    bf16_partials=ctx.num_nodes > 1 and not exact_partials)
     for b in bias:
         acc = acc + b.astype(jnp.float32)
     combined_w = None
