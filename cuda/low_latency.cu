@@ -59,10 +59,12 @@ __device__ __forceinline__ uint32_t* half_receipt(const LowLatencyCall& c, int k
 // must have received that call already. If it has not, its receive runs after this send on the
 // stream, and neither it nor any peer (every rank runs the same program) can ever hand out the
 // receipt this send would wait for: fail now, naming the limit.
+// (Receipts start at 0, so the first B calls pass; the comparisons are of differences, so the call
+// numbers may wrap.)
 __device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kind, uint32_t seq,
                                                 const WaitContext& wait) {
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
-  if (threadIdx.x != 0 || seq <= halves) return;
+  if (threadIdx.x != 0) return;
   const uint32_t own = load_acquire(half_receipt(c, kind, seq, c.mem.rank));
   if (static_cast<int32_t>(own - (seq - halves)) < 0) {
     fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
@@ -73,7 +75,7 @@ __device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kin
 __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, uint32_t seq, int dst,
                                            const WaitContext& wait) {
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
-  if (threadIdx.x == 0 && seq > halves) {
+  if (threadIdx.x == 0) {
     const uint32_t previous = seq - halves;
     wait_until(half_receipt(c, kind, seq, dst),
                [previous](uint32_t v) { return static_cast<int32_t>(v - previous) >= 0; }, wait, WaitKind::kReceipt,

@@ -1,6 +1,7 @@
 // Low-latency dispatch/combine kernels over an NVSHMEM symmetric buffer (docs/API.md).
 //
-// The symmetric buffer holds B halves (as many as num_rdma_bytes holds, 2 to kMaxLowLatencyHalves):
+// The symmetric buffer holds B halves (as many as num_rdma_bytes holds, a power of two from 2 to
+// kMaxLowLatencyHalves):
 // call number `seq`, counted per op kind, uses half `seq % B`. Before a send writes into a peer's
 // half it waits for that peer's receipt of call `seq - B`, the half's previous user (receipts are
 // kept per half, so calls may be received in any order), so a fast rank never overwrites rows a

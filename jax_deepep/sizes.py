@@ -110,10 +110,12 @@ def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_e
 
 
 def low_latency_num_halves(num_rdma_bytes: int, layout: LowLatencyLayout) -> int:
-    """B: how many halves of `layout` a symmetric buffer of `num_rdma_bytes` holds, at most
+    """B: how many halves of `layout` a symmetric buffer of `num_rdma_bytes` holds, rounded down to a
+    power of two (so that n % B stays in step when the 32-bit call number n wraps), at most
     MAX_LOW_LATENCY_HALVES. Call n of an op uses half n % B, so a rank may have up to B sends of one op
     in flight (cuda/low_latency.cuh)."""
-    return min(num_rdma_bytes // layout.half_bytes, MAX_LOW_LATENCY_HALVES)
+    fits = min(num_rdma_bytes // layout.half_bytes, MAX_LOW_LATENCY_HALVES)
+    return 1 << (fits.bit_length() - 1) if fits > 0 else 0
 
 
 # ---- internode ---------------------------------------------------------------------------------

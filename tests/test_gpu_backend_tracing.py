@@ -136,7 +136,7 @@ def test_low_latency_calls_carry_what_the_handlers_decode():
     only when it runs); each send has a call site of its own, so XLA can never merge two."""
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
     half = 133376  # sizes.low_latency_layout(8, 256, 16).half_bytes
-    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=3 * half + 5)
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=5 * half + 5)
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     layer = moe.sharded_moe(buffer, config, low_latency_tokens=8)
@@ -151,7 +151,7 @@ def test_low_latency_calls_carry_what_the_handlers_decode():
                                                        "jax_deepep_ll_dispatch_recv", "jax_deepep_ll_dispatch_send"]
     for target, attributes in calls:
         _check_decodable(attributes, handler_attrs_struct(target), target)
-        assert attributes["sizes"]["num_halves"] == "3 : i64"
+        assert attributes["sizes"]["num_halves"] == "4 : i64"  # 5 fit: rounded down to a power of two
     sites = [attributes["call_site"] for target, attributes in calls if target.endswith("_send")]
     assert len(sites) == 4 and len(set(sites)) == 4, sites
 

@@ -5,8 +5,9 @@ process's CUDA context with it:
   - ok: a peer late by less than the timeout (the result is exact), 100 dispatch/combine pairs in one
     `lax.fori_loop` (1000 in low-latency mode: decode steps; exact), and 100 create/destroy cycles (free
     device memory drifts by at most 1 MiB per cycle, measured once every process is between cycles);
-    in low-latency mode also three equal dispatches sent before any is received, on a buffer of three
-    halves, run twice with rank 1 late (exact);
+    in low-latency mode also a send that must wait for a late peer's receipt of an earlier call
+    received out of order (exact), and three equal dispatches sent before any is received, on a buffer
+    of four halves, run twice with rank 1 late (exact);
   - late: rank 1 never takes part: rank 0 raises within timeout + 10 s, `Buffer.failure()` names the op,
     both ranks and "timed out", and `destroy()` returns within timeout + 10 s;
   - killed: rank 1 is SIGKILLed just before the op: the same for rank 0, then a new job (fresh) works;
@@ -203,8 +204,10 @@ def scenario_ok(w: FaultWorker):
         w.expect_exact(w.compiled(body)(*w.args()), f"{steps} round trips in one fori_loop")
 
     def late_receipt():
-        # Two halves: send 1, receive 1, send 2, send 3 (reusing call 1's half), receive 2 and 3, each a
-        # program of its own, rank 1 late to receive call 1: rank 0's third send waits for rank 1's receipt.
+        # Two halves, each op a program of its own: sends 1 and 2; rank 1 receives 2, then (late) 1, rank 0
+        # receives 1 then 2; then send 3, which reuses call 1's half: rank 0's waits for rank 1's receipt
+        # of call 1 (a receipt per half: one per op kind would say 2 and let it through, and would make
+        # rank 1's receive of call 1 look like a second one).
         b = w.buffer
         send = w.compile(lambda x, idx: b.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M,
                                                                num_experts=EXPERTS, use_fp8=False,
@@ -213,14 +216,16 @@ def scenario_ok(w: FaultWorker):
         combine = w.compile(lambda out, idx, weights: b.low_latency_combine(out.recv_x, idx, weights, out.handle))
         xs = [(w.x.astype(np.float32) * 2.0**i).astype(w.x.dtype) for i in range(3)]  # exact in bf16
         idx, weights = w.place(w.idx), w.place(w.weights)
-        pending = [send(w.place(xs[0]), idx)]
-        jax.block_until_ready(pending[0])
-        _barrier("late receipt: first sent")
+        pending = [send(w.place(x), idx) for x in xs[:2]]
+        jax.block_until_ready(pending)
+        _barrier("late receipt: two sent")
         if w.rank == 1:
+            second = jax.block_until_ready(receive(pending[1]))
             time.sleep(LATE_S)
-        outs = [receive(pending[0])]
-        pending += [send(w.place(x), idx) for x in xs[1:]]
-        outs += [receive(p) for p in pending[1:]]
+            outs = [receive(pending[0]), second]
+        else:
+            outs = [receive(pending[0]), receive(pending[1])]
+        outs.append(receive(send(w.place(xs[2]), idx)))
         for i, out in enumerate(outs):
             normal_checks.same_values(w.local(combine(out, idx, weights)), xs[i][w.rank], f"call {i + 1}")
 
@@ -228,7 +233,7 @@ def scenario_ok(w: FaultWorker):
         # Run twice, rank 1 late to both: rank 0's second sends reuse the halves of its first, and wait for
         # rank 1's receipts of them.
         w.buffer.destroy()
-        w.buffer = _make_buffer(w.mode, halves=3)
+        w.buffer = _make_buffer(w.mode, halves=4)  # three in flight need more than two (B is 2, 4 or 8)
         run = w.compiled(w.three_in_flight)
         _barrier("three in flight compiled")
         if w.rank == 1:
@@ -259,7 +264,7 @@ def scenario_ok(w: FaultWorker):
     w.check(f"{steps} round trips in one fori_loop", loop_of_steps)
     if w.mode.startswith("low_latency"):
         w.check("a send that waits for a late peer's receipt", late_receipt)
-        w.check("three dispatches in flight on three halves, twice, rank 1 late", three_in_flight)
+        w.check("three dispatches in flight on four halves, twice, rank 1 late", three_in_flight)
     w.check("100 create/destroy cycles", cycles_of_100)
     w.buffer.destroy()
     return 1 if w.failures else 0
@@ -386,7 +391,8 @@ def scenario_shapes(w: FaultWorker):
     m = M if w.rank == 0 else M // 2
 
     def dispatch(x, idx, copies, weights):
-        if w.rank == 0:  # only its own experts: its rows, laid out for its sizes, never land in rank 1's halves
+        if w.rank == 0:  # only its own experts: its rows never land in rank 1's buffer (its signals land
+            # far above the halves rank 1 uses)
             idx = idx % (EXPERTS // NUM_RANKS)
         return b.low_latency_dispatch(x[:m], idx[:m], num_max_dispatch_tokens_per_rank=m, num_experts=EXPERTS,
                                       use_fp8=False).recv_x

@@ -20,7 +20,13 @@ def test_low_latency_halves_are_what_the_buffer_holds():
     layout = sizes.low_latency_layout(8, 256, 16)
     hint = 2 * layout.half_bytes
     assert sizes.low_latency_num_halves(hint, layout) == 2
-    assert sizes.low_latency_num_halves(3 * layout.half_bytes + 100, layout) == 3
+    # Powers of two (n % B stays in step when the call numbers wrap), at most the kernels' receipts per kind.
+    assert sizes.low_latency_num_halves(3 * layout.half_bytes + 100, layout) == 2
+    assert sizes.low_latency_num_halves(7 * layout.half_bytes, layout) == 4
+    assert sizes.low_latency_num_halves(100 * layout.half_bytes, layout) == 8 == sizes.MAX_LOW_LATENCY_HALVES
+    if (ROOT / "cuda").is_dir():
+        source = (ROOT / "cuda" / "nvshmem_peers.cuh").read_text()
+        assert f"constexpr int kMaxLowLatencyHalves = {sizes.MAX_LOW_LATENCY_HALVES};" in source
     assert deepep.Buffer.get_low_latency_rdma_size_hint(8, 256, 2, 16) == hint
 
 

@@ -117,11 +117,12 @@ std::optional<LowLatencyMemory> checked_memory(int32_t device, const LowLatencyS
                      " (a multiple of 8), num_experts=" + std::to_string(num_experts) + " (a multiple of ranks)");
     return std::nullopt;
   }
-  if (sizes.num_halves < 2 || sizes.num_halves > kMaxLowLatencyHalves ||
+  const bool power_of_two = (sizes.num_halves & (sizes.num_halves - 1)) == 0;  // call numbers wrap in step
+  if (sizes.num_halves < 2 || sizes.num_halves > kMaxLowLatencyHalves || !power_of_two ||
       sizes.num_halves * l.half_bytes > rt->num_bytes) {
     *error = invalid("num_rdma_bytes=" + std::to_string(rt->num_bytes) + " does not hold the " +
                      std::to_string(sizes.num_halves) + " halves of " + std::to_string(l.half_bytes) +
-                     " bytes the op was traced with (2 to " + std::to_string(kMaxLowLatencyHalves) + " are served)");
+                     " bytes the op was traced with (2, 4 or 8 are served)");
     return std::nullopt;
   }
   const uint64_t rows = num_experts * max_tokens;

@@ -124,7 +124,8 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   // Receive halves, then one half of staging for puts to peers without a direct mapping (the low-
   // latency halves are at most num_bytes / 2 each), then the peers' op stamps and receipts.
   const uint64_t staging_bytes = num_bytes / 2;
-  const uint64_t control_at = (num_bytes + staging_bytes + 15) / 16 * 16;
+  const uint64_t staging_at = (num_bytes + 15) / 16 * 16;  // 16-byte rows are staged there
+  const uint64_t control_at = (staging_at + staging_bytes + 15) / 16 * 16;
   const uint64_t control_bytes = (1 + kNumReceiptKinds * kMaxLowLatencyHalves) * num_ranks * sizeof(uint32_t);
   char* buffer = static_cast<char*>(nvshmem_malloc(control_at + control_bytes));
   if (buffer == nullptr) {
@@ -132,7 +133,7 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
          " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
   s->memory.local = buffer;
-  s->memory.staging = buffer + num_bytes;
+  s->memory.staging = buffer + staging_at;
   s->memory.op_stamps = reinterpret_cast<int*>(buffer + control_at);
   s->memory.receipts = reinterpret_cast<uint32_t*>(s->memory.op_stamps + num_ranks);
   // Signals, stamps and receipts start at zero on every PE before anyone can write one.
