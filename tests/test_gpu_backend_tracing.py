@@ -53,6 +53,12 @@ def test_moe_gradient_traces_through_cuda_backend(data_parallel, fp8, grouped):
     assert set(_TARGETS[grouped]) <= called and not called & set(_TARGETS[not grouped]), called
     # Without effects the training step keeps JAX's C++ dispatch path (gpu/ffi_call.py says why).
     assert not traced.jaxpr.effects, traced.jaxpr.effects
+    # Every call carries exactly the attributes its handler decodes (else XLA refuses it, on a GPU only).
+    if data_parallel == 1:
+        calls = _custom_call_attributes(traced.lower(lowering_platforms=("cuda",)).as_text())
+        assert set(_TARGETS[grouped]) <= {target for target, _ in calls}
+        for target, attributes in calls:
+            _check_decodable(attributes, handler_attrs_struct(target), target)
 
 
 def _equations(jaxpr):
