@@ -18,19 +18,26 @@ M = T  # num_max_dispatch_tokens_per_rank
 BATCH = 3
 
 
+def _received(rows, num_recv_tokens):
+    """`rows` with those past `num_recv_tokens` zeroed: docs/API.md leaves them unspecified."""
+    valid = jnp.arange(rows.shape[0]) < num_recv_tokens
+    return jnp.where(valid.reshape(-1, *([1] * (rows.ndim - 1))), rows, jnp.zeros((), rows.dtype))
+
+
 def dispatch_bf16(buffer, x, topk_idx, topk_weights):
     out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=E)
-    return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens_per_expert, out.num_recv_tokens
+    return (_received(out.recv_x, out.num_recv_tokens), out.recv_topk_idx, out.recv_topk_weights,
+            out.num_recv_tokens_per_expert, out.num_recv_tokens)
 
 
 def dispatch_fp8(buffer, x, topk_idx, topk_weights):
     out = buffer.dispatch(fp8.per_block_cast_to_fp8(x), topk_idx=topk_idx, topk_weights=topk_weights, num_experts=E)
-    return (*out.recv_x, out.recv_topk_weights)
+    return (*(_received(a, out.num_recv_tokens) for a in out.recv_x), out.recv_topk_weights)
 
 
 def cached_dispatch(buffer, x, topk_idx, topk_weights):
-    handle = buffer.dispatch(x, topk_idx=topk_idx, num_experts=E).handle
-    return (buffer.dispatch(jnp.sin(x), handle=handle).recv_x,)
+    first = buffer.dispatch(x, topk_idx=topk_idx, num_experts=E)
+    return (_received(buffer.dispatch(jnp.sin(x), handle=first.handle).recv_x, first.num_recv_tokens),)
 
 
 def combine(buffer, x, topk_idx, topk_weights):
