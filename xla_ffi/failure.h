@@ -2,7 +2,9 @@
 // (as an FFI error) and the Python bindings (Buffer.failure) give for a kernel that failed.
 #pragma once
 
+#include <chrono>
 #include <string>
+#include <thread>
 
 #include "cuda/wait.cuh"
 
@@ -12,6 +14,9 @@ namespace jax_deepep {
 inline std::string failure_message(const volatile ErrorRecord& r) {
   const int code = r.code;
   if (code == 0) return "";
+  // The failing kernel claims the record (its code) before it writes the other fields: a reader that
+  // comes in between waits for them, as long as the kernel's own wait for a complete record (100 ms).
+  for (int i = 0; i < 1000 && r.complete == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
   const std::string op = op_name(r.op), rank = std::to_string(r.rank), peer = std::to_string(r.peer);
   std::string what;
   if (code == static_cast<int>(WaitKind::kOpMismatch)) {
