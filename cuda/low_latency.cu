@@ -2,8 +2,8 @@
 //
 // Peers reachable over NVLink/P2P (mapped: nvshmem_ptr, or CUDA IPC within a node) get plain stores
 // into their buffer and a release store of the signal; other peers get rows staged locally, puts,
-// a quiet and then the signal put (remote_put.cuh; built with NVSHMEM only). Every wait gives up after mem.timeout_ns and fills the
-// host-mapped error record instead of spinning forever (wait.cuh). Sends claim their half of each
+// a quiet and then the signal put (remote_put.cuh; built with NVSHMEM only). Every wait gives up
+// after mem.timeout_ns and fills the host-mapped error record instead of spinning forever (wait.cuh). Sends claim their half of each
 // destination first, and the last block of each receive hands out the receipts that let the
 // senders reuse it (low_latency.cuh).
 #include "cuda/launch.h"
@@ -449,8 +449,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   const int first_row = count * warp / kWarps, end_row = count * (warp + 1) / kWarps;
   if (end_row > first_row) {
     char* dst_rows = mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes;
-    put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes,
-                             (end_row - first_row) * row_bytes, dst);
+    put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes, (end_row - first_row) * row_bytes,
+             dst);
     __syncwarp();
     if (lane == 0) put_quiet();
   }

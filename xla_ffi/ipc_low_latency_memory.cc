@@ -15,7 +15,9 @@ namespace jax_deepep {
 const char* low_latency_target_prefix() { return "jax_deepep_ll_node_"; }
 
 std::optional<LowLatencyMemory> find_low_latency_memory(int64_t buffer_id, int device, ffi::Error* error) {
-  auto where = [&] { return "communication buffer " + std::to_string(buffer_id) + " on device " + std::to_string(device); };
+  auto where = [&] {
+    return "communication buffer " + std::to_string(buffer_id) + " on device " + std::to_string(device);
+  };
   std::shared_ptr<RankState> found = find_rank_state(buffer_id, device);
   if (found != nullptr && found->low_latency_bytes == 0) found.reset();  // a Buffer without low-latency area
   std::shared_ptr<RankState> s = live_state_or_error(
@@ -29,7 +31,8 @@ std::optional<LowLatencyMemory> find_low_latency_memory(int64_t buffer_id, int d
   for (int r = 0; r < s->num_ranks; ++r) {
     if (s->peers[r] == nullptr) {
       *error = ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                          "jax_deepep low-latency: rank " + std::to_string(r) + "'s buffer is not mapped in " + where());
+                          "jax_deepep low-latency: rank " + std::to_string(r) + "'s buffer is not mapped in " +
+                              where());
       return std::nullopt;
     }
   }

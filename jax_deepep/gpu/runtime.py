@@ -76,8 +76,9 @@ class CommBuffers:
     """The communication buffers of every local device of `mesh` for axis `axis_name`, under the id and
     key-value namespace `keys` of their Buffer; `timeout_s` bounds the waits for the other processes at
     creation and in `destroy()`. With `low_latency_bytes`, each buffer also has a low-latency area of
-    that many bytes of halves, for the low-latency kernels within one node (xla_ffi/runtime.h). Dropped without `destroy()`, they are freed at garbage collection or exit (with no
-    waiting on peers: a peer process that still maps them must be gone or done with them)."""
+    that many bytes of halves, for the low-latency kernels within one node (xla_ffi/runtime.h). Dropped
+    without `destroy()`, they are freed at garbage collection or exit (with no waiting on peers: a peer
+    process that still maps them must be gone or done with them)."""
 
     def __init__(self, mesh, axis_name: str, num_bytes: int, keys: BufferKeys, *, timeout_s: float,
                  low_latency_bytes: int = 0):
