@@ -133,9 +133,9 @@ class Buffer:
         self.tuned_configs = tuned.load(mesh.devices.flat[0].device_kind, self.num_ranks)
         self.keys = creation.agree(mesh, self._arguments())
         self.buffer_id = self.keys.buffer_id
-        self.normal_backend, self.low_latency_backend = self._make_backends()
         self._destroyed = False
         self._failure = None  # Buffer.failure(), once known
+        self.normal_backend, self.low_latency_backend = self._make_backends()
 
     def _arguments(self) -> dict:
         """What every process must have passed alike (the default Configs follow from `num_ranks`,

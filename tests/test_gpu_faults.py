@@ -17,7 +17,10 @@ process's CUDA context with it:
     both ranks raise at once, saying that more sends are in flight than the buffer has halves;
   - shapes (low latency): rank 1 dispatches with another `num_max_dispatch_tokens_per_rank`: both raise
     within the timeout, naming the op and saying that the shapes differ.
-Workers check themselves; a worker's exit code says whether its checks passed.
+Workers check themselves; a worker's exit code says whether its checks passed. A failing rank whose wait
+for its trapped op never returns (XLA waits for a host function that CUDA does not run after a trap) is
+ended by the failure watchdog instead, with exit code 70 and the failure printed: the test accepts that
+and checks what was printed.
 """
 from __future__ import annotations
 
@@ -44,6 +47,13 @@ _SCENARIO = "JAX_DEEPEP_TEST_FAULT"
 _MODE = "JAX_DEEPEP_TEST_FAULT_MODE"
 
 
+# The ranks whose op fails in each failing scenario. Such a rank may instead be ended by the failure
+# watchdog (jax_deepep/gpu/failure_watchdog.py) when XLA's wait for the trapped op never returns: then
+# its output must hold the watchdog's line and what the worker expected the failure to say.
+FAILING_RANKS = {"late": (0,), "killed": (0,), "mismatch": (0, 1), "in_flight": (0, 1), "shapes": (0, 1)}
+_EXPECT = "expected failure: "  # a worker prints this, then the strings joined by " | "
+
+
 def _run(mode: str, scenario: str, exit_codes=None):
     reason = normal_checks.skip_reason()
     if reason is None and mode in ("low_latency_nvshmem", "internode"):
@@ -60,7 +70,18 @@ def _run(mode: str, scenario: str, exit_codes=None):
         env["JAX_DEEPEP_RANKS_PER_NODE"] = "1"
     env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    gpu_workers.run_workers(__file__, NUM_RANKS, env, f"_{mode}_{scenario}", timeout_s=180, exit_codes=exit_codes)
+    from jax_deepep.gpu.failure_watchdog import EXIT_CODE
+
+    codes = list(exit_codes or [0] * NUM_RANKS)
+    for r in FAILING_RANKS.get(scenario, ()):
+        codes[r] = {codes[r], EXIT_CODE}
+    got, outputs = gpu_workers.run_workers(__file__, NUM_RANKS, env, f"_{mode}_{scenario}", timeout_s=180,
+                                           exit_codes=codes)
+    for code, out in zip(got, outputs):
+        if code == EXIT_CODE:
+            assert _EXPECT in out and "destroy() was not called within timeout_s" in out, out[-2000:]
+            expected = out.split(_EXPECT, 1)[1].splitlines()[0].split(" | ")
+            assert all(e in out.split(_EXPECT, 1)[1] for e in expected), (expected, out[-2000:])
 
 
 @pytest.mark.gpu
@@ -281,6 +302,7 @@ def _expect_failure(w: FaultWorker, run, *, within_s: float, contains):
 
     from jax_deepep import DeepEPError
 
+    print(_EXPECT + " | ".join(contains), flush=True)
     start = time.time()
     try:
         jax.block_until_ready(run())
@@ -312,7 +334,10 @@ def scenario_peer_gone(w: FaultWorker, killed: bool):
     if w.rank == 1:
         if killed:
             os.kill(os.getpid(), signal.SIGKILL)
-        kv_client().blocking_key_value_get("test_gpu_faults/rank 0 done", 120_000)  # alive, taking part in nothing
+        try:  # alive, taking part in nothing, until rank 0 is done (or was ended by the failure watchdog)
+            kv_client().blocking_key_value_get("test_gpu_faults/rank 0 done", 120_000)
+        except Exception as e:  # noqa: BLE001 - rank 0, which holds the key-value store, is gone
+            print(f"rank 0 is gone: {str(e)[:200]}", flush=True)
         return 0
     w.check("the op without its peer raises, names the op, destroy returns",
             lambda: _expect_failure(w, lambda: step(*w.args()), within_s=TIMEOUT_S + BOUND_S,
@@ -426,10 +451,25 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
     else:
         code = scenario_mismatch(w)
     print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)
-    if not (scenario == "killed" or w.failures):
+    if scenario in ("ok", "fresh") and not w.failures:
         # A process that leaves the job first makes jax.distributed terminate the others: leave together.
         _barrier("end", 60)
+    elif scenario in FAILING_RANKS and scenario != "killed":
+        _leave(rank)
     return code
+
+
+def _leave(rank: int):
+    """Leave together with the peers that are still there: one ended by the failure watchdog never comes."""
+    from jax_deepep.topology import kv_client
+
+    kv_client().key_value_set(f"test_gpu_faults/left/{rank}", "1")
+    for peer in range(NUM_RANKS):
+        if peer != rank:
+            try:
+                kv_client().blocking_key_value_get(f"test_gpu_faults/left/{peer}", int((TIMEOUT_S + BOUND_S) * 1000))
+            except Exception as e:  # noqa: BLE001 - the peer is gone, or the store with it
+                print(f"rank {peer} did not leave with us: {str(e)[:200]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
   the intranode backend's communication buffers, mapped over CUDA IPC or peer access (any process
   model); across nodes over NVSHMEM (one process per GPU); else the pure-JAX backend (with a warning
   when only the NVSHMEM library is missing).
+Every GPU Buffer is watched by `failure_watchdog` until it is destroyed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import warnings
 from .. import reference
 from ..config import MAX_NVL_PEERS
 from ..validation import DeepEPError
+from . import failure_watchdog
 from .library import available, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "make_backends"]
@@ -78,7 +80,7 @@ def make_backends(buffer, keys) -> tuple:
     raising."""
     normal = _normal_backend(buffer, keys)
     try:
-        return normal, _low_latency_backend(buffer, keys, normal)
+        backends = normal, _low_latency_backend(buffer, keys, normal)
     except BaseException as error:
         # Collective like any destroy, and bounded by the Buffer's timeout where a process is missing.
         try:
@@ -86,3 +88,5 @@ def make_backends(buffer, keys) -> tuple:
         except DeepEPError as cleanup:
             error.add_note(f"jax_deepep: freeing the normal-mode buffers made before failed too: {cleanup}")
         raise
+    failure_watchdog.watch(buffer, backends)
+    return backends
