@@ -502,29 +502,38 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     fp8_bytes = num_pairs * (H + H // FP8_BLOCK * 4)
 
     rdma_bytes = Buffer.get_low_latency_rdma_size_hint(M, H, R, E)
-    buffer = Buffer(mesh, AXIS, num_rdma_bytes=rdma_bytes, low_latency_mode=True)
-    transport = getattr(buffer.backend, "transport", None)  # the CUDA kernels' memory: "node" or "nvshmem"
-    impl = f"buffer[{buffer.backend.name}{'/' + transport if transport else ''}]"
+    buffers = [Buffer(mesh, AXIS, num_rdma_bytes=rdma_bytes, low_latency_mode=True)]
+    if getattr(buffers[0].backend, "transport", None) == "node" and _nvshmem_available():
+        # The same ops with every row as an NVSHMEM put (as between nodes), for the transports' ratio.
+        buffers.append(Buffer(mesh, AXIS, num_rdma_bytes=rdma_bytes, low_latency_mode=True,
+                              allow_nvlink_for_low_latency_mode=False))
 
     keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), len(sets))
     srcs = [random_tokens(mesh, k, sizes, rows=max(int(num_pairs), 1)) for k in keys]
     runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
                       note="device copy of the received (token, expert) rows"),
                stateless(jnp.copy), [(a,) for a in srcs])
-
-    def ll_dispatch(x, idx, use_fp8):
-        return buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, use_fp8=use_fp8)
-
-    firsts = [per_rank(mesh, lambda x, i: ll_dispatch(x, i, False))(x, idx) for x, idx, _ in sets]
-    for use_fp8 in (False, True):
-        runner.run(Result("ll_dispatch", impl, "fp8" if use_fp8 else "bf16",
-                          bytes_per_rank=fp8_bytes if use_fp8 else bf16_bytes),
-                   stateless(lambda x, i, f=use_fp8: ll_dispatch(x, i, f)), [(x, idx) for x, idx, _ in sets])
     sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-    ys = [jax.device_put(jax.random.normal(k, firsts[0].recv_x.shape, jnp.bfloat16), sharding) for k in keys]
-    runner.run(Result("ll_combine", impl, "bf16", bytes_per_rank=bf16_bytes),
-               stateless(lambda y, i, w, h: buffer.low_latency_combine(y, i, w, h)),
-               [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(ys, sets, firsts)])
+    firsts = ys = None
+    for buffer in buffers:
+        transport = getattr(buffer.backend, "transport", None)  # the CUDA kernels' memory: "node" or "nvshmem"
+        impl = f"buffer[{buffer.backend.name}{'/' + transport if transport else ''}]"
+
+        def ll_dispatch(x, idx, use_fp8, buffer=buffer):
+            return buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E,
+                                               use_fp8=use_fp8)
+
+        outs = [per_rank(mesh, lambda x, i: ll_dispatch(x, i, False))(x, idx) for x, idx, _ in sets]
+        if firsts is None:
+            firsts = outs
+            ys = [jax.device_put(jax.random.normal(k, outs[0].recv_x.shape, jnp.bfloat16), sharding) for k in keys]
+        for use_fp8 in (False, True):
+            runner.run(Result("ll_dispatch", impl, "fp8" if use_fp8 else "bf16",
+                              bytes_per_rank=fp8_bytes if use_fp8 else bf16_bytes),
+                       stateless(lambda x, i, f=use_fp8: ll_dispatch(x, i, f)), [(x, idx) for x, idx, _ in sets])
+        runner.run(Result("ll_combine", impl, "bf16", bytes_per_rank=bf16_bytes),
+                   stateless(lambda y, i, w, h, buffer=buffer: buffer.low_latency_combine(y, i, w, h)),
+                   [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(ys, sets, outs)])
 
     def base_dispatch(x, idx, buf):
         out = baselines.low_latency_dispatch(x, idx, buf, axis_name=AXIS, num_experts=E)
@@ -550,7 +559,13 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     runner.run(Result("ll_combine", "jax:padded", "bf16", bytes_per_rank=bf16_bytes),
                stateless(lambda y, w, p: baselines.low_latency_combine(y, w, p, axis_name=AXIS)),
                [(y, w, plan) for y, (_, _, w), (plan, _) in zip(ys, sets, outs)], None, check)
-    return [buffer]
+    return buffers
+
+
+def _nvshmem_available() -> bool:
+    from .gpu import nvshmem
+
+    return nvshmem.available()
 
 
 # ---- output -------------------------------------------------------------------------------------
