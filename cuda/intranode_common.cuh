@@ -127,11 +127,15 @@ __device__ __forceinline__ void wait_ring_space(const WaitContext& wait, const P
 // the slots up to total `end` as this rank's tail there.
 __device__ __forceinline__ void publish_tail(BulkPipe& pipe, const PeerGroup& g, CommHeader* theirs, int channel,
                                              int me, uint64_t end) {
-  if (threadIdx.x % 32 == 0) pipe.drain();
-  __syncwarp();
-  __threadfence_system();
+  if (threadIdx.x % 32 == 0) pipe.drain();  // its bulk stores are complete and ordered with generic ones
+  __syncwarp();  // bar.sync is warp-aligned: the warp reconverges first
   named_barrier(g.barrier_id, g.threads());
-  if (g.leader) store_release(&theirs->tail[channel][me], end);
+  // The barrier orders every write of the group before the leader's fence (fences are cumulative),
+  // so one system-scope fence makes them all visible before the tail that announces them.
+  if (g.leader) {
+    __threadfence_system();
+    store_release(&theirs->tail[channel][me], end);
+  }
 }
 
 }  // namespace jax_deepep

@@ -335,7 +335,9 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
         });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
-    __threadfence();
+    // Every load of the slots has returned before the barrier, which orders them before the
+    // leader's release: the sender cannot overwrite a slot that is still being read.
+    __syncwarp();
     named_barrier(g.barrier_id, g.threads());
     if (g.leader) store_release(&theirs->head[channel][me], base + done);
   }
