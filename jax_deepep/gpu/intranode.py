@@ -210,8 +210,8 @@ class IntranodeBackend:
                             f"multiple of 8), got hidden size {hidden}")
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
-        # A receiver waits for up to a chunk of slots past its head; the sender's chunk holding the
-        # last of them must fit in the ring, hence chunks of at most half the ring.
+        # Chunks of at most half the ring: the receiver releases its heads a chunk of tokens at a time,
+        # and the sender's next chunk then still fits behind them (cuda/intranode_combine.cu, `lag`).
         attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), hidden, half_ring_chunks=True)
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
