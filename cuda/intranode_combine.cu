@@ -2,7 +2,7 @@
 // passes the op barrier of cuda/op_sync.cuh).
 //
 // Block 2c sends channel c, block 2c+1 receives it (with one rank every block receives).
-//  - sender warps, one group per peer s: the rows this rank received from s whose source tokens
+//  - sender warps, one group per peer s (none for this rank, which sends nothing): the rows this rank received from s whose source tokens
 //    lie in s's channel c (a contiguous run of rows: rows are ordered by source token) go back
 //    into s's ring, in order;
 //  - receiver warps: each takes every kWarps-th token of channel c, waits for that token's slots
@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Arg
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
   if (sender) {
-    const PeerGroup g = peer_group(num_ranks);
-    if (g.peer < num_ranks && g.peer != info.rank) send_back(info, wait, args, pipe, g, channel);
+    const PeerGroup g = peer_group_without(num_ranks, info.rank);
+    if (g.peer < num_ranks) send_back(info, wait, args, pipe, g, channel);
   } else {
     receive_tokens(info, wait, args, channel, pipe);
   }
