@@ -2,12 +2,14 @@
 // passes the op barrier of cuda/op_sync.cuh).
 //
 // Block 2c sends channel c, block 2c+1 receives it (with one rank every block receives).
-//  - sender warps, one group per peer s: the rows this rank received from s whose source tokens
+//  - sender warps, one group per peer s (none for this rank, which sends nothing): the rows this rank received from s whose source tokens
 //    lie in s's channel c (a contiguous run of rows: rows are ordered by source token) go back
 //    into s's ring, in order;
-//  - receiver warps: for each token of channel c, add up (in f32, rank order) its rows from every
-//    rank it went to: this rank's own rows straight from `y`, the peers' from the rings; add the
-//    biases, round to bf16 once.
+//  - receiver warps: each takes every kWarps-th token of channel c, waits for that token's slots
+//    only, and adds up (in f32, rank order) its rows from every rank it went to: this rank's own
+//    rows straight from `y`, the peers' from the rings (every source's loads in flight at once);
+//    adds the biases, rounds to bf16 once. The warps share no barrier: the ring heads follow the
+//    tokens every warp has finished (finish_tokens).
 // The expert-grouped combine is the same kernel on GroupedCombineArgs: a sender's slot carries the
 // f32 sum of the token's pairs on this rank, and the receiver adds those partials instead of rows
 // (cuda/intranode_grouped.cuh). One f32 partial per (token, rank), not one bf16 row per pair: the
@@ -79,50 +81,48 @@ __device__ void send_back(const RankInfo& info, const WaitContext& wait, const A
   if (g.leader) mine->sent_total[channel][dst] = base + count;
 }
 
-// A token's rows as positions: this rank's row in `y`, or the slot index in a peer's ring past
-// what this channel's op started with; -1 where it was not sent (or was dropped).
-struct TokenPositions {
-  int token;
-  int at[kMaxRanks];
-};
-
 // Where a token's rows are: this rank's own row in `y`, or a slot of a peer's ring.
 struct TokenRows {
   int token;
   const char* row[kMaxRanks];  // null where it was not sent (or was dropped)
 };
 
-// Sums token t's rows (f32, rank order), adds the biases and rounds once into `out`.
+// Sums a token's rows (f32, rank order), adds the biases and rounds once into `out`, for up to
+// kRanks ranks. Each pass issues the loads of every rank's vectors before it adds the first, so
+// the reads of all sources are in flight together (about eight 16-byte loads per lane).
+template <int kRanks>
 __device__ void combine_row(const RankInfo& info, const CombineArgs& args, const TokenRows& rows, const int4* bias0,
                             const int4* bias1, int4* out) {
+  constexpr int kUnroll = kRanks >= 8 ? 1 : kRanks >= 4 ? 2 : 4;  // vectors per lane and rank in one pass
   const int me = info.rank, lane = threadIdx.x % 32;
   const int vectors = args.hidden / 8;
-  // kUnroll vectors per lane per pass, all loads of one source issued before they are used.
-  constexpr int kUnroll = 6;
   for (int first = lane; first < vectors; first += 32 * kUnroll) {
-    float acc[kUnroll][8] = {};
-    int4 v[kUnroll];
+    int4 v[kRanks][kUnroll];
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= info.num_ranks || !rows.row[d]) continue;
+    for (int d = 0; d < kRanks; ++d) {
       const int4* p = reinterpret_cast<const int4*>(rows.row[d]);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = first + 32 * u;
-        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : (d == me ? __ldg(p + i) : __ldcv(p + i));
+        v[d][u] = !p || i >= vectors ? make_int4(0, 0, 0, 0) : (d == me ? __ldg(p + i) : __ldcv(p + i));
       }
+    }
+    float acc[kUnroll][8] = {};
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
+    for (int d = 0; d < kRanks; ++d) {
+      if (!rows.row[d]) continue;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[d][u]);
     }
     for (const int4* bias : {bias0, bias1}) {
       if (!bias) continue;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = first + 32 * u;
-        v[u] = i >= vectors ? make_int4(0, 0, 0, 0) : __ldg(bias + i);
+        v[0][u] = i >= vectors ? make_int4(0, 0, 0, 0) : __ldg(bias + i);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[u]);
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc[u], v[0][u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -149,9 +149,19 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   int4* out = reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(t) * args.hidden);
   if (sources == 1 && !bias0 && !bias1 && bulk_copyable(out, only, args.hidden * 2)) {
     // One term and no bias: the f32 sum rounds back to that very row, so copy it (bulk engine).
-    if (lane == 0) pipe.copy(reinterpret_cast<char*>(out), only, args.hidden * 2);
+    // The slot was acquired through generic loads; the bulk engine reads it.
+    if (lane == 0) {
+      asm volatile("fence.proxy.async.global;" ::: "memory");
+      pipe.copy(reinterpret_cast<char*>(out), only, args.hidden * 2);
+    }
+  } else if (info.num_ranks <= 1) {
+    combine_row<1>(info, args, rows, bias0, bias1, out);
+  } else if (info.num_ranks <= 2) {
+    combine_row<2>(info, args, rows, bias0, bias1, out);
+  } else if (info.num_ranks <= 4) {
+    combine_row<4>(info, args, rows, bias0, bias1, out);
   } else {
-    combine_row(info, args, rows, bias0, bias1, out);
+    combine_row<kMaxRanks>(info, args, rows, bias0, bias1, out);
   }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;
@@ -169,86 +179,141 @@ __device__ void combine_token(const RankInfo& info, const CombineArgs& args, con
   }
 }
 
+// What the warps of a combine receiver block share: where each peer's ring starts for this op,
+// and how far the warps have got, from which the ring heads are released.
+struct ReceiverState {
+  uint64_t base[kMaxRanks];  // each peer's ring total when the op started
+  int limit[kMaxRanks];      // tokens past this many sent to a rank were dropped there
+  int sent_first[kMaxRanks];  // tokens before the channel sent to each rank
+  int next[kWarps];           // each warp's next token (range.last once it has none left)
+  int released;               // the heads cover the slots of every token before this one
+  unsigned requests;          // warps that finished a token since the heads were last looked at
+};
+
+// Whole warp, a combine receiver with peers: this warp finished every token before `next` that is
+// its own. Releases the heads once the tokens every warp finished (all before the smallest `next`)
+// are `lag` past the released ones. Of the warps that ask at once, the first (requests 0 -> 1)
+// releases, and looks again for as long as others asked meanwhile: one releasing warp at a time,
+// so the heads only grow, and no warp ever waits for another.
+template <typename Release>
+__device__ __forceinline__ void finish_tokens(ReceiverState& state, BulkPipe& pipe, int next, int last, int lag,
+                                              Release release) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  volatile int* progress = state.next;
+  __syncwarp();  // every lane's reads of the slots come before `next`
+  unsigned asked = 0;
+  if (lane == 0) {
+    pipe.flush();  // the bulk engine has read this warp's slots
+    progress[warp] = next;
+    __threadfence_block();  // the slots' reads and `next` come before the request
+    asked = atomicAdd(&state.requests, 1u);
+  }
+  if (__shfl_sync(0xffffffffu, asked, 0) != 0) return;  // the releasing warp sees this one's `next`
+  for (unsigned served = 1; served;) {
+    int to = -1;  // lane 0 decides: the token the heads move to, or -1
+    if (lane == 0) {
+      __threadfence_block();  // the requests served come before the `next` read for them
+      int done = last;
+      for (int w = 0; w < kWarps; ++w) done = min(done, progress[w]);
+      if (done - state.released >= lag) to = state.released = done;
+    }
+    to = __shfl_sync(0xffffffffu, to, 0);
+    __syncwarp();  // lane 0's reads of `next` come before the heads
+    if (to >= 0) release(to);  // lanes below R store the heads
+    __syncwarp();  // the heads come before the next releasing warp's
+    unsigned left = 0;
+    if (lane == 0) {
+      __threadfence_block();
+      left = atomicSub(&state.requests, served) - served;
+    }
+    served = __shfl_sync(0xffffffffu, left, 0);
+  }
+}
+
 template <typename Args>
 __device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, const Args& args, int channel,
                                BulkPipe& pipe) {
-  __shared__ uint64_t base[kMaxRanks];
-  __shared__ int limit[kMaxRanks];  // tokens past this many sent to a rank were dropped there
-  __shared__ int sent_first[kMaxRanks];  // tokens before the channel sent to each rank
-  const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32;
+  __shared__ ReceiverState state;
+  const int me = info.rank, num_ranks = info.num_ranks, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slots = args.ring.slots;
   CommHeader* mine = header_of(info.buffers[me]);
   const TokenRange range = channel_tokens(args.num_tokens, channel, args.ring.num_channels);
-  const int d = threadIdx.x;  // threads below num_ranks watch rank d's ring
   auto before = [&](int t, int rank) {
     return sent_before(args.send_count_before, args.is_token_in_rank, args.num_tokens, num_ranks, t, rank);
   };
   // Ring slots rank `rank` fills for tokens [range.first, t): sent there and not dropped.
   auto filled = [&](int t, int rank) {
-    const int cap = max(limit[rank], 0);
+    const int cap = max(state.limit[rank], 0);
     return min(before(t, rank), cap) - min(before(range.first, rank), cap);
   };
+  const int d = threadIdx.x;  // threads below num_ranks set up rank d's ring
   if (d < num_ranks) {
-    base[d] = mine->consumed_total[channel][d];
-    limit[d] = args.capacity - args.send_offset[d];
-    sent_first[d] = before(range.first, d);
+    state.base[d] = mine->consumed_total[channel][d];
+    state.limit[d] = args.capacity - args.send_offset[d];
+    state.sent_first[d] = before(range.first, d);
+  }
+  if (d < kWarps) state.next[d] = min(range.first + d, range.last);
+  if (d == 0) {
+    state.released = range.first;
+    state.requests = 0;
   }
   __syncthreads();
 
-  // With one rank there is no ring to release: the whole channel is one chunk.
-  const int chunk_tokens = num_ranks == 1 ? max(range.last - range.first, 1) : args.ring.chunk_tokens;
-  for (int chunk = range.first; chunk < range.last; chunk += chunk_tokens) {
-    const int chunk_end = min(chunk + chunk_tokens, range.last);
-    if (d < num_ranks && d != me) {
-      const uint64_t need = base[d] + filled(chunk_end, d);
-      wait_until(&mine->tail[channel][d], [need](uint64_t tail) { return tail >= need; }, wait, WaitKind::kRingData, d,
-                 channel);
+  // Heads may lag the finished tokens by fewer than `lag` slots: a sender's chunk holding the
+  // slot of the first unfinished token then still fits in the ring (chunk + lag - 1 <= slots).
+  const int lag = max(min(args.ring.chunk_tokens, slots + 1 - args.ring.chunk_tokens), 1);
+  auto release = [&](int done) {
+    if (lane < num_ranks && lane != me)
+      store_release(&header_of(info.buffers[lane])->head[channel][me], state.base[lane] + filled(done, lane));
+  };
+  // Lane r < R: where the token's row from rank r is, loaded one token ahead of its sum: its row
+  // in `y` for this rank, else its slot index in r's ring past what this op started with; -1
+  // where it was not sent (or was dropped).
+  auto position = [&](int t) {
+    int2 at = make_int2(t, -1);
+    if (lane < num_ranks) {
+      const int row = args.send_row[static_cast<int64_t>(t) * num_ranks + lane];
+      if (row >= 0 && row < args.capacity) at.y = lane == me ? row : before(t, lane) - state.sent_first[lane];
     }
-    __syncthreads();
-    // The ring slots were acquired through generic loads; the bulk engine may read them next.
-    if (threadIdx.x % 32 == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
-    // Each token's row positions are loaded one token ahead of its copy or sum (as small ints,
-    // which stay in registers across the sum).
-    auto positions = [&](int t) {
-      TokenPositions p;
-      p.token = t;
+    return at;
+  };
+  uint64_t seen = 0;  // lane r < R: the tail of rank r's ring as last read
+  for_each_ahead(range.first + warp, range.last, kWarps, position, [&](int2 at) {
+    if (lane < num_ranks && lane != me && at.y >= 0) {
+      const uint64_t need = state.base[lane] + at.y + 1;
+      if (seen < need)
+        seen = wait_until(&mine->tail[channel][lane], [need](uint64_t tail) { return tail >= need; }, wait,
+                          WaitKind::kRingData, lane, channel);
+    }
+    __syncwarp();  // the slots this warp reads were acquired by their lanes
+    TokenRows rows;
+    rows.token = at.x;
 #pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r) {
-        p.at[r] = -1;
-        if (r >= num_ranks) continue;
-        const int row = args.send_row[static_cast<int64_t>(t) * num_ranks + r];
-        if (row < 0 || row >= args.capacity) continue;
-        p.at[r] = r == me ? row : before(t, r) - sent_first[r];
+    for (int r = 0; r < kMaxRanks; ++r) {
+      const int slot = __shfl_sync(0xffffffffu, at.y, r);
+      rows.row[r] = nullptr;
+      if (r >= num_ranks || slot < 0) continue;
+      if (r != me) {
+        rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, state.base[r] + slot);
+      } else if constexpr (!kIsGrouped<Args>) {
+        rows.row[r] = reinterpret_cast<const char*>(args.y + static_cast<int64_t>(slot) * args.hidden);
       }
-      return p;
-    };
-    for_each_ahead(chunk + warp, chunk_end, kWarps, positions, [&](const TokenPositions& p) {
-      TokenRows rows;
-      rows.token = p.token;
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r) {
-        rows.row[r] = nullptr;
-        if (p.at[r] < 0) continue;
-        if (r != me) {
-          rows.row[r] = ring_slot(info.buffers[me], channel, r, num_ranks, slots, args.slot.bytes, base[r] + p.at[r]);
-        } else if constexpr (!kIsGrouped<Args>) {
-          rows.row[r] = reinterpret_cast<const char*>(args.y + static_cast<int64_t>(p.at[r]) * args.hidden);
-        }
-      }
-      if constexpr (kIsGrouped<Args>) {
-        combine_partials(info, args, p.token, p.at[me], rows.row);  // this rank's own term: its token-level row
-      } else {
-        combine_token(info, args, rows, pipe);
-      }
-    });
-    if (threadIdx.x % 32 == 0) pipe.flush();  // the ring slots are read: the senders may refill them
-    __threadfence();
-    __syncthreads();
-    if (d < num_ranks && d != me)
-      store_release(&header_of(info.buffers[d])->head[channel][me], base[d] + filled(chunk_end, d));
+    }
+    if constexpr (kIsGrouped<Args>) {
+      // This rank's own term: its token-level row.
+      combine_partials(info, args, at.x, __shfl_sync(0xffffffffu, at.y, me), rows.row);
+    } else {
+      combine_token(info, args, rows, pipe);
+    }
+    if (num_ranks > 1) finish_tokens(state, pipe, min(at.x + kWarps, range.last), range.last, lag, release);
+  });
+  if (threadIdx.x % 32 == 0) pipe.flush();
+  __syncthreads();  // every warp's slots are read, and every earlier head release is done
+  if (d < num_ranks && d != me) {
+    const uint64_t end = state.base[d] + filled(range.last, d);
+    store_release(&header_of(info.buffers[d])->head[channel][me], end);
+    mine->consumed_total[channel][d] = end;
   }
-  __syncthreads();
-  if (d < num_ranks && d != me) mine->consumed_total[channel][d] = base[d] + filled(range.last, d);
 }
 
 template <typename Args>
@@ -270,8 +335,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(RankInfo info, Arg
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
   if (sender) {
-    const PeerGroup g = peer_group(num_ranks);
-    if (g.peer < num_ranks && g.peer != info.rank) send_back(info, wait, args, pipe, g, channel);
+    const PeerGroup g = peer_group_without(num_ranks, info.rank);
+    if (g.peer < num_ranks) send_back(info, wait, args, pipe, g, channel);
   } else {
     receive_tokens(info, wait, args, channel, pipe);
   }

@@ -60,7 +60,7 @@ __device__ __forceinline__ int sent_before(const int32_t* send_count_before, con
   return send_count_before[last] + (is_token_in_rank[last] ? 1 : 0);
 }
 
-// Warp role inside a block: warps are split into one group per peer rank.
+// Warp role inside a block: warps are split into groups, each serving one rank.
 struct PeerGroup {
   int peer;            // the rank this group serves; >= num_ranks for idle warps
   int warp_in_group;
@@ -71,14 +71,25 @@ struct PeerGroup {
   __device__ __forceinline__ int threads() const { return warps * 32; }
 };
 
-__device__ __forceinline__ PeerGroup peer_group(int num_ranks) {
+// Group g of `groups` equal groups (the warps past the last one are idle), serving rank g.
+__device__ __forceinline__ PeerGroup warp_group(int groups) {
   const int warp = threadIdx.x / 32;
   PeerGroup g;
-  g.warps = kWarps / num_ranks;
+  g.warps = kWarps / groups;
   g.peer = warp / g.warps;
   g.warp_in_group = warp % g.warps;
   g.barrier_id = g.peer + 1;
   g.leader = g.warp_in_group == 0 && threadIdx.x % 32 == 0;
+  return g;
+}
+
+// One group per rank, this one's included.
+__device__ __forceinline__ PeerGroup peer_group(int num_ranks) { return warp_group(num_ranks); }
+
+// One group per peer (num_ranks > 1): a sender block spends no warp on this rank.
+__device__ __forceinline__ PeerGroup peer_group_without(int num_ranks, int me) {
+  PeerGroup g = warp_group(num_ranks - 1);
+  if (g.peer >= me) ++g.peer;  // idle warps stay >= num_ranks
   return g;
 }
 
@@ -127,11 +138,15 @@ __device__ __forceinline__ void wait_ring_space(const WaitContext& wait, const P
 // the slots up to total `end` as this rank's tail there.
 __device__ __forceinline__ void publish_tail(BulkPipe& pipe, const PeerGroup& g, CommHeader* theirs, int channel,
                                              int me, uint64_t end) {
-  if (threadIdx.x % 32 == 0) pipe.drain();
-  __syncwarp();
-  __threadfence_system();
+  if (threadIdx.x % 32 == 0) pipe.drain();  // its bulk stores are complete and ordered with generic ones
+  __syncwarp();  // bar.sync is warp-aligned: the warp reconverges first
   named_barrier(g.barrier_id, g.threads());
-  if (g.leader) store_release(&theirs->tail[channel][me], end);
+  // The barrier orders every write of the group before the leader's fence (fences are cumulative),
+  // so one system-scope fence makes them all visible before the tail that announces them.
+  if (g.leader) {
+    __threadfence_system();
+    store_release(&theirs->tail[channel][me], end);
+  }
 }
 
 }  // namespace jax_deepep

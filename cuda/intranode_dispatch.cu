@@ -2,12 +2,14 @@
 //
 // Every block first passes the op barrier (cuda/op_sync.cuh); a first dispatch exchanges its
 // counts on the way (cuda/notify.cuh). Block 2c sends channel c, block 2c+1 receives it (with one
-// rank, every block sends its own channel). Inside a block the warps form one group per peer rank:
-//  - sender group for a peer: announces the channel's slot count, then pushes its tokens for
-//    that peer into the peer's ring chunk by chunk (waiting for ring space, publishing the tail);
-//    the group for this rank itself writes rows straight to their final output row;
-//  - receiver group for a peer: moves each arrived slot to the row the sender stamped on it and
-//    publishes the head so the sender can reuse the slots.
+// rank, every block copies its own channel). Inside a block the warps form one group per rank they
+// serve:
+//  - sender block, a group per peer: announces the channel's slot count, then pushes its tokens
+//    for that peer into the peer's ring chunk by chunk (waiting for ring space, publishing the tail);
+//  - receiver block, a group per peer: moves each arrived slot to the row the sender stamped on it
+//    and publishes the head so the sender can reuse the slots; and a group for this rank itself,
+//    which writes the channel's rows for this rank straight to their final output row. So no
+//    block idles a group, and the own rows are not on the pushing sender's critical path.
 // The expert-grouped dispatch is the same kernel on GroupedDispatchArgs: the rows stamped on the
 // slots are token-level rows, each slot also carries its pairs' prefixes, and the receiver writes
 // the token straight to its grouped rows (cuda/intranode_grouped.cuh).
@@ -165,10 +167,12 @@ __device__ void fill_padding(const DispatchArgs& args, int num_recv) {
   }
 }
 
-// Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d].
-// Counts tokens before the channel, then scans the channel a block-width at a time.
+// Per-token positions of this block's channel: send_count_before[t, d] and send_row[t, d], for
+// d = `me` alone or for every other d (`own`): each block writes, and later reads, only the
+// columns of the ranks it copies rows to. Counts tokens before the channel, then scans the
+// channel a block-width at a time.
 __device__ void compute_positions(const DispatchArgs& args, int num_ranks, TokenRange range,
-                                  const int (&send_offset)[kMaxRanks]) {
+                                  const int (&send_offset)[kMaxRanks], int me, bool own) {
   __shared__ BlockPrefix<kMaxRanks> prefix;
   const int lane = threadIdx.x % 32;
   if (threadIdx.x < kMaxRanks) prefix.running[threadIdx.x] = 0;
@@ -214,7 +218,7 @@ __device__ void compute_positions(const DispatchArgs& args, int num_ranks, Token
     block_prefix(prefix, sent, count);
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
-      if (d >= num_ranks || !valid) continue;
+      if (d >= num_ranks || !valid || (d == me) != own) continue;
       const int64_t at = static_cast<int64_t>(t) * num_ranks + d;
       args.positions.send_count_before[at] = count[d];
       args.positions.send_row[at] = sent[d] ? send_offset[d] + count[d] : -1;
@@ -335,7 +339,9 @@ __device__ void receive_from_peer(const RankInfo& info, const WaitContext& wait,
         });
     done += ready;
     if (lane == 0) pipe.flush();  // the slots are read: the sender may refill them
-    __threadfence();
+    // Every load of the slots has returned before the barrier, which orders them before the
+    // leader's release: the sender cannot overwrite a slot that is still being read.
+    __syncwarp();
     named_barrier(g.barrier_id, g.threads());
     if (g.leader) store_release(&theirs->head[channel][me], base + done);
   }
@@ -384,23 +390,25 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(RankInfo info, Ar
       fill_cached_grouped_padding(args);
     }
   }
-  if (sender && first) {
-    compute_positions(args, num_ranks, range, counts.send_offset);
+  // The receiver block copies this rank's own rows (a sender block serves the peers only).
+  const bool own = solo || !sender;
+  if (first) {
+    compute_positions(args, num_ranks, range, counts.send_offset, me, own);
     __syncthreads();
   }
 
   extern __shared__ __align__(128) char bulk_shared[];
   BulkPipe pipe;
   pipe.init(bulk_shared, threadIdx.x / 32);
-  const PeerGroup g = peer_group(num_ranks);
-  if (g.peer < num_ranks) {  // spare warps when R does not divide the warp count
-    if (sender) {
-      if (g.peer == me) {
-        send_to_self(info, args, pipe, g, range, experts_per_rank, bases);
-      } else {
-        send_to_peer(info, wait, args, pipe, args.slot, g, channel, range, epoch);
-      }
-    } else if (g.peer != me) {
+  // Spare warps (peer >= num_ranks) when the groups do not divide the warp count.
+  if (!own) {
+    const PeerGroup g = peer_group_without(num_ranks, me);
+    if (g.peer < num_ranks) send_to_peer(info, wait, args, pipe, args.slot, g, channel, range, epoch);
+  } else {
+    const PeerGroup g = peer_group(num_ranks);
+    if (g.peer == me) {
+      send_to_self(info, args, pipe, g, range, experts_per_rank, bases);
+    } else if (g.peer < num_ranks) {
       receive_from_peer(info, wait, args, pipe, args.slot, g, channel, epoch, experts_per_rank, bases);
     }
   }

@@ -32,6 +32,10 @@ class Config:
     in tokens; `num_max_nvl_chunked_send_tokens` is how many tokens a sender moves before
     publishing its tail.
 
+    The CUDA kernels need all `num_sms` blocks resident at once (a channel's sender and receiver
+    wait on each other): at most the device's SMs, which the intranode ops check, and where several
+    ranks share one GPU (MPS), their SM counts summed. SMs that unrelated kernels hold only delay a launch.
+
     The two RDMA chunk sizes are accepted and checked (the API contract fixes them) but steer nothing
     here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
     """

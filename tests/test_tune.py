@@ -14,7 +14,7 @@ from jax_deepep import buffer as buffer_module
 from jax_deepep import tune, tuned
 from jax_deepep.backend import RankContext
 from jax_deepep.config import default_combine_config, default_dispatch_config
-from jax_deepep.gpu.intranode import DEFAULT_NUM_NVL_BYTES, IntranodeBackend
+from jax_deepep.gpu.intranode import DEFAULT_NUM_NVL_BYTES, IntranodeBackend, _sm_count
 from jax_deepep.sizes import dispatch_slot
 
 H = 128
@@ -45,10 +45,11 @@ def test_default_buffer_holds_the_builtin_defaults_up_to_documented_sms(num_rank
             assert (need <= DEFAULT_NUM_NVL_BYTES) == fits, (make.__name__, sms)
 
 
-def _backend(ring_bytes):
+def _backend(ring_bytes, sm_count=None):
     backend = object.__new__(IntranodeBackend)  # no library: `_ring` reads only these
     backend.comm = types.SimpleNamespace(buffer_id=1, num_bytes=ring_bytes + 4096, ring_bytes=ring_bytes)
     backend._max_channels = 64
+    backend._sm_count = sm_count
     return backend
 
 
@@ -62,6 +63,22 @@ def test_a_ring_the_buffer_cannot_hold_is_refused_never_shrunk():
     for part in ("num_max_nvl_chunked_recv_tokens", "num_sms", str(need),
                  str(config.get_nvl_buffer_size_hint(2 * H, 2)), "get_nvl_buffer_size_hint"):
         assert part in str(e.value), part
+
+
+def test_more_sms_than_the_device_has_are_refused():
+    """Every block must be resident at once: more blocks than SMs would wait until the timeout."""
+    ctx, slot = RankContext("ep", 2, 2), dispatch_slot([2 * H], 8)
+    backend = _backend(1 << 30, sm_count=101)
+    assert int(backend._ring("dispatch", ctx, deepep.Config(100, 32, 512), slot, H)["ring"]["num_channels"]) == 50
+    with pytest.raises(deepep.DeepEPError, match=r"`config.num_sms`=102 is more than the 101 SMs.*num_sms <= 100"):
+        backend._ring("combine", ctx, deepep.Config(102, 16, 512), slot, H)
+
+
+def test_the_sm_count_checked_is_the_fewest_of_this_process_devices():
+    device = lambda sms, process=0: types.SimpleNamespace(core_count=sms, process_index=process)
+    mesh = types.SimpleNamespace(devices=np.array([device(132), device(114), device(16, process=1)]))
+    assert _sm_count(mesh) == 114
+    assert _sm_count(_mesh()) is None  # CPU devices report no SM count: nothing to check
 
 
 # ---- the tuner and the file ---------------------------------------------------------------------

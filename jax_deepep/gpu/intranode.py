@@ -4,12 +4,17 @@ extension module `_intranode_lib.so`) as XLA FFI custom calls, for an expert-par
 Every method runs per shard inside `shard_map`. The custom calls find this rank's communication
 buffer (`runtime.CommBuffers`, mapped by every peer over CUDA IPC or peer access) by the Buffer's
 id and the device they run on; ring sizes come from the `Config`, and one whose rings the buffer
-cannot hold is refused at trace time (never shrunk).
+cannot hold is refused at trace time (never shrunk), as is one with more SMs than the device has.
+Every block of a launch (`Config.num_sms` of them) must be resident at once: SMs held by other
+kernels only delay a launch, unless those kernels wait on it in turn (ranks sharing one GPU, e.g.
+under MPS, need their SM counts summed within the device's).
 
 `IntranodeBackend.expert_grouped` (`IntranodeGroupedOps`) runs the same kernels on expert-grouped
 arguments: the receivers write each token straight to its (token, local expert) rows.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +35,12 @@ from .ffi_call import ffi_call, optional_operand, optional_result, struct_attrib
 DEFAULT_NUM_NVL_BYTES = 512 << 20
 # An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh).
 MAX_GROUPED_EXPERTS = 4096
+
+def _sm_count(mesh) -> Optional[int]:
+    """The fewest SMs of this process's devices in `mesh` (None where a device reports no count)."""
+    counts = [getattr(d, "core_count", None) for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return min(counts) if counts and all(counts) else None
+
 
 def _bias_operands(bias) -> list:
     """The combine kernels' two bias operands: the given bf16 [T, H] biases, absent ones as (0,) arrays."""
@@ -87,10 +98,11 @@ class IntranodeBackend:
     name = "cuda"
     mode = "intranode"
 
-    def __init__(self, comm: runtime.CommBuffers):
+    def __init__(self, comm: runtime.CommBuffers, sm_count: Optional[int] = None):
         lib = runtime._lib()
         self.comm = comm
         self._max_channels = lib.MAX_CHANNELS // 2
+        self._sm_count = sm_count  # the fewest SMs of this process's devices of the Buffer; None: unknown
         self._max_local_experts = lib.MAX_LOCAL_EXPERTS
         self.expert_grouped = IntranodeGroupedOps(self)
 
@@ -102,7 +114,8 @@ class IntranodeBackend:
         up to `timeout_s` for the other processes. `low_latency_bytes`: the low-latency area the buffers
         also hold for `gpu.low_latency.LowLatencyBackend.within_node` (0: none)."""
         return cls(runtime.CommBuffers(mesh, axis_name, num_nvl_bytes or DEFAULT_NUM_NVL_BYTES, keys,
-                                       timeout_s=timeout_s, low_latency_bytes=low_latency_bytes))
+                                       timeout_s=timeout_s, low_latency_bytes=low_latency_bytes),
+                   _sm_count(mesh))
 
     def destroy(self):
         self.comm.destroy()
@@ -118,6 +131,11 @@ class IntranodeBackend:
         channels = config.num_channels
         if channels > self._max_channels:
             fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
+        if self._sm_count is not None and config.num_sms > self._sm_count:
+            fail(op, f"`config.num_sms`={config.num_sms} is more than the {self._sm_count} SMs of the device: the "
+                     "kernels need every block resident at once (a channel's sender and receiver blocks wait on "
+                     f"each other), so they would wait until the timeout; pass a Config with num_sms <= "
+                     f"{self._sm_count // 2 * 2}")
         slots, chunk_tokens = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
         need = intranode_ring_bytes(channels, ctx.num_ranks, slots, slot.bytes)
         if ctx.num_ranks > 1 and need > self.comm.ring_bytes:
@@ -210,8 +228,8 @@ class IntranodeBackend:
                             f"multiple of 8), got hidden size {hidden}")
         has_weights = topk_weights is not None
         num_topk = topk_weights.shape[1] if has_weights else 0
-        # A receiver waits for up to a chunk of slots past its head; the sender's chunk holding the
-        # last of them must fit in the ring, hence chunks of at most half the ring.
+        # Chunks of at most half the ring: the receiver releases its heads a chunk of tokens at a time,
+        # and the sender's next chunk then still fits behind them (cuda/intranode_combine.cu, `lag`).
         attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), hidden, half_ring_chunks=True)
         route = _route("combine", handle)
         send_count_before, send_offset = route.send_count_before, route.send_offset
