@@ -1,10 +1,10 @@
 // The argument structs of the normal-mode (intranode) kernels (launchers: cuda/launch.h).
 //
 // Receive order is (source rank, source token index), so the row a token lands in on each rank
-// is a pure function of the layout (`send_row`, computed by the dispatch kernel). Senders put
-// rows for their own rank straight into the output; rows for a peer go through a ring of
-// slots in the peer's communication buffer (channel c carries the sender's tokens
-// [T*c/C, T*(c+1)/C) in order), and the peer's receiver block moves each slot to its row.
+// is a pure function of the layout (`send_row`, computed by the dispatch kernel). A rank's rows
+// for itself are copied straight into the output by its receiver block; rows for a peer go
+// through a ring of slots in the peer's communication buffer (channel c carries the sender's
+// tokens [T*c/C, T*(c+1)/C) in order), and the peer's receiver block moves each slot to its row.
 #pragma once
 
 #include <cuda_bf16.h>
