@@ -39,11 +39,11 @@ def test_intranode_slots():
 def test_internode_layouts():
     # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384.
     assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
-        sizes.InternodeDispatchLayout(14416, 16, 48, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
+        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
                                       354289920, 118096960, 118095872)
     # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
     assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
-        sizes.InternodeDispatchLayout(7440, 16, 16, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
+        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
                                       952336, 952320)
     # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(

@@ -18,7 +18,7 @@ import numpy as np
 from ..backend import DispatchResult, RankContext
 from ..buffer_keys import BufferKeys
 from ..config import Config
-from ..routing import valid_expert_ids
+from ..routing import grouped_routing, valid_expert_ids
 from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot, intranode_ring_bytes
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
@@ -228,25 +228,6 @@ class IntranodeBackend:
         return combined_x, (combined_topk_weights if has_weights else None)
 
 
-def _grouped_routing(topk_idx, num_experts: int):
-    """What a grouped dispatch sends beyond a dispatch's routing: checked ids, each pair's prefix (how
-    many earlier tokens of this rank name its expert; the repeats of an expert within a token share
-    their first's), and per expert the tokens naming it (repeats once), which the count exchange sends."""
-    ids = valid_expert_ids(topk_idx, num_experts)
-    num_tokens, top_k = ids.shape
-    first_k = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)  # the first k' naming the same id
-    first = (ids >= 0) & (first_k == jnp.arange(top_k))
-    # Sorting the first occurrences by expert (stable: by token within an expert) ranks each among its
-    # expert's: int32 keys of T * K pairs, never the token rows.
-    key = jnp.where(first, ids, num_experts).ravel()
-    order = jnp.argsort(key, stable=True)
-    position = jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.arange(key.size, dtype=jnp.int32))
-    counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)
-    starts = jnp.cumsum(counts, dtype=jnp.int32) - counts
-    prefix = (position - starts[key]).reshape(num_tokens, top_k)
-    return ids, jnp.take_along_axis(prefix, first_k, axis=1), counts[:num_experts]
-
-
 class IntranodeGroupedOps:
     """The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
     has their contract) on the intranode kernels: one custom call each, whose receivers write each
@@ -267,7 +248,7 @@ class IntranodeGroupedOps:
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         slot, prefix_offset = grouped_dispatch_slot(_part_bytes(parts), top_k)
         attrs = self.backend._ring(op, ctx, config, slot, parts[0].shape[1])
-        ids, prefix, per_expert = _grouped_routing(topk_idx, num_experts)
+        ids, prefix, per_expert = grouped_routing(topk_idx, num_experts)
         weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
         scales = parts[1] if len(parts) == 2 else None
         i32, f32 = jnp.int32, jnp.float32
