@@ -324,8 +324,8 @@ __device__ void deliver_pairs(const InternodeDispatchShape& s, const InternodeDi
       pair = out.grouped.pair_row[at];
     }
   }
-  const float weight = s.has_weights && live && lane < s.top_k ? reinterpret_cast<const float*>(row + l.weights_at)[lane]
-                                                                : 0.0f;
+  const bool has_weight = s.has_weights && live && lane < s.top_k;
+  const float weight = has_weight ? reinterpret_cast<const float*>(row + l.weights_at)[lane] : 0.0f;
   const PairLanes pairs = pair_lanes(pair, weight, s.top_k, lane);
   if (!live) return;
   for (unsigned rest = pairs.owners; rest; rest &= rest - 1) {

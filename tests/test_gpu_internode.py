@@ -56,9 +56,9 @@ def test_internode_four_nodes_of_one_rank():
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_checks_accept_the_pure_jax_ops(exact):
-    """On CPU: the combine checks pass on the pure-JAX ops over 2 nodes of 2 ranks, whose combine
-    rounds as the kernels do (each node's partial to bf16 unless exact), so a GPU failure points at
-    the kernels, not at the checks. Four CPU devices of one process; the worker checks rank 0's shard.
+    """On CPU: the combine checks (plain and expert-grouped) pass on the pure-JAX ops over 2 nodes of 2
+    ranks, whose combine rounds as the kernels do (each node's partial to bf16 unless exact), so a GPU
+    failure points at the kernels, not at the checks. Four CPU devices of one process; the worker checks rank 0's shard.
     Not the gradient check: inside its program XLA:CPU may drop the bf16 rounding of `y`, which the
     oracle applies (even on one node); nor H = 7168, half a minute here."""
     import jax
@@ -66,7 +66,8 @@ def test_checks_accept_the_pure_jax_ops(exact):
     w = normal_checks.Worker(0, 4, devices=jax.devices()[:4], backend="reference", ranks_per_node=2,
                              exact_internode_combine=exact)
     rng = np.random.default_rng(1234)
-    for name, check in combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False):
+    checks = combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+    for name, check in checks:
         w.check(name, check)
     w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
     assert not w.failures

@@ -73,6 +73,26 @@ def test_internode_hint_shrinks_with_bf16_partials():
     assert rdma_bytes_hint(*args, ranks_per_node=8) == dispatch_need
 
 
+def test_internode_expert_grouped_layouts():
+    """A first grouped dispatch's rows carry K i32 pair prefixes after the weights; a grouped combine returns
+    f32 rows; partials and the plain layouts stay as they are; the hint covers both."""
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    plain = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16)
+    grouped = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16, has_prefixes=True)
+    assert (grouped.prefix_at, grouped.part_at, grouped.row_bytes) == (80, (112, 14448), 14448)
+    assert (plain.prefix_at, plain.part_at) == (80, (80, 14416))
+    combine = {f32: sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False, f32_returns=f32)
+               for f32 in (False, True)}
+    assert combine[True].return_bytes == 7168 * 4 + 32 and combine[False].return_bytes == 7168 * 2 + 32
+    assert combine[True].partial_bytes == combine[False].partial_bytes
+    args = (4096, 7168, 8, 256, 16)
+    assert rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True) > rdma_bytes_hint(*args, ranks_per_node=8)
+    # Any grouped capacity N: the token level has R * T rows.
+    assert rdma_bytes_hint(*args, ranks_per_node=8, capacity=64, expert_grouped=True) == \
+        rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True)
+
+
 def test_internode_regions():
     dispatch, combine = sizes.internode_regions((1 << 30) + 100)
     assert dispatch == sizes.InternodeRegion(0, 1 << 28)

@@ -45,7 +45,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeRegion, StructMember<
                                       StructMember<uint64_t>("half_stride"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchLayout, StructMember<uint64_t>("row_bytes"),
                                       StructMember<uint64_t>("ids_at"), StructMember<uint64_t>("weights_at"),
-                                      StructMember<uint64_t>("prefix_at"), StructMember<uint64_t>("part_at0"), StructMember<uint64_t>("part_at1"),
+                                      StructMember<uint64_t>("prefix_at"), StructMember<uint64_t>("part_at0"),
+                                      StructMember<uint64_t>("part_at1"),
                                       StructMember<uint64_t>("counts"), StructMember<uint64_t>("expert_counts"),
                                       StructMember<uint64_t>("inbox"), StructMember<uint64_t>("inbox_signals"),
                                       StructMember<uint64_t>("landing"), StructMember<uint64_t>("forward_signals"),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import reference
-from ..backend import DispatchResult, RankContext
+from ..backend import DispatchResult, RankContext, grouped_dispatch_result
 from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import grouped_routing, valid_expert_ids
@@ -282,10 +282,9 @@ class InternodeGroupedOps:
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=src_rank,
             recv_src_idx=src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv,
             num_recv_tokens_per_expert=token_per_expert, route=InternodeRoute(forwarded))
-        handle = ExpertGroupedHandle(tokens=tokens, token_row=token_row, pair_row=pair_row, weight=weight,
-                                     num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
         recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
-        return DispatchResult(recv_parts, expert, None if topk_weights is None else weight, held, num_rows, handle)
+        return grouped_dispatch_result(tokens, recv_parts, expert, weight, token_row, pair_row, num_rows, held,
+                                       topk_weights is not None)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, parts,
                         topk_weights=None):
