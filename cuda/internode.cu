@@ -4,10 +4,11 @@
 // them into the inbox of this rank's RDMA peer on that node (a local copy for its own node); one
 // more block notifies every rank of this rank's counts. (2) forward: one block per source node
 // places each inbox row at its final row on every rank of this node that it goes to. (3) recv:
-// copies the landed rows into XLA's outputs and builds the handle.
-// Combine: (1) return: rows back to their forwarder over NVLink; (2) reduce: one block per source
-// node sums them per token in f32 and puts the partial (bf16, or f32 when exact) to the source;
-// (3) finish: sums partials.
+// copies the landed rows into XLA's outputs (grouped: each to its pairs' grouped rows) and builds
+// the handle.
+// Combine: (1) return: rows (grouped: each token-level row's f32 sum of its weighted pair rows)
+// back to their forwarder over NVLink; (2) reduce: one block per source node sums them per token
+// in f32 and puts the partial (bf16, or f32 when exact) to the source; (3) finish: sums partials.
 #include "cuda/launch.h"
 
 #include <cuda_bf16.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 
 #include "cuda/bf16x8.cuh"
+#include "cuda/grouped_rows.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/nvshmem_peers.cuh"
 #include "cuda/toolbox.cuh"
@@ -33,6 +35,23 @@ struct Topology {
         node(mem.rank / ranks_per_node), local(mem.rank % ranks_per_node) {}
 };
 
+__host__ __device__ bool is_grouped(const InternodeDispatchShape& s) { return s.grouped; }
+__host__ __device__ bool is_grouped(const InternodeCombineShape& s) { return s.pair_top_k > 0; }
+
+__host__ __device__ OpKind op_kind(const InternodeDispatchShape& s) {
+  return s.grouped ? OpKind::kInternodeGroupedDispatch : OpKind::kInternodeDispatch;
+}
+__host__ __device__ OpKind op_kind(const InternodeCombineShape& s) {
+  return is_grouped(s) ? OpKind::kInternodeGroupedCombine : OpKind::kInternodeCombine;
+}
+
+// The call number this op's signals carry: a grouped op's has kGroupedCallTag flipped (internode.cuh).
+template <typename Shape>
+__device__ __forceinline__ uint32_t call_tag(const int* token, const Shape& s) {
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  return is_grouped(s) ? seq ^ kGroupedCallTag : seq;
+}
+
 // ---- dispatch -------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, InternodeTraffic traffic,
                                                                  InternodeRegion region, InternodeDispatchShape s,
@@ -42,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   __shared__ BlockPrefix<1> sending;
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const uint32_t seq = call_tag(token, s);
   const size_t half = (seq & 1u) * region.half_stride;
 
   if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
@@ -97,6 +116,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
     if (s.has_ids && lane < s.top_k) reinterpret_cast<int*>(row + l.ids_at)[lane] = in.ids[t * s.top_k + lane];
     if (s.has_weights && lane < s.top_k)
       reinterpret_cast<float*>(row + l.weights_at)[lane] = in.weights[t * s.top_k + lane];
+    if (in.prefix != nullptr && lane < s.top_k)
+      reinterpret_cast<int*>(row + l.prefix_at)[lane] = in.prefix[t * s.top_k + lane];
     for (int p = 0; p < s.num_parts; ++p)
       warp_copy<Source::kInput>(row + l.part_at[p],
                                 static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
@@ -138,8 +159,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, Inter
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks;
   const int L = topo.per_node;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
+  const uint32_t seq = call_tag(token, s);
+  const WaitContext wait = wait_context(mem, op_kind(s));
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   if (threadIdx.x < kInternodeMaxRanksPerNode) bound_rows[threadIdx.x].running[0] = 0;
@@ -204,17 +225,137 @@ __device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, co
   __syncthreads();
 }
 
-// Block 0: handle metadata; every block: copies of the landed rows into the outputs.
+// ---- expert-grouped receive ----------------------------------------------------------------
+// Whole block, a first grouped dispatch: fills `bases` [(R + 1) * E_l] from the pairs per local
+// expert each source notified: bases[src * E_l + e] is the first grouped row of source src's pairs
+// of expert e (the padded groups of the experts before e, then the pairs of the sources before
+// src), bases[R * E_l + e] the end of e's pairs. Block 0 also writes the held group sizes and the
+// rows needed. Returns the rows needed.
+__device__ int build_bases(const WaitContext& wait, int num_ranks, const int* pair_counts, uint32_t seq,
+                           int experts_per_rank, int alignment, int capacity, const InternodeGroupedOut& out,
+                           int* bases) {
+  const int experts = experts_per_rank;
+  for (int i = threadIdx.x; i < num_ranks * experts; i += kThreads)
+    bases[i] = wait_count(pair_counts + i, seq, wait, WaitKind::kTokenCounts, i / experts);
+  __syncthreads();
+  const int run = (experts + kThreads - 1) / kThreads;  // each thread owns a run of experts
+  const int lo = min(static_cast<int>(threadIdx.x) * run, experts), hi = min(lo + run, experts);
+  auto padded = [alignment](int rows) { return (rows + alignment - 1) / alignment * alignment; };
+  int rows = 0;
+  for (int e = lo; e < hi; ++e) {
+    int group = 0;
+    for (int src = 0; src < num_ranks; ++src) group += bases[src * experts + e];
+    rows += padded(group);
+  }
+  int total = 0;
+  int start = block_exclusive_sum(rows, &total);
+  for (int e = lo; e < hi; ++e) {
+    int at = start;
+    for (int src = 0; src <= num_ranks; ++src) {
+      const int pairs = src < num_ranks ? bases[src * experts + e] : 0;
+      bases[src * experts + e] = at;
+      at += pairs;
+    }
+    const int group = padded(at - start);
+    if (blockIdx.x == 0) out.held[e] = max(min(capacity - start, group), 0);
+    start += group;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *out.num_rows = total;
+  __syncthreads();
+  return total;
+}
+
+// Whole warp: grouped row `row` holds no pair (zero parts, weight 0; a first dispatch also writes
+// expert -1 and token row -1).
+__device__ void clear_grouped_row(const InternodeDispatchShape& s, const InternodeDispatchOut& out, int row,
+                                  bool first, int lane) {
+  for (int p = 0; p < s.num_parts; ++p)
+    zero_row(static_cast<char*>(out.part[p]) + static_cast<size_t>(row) * s.part_bytes[p], s.part_bytes[p], lane);
+  if (lane != 0) return;
+  if (out.grouped.weight != nullptr) out.grouped.weight[row] = 0.0f;
+  if (first) {
+    out.grouped.expert[row] = -1;
+    out.grouped.token_row[row] = -1;
+  }
+}
+
+// Whole grid: the grouped rows no pair fills. A first dispatch: each group's padding and the rows
+// past every group (`bases` [(R + 1) * E_l] and `total` from build_bases); a cached one: the
+// handle's padding rows.
+__device__ void fill_grouped_padding(const InternodeDispatchShape& s, const InternodeDispatchOut& out,
+                                     const int* bases, int num_ranks, int experts_per_rank, int total, bool first) {
+  const int lane = threadIdx.x % kWarpSize, warps = gridDim.x * kWarps;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, N = s.grouped_capacity;
+  if (!first) {
+    for (int row = warp; row < N; row += warps) {
+      if (out.grouped.token_row[row] < 0) clear_grouped_row(s, out, row, false, lane);
+    }
+    return;
+  }
+  const int* pairs_end = bases + num_ranks * experts_per_rank;
+  for (int e = warp; e < experts_per_rank; e += warps) {
+    const int end = min(e + 1 < experts_per_rank ? bases[e + 1] : total, N);
+    for (int row = pairs_end[e]; row < end; ++row) clear_grouped_row(s, out, row, true, lane);
+  }
+  for (int row = total + warp; row < N; row += warps) clear_grouped_row(s, out, row, true, lane);
+}
+
+// Whole warp: landed token-level row `i` (at `row`; `live`: within the received rows) to its
+// grouped rows. A first dispatch finds them from `bases` and the row's prefixes and writes them as
+// the row's pair rows; a cached one reads them there.
+__device__ void deliver_pairs(const InternodeDispatchShape& s, const InternodeDispatchLayout& l,
+                              const InternodeDispatchOut& out, const int* bases, int num_ranks, int rank, int i,
+                              const char* row, bool live, int lane) {
+  const bool first = s.has_ids;
+  const int experts_per_rank = first ? s.num_experts / num_ranks : 0;
+  const size_t at = static_cast<size_t>(i) * s.top_k + lane;
+  int local = -1, pair = -1;
+  if (lane < s.top_k) {
+    if (first) {
+      const int e = live ? reinterpret_cast<const int*>(row + l.ids_at)[lane] : -1;
+      if (e >= 0 && e < s.num_experts && e / experts_per_rank == rank) {
+        local = e % experts_per_rank;
+        const int src = reinterpret_cast<const int*>(row)[0];
+        pair = bases[src * experts_per_rank + local] + reinterpret_cast<const int*>(row + l.prefix_at)[lane];
+        if (pair >= s.grouped_capacity) pair = -1;  // dropped (past capacity)
+      }
+      out.grouped.pair_row[at] = pair;
+    } else if (live) {
+      pair = out.grouped.pair_row[at];
+    }
+  }
+  const bool has_weight = s.has_weights && live && lane < s.top_k;
+  const float weight = has_weight ? reinterpret_cast<const float*>(row + l.weights_at)[lane] : 0.0f;
+  const PairLanes pairs = pair_lanes(pair, weight, s.top_k, lane);
+  if (!live) return;
+  for (unsigned rest = pairs.owners; rest; rest &= rest - 1) {
+    const int r = __shfl_sync(0xffffffffu, pair, __ffs(rest) - 1);
+    for (int p = 0; p < s.num_parts; ++p)
+      warp_copy<Source::kPeer>(static_cast<char*>(out.part[p]) + static_cast<size_t>(r) * s.part_bytes[p],
+                               row + l.part_at[p], s.part_bytes[p], lane);
+  }
+  if (!pairs.owner) return;
+  if (out.grouped.weight != nullptr) out.grouped.weight[pair] = pairs.weight;
+  if (first) {
+    out.grouped.expert[pair] = local;
+    out.grouped.token_row[pair] = i;
+  }
+}
+
+// Block 0: handle metadata; every block: copies of the landed rows into the outputs (grouped: into
+// their grouped rows).
+template <bool kGrouped>
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, InternodeRegion region,
                                                                  InternodeDispatchShape s, InternodeDispatchLayout l,
                                                                  const bool* is_token_in_rank, const int* token,
                                                                  InternodeDispatchOut out, int expert_alignment) {
-  extern __shared__ int prefix[];  // [R + 1]: first row of each source rank, then the total
+  // [R + 1]: first row of each source rank, then the total; a first grouped dispatch's bases follow
+  extern __shared__ int prefix[];
   __shared__ BlockPrefix<1> rows_on_d;
   const Topology topo(mem, s.ranks_per_node);
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kInternodeDispatch);
+  const uint32_t seq = call_tag(token, s);
+  const WaitContext wait = wait_context(mem, op_kind(s));
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* counts = reinterpret_cast<const int*>(half + l.counts);
   wait_forwarded(wait, topo, half, l, seq);
@@ -257,12 +398,24 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
     }
   }
 
+  int* const bases = prefix + R + 1;
+  if constexpr (kGrouped) {
+    const int rows_needed = s.has_ids ? build_bases(wait, R, reinterpret_cast<const int*>(half + l.expert_counts), seq,
+                                                    experts_per_rank, expert_alignment, s.grouped_capacity,
+                                                    out.grouped, bases)
+                                      : 0;
+    fill_grouped_padding(s, out, bases, R, experts_per_rank, rows_needed, s.has_ids);
+  }
   for (int i = blockIdx.x * kWarps + warp; i < s.capacity; i += gridDim.x * kWarps) {
     const char* row = half + l.landing + static_cast<size_t>(i) * l.row_bytes;
     const bool live = i < kept;
     if (lane == 0) {
       out.src_rank[i] = live ? reinterpret_cast<const int*>(row)[0] : -1;
       out.src_idx[i] = live ? reinterpret_cast<const int*>(row)[1] : -1;
+    }
+    if constexpr (kGrouped) {
+      deliver_pairs(s, l, out, bases, R, topo.rank, i, row, live, lane);
+      continue;
     }
     int local = -1;
     if (s.has_ids && lane < s.top_k) {
@@ -282,14 +435,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
 }
 
 // ---- combine --------------------------------------------------------------------------------
-// Eight channels of a node's partial as they travel to the source: f32 when exact (the sum is
-// rounded once, at the source), else rounded to bf16 at the forwarder as DeepEP does, which halves
-// the network bytes of combine.
-template <bool kExact>
-struct PartialValues;
+// Eight channels of a row of values in f32 or bf16. A node's partial travels to the source in f32
+// when exact (the sum is rounded once, at the source), else rounded to bf16 at the forwarder as
+// DeepEP does, which halves the network bytes of combine. A row returned to its forwarder is bf16
+// (plain: a row of y) or f32 (grouped: a sum of weighted pair rows, rounded once at the source).
+template <bool kF32>
+struct RowValues;
 
 template <>
-struct PartialValues<true> {
+struct RowValues<true> {
   static constexpr int kBytes = 4;  // per channel
   __device__ static void store(char* at, const float (&acc)[8]) {
     reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -304,7 +458,7 @@ struct PartialValues<true> {
 };
 
 template <>
-struct PartialValues<false> {
+struct RowValues<false> {
   static constexpr int kBytes = 2;
   __device__ static void store(char* at, const float (&acc)[8]) {
     *reinterpret_cast<uint4*>(at) = pack_bf16x8<uint4>(acc);
@@ -314,13 +468,34 @@ struct PartialValues<false> {
   }
 };
 
-// Rows back to their forwarder (rank (this node, source's local index)), at [this local][n][t].
+// Whole warp, a grouped combine: at `dst`, the f32 sum over token-level row j's pairs of their row
+// weight * y[pair row] (0 for none), then for each k the topk_weights of its pair's row (0 for none).
+__device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeCombineIn& in, char* dst, int j,
+                                int lane) {
+  const TokenPairs t = token_pairs(in.pair_row, in.row_weights, s.pair_top_k, j, lane);
+  const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(in.y);
+  const int vectors = s.hidden / 8;
+  for (int first = 0; first < vectors; first += kWarpSize) {
+    const int i = first + lane;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    add_pair_rows(acc, y, s.hidden, t.owners, t.row, t.weight, i, i < vectors);
+    if (i < vectors) RowValues<true>::store(dst + static_cast<size_t>(i) * 8 * RowValues<true>::kBytes, acc);
+  }
+  // With N = 0 grouped rows no pair has a row, and topk_weights may read as absent.
+  if (lane < s.top_k)
+    reinterpret_cast<float*>(dst + s.hidden * RowValues<true>::kBytes)[lane] =
+        t.row >= 0 && in.weights != nullptr ? in.weights[t.row] : 0.0f;
+}
+
+// Rows back to their forwarder (rank (this node, source's local index)), at [this local][n][t]
+// (grouped: each token-level row's sum of its pairs).
+template <bool kGrouped>
 __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
                                                                   InternodeCombineIn in, const int* token) {
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, L = topo.per_node;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const uint32_t seq = call_tag(token, s);
   const size_t half = (seq & 1u) * region.half_stride;
   const int rows = min(max(*in.num_recv, 0), s.capacity);
   for (int i = blockIdx.x * kWarps + warp; i < rows; i += gridDim.x * kWarps) {
@@ -329,6 +504,10 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
     char* peer = mem.peer[topo.node * L + src % L];
     char* dst = peer + region.offset + half + l.returns +
                 ((static_cast<size_t>(topo.local) * topo.nodes + src / L) * T + t) * l.return_bytes;
+    if constexpr (kGrouped) {
+      return_pair_sum(s, in, dst, i, lane);
+      continue;
+    }
     warp_copy<Source::kInput>(dst, in.y + static_cast<size_t>(i) * s.hidden, s.hidden * 2, lane);
     if (in.weights != nullptr && lane < s.top_k)
       reinterpret_cast<float*>(dst + s.hidden * 2)[lane] = in.weights[i * s.top_k + lane];
@@ -344,9 +523,9 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
 }
 
 // One block per source node n: per token of source (n, this local index) that this node got,
-// the f32 sum of the rows its ranks returned, put to the source as partial [this node][t] (in
-// f32 when kExact, else rounded to bf16).
-template <bool kExact>
+// the f32 sum of the rows its ranks returned (f32 rows when kF32Returns, else bf16), put to the
+// source as partial [this node][t] (in f32 when kExact, else rounded to bf16).
+template <bool kExact, bool kF32Returns>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem, InternodeTraffic traffic,
                                                                   InternodeRegion region, InternodeCombineShape s,
                                                                   InternodeCombineLayout l, const int* forwarded,
@@ -355,8 +534,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   const Topology topo(mem, s.ranks_per_node);
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
+  const uint32_t seq = call_tag(token, s);
+  const WaitContext wait = wait_context(mem, op_kind(s));
   const size_t half = (seq & 1u) * region.half_stride;
   const char* mine = mem.local + region.offset + half;
   const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
@@ -378,18 +557,18 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
       for (int d = 0; d < L; ++d) {
         if (!((f >> d) & 1)) continue;
         const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
-        accumulate(acc, *reinterpret_cast<const uint4*>(row + ch * 2));
+        RowValues<kF32Returns>::add_to(acc, row + ch * RowValues<kF32Returns>::kBytes);
       }
-      PartialValues<kExact>::store(out + ch * PartialValues<kExact>::kBytes, acc);
+      RowValues<kExact>::store(out + ch * RowValues<kExact>::kBytes, acc);
     }
     if (lane < s.top_k) {
       float w = 0.0f;
       for (int d = 0; d < L; ++d) {
         if (!((f >> d) & 1)) continue;
         const char* row = mine + l.returns + ((static_cast<size_t>(d) * topo.nodes + n) * T + t) * l.return_bytes;
-        w += reinterpret_cast<const float*>(row + H * 2)[lane];
+        w += reinterpret_cast<const float*>(row + H * RowValues<kF32Returns>::kBytes)[lane];
       }
-      reinterpret_cast<float*>(out + H * PartialValues<kExact>::kBytes)[lane] = w;
+      reinterpret_cast<float*>(out + H * RowValues<kExact>::kBytes)[lane] = w;
     }
     __syncwarp();
     if (!local_source) {
@@ -428,8 +607,8 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   __shared__ int num_went;
   const Topology topo(mem, s.ranks_per_node);
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
-  const WaitContext wait = wait_context(mem, OpKind::kInternodeCombine);
+  const uint32_t seq = call_tag(token, s);
+  const WaitContext wait = wait_context(mem, op_kind(s));
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
   const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
@@ -446,8 +625,8 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
   for (int ch = threadIdx.x * 8; ch < H; ch += blockDim.x * 8) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < num_went; ++i) {
-      PartialValues<kExact>::add_to(acc, half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
-                                             ch * PartialValues<kExact>::kBytes);
+      RowValues<kExact>::add_to(acc, half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
+                                             ch * RowValues<kExact>::kBytes);
     }
     for (int b = 0; b < s.num_bias; ++b) {
       accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
@@ -458,17 +637,20 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
     float w = 0.0f;
     for (int i = 0; i < num_went; ++i)
       w += reinterpret_cast<const float*>(half + l.partials + (static_cast<size_t>(went[i]) * T + t) * l.partial_bytes +
-                                          H * PartialValues<kExact>::kBytes)[threadIdx.x];
+                                          H * RowValues<kExact>::kBytes)[threadIdx.x];
     out.weights[t * s.top_k + threadIdx.x] = w;
   }
 }
 
-// Combine's reduce and finish kernels, with partials in f32 (kExact) or bf16.
-template <bool kExact>
-void launch_reduce_and_finish(const InternodeCombineCall& call, const InternodeCombineIn& in,
-                              const InternodeCombineOut& out, cudaStream_t stream) {
+// Combine's kernels after the call starts: rows returned in f32 (kGrouped: pair sums) or bf16, and
+// partials in f32 (kExact) or bf16.
+template <bool kGrouped, bool kExact>
+void launch_combine_kernels(const InternodeCombineCall& call, const InternodeCombineIn& in,
+                            const InternodeCombineOut& out, cudaStream_t stream) {
   const InternodeCombineShape& s = call.shape;
-  combine_reduce_kernel<kExact><<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
+  combine_return_kernel<kGrouped><<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s,
+                                                                                   call.layout, in, out.token);
+  combine_reduce_kernel<kExact, kGrouped><<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
       call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token);
   if (s.num_tokens > 0) {
     const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
@@ -485,27 +667,39 @@ cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const I
   const InternodeDispatchShape& s = call.shape;
   const int nodes = call.mem.num_ranks / s.ranks_per_node;
   const int recv_blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall,
-                                                 OpSignature(OpKind::kInternodeDispatch, {}).value, out.token);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall, OpSignature(op_kind(s), {}).value,
+                                                 out.token);
   dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(
       call.mem, call.traffic, call.region, s, call.layout, in, out.token);
   forward_kernel<<<nodes, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, out.token, out.forwarded);
-  dispatch_recv_kernel<<<recv_blocks, kThreads, (call.mem.num_ranks + 1) * 4, stream>>>(
-      call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
+  // A first grouped dispatch's receive blocks also hold build_bases' table.
+  const int bases = s.grouped && s.has_ids ? (call.mem.num_ranks + 1) * (s.num_experts / call.mem.num_ranks) : 0;
+  const size_t shared_bytes = static_cast<size_t>(call.mem.num_ranks + 1 + bases) * sizeof(int);
+  if (s.grouped) {
+    dispatch_recv_kernel<true><<<recv_blocks, kThreads, shared_bytes, stream>>>(
+        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
+  } else {
+    dispatch_recv_kernel<false><<<recv_blocks, kThreads, shared_bytes, stream>>>(
+        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
+  }
   return cudaGetLastError();
 }
 
 cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
                                      const InternodeCombineOut& out, cudaStream_t stream) {
   const InternodeCombineShape& s = call.shape;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall,
-                                                 OpSignature(OpKind::kInternodeCombine, {}).value, out.token);
-  combine_return_kernel<<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
-                                                                         out.token);
-  if (s.exact_partials) {
-    launch_reduce_and_finish<true>(call, in, out, stream);
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall, OpSignature(op_kind(s), {}).value,
+                                                 out.token);
+  if (is_grouped(s)) {
+    if (s.exact_partials) {
+      launch_combine_kernels<true, true>(call, in, out, stream);
+    } else {
+      launch_combine_kernels<true, false>(call, in, out, stream);
+    }
+  } else if (s.exact_partials) {
+    launch_combine_kernels<false, true>(call, in, out, stream);
   } else {
-    launch_reduce_and_finish<false>(call, in, out, stream);
+    launch_combine_kernels<false, false>(call, in, out, stream);
   }
   return cudaGetLastError();
 }

@@ -9,6 +9,13 @@
 // (source rank, source token), as in intranode mode. The symmetric buffer holds a dispatch region
 // and a combine region, each of two halves used by alternate calls (call number & 1); signals
 // carry the call number (nvshmem_peers.cuh). Ranks of one node must be mapped (nvshmem_ptr).
+//
+// Expert-grouped dispatch and combine (docs/API.md, "Expert-grouped dispatch") are the same
+// kernels: the dispatch moves tokens (room for all of them: capacity R * T) and its final receiver
+// writes each landed row straight to its grouped rows, one per (token, local expert) pair; the
+// combine returns, per token-level row, the f32 sum of its weighted pair rows instead of a bf16 row.
+// Their signals carry the call number with kGroupedCallTag flipped, so a grouped op never pairs
+// with a plain one on another rank: both time out, naming the other's op (OpKind stamps).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +31,11 @@ constexpr int kInternodeMaxTopk = 32;
 constexpr int kInternodeMaxRanksPerNode = 8;
 constexpr int kInternodeMaxTokens = 32767;  // counts travel in 16 bits beside the call number
 constexpr int kInternodeReturnBlocks = 32;  // blocks of the combine's return kernel (each signals)
+// Every receive block of a first grouped dispatch keeps a table of (R + 1) * E_l row bases in shared
+// memory (jax_deepep/gpu/internode.py MAX_GROUPED_EXPERTS).
+constexpr int kInternodeMaxGroupedExperts = 4096;
+// Flips bit 15 (the tag of a count signal) and bit 31 (of a call signal), never bit 0 (the half).
+constexpr uint32_t kGroupedCallTag = 0x80008000u;
 
 struct InternodeDispatchShape {
   int num_tokens;     // T per rank
@@ -34,16 +46,21 @@ struct InternodeDispatchShape {
   int part_bytes[2];  // bytes per token of each part
   int num_experts;    // E (0 without ids)
   int ranks_per_node; // L
+  bool grouped;       // expert-grouped: the outputs' parts are the grouped rows (InternodeGroupedOut)
+  int grouped_capacity;  // N grouped rows (grouped), capacity being R * T token-level rows
 };
 
 // One dispatched token (inbox and landing rows): a 16-byte header (source rank, source token,
-// mask of the node's ranks it goes to), K ids, K weights, then each part, each 16-byte aligned.
-// As jax_deepep/sizes.py:internode_dispatch_layout computes it (the handler passes it on).
+// mask of the node's ranks it goes to), K ids, K weights, K prefixes (a first grouped dispatch:
+// each pair's position among its source's earlier tokens of that expert), then each part, each
+// 16-byte aligned. As jax_deepep/sizes.py:internode_dispatch_layout computes it (the handler
+// passes it on).
 struct InternodeDispatchLayout {
-  size_t row_bytes, ids_at, weights_at, part_at[2];
+  size_t row_bytes, ids_at, weights_at, prefix_at, part_at[2];
   // Within one half of the dispatch region:
   size_t counts;           // int [R src][R dst], tagged: tokens src sends to dst
   size_t expert_counts;    // int [R src][E / R], tagged: tokens src sends to each of this rank's experts
+                           // (grouped: its pairs, a token's repeats of an expert once)
   size_t inbox;            // rows [nodes][T]: tokens from this rank's RDMA peer on each node
   size_t inbox_signals;    // int [nodes], tagged row counts
   size_t landing;          // rows [N]: the received tokens in their final order
@@ -61,11 +78,12 @@ struct InternodeCombineShape {
   int num_bias;    // 0, 1 or 2 bf16 [T, H]
   int ranks_per_node;
   bool exact_partials;  // f32 partials (Buffer(exact_internode_combine=True)), else bf16
+  int pair_top_k;       // expert-grouped: K pair rows per token-level row (f32 returned rows); 0: plain
 };
 
 // As jax_deepep/sizes.py:internode_combine_layout computes it.
 struct InternodeCombineLayout {
-  size_t return_bytes;   // a row returned to its forwarder: bf16 [H], then f32 weights [K]
+  size_t return_bytes;   // a row returned to its forwarder: bf16 [H] (grouped: f32), then f32 weights [K]
   size_t partial_bytes;  // a node's partial sum for a token: f32 or bf16 [H], then f32 weights [K]
   // Within one half of the combine region:
   size_t returns;         // rows [L returning rank][nodes][T]
@@ -94,13 +112,26 @@ struct InternodeDispatchIn {
   const void* part[2];
   const int* ids;                 // [T, K] or null
   const float* weights;           // [T, K] or null
+  const int* prefix;              // [T, K]: a first grouped dispatch's pair prefixes, else null
   const bool* is_token_in_rank;   // [T, R]
   const int* tokens_per_rank;     // [R]: the layout's count of tokens bound for each rank
-  const int* tokens_per_expert;   // [E]: the layout's count per expert, or null without ids
+  const int* tokens_per_expert;   // [E]: the layout's count per expert (grouped: pairs), or null without ids
+};
+
+// The grouped arrays of an expert-grouped dispatch (N grouped rows, R * T token-level rows).
+struct InternodeGroupedOut {
+  int* pair_row;   // [R * T, K]: grouped row of (token-level row, k), -1 for none (repeats share
+                   // their expert's row): written by a first dispatch, read by a cached one
+  int* token_row;  // [N]: token-level row of each grouped row, -1 for padding: written by a first
+                   // dispatch, read by a cached one
+  int* expert;     // [N]: local expert of each row, -1 for padding (first dispatch), else null
+  float* weight;   // [N]: the pair's weight (its token's weights for the expert, summed), or null
+  int* num_rows;   // []: grouped rows needed, padding included (first dispatch), else null
+  int* held;       // [E / R]: padded group sizes held within the N rows (first dispatch), else null
 };
 
 struct InternodeDispatchOut {
-  void* part[2];            // [N, part bytes]
+  void* part[2];            // [N, part bytes] (grouped: [grouped_capacity, part bytes])
   int* ids;                 // [N, K] local expert ids (-1 elsewhere), or null
   float* weights;           // [N, K], or null
   int* src_rank;            // [N] (-1 past the received rows)
@@ -111,11 +142,14 @@ struct InternodeDispatchOut {
   int* per_expert;          // [E / R] (rounded up to expert_alignment), or null
   int* forwarded;           // [nodes, T]: bit 31 when forwarded to this node, bits of the ranks that kept it
   int* token;               // [1]: the call number
+  InternodeGroupedOut grouped;  // expert-grouped only
 };
 
 struct InternodeCombineIn {
-  const uint16_t* y;              // bf16 [N, H]
-  const float* weights;           // [N, K] or null
+  const uint16_t* y;              // bf16 [N, H] (grouped: the grouped rows)
+  const float* weights;           // [N, K] (grouped: [grouped rows]) or null
+  const float* row_weights;       // grouped: [grouped rows], what each pair row is weighted by, or null (1)
+  const int* pair_row;            // grouped: [N, pair_top_k], else null
   const uint16_t* bias[2];        // bf16 [T, H] or null
   const int* src_rank;            // [N]
   const int* src_idx;             // [N]

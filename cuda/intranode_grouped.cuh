@@ -1,11 +1,10 @@
 // What the expert-grouped instantiations of the intranode kernels add (GroupedDispatchArgs,
-// GroupedCombineArgs in cuda/intranode.h): the table of grouped row bases, the padding rows, a
-// token's pair lanes and the weighted pair sums. The plain instantiations never reach this code,
-// so their generated code is that of the kernels without it.
+// GroupedCombineArgs in cuda/intranode.h): the table of grouped row bases, the padding rows and
+// the weighted pair sums (on cuda/grouped_rows.cuh). The plain instantiations never reach this
+// code, so their generated code is that of the kernels without it.
 //
-// Sums follow jax_deepep/reference/expert_grouped.py term by term: each product weight * y and
-// each sum is rounded to f32 on its own (no fused multiply-add), pairs are added in k order and
-// ranks in rank order, and a token is rounded to bf16 once.
+// Sums follow jax_deepep/reference/expert_grouped.py term by term (cuda/grouped_rows.cuh): ranks
+// are added in rank order, and a token is rounded to bf16 once.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +13,7 @@
 #include <type_traits>
 
 #include "cuda/bf16x8.cuh"
+#include "cuda/grouped_rows.cuh"
 #include "cuda/intranode.h"
 #include "cuda/notify.cuh"
 #include "cuda/toolbox.cuh"
@@ -27,28 +27,6 @@ constexpr bool kIsGrouped = std::is_same_v<Args, GroupedDispatchArgs> || std::is
 __device__ __forceinline__ int* grouped_bases() {
   __shared__ int bases[kMaxGroupedExperts];
   return bases;
-}
-
-// Whole block: the sum of `value` over the threads before this one; `*total` gets the block's sum.
-__device__ __forceinline__ int block_exclusive_sum(int value, int* total) {
-  __shared__ int warp_sums[kWarps];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  int inclusive = value;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d *= 2) {
-    const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane >= d) inclusive += v;
-  }
-  if (lane == kWarpSize - 1) warp_sums[warp] = inclusive;
-  __syncthreads();
-  int before = 0, sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? warp_sums[w] : 0;
-    sum += warp_sums[w];
-  }
-  __syncthreads();  // warp_sums is reused by the next call
-  *total = sum;
-  return before + inclusive - value;
 }
 
 // Whole block, a first grouped dispatch after read_counts: fills the block's bases table from the
@@ -82,15 +60,6 @@ __device__ __forceinline__ int build_grouped_bases(const RankInfo& info, const G
   if (blockIdx.x == 0 && threadIdx.x == 0) *args.num_grouped_rows = total;
   __syncthreads();
   return total;
-}
-
-// Whole warp: `bytes` of zeros at `dst`.
-__device__ __forceinline__ void zero_row(char* dst, int bytes, int lane) {
-  if (((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) & 15) == 0) {
-    for (int i = lane; i < bytes / 16; i += kWarpSize) reinterpret_cast<int4*>(dst)[i] = make_int4(0, 0, 0, 0);
-  } else {
-    for (int i = lane; i < bytes; i += kWarpSize) dst[i] = 0;
-  }
 }
 
 // Whole warp: grouped row `row` holds no pair (zero payload, weight 0; a first dispatch also
@@ -135,57 +104,9 @@ __device__ __forceinline__ void fill_cached_grouped_padding(const GroupedDispatc
   }
 }
 
-// One token's pairs as a warp holds them: lane k < K has `row`, the grouped row of the token's k-th
-// expert (-1 for none). Repeats of an expert share its row; the lowest of their lanes owns it.
-struct PairLanes {
-  bool owner;       // this lane owns its row
-  float weight;     // owners: the sum of the weights of the lanes sharing the row, in k order
-  unsigned owners;  // the owner lanes
-};
-
-__device__ __forceinline__ PairLanes pair_lanes(int row, float weight, int num_topk, int lane) {
-  const unsigned same = __match_any_sync(0xffffffffu, row);
-  PairLanes p;
-  p.owner = row >= 0 && lane == __ffs(same) - 1;
-  p.weight = 0.0f;
-  for (int k = 0; k < num_topk; ++k) {
-    const float w = __shfl_sync(0xffffffffu, weight, k);
-    if (same >> k & 1u) p.weight += w;
-  }
-  p.owners = __ballot_sync(0xffffffffu, p.owner);
-  return p;
-}
-
-// Whole warp: out (the eight channels of vector `i`, when `valid`) += for each owner lane in k
-// order, its `weight` * y[its `row`], each product and sum rounded on its own.
-__device__ __forceinline__ void add_pair_rows(float (&out)[8], const __nv_bfloat16* y, int hidden, unsigned owners,
-                                              int row, float weight, int i, bool valid) {
-  for (unsigned rest = owners; rest; rest &= rest - 1) {
-    const int k = __ffs(rest) - 1;
-    const int r = __shfl_sync(0xffffffffu, row, k);
-    const float w = __shfl_sync(0xffffffffu, weight, k);
-    if (!valid) continue;
-    float f[8];
-    unpack_bf16x8(__ldg(reinterpret_cast<const int4*>(y + static_cast<int64_t>(r) * hidden) + i), f);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) out[c] = __fadd_rn(out[c], __fmul_rn(w, f[c]));
-  }
-}
-
-// Whole warp: the pairs of token-level row `j` (-1: none) as lanes, each with its row weight.
-struct TokenPairs {
-  int row;       // lane k < K: the grouped row of the k-th expert, -1 for none
-  float weight;  // owners: row_weights[row] (1 without row weights)
-  unsigned owners;
-};
-
+// Whole warp: the pairs of token-level row `j` (-1: none) of a grouped combine.
 __device__ __forceinline__ TokenPairs token_pairs(const GroupedCombineArgs& args, int j, int lane) {
-  TokenPairs t;
-  t.row = j >= 0 && lane < args.num_topk ? args.pair_row[static_cast<int64_t>(j) * args.num_topk + lane] : -1;
-  const PairLanes lanes = pair_lanes(t.row, 0.0f, args.num_topk, lane);
-  t.owners = lanes.owners;
-  t.weight = lanes.owner && args.row_weights ? args.row_weights[t.row] : 1.0f;
-  return t;
+  return token_pairs(args.pair_row, args.row_weights, args.num_topk, j, lane);
 }
 
 // Whole warp, a grouped combine's sender: the f32 partial sum of token-level row j's pairs (one ring

@@ -39,6 +39,8 @@ enum class OpKind : int {
   kGroupedDispatch,
   kGroupedCachedDispatch,
   kGroupedCombine,
+  kInternodeGroupedDispatch,  // first and cached, as kInternodeDispatch
+  kInternodeGroupedCombine,
 };
 
 // What a wait waits for (ErrorRecord::code).
@@ -91,6 +93,8 @@ JDEEP_HOST_DEVICE inline const char* op_name(int op) {
     case OpKind::kGroupedDispatch: return "expert-grouped dispatch";
     case OpKind::kGroupedCachedDispatch: return "expert-grouped cached dispatch";
     case OpKind::kGroupedCombine: return "expert-grouped combine";
+    case OpKind::kInternodeGroupedDispatch: return "internode expert-grouped dispatch";
+    case OpKind::kInternodeGroupedCombine: return "internode expert-grouped combine";
   }
   return "unknown op";
 }

@@ -13,7 +13,7 @@ from typing import Optional, Protocol
 import jax
 
 from .config import Config
-from .types import DispatchHandle, DispatchLayout
+from .types import DispatchHandle, DispatchLayout, ExpertGroupedHandle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,15 @@ class DispatchResult:
     num_recv_tokens_per_expert: jax.Array
     num_recv_tokens: jax.Array
     handle: DispatchHandle
+
+
+def grouped_dispatch_result(tokens: DispatchHandle, recv_parts, expert, weight, token_row, pair_row, num_rows, held,
+                            weighted: bool) -> DispatchResult:
+    """An expert-grouped dispatch's result from its arrays (`ExpertGroupedHandle` says what each is);
+    `recv_topk_weights` are the pair weights where the dispatch had `topk_weights` (`weighted`)."""
+    handle = ExpertGroupedHandle(tokens=tokens, token_row=token_row, pair_row=pair_row, weight=weight,
+                                 num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
+    return DispatchResult(recv_parts, expert, weight if weighted else None, held, num_rows, handle)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -252,7 +252,7 @@ def _check_handle(op: str, handle, ctx: RankContext):
 
 
 def _grouped_ops(op: str, backend):
-    """The backend's expert-grouped ops; a backend without them (the CUDA kernels, for now) refuses."""
+    """The backend's expert-grouped ops; a backend without them refuses."""
     ops = getattr(backend, "expert_grouped", None)
     if ops is None:
         fail(op, f"expert_grouped=True is not yet implemented on the {backend.name.upper()} {backend.mode} "

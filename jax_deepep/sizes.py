@@ -124,6 +124,7 @@ class InternodeDispatchLayout:
     row_bytes: int
     ids_at: int
     weights_at: int
+    prefix_at: int
     part_at: tuple
     counts: int
     expert_counts: int
@@ -137,14 +138,16 @@ class InternodeDispatchLayout:
 
 
 def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_ids: bool, has_weights: bool,
-                              part_bytes, num_experts: int, ranks_per_node: int,
-                              num_ranks: int) -> InternodeDispatchLayout:
-    """A dispatched row (16-byte header, K ids, K weights, each part; 16-byte aligned) and one
-    half of the dispatch region (cuda/internode.cuh says what each piece holds)."""
+                              part_bytes, num_experts: int, ranks_per_node: int, num_ranks: int,
+                              has_prefixes: bool = False) -> InternodeDispatchLayout:
+    """A dispatched row (16-byte header, K ids, K weights, K i32 pair prefixes with `has_prefixes` (a
+    first expert-grouped dispatch), each part; 16-byte aligned) and one half of the dispatch region
+    (cuda/internode.cuh says what each piece holds)."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     ids_at = 16
     weights_at = ids_at + (top_k * 4 if has_ids else 0)
-    at = align(weights_at + (top_k * 4 if has_weights else 0), 16)
+    prefix_at = weights_at + (top_k * 4 if has_weights else 0)
+    at = align(prefix_at + (top_k * 4 if has_prefixes else 0), 16)
     part_at = []
     for p in range(2):
         part_at.append(at)
@@ -160,7 +163,7 @@ def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_id
     half = align(forward_signals + ranks_per_node * nodes * 4, 256)
     staged_counts = nodes * t * row
     staging = staged_counts + (num_ranks + (num_experts if has_ids else 0)) * 4
-    return InternodeDispatchLayout(row, ids_at, weights_at, tuple(part_at), counts, expert_counts, inbox,
+    return InternodeDispatchLayout(row, ids_at, weights_at, prefix_at, tuple(part_at), counts, expert_counts, inbox,
                                    inbox_signals, landing, forward_signals, half, staging, staged_counts)
 
 
@@ -177,11 +180,12 @@ class InternodeCombineLayout:
 
 
 def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per_node: int, num_ranks: int, *,
-                             exact_partials: bool) -> InternodeCombineLayout:
-    """A returned row (bf16 [H] + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else
-    bf16, then K f32 weights), and one half of the combine region."""
+                             exact_partials: bool, f32_returns: bool = False) -> InternodeCombineLayout:
+    """A returned row (bf16 [H], or f32 with `f32_returns` (an expert-grouped combine's sums of pair
+    rows), + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else bf16, then K f32
+    weights), and one half of the combine region."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
-    return_bytes = align(hidden * 2 + top_k * 4, 16)
+    return_bytes = align(hidden * (4 if f32_returns else 2) + top_k * 4, 16)
     partial_bytes = align(hidden * (4 if exact_partials else 2) + top_k * 4, 16)
     returns = 0
     return_signals = ranks_per_node * nodes * t * return_bytes

@@ -341,20 +341,17 @@ def check_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
                                err_msg="grad topk_weights")
 
 
-def _grouped_sum_f32(rows, dispatched: list, topk_idx, num_experts: int, source: int, bias):
-    """Rank `source`'s tokens of the expert-grouped combine, rounded as the pure-JAX backend rounds them:
-    per token, each rank's f32 partial (0, then pair weight * row for its pairs in the order of their
-    first k, each product and sum rounded to f32), the partials added in rank order, then the biases,
-    rounded to bf16 once."""
-    import ml_dtypes
-
+def _grouped_node_partials(rows, dispatched: list, topk_idx, num_experts: int, source: int, ranks_per_node: int):
+    """f32 [nodes, T, H]: each node's partial of rank `source`'s tokens in the expert-grouped combine, as
+    the pure-JAX backend sums it: per token, each rank's f32 sum (0, then pair weight * row for its pairs
+    in the order of their first k, each product and sum rounded to f32), those added in rank order."""
     import oracle
 
     idx = oracle.valid_ids(topk_idx, num_experts)[source]
     num_tokens, top_k = idx.shape
     experts_per_rank = num_experts // len(dispatched)
     rows = np.asarray(rows).astype(np.float32)
-    out = np.zeros((num_tokens, rows.shape[-1]), np.float32)
+    out = np.zeros((len(dispatched) // ranks_per_node, num_tokens, rows.shape[-1]), np.float32)
     for d, result in enumerate(dispatched):
         row_of = {pair: i for i, pair in enumerate(result.pairs) if pair is not None}
         for t in range(num_tokens):
@@ -366,10 +363,15 @@ def _grouped_sum_f32(rows, dispatched: list, topk_idx, num_experts: int, source:
                 i = row_of.get((source, t, int(e - d * experts_per_rank)))
                 if i is not None:
                     partial = partial + np.float32(result.recv_topk_weights[i]) * rows[d, i]
-            out[t] = out[t] + partial
-    for b in bias:
-        out = out + np.asarray(b[source]).astype(np.float32)
-    return out.astype(ml_dtypes.bfloat16)
+            out[d // ranks_per_node, t] = out[d // ranks_per_node, t] + partial
+    return out
+
+
+def _rounded_node_partials(partials, w: Worker):
+    """The node partials as combine sends them: rounded to bf16 over several nodes unless exact."""
+    import ml_dtypes
+
+    return partials if w.bf16_node_partials is None else partials.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random", fp8=False, capacity=None,
@@ -378,6 +380,7 @@ def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random
     data: the rows, ids, weights and counts exactly as the oracle's (padding rows zero), the combine rounded
     exactly as the pure-JAX backend rounds it (and within half a bf16 ulp of the exact sum)."""
     import jax.numpy as jnp
+    import ml_dtypes
 
     import oracle
     from harness import random_bf16, random_topk, random_weights
@@ -427,10 +430,17 @@ def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random
     else:
         assert got["recv_topk_weights"] is None
     combined_x, combined_w = got["combined"]
-    # The combine weights each row by the handle's pair weight (1 without topk_weights).
-    rounded = _grouped_sum_f32(y, everyone, idx, experts, d, biases)
-    same_values(combined_x, rounded, "combined_x (the pure-JAX rounding)")
-    exact = oracle.grouped_combine(y, everyone, tokens, biases)[d]
+    # The combine weights each row by the handle's pair weight (1 without topk_weights); the node partials
+    # are added in node order, then the biases, and the sum rounded to bf16 once.
+    partials = _rounded_node_partials(_grouped_node_partials(y, everyone, idx, experts, d, buffer.ranks_per_node), w)
+    rounded = np.zeros(partials.shape[1:], np.float32)
+    for term in list(partials) + [np.asarray(b[d]).astype(np.float32) for b in biases]:
+        rounded = rounded + term
+    same_values(combined_x, rounded.astype(ml_dtypes.bfloat16), "combined_x (the pure-JAX rounding)")
+    if w.bf16_node_partials is None:
+        exact = oracle.grouped_combine(y, everyone, tokens, biases)[d]
+    else:  # the node partials as sent, summed exactly
+        exact = np.sum(partials.astype(np.float64), axis=0) + sum(np.asarray(b[d], np.float64) for b in biases)
     oracle.assert_rounded_once(combined_x, exact, np.abs(exact) + 1.0)
     want_w = oracle.grouped_combined_weights(row_weights, everyone, idx, experts)[d]
     same_values(combined_w, want_w.astype(np.float32), "combined_topk_weights")
@@ -463,13 +473,19 @@ def check_grouped_gradient(w: Worker, rng, *, tokens, hidden, topk, experts):
     ids = oracle.valid_ids(idx, experts)[d]
     valid = ids >= 0
     xs, gs = x[d].astype(np.float64), g[d].astype(np.float64)
-    combined = np.zeros((tokens, hidden))  # the sum over each token's pairs of pair weight * x[t]
-    exact_x = np.zeros((tokens, hidden))  # the sum over its pairs of bf16(g[t] * pair weight)
+    ranks_per_node = buffer.ranks_per_node
+    nodes = (r // ranks_per_node, tokens, hidden)
+    combined = np.zeros(nodes)  # per node, the sum over each token's pairs there of pair weight * x[t]
+    exact_x = np.zeros(nodes)  # per node, the sum over its pairs there of bf16(g[t] * pair weight)
     for t in range(tokens):
         for e in set(ids[t][valid[t]].tolist()):
+            node = e // (experts // r) // ranks_per_node
             pair_weight = np.float32(np.sum(weights[d, t][ids[t] == e]))
-            combined[t] += pair_weight * xs[t]
-            exact_x[t] += (gs[t] * pair_weight).astype(np.float32).astype(bf16).astype(np.float64)
+            combined[node, t] += pair_weight * xs[t]
+            exact_x[node, t] += (gs[t] * pair_weight).astype(np.float32).astype(bf16).astype(np.float64)
+    # Sums of a few such terms are exact in f32: each node's partial as combine sends it, summed exactly.
+    combined = np.sum(_rounded_node_partials(combined.astype(np.float32), w).astype(np.float64), axis=0)
+    exact_x = np.sum(_rounded_node_partials(exact_x.astype(np.float32), w).astype(np.float64), axis=0)
     want_value = np.sum(combined.astype(np.float32).astype(bf16).astype(np.float64) * gs)
     np.testing.assert_allclose(value, want_value, rtol=1e-3, err_msg="loss")
     oracle.assert_rounded_once(grad_x, exact_x, np.abs(exact_x) + 1.0)

@@ -72,21 +72,49 @@ def _equations(jaxpr):
                     yield from _equations(inner)
 
 
-def test_expert_grouped_is_refused_by_the_internode_backend():
-    """Until its kernels write grouped rows, `expert_grouped=True` is a DeepEPError on the internode backend,
-    and the MoE layer (`MoEConfig.expert_grouped=None`) receives its rows by source there instead."""
+# The custom calls of each layout on the internode kernels (a cached dispatch is the plain dispatch's call).
+_INTERNODE_TARGETS = {False: ("jax_deepep_internode_dispatch", "jax_deepep_internode_combine"),
+                      True: ("jax_deepep_internode_grouped_dispatch", "jax_deepep_internode_grouped_combine",
+                             "jax_deepep_internode_grouped_cached_dispatch")}
+
+
+def _internode_buffer(mesh, axis_name: str, exact: bool = False):
+    """A Buffer whose normal mode traces through the internode kernels, in nodes of 4 ranks."""
+    from jax_deepep.gpu import nvshmem
     from jax_deepep.gpu.internode import InternodeBackend
 
+    if not nvshmem.available():
+        pytest.skip(nvshmem.unavailable_reason())
+    buffer = buffer_with_cuda_backends(mesh, axis_name, ranks_per_node=4, exact_internode_combine=exact)
+    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=1 << 30)
+    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=4, exact_combine=exact)
+    return buffer
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_moe_gradient_traces_through_internode_kernels(grouped):
+    """The MoE layer and its gradient on the internode kernels, with rows by source or grouped by expert
+    (the layer's default there too): the layout's custom calls and no other's, without effects, each
+    carrying exactly the attributes its handler decodes."""
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-    buffer = buffer_with_cuda_backends(mesh, "expert")
-    buffer.normal_backend = object.__new__(InternodeBackend)  # only its class attributes are reached
+    buffer = _internode_buffer(mesh, "expert")
     config = moe.MoEConfig(hidden=128, ffn_hidden=256, num_experts=16, top_k=2)
-    assert not moe.expert_grouped(buffer, config)
+    assert moe.expert_grouped(buffer, config)
+    layer = moe.sharded_moe(buffer, dataclasses.replace(config, expert_grouped=grouped))
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 128)), NamedSharding(mesh, P("expert")))
-    layer = moe.sharded_moe(buffer, dataclasses.replace(config, expert_grouped=True))
-    with pytest.raises(DeepEPError, match="expert_grouped=True is not yet implemented on the CUDA internode"):
-        jax.jit(layer).trace(params, x)
+
+    def loss(p, x):
+        return jnp.sum(layer(p, x).astype(jnp.float32) ** 2)
+
+    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(params, x)
+    called = {e.params["target_name"] for e in _equations(traced.jaxpr.jaxpr) if e.primitive.name == "ffi_call"}
+    assert set(_INTERNODE_TARGETS[grouped]) <= called and not called & set(_INTERNODE_TARGETS[not grouped]), called
+    assert not traced.jaxpr.effects, traced.jaxpr.effects
+    calls = _custom_call_attributes(traced.lower(lowering_platforms=("cuda",)).as_text())
+    assert set(_INTERNODE_TARGETS[grouped]) <= {target for target, _ in calls}
+    for target, attributes in calls:
+        _check_decodable(attributes, handler_attrs_struct(target), target)
 
 
 def test_low_latency_moe_traces_through_cuda_kernels():
@@ -162,36 +190,42 @@ def test_low_latency_calls_carry_what_the_handlers_decode():
     assert len(sites) == 4 and len(set(sites)) == 4, sites
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("exact", [False, True])
-def test_internode_calls_carry_what_the_handlers_decode(exact):
-    """The internode dispatch and combine attributes are the fields their handlers decode; combine's
-    `exact_partials` is the Buffer's `exact_internode_combine`, and its partial rows are sized for it
-    (f32 or bf16 values, then the K f32 weights)."""
-    from jax_deepep.gpu import nvshmem
-    from jax_deepep.gpu.internode import InternodeBackend
-
-    if not nvshmem.available():
-        pytest.skip(nvshmem.unavailable_reason())
+def test_internode_calls_carry_what_the_handlers_decode(exact, grouped):
+    """The internode dispatch, cached dispatch and combine attributes, plain or expert-grouped, are the
+    fields their handlers decode; combine's `exact_partials` is the Buffer's `exact_internode_combine`,
+    and its partial rows are sized for it (f32 or bf16 values, then the K f32 weights). A grouped
+    dispatch's rows carry K pair prefixes after the weights (its cached dispatch's carry none), and a
+    grouped combine returns f32 rows (each token-level row's sum of its pairs) to the forwarders."""
     mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    buffer = buffer_with_cuda_backends(mesh, "ep", ranks_per_node=4, exact_internode_combine=exact)
-    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=1 << 30)
-    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=4, exact_combine=exact)
+    buffer = _internode_buffer(mesh, "ep", exact)
     hidden, top_k = 256, 4  # rows of 16-byte multiples: no padding
 
     def step(x, idx, w):
-        out = buffer.dispatch(x[0], topk_idx=idx[0], topk_weights=w[0], num_experts=16)
-        return buffer.combine(out.recv_x, out.handle, topk_weights=out.recv_topk_weights)[0][None]
+        out = buffer.dispatch(x[0], topk_idx=idx[0], topk_weights=w[0], num_experts=16, expert_grouped=grouped)
+        again = buffer.dispatch(x[0], handle=out.handle)
+        combined = buffer.combine(again.recv_x, out.handle, topk_weights=out.recv_topk_weights)
+        return combined[0][None]
 
     args = (jax.ShapeDtypeStruct((8, 16, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((8, 16, top_k), jnp.int32),
             jax.ShapeDtypeStruct((8, 16, top_k), jnp.float32))
     traced = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)
     calls = _custom_call_attributes(traced.lower(lowering_platforms=("cuda",)).as_text())
-    assert sorted({target for target, _ in calls}) == ["jax_deepep_internode_combine", "jax_deepep_internode_dispatch"]
+    assert sorted({target for target, _ in calls}) == sorted(_INTERNODE_TARGETS[grouped])
     for target, attributes in calls:
         _check_decodable(attributes, handler_attrs_struct(target), target)
-    combine = next(attributes for target, attributes in calls if target == "jax_deepep_internode_combine")
+    dispatch, combine = (next(attributes for target, attributes in calls if target == name)
+                         for name in _INTERNODE_TARGETS[grouped][:2])
     assert combine["exact_partials"] == ("true" if exact else "false")
     assert combine["layout"]["partial_bytes"] == f"{hidden * (4 if exact else 2) + top_k * 4} : ui64"
+    assert combine["layout"]["return_bytes"] == f"{hidden * (4 if grouped else 2) + top_k * 4} : ui64"
+    ids_and_weights = 16 + 2 * 4 * top_k  # header, ids, weights
+    assert dispatch["layout"]["prefix_at"] == f"{ids_and_weights} : ui64"
+    assert dispatch["layout"]["part_at0"] == f"{ids_and_weights + (4 * top_k if grouped else 0)} : ui64"
+    if grouped:  # the cached dispatch moves no ids: its rows carry no prefixes
+        cached = next(attributes for target, attributes in calls if target == _INTERNODE_TARGETS[True][2])
+        assert cached["layout"]["part_at0"] == "16 : ui64" and cached["num_experts"] == "0 : i64"
 
 
 @pytest.mark.parametrize("name", sorted(vmap_cases.CASES))

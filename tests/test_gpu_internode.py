@@ -5,9 +5,10 @@ play several nodes: R = 4 as 2 nodes of 2 ranks and as 4 nodes of 1. Ranks of on
 each other's buffers directly; every byte between "nodes" travels as nvshmem puts, as across
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
-combine with weights and biases, gradients, 100 rounds), plus the network traffic: one row per (token,
+combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
+cached dispatch, weighted combine and gradient), plus the network traffic: one row per (token,
 destination node other than its own) in dispatch, one partial per (token, node) back in combine, of
-bf16 or f32. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
+bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
 partial to bf16), then what the combine's rounding decides again on one with
 `exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
 """
@@ -55,9 +56,9 @@ def test_internode_four_nodes_of_one_rank():
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_checks_accept_the_pure_jax_ops(exact):
-    """On CPU: the combine checks pass on the pure-JAX ops over 2 nodes of 2 ranks, whose combine
-    rounds as the kernels do (each node's partial to bf16 unless exact), so a GPU failure points at
-    the kernels, not at the checks. Four CPU devices of one process; the worker checks rank 0's shard.
+    """On CPU: the combine checks (plain and expert-grouped) pass on the pure-JAX ops over 2 nodes of 2
+    ranks, whose combine rounds as the kernels do (each node's partial to bf16 unless exact), so a GPU
+    failure points at the kernels, not at the checks. Four CPU devices of one process; the worker checks rank 0's shard.
     Not the gradient check: inside its program XLA:CPU may drop the bf16 rounding of `y`, which the
     oracle applies (even on one node); nor H = 7168, half a minute here."""
     import jax
@@ -65,7 +66,8 @@ def test_checks_accept_the_pure_jax_ops(exact):
     w = normal_checks.Worker(0, 4, devices=jax.devices()[:4], backend="reference", ranks_per_node=2,
                              exact_internode_combine=exact)
     rng = np.random.default_rng(1234)
-    for name, check in combine_checks(w, rng, 16 * 4, large=False):
+    checks = combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+    for name, check in checks:
         w.check(name, check)
     w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
     assert not w.failures
@@ -84,8 +86,9 @@ def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, ran
     return sent, forwarded
 
 
-def check_traffic(w: normal_checks.Worker, seed: int):
-    """One dispatch + combine: the rows put on the network are one per (token, other node) each way."""
+def check_traffic(w: normal_checks.Worker, seed: int, grouped: bool = False):
+    """One dispatch + combine (`grouped`: expert-grouped): the rows put on the network are one per (token,
+    other node) each way; a grouped dispatch's rows also carry K weights and K pair prefixes."""
     from harness import random_bf16, random_topk
 
     r, tokens, hidden, topk, experts = w.num_ranks, 128, 256, 4, 8 * w.num_ranks
@@ -95,7 +98,7 @@ def check_traffic(w: normal_checks.Worker, seed: int):
     buffer = w.buffer
 
     def body(x_, idx_):
-        out = buffer.dispatch(x_, topk_idx=idx_, num_experts=experts)
+        out = buffer.dispatch(x_, topk_idx=idx_, num_experts=experts, expert_grouped=grouped)
         combined, _ = buffer.combine(out.recv_x, out.handle)
         return combined
 
@@ -107,7 +110,8 @@ def check_traffic(w: normal_checks.Worker, seed: int):
     got = {k: after[k] - before[k] for k in after}
     assert got["dispatch_rows"] == sent, f"dispatch rows {got['dispatch_rows']} != {sent}"
     assert got["combine_rows"] == forwarded, f"combine rows {got['combine_rows']} != {forwarded}"
-    row_bytes = 16 + (topk * 4 + 15) // 16 * 16 + hidden * 2  # header, ids (16-byte aligned), bf16 payload
+    topk_words = topk * (3 if grouped else 1)  # ids, then a grouped dispatch's weights and prefixes
+    row_bytes = 16 + (topk_words * 4 + 15) // 16 * 16 + hidden * 2  # header, ids... (16-byte aligned), bf16 payload
     assert got["dispatch_bytes"] == sent * row_bytes, got
     partial_bytes = hidden * (4 if buffer.exact_internode_combine else 2)  # f32 or bf16 values, no weights
     assert got["combine_bytes"] == forwarded * partial_bytes, got
@@ -140,6 +144,34 @@ def combine_checks(w: normal_checks.Worker, rng, experts: int, large: bool = Tru
     return checks
 
 
+def grouped_combine_checks(w: normal_checks.Worker, rng, experts: int, large: bool = True) -> list:
+    """(name, check) pairs of the expert-grouped layout whose results depend on how combine rounds (its
+    partials); `large` adds H = 7168 with T = 1024."""
+    common = dict(SIZES, experts=experts)
+    check = normal_checks.check_grouped
+    checks = [
+        ("grouped dispatch/combine bf16", lambda: check(w, rng, **common)),
+        ("grouped: -1, out-of-range and repeated ids, alignment 4, no weights, one bias",
+         lambda: check(w, rng, alignment=4, with_weights=False, bias=1, kind="repeated", **common)),
+    ]
+    if large:
+        checks.append(("grouped: H=7168, T=1024",
+                       lambda: check(w, rng, tokens=1024, hidden=7168, topk=8, experts=experts, bias=0)))
+    return checks
+
+
+def grouped_dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
+    """(name, check) pairs of the rest of the expert-grouped layout: routing, capacity, FP8."""
+    common = dict(SIZES, experts=experts)
+    check = normal_checks.check_grouped
+    return [
+        ("grouped: out-of-range ids", lambda: check(w, rng, kind="out_of_range", **common)),
+        ("grouped: capacity overflow (rows past N dropped)",
+         lambda: check(w, rng, capacity=300, alignment=4, kind="hot", **common)),
+        ("grouped: fp8", lambda: check(w, rng, fp8=True, alignment=4, **common)),
+    ]
+
+
 def dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
     """(name, check) pairs of the rest: routing, FP8, capacity, limits, vmap."""
     common = dict(SIZES, experts=experts)
@@ -164,13 +196,18 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         w.failures = failures  # one report for both Buffers
         mode = w.buffer.normal_backend.mode
         assert mode == "internode", f"the internode kernels are not in use: {mode}"
-        checks = combine_checks(w, rng, experts) + ([] if exact else dispatch_checks(w, rng, experts))
+        checks = combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts)
+        if not exact:
+            checks += dispatch_checks(w, rng, experts) + grouped_dispatch_checks(w, rng, experts)
         for name, check in checks:
             w.check(f"{name} (exact_internode_combine={exact})", check)
         w.check(f"gradient through a jitted step (exact_internode_combine={exact})",
                 lambda: normal_checks.check_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
-        w.check(f"network traffic: one row per (token, node) (exact_internode_combine={exact})",
-                lambda: check_traffic(w, 99))
+        w.check(f"grouped: gradient through a jitted step (exact_internode_combine={exact})",
+                lambda: normal_checks.check_grouped_gradient(w, rng, tokens=256, hidden=512, topk=4, experts=experts))
+        for grouped in (False, True):
+            w.check(f"network traffic: one row per (token, node), grouped={grouped} "
+                    f"(exact_internode_combine={exact})", lambda: check_traffic(w, 99, grouped))
         rounds = 20 if exact else 100
         w.check(f"pressure: {rounds} rounds (exact_internode_combine={exact})",
                 lambda: normal_checks.check_pressure(w, 4321, rounds))

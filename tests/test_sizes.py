@@ -39,11 +39,11 @@ def test_intranode_slots():
 def test_internode_layouts():
     # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384.
     assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
-        sizes.InternodeDispatchLayout(14416, 16, 48, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
+        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
                                       354289920, 118096960, 118095872)
     # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
     assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
-        sizes.InternodeDispatchLayout(7440, 16, 16, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
+        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
                                       952336, 952320)
     # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(
@@ -71,6 +71,26 @@ def test_internode_hint_shrinks_with_bf16_partials():
     assert need[False] < dispatch_need < need[True]
     assert rdma_bytes_hint(*args, ranks_per_node=8, exact_internode_combine=True) == need[True]
     assert rdma_bytes_hint(*args, ranks_per_node=8) == dispatch_need
+
+
+def test_internode_expert_grouped_layouts():
+    """A first grouped dispatch's rows carry K i32 pair prefixes after the weights; a grouped combine returns
+    f32 rows; partials and the plain layouts stay as they are; the hint covers both."""
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    plain = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16)
+    grouped = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16, has_prefixes=True)
+    assert (grouped.prefix_at, grouped.part_at, grouped.row_bytes) == (80, (112, 14448), 14448)
+    assert (plain.prefix_at, plain.part_at) == (80, (80, 14416))
+    combine = {f32: sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False, f32_returns=f32)
+               for f32 in (False, True)}
+    assert combine[True].return_bytes == 7168 * 4 + 32 and combine[False].return_bytes == 7168 * 2 + 32
+    assert combine[True].partial_bytes == combine[False].partial_bytes
+    args = (4096, 7168, 8, 256, 16)
+    assert rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True) > rdma_bytes_hint(*args, ranks_per_node=8)
+    # Any grouped capacity N: the token level has R * T rows.
+    assert rdma_bytes_hint(*args, ranks_per_node=8, capacity=64, expert_grouped=True) == \
+        rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True)
 
 
 def test_internode_regions():

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..backend import DispatchResult, RankContext
+from ..backend import DispatchResult, RankContext, grouped_dispatch_result
 from ..buffer_keys import BufferKeys
 from ..config import Config
-from ..routing import valid_expert_ids
+from ..routing import grouped_routing, valid_expert_ids
 from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot, intranode_ring_bytes
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
@@ -246,25 +246,6 @@ class IntranodeBackend:
         return combined_x, (combined_topk_weights if has_weights else None)
 
 
-def _grouped_routing(topk_idx, num_experts: int):
-    """What a grouped dispatch sends beyond a dispatch's routing: checked ids, each pair's prefix (how
-    many earlier tokens of this rank name its expert; the repeats of an expert within a token share
-    their first's), and per expert the tokens naming it (repeats once), which the count exchange sends."""
-    ids = valid_expert_ids(topk_idx, num_experts)
-    num_tokens, top_k = ids.shape
-    first_k = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2)  # the first k' naming the same id
-    first = (ids >= 0) & (first_k == jnp.arange(top_k))
-    # Sorting the first occurrences by expert (stable: by token within an expert) ranks each among its
-    # expert's: int32 keys of T * K pairs, never the token rows.
-    key = jnp.where(first, ids, num_experts).ravel()
-    order = jnp.argsort(key, stable=True)
-    position = jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.arange(key.size, dtype=jnp.int32))
-    counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)
-    starts = jnp.cumsum(counts, dtype=jnp.int32) - counts
-    prefix = (position - starts[key]).reshape(num_tokens, top_k)
-    return ids, jnp.take_along_axis(prefix, first_k, axis=1), counts[:num_experts]
-
-
 class IntranodeGroupedOps:
     """The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
     has their contract) on the intranode kernels: one custom call each, whose receivers write each
@@ -285,7 +266,7 @@ class IntranodeGroupedOps:
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         slot, prefix_offset = grouped_dispatch_slot(_part_bytes(parts), top_k)
         attrs = self.backend._ring(op, ctx, config, slot, parts[0].shape[1])
-        ids, prefix, per_expert = _grouped_routing(topk_idx, num_experts)
+        ids, prefix, per_expert = grouped_routing(topk_idx, num_experts)
         weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
         scales = parts[1] if len(parts) == 2 else None
         i32, f32 = jnp.int32, jnp.float32
@@ -308,10 +289,9 @@ class IntranodeGroupedOps:
             is_token_in_rank=layout.is_token_in_rank, send_row=send_row, recv_src_rank=recv_src_rank,
             recv_src_idx=recv_src_idx, recv_rank_prefix=recv_rank_prefix, num_recv_tokens=num_recv_tokens,
             num_recv_tokens_per_expert=token_per_expert, route=IntranodeRoute(send_count_before, send_offset))
-        handle = ExpertGroupedHandle(tokens=tokens, token_row=token_row, pair_row=pair_row, weight=weight,
-                                     num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
         recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
-        return DispatchResult(recv_parts, expert, None if topk_weights is None else weight, held, num_rows, handle)
+        return grouped_dispatch_result(tokens, recv_parts, expert, weight, token_row, pair_row, num_rows, held,
+                                       topk_weights is not None)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, parts,
                         topk_weights=None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..backend import DispatchResult, RankContext
+from ..backend import DispatchResult, RankContext, grouped_dispatch_result
 from ..types import DispatchLayout, ExpertGroupedHandle
 from .normal import gather_rows
 
@@ -78,10 +78,9 @@ class ExpertGroupedOps:
         token_row, pair_row, expert, num_rows, held = _group_rows(
             sent.recv_topk_idx, num_experts // ctx.num_ranks, num_worst_tokens, expert_alignment)
         weight = _pair_weights(pair_row, token_row, sent.recv_topk_weights)
-        handle = ExpertGroupedHandle(tokens=sent.handle, token_row=token_row, pair_row=pair_row, weight=weight,
-                                     num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
         recv_parts = tuple(gather_rows(p, token_row) for p in sent.recv_parts)
-        return DispatchResult(recv_parts, expert, None if topk_weights is None else weight, held, num_rows, handle)
+        return grouped_dispatch_result(sent.handle, recv_parts, expert, weight, token_row, pair_row, num_rows, held,
+                                       topk_weights is not None)
 
     def cached_dispatch(self, ctx: RankContext, config, handle: ExpertGroupedHandle, parts, topk_weights=None):
         """Returns (grouped rows, f32[N] pair weights from `topk_weights [T, K]` or None)."""
