@@ -357,8 +357,9 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
     `exact_internode_combine` to the internode one, or to the pure-JAX one that takes its place."""
     from jax_deepep.gpu import internode, low_latency as gpu_low_latency, nvshmem
 
-    opened = {}
+    opened, watched = {}, []
     monkeypatch.setattr(nvshmem, "available", lambda: True)
+    monkeypatch.setattr(gpu.failure_watchdog, "watch", lambda b, backends: watched.append(b))  # stand-ins below
     for module, cls in ((internode, "InternodeBackend"), (gpu_low_latency, "LowLatencyBackend")):
         monkeypatch.setattr(getattr(module, cls), "open",
                             classmethod(lambda c, *args, **kwargs: opened.setdefault(c.__name__, kwargs)))
@@ -369,6 +370,7 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
         warnings.simplefilter("ignore")  # a low-latency Buffer's normal mode across nodes falls back to pure JAX
         normal, _ = gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
     assert opened["LowLatencyBackend" if low_latency_mode else "InternodeBackend"]["timeout_s"] == 3.5
+    assert watched == [buffer]  # and every GPU Buffer is watched for failures that XLA never reports
     if low_latency_mode:
         assert normal.exact_internode_combine is True
     else:
