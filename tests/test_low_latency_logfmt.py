@@ -10,7 +10,7 @@ import pytest
 
 import jax_deepep as deepep
 import oracle
-from harness import make_mesh, random_bf16, random_topk, random_weights, run_per_rank
+from harness import make_mesh, random_bf16, random_tokens, random_topk, random_weights, run_per_rank
 from jax_deepep import DeepEPError, logfmt
 
 H = 512
@@ -130,9 +130,7 @@ def test_logfmt_combine_of_the_pure_jax_backend(rng, num_ranks):
     rounded once; and the result keeps the documented bound from the bf16 combine."""
     mesh = make_mesh(num_ranks)
     buffer = low_latency_buffer(mesh)
-    x = random_bf16(rng, (num_ranks, T, H))
-    topk_idx = random_topk(rng, num_ranks, T, K, E)
-    weights = random_weights(rng, (num_ranks, T, K))
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E)
     received = oracle.low_latency_receive(topk_idx, E)
     y = np.zeros((num_ranks, E // num_ranks, num_ranks * M, H), ml_dtypes.bfloat16)
     for d, rec in enumerate(received):
