@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "cuda/bf16x8.cuh"
+#include "cuda/logfmt.cuh"
 #include "cuda/memory_order.cuh"
 #include "cuda/nvshmem_peers.cuh"
 #include "cuda/remote_put.cuh"
@@ -378,6 +379,104 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall 
   finish_receive(c, kDispatchCall, seq);
 }
 
+// Whole warp: chunk `chunk` of a row (`raw`: this lane's load_chunk) as LogFMT groups (cuda/logfmt.cuh):
+// the two groups' (amax, amin) into `meta`, their data from byte `offset` of `data` on. Returns the
+// bytes of group data written (the same in every lane).
+__device__ int logfmt_encode_chunk(const LogfmtTables& t, uint4 raw, uint32_t* meta, char* data, int offset,
+                                   int hidden, int chunk) {
+  const int lane = threadIdx.x % kWarpSize, piece = lane % 16;
+  const int ch = chunk * kChunkChannels + lane * 8;
+  const bool valid = ch < hidden;  // hidden is a multiple of 128: a whole half-warp (group) or none
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(&raw);
+  int magnitude[8], amax = 0, amin = 0x7FFF;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    magnitude[i] = logfmt_magnitude(bits[i]);
+    amax = max(amax, magnitude[i]);
+    amin = min(amin, magnitude[i]);
+  }
+#pragma unroll
+  for (int mask = 8; mask >= 1; mask /= 2) {
+    amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+    amin = min(amin, __shfl_xor_sync(0xffffffffu, amin, mask));
+  }
+  const LogfmtGroup g = logfmt_group(t, amax, amin);
+  const uint32_t encoded = __ballot_sync(0xffffffffu, valid && g.encoded);
+  const uint32_t present = __ballot_sync(0xffffffffu, valid);
+  const int first_bytes = encoded & 1u ? kEncodedGroupBytes : kBf16GroupBytes;
+  const int second_bytes = !(present >> 16 & 1u) ? 0 : encoded >> 16 & 1u ? kEncodedGroupBytes : kBf16GroupBytes;
+  // Ten bits a value: this lane's 80 bits (values 8 piece .. + 7 of the group) as lo (0-63) and hi (64-79).
+  uint32_t field[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) field[i] = logfmt_code(t, g, magnitude[i]) | (bits[i] >> 15) << 9;
+  uint64_t lo = 0;
+#pragma unroll
+  for (int i = 0; i < 6; ++i) lo |= static_cast<uint64_t>(field[i]) << (10 * i);
+  lo |= static_cast<uint64_t>(field[6] & 0xFu) << 60;
+  const uint32_t hi = field[6] >> 4 | field[7] << 6;
+  const uint32_t partner_hi = __shfl_xor_sync(0xffffffffu, hi, 1);
+  if (!valid) return first_bytes + second_bytes;
+  if (piece == 0) meta[ch / kLogfmtGroup] = static_cast<uint32_t>(amax) | static_cast<uint32_t>(amin) << 16;
+  char* group = data + offset + (lane < 16 ? 0 : first_bytes);
+  if (!g.encoded) {
+    *reinterpret_cast<uint4*>(group + piece * 16) = raw;
+  } else {  // pieces 2q and 2q + 1 share the five words at 20 q: 0-1 (even lane), 2-4 (odd lane)
+    uint32_t* words = reinterpret_cast<uint32_t*>(group + piece / 2 * 20);
+    if (piece % 2 == 0) {
+      words[0] = static_cast<uint32_t>(lo);
+      words[1] = static_cast<uint32_t>(lo >> 32);
+    } else {
+      words[2] = partner_hi | static_cast<uint32_t>(lo & 0xFFFFu) << 16;
+      words[3] = static_cast<uint32_t>(lo >> 16);
+      words[4] = static_cast<uint32_t>(lo >> 48) | hi << 16;
+    }
+  }
+  return first_bytes + second_bytes;
+}
+
+// Whole warp: bf16 row `src` as a LogFMT row at `dst`; returns its bytes (meta and group data).
+__device__ int logfmt_encode_row(const LogfmtTables& t, const __nv_bfloat16* src, char* dst, int hidden,
+                                 int meta_bytes) {
+  const int chunks = (hidden + kChunkChannels - 1) / kChunkChannels;
+  uint32_t* meta = reinterpret_cast<uint32_t*>(dst);
+  int offset = 0;
+  for (int first = 0; first < chunks; first += kPassChunks) {
+    uint4 raw[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(src, hidden, first + u);
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u)
+      if (first + u < chunks) offset += logfmt_encode_chunk(t, raw[u], meta, dst + meta_bytes, offset, hidden, first + u);
+  }
+  return meta_bytes + offset;
+}
+
+// This thread's 8 channels (piece `piece` of 16 in its group) of a LogFMT group `group` (its data),
+// decoded, times `weight`, added to acc.
+__device__ __forceinline__ void logfmt_accumulate(const LogfmtTables& t, float (&acc)[8], const char* group,
+                                                  int piece, int log_amin, int span, float weight) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(group + piece / 2 * 20);
+  uint64_t lo;
+  uint32_t hi;
+  if (piece % 2 == 0) {
+    lo = words[0] | static_cast<uint64_t>(words[1]) << 32;
+    hi = words[2] & 0xFFFFu;
+  } else {
+    lo = words[2] >> 16 | static_cast<uint64_t>(words[3]) << 16 | static_cast<uint64_t>(words[4]) << 48;
+    hi = words[4] >> 16;
+  }
+  uint32_t field[8];
+#pragma unroll
+  for (int i = 0; i < 6; ++i) field[i] = static_cast<uint32_t>(lo >> (10 * i)) & 0x3FFu;
+  field[6] = (static_cast<uint32_t>(lo >> 60) | hi << 4) & 0x3FFu;
+  field[7] = hi >> 6 & 0x3FFu;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float value = logfmt_decode(t, log_amin, span, static_cast<int>(field[i] & 0x1FFu));
+    acc[i] += weight * (field[i] >> 9 ? -value : value);
+  }
+}
+
 // Rows [offset, offset + count) of local expert `local`'s block in y hold the tokens of source
 // rank `src`, clamped so that a foreign handle cannot make us read or write out of bounds.
 struct SourceRows {
@@ -395,12 +494,14 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 // Blocks (local expert, destination rank): send the expert's rows of that source rank back into
 // slots [0, count) of the global expert on the destination, then flag the expert done there.
 // Rows for this rank itself stay in y: the recv kernel reads them there. A mapped peer gets the
-// rows stored straight from y; any other peer gets puts, from a staged copy of the rows,
+// rows stored straight from y (use_logfmt: encoded on the way, a warp per row); any other peer gets
+// puts, from a staged copy of the rows (use_logfmt: a put of each encoded row, as long as it came out),
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
 // contiguous in y and in the destination, so each warp puts one run of them.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
                                                                 const int* recv_layout_range, const int* token,
-                                                                bool zero_copy) {
+                                                                bool zero_copy, bool use_logfmt) {
+  __shared__ LogfmtTables tables;
   const PeerMemory& mem = c.mem;
   const LowLatencyLayout& layout = c.layout;
   const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -413,19 +514,29 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   const int e = mem.rank * experts_per_rank + local;
   const int rows_per_expert = num_ranks * m;
   const auto [offset, count] = source_rows(recv_layout_range, local, dst, num_ranks, m);
-  claim_half(c, kCombineCall, seq, dst, wait);
+  if (use_logfmt) fill_logfmt_tables(tables);
+  claim_half(c, kCombineCall, seq, dst, wait);  // and the tables are filled
 
   const size_t row_bytes = layout.combine_row_bytes;
   const size_t half = half_offset(seq, c);
   char* const peer = mem.peer[dst];
   const __nv_bfloat16* src = y + (static_cast<size_t>(local) * rows_per_expert + offset) * hidden;
-  const bool put_from_y = peer == nullptr && zero_copy;
+  const bool put_from_y = peer == nullptr && zero_copy && !use_logfmt;
   char* const rows =
       peer != nullptr
           ? peer + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes
           : mem.staging + layout.combine_offset + (static_cast<size_t>(dst) * experts_per_rank + local) * m * row_bytes;
+  char* const dst_rows = mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes;
+  for (int j = warp; use_logfmt && j < count; j += kWarps) {
+    const int bytes = logfmt_encode_row(tables, src + static_cast<size_t>(j) * hidden, rows + j * row_bytes, hidden,
+                                        static_cast<int>(layout.logfmt_meta_bytes));
+    if (peer == nullptr) {
+      __syncwarp();
+      put_warp(dst_rows + j * row_bytes, rows + j * row_bytes, bytes, dst);
+    }
+  }
   const int passes = (hidden + kPassChannels - 1) / kPassChannels;
-  for (int item = warp; !put_from_y && item < count * passes; item += kWarps) {
+  for (int item = warp; !put_from_y && !use_logfmt && item < count * passes; item += kWarps) {
     const int j = item / passes, first = item % passes * kPassChunks;
     uint4 v[kPassChunks];
 #pragma unroll
@@ -445,53 +556,101 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
     return;
   }
   __syncthreads();
-  const char* source = put_from_y ? reinterpret_cast<const char*>(src) : rows;
   const int first_row = count * warp / kWarps, end_row = count * (warp + 1) / kWarps;
-  if (end_row > first_row) {
-    char* dst_rows = mem.local + half + layout.combine_offset + static_cast<size_t>(e) * m * row_bytes;
+  if (!use_logfmt && end_row > first_row) {
+    const char* source = put_from_y ? reinterpret_cast<const char*>(src) : rows;
     put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes, (end_row - first_row) * row_bytes,
              dst);
-    __syncwarp();
-    if (lane == 0) put_quiet();
   }
+  __syncwarp();
+  if (lane == 0 && (use_logfmt ? warp < count : end_row > first_row)) put_quiet();
   __syncthreads();
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + flag_index, flag, dst);
 }
 
+// A received LogFMT row's group, as the receive decodes it: its log_amin and span (0: bf16 data), and
+// where its data starts in the row.
+struct LogfmtRowGroup {
+  int log_amin, span, offset;
+};
+
+// Whole block, where rows[k] (with encoded[k]) is a LogFMT row: every group's decoding parameters and
+// data offset (the groups before it, 160 or 256 bytes each) into params[k * groups + g].
+__device__ void read_logfmt_rows(const LogfmtTables& t, const char* const* rows, const bool* encoded, int top_k,
+                                 int groups, int meta_bytes, LogfmtRowGroup* params) {
+  for (int i = threadIdx.x; i < top_k * groups; i += blockDim.x) {
+    if (!encoded[i / groups]) continue;
+    const uint32_t meta = reinterpret_cast<const uint32_t*>(rows[i / groups])[i % groups];
+    const LogfmtGroup g = logfmt_group(t, static_cast<int>(meta & 0xFFFFu), static_cast<int>(meta >> 16));
+    params[i] = {g.log_amin, g.encoded ? g.span : 0, 0};
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  constexpr int kSaved = kBf16GroupBytes - kEncodedGroupBytes;
+  for (int k = threadIdx.x / kWarpSize; k < top_k; k += blockDim.x / kWarpSize) {
+    if (!encoded[k]) continue;
+    int data = meta_bytes;
+    for (int first = 0; first < groups; first += kWarpSize) {
+      const int g = first + lane;
+      const uint32_t compact = __ballot_sync(0xffffffffu, g < groups && params[k * groups + g].span != 0);
+      if (g < groups) params[k * groups + g].offset = data + lane * kBf16GroupBytes - __popc(compact & ((1u << lane) - 1)) * kSaved;
+      data += min(kWarpSize, groups - first) * kBf16GroupBytes - __popc(compact) * kSaved;
+    }
+  }
+  __syncthreads();
+}
+
 // Whole block: token t's output, the sum over its top-k rows (received ones from this call's half,
-// this rank's experts' rows straight from y) times its weights in f32, rounded to bf16 once.
+// LogFMT rows decoded; this rank's experts' rows straight from y) times its weights in f32, rounded to
+// bf16 once. `params`: top_k * hidden / 128 entries for LogFMT rows.
 __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uint32_t seq, const __nv_bfloat16* y,
                                              const int* recv_layout_range, const int* topk_idx,
-                                             const float* topk_weights, const int* send_slot, __nv_bfloat16* out) {
-  __shared__ const __nv_bfloat16* rows[32];
+                                             const float* topk_weights, const int* send_slot, __nv_bfloat16* out,
+                                             bool use_logfmt, LogfmtTables& tables, LogfmtRowGroup* params) {
+  __shared__ const char* rows[32];
+  __shared__ bool encoded[32];
   __shared__ float weights[32];
   const PeerMemory& mem = c.mem;
   const LowLatencyShape& s = c.shape;
-  const int top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
+  const int top_k = s.top_k, hidden = s.hidden, m = s.max_tokens, groups = hidden / kLogfmtGroup;
   const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
   const char* area = mem.local + half_offset(seq, c) + c.layout.combine_offset;
   if (threadIdx.x < top_k) {
     const int k = threadIdx.x;
     const int id = topk_idx[t * top_k + k], slot = send_slot[t * top_k + k];
-    const __nv_bfloat16* row = nullptr;
+    const char* row = nullptr;
+    bool remote = false;
     if (id >= 0 && id < s.num_experts && slot >= 0 && slot < m) {
       const int local = id - mem.rank * experts_per_rank;
       if (id / experts_per_rank != mem.rank) {
-        row = reinterpret_cast<const __nv_bfloat16*>(area + (static_cast<size_t>(id) * m + slot) *
-                                                                c.layout.combine_row_bytes);
+        row = area + (static_cast<size_t>(id) * m + slot) * c.layout.combine_row_bytes;
+        remote = true;
       } else if (const SourceRows own = source_rows(recv_layout_range, local, mem.rank, num_ranks, m); slot < own.count) {
-        row = y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) * hidden;
+        row = reinterpret_cast<const char*>(y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) * hidden);
       }
     }
     rows[k] = row;
+    encoded[k] = use_logfmt && remote;
     weights[k] = topk_weights[t * top_k + k];
   }
+  if (use_logfmt) fill_logfmt_tables(tables);
   __syncthreads();
+  if (use_logfmt) read_logfmt_rows(tables, rows, encoded, top_k, groups, static_cast<int>(c.layout.logfmt_meta_bytes), params);
   for (int ch = threadIdx.x * 8; ch < hidden; ch += blockDim.x * 8) {
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int k = 0; k < top_k; ++k) {
       if (rows[k] == nullptr) continue;
-      accumulate(acc, *reinterpret_cast<const uint4*>(rows[k] + ch), weights[k]);
+      if (!encoded[k]) {
+        accumulate(acc, *reinterpret_cast<const uint4*>(rows[k] + ch * 2), weights[k]);
+        continue;
+      }
+      const LogfmtRowGroup& g = params[k * groups + ch / kLogfmtGroup];
+      const int piece = ch % kLogfmtGroup / 8;
+      if (g.span != 0) {
+        logfmt_accumulate(tables, acc, rows[k] + g.offset, piece, g.log_amin, g.span, weights[k]);
+      } else {
+        accumulate(acc, *reinterpret_cast<const uint4*>(rows[k] + g.offset + piece * 16), weights[k]);
+      }
     }
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(t) * hidden + ch) = pack_bf16x8<uint4>(acc);
   }
@@ -499,11 +658,15 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
 
 // One block per token (one block when T = 0, to receive the call all the same): wait until every
 // other rank's experts have flagged this call, then reduce the token's top-k rows (this rank's
-// experts' rows straight from y) with its weights in f32 and round to bf16 once.
+// experts' rows straight from y) with its weights in f32 and round to bf16 once. Dynamic shared
+// memory: use_logfmt's LogfmtRowGroup per (k, group).
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(LowLatencyCall c, const int* token,
                                                                 const __nv_bfloat16* y, const int* recv_layout_range,
                                                                 const int* topk_idx, const float* topk_weights,
-                                                                const int* send_slot, __nv_bfloat16* out) {
+                                                                const int* send_slot, __nv_bfloat16* out,
+                                                                bool use_logfmt) {
+  extern __shared__ LogfmtRowGroup logfmt_params[];
+  __shared__ LogfmtTables tables;
   const PeerMemory& mem = c.mem;
   const LowLatencyShape& s = c.shape;
   const int t = blockIdx.x;
@@ -516,7 +679,10 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(LowLatencyCall c
     const int owner = e / experts_per_rank;
     if (owner != mem.rank) wait_call_signal(flags + e, seq, c.signature, wait, WaitKind::kExpertRows, owner);
   }
-  if (t < s.num_tokens) reduce_token(c, t, seq, y, recv_layout_range, topk_idx, topk_weights, send_slot, out);
+  if (t < s.num_tokens) {
+    reduce_token(c, t, seq, y, recv_layout_range, topk_idx, topk_weights, send_slot, out, use_logfmt, tables,
+                 logfmt_params);
+  }
   finish_receive(c, kCombineCall, seq);
 }
 
@@ -570,7 +736,7 @@ cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const Lo
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
   start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, call.signature, a.token);
   combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
-      call, a.y, a.recv_layout_range, a.token, a.zero_copy);
+      call, a.y, a.recv_layout_range, a.token, a.zero_copy, a.use_logfmt);
   return cudaGetLastError();
 }
 
@@ -579,8 +745,9 @@ cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const Lo
   const LowLatencyShape& s = call.shape;
   const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
   const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
-  combine_recv_kernel<<<std::max(s.num_tokens, 1), threads, 0, stream>>>(
-      call, a.token, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out);
+  const size_t logfmt_bytes = a.use_logfmt ? sizeof(LogfmtRowGroup) * s.top_k * (s.hidden / kLogfmtGroup) : 0;
+  combine_recv_kernel<<<std::max(s.num_tokens, 1), threads, logfmt_bytes, stream>>>(
+      call, a.token, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out, a.use_logfmt);
   return cudaGetLastError();
 }
 

@@ -10,7 +10,8 @@
 // not yet received call `seq - B` can never get that receipt (the stream runs this rank's receive
 // after the send): it fails at once, naming the limit. One half (jax_deepep/sizes.py:low_latency_layout):
 //   dispatch area  [E_l][R][M] rows of (16-byte header + payload), header = source token index
-//   combine area   [E][M] rows of bf16 [H]: expert e's output for the token in slot j of e
+//   combine area   [E][M] rows: expert e's output for the token in slot j of e, bf16 [H] or a
+//                  LogFMT row (cuda/logfmt.cuh) of a use_logfmt combine
 //   signals        E dispatch counts [E_l][R] + E combine flags [E], 64-bit (call_signal in
 //                  nvshmem_peers.cuh: the op's signature, the call number and a count)
 // Signals carry the call number, so nobody resets them and any number of blocks may poll them.
@@ -29,12 +30,14 @@ namespace jax_deepep {
 
 constexpr int kFp8Block = 128;    // channels per FP8 scale
 constexpr int kRowHeaderBytes = 16;
+constexpr int kLogfmtGroup = 128;  // channels per (amax, amin) pair of a LogFMT row (cuda/logfmt.cuh)
 
 // One half, as jax_deepep/sizes.py:low_latency_layout computes it (the handler passes it on).
 struct LowLatencyLayout {
   size_t dispatch_row_bytes;
   size_t combine_row_bytes;
-  size_t combine_offset;  // within a half
+  size_t logfmt_meta_bytes;  // a LogFMT row's (amax, amin) pairs, before its group data
+  size_t combine_offset;     // within a half
   size_t signal_offset;   // within a half
   size_t half_bytes;
 };
@@ -84,12 +87,13 @@ struct LowLatencyDispatchRecvArgs {
 };
 
 // zero_copy: nvshmem puts read y itself, which must lie in memory registered with NVSHMEM,
-// instead of a staged copy of the rows.
+// instead of a staged copy of the rows. use_logfmt: rows to other ranks travel as LogFMT rows
+// (cuda/logfmt.cuh), staged for puts whatever zero_copy says.
 struct LowLatencyCombineSendArgs {
   const __nv_bfloat16* y;        // [E_l, R*M, H]
   const int* recv_layout_range;  // [E_l, R, 2]
   int* token;                    // [1]
-  bool zero_copy;
+  bool zero_copy, use_logfmt;
 };
 
 struct LowLatencyCombineRecvArgs {
@@ -100,6 +104,7 @@ struct LowLatencyCombineRecvArgs {
   const float* topk_weights;     // [T, K]
   const int* send_slot;          // [T, K]
   __nv_bfloat16* out;            // [T, H]
+  bool use_logfmt;               // rows from other ranks are LogFMT rows
 };
 
 }  // namespace jax_deepep

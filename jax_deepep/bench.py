@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import baselines
+from . import baselines, logfmt
 from .buffer import Buffer
 from .config import FP8_BLOCK
 from .fp8 import per_block_cast_to_fp8
@@ -66,7 +66,7 @@ class Sizes:
 class Result:
     op: str  # dispatch / combine / copy / ...
     impl: str  # buffer[<backend>], jax:padded, jax:ragged, jax:ring, ceiling
-    dtype: str  # bf16 / fp8
+    dtype: str  # bf16 / fp8 / logfmt
     time_us: Optional[float] = None
     latency_us: Optional[float] = None  # one call, host dispatch included
     bytes_per_rank: Optional[float] = None
@@ -534,6 +534,13 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
         runner.run(Result("ll_combine", impl, "bf16", bytes_per_rank=bf16_bytes),
                    stateless(lambda y, i, w, h, buffer=buffer: buffer.low_latency_combine(y, i, w, h)),
                    [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(ys, sets, outs)])
+        # LogFMT-10: rows scaled below 1 so that their groups are encoded; bytes as the rows travel
+        small = [(y.astype(jnp.float32) / 16).astype(y.dtype) for y in ys]
+        logfmt_bytes = num_pairs * float(np.mean(np.asarray(jax.jit(logfmt.row_bytes)(small[0]))))
+        runner.run(Result("ll_combine", impl, "logfmt", bytes_per_rank=logfmt_bytes,
+                          note="y / 16: every 128-channel group encoded"),
+                   stateless(lambda y, i, w, h, buffer=buffer: buffer.low_latency_combine(y, i, w, h, use_logfmt=True)),
+                   [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(small, sets, outs)])
 
     def base_dispatch(x, idx, buf):
         out = baselines.low_latency_dispatch(x, idx, buf, axis_name=AXIS, num_experts=E)

@@ -354,7 +354,7 @@ class Buffer:
 
         `y`: bf16 `[E_l, R * M, H]` (rows as `low_latency_dispatch` delivered them); `topk_idx` and
         `topk_weights` (f32) `[T, K]`; `handle` from that dispatch. `zero_copy` sends `y` from where
-        XLA keeps it; `use_logfmt` is accepted (rows travel as exact bf16). With
+        XLA keeps it; `use_logfmt` sends rows to other ranks as LogFMT-10 (lossy, `jax_deepep/logfmt.py`). With
         `return_recv_hook=True` it returns a `PendingLowLatencyCombine` for `low_latency_recv`.
 
         Traced under `jax.named_scope("deepep/low_latency_combine")`. Checkpoint name (on the completed

@@ -9,3 +9,6 @@ MAX_EXPERT_ALIGNMENT = 1 << 16
 LOW_LATENCY_MAX_TOKENS_PER_RANK = 8192
 # The kernels move bf16 rows in 16-byte pieces of 8 channels.
 ROW_CHANNELS = 8
+# Low latency with use_logfmt: the combine receive keeps each (top-k row, 128-channel group)'s decoding
+# parameters in shared memory, 12 bytes each (cuda/low_latency.cu).
+LOGFMT_MAX_DECODED_GROUPS = 3072

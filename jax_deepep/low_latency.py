@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from . import checking
 from .backend import LowLatencyOptions, RankContext
 from .config import low_latency_rdma_size_hint
-from .limits import FP8_BLOCK, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
+from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
+from .logfmt import GROUP as LOGFMT_GROUP
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
 from .validation import expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
@@ -105,6 +106,8 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
     expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=handle.send_slot.shape)
     expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=handle.send_slot.shape)
     _check_rdma_bytes(op, num_rdma_bytes, m, y.shape[2], ctx.num_ranks, e)
+    if use_logfmt:
+        _check_logfmt(op, y.shape[2], topk_idx.shape[1])
     checking.check_expert_ids(topk_idx, e)
 
     def send(y, topk_idx, topk_weights, handle):
@@ -114,6 +117,15 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
     if return_recv_hook:
         return _unmapped_on_cuda(backend, op, send)(y, topk_idx, topk_weights, handle)
     return _one_at_a_time(lambda *args: _receive(backend, ctx, send(*args)))(y, topk_idx, topk_weights, handle)
+
+
+def _check_logfmt(op: str, hidden: int, top_k: int):
+    """LogFMT rows are groups of 128 channels, whose decoding parameters the receive keeps for every top-k row."""
+    if hidden % LOGFMT_GROUP:
+        fail(op, f"`y` hidden size must be a multiple of {LOGFMT_GROUP} for use_logfmt=True, got {hidden}")
+    if top_k * (hidden // LOGFMT_GROUP) > LOGFMT_MAX_DECODED_GROUPS:
+        fail(op, f"use_logfmt=True serves top_k * hidden / {LOGFMT_GROUP} <= {LOGFMT_MAX_DECODED_GROUPS}, got "
+                 f"top_k={top_k} and hidden={hidden}")
 
 
 def _one_at_a_time(op):

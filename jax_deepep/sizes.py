@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from .limits import FP8_BLOCK
+from .logfmt import GROUP as LOGFMT_GROUP, meta_bytes as logfmt_meta_bytes
 
 _ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispatched row
 _LOW_LATENCY_SIGNAL_BYTES = 8  # low latency: signature, call number and count (cuda/nvshmem_peers.cuh)
@@ -91,6 +92,7 @@ def intranode_ring_bytes(num_channels: int, num_ranks: int, slots: int, slot_byt
 class LowLatencyLayout:
     dispatch_row_bytes: int
     combine_row_bytes: int
+    logfmt_meta_bytes: int  # a LogFMT combine row's (amax, amin) pairs, before its group data (jax_deepep/logfmt.py)
     combine_offset: int  # within a half
     signal_offset: int   # within a half
     half_bytes: int
@@ -98,15 +100,17 @@ class LowLatencyLayout:
 
 def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyLayout:
     """One half: the dispatch receive area ([E][M] rows of header + payload, big enough for bf16
-    and FP8 rows), the combine receive area ([E][M] bf16 rows), then E dispatch counts and E
-    combine flags (64-bit signals)."""
+    and FP8 rows), the combine receive area ([E][M] rows big enough for bf16, and where H is a multiple
+    of 128 for a LogFMT row's (amax, amin) pairs and its groups, bf16 at worst), then E dispatch counts
+    and E combine flags (64-bit signals)."""
     m = num_max_dispatch_tokens_per_rank
     dispatch_row = _ROW_HEADER_BYTES + max(hidden * 2, hidden + (hidden // FP8_BLOCK) * 4)
-    combine_row = hidden * 2
+    meta = logfmt_meta_bytes(hidden) if hidden % LOGFMT_GROUP == 0 else 0
+    combine_row = meta + hidden * 2
     combine_offset = align(num_experts * m * dispatch_row, 128)
     signal_offset = combine_offset + align(num_experts * m * combine_row, 128)
     half = signal_offset + align(num_experts * _LOW_LATENCY_SIGNAL_BYTES * 2, 128)
-    return LowLatencyLayout(dispatch_row, combine_row, combine_offset, signal_offset, half)
+    return LowLatencyLayout(dispatch_row, combine_row, meta, combine_offset, signal_offset, half)
 
 
 def low_latency_num_halves(num_rdma_bytes: int, layout: LowLatencyLayout) -> int:

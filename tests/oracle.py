@@ -358,3 +358,52 @@ def grouped_combined_weights(row_weights, dispatched: list, topk_idx, num_expert
                 i = row_of.get((s, t, expert - d * experts_per_rank))
                 out[s, t, k] = 0.0 if i is None else row_weights[d][i]
     return out
+
+
+# ---- LogFMT-10 (low-latency combine with use_logfmt=True) --------------------------------------
+def logfmt_round_trip(x):
+    """The f32 values a receiver decodes from bf16 rows `x [..., H]` sent as LogFMT-10, per group of 128
+    channels: magnitudes below 2^-126 count as 0; encoded when 0 < amax < 1 and amin < amax, else exact.
+    Logarithms in units of 2^-16: log2(2^e (1 + m/128)) = e 2^16 + round(2^16 log2(1 + m/128));
+    log_amin = max(log2 amin, log2 amax - 32) (log2 amax - 32 when amin = 0), span = log2 amax - log_amin;
+    code = floor(((log2 x - log_amin) 510 + 1.5 span - (span >> 10)^2 // 368) / span) in [0, 511];
+    code c > 0 decodes to 2^y, y = log_amin + (c - 1) span // 510, as f32(2^(y_hi / 256)) f32(2^(y_lo /
+    65536)) 2^(y >> 16) with y_hi, y_lo y's bits 8-15 and 0-7, and 0 below 2^-126."""
+    x = np.asarray(x, ml_dtypes.bfloat16)
+    bits = x.reshape(*x.shape[:-1], x.shape[-1] // 128, 128).view(np.uint16).astype(np.int64)
+    magnitude = bits & 0x7FFF
+    magnitude[magnitude < 0x80] = 0
+    amax = magnitude.max(axis=-1, keepdims=True)
+    amin = magnitude.min(axis=-1, keepdims=True)
+    encoded = (amax >= 0x80) & (amax < 0x3F80) & (amin < amax)
+
+    def log2(m):
+        return ((m >> 7) - 127) * 65536 + np.round(np.log2(1.0 + (m & 0x7F) / 128.0) * 65536).astype(np.int64)
+
+    log_amax = log2(amax)
+    log_amin = np.where(amin == 0, log_amax - 32 * 65536, np.maximum(log2(amin), log_amax - 32 * 65536))
+    span = np.where(encoded, log_amax - log_amin, 1)
+    above = np.maximum(log2(np.maximum(magnitude, 0x80)) - log_amin, -span)
+    code = (above * 510 + span + span // 2 - (span // 1024) ** 2 // 368) // span
+    code = np.where(magnitude == 0, 0, np.clip(code, 0, 511))
+    y = log_amin + (code - 1) * span // 510
+    high = np.exp2(((y // 256) % 256) / 256.0).astype(np.float32)
+    low = np.exp2((y % 256) / 65536.0).astype(np.float32)
+    n = y // 65536
+    value = np.where((code == 0) | (n < -126), np.float32(0),
+                     (high * low) * np.exp2(np.maximum(n, -126)).astype(np.float32)).astype(np.float32)
+    value = np.where(bits >> 15 == 1, -value, value)
+    return np.where(encoded, value, x.reshape(bits.shape).astype(np.float32)).reshape(x.shape)
+
+
+def low_latency_logfmt_combine(y, topk_weights, received: list, num_tokens: int):
+    """`low_latency_combine` with every row that travels to another rank decoded from LogFMT-10 (a rank's
+    own experts' rows stay exact), in float64."""
+    decoded = []
+    for d, rec in enumerate(received):
+        rows = np.asarray(y[d], np.float32).copy()
+        for local, block in enumerate(rec.rows):
+            remote = block[:, 0] != d
+            rows[local, :len(block)][remote] = logfmt_round_trip(np.asarray(y[d][local, :len(block)])[remote])
+        decoded.append(rows)
+    return low_latency_combine(np.stack(decoded), topk_weights, received, num_tokens)

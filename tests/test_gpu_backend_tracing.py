@@ -169,7 +169,7 @@ def test_low_latency_calls_carry_what_the_handlers_decode():
     """Every low-latency custom call's attributes are the fields its handler decodes (checked on the GPU
     only when it runs); each send has a call site of its own, so XLA can never merge two."""
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-    half = 133376  # sizes.low_latency_layout(8, 256, 16).half_bytes
+    half = 135424  # sizes.low_latency_layout(8, 256, 16).half_bytes
     buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=5 * half + 5)
     config = moe.MoEConfig(hidden=256, ffn_hidden=256, num_experts=16, top_k=2, use_fp8=True)
     params = moe.shard_params(moe.init_params(jax.random.key(0), config), mesh, "expert")
@@ -273,3 +273,27 @@ def test_low_latency_kernels_serve_one_size_per_buffer():
     dispatch(8)  # the same size again
     with pytest.raises(DeepEPError, match=r"serve one .*first \(8, 256, 16\), got \(16, 256, 16\)"):
         dispatch(16)
+
+
+@pytest.mark.parametrize("use_logfmt", [False, True])
+def test_low_latency_combine_carries_use_logfmt(use_logfmt):
+    """`use_logfmt` reaches both combine calls (the kernels' row format, and the op signature the ranks compare),
+    next to every field their handlers decode."""
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
+    tokens = NamedSharding(mesh, P("expert"))
+    x = jax.device_put(jnp.zeros((64, 256), jnp.bfloat16), tokens)
+    idx = jax.device_put(jnp.zeros((64, 2), jnp.int32), tokens)
+    w = jax.device_put(jnp.ones((64, 2), jnp.float32), tokens)
+
+    def body(x, idx, w):
+        ll = buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=8, num_experts=16, use_fp8=False)
+        return buffer.low_latency_combine(ll.recv_x, idx, w, ll.handle, use_logfmt=use_logfmt)
+
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+    calls = _custom_call_attributes(step.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text())
+    combine = [(target, attributes) for target, attributes in calls if "_combine_" in target]
+    assert sorted(target for target, _ in combine) == ["jax_deepep_ll_combine_recv", "jax_deepep_ll_combine_send"]
+    for target, attributes in combine:
+        _check_decodable(attributes, handler_attrs_struct(target), target)
+        assert attributes["use_logfmt"] == str(use_logfmt).lower(), (target, attributes["use_logfmt"])

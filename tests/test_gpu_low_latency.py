@@ -109,6 +109,7 @@ def test_checks_accept_the_pure_jax_ops(monkeypatch):
         check_dispatch_combine(worker, f"pure JAX, fp8/round/ue8m0/hook/zero_copy={variant}", data, ROUNDS["m"],
                                ROUNDS["e"], *variant)
     two_pairs_per_program(worker, seed=0)
+    logfmt_rounds(worker, seed=0)
     assert not worker.failures
 
 
@@ -150,8 +151,8 @@ class Worker:
         self.kernels = self._open_kernels()
         self._compiled = {}
 
-    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs):
-        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs)
+    def _function(self, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs, use_logfmt):
+        key = (m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, pairs, use_logfmt)
         if key in self._compiled:
             return self._compiled[key]
         import jax
@@ -170,7 +171,7 @@ class Worker:
             if hook:
                 out = ops.low_latency_recv(kernels, ctx, out)
             combined = ops.low_latency_combine(kernels, ctx, y[0], idx[0], w[0], out.handle, zero_copy=zero_copy,
-                                               return_recv_hook=hook)
+                                               use_logfmt=use_logfmt, return_recv_hook=hook)
             if hook:
                 combined = ops.low_latency_recv(kernels, ctx, combined)
             recv = out.recv_x if isinstance(out.recv_x, tuple) else (out.recv_x,)
@@ -193,14 +194,14 @@ class Worker:
         return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, PartitionSpec(AXIS)),
                                             lambda index: a[index])
 
-    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy):
-        return self.run_pairs([data], m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy)[0]
+    def run(self, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, use_logfmt=False):
+        return self.run_pairs([data], m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, use_logfmt)[0]
 
-    def run_pairs(self, datas, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy):
+    def run_pairs(self, datas, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, use_logfmt=False):
         """Runs one program with a dispatch + combine pair per data set; this rank's results per pair."""
         import jax
 
-        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, len(datas))
+        fn = self._function(m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, len(datas), use_logfmt)
         out = fn(*(self._global(a) for data in datas for a in data))
         return [jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], o) for o in out]
 
@@ -224,14 +225,16 @@ def make_data(rng, num_ranks, t, h, k, e, m, kind):
     return x, idx, w, y
 
 
-def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, result=None):
-    """Checks `result` (this rank's outputs for `data`; run here when None) against the oracle."""
+def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, result=None,
+                           use_logfmt=False):
+    """Checks `result` (this rank's outputs for `data`; run here when None) against the oracle; with
+    `use_logfmt` the combine against the oracle's LogFMT-10 decoding of the rows from other ranks."""
     import oracle
 
     x, idx, w, y = data
     d = worker.rank
     if result is None:
-        result = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy)
+        result = worker.run(data, m, e, use_fp8, round_scale, use_ue8m0, hook, zero_copy, use_logfmt)
     recv, count, src_info, layout_range, combined = result
     received = oracle.low_latency_receive(idx, e)
     mine = received[d]
@@ -272,7 +275,8 @@ def check_dispatch_combine(worker, name, data, m, e, use_fp8, round_scale, use_u
             assert err < (0.08 if round_scale or use_ue8m0 else 0.05), f"FP8 round trip error {err:.4f}"
 
     def combine():
-        exact = oracle.low_latency_combine(y, w, received, x.shape[1])[d]
+        exact = (oracle.low_latency_logfmt_combine if use_logfmt else oracle.low_latency_combine)(
+            y, w, received, x.shape[1])[d]
         terms = oracle.low_latency_combine(np.abs(np.asarray(y, np.float64)), np.abs(w), received, x.shape[1])[d]
         oracle.assert_rounded_once(combined, exact, terms)
 
@@ -314,6 +318,7 @@ def correctness(worker, seed):
             break
     print(f"100 rounds in {time.time() - start:.1f} s")
     two_pairs_per_program(worker, seed)
+    logfmt_rounds(worker, seed)
 
 
 def two_pairs_per_program(worker, seed):
@@ -329,6 +334,21 @@ def two_pairs_per_program(worker, seed):
         for i, (data, result) in enumerate(zip(datas, results)):
             check_dispatch_combine(worker, f"two pairs per program, round {r}, pair {i}", data, ROUNDS["m"],
                                    ROUNDS["e"], *variant, result=result)
+
+
+def logfmt_rounds(worker, seed):
+    """use_logfmt=True: rows to other ranks travel as LogFMT-10 (y scaled below 1, so that most groups are
+    encoded; one round in four keeps y as drawn, mostly bf16 groups), with and without the recv hook and
+    zero_copy: the combine is the oracle's decoded rows summed and rounded once."""
+    n = worker.num_ranks
+    for r in range(8):
+        rng = np.random.default_rng(seed + 3000 + r)
+        kind = ("random", "hot", "out_of_range", "repeated")[r % 4]
+        x, idx, w, y = make_data(rng, n, ROUNDS["t"], ROUNDS["h"], ROUNDS["k"], ROUNDS["e"], ROUNDS["m"], kind)
+        if r % 4:
+            y = (np.asarray(y, np.float32) * 2.0 ** -(3 * r)).astype(y.dtype)
+        check_dispatch_combine(worker, f"logfmt round {r} {kind}", (x, idx, w, y), ROUNDS["m"], ROUNDS["e"],
+                               False, False, False, r % 2 == 1, r % 4 >= 2, use_logfmt=True)
 
 
 def bench_size(worker):

@@ -12,8 +12,8 @@ from harness import ROOT, decoded_struct_members
 def test_low_latency_layouts():
     # Signals: E dispatch counts and E combine flags of 8 bytes each.
     assert sizes.low_latency_layout(128, 7168, 288) == sizes.LowLatencyLayout(
-        14352, 14336, 529072128, 1057554432, 1057559040)
-    assert sizes.low_latency_layout(8, 256, 16) == sizes.LowLatencyLayout(528, 512, 67584, 133120, 133376)
+        14352, 14560, 224, 529072128, 1065811968, 1065816576)
+    assert sizes.low_latency_layout(8, 256, 16) == sizes.LowLatencyLayout(528, 528, 16, 67584, 135168, 135424)
 
 
 def test_low_latency_halves_are_what_the_buffer_holds():

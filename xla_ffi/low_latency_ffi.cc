@@ -51,22 +51,27 @@ struct DispatchRecvAttrs {
   bool use_ue8m0;
 };
 
+// use_logfmt: rows to other ranks travel as LogFMT rows (cuda/logfmt.cuh); a combine with it and one
+// without are different ops (their signatures differ), so ranks that disagree fail, naming both.
 struct CombineSendAttrs {
   LowLatencySizes sizes;
   LowLatencyLayout layout;
   bool zero_copy;
+  bool use_logfmt;
   int64_t call_site;
 };
 
 struct CombineRecvAttrs {
   LowLatencySizes sizes;
   LowLatencyLayout layout;
+  bool use_logfmt;
 };
 
 }  // namespace jax_deepep
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencyLayout, StructMember<uint64_t>("dispatch_row_bytes"),
                                       StructMember<uint64_t>("combine_row_bytes"),
+                                      StructMember<uint64_t>("logfmt_meta_bytes"),
                                       StructMember<uint64_t>("combine_offset"),
                                       StructMember<uint64_t>("signal_offset"), StructMember<uint64_t>("half_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::LowLatencySizes, StructMember<int64_t>("buffer_id"),
@@ -85,16 +90,21 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
-                                      StructMember<bool>("zero_copy"), StructMember<int64_t>("call_site"));
+                                      StructMember<bool>("zero_copy"), StructMember<bool>("use_logfmt"),
+                                      StructMember<int64_t>("call_site"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineRecvAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
-                                      StructMember<jax_deepep::LowLatencyLayout>("layout"));
+                                      StructMember<jax_deepep::LowLatencyLayout>("layout"),
+                                      StructMember<bool>("use_logfmt"));
 
 namespace jax_deepep {
 namespace {
 
 constexpr int64_t kMaxTopk = 32;
 constexpr int64_t kMaxTokensPerRank = 8192;  // slot table in shared memory; 16-bit counts in signals
+// use_logfmt: the combine receive's decoding parameters per (top-k row, group) in shared memory
+// (jax_deepep/limits.py LOGFMT_MAX_DECODED_GROUPS).
+constexpr int64_t kLogfmtMaxDecodedGroups = 3072;
 
 ffi::Error invalid(const std::string& message) { return invalid_argument("jax_deepep low-latency: " + message); }
 
@@ -146,18 +156,31 @@ std::optional<LowLatencyMemory> checked_memory(int32_t device, const LowLatencyS
 }
 
 // What the launch needs besides its arrays: the peers, the op's sizes, the checked layout, and the
-// signature every rank's call of `op` must carry (the op and what sizes its buffer halves; the send
-// and the receive of one op compute the same).
+// signature every rank's call of `op` must carry (the op, what sizes its buffer halves, and the row
+// format: FP8 for dispatch, LogFMT for combine; the send and the receive of one op compute the same).
 LowLatencyCall call_of(const LowLatencyMemory& rt, OpKind op, const LowLatencySizes& sizes,
                        const LowLatencyLayout& layout, int64_t num_tokens, int64_t top_k, int64_t hidden,
-                       bool use_fp8) {
+                       bool compact_rows) {
   const LowLatencyShape shape{static_cast<int>(num_tokens), static_cast<int>(top_k), static_cast<int>(hidden),
                               static_cast<int>(sizes.num_max_dispatch_tokens_per_rank),
                               static_cast<int>(sizes.num_experts)};
   const OpSignature signature(op, {static_cast<uint32_t>(shape.max_tokens), static_cast<uint32_t>(hidden),
                                    static_cast<uint32_t>(shape.num_experts), static_cast<uint32_t>(sizes.num_halves),
-                                   static_cast<uint32_t>(layout.half_bytes), use_fp8 ? 1u : 0u});
+                                   static_cast<uint32_t>(layout.half_bytes), compact_rows ? 1u : 0u});
   return LowLatencyCall{rt.memory, shape, layout, static_cast<int>(sizes.num_halves), signature.value};
+}
+
+// use_logfmt: rows of whole groups, whose (amax, amin) pairs and bf16 data at worst fit a combine row,
+// and a receive that keeps top_k * groups decoding parameters.
+ffi::Error check_logfmt(const LowLatencyLayout& l, int64_t hidden, int64_t top_k) {
+  if (hidden % kLogfmtGroup) return invalid("use_logfmt needs a hidden size that is a multiple of 128");
+  if (top_k * (hidden / kLogfmtGroup) > kLogfmtMaxDecodedGroups) {
+    return invalid("use_logfmt serves top_k * hidden / 128 <= " + std::to_string(kLogfmtMaxDecodedGroups));
+  }
+  return check_layout("low-latency LogFMT combine row",
+                      {{"(amax, amin) pairs", 0, 4 * static_cast<uint64_t>(hidden / kLogfmtGroup), 16},
+                       {"group data", l.logfmt_meta_bytes, 2 * static_cast<uint64_t>(hidden), 16}},
+                      l.combine_row_bytes);
 }
 
 // y and recv_x are [E / R, R * M, H].
@@ -228,14 +251,20 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_lay
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (!rt) return error;
+  if (attrs.use_logfmt) {
+    if (ffi::Error bad = check_logfmt(attrs.layout, dims[2], 1); bad.failure()) return bad;
+  }
   // Puts read y itself: its allocation must be registered with NVSHMEM (a host call, once per allocation).
-  const bool put_from_y = attrs.zero_copy && rt->has_put_peers;
+  // LogFMT rows are encoded into the staging buffer instead.
+  const bool put_from_y = attrs.zero_copy && !attrs.use_logfmt && rt->has_put_peers;
   if (std::string why; put_from_y && !register_put_source(*rt, y.untyped_data(), y.size_bytes(), &why)) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepep low-latency: zero_copy combine: " + why);
   }
   const LowLatencyCombineSendArgs args{reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
-                                       recv_layout_range.typed_data(), token->typed_data(), put_from_y};
-  const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyCombine, attrs.sizes, attrs.layout, 0, 0, dims[2], false);
+                                       recv_layout_range.typed_data(), token->typed_data(), put_from_y,
+                                       attrs.use_logfmt};
+  const LowLatencyCall call =
+      call_of(*rt, OpKind::kLowLatencyCombine, attrs.sizes, attrs.layout, 0, 0, dims[2], attrs.use_logfmt);
   return launched(launch_low_latency_combine_send(call, args, stream), "combine send");
 }
 
@@ -254,15 +283,19 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, out_dims[1], &error);
   if (!rt) return error;
+  if (attrs.use_logfmt) {
+    if (ffi::Error bad = check_logfmt(attrs.layout, out_dims[1], idx_dims[1]); bad.failure()) return bad;
+  }
   const LowLatencyCombineRecvArgs args{token.typed_data(),
                                        reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
                                        recv_layout_range.typed_data(),
                                        topk_idx.typed_data(),
                                        topk_weights.typed_data(),
                                        send_slot.typed_data(),
-                                       reinterpret_cast<__nv_bfloat16*>(out->typed_data())};
+                                       reinterpret_cast<__nv_bfloat16*>(out->typed_data()),
+                                       attrs.use_logfmt};
   const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyCombine, attrs.sizes, attrs.layout, idx_dims[0],
-                                      idx_dims[1], out_dims[1], false);
+                                      idx_dims[1], out_dims[1], attrs.use_logfmt);
   return launched(launch_low_latency_combine_recv(call, args, stream), "combine recv");
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .. import logfmt
 from ..backend import LowLatencyOptions, RankContext
 from ..fp8 import per_block_cast_to_fp8
 from ..rounding import round_to
@@ -81,7 +82,7 @@ def dispatch_recv(ctx: RankContext, opts: LowLatencyOptions, transit: dict):
 
 
 def combine_send(ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool, zero_copy: bool):
-    del use_logfmt, zero_copy  # exact here; both only change how the CUDA kernels move bytes
+    del zero_copy  # only changes how the CUDA kernels move bytes
     experts_per_rank, rows, hidden = y.shape
     m = handle.num_max_dispatch_tokens_per_rank
     offsets, counts = handle.recv_layout_range[..., 0], handle.recv_layout_range[..., 1]
@@ -91,6 +92,9 @@ def combine_send(ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt
     valid = j < counts.T[:, :, None]
     flat = jnp.where(valid, jnp.arange(experts_per_rank)[None, :, None] * rows + row, -1)
     send = gather_rows(y.reshape(-1, hidden), flat.ravel()).reshape(ctx.num_ranks, experts_per_rank, m, hidden)
+    if use_logfmt:  # rows to other ranks arrive as the receiver decodes them; this rank's own stay exact
+        own = (jnp.arange(ctx.num_ranks) == jax.lax.axis_index(ctx.axis_name))[:, None, None, None]
+        send = jnp.where(own, send.astype(jnp.float32), logfmt.round_trip(send))
     back = jax.lax.all_to_all(send, ctx.axis_name, 0, 0)  # [R_dst, E_l, M, H] = [E, M, H]
     return {"back": back.reshape(-1, m, hidden), "topk_idx": topk_idx, "topk_weights": topk_weights,
             "send_slot": handle.send_slot}
@@ -108,4 +112,5 @@ def combine_recv(ctx: RankContext, transit: dict):
     def add_k(k, acc):
         return acc + w[:, k, None] * gather_rows(back, flat[:, k]).astype(jnp.float32)
 
-    return round_to(jax.lax.fori_loop(1, idx.shape[1], add_k, add_k(0, 0)), back.dtype)
+    # y is bf16 (docs/API.md); rows that travelled as LogFMT arrive as f32
+    return round_to(jax.lax.fori_loop(1, idx.shape[1], add_k, add_k(0, 0)), jnp.bfloat16)
