@@ -37,24 +37,25 @@ def test_intranode_slots():
 
 
 def test_internode_layouts():
-    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384.
+    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384. Signals (counts
+    # included) are 8 bytes: the signature above the call number and count.
     assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
-        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
-                                      354289920, 118096960, 118095872)
+        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 2048, 4096, 118099968, 118099984, 354291728,
+                                      354291968, 118095872)
     # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
     assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
-        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
-                                      952336, 952320)
+        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 128, 128, 952448, 952464, 1904784, 1904896,
+                                      952320)
     # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(
-        14368, 28704, 0, 941621248, 941622272, 1176765440, 1176765696, 235143168)
+        14368, 28704, 0, 941621248, 941623296, 1176766464, 1176766720, 235143168)
     assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=True) == sizes.InternodeCombineLayout(
-        256, 512, 0, 65536, 65792, 131328, 131584, 65536)
+        256, 512, 0, 65536, 66048, 131584, 131840, 65536)
     # ... and with bf16 partials (the default): a partial row is a returned row's size, half the f32 one.
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False) == sizes.InternodeCombineLayout(
-        14368, 14368, 0, 941621248, 941622272, 1059324928, 1059325184, 117702656)
+        14368, 14368, 0, 941621248, 941623296, 1059325952, 1059326208, 117702656)
     assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False) == sizes.InternodeCombineLayout(
-        256, 256, 0, 65536, 65792, 98560, 98816, 32768)
+        256, 256, 0, 65536, 66048, 98816, 99072, 32768)
 
 
 def test_internode_hint_shrinks_with_bf16_partials():
