@@ -58,7 +58,9 @@ struct InternodeDispatchShape {
 // passes it on).
 struct InternodeDispatchLayout {
   size_t row_bytes, ids_at, weights_at, prefix_at, part_at[2];
-  // Within one half of the dispatch region (signals: 64-bit, call_signal):
+  // Within one half of the dispatch region: the signals (64-bit, call_signal) first, in the order
+  // counts, inbox_signals, forward_signals, expert_counts, at offsets set by R, L and E alone, so a
+  // peer's signal lands where this rank waits for it whatever its call's shapes; then the rows.
   size_t counts;           // signals [R src][R dst]: tokens src sends to dst
   size_t expert_counts;    // signals [R src][E / R]: tokens src sends to each of this rank's experts
                            // (grouped: its pairs, a token's repeats of an expert once)
@@ -85,7 +87,8 @@ struct InternodeCombineShape {
 struct InternodeCombineLayout {
   size_t return_bytes;   // a row returned to its forwarder: bf16 [H] (grouped: f32), then f32 weights [K]
   size_t partial_bytes;  // a node's partial sum for a token: f32 or bf16 [H], then f32 weights [K]
-  // Within one half of the combine region (signals: 64-bit, call_signal):
+  // Within one half of the combine region: the signals (64-bit, call_signal) first, at offsets set
+  // by R and L alone (return_signals, partial_signals), then the rows.
   size_t returns;         // rows [L returning rank][nodes][T]
   size_t return_signals;  // signals [L][kInternodeReturnBlocks]
   size_t partials;        // rows [nodes][T]

@@ -141,7 +141,10 @@ def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_id
                               has_prefixes: bool = False) -> InternodeDispatchLayout:
     """A dispatched row (16-byte header, K ids, K weights, K i32 pair prefixes with `has_prefixes` (a
     first expert-grouped dispatch), each part; 16-byte aligned), one half of the dispatch region
-    (cuda/internode.cuh says what each piece holds; signals are 8 bytes) and the staging of its puts."""
+    (cuda/internode.cuh says what each piece holds; signals are 8 bytes) and the staging of its puts.
+    The signals come first, at offsets set by the ranks and experts alone, so a peer's signal lands
+    where this rank waits for it even when the peer's call has other shapes: its signature then
+    fails the op at once."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     ids_at = 16
     weights_at = ids_at + (top_k * 4 if has_ids else 0)
@@ -154,12 +157,12 @@ def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_id
     row = at
     experts_per_rank = num_experts // num_ranks if has_ids else 0
     counts = 0
-    expert_counts = align(counts + num_ranks * num_ranks * _SIGNAL_BYTES, 16)
+    inbox_signals = counts + num_ranks * num_ranks * _SIGNAL_BYTES
+    forward_signals = inbox_signals + nodes * _SIGNAL_BYTES
+    expert_counts = forward_signals + ranks_per_node * nodes * _SIGNAL_BYTES
     inbox = align(expert_counts + num_ranks * experts_per_rank * _SIGNAL_BYTES, 16)
-    inbox_signals = inbox + nodes * t * row
-    landing = align(inbox_signals + nodes * _SIGNAL_BYTES, 16)
-    forward_signals = landing + capacity * row
-    half = align(forward_signals + ranks_per_node * nodes * _SIGNAL_BYTES, 256)
+    landing = inbox + nodes * t * row
+    half = align(landing + capacity * row, 256)
     staging = nodes * t * row
     return InternodeDispatchLayout(row, ids_at, weights_at, prefix_at, tuple(part_at), counts, expert_counts, inbox,
                                    inbox_signals, landing, forward_signals, half, staging)
@@ -181,15 +184,16 @@ def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per
                              exact_partials: bool, f32_returns: bool = False) -> InternodeCombineLayout:
     """A returned row (bf16 [H], or f32 with `f32_returns` (an expert-grouped combine's sums of pair
     rows), + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else bf16, then K f32
-    weights), and one half of the combine region."""
+    weights), and one half of the combine region: its signals first, at offsets set by the ranks alone
+    (as in `internode_dispatch_layout`), then the rows."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     return_bytes = align(hidden * (4 if f32_returns else 2) + top_k * 4, 16)
     partial_bytes = align(hidden * (4 if exact_partials else 2) + top_k * 4, 16)
-    returns = 0
-    return_signals = ranks_per_node * nodes * t * return_bytes
-    partials = align(return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * _SIGNAL_BYTES, 16)
-    partial_signals = partials + nodes * t * partial_bytes
-    half = align(partial_signals + nodes * _SIGNAL_BYTES, 256)
+    return_signals = 0
+    partial_signals = return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * _SIGNAL_BYTES
+    returns = align(partial_signals + nodes * _SIGNAL_BYTES, 16)
+    partials = returns + ranks_per_node * nodes * t * return_bytes
+    half = align(partials + nodes * t * partial_bytes, 256)
     return InternodeCombineLayout(return_bytes, partial_bytes, returns, return_signals, partials, partial_signals,
                                   half, nodes * t * partial_bytes)
 

@@ -130,12 +130,12 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs
                     {"next row", l.row_bytes, 0, 16}},
                    l.row_bytes),
       check_layout("internode dispatch half",
-                   {{"counts", l.counts, signal * ranks * ranks, 16},
-                    {"expert counts", l.expert_counts, signal * experts, 16},  // [R][E / R]
-                    {"inbox", l.inbox, nodes * tokens * l.row_bytes, 16},
+                   {{"counts", l.counts, signal * ranks * ranks, signal},
                     {"inbox signals", l.inbox_signals, signal * nodes, signal},
-                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16},
-                    {"forward signals", l.forward_signals, signal * per_node * nodes, signal}},
+                    {"forward signals", l.forward_signals, signal * per_node * nodes, signal},
+                    {"expert counts", l.expert_counts, signal * experts, signal},  // [R][E / R]
+                    {"inbox", l.inbox, nodes * tokens * l.row_bytes, 16},
+                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16}},
                    l.half_bytes),
       check_layout("internode dispatch staging", {{"rows", 0, nodes * tokens * l.row_bytes, 16}}, l.staging_bytes)});
 }
@@ -162,10 +162,10 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
                     {"next row", l.partial_bytes, 0, 16}},
                    l.partial_bytes),
       check_layout("internode combine half",
-                   {{"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
-                    {"return signals", l.return_signals, signal * per_node * kInternodeReturnBlocks, signal},
-                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16},
-                    {"partial signals", l.partial_signals, signal * nodes, signal}},
+                   {{"return signals", l.return_signals, signal * per_node * kInternodeReturnBlocks, signal},
+                    {"partial signals", l.partial_signals, signal * nodes, signal},
+                    {"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
+                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16}},
                    l.half_bytes),
       check_layout("internode combine staging", {{"partial rows", 0, nodes * tokens * l.partial_bytes, 16}},
                    l.staging_bytes)});
