@@ -7,7 +7,8 @@
 // Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group get
 // plain stores; every other peer gets nvshmem puts from the symmetric staging area. Signals carry
 // the call number that wrote them, so nobody resets them and any number of blocks may poll them, and
-// the signature of the op that wrote them, so a peer at another op or shapes is caught at once.
+// the signature of the op that wrote them, so a signal from a peer at another op or with other shapes
+// fails the op where it lands.
 #pragma once
 
 #include <cuda_runtime.h>
