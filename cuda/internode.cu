@@ -35,7 +35,6 @@ struct Topology {
         node(mem.rank / ranks_per_node), local(mem.rank % ranks_per_node) {}
 };
 
-__host__ __device__ bool is_grouped(const InternodeDispatchShape& s) { return s.grouped; }
 __host__ __device__ bool is_grouped(const InternodeCombineShape& s) { return s.pair_top_k > 0; }
 
 __host__ __device__ OpKind op_kind(const InternodeDispatchShape& s) {
@@ -45,44 +44,52 @@ __host__ __device__ OpKind op_kind(const InternodeCombineShape& s) {
   return is_grouped(s) ? OpKind::kInternodeGroupedCombine : OpKind::kInternodeCombine;
 }
 
-// The call number this op's signals carry: a grouped op's has kGroupedCallTag flipped (internode.cuh).
-template <typename Shape>
-__device__ __forceinline__ uint32_t call_tag(const int* token, const Shape& s) {
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
-  return is_grouped(s) ? seq ^ kGroupedCallTag : seq;
+template <typename T>
+uint32_t word(T value) {
+  return static_cast<uint32_t>(value);
+}
+
+// What two ranks' calls of one op must agree on (the signature their stamps and signals carry): the
+// op, and every size that places a row or a signal in a peer's buffer or says what a row holds.
+// (Only this rank reads the grouped capacity, the alignment and the biases.)
+OpSignature signature_of(const InternodeDispatchCall& c) {
+  const InternodeDispatchShape& s = c.shape;
+  return OpSignature(op_kind(s), {word(s.num_tokens), word(s.capacity), word(s.top_k), word(s.has_ids),
+                                  word(s.has_weights), word(s.num_parts), word(s.part_bytes[0]),
+                                  word(s.num_parts == 2 ? s.part_bytes[1] : 0), word(s.num_experts),
+                                  word(s.ranks_per_node), word(c.layout.row_bytes), word(c.layout.half_bytes)});
+}
+
+OpSignature signature_of(const InternodeCombineCall& c) {
+  const InternodeCombineShape& s = c.shape;
+  return OpSignature(op_kind(s), {word(s.num_tokens), word(s.hidden), word(s.top_k), word(s.pair_top_k),
+                                  word(s.exact_partials), word(s.ranks_per_node), word(c.layout.return_bytes),
+                                  word(c.layout.partial_bytes), word(c.layout.half_bytes)});
 }
 
 // ---- dispatch -------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem, InternodeTraffic traffic,
                                                                  InternodeRegion region, InternodeDispatchShape s,
                                                                  InternodeDispatchLayout l, InternodeDispatchIn in,
-                                                                 const int* token) {
+                                                                 const int* token, uint32_t signature) {
   extern __shared__ int scratch[];  // [T]: token | mask << 16
   __shared__ BlockPrefix<1> sending;
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, R = topo.num_ranks;
-  const uint32_t seq = call_tag(token, s);
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
   const size_t half = (seq & 1u) * region.half_stride;
 
   if (blockIdx.x == topo.nodes) {  // notify: this rank's counts per rank and per expert, to every rank
-    const int E = s.has_ids ? s.num_experts : 0, experts_per_rank = E / R;
-    int* staged = reinterpret_cast<int*>(mem.staging + l.staged_counts);
-    for (int i = threadIdx.x; i < R + E; i += kThreads)
-      staged[i] = tagged_count(seq, i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[i - R]);
-    __syncthreads();
+    const int experts_per_rank = s.has_ids ? s.num_experts / R : 0;
+    char* const mine = mem.local + region.offset + half;
+    uint64_t* const counts = reinterpret_cast<uint64_t*>(mine + l.counts) + static_cast<size_t>(topo.rank) * R;
+    uint64_t* const experts =
+        reinterpret_cast<uint64_t*>(mine + l.expert_counts) + static_cast<size_t>(topo.rank) * experts_per_rank;
+    // One signal each, so that a reader never sees half of one (a put of the whole row may tear).
     for (int d = warp; d < R; d += kWarps) {
-      const size_t counts_at = half + l.counts + static_cast<size_t>(topo.rank) * R * 4;
-      const size_t experts_at = half + l.expert_counts + static_cast<size_t>(topo.rank) * experts_per_rank * 4;
-      const int* my_experts = staged + R + d * experts_per_rank;
-      if (char* peer = mem.peer[d]) {
-        for (int i = lane; i < R; i += kWarpSize)
-          store_release(reinterpret_cast<int*>(peer + region.offset + counts_at) + i, staged[i]);
-        for (int i = lane; i < experts_per_rank; i += kWarpSize)
-          store_release(reinterpret_cast<int*>(peer + region.offset + experts_at) + i, my_experts[i]);
-      } else {
-        nvshmemx_putmem_nbi_warp(mem.local + region.offset + counts_at, staged, R * 4, d);
-        if (experts_per_rank > 0)
-          nvshmemx_putmem_nbi_warp(mem.local + region.offset + experts_at, my_experts, experts_per_rank * 4, d);
+      for (int i = lane; i < R + experts_per_rank; i += kWarpSize) {
+        const int count = i < R ? in.tokens_per_rank[i] : in.tokens_per_expert[d * experts_per_rank + i - R];
+        store_symmetric(mem, i < R ? counts + i : experts + (i - R), call_signal(signature, seq, count), d);
       }
     }
     __syncwarp();
@@ -123,11 +130,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
                                 static_cast<const char*>(in.part[p]) + static_cast<size_t>(t) * s.part_bytes[p],
                                 s.part_bytes[p], lane);
   }
-  const size_t signal_at = region.offset + half + l.inbox_signals + topo.node * 4;
+  const size_t signal_at = region.offset + half + l.inbox_signals + topo.node * sizeof(uint64_t);
+  const uint64_t signal = call_signal(signature, seq, count);
   if (peer != nullptr) {
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) store_release(reinterpret_cast<int*>(peer + signal_at), tagged_count(seq, count));
+    if (threadIdx.x == 0) store_release(reinterpret_cast<uint64_t*>(peer + signal_at), signal);
     return;
   }
   __syncthreads();
@@ -142,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
   if (threadIdx.x == 0) {
     atomicAdd(traffic.counters + 0, static_cast<unsigned long long>(count));
     atomicAdd(traffic.counters + 1, static_cast<unsigned long long>(count) * l.row_bytes);
-    nvshmem_int_p(reinterpret_cast<int*>(mem.local + signal_at), tagged_count(seq, count), dst);
+    put_value(reinterpret_cast<uint64_t*>(mem.local + signal_at), signal, dst);
   }
 }
 
@@ -150,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerMemory mem,
 // rows on every rank of this node they are bound for.
 __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, InternodeRegion region,
                                                            InternodeDispatchShape s, InternodeDispatchLayout l,
-                                                           const int* token, int* forwarded) {
+                                                           const int* token, uint32_t signature, int* forwarded) {
   __shared__ int base[kInternodeMaxRanksPerNode];
   __shared__ BlockPrefix<1> bound_rows[kInternodeMaxRanksPerNode];  // rows bound for each local rank
   __shared__ int dest_row[kThreads][kInternodeMaxRanksPerNode];
@@ -159,20 +167,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, Inter
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, R = topo.num_ranks;
   const int L = topo.per_node;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = call_tag(token, s);
-  const WaitContext wait = wait_context(mem, op_kind(s));
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, op_kind(s), signature);
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
-  const int* counts = reinterpret_cast<const int*>(half + l.counts);
+  const uint64_t* counts = reinterpret_cast<const uint64_t*>(half + l.counts);
   if (threadIdx.x < kInternodeMaxRanksPerNode) bound_rows[threadIdx.x].running[0] = 0;
   if (threadIdx.x < L) {  // first row of source `src` on each rank of this node
     int sum = 0;
     for (int s2 = 0; s2 < src; ++s2)
-      sum += wait_count(counts + s2 * R + topo.node * L + threadIdx.x, seq, wait, WaitKind::kTokenCounts, s2);
+      sum += wait_call_signal(counts + s2 * R + topo.node * L + threadIdx.x, seq, signature, wait,
+                              WaitKind::kTokenCounts, s2);
     base[threadIdx.x] = sum;
   }
   if (threadIdx.x == 0)
-    count = min(wait_count(reinterpret_cast<const int*>(half + l.inbox_signals) + n, seq, wait, WaitKind::kInboxRows,
-                           src),
+    count = min(wait_call_signal(reinterpret_cast<const uint64_t*>(half + l.inbox_signals) + n, seq, signature, wait,
+                                 WaitKind::kInboxRows, src),
                 T);
   for (int t = threadIdx.x; t < T; t += kThreads) forwarded[n * T + t] = 0;
   __syncthreads();
@@ -209,19 +218,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerMemory mem, Inter
   __syncthreads();
   if (threadIdx.x < L) {
     char* peer = mem.peer[topo.node * L + threadIdx.x];
-    store_release(reinterpret_cast<int*>(peer + region.offset + (seq & 1u) * region.half_stride +
-                                         l.forward_signals) +
+    store_release(reinterpret_cast<uint64_t*>(peer + region.offset + (seq & 1u) * region.half_stride +
+                                              l.forward_signals) +
                       topo.local * topo.nodes + n,
-                  static_cast<int>(seq));
+                  call_signal(signature, seq, 0));
   }
 }
 
 // Waits until every forwarder of this node is done with every source node; true on every thread.
 __device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, const char* half,
                                const InternodeDispatchLayout& l, uint32_t seq) {
-  const int* signals = reinterpret_cast<const int*>(half + l.forward_signals);
+  const uint64_t* signals = reinterpret_cast<const uint64_t*>(half + l.forward_signals);
   for (int i = threadIdx.x; i < topo.per_node * topo.nodes; i += blockDim.x)
-    wait_call(signals + i, seq, wait, WaitKind::kForwardedRows, topo.node * topo.per_node + i / topo.nodes);
+    wait_call_signal(signals + i, seq, wait.signature, wait, WaitKind::kForwardedRows,
+                     topo.node * topo.per_node + i / topo.nodes);
   __syncthreads();
 }
 
@@ -231,12 +241,12 @@ __device__ void wait_forwarded(const WaitContext& wait, const Topology& topo, co
 // of expert e (the padded groups of the experts before e, then the pairs of the sources before
 // src), bases[R * E_l + e] the end of e's pairs. Block 0 also writes the held group sizes and the
 // rows needed. Returns the rows needed.
-__device__ int build_bases(const WaitContext& wait, int num_ranks, const int* pair_counts, uint32_t seq,
+__device__ int build_bases(const WaitContext& wait, int num_ranks, const uint64_t* pair_counts, uint32_t seq,
                            int experts_per_rank, int alignment, int capacity, const InternodeGroupedOut& out,
                            int* bases) {
   const int experts = experts_per_rank;
   for (int i = threadIdx.x; i < num_ranks * experts; i += kThreads)
-    bases[i] = wait_count(pair_counts + i, seq, wait, WaitKind::kTokenCounts, i / experts);
+    bases[i] = wait_call_signal(pair_counts + i, seq, wait.signature, wait, WaitKind::kTokenCounts, i / experts);
   __syncthreads();
   const int run = (experts + kThreads - 1) / kThreads;  // each thread owns a run of experts
   const int lo = min(static_cast<int>(threadIdx.x) * run, experts), hi = min(lo + run, experts);
@@ -348,19 +358,20 @@ template <bool kGrouped>
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem, InternodeRegion region,
                                                                  InternodeDispatchShape s, InternodeDispatchLayout l,
                                                                  const bool* is_token_in_rank, const int* token,
-                                                                 InternodeDispatchOut out, int expert_alignment) {
+                                                                 uint32_t signature, InternodeDispatchOut out,
+                                                                 int expert_alignment) {
   // [R + 1]: first row of each source rank, then the total; a first grouped dispatch's bases follow
   extern __shared__ int prefix[];
   __shared__ BlockPrefix<1> rows_on_d;
   const Topology topo(mem, s.ranks_per_node);
   const int R = topo.num_ranks, T = s.num_tokens, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = call_tag(token, s);
-  const WaitContext wait = wait_context(mem, op_kind(s));
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, op_kind(s), signature);
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
-  const int* counts = reinterpret_cast<const int*>(half + l.counts);
+  const uint64_t* counts = reinterpret_cast<const uint64_t*>(half + l.counts);
   wait_forwarded(wait, topo, half, l, seq);
   for (int src = threadIdx.x; src < R; src += kThreads)
-    prefix[src + 1] = wait_count(counts + src * R + topo.rank, seq, wait, WaitKind::kTokenCounts, src);
+    prefix[src + 1] = wait_call_signal(counts + src * R + topo.rank, seq, signature, wait, WaitKind::kTokenCounts, src);
   __syncthreads();
   if (threadIdx.x == 0) {
     prefix[0] = 0;
@@ -373,18 +384,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
   if (blockIdx.x == 0) {
     for (int src = threadIdx.x; src < R; src += kThreads) out.recv_rank_prefix[src] = prefix[src];
     if (threadIdx.x == 0) *out.num_recv = total;
-    const int* expert_counts = reinterpret_cast<const int*>(half + l.expert_counts);
+    const uint64_t* expert_counts = reinterpret_cast<const uint64_t*>(half + l.expert_counts);
     for (int e = threadIdx.x; e < experts_per_rank && out.per_expert != nullptr; e += kThreads) {
       int sum = 0;
       for (int src = 0; src < R; ++src)
-        sum += wait_count(expert_counts + src * experts_per_rank + e, seq, wait, WaitKind::kTokenCounts, src);
+        sum += wait_call_signal(expert_counts + src * experts_per_rank + e, seq, signature, wait,
+                                WaitKind::kTokenCounts, src);
       out.per_expert[e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
     for (int d = 0; d < R; ++d) {  // this rank's rows on rank d: its first row there, then in token order
       if (threadIdx.x == 0) {
         int row = 0;
         for (int src = 0; src < topo.rank; ++src)
-          row += wait_count(counts + src * R + d, seq, wait, WaitKind::kTokenCounts, src);
+          row += wait_call_signal(counts + src * R + d, seq, signature, wait, WaitKind::kTokenCounts, src);
         rows_on_d.running[0] = row;
       }
       __syncthreads();
@@ -400,9 +412,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerMemory mem,
 
   int* const bases = prefix + R + 1;
   if constexpr (kGrouped) {
-    const int rows_needed = s.has_ids ? build_bases(wait, R, reinterpret_cast<const int*>(half + l.expert_counts), seq,
-                                                    experts_per_rank, expert_alignment, s.grouped_capacity,
-                                                    out.grouped, bases)
+    const uint64_t* pair_counts = reinterpret_cast<const uint64_t*>(half + l.expert_counts);
+    const int rows_needed = s.has_ids ? build_bases(wait, R, pair_counts, seq, experts_per_rank, expert_alignment,
+                                                    s.grouped_capacity, out.grouped, bases)
                                       : 0;
     fill_grouped_padding(s, out, bases, R, experts_per_rank, rows_needed, s.has_ids);
   }
@@ -492,10 +504,11 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
 template <bool kGrouped>
 __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
-                                                                  InternodeCombineIn in, const int* token) {
+                                                                  InternodeCombineIn in, const int* token,
+                                                                  uint32_t signature) {
   const Topology topo(mem, s.ranks_per_node);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, T = s.num_tokens, L = topo.per_node;
-  const uint32_t seq = call_tag(token, s);
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
   const size_t half = (seq & 1u) * region.half_stride;
   const int rows = min(max(*in.num_recv, 0), s.capacity);
   for (int i = blockIdx.x * kWarps + warp; i < rows; i += gridDim.x * kWarps) {
@@ -516,9 +529,9 @@ __global__ void __launch_bounds__(kThreads) combine_return_kernel(PeerMemory mem
   __syncthreads();
   if (threadIdx.x < L) {
     char* peer = mem.peer[topo.node * L + threadIdx.x];
-    store_release(reinterpret_cast<int*>(peer + region.offset + half + l.return_signals) +
+    store_release(reinterpret_cast<uint64_t*>(peer + region.offset + half + l.return_signals) +
                       topo.local * kInternodeReturnBlocks + blockIdx.x,
-                  static_cast<int>(seq));
+                  call_signal(signature, seq, 0));
   }
 }
 
@@ -529,18 +542,19 @@ template <bool kExact, bool kF32Returns>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem, InternodeTraffic traffic,
                                                                   InternodeRegion region, InternodeCombineShape s,
                                                                   InternodeCombineLayout l, const int* forwarded,
-                                                                  const int* token) {
+                                                                  const int* token, uint32_t signature) {
   __shared__ int sent;
   const Topology topo(mem, s.ranks_per_node);
   const int n = blockIdx.x, src = n * topo.per_node + topo.local, T = s.num_tokens, L = topo.per_node, H = s.hidden;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = call_tag(token, s);
-  const WaitContext wait = wait_context(mem, op_kind(s));
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, op_kind(s), signature);
   const size_t half = (seq & 1u) * region.half_stride;
   const char* mine = mem.local + region.offset + half;
-  const int* signals = reinterpret_cast<const int*>(mine + l.return_signals);
+  const uint64_t* signals = reinterpret_cast<const uint64_t*>(mine + l.return_signals);
   for (int i = threadIdx.x; i < L * kInternodeReturnBlocks; i += kThreads)
-    wait_call(signals + i, seq, wait, WaitKind::kReturnedRows, topo.node * L + i / kInternodeReturnBlocks);
+    wait_call_signal(signals + i, seq, signature, wait, WaitKind::kReturnedRows,
+                     topo.node * L + i / kInternodeReturnBlocks);
   if (threadIdx.x == 0) sent = 0;
   __syncthreads();
   const bool local_source = src == topo.rank;
@@ -587,13 +601,13 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(PeerMemory mem
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x != 0) return;
-  int* signal = reinterpret_cast<int*>(mem.local + region.offset + half + l.partial_signals) + topo.node;
+  uint64_t* signal = reinterpret_cast<uint64_t*>(mem.local + region.offset + half + l.partial_signals) + topo.node;
   if (local_source) {
-    store_release(signal, static_cast<int>(seq));
+    store_release(signal, call_signal(signature, seq, 0));
   } else {
     atomicAdd(traffic.counters + 2, static_cast<unsigned long long>(sent));
     atomicAdd(traffic.counters + 3, static_cast<unsigned long long>(sent) * l.partial_bytes);
-    nvshmem_int_p(signal, static_cast<int>(seq), src);
+    put_value(signal, call_signal(signature, seq, 0), src);
   }
 }
 
@@ -602,17 +616,17 @@ template <bool kExact>
 __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem, InternodeRegion region,
                                                                   InternodeCombineShape s, InternodeCombineLayout l,
                                                                   InternodeCombineIn in, InternodeCombineOut out,
-                                                                  const int* token) {
+                                                                  const int* token, uint32_t signature) {
   __shared__ int went[64];
   __shared__ int num_went;
   const Topology topo(mem, s.ranks_per_node);
   const int t = blockIdx.x, T = s.num_tokens, H = s.hidden, L = topo.per_node, R = topo.num_ranks;
-  const uint32_t seq = call_tag(token, s);
-  const WaitContext wait = wait_context(mem, op_kind(s));
+  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const WaitContext wait = wait_context(mem, op_kind(s), signature);
   const char* half = mem.local + region.offset + (seq & 1u) * region.half_stride;
-  const int* signals = reinterpret_cast<const int*>(half + l.partial_signals);
+  const uint64_t* signals = reinterpret_cast<const uint64_t*>(half + l.partial_signals);
   for (int m = threadIdx.x; m < topo.nodes; m += blockDim.x)
-    wait_call(signals + m, seq, wait, WaitKind::kPartialSums, m * L + topo.local);
+    wait_call_signal(signals + m, seq, signature, wait, WaitKind::kPartialSums, m * L + topo.local);
   if (threadIdx.x == 0) {
     num_went = 0;
     for (int m = 0; m < topo.nodes && num_went < 64; ++m) {
@@ -645,18 +659,18 @@ __global__ void __launch_bounds__(kThreads) combine_finish_kernel(PeerMemory mem
 // Combine's kernels after the call starts: rows returned in f32 (kGrouped: pair sums) or bf16, and
 // partials in f32 (kExact) or bf16.
 template <bool kGrouped, bool kExact>
-void launch_combine_kernels(const InternodeCombineCall& call, const InternodeCombineIn& in,
+void launch_combine_kernels(const InternodeCombineCall& call, uint32_t signature, const InternodeCombineIn& in,
                             const InternodeCombineOut& out, cudaStream_t stream) {
   const InternodeCombineShape& s = call.shape;
-  combine_return_kernel<kGrouped><<<kInternodeReturnBlocks, kThreads, 0, stream>>>(call.mem, call.region, s,
-                                                                                   call.layout, in, out.token);
+  combine_return_kernel<kGrouped><<<kInternodeReturnBlocks, kThreads, 0, stream>>>(
+      call.mem, call.region, s, call.layout, in, out.token, signature);
   combine_reduce_kernel<kExact, kGrouped><<<call.mem.num_ranks / s.ranks_per_node, kThreads, 0, stream>>>(
-      call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token);
+      call.mem, call.traffic, call.region, s, call.layout, in.forwarded, out.token, signature);
   if (s.num_tokens > 0) {
     const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
     const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
     combine_finish_kernel<kExact><<<s.num_tokens, threads, 0, stream>>>(call.mem, call.region, s, call.layout, in,
-                                                                        out, out.token);
+                                                                        out, out.token, signature);
   }
 }
 
@@ -667,20 +681,21 @@ cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const I
   const InternodeDispatchShape& s = call.shape;
   const int nodes = call.mem.num_ranks / s.ranks_per_node;
   const int recv_blocks = std::max(1, std::min(64, (s.capacity + kWarps - 1) / kWarps));
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall, OpSignature(op_kind(s), {}).value,
-                                                 out.token);
+  const uint32_t signature = signature_of(call).value;
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeDispatchCall, signature, out.token);
   dispatch_send_kernel<<<nodes + 1, kThreads, s.num_tokens * sizeof(int), stream>>>(
-      call.mem, call.traffic, call.region, s, call.layout, in, out.token);
-  forward_kernel<<<nodes, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, out.token, out.forwarded);
+      call.mem, call.traffic, call.region, s, call.layout, in, out.token, signature);
+  forward_kernel<<<nodes, kThreads, 0, stream>>>(call.mem, call.region, s, call.layout, out.token, signature,
+                                                 out.forwarded);
   // A first grouped dispatch's receive blocks also hold build_bases' table.
   const int bases = s.grouped && s.has_ids ? (call.mem.num_ranks + 1) * (s.num_experts / call.mem.num_ranks) : 0;
   const size_t shared_bytes = static_cast<size_t>(call.mem.num_ranks + 1 + bases) * sizeof(int);
   if (s.grouped) {
     dispatch_recv_kernel<true><<<recv_blocks, kThreads, shared_bytes, stream>>>(
-        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
+        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, signature, out, call.expert_alignment);
   } else {
     dispatch_recv_kernel<false><<<recv_blocks, kThreads, shared_bytes, stream>>>(
-        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, out, call.expert_alignment);
+        call.mem, call.region, s, call.layout, in.is_token_in_rank, out.token, signature, out, call.expert_alignment);
   }
   return cudaGetLastError();
 }
@@ -688,18 +703,18 @@ cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const I
 cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
                                      const InternodeCombineOut& out, cudaStream_t stream) {
   const InternodeCombineShape& s = call.shape;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall, OpSignature(op_kind(s), {}).value,
-                                                 out.token);
+  const uint32_t signature = signature_of(call).value;
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall, signature, out.token);
   if (is_grouped(s)) {
     if (s.exact_partials) {
-      launch_combine_kernels<true, true>(call, in, out, stream);
+      launch_combine_kernels<true, true>(call, signature, in, out, stream);
     } else {
-      launch_combine_kernels<true, false>(call, in, out, stream);
+      launch_combine_kernels<true, false>(call, signature, in, out, stream);
     }
   } else if (s.exact_partials) {
-    launch_combine_kernels<false, true>(call, in, out, stream);
+    launch_combine_kernels<false, true>(call, signature, in, out, stream);
   } else {
-    launch_combine_kernels<false, false>(call, in, out, stream);
+    launch_combine_kernels<false, false>(call, signature, in, out, stream);
   }
   return cudaGetLastError();
 }

@@ -7,15 +7,18 @@
 //
 // Every row's place is a pure function of the counts every rank notifies: receive order is
 // (source rank, source token), as in intranode mode. The symmetric buffer holds a dispatch region
-// and a combine region, each of two halves used by alternate calls (call number & 1); signals
-// carry the call number (nvshmem_peers.cuh). Ranks of one node must be mapped (nvshmem_ptr).
+// and a combine region, each of two halves used by alternate calls (call number & 1); signals are
+// 64-bit and carry the op's signature and the call number (nvshmem_peers.cuh: call_signal), so a
+// rank whose peer runs another op or the same op with other shapes (anything that sizes the halves
+// or says what a row holds: launch_internode_dispatch and _combine compute it) fails at the first
+// signal of that peer, before reading any of its rows. Ranks of one node must be mapped (nvshmem_ptr).
 //
 // Expert-grouped dispatch and combine (docs/API.md, "Expert-grouped dispatch") are the same
 // kernels: the dispatch moves tokens (room for all of them: capacity R * T) and its final receiver
 // writes each landed row straight to its grouped rows, one per (token, local expert) pair; the
 // combine returns, per token-level row, the f32 sum of its weighted pair rows instead of a bf16 row.
-// Their signals carry the call number with kGroupedCallTag flipped, so a grouped op never pairs
-// with a plain one on another rank: both time out, naming the other's op (OpKind stamps).
+// They have OpKinds of their own, which their signatures carry: a grouped op meeting a plain one on
+// another rank fails at once, naming both.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,13 +32,11 @@ namespace jax_deepep {
 
 constexpr int kInternodeMaxTopk = 32;
 constexpr int kInternodeMaxRanksPerNode = 8;
-constexpr int kInternodeMaxTokens = 32767;  // counts travel in 16 bits beside the call number
+constexpr int kInternodeMaxTokens = 32767;  // counts travel in 16 bits of a signal (call_signal)
 constexpr int kInternodeReturnBlocks = 32;  // blocks of the combine's return kernel (each signals)
 // Every receive block of a first grouped dispatch keeps a table of (R + 1) * E_l row bases in shared
 // memory (jax_deepep/gpu/internode.py MAX_GROUPED_EXPERTS).
 constexpr int kInternodeMaxGroupedExperts = 4096;
-// Flips bit 15 (the tag of a count signal) and bit 31 (of a call signal), never bit 0 (the half).
-constexpr uint32_t kGroupedCallTag = 0x80008000u;
 
 struct InternodeDispatchShape {
   int num_tokens;     // T per rank
@@ -57,17 +58,18 @@ struct InternodeDispatchShape {
 // passes it on).
 struct InternodeDispatchLayout {
   size_t row_bytes, ids_at, weights_at, prefix_at, part_at[2];
-  // Within one half of the dispatch region:
-  size_t counts;           // int [R src][R dst], tagged: tokens src sends to dst
-  size_t expert_counts;    // int [R src][E / R], tagged: tokens src sends to each of this rank's experts
+  // Within one half of the dispatch region: the signals (64-bit, call_signal) first, in the order
+  // counts, inbox_signals, forward_signals, expert_counts, at offsets set by R, L and E alone, so a
+  // peer's signal lands where this rank waits for it whatever its call's shapes; then the rows.
+  size_t counts;           // signals [R src][R dst]: tokens src sends to dst
+  size_t expert_counts;    // signals [R src][E / R]: tokens src sends to each of this rank's experts
                            // (grouped: its pairs, a token's repeats of an expert once)
   size_t inbox;            // rows [nodes][T]: tokens from this rank's RDMA peer on each node
-  size_t inbox_signals;    // int [nodes], tagged row counts
+  size_t inbox_signals;    // signals [nodes]: row counts
   size_t landing;          // rows [N]: the received tokens in their final order
-  size_t forward_signals;  // int [L forwarder][nodes source node]: call number when forwarded
+  size_t forward_signals;  // signals [L forwarder][nodes source node]: forwarded
   size_t half_bytes;       // what one call uses
-  size_t staging_bytes;    // put sources: rows [nodes][T], then R + E tagged counts
-  size_t staged_counts;
+  size_t staging_bytes;    // put sources: rows [nodes][T]
 };
 
 struct InternodeCombineShape {
@@ -85,11 +87,12 @@ struct InternodeCombineShape {
 struct InternodeCombineLayout {
   size_t return_bytes;   // a row returned to its forwarder: bf16 [H] (grouped: f32), then f32 weights [K]
   size_t partial_bytes;  // a node's partial sum for a token: f32 or bf16 [H], then f32 weights [K]
-  // Within one half of the combine region:
+  // Within one half of the combine region: the signals (64-bit, call_signal) first, at offsets set
+  // by R and L alone (return_signals, partial_signals), then the rows.
   size_t returns;         // rows [L returning rank][nodes][T]
-  size_t return_signals;  // int [L][kInternodeReturnBlocks]
+  size_t return_signals;  // signals [L][kInternodeReturnBlocks]
   size_t partials;        // rows [nodes][T]
-  size_t partial_signals; // int [nodes]
+  size_t partial_signals; // signals [nodes]
   size_t half_bytes;
   size_t staging_bytes;   // partial rows [nodes][T]
 };

@@ -39,17 +39,6 @@ __device__ __forceinline__ uint64_t* signals_at(char* base, uint32_t seq, const 
   return reinterpret_cast<uint64_t*>(base + half_offset(seq, c) + c.layout.signal_offset);
 }
 
-// Writes `value` to `field`, an address in this PE's symmetric memory, as PE `pe` holds it: a
-// release store where pe's memory is mapped here, a put otherwise.
-template <typename T>
-__device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field, T value, int pe) {
-  if (mem.peer[pe] != nullptr) {
-    store_release(reinterpret_cast<T*>(mem.peer[pe] + (reinterpret_cast<char*>(field) - mem.local)), value);
-  } else {
-    put_value(field, value, pe);
-  }
-}
-
 // Receipts are kept per half (receipt_of): rank d's receipt of half seq % B holds the last call in
 // that half d has received, whatever order the calls were received in.
 __device__ __forceinline__ uint32_t* half_receipt(const LowLatencyCall& c, int kind, uint32_t seq, int rank) {

@@ -6,7 +6,9 @@
 //
 // Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group get
 // plain stores; every other peer gets nvshmem puts from the symmetric staging area. Signals carry
-// the call number that wrote them, so nobody resets them and any number of blocks may poll them.
+// the call number that wrote them, so nobody resets them and any number of blocks may poll them, and
+// the signature of the op that wrote them, so a signal from a peer at another op or with other shapes
+// fails the op where it lands.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +18,10 @@
 
 #include "cuda/memory_order.cuh"
 #include "cuda/wait.cuh"
+
+#ifdef __CUDACC__
+#include "cuda/remote_put.cuh"
+#endif
 
 namespace jax_deepep {
 
@@ -30,8 +36,8 @@ struct PeerMemory {
   // Device memory [kNumCallKinds]: the last call number of each op kind. Each op counts its call on
   // the device, so no host state ties a launch to its call and XLA may treat the ops as pure.
   uint32_t* call_numbers;
-  // Symmetric [R]: op_stamps[p] is the stamp of the op peer p started last (its OpSignature; the op
-  // alone for internode), written by p as each of its ops starts. A wait that times out names the
+  // Symmetric [R]: op_stamps[p] is the stamp of the op peer p started last (its OpSignature),
+  // written by p as each of its ops starts. A wait that times out names the
   // peer's op and whether its shapes differ, so ranks at different ops learn both.
   int* op_stamps;
   // Symmetric [kNumReceiptKinds][kMaxLowLatencyHalves][R] (low latency): receipts[kind][h][d] is the
@@ -58,39 +64,31 @@ inline JDEEP_HOST_DEVICE uint32_t* receipt_of(const PeerMemory& mem, int kind, i
   return mem.receipts + (static_cast<size_t>(kind) * kMaxLowLatencyHalves + half) * mem.num_ranks + rank;
 }
 
-// `signature`: the op's OpSignature where its stamps carry one (low latency), else 0.
-inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op, uint32_t signature = 0) {
+// `signature`: the op's OpSignature, which its stamps and signals carry.
+inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind op, uint32_t signature) {
   return {mem.error, mem.timeout_ns, mem.rank, op, mem.op_stamps, signature};
 }
 
 #ifdef __CUDACC__
 // The first kernel of every op (one warp): numbers the call, token[0] = ++call_numbers[call_kind]
-// (the kernels after it on the stream read token[0]), and writes `stamp` (the op in the top 8 bits,
-// as OpSignature) into every peer's op_stamps.
+// (the kernels after it on the stream read token[0]), and writes `stamp` (the op's OpSignature)
+// into every peer's op_stamps.
 __global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp, int* token);
 
-// A count signal: the low 16 bits of the call number above a 16-bit count.
-__device__ __forceinline__ int tagged_count(uint32_t seq, int count) {
-  return static_cast<int>(((seq & 0xffffu) << 16) | static_cast<uint32_t>(count & 0xffff));
+// Writes `value` to `field`, an address in this PE's symmetric memory, as PE `pe` holds it: a
+// release store where pe's memory is mapped here, a put otherwise.
+template <typename T>
+__device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field, T value, int pe) {
+  if (mem.peer[pe] != nullptr) {
+    store_release(reinterpret_cast<T*>(mem.peer[pe] + (reinterpret_cast<char*>(field) - mem.local)), value);
+  } else {
+    put_value(field, value, pe);
+  }
 }
 
-// Waits for the count signal of call `seq` at `p`; the count.
-__device__ __forceinline__ int wait_count(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
-                                          int peer) {
-  const int value = wait_until(
-      p, [seq](int v) { return (static_cast<uint32_t>(v) >> 16) == (seq & 0xffffu); }, wait, what, peer, -1);
-  return value & 0xffff;
-}
-
-// Waits for the done signal of call `seq` at `p` (the call number itself).
-__device__ __forceinline__ void wait_call(const int* p, uint32_t seq, const WaitContext& wait, WaitKind what,
-                                          int peer) {
-  wait_until(p, [seq](int v) { return static_cast<uint32_t>(v) == seq; }, wait, what, peer, -1);
-}
-
-// Low-latency signals are 64-bit: the op's signature (OpSignature: op and shapes) above the low 16
-// bits of the call number above a 16-bit count, so a receiver learns in one load that the peer's
-// rows of this call are there and that the peer ran the same op with the same shapes.
+// Every signal is 64-bit: the op's signature (OpSignature: op and shapes) above the low 16 bits of
+// the call number above a 16-bit count (0 for a done signal), so a receiver learns in one load that
+// the peer's rows of this call are there and that the peer ran the same op with the same shapes.
 __device__ __forceinline__ uint64_t call_signal(uint32_t signature, uint32_t seq, int count) {
   return static_cast<uint64_t>(signature) << 32 | (seq & 0xffffu) << 16 | static_cast<uint32_t>(count & 0xffff);
 }

@@ -25,7 +25,7 @@ from .limits import FP8_BLOCK
 from .logfmt import GROUP as LOGFMT_GROUP, meta_bytes as logfmt_meta_bytes
 
 _ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispatched row
-_LOW_LATENCY_SIGNAL_BYTES = 8  # low latency: signature, call number and count (cuda/nvshmem_peers.cuh)
+_SIGNAL_BYTES = 8  # NVSHMEM modes: signature, call number and count (cuda/nvshmem_peers.cuh: call_signal)
 MAX_LOW_LATENCY_HALVES = 8  # cuda/nvshmem_peers.cuh: kMaxLowLatencyHalves (a receipt per half)
 _SLOT_META_BYTES = 16  # intranode: source token index and destination row before each slot
 _INTERNODE_RETURN_BLOCKS = 32  # cuda/internode.cuh: kInternodeReturnBlocks
@@ -109,7 +109,7 @@ def low_latency_layout(num_max_dispatch_tokens_per_rank: int, hidden: int, num_e
     combine_row = meta + hidden * 2
     combine_offset = align(num_experts * m * dispatch_row, 128)
     signal_offset = combine_offset + align(num_experts * m * combine_row, 128)
-    half = signal_offset + align(num_experts * _LOW_LATENCY_SIGNAL_BYTES * 2, 128)
+    half = signal_offset + align(num_experts * _SIGNAL_BYTES * 2, 128)
     return LowLatencyLayout(dispatch_row, combine_row, meta, combine_offset, signal_offset, half)
 
 
@@ -138,15 +138,17 @@ class InternodeDispatchLayout:
     forward_signals: int
     half_bytes: int
     staging_bytes: int
-    staged_counts: int
 
 
 def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_ids: bool, has_weights: bool,
                               part_bytes, num_experts: int, ranks_per_node: int, num_ranks: int,
                               has_prefixes: bool = False) -> InternodeDispatchLayout:
     """A dispatched row (16-byte header, K ids, K weights, K i32 pair prefixes with `has_prefixes` (a
-    first expert-grouped dispatch), each part; 16-byte aligned) and one half of the dispatch region
-    (cuda/internode.cuh says what each piece holds)."""
+    first expert-grouped dispatch), each part; 16-byte aligned), one half of the dispatch region
+    (cuda/internode.cuh says what each piece holds; signals are 8 bytes) and the staging of its puts.
+    The signals come first, at offsets set by the ranks and experts alone, so a peer's signal lands
+    where this rank waits for it even when the peer's call has other shapes: its signature then
+    fails the op at once."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     ids_at = 16
     weights_at = ids_at + (top_k * 4 if has_ids else 0)
@@ -159,16 +161,15 @@ def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_id
     row = at
     experts_per_rank = num_experts // num_ranks if has_ids else 0
     counts = 0
-    expert_counts = align(counts + num_ranks * num_ranks * 4, 16)
-    inbox = align(expert_counts + num_ranks * experts_per_rank * 4, 16)
-    inbox_signals = inbox + nodes * t * row
-    landing = align(inbox_signals + nodes * 4, 16)
-    forward_signals = landing + capacity * row
-    half = align(forward_signals + ranks_per_node * nodes * 4, 256)
-    staged_counts = nodes * t * row
-    staging = staged_counts + (num_ranks + (num_experts if has_ids else 0)) * 4
+    inbox_signals = counts + num_ranks * num_ranks * _SIGNAL_BYTES
+    forward_signals = inbox_signals + nodes * _SIGNAL_BYTES
+    expert_counts = forward_signals + ranks_per_node * nodes * _SIGNAL_BYTES
+    inbox = align(expert_counts + num_ranks * experts_per_rank * _SIGNAL_BYTES, 16)
+    landing = inbox + nodes * t * row
+    half = align(landing + capacity * row, 256)
+    staging = nodes * t * row
     return InternodeDispatchLayout(row, ids_at, weights_at, prefix_at, tuple(part_at), counts, expert_counts, inbox,
-                                   inbox_signals, landing, forward_signals, half, staging, staged_counts)
+                                   inbox_signals, landing, forward_signals, half, staging)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,15 +188,16 @@ def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per
                              exact_partials: bool, f32_returns: bool = False) -> InternodeCombineLayout:
     """A returned row (bf16 [H], or f32 with `f32_returns` (an expert-grouped combine's sums of pair
     rows), + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else bf16, then K f32
-    weights), and one half of the combine region."""
+    weights), and one half of the combine region: its signals first, at offsets set by the ranks alone
+    (as in `internode_dispatch_layout`), then the rows."""
     nodes, t = num_ranks // ranks_per_node, num_tokens
     return_bytes = align(hidden * (4 if f32_returns else 2) + top_k * 4, 16)
     partial_bytes = align(hidden * (4 if exact_partials else 2) + top_k * 4, 16)
-    returns = 0
-    return_signals = ranks_per_node * nodes * t * return_bytes
-    partials = align(return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * 4, 16)
-    partial_signals = partials + nodes * t * partial_bytes
-    half = align(partial_signals + nodes * 4, 256)
+    return_signals = 0
+    partial_signals = return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * _SIGNAL_BYTES
+    returns = align(partial_signals + nodes * _SIGNAL_BYTES, 16)
+    partials = returns + ranks_per_node * nodes * t * return_bytes
+    half = align(partials + nodes * t * partial_bytes, 256)
     return InternodeCombineLayout(return_bytes, partial_bytes, returns, return_signals, partials, partial_signals,
                                   half, nodes * t * partial_bytes)
 

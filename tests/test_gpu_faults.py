@@ -15,8 +15,11 @@ process's CUDA context with it:
     NVSHMEM modes (separate signals per op) after the timeout;
   - in_flight (low latency): three dispatches sent before any is received, on a buffer of two halves:
     both ranks raise at once, saying that more sends are in flight than the buffer has halves;
-  - shapes (low latency): rank 1 dispatches with another `num_max_dispatch_tokens_per_rank`: both raise
-    within the timeout, naming the op and saying that the shapes differ.
+  - shapes: rank 1 dispatches with other shapes (low latency: another `num_max_dispatch_tokens_per_rank`;
+    internode: half the tokens): both raise, naming the op and saying that the shapes differ; internode as a
+    mismatch met at the peer's first signal, naming both ranks (its signals lie where shapes do not move them);
+  - grouped (internode): rank 0 dispatches while rank 1 dispatches expert-grouped: both raise, each at its
+    peer's first signal, naming both ops.
 Workers check themselves; a worker's exit code says whether its checks passed. A failing rank whose wait
 for its trapped op never returns (XLA waits for a host function that CUDA does not run after a trap) is
 ended by the failure watchdog instead, with exit code 70 and the failure printed: the test accepts that
@@ -50,7 +53,8 @@ _MODE = "JAX_DEEPEP_TEST_FAULT_MODE"
 # The ranks whose op fails in each failing scenario. Such a rank may instead be ended by the failure
 # watchdog (jax_deepep/gpu/failure_watchdog.py) when XLA's wait for the trapped op never returns: then
 # its output must hold the watchdog's line and what the worker expected the failure to say.
-FAILING_RANKS = {"late": (0,), "killed": (0,), "mismatch": (0, 1), "in_flight": (0, 1), "shapes": (0, 1)}
+FAILING_RANKS = {"late": (0,), "killed": (0,), "mismatch": (0, 1), "in_flight": (0, 1), "shapes": (0, 1),
+                 "grouped": (0, 1)}
 _EXPECT = "expected failure: "  # a worker prints this, then the strings joined by " | "
 
 
@@ -116,9 +120,14 @@ def test_more_low_latency_sends_in_flight_than_halves(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["low_latency", "low_latency_nvshmem"])
-def test_low_latency_op_with_other_shapes_on_a_peer(mode):
+@pytest.mark.parametrize("mode", ["low_latency", "low_latency_nvshmem", "internode"])
+def test_op_with_other_shapes_on_a_peer(mode):
     _run(mode, "shapes")
+
+
+@pytest.mark.gpu
+def test_internode_grouped_dispatch_against_a_plain_one():
+    _run("internode", "grouped")
 
 
 # ---- the workers ----------------------------------------------------------------------------------
@@ -411,22 +420,53 @@ def scenario_in_flight(w: FaultWorker):
 
 
 def scenario_shapes(w: FaultWorker):
-    """Rank 1 dispatches with half the `num_max_dispatch_tokens_per_rank` of rank 0 (both fit the buffer)."""
+    """Rank 1 dispatches with other shapes than rank 0 (both fit the buffer). Low latency: half the
+    `num_max_dispatch_tokens_per_rank`; internode: half the tokens."""
     b = w.buffer
-    m = M if w.rank == 0 else M // 2
+    if w.mode == "internode":
+        t = T if w.rank == 0 else T // 2
+
+        def dispatch(x, idx, copies, weights):
+            return b.dispatch(x[:t], topk_idx=idx[:t], num_experts=EXPERTS).recv_x
+
+        # Each rank's first wait on its peer reads a signal of the peer's call, with its signature: "met",
+        # not "timed out" (the bound leaves room for the programs' cold start, which cannot be warmed here).
+        contains = (f"internode dispatch on rank {w.rank} met internode dispatch on rank {1 - w.rank}", "shapes")
+    else:
+        m = M if w.rank == 0 else M // 2
+
+        def dispatch(x, idx, copies, weights):
+            if w.rank == 0:  # only its own experts: its rows never land in rank 1's buffer (its signals land
+                # far above the halves rank 1 uses)
+                idx = idx % (EXPERTS // NUM_RANKS)
+            return b.low_latency_dispatch(x[:m], idx[:m], num_max_dispatch_tokens_per_rank=m, num_experts=EXPERTS,
+                                          use_fp8=False).recv_x
+
+        contains = ("low_latency_dispatch", f"rank {w.rank}", "shapes")
+    run = w.compiled(dispatch)
+    _barrier("compiled")
+    w.check("one dispatch with other shapes on each rank: an error",
+            lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S + BOUND_S, contains=contains))
+    return 1 if w.failures else 0
+
+
+def scenario_grouped(w: FaultWorker):
+    """Internode: rank 1 dispatches expert-grouped while rank 0 dispatches plain rows, from the same tokens and
+    routing: each rank's first wait on its peer reads a signal whose signature names the other op ("met", not
+    "timed out"; the bound as in scenario_shapes)."""
+    b = w.buffer
+    grouped = w.rank == 1
 
     def dispatch(x, idx, copies, weights):
-        if w.rank == 0:  # only its own experts: its rows never land in rank 1's buffer (its signals land
-            # far above the halves rank 1 uses)
-            idx = idx % (EXPERTS // NUM_RANKS)
-        return b.low_latency_dispatch(x[:m], idx[:m], num_max_dispatch_tokens_per_rank=m, num_experts=EXPERTS,
-                                      use_fp8=False).recv_x
+        return b.dispatch(x, topk_idx=idx, num_experts=EXPERTS, expert_grouped=grouped).recv_x
 
     run = w.compiled(dispatch)
     _barrier("compiled")
-    w.check("one low-latency dispatch with other shapes on each rank: an error",
+    ops = ["internode dispatch", "internode expert-grouped dispatch"]
+    mine, theirs = ops[::-1] if grouped else ops
+    w.check("an expert-grouped dispatch against a plain one: an error",
             lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S + BOUND_S,
-                                    contains=("low_latency_dispatch", f"rank {w.rank}", "shapes")))
+                                    contains=(f"{mine} on rank {w.rank} met {theirs} on rank {1 - w.rank}",)))
     return 1 if w.failures else 0
 
 
@@ -448,6 +488,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         code = scenario_in_flight(w)
     elif scenario == "shapes":
         code = scenario_shapes(w)
+    elif scenario == "grouped":
+        code = scenario_grouped(w)
     else:
         code = scenario_mismatch(w)
     print(f"rank {rank}: {scenario} {mode}: {len(w.failures)} failures {w.failures}", flush=True)

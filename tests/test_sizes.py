@@ -37,24 +37,38 @@ def test_intranode_slots():
 
 
 def test_internode_layouts():
-    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384.
+    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384. The signals (counts
+    # included: 8 bytes each, the signature above the call number and count) come first, then the rows.
     assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
-        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 1024, 2048, 118097920, 118097936, 354289680,
-                                      354289920, 118096960, 118095872)
+        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 2192, 4240, 2048, 118100112, 2064, 354291968,
+                                      118095872)
     # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
     assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
-        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 64, 64, 952384, 952400, 1904720, 1904896,
-                                      952336, 952320)
+        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 176, 176, 128, 952496, 144, 1904896, 952320)
     # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(
-        14368, 28704, 0, 941621248, 941622272, 1176765440, 1176765696, 235143168)
+        14368, 28704, 2064, 0, 941623312, 2048, 1176766720, 235143168)
     assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=True) == sizes.InternodeCombineLayout(
-        256, 512, 0, 65536, 65792, 131328, 131584, 65536)
+        256, 512, 528, 0, 66064, 512, 131840, 65536)
     # ... and with bf16 partials (the default): a partial row is a returned row's size, half the f32 one.
     assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False) == sizes.InternodeCombineLayout(
-        14368, 14368, 0, 941621248, 941622272, 1059324928, 1059325184, 117702656)
+        14368, 14368, 2064, 0, 941623312, 2048, 1059326208, 117702656)
     assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False) == sizes.InternodeCombineLayout(
-        256, 256, 0, 65536, 65792, 98560, 98816, 32768)
+        256, 256, 528, 0, 66064, 512, 99072, 32768)
+
+
+def test_internode_signals_lie_where_other_shapes_do_not_move_them():
+    """Every signal comes before the rows, at offsets set by R, L and E alone, so a peer's call with other shapes
+    still signals where this rank waits, and its signature fails the op at once (no timeout)."""
+    big = sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16)
+    other = sizes.internode_dispatch_layout(64, 128, 2, True, False, [7168, 224], 256, 8, 16, has_prefixes=True)
+    signals = ("counts", "inbox_signals", "forward_signals", "expert_counts")
+    assert [getattr(big, f) for f in signals] == [getattr(other, f) for f in signals]
+    assert max(getattr(big, f) for f in signals) < min(big.inbox, big.landing)
+    combine = [sizes.internode_combine_layout(t, h, k, 8, 16, exact_partials=exact, f32_returns=f32)
+               for t, h, k, exact, f32 in ((4096, 7168, 8, True, False), (64, 128, 0, False, True))]
+    assert {(c.return_signals, c.partial_signals) for c in combine} == {(0, 2048)}
+    assert all(c.partial_signals < c.returns for c in combine)
 
 
 def test_internode_hint_shrinks_with_bf16_partials():

@@ -50,8 +50,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchLayout, Struc
                                       StructMember<uint64_t>("counts"), StructMember<uint64_t>("expert_counts"),
                                       StructMember<uint64_t>("inbox"), StructMember<uint64_t>("inbox_signals"),
                                       StructMember<uint64_t>("landing"), StructMember<uint64_t>("forward_signals"),
-                                      StructMember<uint64_t>("half_bytes"), StructMember<uint64_t>("staging_bytes"),
-                                      StructMember<uint64_t>("staged_counts"));
+                                      StructMember<uint64_t>("half_bytes"), StructMember<uint64_t>("staging_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineLayout, StructMember<uint64_t>("return_bytes"),
                                       StructMember<uint64_t>("partial_bytes"), StructMember<uint64_t>("returns"),
                                       StructMember<uint64_t>("return_signals"), StructMember<uint64_t>("partials"),
@@ -116,6 +115,7 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs
   const InternodeDispatchLayout& l = attrs.layout;
   const uint64_t ranks = num_ranks, per_node = s.ranks_per_node, nodes = ranks / per_node, tokens = s.num_tokens;
   const uint64_t topk_bytes = 4 * static_cast<uint64_t>(s.top_k), experts = s.num_experts;
+  const uint64_t signal = sizeof(uint64_t);  // call_signal
   const uint64_t part_bytes[2] = {static_cast<uint64_t>(s.part_bytes[0]),
                                   s.num_parts == 2 ? static_cast<uint64_t>(s.part_bytes[1]) : 0};
   return first_failure({
@@ -130,17 +130,14 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs
                     {"next row", l.row_bytes, 0, 16}},
                    l.row_bytes),
       check_layout("internode dispatch half",
-                   {{"counts", l.counts, 4 * ranks * ranks, 16},
-                    {"expert counts", l.expert_counts, 4 * experts, 16},  // [R][E / R]
+                   {{"counts", l.counts, signal * ranks * ranks, signal},
+                    {"inbox signals", l.inbox_signals, signal * nodes, signal},
+                    {"forward signals", l.forward_signals, signal * per_node * nodes, signal},
+                    {"expert counts", l.expert_counts, signal * experts, signal},  // [R][E / R]
                     {"inbox", l.inbox, nodes * tokens * l.row_bytes, 16},
-                    {"inbox signals", l.inbox_signals, 4 * nodes, 4},
-                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16},
-                    {"forward signals", l.forward_signals, 4 * per_node * nodes, 4}},
+                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16}},
                    l.half_bytes),
-      check_layout("internode dispatch staging",
-                   {{"rows", 0, nodes * tokens * l.row_bytes, 16},
-                    {"counts", l.staged_counts, 4 * (ranks + experts), 4}},
-                   l.staging_bytes)});
+      check_layout("internode dispatch staging", {{"rows", 0, nodes * tokens * l.row_bytes, 16}}, l.staging_bytes)});
 }
 
 // The combine layout fits the buffer at its region, and each piece holds what the kernels write into it.
@@ -149,6 +146,7 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
   const InternodeCombineLayout& l = attrs.layout;
   const uint64_t per_node = s.ranks_per_node, nodes = num_ranks / per_node, tokens = s.num_tokens;
   const uint64_t hidden = s.hidden, topk_bytes = 4 * static_cast<uint64_t>(s.top_k);
+  const uint64_t signal = sizeof(uint64_t);  // call_signal
   const uint64_t partial_values = (s.exact_partials ? 4 : 2) * hidden;
   const uint64_t returned_values = (s.pair_top_k > 0 ? 4 : 2) * hidden;
   return first_failure({
@@ -164,10 +162,10 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
                     {"next row", l.partial_bytes, 0, 16}},
                    l.partial_bytes),
       check_layout("internode combine half",
-                   {{"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
-                    {"return signals", l.return_signals, 4 * per_node * kInternodeReturnBlocks, 4},
-                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16},
-                    {"partial signals", l.partial_signals, 4 * nodes, 4}},
+                   {{"return signals", l.return_signals, signal * per_node * kInternodeReturnBlocks, signal},
+                    {"partial signals", l.partial_signals, signal * nodes, signal},
+                    {"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
+                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16}},
                    l.half_bytes),
       check_layout("internode combine staging", {{"partial rows", 0, nodes * tokens * l.partial_bytes, 16}},
                    l.staging_bytes)});
