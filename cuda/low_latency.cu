@@ -547,9 +547,15 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   __syncthreads();
   const int first_row = count * warp / kWarps, end_row = count * (warp + 1) / kWarps;
   if (!use_logfmt && end_row > first_row) {
-    const char* source = put_from_y ? reinterpret_cast<const char*>(src) : rows;
-    put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes, (end_row - first_row) * row_bytes,
-             dst);
+    const size_t y_row_bytes = static_cast<size_t>(hidden) * 2;
+    if (put_from_y && y_row_bytes != row_bytes) {  // the buffer's rows keep room for LogFMT's meta: row by row
+      for (int j = first_row; j < end_row; ++j)
+        put_warp(dst_rows + j * row_bytes, reinterpret_cast<const char*>(src) + j * y_row_bytes, y_row_bytes, dst);
+    } else {
+      const char* source = put_from_y ? reinterpret_cast<const char*>(src) : rows;
+      put_warp(dst_rows + first_row * row_bytes, source + first_row * row_bytes, (end_row - first_row) * row_bytes,
+               dst);
+    }
   }
   __syncwarp();
   if (lane == 0 && (use_logfmt ? warp < count : end_row > first_row)) put_quiet();
