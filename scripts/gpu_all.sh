@@ -8,7 +8,9 @@
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
 #        tuned_configs.json) bench_internode bench_internode_mps bench_moe (these three not run by default)
-# Each step has its own time limit. Logs, JSON, charts and profile traces are packed into
+# Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
+# every limit is cut to what is left of that budget and steps that no longer fit are skipped, so the logs
+# are packed before the call ends. Logs, JSON, charts and profile traces are packed into
 # $OUT/gpu_logs.tgz (only a few files come back from the device machine), or left in
 # /tmp/jax_deepep_gpu_all without $OUT. $PYTHON names the Python that builds and runs everything
 # (default: the GPU machine's /opt/torch/.venv/bin/python3).
@@ -26,8 +28,15 @@ export LD_LIBRARY_PATH="$NV/lib:${LD_LIBRARY_PATH:-}"
 export NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
 status=0
 
+fit() {  # fit LIMIT_S: the limit cut to what is left of GPU_ALL_BUDGET_S (10 s kept for packing the logs)
+  local left=$(( ${GPU_ALL_BUDGET_S:-1000000} - SECONDS - 10 ))
+  echo $(( $1 < left ? $1 : left ))
+}
+
 step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and the time taken
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit
+  limit=$(fit "$2"); shift 2
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, GPU_ALL_BUDGET_S spent"; status=1; return; fi
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -37,8 +46,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and 
 }
 
 gpu_test() {  # gpu_test NAME LIMIT_S FILE [PYTEST ARGS...]: one GPU test file; workers stop before the limit, logs kept
-  local name=$1 limit=$2 file=$3
-  shift 3
+  local name=$1 limit file=$3
+  limit=$(fit "$2"); shift 3
   JAX_DEEPEP_WORKER_TIMEOUT_S=$((limit - 20)) JAX_DEEPEP_WORKER_LOGS="$LOGS/workers" \
     step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file" "$@"
   pkill -9 -f "$file" 2>/dev/null  # workers of a run cut short must not hold the GPU for the next step
