@@ -41,16 +41,12 @@ __host__ __device__ OpKind op_kind(const InternodeCombineShape& s) {
   return is_grouped(s) ? OpKind::kInternodeGroupedCombine : OpKind::kInternodeCombine;
 }
 
-template <typename T>
-uint32_t word(T value) {
-  return static_cast<uint32_t>(value);
-}
-
 // What two ranks' calls must agree on (the signature their signals carry): the op, and every size that
 // places a row or a slot in a peer's buffer or says what a row holds. (Only this rank reads the biases.)
 OpSignature signature_of(const InternodeCombineCall& c) {
   const InternodeCombineShape& s = c.shape;
   const InternodeRings& r = c.rings;
+  const auto word = [](auto value) { return static_cast<uint32_t>(value); };
   return OpSignature(op_kind(s), {word(s.num_tokens), word(s.hidden), word(s.top_k), word(s.pair_top_k),
                                   word(s.exact_partials), word(s.ranks_per_node), word(c.layout.return_bytes),
                                   word(c.layout.partial_bytes), word(r.channels), word(r.rdma_slots),
@@ -110,38 +106,16 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
         t.row >= 0 && in.weights != nullptr ? in.weights[t.row] : 0.0f;
 }
 
-// The first of received rows [lo, hi) (one source's, sorted by token) whose token is at least `t`.
-__device__ __forceinline__ int first_row_from(const int* src_idx, int lo, int hi, int t) {
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (src_idx[mid] < t) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 // Whole group: the received rows of sources (n, l), n in order, whose tokens are in the channel, into
 // the ring to forwarder l of this node.
 template <bool kGrouped>
 __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
-                          const Topology& topo, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
+                          const OpRings& o, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
   const InternodeCombineShape& s = c.shape;
   const InternodeRings& r = c.rings;
-  const int lane = threadIdx.x % kWarpSize, pe = topo.node_rank(l), R = topo.num_ranks;
-  const LinkSignals theirs = link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.nodes + topo.local,
-                                          channel);
-  RingProducer p;
-  p.write = ring_slots(c.mem.peer[pe], r.nvl_ring, topo.local, channel, r.channels, r.nvl_slots, r.nvl_slot_bytes);
-  p.target = p.write;
-  p.tail = signal_address(c.mem, theirs.tail, pe, false);
-  p.head = link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.nodes + l, channel).head;
-  p.pe = pe;
-  p.channel = channel;
-  p.remote = false;
-  p.shared = words;
+  const Topology& topo = o.topo;
+  const int lane = threadIdx.x % kWarpSize, R = topo.num_ranks;
+  RingProducer p = o.to_local(l, channel, words);
   g.sync();  // the group is done with its words
   p.start(g, call);
   const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
@@ -150,8 +124,8 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
     const int src = n * topo.per_node + l;
     const int lo = min(in.recv_rank_prefix[src], kept);
     const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
-    const int last = first_row_from(in.src_idx, lo, hi, range.last);
-    for (int i = first_row_from(in.src_idx, lo, hi, range.first); i < last;) {
+    const int last = lower_bound_row(in.src_idx, lo, hi, range.last);
+    for (int i = lower_bound_row(in.src_idx, lo, hi, range.first); i < last;) {
       const int rows = min(window, last - i);
       p.reserve(g, call, rows);
       for (int k = g.warp; k < rows; k += g.warps) {
@@ -184,25 +158,23 @@ __device__ __forceinline__ bool went_to(const bool* is_token_in_rank, int t, int
 // tokens going there (a ballot), the rows consumed and the rows seen in its ring.
 template <bool kExact>
 __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& in, const InternodeCombineOut& out,
-                       const RingCall& call, const Topology& topo, const WarpGroup& g, int channel, TokenRange range,
+                       const RingCall& call, const OpRings& o, const WarpGroup& g, int channel, TokenRange range,
                        int* shared) {
   const InternodeCombineShape& s = c.shape;
-  const InternodeRings& r = c.rings;
+  const Topology& topo = o.topo;
   const int lane = threadIdx.x % kWarpSize, nodes = topo.nodes, H = s.hidden, R = topo.num_ranks;
   unsigned* const went = reinterpret_cast<unsigned*>(shared);
   int* const consumed = shared + nodes;
   int* const seen = consumed + nodes;
-  uint64_t* const head = link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.node, channel).head;
   if (g.leader_warp()) {
     for (int m = lane; m < nodes; m += kWarpSize) {
-      const int pe = topo.rdma_peer(m);
-      set_signal(signal_address(c.mem, head, pe, m != topo.node), call.signal(0), pe, m != topo.node);
+      set_signal(o.node_head(m, channel), call.signal(0), topo.rdma_peer(m), m != topo.node);
       consumed[m] = seen[m] = 0;
     }
     __syncwarp();
   }
   // A window's rows from one node fit its ring, whose producer fills it without waiting on this group.
-  const int window = min(kWarpSize, static_cast<int>(r.rdma_slots));
+  const int window = min(kWarpSize, static_cast<int>(c.rings.rdma_slots));
   for (int t0 = range.first; t0 < range.last; t0 += window) {
     const int tokens = min(window, range.last - t0);
     if (g.leader_warp()) {
@@ -213,8 +185,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
           went[m] = b;
           const int need = consumed[m] + __popc(b);
           if (need > seen[m]) {
-            const uint64_t* tail = link_signals(c.mem.local, c.signals.combine_links, c.signals, m, channel).tail;
-            seen[m] = wait_ring_data(tail, call.seq, call.wait, need - 1, topo.rdma_peer(m), channel);
+            seen[m] = wait_ring_data(o.link(m, channel).tail, call.seq, call.wait, need - 1, topo.rdma_peer(m), channel);
           }
         }
       }
@@ -227,9 +198,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int m = 0; m < nodes; ++m) {
           const unsigned b = went[m];
           if (!((b >> j) & 1u)) continue;
-          const RingSlots ring =
-              ring_slots(c.mem.local, r.rdma_ring, m, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes);
-          RowValues<kExact>::add_to(acc, ring.slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
+          RowValues<kExact>::add_to(acc, o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
                                              ch * RowValues<kExact>::kBytes);
         }
         for (int b = 0; b < s.num_bias; ++b)
@@ -241,9 +210,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int m = 0; m < nodes; ++m) {
           const unsigned b = went[m];
           if (!((b >> j) & 1u)) continue;
-          const RingSlots ring =
-              ring_slots(c.mem.local, r.rdma_ring, m, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes);
-          w += __ldcv(reinterpret_cast<const float*>(ring.slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
+          w += __ldcv(reinterpret_cast<const float*>(o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
                                                      H * RowValues<kExact>::kBytes) + lane);
         }
         out.weights[static_cast<size_t>(t) * s.top_k + lane] = w;
@@ -255,8 +222,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         const int rows = __popc(went[m]);
         if (rows == 0) continue;
         consumed[m] += rows;
-        const int pe = topo.rdma_peer(m);
-        set_signal(signal_address(c.mem, head, pe, m != topo.node), call.signal(consumed[m]), pe, m != topo.node);
+        set_signal(o.node_head(m, channel), call.signal(consumed[m]), topo.rdma_peer(m), m != topo.node);
       }
       __syncwarp();  // lane 0 reads the other lanes' counts next
     }
@@ -273,37 +239,25 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
 // node, into the ring to the source. `shared` [2 L]: rows consumed and rows seen per ring from this node.
 template <bool kExact, bool kF32Returns>
 __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
-                       const Topology& topo, int channel, TokenRange range, int* shared) {
+                       const OpRings& o, int channel, TokenRange range, int* shared) {
   __shared__ int words[1];
   const InternodeCombineShape& s = c.shape;
   const InternodeRings& r = c.rings;
+  const Topology& topo = o.topo;
   const WarpGroup g = warp_groups(0, kWarps, 1, 1);
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, H = s.hidden, T = s.num_tokens;
   int* const consumed = shared;
   int* const seen = consumed + L;
-  uint64_t* const head =
-      link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.nodes + topo.local, channel).head;
   if (g.leader_warp()) {
     if (lane < L) {
-      store_release(mapped(c.mem, topo.node_rank(lane), head), call.signal(0));
+      store_release(o.local_head(lane, channel), call.signal(0));
       consumed[lane] = seen[lane] = 0;
     }
     __syncwarp();
   }
   const int window = min(kWarpSize, static_cast<int>(min(r.nvl_slots, r.rdma_slots)));
   for (int n = 0; n < topo.nodes; ++n) {
-    const bool remote = n != topo.node;
-    const int pe = topo.rdma_peer(n);
-    const LinkSignals theirs = link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.node, channel);
-    RingProducer p;
-    p.target = ring_slots(c.mem.local, r.rdma_ring, topo.node, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes);
-    p.write = remote ? ring_slots(c.mem.staging, 0, n, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes) : p.target;
-    p.tail = signal_address(c.mem, theirs.tail, pe, remote);
-    p.head = link_signals(c.mem.local, c.signals.combine_links, c.signals, n, channel).head;
-    p.pe = pe;
-    p.channel = channel;
-    p.remote = remote;
-    p.shared = words;
+    RingProducer p = o.to_node(n, channel, words);
     g.sync();  // every warp has read the words of the last source
     p.start(g, call);
     for (int t0 = range.first; t0 < range.last; t0 += window) {
@@ -316,9 +270,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int d = 0; d < L; ++d) {
           const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && need > seen[d]) {
-            const uint64_t* tail =
-                link_signals(c.mem.local, c.signals.combine_links, c.signals, topo.nodes + d, channel).tail;
-            seen[d] = wait_ring_data(tail, call.seq, call.wait, need - 1, topo.node_rank(d), channel);
+            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call.seq, call.wait, need - 1, topo.node_rank(d), channel);
           }
         }
       }
@@ -332,9 +284,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
 #pragma unroll
         for (int d = 0; d < kInternodeMaxRanksPerNode; ++d) {
           const unsigned kept = __ballot_sync(0xffffffffu, d < L && f < 0 && ((f >> d) & 1));
-          const RingSlots ring = ring_slots(c.mem.local, r.nvl_ring, d, channel, r.channels, r.nvl_slots,
-                                            r.nvl_slot_bytes);
-          from[d] = d < L && ((fj >> d) & 1) ? ring.slot(consumed[d] + __popc(kept & ((1u << j) - 1))) : nullptr;
+          from[d] = d < L && ((fj >> d) & 1) ? o.from_local(d, channel).slot(consumed[d] + __popc(kept & ((1u << j) - 1))) : nullptr;
         }
         char* out = p.slot(k);
         for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
@@ -359,7 +309,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
           const int taken = __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && taken > 0) {
             consumed[d] += taken;
-            store_release(mapped(c.mem, topo.node_rank(d), head), call.signal(consumed[d]));
+            store_release(o.local_head(d, channel), call.signal(consumed[d]));
           }
         }
         __syncwarp();  // every lane reads the counts next
@@ -367,7 +317,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
       p.advance(g, call, rows, static_cast<int>(r.rdma_batch));
     }
     p.finish(g, call);
-    if (remote && g.leader()) {
+    if (p.remote && g.leader()) {
       atomicAdd(c.traffic.counters + 2, static_cast<unsigned long long>(p.rows));
       atomicAdd(c.traffic.counters + 3, static_cast<unsigned long long>(p.rows) * c.layout.partial_bytes);
     }
@@ -379,22 +329,23 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(InternodeCombineCa
                                                              InternodeCombineOut out, uint32_t signature) {
   __shared__ int words[kWarps][2];
   extern __shared__ int shared[];  // block 2c: the finisher's [3 nodes]; block 2c + 1: the reducer's [2 L]
-  const Topology topo(c.mem, c.shape.ranks_per_node);
+  const OpRings o{c.mem, c.signals, c.rings, c.signals.combine_links, Topology(c.mem, c.shape.ranks_per_node)};
+  const Topology& topo = o.topo;
   const RingCall call{wait_context(c.mem, op_kind(c.shape), signature), static_cast<uint32_t>(out.token[0])};
   const int channel = blockIdx.x / 2, warp = threadIdx.x / kWarpSize;
   const TokenRange range = channel_tokens(c.shape.num_tokens, channel, static_cast<int>(c.rings.channels));
   if (blockIdx.x % 2 == 1) {
-    reduce<kExact, kGrouped>(c, in, call, topo, channel, range, shared);
+    reduce<kExact, kGrouped>(c, in, call, o, channel, range, shared);
     return;
   }
   if (warp < kReturnerWarps) {
     const WarpGroup g = warp_groups(0, kReturnerWarps, topo.per_node, 1);
     if (g.index >= g.count) return;
     for (int l = g.index; l < topo.per_node; l += g.count)
-      return_to<kGrouped>(c, in, call, topo, g, l, channel, range, words[warp - g.warp]);
+      return_to<kGrouped>(c, in, call, o, g, l, channel, range, words[warp - g.warp]);
   } else {
     const WarpGroup g = warp_groups(kReturnerWarps, kWarps - kReturnerWarps, 1, 1 + kReturnerWarps / 2);
-    finish<kExact>(c, in, out, call, topo, g, channel, range, shared);
+    finish<kExact>(c, in, out, call, o, g, channel, range, shared);
   }
 }
 

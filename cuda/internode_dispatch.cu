@@ -41,17 +41,13 @@ __host__ __device__ OpKind op_kind(const InternodeDispatchShape& s) {
   return s.grouped ? OpKind::kInternodeGroupedDispatch : OpKind::kInternodeDispatch;
 }
 
-template <typename T>
-uint32_t word(T value) {
-  return static_cast<uint32_t>(value);
-}
-
 // What two ranks' calls must agree on (the signature their signals carry): the op, and every size that
 // places a row or a slot in a peer's buffer or says what a row holds. (Only this rank reads the grouped
 // capacity and the alignment.)
 OpSignature signature_of(const InternodeDispatchCall& c) {
   const InternodeDispatchShape& s = c.shape;
   const InternodeRings& r = c.rings;
+  const auto word = [](auto value) { return static_cast<uint32_t>(value); };
   return OpSignature(op_kind(s), {word(s.num_tokens), word(s.capacity), word(s.top_k), word(s.has_ids),
                                   word(s.has_weights), word(s.num_parts), word(s.part_bytes[0]),
                                   word(s.num_parts == 2 ? s.part_bytes[1] : 0), word(s.num_experts),
@@ -127,8 +123,9 @@ __device__ void write_row(const InternodeDispatchCall& c, const InternodeDispatc
 // rank's RDMA peer there; then the handle's send_row of m's ranks for those tokens. `words`: the group's
 // shared words.
 __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDispatchIn& in,
-                             const InternodeDispatchOut& out, const RingCall& call, const Topology& topo,
+                             const InternodeDispatchOut& out, const RingCall& call, const OpRings& o,
                              const WarpGroup& g, int m, int channel, TokenRange range, int* words) {
+  const Topology& topo = o.topo;
   const InternodeRings& r = c.rings;
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, R = topo.num_ranks;
   // The ring's end counts: its rows, then per rank d of m the rows bound for d, then the tokens before
@@ -165,21 +162,11 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
   }
   g.sync();
 
-  const bool remote = m != topo.node;
-  const int pe = topo.rdma_peer(m);
-  const LinkSignals theirs = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, topo.node, channel);
-  RingProducer p;
-  p.target = ring_slots(c.mem.local, r.rdma_ring, topo.node, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes);
-  p.write = remote ? ring_slots(c.mem.staging, 0, m, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes) : p.target;
-  p.tail = signal_address(c.mem, theirs.tail, pe, remote);
-  p.head = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, m, channel).head;
-  p.pe = pe;
-  p.channel = channel;
-  p.remote = remote;
-  p.shared = words;
+  RingProducer p = o.to_node(m, channel, words);
   p.start(g, call);
   if (g.leader_warp() && lane < 1 + 2 * L)
-    set_signal(signal_address(c.mem, theirs.end + lane, pe, remote), call.signal(ends[lane]), pe, remote);
+    set_signal(signal_address(c.mem, o.link(topo.node, channel).end + lane, p.pe, p.remote), call.signal(ends[lane]),
+               p.pe, p.remote);
 
   // Windows of at most a batch of tokens, so a window's rows always fit the ring.
   const int window = min(kWarpSize, static_cast<int>(r.rdma_batch));
@@ -197,7 +184,7 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
     p.advance(g, call, n, static_cast<int>(r.rdma_batch));
   }
   p.finish(g, call);
-  if (remote && g.leader()) {
+  if (p.remote && g.leader()) {
     atomicAdd(c.traffic.counters + 0, static_cast<unsigned long long>(p.rows));
     atomicAdd(c.traffic.counters + 1, static_cast<unsigned long long>(p.rows) * c.layout.row_bytes);
   }
@@ -376,26 +363,15 @@ __device__ void fill_grouped_padding(const InternodeDispatchShape& s, const Inte
 // Whole group: drains the ring from forwarder l (this node) into the outputs.
 template <bool kGrouped>
 __device__ void receive_from(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
-                             const Topology& topo, const WarpGroup& g, int l, int channel, const int* bases,
-                             int* words) {
-  const InternodeRings& r = c.rings;
-  const int lane = threadIdx.x % kWarpSize, pe = topo.node_rank(l);
-  const LinkSignals mine = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, topo.nodes + l, channel);
-  const LinkSignals theirs =
-      link_signals(c.mem.local, c.signals.dispatch_links, c.signals, topo.nodes + topo.local, channel);
-  RingConsumer q;
-  q.read = ring_slots(c.mem.local, r.nvl_ring, l, channel, r.channels, r.nvl_slots, r.nvl_slot_bytes);
-  q.tail = mine.tail;
-  q.head = signal_address(c.mem, theirs.head, pe, false);
-  q.pe = pe;
-  q.channel = channel;
-  q.remote = false;
-  q.shared = words;
+                             const OpRings& o, const WarpGroup& g, int l, int channel, const int* bases, int* words) {
+  const Topology& topo = o.topo;
+  const int lane = threadIdx.x % kWarpSize;
+  RingConsumer q = o.consumer_of_local(l, channel, words);
   g.sync();  // the group is done with its words
   q.start(g, call);
   if (g.leader())
-    words[1] = wait_call_count(mine.end, call.seq, call.wait.signature, 0, call.wait, WaitKind::kInternodeRingEnd,
-                               pe, channel);
+    words[1] = wait_call_count(o.link(o.local_link(l), channel).end, call.seq, call.wait.signature, 0, call.wait,
+                               WaitKind::kInternodeRingEnd, q.pe, channel);
   g.sync();
   const int rows = words[1];
   for (int done = 0; done < rows;) {
@@ -471,8 +447,9 @@ __device__ void write_metadata(const InternodeDispatchCall& c, const InternodeDi
 // Block 2c.
 template <bool kGrouped>
 __device__ void send_and_receive(const InternodeDispatchCall& c, const InternodeDispatchIn& in,
-                                 const InternodeDispatchOut& out, const RingCall& call, const Topology& topo,
+                                 const InternodeDispatchOut& out, const RingCall& call, const OpRings& o,
                                  int channel, int* bases) {
+  const Topology& topo = o.topo;
   __shared__ int words[kWarps][kGroupWords];
   const int warp = threadIdx.x / kWarpSize;
   if (channel == 0) notify(c, in, call);
@@ -488,7 +465,7 @@ __device__ void send_and_receive(const InternodeDispatchCall& c, const Internode
     const TokenRange range = channel_tokens(c.shape.num_tokens, channel, static_cast<int>(c.rings.channels));
     if (g.index < g.count) {
       for (int m = g.index; m < topo.nodes; m += g.count)
-        send_to_node(c, in, out, call, topo, g, m, channel, range, words[warp - g.warp]);
+        send_to_node(c, in, out, call, o, g, m, channel, range, words[warp - g.warp]);
     }
     write_metadata<kGrouped>(c, out, call, topo, bases, grouped_rows, channel * kSenderWarps + warp,
                              static_cast<int>(c.rings.channels) * kSenderWarps);
@@ -496,7 +473,7 @@ __device__ void send_and_receive(const InternodeDispatchCall& c, const Internode
     const WarpGroup g = warp_groups(kSenderWarps, kWarps - kSenderWarps, topo.per_node, 1 + kSenderWarps / 2);
     if (g.index < g.count) {
       for (int l = g.index; l < topo.per_node; l += g.count)
-        receive_from<kGrouped>(c, out, call, topo, g, l, channel, bases, words[warp - g.warp]);
+        receive_from<kGrouped>(c, out, call, o, g, l, channel, bases, words[warp - g.warp]);
     }
   }
 }
@@ -528,22 +505,13 @@ struct ForwardTables {
 // Whole group: the rows bound for rank d of this node from every node's ring of this channel, node by
 // node, into the ring to d, each with its final row there.
 __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
-                           const Topology& topo, const WarpGroup& g, int d, int channel, const ForwardTables& tables,
+                           const OpRings& o, const WarpGroup& g, int d, int channel, const ForwardTables& tables,
                            int* words) {
+  const Topology& topo = o.topo;
   const InternodeRings& r = c.rings;
-  const int lane = threadIdx.x % kWarpSize, L = topo.per_node, nodes = topo.nodes, pe = topo.node_rank(d);
+  const int lane = threadIdx.x % kWarpSize, L = topo.per_node, nodes = topo.nodes;
   const int T = c.shape.num_tokens, N = c.shape.capacity;
-  const LinkSignals theirs =
-      link_signals(c.mem.local, c.signals.dispatch_links, c.signals, nodes + topo.local, channel);
-  RingProducer p;
-  p.write = ring_slots(c.mem.peer[pe], r.nvl_ring, topo.local, channel, r.channels, r.nvl_slots, r.nvl_slot_bytes);
-  p.target = p.write;
-  p.tail = signal_address(c.mem, theirs.tail, pe, false);
-  p.head = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, nodes + d, channel).head;
-  p.pe = pe;
-  p.channel = channel;
-  p.remote = false;
-  p.shared = words;
+  RingProducer p = o.to_local(d, channel, words);
   g.sync();  // the group is done with its words
   p.start(g, call);
   int* const rows = tables.rows + d * nodes;
@@ -551,7 +519,7 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
   if (g.leader()) {
     int bound = 0;
     for (int n = 0; n < nodes; ++n) {
-      const uint64_t* end = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, n, channel).end;
+      const uint64_t* end = o.link(n, channel).end;
       const int peer = topo.rdma_peer(n);
       rows[n] = wait_call_count(end, call.seq, call.wait.signature, 0, call.wait, WaitKind::kInternodeRingEnd, peer,
                                 channel);
@@ -560,15 +528,14 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
       first[n] = wait_call_count(end + 1 + L + d, call.seq, call.wait.signature, 0, call.wait,
                                  WaitKind::kInternodeRingEnd, peer, channel);
     }
-    set_signal(signal_address(c.mem, theirs.end, pe, false), call.signal(bound), pe, false);
+    set_signal(mapped(c.mem, p.pe, o.link(o.local_link(topo.local), channel).end), call.signal(bound), p.pe, false);
   }
   g.sync();
   volatile int* const progress = tables.progress + d * nodes;
   const int window = min(kWarpSize, static_cast<int>(r.nvl_batch));  // a window's rows fit the ring to d
   for (int n = 0; n < nodes; ++n) {
-    const RingSlots ring =
-        ring_slots(c.mem.local, r.rdma_ring, n, channel, r.channels, r.rdma_slots, r.rdma_slot_bytes);
-    const uint64_t* tail = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, n, channel).tail;
+    const RingSlots ring = o.from_node(n, channel);
+    const uint64_t* tail = o.link(n, channel).tail;
     const int total = rows[n], base = tables.base[n * L + d];
     int position = first[n], ready = 0;
     for (int i = 0; i < total;) {
@@ -617,15 +584,13 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
 
 // Coordinator warp: releases the slots of each node's ring once every forwarder read them (it wrote
 // head 0 of each as the block started).
-__device__ void release_rdma_rings(const InternodeDispatchCall& c, const RingCall& call, const Topology& topo,
-                                   int channel, const ForwardTables& tables) {
+__device__ void release_rdma_rings(const RingCall& call, const OpRings& o, int channel, const ForwardTables& tables) {
+  const Topology& topo = o.topo;
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, nodes = topo.nodes;
-  uint64_t* const head = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, topo.node, channel).head;
   volatile const int* progress = tables.progress;
   bool remote = false;
   for (int n = lane; n < nodes; n += kWarpSize) {
-    const uint64_t* end = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, n, channel).end;
-    tables.ring_rows[n] = wait_call_count(end, call.seq, call.wait.signature, 0, call.wait,
+    tables.ring_rows[n] = wait_call_count(o.link(n, channel).end, call.seq, call.wait.signature, 0, call.wait,
                                           WaitKind::kInternodeRingEnd, topo.rdma_peer(n), channel);
     tables.released[n] = 0;
     remote |= n != topo.node;
@@ -638,8 +603,7 @@ __device__ void release_rdma_rings(const InternodeDispatchCall& c, const RingCal
       int read = tables.ring_rows[n];
       for (int d = 0; d < L; ++d) read = min(read, progress[d * nodes + n]);
       if (read > tables.released[n]) {
-        const int pe = topo.rdma_peer(n);
-        set_signal(signal_address(c.mem, head, pe, n != topo.node), call.signal(read), pe, n != topo.node);
+        set_signal(o.node_head(n, channel), call.signal(read), topo.rdma_peer(n), n != topo.node);
         tables.released[n] = read;
       }
       pending |= tables.released[n] < tables.ring_rows[n];
@@ -651,16 +615,14 @@ __device__ void release_rdma_rings(const InternodeDispatchCall& c, const RingCal
 // Block 2c + 1: head 0 of every node's ring first (the senders wait for it), then the tables, then
 // forwarders and coordinator.
 __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
-                        const Topology& topo, int channel, int* shared) {
+                        const OpRings& o, int channel, int* shared) {
   __shared__ int words[kWarps][kGroupWords];
+  const Topology& topo = o.topo;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, L = topo.per_node;
   const int nodes = topo.nodes, R = topo.num_ranks, T = c.shape.num_tokens;
   if (warp == kForwarderWarps) {
-    uint64_t* const head = link_signals(c.mem.local, c.signals.dispatch_links, c.signals, topo.node, channel).head;
-    for (int n = lane; n < nodes; n += kWarpSize) {
-      const int pe = topo.rdma_peer(n);
-      set_signal(signal_address(c.mem, head, pe, n != topo.node), call.signal(0), pe, n != topo.node);
-    }
+    for (int n = lane; n < nodes; n += kWarpSize)
+      set_signal(o.node_head(n, channel), call.signal(0), topo.rdma_peer(n), n != topo.node);
   }
   const ForwardTables tables(shared, R, L);
   const TokenRange range = channel_tokens(T, channel, static_cast<int>(c.rings.channels));
@@ -681,25 +643,25 @@ __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchO
   }
   __syncthreads();
   if (warp == kForwarderWarps) {
-    release_rdma_rings(c, call, topo, channel, tables);
+    release_rdma_rings(call, o, channel, tables);
     return;
   }
   const WarpGroup g = warp_groups(0, kForwarderWarps, L, 1);
   if (g.index >= g.count) return;
-  for (int d = g.index; d < L; d += g.count) forward_to(c, out, call, topo, g, d, channel, tables, words[warp - g.warp]);
+  for (int d = g.index; d < L; d += g.count) forward_to(c, out, call, o, g, d, channel, tables, words[warp - g.warp]);
 }
 
 template <bool kGrouped>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(InternodeDispatchCall c, InternodeDispatchIn in,
                                                               InternodeDispatchOut out, uint32_t signature) {
   extern __shared__ int shared[];  // block 2c: a first grouped dispatch's bases; block 2c + 1: ForwardTables
-  const Topology topo(c.mem, c.shape.ranks_per_node);
+  const OpRings o{c.mem, c.signals, c.rings, c.signals.dispatch_links, Topology(c.mem, c.shape.ranks_per_node)};
   const RingCall call{wait_context(c.mem, op_kind(c.shape), signature), static_cast<uint32_t>(out.token[0])};
   const int channel = blockIdx.x / 2;
   if (blockIdx.x % 2 == 0) {
-    send_and_receive<kGrouped>(c, in, out, call, topo, channel, shared);
+    send_and_receive<kGrouped>(c, in, out, call, o, channel, shared);
   } else {
-    forward(c, out, call, topo, channel, shared);
+    forward(c, out, call, o, channel, shared);
   }
 }
 

@@ -269,4 +269,66 @@ struct RingConsumer {
   }
 };
 
+// One op's rings as this rank sees them: the link signals of its family (dispatch or combine) and the
+// rings of its Config. Rings from other nodes are indexed by the source node, rings within a node by
+// the source's local index.
+struct OpRings {
+  const PeerMemory& mem;
+  const InternodeSignals& signals;
+  const InternodeRings& rings;
+  size_t links;  // signals.dispatch_links or signals.combine_links
+  Topology topo;
+
+  // Link `link` of channel `channel` as this rank addresses it (in any rank's buffer, mapped or put).
+  __device__ LinkSignals link(int link, int channel) const {
+    return link_signals(mem.local, links, signals, link, channel);
+  }
+  __device__ int local_link(int local) const { return topo.nodes + local; }
+
+  // The ring from node n's RDMA peer, and from rank l of this node, in this rank's buffer.
+  __device__ RingSlots from_node(int n, int channel) const {
+    return ring_slots(mem.local, rings.rdma_ring, n, channel, rings.channels, rings.rdma_slots, rings.rdma_slot_bytes);
+  }
+  __device__ RingSlots from_local(int l, int channel) const {
+    return ring_slots(mem.local, rings.nvl_ring, l, channel, rings.channels, rings.nvl_slots, rings.nvl_slot_bytes);
+  }
+
+  // Where this rank writes the head of the ring from node n's RDMA peer (in that peer's buffer: a put
+  // across nodes), and of the ring from rank l of this node.
+  __device__ uint64_t* node_head(int n, int channel) const {
+    return signal_address(mem, link(topo.node, channel).head, topo.rdma_peer(n), n != topo.node);
+  }
+  __device__ uint64_t* local_head(int l, int channel) const {
+    return mapped(mem, topo.node_rank(l), link(local_link(topo.local), channel).head);
+  }
+
+  // The producer of the ring from this rank to its RDMA peer on node m: staged and put across nodes,
+  // written in place for its own node.
+  __device__ RingProducer to_node(int m, int channel, int* shared) const {
+    const bool remote = m != topo.node;
+    const int pe = topo.rdma_peer(m);
+    const RingSlots target = ring_slots(mem.local, rings.rdma_ring, topo.node, channel, rings.channels,
+                                        rings.rdma_slots, rings.rdma_slot_bytes);
+    const RingSlots staged =
+        ring_slots(mem.staging, 0, m, channel, rings.channels, rings.rdma_slots, rings.rdma_slot_bytes);
+    return {remote ? staged : target, target, signal_address(mem, link(topo.node, channel).tail, pe, remote),
+            link(m, channel).head, pe, channel, remote, shared, 0, 0};
+  }
+
+  // The producer of the ring from this rank to rank d of its node.
+  __device__ RingProducer to_local(int d, int channel, int* shared) const {
+    const int pe = topo.node_rank(d);
+    const RingSlots target = ring_slots(mem.peer[pe], rings.nvl_ring, topo.local, channel, rings.channels,
+                                        rings.nvl_slots, rings.nvl_slot_bytes);
+    return {target, target, mapped(mem, pe, link(local_link(topo.local), channel).tail),
+            link(local_link(d), channel).head, pe, channel, false, shared, 0, 0};
+  }
+
+  // The consumer of the ring from rank l of this node.
+  __device__ RingConsumer consumer_of_local(int l, int channel, int* shared) const {
+    return {from_local(l, channel), link(local_link(l), channel).tail, local_head(l, channel), topo.node_rank(l),
+            channel, false, shared, 0};
+  }
+};
+
 }  // namespace jax_deepep

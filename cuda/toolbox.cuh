@@ -41,6 +41,20 @@ __device__ __forceinline__ TokenRange channel_tokens(int num_tokens, int channel
           static_cast<int>(static_cast<int64_t>(num_tokens) * (channel + 1) / num_channels)};
 }
 
+// First received row in [lo, hi) whose source token index is >= token (one source's rows ascend by
+// source token), for the combines that send a channel's rows back.
+__device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int lo, int hi, int token) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (recv_src_idx[mid] < token) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 // Named barrier over `num_threads` threads (a multiple of 32); id 0 is __syncthreads.
 __device__ __forceinline__ void named_barrier(int id, int num_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
