@@ -185,7 +185,8 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
           went[m] = b;
           const int need = consumed[m] + __popc(b);
           if (need > seen[m]) {
-            seen[m] = wait_ring_data(o.link(m, channel).tail, call.seq, call.wait, need - 1, topo.rdma_peer(m), channel);
+            seen[m] =
+                wait_ring_data(o.link(m, channel).tail, call.seq, call.wait, need - 1, topo.rdma_peer(m), channel);
           }
         }
       }
@@ -193,13 +194,17 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
     g.sync();
     for (int j = g.warp; j < tokens; j += g.warps) {
       const int t = t0 + j;
+      // Node m's partial of token j (null when the token did not go there): the tokens before it in the
+      // window that went there follow the rows consumed.
+      auto partial = [&](int m) -> const char* {
+        const unsigned b = went[m];
+        return (b >> j) & 1u ? o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) : nullptr;
+      };
       for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int m = 0; m < nodes; ++m) {
-          const unsigned b = went[m];
-          if (!((b >> j) & 1u)) continue;
-          RowValues<kExact>::add_to(acc, o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
-                                             ch * RowValues<kExact>::kBytes);
+          const char* row = partial(m);
+          if (row != nullptr) RowValues<kExact>::add_to(acc, row + ch * RowValues<kExact>::kBytes);
         }
         for (int b = 0; b < s.num_bias; ++b)
           accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
@@ -208,10 +213,8 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
       if (out.weights != nullptr && lane < s.top_k) {
         float w = 0.0f;
         for (int m = 0; m < nodes; ++m) {
-          const unsigned b = went[m];
-          if (!((b >> j) & 1u)) continue;
-          w += __ldcv(reinterpret_cast<const float*>(o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) +
-                                                     H * RowValues<kExact>::kBytes) + lane);
+          const char* row = partial(m);
+          if (row != nullptr) w += __ldcv(reinterpret_cast<const float*>(row + H * RowValues<kExact>::kBytes) + lane);
         }
         out.weights[static_cast<size_t>(t) * s.top_k + lane] = w;
       }
@@ -270,7 +273,8 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int d = 0; d < L; ++d) {
           const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && need > seen[d]) {
-            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call.seq, call.wait, need - 1, topo.node_rank(d), channel);
+            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call.seq, call.wait, need - 1,
+                                     topo.node_rank(d), channel);
           }
         }
       }
@@ -284,7 +288,9 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
 #pragma unroll
         for (int d = 0; d < kInternodeMaxRanksPerNode; ++d) {
           const unsigned kept = __ballot_sync(0xffffffffu, d < L && f < 0 && ((f >> d) & 1));
-          from[d] = d < L && ((fj >> d) & 1) ? o.from_local(d, channel).slot(consumed[d] + __popc(kept & ((1u << j) - 1))) : nullptr;
+          from[d] = d < L && ((fj >> d) & 1)
+                        ? o.from_local(d, channel).slot(consumed[d] + __popc(kept & ((1u << j) - 1)))
+                        : nullptr;
         }
         char* out = p.slot(k);
         for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {

@@ -35,7 +35,8 @@ namespace {
 
 constexpr int kSenderWarps = kWarps / 2;     // block 2c: warps [0, 8) send, [8, 16) receive
 constexpr int kForwarderWarps = kWarps - 1;  // block 2c + 1: the last warp coordinates
-constexpr int kGroupWords = 4 + 2 * kInternodeMaxRanksPerNode;  // a group's shared words (send_to_node)
+// A group's shared words: the head or tail its leader saw, then (send_to_node) the ring's end counts.
+constexpr int kGroupWords = 4 + 2 * kInternodeMaxRanksPerNode;
 
 __host__ __device__ OpKind op_kind(const InternodeDispatchShape& s) {
   return s.grouped ? OpKind::kInternodeGroupedDispatch : OpKind::kInternodeDispatch;
@@ -70,11 +71,12 @@ __device__ __forceinline__ uint64_t* expert_counts_of(const InternodeDispatchCal
 // Bit d: token t goes to rank d of node m.
 __device__ __forceinline__ int token_mask(const bool* is_token_in_rank, int t, int num_ranks, int m, int per_node) {
   int mask = 0;
-  for (int d = 0; d < per_node; ++d) mask |= is_token_in_rank[static_cast<size_t>(t) * num_ranks + m * per_node + d] << d;
+  const bool* flags = is_token_in_rank + static_cast<size_t>(t) * num_ranks + m * per_node;
+  for (int d = 0; d < per_node; ++d) mask |= flags[d] << d;
   return mask;
 }
 
-// Whole warp: the sum of `value` over src < `sources` of count[src * stride] (this call's notified counts).
+// Whole warp: the sum over src < `sources` of counts[src * stride] (this call's notified counts).
 __device__ __forceinline__ int sum_counts(const uint64_t* counts, int sources, int stride, const RingCall& call,
                                           int lane) {
   int sum = 0;
@@ -199,7 +201,8 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
       const int t = t0 + lane;
       const bool sent = t < range.last && in.is_token_in_rank[static_cast<size_t>(t) * R + col];
       const unsigned b = __ballot_sync(0xffffffffu, sent);
-      if (t < range.last) out.send_row[static_cast<size_t>(t) * R + col] = sent ? row + __popc(b & ((1u << lane) - 1)) : -1;
+      if (t < range.last)
+        out.send_row[static_cast<size_t>(t) * R + col] = sent ? row + __popc(b & ((1u << lane) - 1)) : -1;
       row += __popc(b);
     }
   }
@@ -499,7 +502,9 @@ struct ForwardTables {
     ring_rows = first + num_ranks;
     released = ring_rows + nodes;
   }
-  static int ints(int num_ranks, int per_node) { return num_ranks * per_node + 4 * num_ranks + 2 * num_ranks / per_node; }
+  static int ints(int num_ranks, int per_node) {
+    return num_ranks * per_node + 4 * num_ranks + 2 * num_ranks / per_node;
+  }
 };
 
 // Whole group: the rows bound for rank d of this node from every node's ring of this channel, node by

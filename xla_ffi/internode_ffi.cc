@@ -226,8 +226,8 @@ ffi::Error run_dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
                      attrs.num_experts % num_ranks != 0))) {
     return invalid("unsupported sizes: T=" + std::to_string(num_tokens) + " (at most " +
                    std::to_string(kInternodeMaxTokens) + "), top-k " + std::to_string(s.top_k) + " (at most " +
-                   std::to_string(kInternodeMaxTopk) + "), num_experts " + std::to_string(attrs.num_experts) + " (at most " +
-                   std::to_string(kInternodeMaxExperts) + ")");
+                   std::to_string(kInternodeMaxTopk) + "), num_experts " + std::to_string(attrs.num_experts) +
+                   " (at most " + std::to_string(kInternodeMaxExperts) + ")");
   }
   s.num_tokens = static_cast<int>(num_tokens);
 
