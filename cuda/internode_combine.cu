@@ -12,8 +12,8 @@
 //    unless exact; that partial and its f32 weights go into the ring to the source.
 // Summation orders are those of the pure-JAX implementation, row for row. No warp waits on two roles:
 // returners wait on reducers, reducers on returners and finishers, finishers on reducers, and a
-// reducer serves the sources in the order every finisher consumes them (token order per node), so no
-// cycle forms across ranks.
+// reducer serves the sources in the order every finisher consumes them (token order per node), all
+// three in the same token windows (combine_window), so no cycle forms across ranks.
 #include <cuda_bf16.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -86,6 +86,15 @@ struct RowValues<false> {
   }
 };
 
+// Returners, reducers and finishers all walk a channel's tokens in windows of this many, from its first
+// token. So each ring's producer puts, per window, exactly the rows its consumer takes next: a producer
+// waiting for room for a window's rows waits only for windows before it, which its consumer finishes
+// without it, and a window's rows fit every ring. (Windows of different sizes could deadlock: a consumer
+// waiting for rows its producer may write only once the consumer frees more room than the ring has.)
+__device__ __forceinline__ int combine_window(const InternodeRings& r) {
+  return min(kWarpSize, static_cast<int>(min(r.nvl_slots, r.rdma_slots)));
+}
+
 // ---- block 2c: return and finish ----------------------------------------------------------------
 // Whole warp, a grouped combine: at `dst`, the f32 sum over token-level row j's pairs of their row
 // weight * y[pair row] (0 for none), then for each k the topk_weights of its pair's row (0 for none).
@@ -107,7 +116,7 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
 }
 
 // Whole group: the received rows of sources (n, l), n in order, whose tokens are in the channel, into
-// the ring to forwarder l of this node.
+// the ring to forwarder l of this node, a token window at a time (combine_window).
 template <bool kGrouped>
 __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
                           const OpRings& o, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
@@ -119,14 +128,16 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
   g.sync();  // the group is done with its words
   p.start(g, call);
   const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
-  const int window = min(kWarpSize, static_cast<int>(r.nvl_batch));
+  const int window = combine_window(r);
   for (int n = 0; n < topo.nodes; ++n) {
     const int src = n * topo.per_node + l;
     const int lo = min(in.recv_rank_prefix[src], kept);
     const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
-    const int last = lower_bound_row(in.src_idx, lo, hi, range.last);
-    for (int i = lower_bound_row(in.src_idx, lo, hi, range.first); i < last;) {
-      const int rows = min(window, last - i);
+    int i = lower_bound_row(in.src_idx, lo, hi, range.first);
+    for (int t0 = range.first; t0 < range.last && i < hi; t0 += window) {
+      const int end = lower_bound_row(in.src_idx, i, hi, min(t0 + window, range.last));
+      const int rows = end - i;
+      if (rows == 0) continue;
       p.reserve(g, call, rows);
       for (int k = g.warp; k < rows; k += g.warps) {
         char* dst = p.slot(k);
@@ -140,7 +151,7 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
         }
       }
       p.advance(g, call, rows, static_cast<int>(r.nvl_batch));
-      i += rows;
+      i = end;
     }
   }
   p.finish(g, call);
@@ -173,8 +184,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
     }
     __syncwarp();
   }
-  // A window's rows from one node fit its ring, whose producer fills it without waiting on this group.
-  const int window = min(kWarpSize, static_cast<int>(c.rings.rdma_slots));
+  const int window = combine_window(c.rings);
   for (int t0 = range.first; t0 < range.last; t0 += window) {
     const int tokens = min(window, range.last - t0);
     if (g.leader_warp()) {
@@ -258,7 +268,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
     }
     __syncwarp();
   }
-  const int window = min(kWarpSize, static_cast<int>(min(r.nvl_slots, r.rdma_slots)));
+  const int window = combine_window(r);
   for (int n = 0; n < topo.nodes; ++n) {
     RingProducer p = o.to_node(n, channel, words);
     g.sync();  // every warp has read the words of the last source
