@@ -196,7 +196,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
           const int need = consumed[m] + __popc(b);
           if (need > seen[m]) {
             seen[m] =
-                wait_ring_data(o.link(m, channel).tail, call.seq, call.wait, need - 1, topo.rdma_peer(m), channel);
+                wait_ring_data(o.link(m, channel).tail, call, m == topo.node, need - 1, topo.rdma_peer(m), channel);
           }
         }
       }
@@ -283,7 +283,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int d = 0; d < L; ++d) {
           const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && need > seen[d]) {
-            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call.seq, call.wait, need - 1,
+            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call, true, need - 1,
                                      topo.node_rank(d), channel);
           }
         }

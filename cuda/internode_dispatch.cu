@@ -373,8 +373,7 @@ __device__ void receive_from(const InternodeDispatchCall& c, const InternodeDisp
   g.sync();  // the group is done with its words
   q.start(g, call);
   if (g.leader())
-    words[1] = wait_call_count(o.link(o.local_link(l), channel).end, call.seq, call.wait.signature, 0, call.wait,
-                               WaitKind::kInternodeRingEnd, q.pe, channel);
+    words[1] = wait_ring_end(o.link(o.local_link(l), channel).end, call, true, q.pe, channel);
   g.sync();
   const int rows = words[1];
   for (int done = 0; done < rows;) {
@@ -526,12 +525,10 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
     for (int n = 0; n < nodes; ++n) {
       const uint64_t* end = o.link(n, channel).end;
       const int peer = topo.rdma_peer(n);
-      rows[n] = wait_call_count(end, call.seq, call.wait.signature, 0, call.wait, WaitKind::kInternodeRingEnd, peer,
-                                channel);
-      bound += wait_call_count(end + 1 + d, call.seq, call.wait.signature, 0, call.wait, WaitKind::kInternodeRingEnd,
-                               peer, channel);
-      first[n] = wait_call_count(end + 1 + L + d, call.seq, call.wait.signature, 0, call.wait,
-                                 WaitKind::kInternodeRingEnd, peer, channel);
+      const bool same_node = n == topo.node;
+      rows[n] = wait_ring_end(end, call, same_node, peer, channel);
+      bound += wait_ring_end(end + 1 + d, call, same_node, peer, channel);
+      first[n] = wait_ring_end(end + 1 + L + d, call, same_node, peer, channel);
     }
     set_signal(mapped(c.mem, p.pe, o.link(o.local_link(topo.local), channel).end), call.signal(bound), p.pe, false);
   }
@@ -546,7 +543,7 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
     for (int i = 0; i < total;) {
       if (i >= ready) {
         g.sync();  // every warp has read words[1]
-        if (g.leader()) words[1] = wait_ring_data(tail, call.seq, call.wait, i, topo.rdma_peer(n), channel);
+        if (g.leader()) words[1] = wait_ring_data(tail, call, n == topo.node, i, topo.rdma_peer(n), channel);
         g.sync();
         ready = min(words[1], total);
       }
@@ -595,8 +592,7 @@ __device__ void release_rdma_rings(const RingCall& call, const OpRings& o, int c
   volatile const int* progress = tables.progress;
   bool remote = false;
   for (int n = lane; n < nodes; n += kWarpSize) {
-    tables.ring_rows[n] = wait_call_count(o.link(n, channel).end, call.seq, call.wait.signature, 0, call.wait,
-                                          WaitKind::kInternodeRingEnd, topo.rdma_peer(n), channel);
+    tables.ring_rows[n] = wait_ring_end(o.link(n, channel).end, call, n == topo.node, topo.rdma_peer(n), channel);
     tables.released[n] = 0;
     remote |= n != topo.node;
   }

@@ -135,25 +135,47 @@ __device__ __forceinline__ void set_signal(uint64_t* at, uint64_t value, int pe,
   }
 }
 
-// Leader: waits until the ring whose head is `head` (in this rank's buffer, written by its consumer)
-// has room for rows up to `rows` (of `slots`) in call `seq`; returns the head seen.
-__device__ __forceinline__ int wait_ring_space(const uint64_t* head, uint32_t seq, const WaitContext& wait, int rows,
-                                               int slots, int peer, int channel) {
-  return wait_call_count(head, seq, wait.signature, rows - slots, wait, WaitKind::kInternodeRingSpace, peer, channel);
-}
-
-// Leader: waits until the ring whose tail is `tail` (in this rank's buffer) holds more than `rows` rows.
-__device__ __forceinline__ int wait_ring_data(const uint64_t* tail, uint32_t seq, const WaitContext& wait, int rows,
-                                              int peer, int channel) {
-  return wait_call_count(tail, seq, wait.signature, rows + 1, wait, WaitKind::kInternodeRingData, peer, channel);
-}
-
 // What a ring's waits and signals carry: the op's wait context (with its signature) and the call.
 struct RingCall {
   WaitContext wait;
   uint32_t seq;
   __device__ uint64_t signal(int count) const { return call_signal(wait.signature, seq, count); }
+
+  // The context of a wait on a role of a rank of this node (`same_node`, this rank included) or of
+  // another node. A wait on this node gives up after twice the timeout: every role waits on other
+  // nodes itself (with the timeout), so when a rank stalls, the wait on that rank gives up first and
+  // the error names it, not a rank of this node that waits on it in turn. (Token counts need none of
+  // this: nobody waits before writing them.)
+  __device__ WaitContext on(bool same_node) const {
+    WaitContext w = wait;
+    if (same_node) w.timeout_ns *= 2;
+    return w;
+  }
 };
+
+// Leader: waits until the ring whose head is `head` (in this rank's buffer, written by its consumer
+// `peer`) has room for rows up to `rows` (of `slots`); returns the head seen.
+__device__ __forceinline__ int wait_ring_space(const uint64_t* head, const RingCall& call, bool same_node, int rows,
+                                               int slots, int peer, int channel) {
+  return wait_call_count(head, call.seq, call.wait.signature, rows - slots, call.on(same_node),
+                         WaitKind::kInternodeRingSpace, peer, channel);
+}
+
+// Leader: waits until the ring whose tail is `tail` (in this rank's buffer, written by its producer
+// `peer`) holds more than `rows` rows; returns how many it holds.
+__device__ __forceinline__ int wait_ring_data(const uint64_t* tail, const RingCall& call, bool same_node, int rows,
+                                              int peer, int channel) {
+  return wait_call_count(tail, call.seq, call.wait.signature, rows + 1, call.on(same_node),
+                         WaitKind::kInternodeRingData, peer, channel);
+}
+
+// Waits for the end count `end` (in this rank's buffer, written by the ring's producer `peer`) of this
+// call and returns it (dispatch: what a ring carries).
+__device__ __forceinline__ int wait_ring_end(const uint64_t* end, const RingCall& call, bool same_node, int peer,
+                                             int channel) {
+  return wait_call_count(end, call.seq, call.wait.signature, 0, call.on(same_node), WaitKind::kInternodeRingEnd,
+                         peer, channel);
+}
 
 // A producer's side of one ring, held alike by every warp of the group that fills it. Rows are
 // written at slot(k) (the consumer's ring, or this PE's send ring in staging when `remote`) and become
@@ -175,7 +197,7 @@ struct RingProducer {
   // done with every earlier op), before anything of this call goes into the ring.
   __device__ void start(const WarpGroup& g, const RingCall& call) {
     rows = published = 0;
-    if (g.leader()) *shared = wait_ring_space(head, call.seq, call.wait, 0, write.slots, pe, channel);
+    if (g.leader()) *shared = wait_ring_space(head, call, !remote, 0, write.slots, pe, channel);
     g.sync();
   }
 
@@ -185,7 +207,7 @@ struct RingProducer {
     if (rows + n <= *shared + write.slots) return;
     g.sync();  // every warp has read *shared and written its rows
     if (published < rows) publish(g, call);
-    if (g.leader()) *shared = wait_ring_space(head, call.seq, call.wait, rows + n, write.slots, pe, channel);
+    if (g.leader()) *shared = wait_ring_space(head, call, !remote, rows + n, write.slots, pe, channel);
     g.sync();
   }
 
@@ -257,7 +279,7 @@ struct RingConsumer {
   // Whole group: waits until the ring holds more than `rows` rows; returns how many it holds.
   __device__ int wait_rows(const WarpGroup& g, const RingCall& call, int rows) {
     g.sync();  // every warp has read *shared
-    if (g.leader()) *shared = wait_ring_data(tail, call.seq, call.wait, rows, pe, channel);
+    if (g.leader()) *shared = wait_ring_data(tail, call, !remote, rows, pe, channel);
     g.sync();
     return *shared;
   }
