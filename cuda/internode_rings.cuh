@@ -221,11 +221,14 @@ struct RingProducer {
   }
 
   // Whole group, last: publishes the rest; a remote producer's puts complete before it returns, so the
-  // next op may reuse its staged rows.
+  // next op may reuse its staged rows. A ring that got no rows gets its tail too: every tail is written
+  // in every call, so a consumer never finds one so old that its 16-bit call number passes for this call's.
   __device__ void finish(const WarpGroup& g, const RingCall& call) {
     if (published < rows) {
       g.sync();
       publish(g, call);
+    } else if (rows == 0 && g.leader()) {
+      set_signal(tail, call.signal(0), pe, remote);
     }
     if (remote && g.leader()) nvshmem_quiet();
   }
