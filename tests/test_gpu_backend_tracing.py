@@ -78,16 +78,17 @@ _INTERNODE_TARGETS = {False: ("jax_deepep_internode_dispatch", "jax_deepep_inter
                              "jax_deepep_internode_grouped_cached_dispatch")}
 
 
-def _internode_buffer(mesh, axis_name: str, exact: bool = False):
-    """A Buffer whose normal mode traces through the internode kernels, in nodes of 4 ranks."""
+def _internode_buffer(mesh, axis_name: str, exact: bool = False, ranks_per_node: int = 4,
+                      num_rdma_bytes: int = 1 << 30):
+    """A Buffer whose normal mode traces through the internode kernels, in nodes of `ranks_per_node` ranks."""
     from jax_deepep.gpu import nvshmem
     from jax_deepep.gpu.internode import InternodeBackend
 
     if not nvshmem.available():
         pytest.skip(nvshmem.unavailable_reason())
-    buffer = buffer_with_cuda_backends(mesh, axis_name, ranks_per_node=4, exact_internode_combine=exact)
-    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=1 << 30)
-    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=4, exact_combine=exact)
+    buffer = buffer_with_cuda_backends(mesh, axis_name, ranks_per_node=ranks_per_node, exact_internode_combine=exact)
+    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=num_rdma_bytes)
+    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=ranks_per_node, exact_combine=exact)
     return buffer
 
 
@@ -297,3 +298,28 @@ def test_low_latency_combine_carries_use_logfmt(use_logfmt):
     for target, attributes in combine:
         _check_decodable(attributes, handler_attrs_struct(target), target)
         assert attributes["use_logfmt"] == str(use_logfmt).lower(), (target, attributes["use_logfmt"])
+
+
+@pytest.mark.parametrize("sizes, config, match", [
+    (dict(tokens=32768), None, "at most 32767 tokens per rank, got T=32768"),
+    (dict(tokens=20000), (2, 8, 64, 8, 64), "up to 40000 rows through one ring in one call"),
+    (dict(tokens=64), (130, 8, 64, 8, 64), r"`config.num_sms` must be at most 128 in internode mode"),
+    (dict(tokens=64, num_rdma_bytes=1 << 20), None, r"the Buffer is too small: num_rdma_bytes=1048576"),
+])
+def test_internode_ops_refuse_what_the_kernels_cannot_serve(sizes, config, match):
+    """At trace time, as a DeepEPError: more tokens than a signal counts, more rows through one ring in one call
+    (a channel's tokens of every node), more channels than the signals have room for, a Buffer too small for the
+    op's rings (naming the size hint)."""
+    from jax_deepep import Config
+
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = _internode_buffer(mesh, "ep", ranks_per_node=4, num_rdma_bytes=sizes.get("num_rdma_bytes", 1 << 30))
+    config = None if config is None else Config(*config)
+
+    def body(x, idx):
+        return buffer.dispatch(x, topk_idx=idx, num_experts=16, config=config).recv_x
+
+    args = (jax.ShapeDtypeStruct((8 * sizes["tokens"], 256), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8 * sizes["tokens"], 2), jnp.int32))
+    with pytest.raises(DeepEPError, match=match):
+        jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)

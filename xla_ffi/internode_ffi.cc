@@ -105,8 +105,9 @@ std::shared_ptr<NvshmemState> usable_state(int64_t buffer_id, int32_t device, in
 
 // The signals and rings lie in the buffer (the send rings in the staging half, xla_ffi/nvshmem_runtime.h),
 // in the places jax_deepep/sizes.py gives them; the message names the size hint when the buffer is too small.
+// A ring carries at most a channel's tokens of every node in a call, a count that must fit a signal.
 ffi::Error check_rings(const NvshmemState& rt, const InternodeSignals& sig, const InternodeRings& r,
-                       uint64_t num_ranks, uint64_t per_node) {
+                       uint64_t num_ranks, uint64_t per_node, uint64_t num_tokens) {
   const uint64_t nodes = num_ranks / per_node, signal = sizeof(uint64_t);  // call_signal
   if (r.receive_bytes > rt.num_bytes || 2 * r.staging_bytes > rt.num_bytes) {
     return invalid("num_rdma_bytes=" + std::to_string(rt.num_bytes) + " is too small: these sizes and Config need " +
@@ -119,6 +120,12 @@ ffi::Error check_rings(const NvshmemState& rt, const InternodeSignals& sig, cons
                    std::to_string(kInternodeMaxChannels) + "), batches of " + std::to_string(r.rdma_batch) + " and " +
                    std::to_string(r.nvl_batch) + " rows in rings of " + std::to_string(r.rdma_slots) + " and " +
                    std::to_string(r.nvl_slots));
+  }
+  const uint64_t ring_rows = nodes * ((num_tokens + r.channels - 1) / r.channels);
+  if (ring_rows > kInternodeMaxTokens) {
+    return invalid("T=" + std::to_string(num_tokens) + " over " + std::to_string(r.channels) + " channels and " +
+                   std::to_string(nodes) + " nodes puts up to " + std::to_string(ring_rows) +
+                   " rows through one ring in one call (at most " + std::to_string(kInternodeMaxTokens) + ")");
   }
   const uint64_t links = (nodes + per_node) * kInternodeMaxChannels * sig.link_bytes;
   const uint64_t rdma = nodes * r.channels * r.rdma_slots * r.rdma_slot_bytes;
@@ -147,7 +154,7 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs
   const uint64_t part_bytes[2] = {static_cast<uint64_t>(s.part_bytes[0]),
                                   s.num_parts == 2 ? static_cast<uint64_t>(s.part_bytes[1]) : 0};
   return first_failure({
-      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node),
+      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node, s.num_tokens),
       check_layout("internode dispatch row",
                    {{"header", 0, 16, 16},
                     {"ids", l.ids_at, s.has_ids ? topk_bytes : 0, 4},
@@ -170,7 +177,7 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
   const uint64_t partial_values = (s.exact_partials ? 4 : 2) * hidden;
   const uint64_t returned_values = (s.pair_top_k > 0 ? 4 : 2) * hidden;
   return first_failure({
-      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node),
+      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node, s.num_tokens),
       check_layout("internode return row",
                    {{s.pair_top_k > 0 ? "f32 values" : "bf16 values", 0, returned_values, 16},
                     {"weights", returned_values, topk_bytes, 4},

@@ -37,8 +37,9 @@ from .nvshmem import SymmetricBuffer
 # A first expert-grouped dispatch's sender blocks keep (R + 1) * E_l row bases in shared memory
 # (cuda/internode.cuh kInternodeMaxGroupedExperts).
 MAX_GROUPED_EXPERTS = 4096
-# Ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal).
-MAX_RING_ROWS = 32767
+# Token counts and ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal;
+# cuda/internode.cuh kInternodeMaxTokens): at most this many tokens per rank, and rows through one ring in one call.
+MAX_COUNT = 32767
 
 
 def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
@@ -149,11 +150,13 @@ class InternodeBackend:
             fail(op, f"`config.num_sms` must be at most {2 * INTERNODE_MAX_CHANNELS} in internode mode, got "
                      f"{config.num_sms}")
         check_resident(op, config, self._sm_count)
+        if num_tokens > MAX_COUNT:
+            fail(op, f"internode mode serves at most {MAX_COUNT} tokens per rank, got T={num_tokens}")
         rows = ctx.num_nodes * -(-num_tokens // config.num_channels)
-        if rows > MAX_RING_ROWS:
+        if rows > MAX_COUNT:
             fail(op, f"T={num_tokens} tokens over {config.num_channels} channels (`config.num_sms`="
                      f"{config.num_sms}) and {ctx.num_nodes} nodes put up to {rows} rows through one ring in one "
-                     f"call, more than the {MAX_RING_ROWS} its positions can count; use more SMs or fewer tokens")
+                     f"call, more than the {MAX_COUNT} its positions can count; use more SMs or fewer tokens")
         need = geometry.rdma_bytes
         if need > self.num_rdma_bytes:
             hint = ", expert_grouped=True" if grouped else ""
