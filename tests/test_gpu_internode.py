@@ -6,9 +6,9 @@ each other's buffers directly; every byte between "nodes" travels as nvshmem put
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
 combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
-cached dispatch, weighted combine and gradient), plus the network traffic: one row per (token,
-destination node other than its own) in dispatch, one partial per (token, node) back in combine, of
-bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
+cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS)
+and the network traffic: one row per (token, destination node other than its own) in dispatch, one
+partial per (token, node) back in combine, of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
 partial to bf16), then what the combine's rounding decides again on one with
 `exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
 """
@@ -24,6 +24,11 @@ import gpu_workers
 import normal_checks
 NUM_RDMA_BYTES = 1 << 30
 SIZES = dict(tokens=256, hidden=512, topk=8)  # of most checks
+# Rings far smaller than a call's rows (two channels of 128 tokens), batches that divide neither them nor
+# the windows: every ring wraps and its producer waits for room many times per call, where the default
+# Configs' rings hold the other checks' calls whole.
+SMALL_RINGS = dict(num_sms=4, num_max_nvl_chunked_send_tokens=5, num_max_nvl_chunked_recv_tokens=24,
+                   num_max_rdma_chunked_send_tokens=3, num_max_rdma_chunked_recv_tokens=20)
 
 
 def _run_workers(num_ranks: int, ranks_per_node: int):
@@ -66,7 +71,8 @@ def test_checks_accept_the_pure_jax_ops(exact):
     w = normal_checks.Worker(0, 4, devices=jax.devices()[:4], backend="reference", ranks_per_node=2,
                              exact_internode_combine=exact)
     rng = np.random.default_rng(1234)
-    checks = combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+    checks = (combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+              + small_ring_checks(w, rng, 16 * 4))
     for name, check in checks:
         w.check(name, check)
     w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
@@ -160,6 +166,16 @@ def grouped_combine_checks(w: normal_checks.Worker, rng, experts: int, large: bo
     return checks
 
 
+def small_ring_checks(w: normal_checks.Worker, rng, experts: int) -> list:
+    """(name, check) pairs of dispatch, cached dispatch and combine, plain and expert-grouped, through rings
+    of SMALL_RINGS."""
+    from jax_deepep import Config
+
+    common = dict(SIZES, experts=experts, config=Config(**SMALL_RINGS))
+    return [("small rings: dispatch/combine bf16", lambda: normal_checks.check_dispatch(w, rng, **common)),
+            ("small rings: grouped dispatch/combine bf16", lambda: normal_checks.check_grouped(w, rng, **common))]
+
+
 def grouped_dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
     """(name, check) pairs of the rest of the expert-grouped layout: routing, capacity, FP8."""
     common = dict(SIZES, experts=experts)
@@ -196,7 +212,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         w.failures = failures  # one report for both Buffers
         mode = w.buffer.normal_backend.mode
         assert mode == "internode", f"the internode kernels are not in use: {mode}"
-        checks = combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts)
+        checks = combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts) + small_ring_checks(
+            w, rng, experts)
         if not exact:
             checks += dispatch_checks(w, rng, experts) + grouped_dispatch_checks(w, rng, experts)
         for name, check in checks:
