@@ -166,12 +166,17 @@ def grouped_combine_checks(w: normal_checks.Worker, rng, experts: int, large: bo
     return checks
 
 
+def small_rings():
+    """The Config of SMALL_RINGS."""
+    from jax_deepep import Config
+
+    return Config(**SMALL_RINGS)
+
+
 def small_ring_checks(w: normal_checks.Worker, rng, experts: int) -> list:
     """(name, check) pairs of dispatch, cached dispatch and combine, plain and expert-grouped, through rings
     of SMALL_RINGS."""
-    from jax_deepep import Config
-
-    common = dict(SIZES, experts=experts, config=Config(**SMALL_RINGS))
+    common = dict(SIZES, experts=experts, config=small_rings())
     return [("small rings: dispatch/combine bf16", lambda: normal_checks.check_dispatch(w, rng, **common)),
             ("small rings: grouped dispatch/combine bf16", lambda: normal_checks.check_grouped(w, rng, **common))]
 
@@ -197,6 +202,10 @@ def dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
         ("out-of-range ids behave like -1", lambda: check(w, rng, kind="out_of_range", **common)),
         ("fp8 dispatch", lambda: check(w, rng, fp8=True, **common)),
         ("capacity overflow (rows past N dropped)", lambda: check(w, rng, capacity=96, kind="hot", **common)),
+        # Two-part rows and dropped rows through rings that wrap: the forwarder counts positions across many
+        # windows and refills.
+        ("small rings: hot routing, fp8, capacity overflow",
+         lambda: check(w, rng, capacity=96, kind="hot", fp8=True, config=small_rings(), **common)),
     ] + normal_checks.edge_checks(w, rng, experts) + normal_checks.vmap_checks(w, rng)
 
 
