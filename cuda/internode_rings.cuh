@@ -10,8 +10,9 @@
 //    a combine's consumers know what comes from the dispatch's routing);
 //  - head, in the producer's buffer, written by the consumer: rows consumed so far. The consumer writes
 //    head = 0 of call `seq` when its kernel starts, and a producer writes nothing into the ring or its
-//    signals before it sees that: since a rank runs its ops in order on one stream, it proves the
-//    consumer finished every earlier op, so every op may lay its rings over the whole buffer.
+//    signals before it sees that (or a head of a later call: wait_ring_started): since a rank runs its
+//    ops in order on one stream, it proves the consumer finished every earlier op, so every op may lay
+//    its rings over the whole buffer.
 // So every signal has one writer (the peer of its link), and every value carries the op's signature and
 // the call number (call_signal): no one resets a signal, and a peer at another op fails the wait at once.
 //
@@ -161,6 +162,24 @@ __device__ __forceinline__ int wait_ring_space(const uint64_t* head, const RingC
                          WaitKind::kInternodeRingSpace, peer, channel);
 }
 
+// Leader: waits until the consumer of the ring whose head is `head` (in this rank's buffer, written by
+// `peer`) has started this call or a later one, and returns the rows it has freed in this call. A
+// consumer that expects no rows of this producer in a call (a combine's finisher or reducer skips the
+// rings that have none for it) may finish the call and start the next before this producer reads its
+// head 0: its newer head then stands for this call too, and this producer has no rows to put.
+__device__ __forceinline__ int wait_ring_started(const uint64_t* head, const RingCall& call, bool same_node, int peer,
+                                                 int channel) {
+  const uint32_t seq = call.seq, signature = call.wait.signature;
+  const auto ahead = [seq](uint64_t v) { return static_cast<uint32_t>((v >> 16) - seq) & 0xffffu; };
+  const uint64_t value = wait_until(
+      head, [&ahead](uint64_t v) { return ahead(v) < 0x8000u; }, call.on(same_node), WaitKind::kInternodeRingSpace,
+      peer, channel);
+  if (ahead(value) != 0) return 0;
+  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
+  if (theirs != signature) fail_op(call.wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
+  return static_cast<int>(value & 0xffffu);
+}
+
 // Leader: waits until the ring whose tail is `tail` (in this rank's buffer, written by its producer
 // `peer`) holds more than `rows` rows; returns how many it holds.
 __device__ __forceinline__ int wait_ring_data(const uint64_t* tail, const RingCall& call, bool same_node, int rows,
@@ -193,11 +212,11 @@ struct RingProducer {
 
   __device__ char* slot(int k) const { return write.slot(rows + k); }
 
-  // Whole group, first: waits for the consumer's head of this call (it has started the call, so it is
-  // done with every earlier op), before anything of this call goes into the ring.
+  // Whole group, first: waits for the consumer's head of this call or a later one (it has started the
+  // call, so it is done with every earlier op), before anything of this call goes into the ring.
   __device__ void start(const WarpGroup& g, const RingCall& call) {
     rows = published = 0;
-    if (g.leader()) *shared = wait_ring_space(head, call, !remote, 0, write.slots, pe, channel);
+    if (g.leader()) *shared = wait_ring_started(head, call, !remote, pe, channel);
     g.sync();
   }
 

@@ -6,8 +6,8 @@ each other's buffers directly; every byte between "nodes" travels as nvshmem put
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
 combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
-cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS)
-and the network traffic: one row per (token, destination node other than its own) in dispatch, one
+cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS),
+back-to-back combines on routing that mostly stays within nodes, and the network traffic: one row per (token, destination node other than its own) in dispatch, one
 partial per (token, node) back in combine, of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
 partial to bf16), then what the combine's rounding decides again on one with
 `exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
@@ -76,6 +76,7 @@ def test_checks_accept_the_pure_jax_ops(exact):
     for name, check in checks:
         w.check(name, check)
     w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
+    w.check("back-to-back combines", lambda: check_back_to_back_combines(w, 77))
     assert not w.failures
 
 
@@ -122,6 +123,39 @@ def check_traffic(w: normal_checks.Worker, seed: int, grouped: bool = False):
     partial_bytes = hidden * (4 if buffer.exact_internode_combine else 2)  # f32 or bf16 values, no weights
     assert got["combine_bytes"] == forwarded * partial_bytes, got
     print(f"traffic: {got}", flush=True)
+
+
+def check_back_to_back_combines(w: normal_checks.Worker, seed: int):
+    """Four combines of one dispatch in one program, on routing that mostly stays on each source's node: a
+    finisher or reducer that expects no rows from a producer may finish a call and start the next before
+    that producer has read its head 0 (cuda/internode_rings.cuh: wait_ring_started). Small integers and
+    scales of 2^i keep every sum exact: combine i gives 2^i x times the ranks each token went to."""
+    import jax.numpy as jnp
+
+    r, per_node, tokens, hidden, topk = w.num_ranks, w.buffer.ranks_per_node, 64, 128, 2
+    experts = 4 * r
+    per_rank = experts // r
+    rng = np.random.default_rng(seed)
+    idx = np.empty((r, tokens, topk), np.int32)
+    for rank in range(r):
+        node = rank // per_node
+        idx[rank] = rng.integers(node * per_node * per_rank, (node + 1) * per_node * per_rank, (tokens, topk))
+        anywhere = np.arange(tokens) % 16 == rank  # a few tokens may leave the node
+        idx[rank, anywhere] = rng.integers(0, experts, (int(anywhere.sum()), topk))
+    x = rng.integers(-2, 3, (r, tokens, hidden)).astype(np.float32)
+    buffer = w.buffer
+
+    def body(x_, idx_):
+        out = buffer.dispatch(x_.astype(jnp.bfloat16), topk_idx=idx_, num_experts=experts)
+        return tuple(buffer.combine(out.recv_x * jnp.bfloat16(2.0 ** i), out.handle)[0].astype(jnp.float32)
+                     for i in range(4))
+
+    got = w.run(body, x, idx)
+    ranks_reached = np.array([len(set(row // per_rank)) for row in idx[w.rank]], np.float32)
+    for i, combined in enumerate(got):
+        want = x[w.rank] * ranks_reached[:, None] * 2.0 ** i
+        bad = np.argwhere(combined != want)
+        assert bad.size == 0, f"combine {i}: {len(bad)} values differ, first at {bad[0]}"
 
 
 def check_no_keys_left():
@@ -221,7 +255,8 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         w.failures = failures  # one report for both Buffers
         mode = w.buffer.normal_backend.mode
         assert mode == "internode", f"the internode kernels are not in use: {mode}"
-        checks = combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts) + small_ring_checks(
+        checks = [("back-to-back combines, routing mostly within nodes", lambda: check_back_to_back_combines(w, 77))]
+        checks += combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts) + small_ring_checks(
             w, rng, experts)
         if not exact:
             checks += dispatch_checks(w, rng, experts) + grouped_dispatch_checks(w, rng, experts)
