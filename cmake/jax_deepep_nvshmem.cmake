@@ -1,5 +1,5 @@
 # The extension module of the NVSHMEM kernels, jax_deepep/gpu/_nvshmem_lib.so: cuda/low_latency.cu
-# and cuda/internode.cu with their XLA FFI handlers, the NVSHMEM runtime and Python bindings
+# and cuda/internode_*.cu with their XLA FFI handlers, the NVSHMEM runtime and Python bindings
 # (xla_ffi/). A module of its own because it needs relocatable device code linked against
 # libnvshmem_device.a, which the intranode module does not. NVSHMEM comes from the pip package
 # nvidia-nvshmem-cu13; without it the module is skipped.
@@ -32,7 +32,8 @@ function(jax_deepep_add_nvshmem_module)
 
   jax_deepep_add_module(_nvshmem_lib cmake/nvshmem_lib.map
     cuda/low_latency.cu
-    cuda/internode.cu
+    cuda/internode_combine.cu
+    cuda/internode_dispatch.cu
     xla_ffi/low_latency_ffi.cc
     xla_ffi/internode_ffi.cc
     xla_ffi/nvshmem_low_latency_memory.cc

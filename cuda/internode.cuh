@@ -1,24 +1,26 @@
-// Internode normal mode (docs/API.md, across several nodes) on NVSHMEM: a token crosses the
-// network once per destination node, to its "RDMA peer" there (same local index), which forwards
-// it over NVLink to the ranks of that node that need it. Combine runs the other way: each rank
-// returns its rows to the forwarder over NVLink, the forwarder sums its node's rows in f32 and
-// puts one partial per (token, node) back, rounded to bf16 as in DeepEP (or kept in f32 with
-// exact_partials); the source sums the partials in f32 and rounds once.
+// Internode normal mode (docs/API.md, across several nodes; docs/INTERNODE.md) on NVSHMEM: a token
+// crosses the network once per destination node, to its "RDMA peer" there (same local index), which
+// forwards it over NVLink to the ranks of that node that need it. Combine runs the other way: each rank
+// returns its rows to the forwarder over NVLink, the forwarder sums its node's rows in f32 and puts one
+// partial per (token, node) back, rounded to bf16 as in DeepEP (or kept in f32 with exact_partials);
+// the source sums the partials in f32 and rounds once.
 //
-// Every row's place is a pure function of the counts every rank notifies: receive order is
-// (source rank, source token), as in intranode mode. The symmetric buffer holds a dispatch region
-// and a combine region, each of two halves used by alternate calls (call number & 1); signals are
-// 64-bit and carry the op's signature and the call number (nvshmem_peers.cuh: call_signal), so a
-// rank whose peer runs another op or the same op with other shapes (anything that sizes the halves
-// or says what a row holds: launch_internode_dispatch and _combine compute it) fails at the first
-// signal of that peer, before reading any of its rows. Ranks of one node must be mapped (nvshmem_ptr).
+// One persistent kernel per op (cuda/internode_dispatch.cu, cuda/internode_combine.cu): every hop is a
+// bounded ring per channel (cuda/internode_rings.cuh), so the producer, the forwarder and the receiver
+// of a row run at once and the symmetric buffer holds rings, not every row. Every row's final place
+// is a pure function of the counts every rank notifies: receive order is (source rank, source token),
+// as in intranode mode. Signals are 64-bit and carry the op's signature and the call number
+// (nvshmem_peers.cuh: call_signal), so a rank whose peer runs another op or the same op with other
+// shapes or Config (anything that places a row or says what it holds: launch_internode_dispatch and
+// _combine compute it) fails at the first signal of that peer, before reading any of its rows. Ranks
+// of one node must be mapped (nvshmem_ptr).
 //
-// Expert-grouped dispatch and combine (docs/API.md, "Expert-grouped dispatch") are the same
-// kernels: the dispatch moves tokens (room for all of them: capacity R * T) and its final receiver
-// writes each landed row straight to its grouped rows, one per (token, local expert) pair; the
-// combine returns, per token-level row, the f32 sum of its weighted pair rows instead of a bf16 row.
-// They have OpKinds of their own, which their signatures carry: a grouped op meeting a plain one on
-// another rank fails at once, naming both.
+// Expert-grouped dispatch and combine (docs/API.md, "Expert-grouped dispatch") are the same kernels:
+// the dispatch moves tokens (room for all of them: capacity R * T) and its final receiver writes each
+// row straight to its grouped rows, one per (token, local expert) pair; the combine returns, per
+// token-level row, the f32 sum of its weighted pair rows instead of a bf16 row. They have OpKinds of
+// their own, which their signatures carry: a grouped op meeting a plain one on another rank fails at
+// once, naming both.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,8 +35,11 @@ namespace jax_deepep {
 constexpr int kInternodeMaxTopk = 32;
 constexpr int kInternodeMaxRanksPerNode = 8;
 constexpr int kInternodeMaxTokens = 32767;  // counts travel in 16 bits of a signal (call_signal)
-constexpr int kInternodeReturnBlocks = 32;  // blocks of the combine's return kernel (each signals)
-// Every receive block of a first grouped dispatch keeps a table of (R + 1) * E_l row bases in shared
+// Signals of every channel up to this lie apart (jax_deepep/sizes.py INTERNODE_MAX_CHANNELS).
+constexpr int kInternodeMaxChannels = 64;
+// Room for the per-expert counts (jax_deepep/sizes.py INTERNODE_MAX_EXPERTS).
+constexpr int kInternodeMaxExperts = 16384;
+// Every sender block of a first grouped dispatch keeps a table of (R + 1) * E_l row bases in shared
 // memory (jax_deepep/gpu/internode.py MAX_GROUPED_EXPERTS).
 constexpr int kInternodeMaxGroupedExperts = 4096;
 
@@ -51,25 +56,13 @@ struct InternodeDispatchShape {
   int grouped_capacity;  // N grouped rows (grouped), capacity being R * T token-level rows
 };
 
-// One dispatched token (inbox and landing rows): a 16-byte header (source rank, source token,
-// mask of the node's ranks it goes to), K ids, K weights, K prefixes (a first grouped dispatch:
-// each pair's position among its source's earlier tokens of that expert), then each part, each
-// 16-byte aligned. As jax_deepep/sizes.py:internode_dispatch_layout computes it (the handler
-// passes it on).
+// One dispatched token, in every ring: a 16-byte header (source rank, source token, mask of the
+// destination node's ranks it goes to, its row there once forwarded (-1: dropped past the capacity)),
+// K ids, K weights, K prefixes (a first grouped dispatch: each pair's position among its source's
+// earlier tokens of that expert), then each part, each 16-byte aligned. As
+// jax_deepep/sizes.py:internode_dispatch_layout computes it (the handler passes it on).
 struct InternodeDispatchLayout {
   size_t row_bytes, ids_at, weights_at, prefix_at, part_at[2];
-  // Within one half of the dispatch region: the signals (64-bit, call_signal) first, in the order
-  // counts, inbox_signals, forward_signals, expert_counts, at offsets set by R, L and E alone, so a
-  // peer's signal lands where this rank waits for it whatever its call's shapes; then the rows.
-  size_t counts;           // signals [R src][R dst]: tokens src sends to dst
-  size_t expert_counts;    // signals [R src][E / R]: tokens src sends to each of this rank's experts
-                           // (grouped: its pairs, a token's repeats of an expert once)
-  size_t inbox;            // rows [nodes][T]: tokens from this rank's RDMA peer on each node
-  size_t inbox_signals;    // signals [nodes]: row counts
-  size_t landing;          // rows [N]: the received tokens in their final order
-  size_t forward_signals;  // signals [L forwarder][nodes source node]: forwarded
-  size_t half_bytes;       // what one call uses
-  size_t staging_bytes;    // put sources: rows [nodes][T]
 };
 
 struct InternodeCombineShape {
@@ -83,27 +76,36 @@ struct InternodeCombineShape {
   int pair_top_k;       // expert-grouped: K pair rows per token-level row (f32 returned rows); 0: plain
 };
 
-// As jax_deepep/sizes.py:internode_combine_layout computes it.
+// A row returned to its forwarder: bf16 [H] (grouped: f32), then f32 weights [K]; a node's partial
+// sum for a token: f32 or bf16 [H], then f32 weights [K]. As jax_deepep/sizes.py:internode_combine_layout
+// computes it.
 struct InternodeCombineLayout {
-  size_t return_bytes;   // a row returned to its forwarder: bf16 [H] (grouped: f32), then f32 weights [K]
-  size_t partial_bytes;  // a node's partial sum for a token: f32 or bf16 [H], then f32 weights [K]
-  // Within one half of the combine region: the signals (64-bit, call_signal) first, at offsets set
-  // by R and L alone (return_signals, partial_signals), then the rows.
-  size_t returns;         // rows [L returning rank][nodes][T]
-  size_t return_signals;  // signals [L][kInternodeReturnBlocks]
-  size_t partials;        // rows [nodes][T]
-  size_t partial_signals; // signals [nodes]
-  size_t half_bytes;
-  size_t staging_bytes;   // partial rows [nodes][T]
+  size_t return_bytes;
+  size_t partial_bytes;
 };
 
-// Where an op's region lies in the symmetric buffer (jax_deepep/sizes.py:internode_regions): the
-// dispatch region starts it, the combine region follows. Each holds two halves used by alternate
-// calls; the second starts half_stride in, whatever the call's sizes, so consecutive calls of
-// different sizes never overlap.
-struct InternodeRegion {
-  size_t offset;
-  size_t half_stride;
+// Where the signals lie in every rank's symmetric buffer, at offsets that R and L alone set (so a
+// peer's signal lands where this rank waits for it whatever its call's shapes and Config):
+// jax_deepep/sizes.py:internode_signals. internode_rings.cuh says who writes which.
+struct InternodeSignals {
+  size_t link_bytes;      // one (link, channel): tail, head, then 1 + 2 L end counts
+  size_t combine_links;   // [nodes RDMA peers + L local ranks][kInternodeMaxChannels] links of combine
+  size_t dispatch_links;  // the same for dispatch
+  size_t counts;          // [2 call parities][R src][R dst]: tokens src sends to dst
+  size_t expert_counts;   // [2 call parities][kInternodeMaxExperts]: [R src][E / R] tokens src sends to
+                          // each of this rank's experts (grouped: its pairs, a token's repeats of an expert once)
+  size_t rings;           // where every op's rings start
+};
+
+// One op's rings, from its Config (jax_deepep/sizes.py:internode_rings).
+struct InternodeRings {
+  size_t channels;
+  size_t rdma_slots, rdma_batch, rdma_slot_bytes;  // a ring from an RDMA peer, per channel
+  size_t nvl_slots, nvl_batch, nvl_slot_bytes;     // a ring from a rank of this node, per channel
+  size_t rdma_ring;      // [nodes source][channels][rdma_slots] rows
+  size_t nvl_ring;       // [L source][channels][nvl_slots] rows
+  size_t receive_bytes;  // where the rings end
+  size_t staging_bytes;  // the send rings at the start of staging: [nodes destination][channels][rdma_slots] rows
 };
 
 // Device counters of this PE's network traffic: dispatch rows and bytes, combine rows and bytes.
@@ -154,7 +156,7 @@ struct InternodeCombineIn {
   const float* row_weights;       // grouped: [grouped rows], what each pair row is weighted by, or null (1)
   const int* pair_row;            // grouped: [N, pair_top_k], else null
   const uint16_t* bias[2];        // bf16 [T, H] or null
-  const int* src_rank;            // [N]
+  const int* recv_rank_prefix;    // [R]: the first received row of each source rank
   const int* src_idx;             // [N]
   const int* num_recv;            // []
   const bool* is_token_in_rank;   // [T, R]
@@ -171,7 +173,8 @@ struct InternodeCombineOut {
 struct InternodeDispatchCall {
   PeerMemory mem;
   InternodeTraffic traffic;
-  InternodeRegion region;
+  InternodeSignals signals;
+  InternodeRings rings;
   InternodeDispatchShape shape;
   InternodeDispatchLayout layout;
   int expert_alignment;  // per-expert counts are rounded up to a multiple of it
@@ -180,7 +183,8 @@ struct InternodeDispatchCall {
 struct InternodeCombineCall {
   PeerMemory mem;
   InternodeTraffic traffic;
-  InternodeRegion region;
+  InternodeSignals signals;
+  InternodeRings rings;
   InternodeCombineShape shape;
   InternodeCombineLayout layout;
 };

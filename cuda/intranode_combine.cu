@@ -32,19 +32,6 @@
 namespace jax_deepep {
 namespace {
 
-// First row in [lo, hi) whose source token index is >= token (rows ascend by source token).
-__device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int lo, int hi, int token) {
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (recv_src_idx[mid] < token) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 template <typename Args>
 __device__ void send_back(const RankInfo& info, const WaitContext& wait, const Args& args, BulkPipe& pipe,
                           const PeerGroup& g, int channel) {

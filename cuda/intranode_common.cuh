@@ -1,6 +1,6 @@
 // What the intranode kernels (dispatch, combine) share beyond cuda/toolbox.cuh: their launch
-// shape, the split of tokens into channels, the warp groups serving one peer each, ring slot
-// addresses, row copies and a sender group's two ring steps (wait for space, publish the tail).
+// shape, the warp groups serving one peer each, ring slot addresses, row copies and a sender
+// group's two ring steps (wait for space, publish the tail).
 #pragma once
 
 #include <cstdint>
@@ -38,17 +38,6 @@ cudaError_t launch_intranode(void (*kernel)(RankInfo, Args), const RankInfo& inf
   const int blocks = intranode_blocks(info, args.ring);
   kernel<<<blocks, kThreads, kIntranodeSharedBytes, stream>>>(info, args);
   return cudaGetLastError();
-}
-
-// Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
-// so a ring carries its tokens in (source token index) order.
-struct TokenRange {
-  int first, last;
-};
-
-__device__ __forceinline__ TokenRange channel_tokens(int num_tokens, int channel, int num_channels) {
-  return {static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels),
-          static_cast<int>(static_cast<int64_t>(num_tokens) * (channel + 1) / num_channels)};
 }
 
 // Number of tokens before `t` (t may equal T) that this rank sends to rank `dst`.

@@ -53,12 +53,14 @@ cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const Lo
 cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const LowLatencyCombineRecvArgs& args,
                                             cudaStream_t stream);
 
-// ---- internode (cuda/internode.cu) ---------------------------------------------------------------
-// Dispatch (and cached dispatch, without ids): notify + network send, forward, receive.
+// ---- internode (cuda/internode_dispatch.cu, cuda/internode_combine.cu) ----------------------------
+// Dispatch (and cached dispatch, without ids): one kernel in which notify, network send, forward and
+// receive run at once, through rings (cuda/internode_rings.cuh).
 cudaError_t launch_internode_dispatch(const InternodeDispatchCall& call, const InternodeDispatchIn& in,
                                       const InternodeDispatchOut& out, cudaStream_t stream);
 
-// Combine: return to the forwarders, reduce per node, finish at the source.
+// Combine: one kernel in which return to the forwarders, reduce per node and finish at the source run
+// at once, through rings.
 cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
                                      const InternodeCombineOut& out, cudaStream_t stream);
 

@@ -1,4 +1,4 @@
-// What the NVSHMEM kernels (low_latency.cu, internode.cu) share: where this PE's symmetric memory is
+// What the NVSHMEM kernels (low_latency.cu, internode_*.cu) share: where this PE's symmetric memory is
 // and how to reach the other PEs, the call numbers that tag every signal, and the kinds of signal
 // they wait for (wait.cuh's wait_until underneath). The low-latency kernels also run without
 // NVSHMEM within one node, on a communication buffer's low-latency area mapped over CUDA IPC or
@@ -93,15 +93,27 @@ __device__ __forceinline__ uint64_t call_signal(uint32_t signature, uint32_t seq
   return static_cast<uint64_t>(signature) << 32 | (seq & 0xffffu) << 16 | static_cast<uint32_t>(count & 0xffff);
 }
 
+// Waits for the signal of call `seq` at `p` with a count of at least `count` (a ring's head or tail:
+// rows so far) and returns its count; fails the op at once when the peer's signature differs.
+__device__ __forceinline__ int wait_call_count(const uint64_t* p, uint32_t seq, uint32_t signature, int count,
+                                               const WaitContext& wait, WaitKind what, int peer, int channel) {
+  const uint64_t value = wait_until(
+      p,
+      [seq, signature, count](uint64_t v) {
+        return ((v >> 16) & 0xffffu) == (seq & 0xffffu) &&
+               (static_cast<uint32_t>(v >> 32) != signature || static_cast<int>(v & 0xffffu) >= count);
+      },
+      wait, what, peer, channel);
+  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
+  if (theirs != signature) fail_op(wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
+  return static_cast<int>(value & 0xffffu);
+}
+
 // Waits for the signal of call `seq` at `p` and returns its count; fails the op at once when the
 // peer's signature differs from `signature`.
 __device__ __forceinline__ int wait_call_signal(const uint64_t* p, uint32_t seq, uint32_t signature,
                                                 const WaitContext& wait, WaitKind what, int peer) {
-  const uint64_t value = wait_until(
-      p, [seq](uint64_t v) { return ((v >> 16) & 0xffffu) == (seq & 0xffffu); }, wait, what, peer, -1);
-  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
-  if (theirs != signature) fail_op(wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
-  return static_cast<int>(value & 0xffffu);
+  return wait_call_count(p, seq, signature, 0, wait, what, peer, -1);
 }
 
 #endif  // __CUDACC__

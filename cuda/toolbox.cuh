@@ -1,10 +1,13 @@
 // What every kernel file builds on: the block shape all communication kernels launch with, 16-byte
-// alignment of row pieces, named barriers and the block-wide running prefix of flags (ballots).
+// alignment of row pieces, the split of tokens into channels, named barriers and the block-wide
+// running prefix of flags (ballots).
 // Row copies are in warp_copy.cuh and bf16 arithmetic in bf16x8.cuh: other concepts, same rule
 // (one copy each, used by every kernel that needs it).
 //
 // Host code includes this header too (sizes of rows and slots): device code is behind __CUDACC__.
 #pragma once
+
+#include <cstdint>
 
 #ifdef __CUDACC__
 #define JDEEP_HOST_DEVICE __host__ __device__
@@ -26,6 +29,31 @@ JDEEP_HOST_DEVICE constexpr Int align16(Int n) {
 }
 
 #ifdef __CUDACC__
+
+// Tokens [first, last) of `channel`: channels split the sender's tokens into contiguous ranges,
+// so a ring carries its tokens in (source token index) order (intranode and internode kernels).
+struct TokenRange {
+  int first, last;
+};
+
+__device__ __forceinline__ TokenRange channel_tokens(int num_tokens, int channel, int num_channels) {
+  return {static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels),
+          static_cast<int>(static_cast<int64_t>(num_tokens) * (channel + 1) / num_channels)};
+}
+
+// First received row in [lo, hi) whose source token index is >= token (one source's rows ascend by
+// source token), for the combines that send a channel's rows back.
+__device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int lo, int hi, int token) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (recv_src_idx[mid] < token) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
 
 // Named barrier over `num_threads` threads (a multiple of 32); id 0 is __syncthreads.
 __device__ __forceinline__ void named_barrier(int id, int num_threads) {

@@ -51,10 +51,9 @@ enum class WaitKind : int {
   kRingData,           // intranode: the sender filling ring slots (its tail)
   kTokenCounts,        // low latency, internode: a rank's token counts of this call
   kExpertRows,         // low latency: an expert's rows of this call, back from its rank
-  kInboxRows,          // internode: the RDMA peer's row count of this call in the inbox
-  kForwardedRows,      // internode: a forwarder's flag that it placed its rows here
-  kReturnedRows,       // internode: a rank's flag that it returned its rows to this forwarder
-  kPartialSums,        // internode: a node's partial sums of this rank's tokens
+  kInternodeRingSpace, // internode: a ring's consumer freeing slots (its head; 0 once it started the call)
+  kInternodeRingData,  // internode: a ring's producer filling slots (its tail)
+  kInternodeRingEnd,   // internode: a ring's producer announcing the rows it sends this call
   kOpMismatch,         // not a timeout: the peer started a different op, or the same op with other shapes
   kReceipt,            // low latency: a rank's receipt of an earlier call, before its buffer half is reused
   kTooManyInFlight,    // not a timeout: more sends of one low-latency op in flight than the buffer has halves
@@ -107,10 +106,9 @@ JDEEP_HOST_DEVICE inline const char* wait_name(int code) {
     case WaitKind::kRingData: return "ring data";
     case WaitKind::kTokenCounts: return "token counts";
     case WaitKind::kExpertRows: return "an expert's rows";
-    case WaitKind::kInboxRows: return "inbox rows";
-    case WaitKind::kForwardedRows: return "forwarded rows";
-    case WaitKind::kReturnedRows: return "returned rows";
-    case WaitKind::kPartialSums: return "partial sums";
+    case WaitKind::kInternodeRingSpace: return "internode ring space";
+    case WaitKind::kInternodeRingData: return "internode ring data";
+    case WaitKind::kInternodeRingEnd: return "an internode ring's row count";
     case WaitKind::kOpMismatch: return "the same op";
     case WaitKind::kReceipt: return "its receipt of an earlier call";
     case WaitKind::kTooManyInFlight: return "fewer calls in flight";

@@ -300,12 +300,16 @@ def _input_sets(mesh: Mesh, sizes: Sizes, args):
             for i in range(args.rotations)]
 
 
-def _nvl_bytes(sizes: Sizes) -> int:
-    """`num_nvl_bytes` for the dispatch and combine configs the ops will use (tuned ones included) on
-    bf16 rows."""
+def _configs(sizes: Sizes) -> list:
+    """The dispatch and combine configs the ops will use (tuned ones included)."""
     R, H = sizes.num_ranks, sizes.hidden
-    configs = [Buffer.get_dispatch_config(R, hidden=H, dtype=d) for d in ("bf16", "fp8")]
-    return max(c.get_nvl_buffer_size_hint(H * 2, R) for c in configs + [Buffer.get_combine_config(R, hidden=H)])
+    return [Buffer.get_dispatch_config(R, hidden=H, dtype=d) for d in ("bf16", "fp8")] + \
+        [Buffer.get_combine_config(R, hidden=H)]
+
+
+def _nvl_bytes(sizes: Sizes) -> int:
+    """`num_nvl_bytes` for the configs the ops will use on bf16 rows."""
+    return max(c.get_nvl_buffer_size_hint(sizes.hidden * 2, sizes.num_ranks) for c in _configs(sizes))
 
 
 def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
@@ -321,8 +325,9 @@ def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
         from .gpu import internode
 
         try:
-            rdma_bytes = internode.rdma_bytes_hint(sizes.num_tokens, H, sizes.num_topk, sizes.num_experts, R,
-                                                   exact_internode_combine=args.exact_internode_combine)
+            rdma_bytes = max(internode.rdma_bytes_hint(sizes.num_tokens, H, sizes.num_topk, sizes.num_experts, R,
+                                                       exact_internode_combine=args.exact_internode_combine, config=c)
+                             for c in _configs(sizes))
         except DeepEPError as e:  # no NVSHMEM library: the Buffer warns and runs pure JAX
             print(f"internode kernels unavailable: {e}", file=sys.stderr)
     return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from .limits import FP8_BLOCK, MAX_TOPK
-from .sizes import align, low_latency_layout
+from .sizes import (align, internode_combine_geometry, internode_dispatch_geometry, internode_node_sizes,
+                    low_latency_layout)
 from .validation import fail, integer
 
 # Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
@@ -36,8 +37,10 @@ class Config:
     wait on each other): at most the device's SMs, which the intranode ops check, and where several
     ranks share one GPU (MPS), their SM counts summed. SMs that unrelated kernels hold only delay a launch.
 
-    The two RDMA chunk sizes are accepted and checked (the API contract fixes them) but steer nothing
-    here: the internode kernels size their buffers from the call's shapes (`jax_deepep.sizes`).
+    The internode kernels (several nodes) take the same fields: `num_max_nvl_chunked_recv_tokens` is
+    then the ring from each rank of the node per channel, `num_max_rdma_chunked_recv_tokens` the ring
+    from each other node's RDMA peer per channel, and `num_max_rdma_chunked_send_tokens` how many rows a
+    sender stages before it puts them on the network (docs/INTERNODE.md). A ring must hold one batch.
     """
 
     num_sms: int
@@ -52,9 +55,10 @@ class Config:
         for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                      "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
             object.__setattr__(self, name, integer("Config", name, getattr(self, name), minimum=1))
-        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
-            fail("Config", "`num_max_nvl_chunked_send_tokens` must be <= num_max_nvl_chunked_recv_tokens, got "
-                           f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
+        for ring in ("nvl", "rdma"):
+            send, recv = f"num_max_{ring}_chunked_send_tokens", f"num_max_{ring}_chunked_recv_tokens"
+            if getattr(self, send) > getattr(self, recv):
+                fail("Config", f"`{send}` must be <= {recv}, got {getattr(self, send)} > {getattr(self, recv)}")
 
     @property
     def num_channels(self) -> int:
@@ -75,31 +79,39 @@ class Config:
         return align(NVL_HEADER_BYTES + slots * per_token, _ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer one rank needs; 0 within a single node. A DeepEP-style
-        estimate from the RDMA chunk sizes; the internode kernels here need
-        `jax_deepep.gpu.internode.rdma_bytes_hint` (exact for given shapes)."""
+        """Bytes of RDMA (NVSHMEM) buffer one rank needs for the internode ops with this config; 0 within a
+        single node (up to 8 ranks). The most any op of rows of `hidden_bytes` needs on nodes of any size:
+        dispatch of such rows with FP8 scales and MAX_TOPK ids, weights and pair prefixes, and combine of
+        bf16 rows of `hidden_bytes` with f32 partials and f32 returned rows (the largest of each);
+        `jax_deepep.gpu.internode.rdma_bytes_hint` gives the need of given shapes."""
         op = "Config.get_rdma_buffer_size_hint"
         hidden_bytes = integer(op, "hidden_bytes", hidden_bytes, minimum=0)
         num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
         if num_ranks <= MAX_NVL_PEERS:
             return 0
-        num_rdma_ranks = num_ranks // MAX_NVL_PEERS
-        slots = self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
-        per_token = hidden_bytes + MAX_TOPK * 8 + (hidden_bytes // FP8_BLOCK) * 4 + 32
-        counters = self.num_channels * num_rdma_ranks * (MAX_NVL_PEERS * 2 + 2) * 4 * 2
-        return align(counters + 2 * slots * per_token, _ALIGN)
+        parts = [hidden_bytes, hidden_bytes // FP8_BLOCK * 4]
+        return max(max(internode_dispatch_geometry(num_ranks, per_node, self, MAX_TOPK, True, True, parts,
+                                                   has_prefixes=True).rdma_bytes,
+                       internode_combine_geometry(num_ranks, per_node, self, hidden_bytes // 2, MAX_TOPK,
+                                                  exact_partials=True, f32_returns=True).rdma_bytes)
+                   for per_node in internode_node_sizes(num_ranks))
+
+
+# The internode rings from other nodes (per channel and node): 128 rows, put 16 at a time, keep the
+# symmetric buffer near 0.33 GB at 2 nodes of 8 and 0.44 GB at 8 (H = 7168; docs/INTERNODE.md, Sizing).
+_RDMA_BATCH, _RDMA_SLOTS = 16, 128
 
 
 def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
     """Tuned defaults per rank count (smaller rings for more peers keep the buffer bounded)."""
     recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
-    return Config(num_sms, 32, recv, 6, 256)
+    return Config(num_sms, 32, recv, _RDMA_BATCH, _RDMA_SLOTS)
 
 
 def default_combine_config(num_ranks: int, num_sms: int) -> Config:
     """As `default_dispatch_config`, with half the chunk size."""
     recv = {1: 512, 2: 512, 4: 384, 8: 256}.get(num_ranks, 256)
-    return Config(num_sms, 16, recv, 6, 256)
+    return Config(num_sms, 16, recv, _RDMA_BATCH, _RDMA_SLOTS)
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

@@ -10,9 +10,9 @@ Three layouts:
     buffer (cuda/intranode.h);
   - the low-latency half (`low_latency_layout`): one of the halves that calls take in turn
     (`low_latency_num_halves` of them) in the symmetric buffer (cuda/low_latency.cuh);
-  - the internode halves (`internode_dispatch_layout`, `internode_combine_layout`) and where they
-    lie (`internode_regions`): the dispatch and combine regions of the symmetric buffer
-    (cuda/internode.cuh).
+  - the internode geometry of each op (`internode_dispatch_geometry`, `internode_combine_geometry`):
+    its rows, the signals at offsets R and L alone set, and its rings from the op's `Config`, all in
+    the symmetric buffer (cuda/internode.cuh, cuda/internode_rings.cuh).
 
 The handlers decode these dataclasses into the C++ structs of the same names and fields
 (`gpu/ffi_call.struct_attribute`), and check that each piece fits before any kernel runs.
@@ -28,7 +28,9 @@ _ROW_HEADER_BYTES = 16  # low latency: the source token index before each dispat
 _SIGNAL_BYTES = 8  # NVSHMEM modes: signature, call number and count (cuda/nvshmem_peers.cuh: call_signal)
 MAX_LOW_LATENCY_HALVES = 8  # cuda/nvshmem_peers.cuh: kMaxLowLatencyHalves (a receipt per half)
 _SLOT_META_BYTES = 16  # intranode: source token index and destination row before each slot
-_INTERNODE_RETURN_BLOCKS = 32  # cuda/internode.cuh: kInternodeReturnBlocks
+INTERNODE_MAX_RANKS_PER_NODE = 8  # cuda/internode.cuh: kInternodeMaxRanksPerNode
+INTERNODE_MAX_CHANNELS = 64  # cuda/internode.cuh: kInternodeMaxChannels (signals of every channel lie apart)
+INTERNODE_MAX_EXPERTS = 16384  # cuda/internode.cuh: kInternodeMaxExperts (room for the per-expert counts)
 
 
 def align(n: int, to: int) -> int:
@@ -124,32 +126,81 @@ def low_latency_num_halves(num_rdma_bytes: int, layout: LowLatencyLayout) -> int
 
 # ---- internode ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class InternodeSignals:
+    """Where the internode signals lie in every rank's buffer, at offsets that R and L alone set, so a
+    peer's signal lands where this rank waits for it whatever the shapes or Config of the peer's call, and
+    its signature fails the op at once (cuda/internode_rings.cuh says who writes each)."""
+
+    link_bytes: int      # one (link, channel): tail, head, then 1 + 2 L end counts (8-byte signals)
+    combine_links: int   # [nodes RDMA peers + L local ranks][INTERNODE_MAX_CHANNELS] of link_bytes
+    dispatch_links: int  # the same for dispatch
+    counts: int          # [2 parities][R src][R dst]: tokens src sends to dst
+    expert_counts: int   # [2 parities][INTERNODE_MAX_EXPERTS]: [R src][E / R] tokens (grouped: pairs)
+    rings: int           # where every op's rings start
+
+
+def internode_node_sizes(num_ranks: int) -> list:
+    """The ranks per node an axis of `num_ranks` may have in internode mode: at most 8, and two nodes or more."""
+    return [n for n in range(1, INTERNODE_MAX_RANKS_PER_NODE + 1) if num_ranks % n == 0 and num_ranks // n >= 2]
+
+
+def internode_signals(num_ranks: int, ranks_per_node: int) -> InternodeSignals:
+    nodes = num_ranks // ranks_per_node
+    link_bytes = (3 + 2 * ranks_per_node) * _SIGNAL_BYTES
+    links = (nodes + ranks_per_node) * INTERNODE_MAX_CHANNELS * link_bytes
+    counts = 2 * links
+    expert_counts = counts + 2 * num_ranks * num_ranks * _SIGNAL_BYTES
+    rings = align(expert_counts + 2 * INTERNODE_MAX_EXPERTS * _SIGNAL_BYTES, 256)
+    return InternodeSignals(link_bytes, 0, links, counts, expert_counts, rings)
+
+
+@dataclasses.dataclass(frozen=True)
+class InternodeRings:
+    """One op's rings (from its Config): every op starts them at `InternodeSignals.rings`, since a
+    producer writes into a ring only once its consumer started the same call (cuda/internode_rings.cuh)."""
+
+    channels: int
+    rdma_slots: int       # rows of a ring from an RDMA peer (num_max_rdma_chunked_recv_tokens)
+    rdma_batch: int       # rows a producer stages before it puts them (num_max_rdma_chunked_send_tokens)
+    rdma_slot_bytes: int
+    nvl_slots: int        # rows of a ring from a rank of the own node (num_max_nvl_chunked_recv_tokens)
+    nvl_batch: int        # rows a producer writes before it publishes them (num_max_nvl_chunked_send_tokens)
+    nvl_slot_bytes: int
+    rdma_ring: int        # [nodes source][channels][rdma_slots] rows
+    nvl_ring: int         # [L source][channels][nvl_slots] rows
+    receive_bytes: int    # where the rings end
+    staging_bytes: int    # the send rings, at the start of staging: [nodes destination][channels][rdma_slots]
+
+
+def internode_rings(signals: InternodeSignals, num_ranks: int, ranks_per_node: int, config, rdma_slot_bytes: int,
+                    nvl_slot_bytes: int) -> InternodeRings:
+    """The rings of an op whose rows are `rdma_slot_bytes` between nodes and `nvl_slot_bytes` within one,
+    with `config`'s channels, ring slots and batches."""
+    nodes, c = num_ranks // ranks_per_node, config.num_channels
+    rdma_slots, nvl_slots = config.num_max_rdma_chunked_recv_tokens, config.num_max_nvl_chunked_recv_tokens
+    rdma_bytes = nodes * c * rdma_slots * rdma_slot_bytes
+    nvl_ring = signals.rings + rdma_bytes
+    receive = align(nvl_ring + ranks_per_node * c * nvl_slots * nvl_slot_bytes, 256)
+    return InternodeRings(c, rdma_slots, config.num_max_rdma_chunked_send_tokens, rdma_slot_bytes, nvl_slots,
+                          config.num_max_nvl_chunked_send_tokens, nvl_slot_bytes, signals.rings, nvl_ring, receive,
+                          rdma_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
 class InternodeDispatchLayout:
+    """A dispatched row, in every ring: a 16-byte header (source rank, source token, mask of the
+    destination node's ranks it goes to, its row there (-1: dropped) once forwarded), K ids, K weights,
+    K i32 pair prefixes (a first expert-grouped dispatch), then each part, each 16-byte aligned."""
+
     row_bytes: int
     ids_at: int
     weights_at: int
     prefix_at: int
     part_at: tuple
-    counts: int
-    expert_counts: int
-    inbox: int
-    inbox_signals: int
-    landing: int
-    forward_signals: int
-    half_bytes: int
-    staging_bytes: int
 
 
-def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_ids: bool, has_weights: bool,
-                              part_bytes, num_experts: int, ranks_per_node: int, num_ranks: int,
+def internode_dispatch_layout(top_k: int, has_ids: bool, has_weights: bool, part_bytes,
                               has_prefixes: bool = False) -> InternodeDispatchLayout:
-    """A dispatched row (16-byte header, K ids, K weights, K i32 pair prefixes with `has_prefixes` (a
-    first expert-grouped dispatch), each part; 16-byte aligned), one half of the dispatch region
-    (cuda/internode.cuh says what each piece holds; signals are 8 bytes) and the staging of its puts.
-    The signals come first, at offsets set by the ranks and experts alone, so a peer's signal lands
-    where this rank waits for it even when the peer's call has other shapes: its signature then
-    fails the op at once."""
-    nodes, t = num_ranks // ranks_per_node, num_tokens
     ids_at = 16
     weights_at = ids_at + (top_k * 4 if has_ids else 0)
     prefix_at = weights_at + (top_k * 4 if has_weights else 0)
@@ -158,65 +209,53 @@ def internode_dispatch_layout(num_tokens: int, capacity: int, top_k: int, has_id
     for p in range(2):
         part_at.append(at)
         at = align(at + (part_bytes[p] if p < len(part_bytes) else 0), 16)
-    row = at
-    experts_per_rank = num_experts // num_ranks if has_ids else 0
-    counts = 0
-    inbox_signals = counts + num_ranks * num_ranks * _SIGNAL_BYTES
-    forward_signals = inbox_signals + nodes * _SIGNAL_BYTES
-    expert_counts = forward_signals + ranks_per_node * nodes * _SIGNAL_BYTES
-    inbox = align(expert_counts + num_ranks * experts_per_rank * _SIGNAL_BYTES, 16)
-    landing = inbox + nodes * t * row
-    half = align(landing + capacity * row, 256)
-    staging = nodes * t * row
-    return InternodeDispatchLayout(row, ids_at, weights_at, prefix_at, tuple(part_at), counts, expert_counts, inbox,
-                                   inbox_signals, landing, forward_signals, half, staging)
+    return InternodeDispatchLayout(at, ids_at, weights_at, prefix_at, tuple(part_at))
 
 
 @dataclasses.dataclass(frozen=True)
 class InternodeCombineLayout:
+    """A row returned to its forwarder (bf16 [H], or f32 for an expert-grouped combine's sums of pair rows,
+    then K f32 weights) and a node's partial sum for a token (f32 [H] when exact, else bf16, then K f32
+    weights), the rows of combine's rings within a node and between nodes."""
+
     return_bytes: int
     partial_bytes: int
-    returns: int
-    return_signals: int
-    partials: int
-    partial_signals: int
-    half_bytes: int
-    staging_bytes: int
 
 
-def internode_combine_layout(num_tokens: int, hidden: int, top_k: int, ranks_per_node: int, num_ranks: int, *,
-                             exact_partials: bool, f32_returns: bool = False) -> InternodeCombineLayout:
-    """A returned row (bf16 [H], or f32 with `f32_returns` (an expert-grouped combine's sums of pair
-    rows), + K f32 weights), a node's partial ([H] f32 with `exact_partials`, else bf16, then K f32
-    weights), and one half of the combine region: its signals first, at offsets set by the ranks alone
-    (as in `internode_dispatch_layout`), then the rows."""
-    nodes, t = num_ranks // ranks_per_node, num_tokens
-    return_bytes = align(hidden * (4 if f32_returns else 2) + top_k * 4, 16)
-    partial_bytes = align(hidden * (4 if exact_partials else 2) + top_k * 4, 16)
-    return_signals = 0
-    partial_signals = return_signals + ranks_per_node * _INTERNODE_RETURN_BLOCKS * _SIGNAL_BYTES
-    returns = align(partial_signals + nodes * _SIGNAL_BYTES, 16)
-    partials = returns + ranks_per_node * nodes * t * return_bytes
-    half = align(partials + nodes * t * partial_bytes, 256)
-    return InternodeCombineLayout(return_bytes, partial_bytes, returns, return_signals, partials, partial_signals,
-                                  half, nodes * t * partial_bytes)
+def internode_combine_layout(hidden: int, top_k: int, *, exact_partials: bool,
+                             f32_returns: bool = False) -> InternodeCombineLayout:
+    return InternodeCombineLayout(align(hidden * (4 if f32_returns else 2) + top_k * 4, 16),
+                                  align(hidden * (4 if exact_partials else 2) + top_k * 4, 16))
 
 
 @dataclasses.dataclass(frozen=True)
-class InternodeRegion:
-    offset: int       # where the op's region starts in the symmetric buffer
-    half_stride: int  # where its second half starts: half the region, whatever a call's sizes
+class InternodeGeometry:
+    """Everything an internode op's handler takes about where its rows and signals lie."""
+
+    layout: object  # InternodeDispatchLayout or InternodeCombineLayout
+    signals: InternodeSignals
+    rings: InternodeRings
+
+    @property
+    def rdma_bytes(self) -> int:
+        """`num_rdma_bytes` the op needs: its rings, and its send rings in the staging half as much again
+        (xla_ffi/nvshmem_runtime.h)."""
+        return max(self.rings.receive_bytes, 2 * self.rings.staging_bytes)
 
 
-def internode_regions(num_rdma_bytes: int) -> tuple:
-    """The dispatch region [0, region) and the combine region [region, 2 * region) of the symmetric
-    buffer. Each holds two halves used by alternate calls, so consecutive calls of different sizes
-    never overlap."""
-    region = num_rdma_bytes // 2 // 256 * 256
-    return InternodeRegion(0, region // 2), InternodeRegion(region, region // 2)
+def internode_dispatch_geometry(num_ranks: int, ranks_per_node: int, config, top_k: int, has_ids: bool,
+                                has_weights: bool, part_bytes, has_prefixes: bool = False) -> InternodeGeometry:
+    """A dispatch: its rows travel whole between nodes and within one."""
+    layout = internode_dispatch_layout(top_k, has_ids, has_weights, part_bytes, has_prefixes)
+    signals = internode_signals(num_ranks, ranks_per_node)
+    return InternodeGeometry(layout, signals, internode_rings(signals, num_ranks, ranks_per_node, config,
+                                                              layout.row_bytes, layout.row_bytes))
 
 
-def internode_rdma_bytes(half_bytes: int, staging_bytes: int) -> int:
-    """`num_rdma_bytes` a call with these halves and staging needs: its region holds two halves
-    and staging is half the buffer."""
-    return max(4 * half_bytes, 2 * staging_bytes)
+def internode_combine_geometry(num_ranks: int, ranks_per_node: int, config, hidden: int, top_k: int, *,
+                               exact_partials: bool, f32_returns: bool = False) -> InternodeGeometry:
+    """A combine: returned rows within a node, partial sums between nodes."""
+    layout = internode_combine_layout(hidden, top_k, exact_partials=exact_partials, f32_returns=f32_returns)
+    signals = internode_signals(num_ranks, ranks_per_node)
+    return InternodeGeometry(layout, signals, internode_rings(signals, num_ranks, ranks_per_node, config,
+                                                              layout.partial_bytes, layout.return_bytes))

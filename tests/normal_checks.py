@@ -4,6 +4,7 @@ the numpy oracle (several processes share the GPU, so no XLA collective may run 
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import traceback
@@ -15,6 +16,8 @@ import gpu_workers
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 AXIS = "ep"
+# For a short device run: only the checks whose names contain one of these comma-separated words.
+ONLY_CHECKS = [w for w in os.environ.get("JAX_DEEPEP_ONLY_CHECKS", "").split(",") if w]
 
 
 def skip_reason():
@@ -86,6 +89,8 @@ class Worker:
         return self.local(self.compile(fn)(*(self.place(a) for a in arrays)))
 
     def check(self, name, fn):
+        if ONLY_CHECKS and not any(word in name for word in ONLY_CHECKS):
+            return
         try:
             fn()
             print(f"ok   {name}", flush=True)
@@ -156,8 +161,9 @@ def same_values(got, want, what):
 
 
 def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random", fp8=False, capacity=None,
-                   alignment=1, with_weights=True, combine=True, cached=True, bias=2):
-    """One dispatch (+ cached dispatch, + combine) on fresh random data, checked against the oracle."""
+                   alignment=1, with_weights=True, combine=True, cached=True, bias=2, config=None):
+    """One dispatch (+ cached dispatch, + combine) on fresh random data, checked against the oracle; every op
+    with `config` (None: the default)."""
     import jax.numpy as jnp
     import ml_dtypes
 
@@ -186,20 +192,21 @@ def check_dispatch(w: Worker, rng, *, tokens, hidden, topk, experts, kind="rando
         tokens_in = tuple(parts_) if fp8 else parts_[0]
         layout = buffer.get_dispatch_layout(idx_, experts)
         out = buffer.dispatch(tokens_in, topk_idx=idx_, topk_weights=weights_ if with_weights else None,
-                              layout=layout, num_worst_tokens=capacity, expert_alignment=alignment)
+                              layout=layout, num_worst_tokens=capacity, expert_alignment=alignment, config=config)
         result = {"layout": layout, "recv_x": out.recv_x, "recv_topk_idx": out.recv_topk_idx,
                   "recv_topk_weights": out.recv_topk_weights, "per_expert": out.num_recv_tokens_per_expert,
                   "num_recv": out.num_recv_tokens, "src_idx": out.handle.recv_src_idx,
                   "src_rank": out.handle.recv_src_rank, "anchor": anchor}
         if cached:
-            result["cached_x"] = buffer.dispatch(tokens_in, handle=out.handle).recv_x
+            result["cached_x"] = buffer.dispatch(tokens_in, handle=out.handle, config=config).recv_x
         if combine:
             live = (jnp.arange(out.handle.capacity) < out.num_recv_tokens)[:, None]
             rows = out.recv_x[0].astype(jnp.float32) * out.recv_x[1].repeat(128, axis=1) if fp8 \
                 else out.recv_x.astype(jnp.float32)
             yy = jnp.where(live, rows * y_.astype(jnp.float32), 0.0).astype(jnp.bfloat16)
             ww = out.recv_topk_weights if with_weights else None
-            result["combined"] = buffer.combine(yy, out.handle, topk_weights=ww, bias=tuple(bias_) or None)
+            result["combined"] = buffer.combine(yy, out.handle, topk_weights=ww, bias=tuple(bias_) or None,
+                                                config=config)
             result["y"] = yy
         return result
 
@@ -375,10 +382,11 @@ def _rounded_node_partials(partials, w: Worker):
 
 
 def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random", fp8=False, capacity=None,
-                  alignment=1, with_weights=True, bias=2):
+                  alignment=1, with_weights=True, bias=2, config=None):
     """An expert-grouped dispatch, a cached dispatch with its handle and a weighted combine on fresh random
     data: the rows, ids, weights and counts exactly as the oracle's (padding rows zero), the combine rounded
-    exactly as the pure-JAX backend rounds it (and within half a bf16 ulp of the exact sum)."""
+    exactly as the pure-JAX backend rounds it (and within half a bf16 ulp of the exact sum). Every op with
+    `config` (None: the default)."""
     import jax.numpy as jnp
     import ml_dtypes
 
@@ -407,11 +415,12 @@ def check_grouped(w: Worker, rng, *, tokens, hidden, topk, experts, kind="random
         tokens_in = tuple(parts_) if fp8 else parts_[0]
         out = buffer.dispatch(tokens_in, topk_idx=idx_, topk_weights=weights_ if with_weights else None,
                               num_experts=experts, num_worst_tokens=capacity, expert_alignment=alignment,
-                              expert_grouped=True)
-        combined = buffer.combine(y_, out.handle, topk_weights=rw_, bias=tuple(bias_) or None)
+                              expert_grouped=True, config=config)
+        combined = buffer.combine(y_, out.handle, topk_weights=rw_, bias=tuple(bias_) or None, config=config)
         return {"recv_x": out.recv_x, "recv_topk_idx": out.recv_topk_idx, "recv_topk_weights": out.recv_topk_weights,
                 "weight": out.handle.weight, "per_expert": out.num_recv_tokens_per_expert,
-                "num_recv": out.num_recv_tokens, "cached_x": buffer.dispatch(tokens_in, handle=out.handle).recv_x,
+                "num_recv": out.num_recv_tokens,
+                "cached_x": buffer.dispatch(tokens_in, handle=out.handle, config=config).recv_x,
                 "combined": combined}
 
     got = w.run(body, *parts, idx, weights, y, row_weights, *biases)

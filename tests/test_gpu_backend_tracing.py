@@ -78,16 +78,17 @@ _INTERNODE_TARGETS = {False: ("jax_deepep_internode_dispatch", "jax_deepep_inter
                              "jax_deepep_internode_grouped_cached_dispatch")}
 
 
-def _internode_buffer(mesh, axis_name: str, exact: bool = False):
-    """A Buffer whose normal mode traces through the internode kernels, in nodes of 4 ranks."""
+def _internode_buffer(mesh, axis_name: str, exact: bool = False, ranks_per_node: int = 4,
+                      num_rdma_bytes: int = 1 << 30):
+    """A Buffer whose normal mode traces through the internode kernels, in nodes of `ranks_per_node` ranks."""
     from jax_deepep.gpu import nvshmem
     from jax_deepep.gpu.internode import InternodeBackend
 
     if not nvshmem.available():
         pytest.skip(nvshmem.unavailable_reason())
-    buffer = buffer_with_cuda_backends(mesh, axis_name, ranks_per_node=4, exact_internode_combine=exact)
-    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=1 << 30)
-    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=4, exact_combine=exact)
+    buffer = buffer_with_cuda_backends(mesh, axis_name, ranks_per_node=ranks_per_node, exact_internode_combine=exact)
+    symmetric = types.SimpleNamespace(buffer_id=3, num_bytes=num_rdma_bytes)
+    buffer.normal_backend = InternodeBackend(symmetric, ranks_per_node=ranks_per_node, exact_combine=exact)
     return buffer
 
 
@@ -297,3 +298,82 @@ def test_low_latency_combine_carries_use_logfmt(use_logfmt):
     for target, attributes in combine:
         _check_decodable(attributes, handler_attrs_struct(target), target)
         assert attributes["use_logfmt"] == str(use_logfmt).lower(), (target, attributes["use_logfmt"])
+
+
+def _internode_round_trip(buffer, grouped: bool, num_experts: int, dispatch_config, combine_config):
+    """A shard_map step of every internode op on one Buffer: dispatch of bf16 and of FP8 rows, cached dispatch,
+    combine with weights (`grouped`: their expert-grouped twins)."""
+    def step(x, values, scales, idx, w):
+        routing = dict(topk_idx=idx[0], topk_weights=w[0], num_experts=num_experts, expert_grouped=grouped,
+                       config=dispatch_config)
+        out = buffer.dispatch(x[0], **routing)
+        fp8 = buffer.dispatch((values[0], scales[0]), **routing)
+        again = buffer.dispatch(x[0], handle=out.handle, config=dispatch_config)
+        combined, _ = buffer.combine(again.recv_x, out.handle, topk_weights=out.recv_topk_weights,
+                                     config=combine_config)
+        return combined[None], fp8.recv_x[0][None]
+
+    return step
+
+
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 4])
+@pytest.mark.parametrize("exact, grouped", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_buffer_of_the_hint_holds_every_internode_op(ranks_per_node, exact, grouped):
+    """A Buffer of exactly `rdma_bytes_hint(...)` bytes (for its node size, or for any) traces every internode op
+    of those sizes (dispatch of bf16 and FP8 rows, cached dispatch, combine with weights) with the built-in
+    default Configs (config=None) and with a given one, and every call's rings fit it as its handler checks them
+    (its rings, and its send rings in the staging half); for its node size the hint is the most a call needs."""
+    from jax_deepep import Buffer, Config
+    from jax_deepep.config import default_combine_config, default_dispatch_config
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    tokens, hidden, top_k, experts = 48, 512, 4, 16
+    args = (jax.ShapeDtypeStruct((8, tokens, hidden), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, tokens, hidden), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((8, tokens, hidden // 128), jnp.float32),
+            jax.ShapeDtypeStruct((8, tokens, top_k), jnp.int32), jax.ShapeDtypeStruct((8, tokens, top_k), jnp.float32))
+    given = Config(6, 4, 20, 3, 24)
+    for config, dispatch_config, combine_config in (
+            (None, default_dispatch_config(8, Buffer.num_sms), default_combine_config(8, Buffer.num_sms)),
+            (given, given, given)):
+        for hint_node_size in (ranks_per_node, None):
+            hint = rdma_bytes_hint(tokens, hidden, top_k, experts, 8, ranks_per_node=hint_node_size,
+                                   exact_internode_combine=exact, expert_grouped=grouped, config=config)
+            buffer = _internode_buffer(mesh, "ep", exact, ranks_per_node, num_rdma_bytes=hint)
+            step = _internode_round_trip(buffer, grouped, experts, dispatch_config, combine_config)
+            traced = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)
+            calls = _custom_call_attributes(traced.lower(lowering_platforms=("cuda",)).as_text())
+            assert len(calls) == 4, [target for target, _ in calls]
+            needs = []
+            for target, attributes in calls:
+                rings = {name: int(value.split(" : ")[0]) for name, value in attributes["rings"].items()}
+                needs.append(max(rings["receive_bytes"], 2 * rings["staging_bytes"]))
+                assert needs[-1] <= hint, (target, needs[-1], hint)
+            if hint_node_size is not None:
+                assert max(needs) == hint
+
+
+@pytest.mark.parametrize("sizes, config, match", [
+    (dict(tokens=32768), None, "at most 32767 tokens per rank, got T=32768"),
+    (dict(tokens=20000), (2, 8, 64, 8, 64), "up to 40000 rows through one ring in one call"),
+    (dict(tokens=64), (130, 8, 64, 8, 64), r"`config.num_sms` must be at most 128 in internode mode"),
+    (dict(tokens=64, num_rdma_bytes=1 << 20), None, r"the Buffer is too small: num_rdma_bytes=1048576"),
+])
+def test_internode_ops_refuse_what_the_kernels_cannot_serve(sizes, config, match):
+    """At trace time, as a DeepEPError: more tokens than a signal counts, more rows through one ring in one call
+    (a channel's tokens of every node), more channels than the signals have room for, a Buffer too small for the
+    op's rings (naming the size hint)."""
+    from jax_deepep import Config
+
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = _internode_buffer(mesh, "ep", ranks_per_node=4, num_rdma_bytes=sizes.get("num_rdma_bytes", 1 << 30))
+    config = None if config is None else Config(*config)
+
+    def body(x, idx):
+        return buffer.dispatch(x, topk_idx=idx, num_experts=16, config=config).recv_x
+
+    args = (jax.ShapeDtypeStruct((8 * sizes["tokens"], 256), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8 * sizes["tokens"], 2), jnp.int32))
+    with pytest.raises(DeepEPError, match=match):
+        jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)

@@ -6,9 +6,9 @@ each other's buffers directly; every byte between "nodes" travels as nvshmem put
 hosts. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
 combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
-cached dispatch, weighted combine and gradient), plus the network traffic: one row per (token,
-destination node other than its own) in dispatch, one partial per (token, node) back in combine, of
-bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
+cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS),
+back-to-back combines on routing that mostly stays within nodes, and the network traffic: one row per (token, destination node other than its own) in dispatch, one
+partial per (token, node) back in combine, of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
 partial to bf16), then what the combine's rounding decides again on one with
 `exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
 """
@@ -24,6 +24,11 @@ import gpu_workers
 import normal_checks
 NUM_RDMA_BYTES = 1 << 30
 SIZES = dict(tokens=256, hidden=512, topk=8)  # of most checks
+# Rings far smaller than a call's rows (two channels of 128 tokens), batches that divide neither them nor
+# the windows: every ring wraps and its producer waits for room many times per call, where the default
+# Configs' rings hold the other checks' calls whole.
+SMALL_RINGS = dict(num_sms=4, num_max_nvl_chunked_send_tokens=5, num_max_nvl_chunked_recv_tokens=24,
+                   num_max_rdma_chunked_send_tokens=3, num_max_rdma_chunked_recv_tokens=20)
 
 
 def _run_workers(num_ranks: int, ranks_per_node: int):
@@ -66,10 +71,12 @@ def test_checks_accept_the_pure_jax_ops(exact):
     w = normal_checks.Worker(0, 4, devices=jax.devices()[:4], backend="reference", ranks_per_node=2,
                              exact_internode_combine=exact)
     rng = np.random.default_rng(1234)
-    checks = combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+    checks = (combine_checks(w, rng, 16 * 4, large=False) + grouped_combine_checks(w, rng, 16 * 4, large=False)
+              + small_ring_checks(w, rng, 16 * 4))
     for name, check in checks:
         w.check(name, check)
     w.check("pressure: 3 rounds", lambda: normal_checks.check_pressure(w, 4321, 3))
+    w.check("back-to-back combines", lambda: check_back_to_back_combines(w, 77))
     assert not w.failures
 
 
@@ -118,6 +125,39 @@ def check_traffic(w: normal_checks.Worker, seed: int, grouped: bool = False):
     print(f"traffic: {got}", flush=True)
 
 
+def check_back_to_back_combines(w: normal_checks.Worker, seed: int):
+    """Four combines of one dispatch in one program, on routing that mostly stays on each source's node: a
+    finisher or reducer that expects no rows from a producer may finish a call and start the next before
+    that producer has read its head 0 (cuda/internode_rings.cuh: wait_ring_started). Small integers and
+    scales of 2^i keep every sum exact: combine i gives 2^i x times the ranks each token went to."""
+    import jax.numpy as jnp
+
+    r, per_node, tokens, hidden, topk = w.num_ranks, w.buffer.ranks_per_node, 64, 128, 2
+    experts = 4 * r
+    per_rank = experts // r
+    rng = np.random.default_rng(seed)
+    idx = np.empty((r, tokens, topk), np.int32)
+    for rank in range(r):
+        node = rank // per_node
+        idx[rank] = rng.integers(node * per_node * per_rank, (node + 1) * per_node * per_rank, (tokens, topk))
+        anywhere = np.arange(tokens) % 16 == rank  # a few tokens may leave the node
+        idx[rank, anywhere] = rng.integers(0, experts, (int(anywhere.sum()), topk))
+    x = rng.integers(-2, 3, (r, tokens, hidden)).astype(np.float32)
+    buffer = w.buffer
+
+    def body(x_, idx_):
+        out = buffer.dispatch(x_.astype(jnp.bfloat16), topk_idx=idx_, num_experts=experts)
+        return tuple(buffer.combine(out.recv_x * jnp.bfloat16(2.0 ** i), out.handle)[0].astype(jnp.float32)
+                     for i in range(4))
+
+    got = w.run(body, x, idx)
+    ranks_reached = np.array([len(set(row // per_rank)) for row in idx[w.rank]], np.float32)
+    for i, combined in enumerate(got):
+        want = x[w.rank] * ranks_reached[:, None] * 2.0 ** i
+        bad = np.argwhere(combined != want)
+        assert bad.size == 0, f"combine {i}: {len(bad)} values differ, first at {bad[0]}"
+
+
 def check_no_keys_left():
     """Once every process destroyed its Buffer, no key of it is left in the jax.distributed store."""
     from jax._src import distributed
@@ -160,6 +200,21 @@ def grouped_combine_checks(w: normal_checks.Worker, rng, experts: int, large: bo
     return checks
 
 
+def small_rings():
+    """The Config of SMALL_RINGS."""
+    from jax_deepep import Config
+
+    return Config(**SMALL_RINGS)
+
+
+def small_ring_checks(w: normal_checks.Worker, rng, experts: int) -> list:
+    """(name, check) pairs of dispatch, cached dispatch and combine, plain and expert-grouped, through rings
+    of SMALL_RINGS."""
+    common = dict(SIZES, experts=experts, config=small_rings())
+    return [("small rings: dispatch/combine bf16", lambda: normal_checks.check_dispatch(w, rng, **common)),
+            ("small rings: grouped dispatch/combine bf16", lambda: normal_checks.check_grouped(w, rng, **common))]
+
+
 def grouped_dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
     """(name, check) pairs of the rest of the expert-grouped layout: routing, capacity, FP8."""
     common = dict(SIZES, experts=experts)
@@ -181,6 +236,10 @@ def dispatch_checks(w: normal_checks.Worker, rng, experts: int) -> list:
         ("out-of-range ids behave like -1", lambda: check(w, rng, kind="out_of_range", **common)),
         ("fp8 dispatch", lambda: check(w, rng, fp8=True, **common)),
         ("capacity overflow (rows past N dropped)", lambda: check(w, rng, capacity=96, kind="hot", **common)),
+        # Two-part rows and dropped rows through rings that wrap: the forwarder counts positions across many
+        # windows and refills.
+        ("small rings: hot routing, fp8, capacity overflow",
+         lambda: check(w, rng, capacity=96, kind="hot", fp8=True, config=small_rings(), **common)),
     ] + normal_checks.edge_checks(w, rng, experts) + normal_checks.vmap_checks(w, rng)
 
 
@@ -196,7 +255,9 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
         w.failures = failures  # one report for both Buffers
         mode = w.buffer.normal_backend.mode
         assert mode == "internode", f"the internode kernels are not in use: {mode}"
-        checks = combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts)
+        checks = [("back-to-back combines, routing mostly within nodes", lambda: check_back_to_back_combines(w, 77))]
+        checks += combine_checks(w, rng, experts) + grouped_combine_checks(w, rng, experts) + small_ring_checks(
+            w, rng, experts)
         if not exact:
             checks += dispatch_checks(w, rng, experts) + grouped_dispatch_checks(w, rng, experts)
         for name, check in checks:

@@ -240,7 +240,8 @@ def test_numpy_integers_accepted_and_bools_refused_by_the_configuration():
 
 
 @pytest.mark.parametrize("args, name", [((3, 1, 2), "num_sms"), ((20, 8, 4), "num_max_nvl_chunked_send_tokens"),
-                                        ((20, 0, 4), "num_max_nvl_chunked_send_tokens")])
+                                        ((20, 0, 4), "num_max_nvl_chunked_send_tokens"),
+                                        ((20, 8, 256, 200, 128), "num_max_rdma_chunked_send_tokens")])
 def test_config_errors_are_deepep_errors(args, name):
     with pytest.raises(deepep.DeepEPError, match=f"Config: `{name}`"):
         deepep.Config(*args)

@@ -5,6 +5,7 @@ import pytest
 
 import jax_deepep as deepep
 from jax_deepep import sizes
+from jax_deepep.config import Config
 from jax_deepep.gpu.ffi_call import struct_attribute
 from harness import ROOT, decoded_struct_members
 
@@ -37,54 +38,69 @@ def test_intranode_slots():
 
 
 def test_internode_layouts():
-    # T=4096 bf16 tokens with 8 ids and weights, 16 ranks in nodes of 8, 256 experts, N=16384. The signals (counts
-    # included: 8 bytes each, the signature above the call number and count) come first, then the rows.
-    assert sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16) == \
-        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416), 0, 2192, 4240, 2048, 118100112, 2064, 354291968,
-                                      118095872)
-    # FP8 tokens (values and scales) with weights only, 4 ranks in nodes of 2.
-    assert sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4) == \
-        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216), 0, 176, 176, 128, 952496, 144, 1904896, 952320)
-    # Combine with exact f32 partials ([H] f32 + K weights per (token, node)) ...
-    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=True) == sizes.InternodeCombineLayout(
-        14368, 28704, 2064, 0, 941623312, 2048, 1176766720, 235143168)
-    assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=True) == sizes.InternodeCombineLayout(
-        256, 512, 528, 0, 66064, 512, 131840, 65536)
-    # ... and with bf16 partials (the default): a partial row is a returned row's size, half the f32 one.
-    assert sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False) == sizes.InternodeCombineLayout(
-        14368, 14368, 2064, 0, 941623312, 2048, 1059326208, 117702656)
-    assert sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False) == sizes.InternodeCombineLayout(
-        256, 256, 528, 0, 66064, 512, 99072, 32768)
+    # A dispatched row: 16-byte header, K ids, K weights, parts (bf16 tokens of H=7168 with 8 ids and weights) ...
+    assert sizes.internode_dispatch_layout(8, True, True, [14336]) == \
+        sizes.InternodeDispatchLayout(14416, 16, 48, 80, (80, 14416))
+    # ... FP8 tokens (values and scales) with weights only.
+    assert sizes.internode_dispatch_layout(8, False, True, [7168, 224]) == \
+        sizes.InternodeDispatchLayout(7440, 16, 16, 48, (48, 7216))
+    # Combine: a returned row (bf16 [H] + K f32 weights) and a partial (f32 [H] when exact, else bf16, + weights).
+    assert sizes.internode_combine_layout(7168, 8, exact_partials=True) == sizes.InternodeCombineLayout(14368, 28704)
+    assert sizes.internode_combine_layout(7168, 8, exact_partials=False) == sizes.InternodeCombineLayout(14368, 14368)
+    assert sizes.internode_combine_layout(128, 0, exact_partials=False, f32_returns=True) == \
+        sizes.InternodeCombineLayout(512, 256)
+
+
+def test_internode_signals_and_rings():
+    # 16 ranks in nodes of 8: links (2 RDMA peers + 8 ranks of the node) x 64 channels x (3 + 2 L) signals for
+    # combine, then for dispatch, counts [2][R][R], expert counts [2][16384], then the rings.
+    assert sizes.internode_signals(16, 8) == sizes.InternodeSignals(152, 0, 97280, 194560, 198656, 460800)
+    config = Config(20, 32, 256, 16, 128)
+    rings = sizes.internode_dispatch_geometry(16, 8, config, 8, True, True, [14336]).rings
+    # 10 channels: rings from 2 nodes of 128 rows, then from 8 ranks of 256 rows; send rings to 2 nodes in staging.
+    assert rings == sizes.InternodeRings(10, 128, 16, 14416, 256, 32, 14416, 460800, 37365760, 332605440, 36904960)
+    assert rings.nvl_ring - rings.rdma_ring == rings.staging_bytes == 2 * 10 * 128 * 14416
+    combine = sizes.internode_combine_geometry(4, 2, Config(4, 4, 8, 2, 8), 128, 0, exact_partials=False).rings
+    assert combine == sizes.InternodeRings(2, 8, 2, 256, 8, 4, 256, 291072, 299264, 307456, 8192)
 
 
 def test_internode_signals_lie_where_other_shapes_do_not_move_them():
-    """Every signal comes before the rows, at offsets set by R, L and E alone, so a peer's call with other shapes
-    still signals where this rank waits, and its signature fails the op at once (no timeout)."""
-    big = sizes.internode_dispatch_layout(4096, 16384, 8, True, True, [14336], 256, 8, 16)
-    other = sizes.internode_dispatch_layout(64, 128, 2, True, False, [7168, 224], 256, 8, 16, has_prefixes=True)
-    signals = ("counts", "inbox_signals", "forward_signals", "expert_counts")
-    assert [getattr(big, f) for f in signals] == [getattr(other, f) for f in signals]
-    assert max(getattr(big, f) for f in signals) < min(big.inbox, big.landing)
-    combine = [sizes.internode_combine_layout(t, h, k, 8, 16, exact_partials=exact, f32_returns=f32)
-               for t, h, k, exact, f32 in ((4096, 7168, 8, True, False), (64, 128, 0, False, True))]
-    assert {(c.return_signals, c.partial_signals) for c in combine} == {(0, 2048)}
-    assert all(c.partial_signals < c.returns for c in combine)
+    """Every signal comes before every ring, at offsets set by R and L alone, so a peer's call with other shapes or
+    another Config still signals where this rank waits, and its signature fails the op at once (no timeout)."""
+    big = sizes.internode_dispatch_geometry(16, 8, Config(20, 32, 256, 16, 128), 8, True, True, [14336])
+    other = sizes.internode_dispatch_geometry(16, 8, Config(40, 8, 64, 4, 32), 2, True, False, [7168, 224],
+                                              has_prefixes=True)
+    combine = sizes.internode_combine_geometry(16, 8, Config(2, 1, 1, 1, 1), 128, 0, exact_partials=True)
+    assert big.signals == other.signals == combine.signals
+    assert all(g.rings.rdma_ring >= g.signals.rings for g in (big, other, combine))
+
+
+def test_internode_hint_is_bounded_by_the_rings():
+    """At T=4096, H=7168, top-8 of 256 experts: at most 1.5 GB at 2 nodes of 8, and at 8 nodes of 8 at most 1.5 times
+    that; neither T nor the capacity moves it (the rings bound it)."""
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    two = rdma_bytes_hint(4096, 7168, 8, 256, 16, ranks_per_node=8)
+    eight = rdma_bytes_hint(4096, 7168, 8, 256, 64, ranks_per_node=8)
+    assert two <= 1.5e9 and eight <= 1.5 * two
+    assert rdma_bytes_hint(32767, 7168, 8, 256, 16, ranks_per_node=8, capacity=16 * 32767) == two
+    # Its rings come from the configs: twice the slots, more bytes.
+    assert rdma_bytes_hint(4096, 7168, 8, 256, 16, ranks_per_node=8, config=Config(20, 32, 512, 16, 256)) > two
 
 
 def test_internode_hint_shrinks_with_bf16_partials():
-    """`rdma_bytes_hint` sizes combine for the Buffer's partials: at 2 nodes of 8 (T=4096, H=7168) f32
-    partials make combine the larger op, bf16 ones leave dispatch the larger."""
+    """`rdma_bytes_hint` sizes combine for the Buffer's partials: with f32 partials combine's rings between nodes take
+    twice the bytes."""
     from jax_deepep.gpu.internode import rdma_bytes_hint
 
-    args = (4096, 7168, 8, 256, 16)
-    combine = {exact: sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=exact)
+    config = Config(20, 16, 256, 16, 128)
+    combine = {exact: sizes.internode_combine_geometry(16, 8, config, 7168, 8, exact_partials=exact).rdma_bytes
                for exact in (False, True)}
-    dispatch = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16)
-    need = {exact: sizes.internode_rdma_bytes(c.half_bytes, c.staging_bytes) for exact, c in combine.items()}
-    dispatch_need = sizes.internode_rdma_bytes(dispatch.half_bytes, dispatch.staging_bytes)
-    assert need[False] < dispatch_need < need[True]
-    assert rdma_bytes_hint(*args, ranks_per_node=8, exact_internode_combine=True) == need[True]
-    assert rdma_bytes_hint(*args, ranks_per_node=8) == dispatch_need
+    assert combine[False] < combine[True]
+    args = (4096, 7168, 8, 256, 16)
+    assert rdma_bytes_hint(*args, ranks_per_node=8, exact_internode_combine=True, config=config) == combine[True]
+    assert rdma_bytes_hint(*args, ranks_per_node=8, exact_internode_combine=True) > rdma_bytes_hint(*args,
+                                                                                                   ranks_per_node=8)
 
 
 def test_internode_expert_grouped_layouts():
@@ -92,25 +108,39 @@ def test_internode_expert_grouped_layouts():
     f32 rows; partials and the plain layouts stay as they are; the hint covers both."""
     from jax_deepep.gpu.internode import rdma_bytes_hint
 
-    plain = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16)
-    grouped = sizes.internode_dispatch_layout(4096, 16 * 4096, 8, True, True, [14336], 256, 8, 16, has_prefixes=True)
+    plain = sizes.internode_dispatch_layout(8, True, True, [14336])
+    grouped = sizes.internode_dispatch_layout(8, True, True, [14336], has_prefixes=True)
     assert (grouped.prefix_at, grouped.part_at, grouped.row_bytes) == (80, (112, 14448), 14448)
     assert (plain.prefix_at, plain.part_at) == (80, (80, 14416))
-    combine = {f32: sizes.internode_combine_layout(4096, 7168, 8, 8, 16, exact_partials=False, f32_returns=f32)
+    combine = {f32: sizes.internode_combine_layout(7168, 8, exact_partials=False, f32_returns=f32)
                for f32 in (False, True)}
     assert combine[True].return_bytes == 7168 * 4 + 32 and combine[False].return_bytes == 7168 * 2 + 32
     assert combine[True].partial_bytes == combine[False].partial_bytes
     args = (4096, 7168, 8, 256, 16)
     assert rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True) > rdma_bytes_hint(*args, ranks_per_node=8)
-    # Any grouped capacity N: the token level has R * T rows.
-    assert rdma_bytes_hint(*args, ranks_per_node=8, capacity=64, expert_grouped=True) == \
-        rdma_bytes_hint(*args, ranks_per_node=8, expert_grouped=True)
 
 
-def test_internode_regions():
-    dispatch, combine = sizes.internode_regions((1 << 30) + 100)
-    assert dispatch == sizes.InternodeRegion(0, 1 << 28)
-    assert combine == sizes.InternodeRegion(1 << 29, 1 << 28)
+def test_internode_hint_without_a_node_size_serves_every_one():
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    args = (4096, 7168, 8, 256, 16)
+    assert sizes.internode_node_sizes(16) == [1, 2, 4, 8]
+    assert rdma_bytes_hint(*args) == max(rdma_bytes_hint(*args, ranks_per_node=n) for n in (1, 2, 4, 8))
+
+
+def test_config_rdma_hint_holds_every_internode_op_of_its_rows():
+    """`Config.get_rdma_buffer_size_hint(hidden_bytes, R)`: 0 within a node; beyond, at least what `rdma_bytes_hint`
+    asks for the same Config (any K up to 32, FP8, grouped, exact partials), and exactly the largest of those."""
+    from jax_deepep.gpu.internode import rdma_bytes_hint
+
+    config = Config(20, 32, 256, 16, 128)
+    assert config.get_rdma_buffer_size_hint(2 * 7168, 8) == 0
+    hint = config.get_rdma_buffer_size_hint(2 * 7168, 16)
+    assert hint >= rdma_bytes_hint(4096, 7168, 32, 256, 16, exact_internode_combine=True, expert_grouped=True,
+                                   config=config)
+    combine = max(sizes.internode_combine_geometry(16, n, config, 7168, 32, exact_partials=True,
+                                                   f32_returns=True).rdma_bytes for n in (1, 2, 4, 8))
+    assert hint >= combine
 
 
 def test_struct_attribute_spells_tuples_per_element():
@@ -124,9 +154,10 @@ def test_struct_attribute_spells_tuples_per_element():
     sizes.low_latency_layout(8, 256, 16),
     sizes.dispatch_slot([14336], 8),
     sizes.combine_slot(7168, 8),
-    sizes.internode_dispatch_layout(64, 128, 8, False, True, [7168, 224], 0, 2, 4),
-    sizes.internode_combine_layout(64, 128, 0, 2, 4, exact_partials=False),
-    sizes.internode_regions(1 << 20)[1],
+    sizes.internode_dispatch_layout(8, False, True, [7168, 224]),
+    sizes.internode_combine_layout(128, 0, exact_partials=False),
+    sizes.internode_signals(4, 2),
+    sizes.internode_combine_geometry(4, 2, Config(4, 4, 8, 2, 8), 128, 0, exact_partials=False).rings,
 ], ids=lambda layout: type(layout).__name__)
 def test_handlers_decode_the_fields_python_passes(layout):
     if not (ROOT / "xla_ffi").is_dir():

@@ -1,11 +1,13 @@
-// XLA FFI handlers of the internode normal mode (cuda/internode.cu): dispatch (cached dispatch is
-// the same call without ids) and combine, and their expert-grouped twins (a cached grouped
-// dispatch has its own), each one custom call launching its kernels on XLA's stream, on the
-// process's NVSHMEM buffer (xla_ffi/nvshmem_runtime.cc). No host synchronisation.
+// XLA FFI handlers of the internode normal mode (cuda/internode_dispatch.cu, cuda/internode_combine.cu):
+// dispatch (cached dispatch is the same call without ids) and combine, and their expert-grouped twins
+// (a cached grouped dispatch has its own), each one custom call launching its kernel on XLA's stream,
+// on the process's NVSHMEM buffer (xla_ffi/nvshmem_runtime.cc), with the geometry jax_deepep/sizes.py
+// computes from the op's shapes and Config. No host synchronisation.
 // The Bind lists at the bottom are the operand order; jax_deepep/gpu/internode.py calls each
 // target once, in the same order.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -27,7 +29,8 @@ struct InternodeDispatchAttrs {
   int64_t num_experts;  // 0 without ids
   int64_t ranks_per_node;
   int64_t expert_alignment;
-  InternodeRegion region;
+  InternodeSignals signals;
+  InternodeRings rings;
   InternodeDispatchLayout layout;
 };
 
@@ -35,36 +38,41 @@ struct InternodeCombineAttrs {
   int64_t buffer_id;
   int64_t ranks_per_node;
   bool exact_partials;  // f32 partials, else bf16 (the layout's partial rows are sized for it)
-  InternodeRegion region;
+  InternodeSignals signals;
+  InternodeRings rings;
   InternodeCombineLayout layout;
 };
 
 }  // namespace jax_deepep
 
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeRegion, StructMember<uint64_t>("offset"),
-                                      StructMember<uint64_t>("half_stride"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeSignals, StructMember<uint64_t>("link_bytes"),
+                                      StructMember<uint64_t>("combine_links"),
+                                      StructMember<uint64_t>("dispatch_links"), StructMember<uint64_t>("counts"),
+                                      StructMember<uint64_t>("expert_counts"), StructMember<uint64_t>("rings"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeRings, StructMember<uint64_t>("channels"),
+                                      StructMember<uint64_t>("rdma_slots"), StructMember<uint64_t>("rdma_batch"),
+                                      StructMember<uint64_t>("rdma_slot_bytes"), StructMember<uint64_t>("nvl_slots"),
+                                      StructMember<uint64_t>("nvl_batch"), StructMember<uint64_t>("nvl_slot_bytes"),
+                                      StructMember<uint64_t>("rdma_ring"), StructMember<uint64_t>("nvl_ring"),
+                                      StructMember<uint64_t>("receive_bytes"),
+                                      StructMember<uint64_t>("staging_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchLayout, StructMember<uint64_t>("row_bytes"),
                                       StructMember<uint64_t>("ids_at"), StructMember<uint64_t>("weights_at"),
                                       StructMember<uint64_t>("prefix_at"), StructMember<uint64_t>("part_at0"),
-                                      StructMember<uint64_t>("part_at1"),
-                                      StructMember<uint64_t>("counts"), StructMember<uint64_t>("expert_counts"),
-                                      StructMember<uint64_t>("inbox"), StructMember<uint64_t>("inbox_signals"),
-                                      StructMember<uint64_t>("landing"), StructMember<uint64_t>("forward_signals"),
-                                      StructMember<uint64_t>("half_bytes"), StructMember<uint64_t>("staging_bytes"));
+                                      StructMember<uint64_t>("part_at1"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineLayout, StructMember<uint64_t>("return_bytes"),
-                                      StructMember<uint64_t>("partial_bytes"), StructMember<uint64_t>("returns"),
-                                      StructMember<uint64_t>("return_signals"), StructMember<uint64_t>("partials"),
-                                      StructMember<uint64_t>("partial_signals"), StructMember<uint64_t>("half_bytes"),
-                                      StructMember<uint64_t>("staging_bytes"));
+                                      StructMember<uint64_t>("partial_bytes"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeDispatchAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("num_experts"),
                                       StructMember<int64_t>("ranks_per_node"),
                                       StructMember<int64_t>("expert_alignment"),
-                                      StructMember<jax_deepep::InternodeRegion>("region"),
+                                      StructMember<jax_deepep::InternodeSignals>("signals"),
+                                      StructMember<jax_deepep::InternodeRings>("rings"),
                                       StructMember<jax_deepep::InternodeDispatchLayout>("layout"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::InternodeCombineAttrs, StructMember<int64_t>("buffer_id"),
                                       StructMember<int64_t>("ranks_per_node"), StructMember<bool>("exact_partials"),
-                                      StructMember<jax_deepep::InternodeRegion>("region"),
+                                      StructMember<jax_deepep::InternodeSignals>("signals"),
+                                      StructMember<jax_deepep::InternodeRings>("rings"),
                                       StructMember<jax_deepep::InternodeCombineLayout>("layout"));
 
 namespace jax_deepep {
@@ -95,31 +103,58 @@ std::shared_ptr<NvshmemState> usable_state(int64_t buffer_id, int32_t device, in
   return rt;
 }
 
-// The op's two halves lie in the buffer at its region, and its staging in the staging half
-// (xla_ffi/nvshmem_runtime.h); the message names the size hint when the buffer is too small.
-ffi::Error check_region(const NvshmemState& rt, const InternodeRegion& region, uint64_t half_bytes,
-                        uint64_t staging_bytes) {
-  if (half_bytes > region.half_stride || staging_bytes > rt.num_bytes / 2) {
-    return invalid("num_rdma_bytes=" + std::to_string(rt.num_bytes) + " is too small: these sizes need " +
-                   std::to_string(4 * half_bytes) + " bytes of halves and " + std::to_string(2 * staging_bytes) +
-                   " for staging (jax_deepep.gpu.internode.rdma_bytes_hint)");
+// The signals and rings lie in the buffer (the send rings in the staging half, xla_ffi/nvshmem_runtime.h),
+// in the places jax_deepep/sizes.py gives them; the message names the size hint when the buffer is too small.
+// A ring carries at most a channel's tokens of every node in a call, a count that must fit a signal.
+ffi::Error check_rings(const NvshmemState& rt, const InternodeSignals& sig, const InternodeRings& r,
+                       uint64_t num_ranks, uint64_t per_node, uint64_t num_tokens) {
+  const uint64_t nodes = num_ranks / per_node, signal = sizeof(uint64_t);  // call_signal
+  if (r.receive_bytes > rt.num_bytes || 2 * r.staging_bytes > rt.num_bytes) {
+    return invalid("num_rdma_bytes=" + std::to_string(rt.num_bytes) + " is too small: these sizes and Config need " +
+                   std::to_string(std::max(r.receive_bytes, 2 * r.staging_bytes)) +
+                   " (jax_deepep.gpu.internode.rdma_bytes_hint)");
   }
-  return check_layout("internode region", {{"first half", region.offset, half_bytes, 256},
-                                           {"second half", region.offset + region.half_stride, half_bytes, 16}},
-                      rt.num_bytes);
+  if (r.channels < 1 || r.channels > kInternodeMaxChannels || r.rdma_batch < 1 || r.rdma_batch > r.rdma_slots ||
+      r.nvl_batch < 1 || r.nvl_batch > r.nvl_slots) {
+    return invalid("unsupported rings: " + std::to_string(r.channels) + " channels (at most " +
+                   std::to_string(kInternodeMaxChannels) + "), batches of " + std::to_string(r.rdma_batch) + " and " +
+                   std::to_string(r.nvl_batch) + " rows in rings of " + std::to_string(r.rdma_slots) + " and " +
+                   std::to_string(r.nvl_slots));
+  }
+  const uint64_t ring_rows = nodes * ((num_tokens + r.channels - 1) / r.channels);
+  if (ring_rows > kInternodeMaxTokens) {
+    return invalid("T=" + std::to_string(num_tokens) + " over " + std::to_string(r.channels) + " channels and " +
+                   std::to_string(nodes) + " nodes puts up to " + std::to_string(ring_rows) +
+                   " rows through one ring in one call (at most " + std::to_string(kInternodeMaxTokens) + ")");
+  }
+  const uint64_t links = (nodes + per_node) * kInternodeMaxChannels * sig.link_bytes;
+  const uint64_t rdma = nodes * r.channels * r.rdma_slots * r.rdma_slot_bytes;
+  return first_failure({
+      check_layout("internode signals",
+                   {{"combine links", sig.combine_links, links, signal},
+                    {"dispatch links", sig.dispatch_links, links, signal},
+                    {"counts", sig.counts, 2 * num_ranks * num_ranks * signal, signal},
+                    {"expert counts", sig.expert_counts, 2 * kInternodeMaxExperts * signal, signal},
+                    {"rings", sig.rings, 0, 256}},
+                   sig.rings),
+      check_layout("internode link", {{"words", 0, (3 + 2 * per_node) * signal, signal}}, sig.link_bytes),
+      check_layout("internode rings",
+                   {{"rdma rings", r.rdma_ring, rdma, 16},
+                    {"nvl rings", r.nvl_ring, per_node * r.channels * r.nvl_slots * r.nvl_slot_bytes, 16}},
+                   r.receive_bytes),
+      check_layout("internode send rings", {{"rows", 0, rdma, 16}}, r.staging_bytes),
+      r.rdma_ring >= sig.rings ? ffi::Error::Success() : invalid("the rings overlap the signals")});
 }
 
-// The dispatch layout fits the buffer at its region, and each piece holds what the kernels write into it.
+// The dispatch layout fits the buffer, and each piece holds what the kernels write into it.
 ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs, const InternodeDispatchShape& s,
                      int64_t num_ranks) {
   const InternodeDispatchLayout& l = attrs.layout;
-  const uint64_t ranks = num_ranks, per_node = s.ranks_per_node, nodes = ranks / per_node, tokens = s.num_tokens;
-  const uint64_t topk_bytes = 4 * static_cast<uint64_t>(s.top_k), experts = s.num_experts;
-  const uint64_t signal = sizeof(uint64_t);  // call_signal
+  const uint64_t topk_bytes = 4 * static_cast<uint64_t>(s.top_k);
   const uint64_t part_bytes[2] = {static_cast<uint64_t>(s.part_bytes[0]),
                                   s.num_parts == 2 ? static_cast<uint64_t>(s.part_bytes[1]) : 0};
   return first_failure({
-      check_region(rt, attrs.region, l.half_bytes, l.staging_bytes),
+      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node, s.num_tokens),
       check_layout("internode dispatch row",
                    {{"header", 0, 16, 16},
                     {"ids", l.ids_at, s.has_ids ? topk_bytes : 0, 4},
@@ -129,28 +164,20 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeDispatchAttrs& attrs
                     {"part 1", l.part_at[1], part_bytes[1], 16},
                     {"next row", l.row_bytes, 0, 16}},
                    l.row_bytes),
-      check_layout("internode dispatch half",
-                   {{"counts", l.counts, signal * ranks * ranks, signal},
-                    {"inbox signals", l.inbox_signals, signal * nodes, signal},
-                    {"forward signals", l.forward_signals, signal * per_node * nodes, signal},
-                    {"expert counts", l.expert_counts, signal * experts, signal},  // [R][E / R]
-                    {"inbox", l.inbox, nodes * tokens * l.row_bytes, 16},
-                    {"landing", l.landing, static_cast<uint64_t>(s.capacity) * l.row_bytes, 16}},
-                   l.half_bytes),
-      check_layout("internode dispatch staging", {{"rows", 0, nodes * tokens * l.row_bytes, 16}}, l.staging_bytes)});
+      attrs.rings.rdma_slot_bytes == l.row_bytes && attrs.rings.nvl_slot_bytes == l.row_bytes
+          ? ffi::Error::Success()
+          : invalid("dispatch ring slots must be dispatched rows")});
 }
 
-// The combine layout fits the buffer at its region, and each piece holds what the kernels write into it.
+// The combine layout fits the buffer, and each piece holds what the kernels write into it.
 ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs, const InternodeCombineShape& s,
                      int64_t num_ranks) {
   const InternodeCombineLayout& l = attrs.layout;
-  const uint64_t per_node = s.ranks_per_node, nodes = num_ranks / per_node, tokens = s.num_tokens;
   const uint64_t hidden = s.hidden, topk_bytes = 4 * static_cast<uint64_t>(s.top_k);
-  const uint64_t signal = sizeof(uint64_t);  // call_signal
   const uint64_t partial_values = (s.exact_partials ? 4 : 2) * hidden;
   const uint64_t returned_values = (s.pair_top_k > 0 ? 4 : 2) * hidden;
   return first_failure({
-      check_region(rt, attrs.region, l.half_bytes, l.staging_bytes),
+      check_rings(rt, attrs.signals, attrs.rings, num_ranks, s.ranks_per_node, s.num_tokens),
       check_layout("internode return row",
                    {{s.pair_top_k > 0 ? "f32 values" : "bf16 values", 0, returned_values, 16},
                     {"weights", returned_values, topk_bytes, 4},
@@ -161,14 +188,9 @@ ffi::Error check_fit(const NvshmemState& rt, const InternodeCombineAttrs& attrs,
                     {"weights", partial_values, topk_bytes, 4},
                     {"next row", l.partial_bytes, 0, 16}},
                    l.partial_bytes),
-      check_layout("internode combine half",
-                   {{"return signals", l.return_signals, signal * per_node * kInternodeReturnBlocks, signal},
-                    {"partial signals", l.partial_signals, signal * nodes, signal},
-                    {"returns", l.returns, per_node * nodes * tokens * l.return_bytes, 16},
-                    {"partials", l.partials, nodes * tokens * l.partial_bytes, 16}},
-                   l.half_bytes),
-      check_layout("internode combine staging", {{"partial rows", 0, nodes * tokens * l.partial_bytes, 16}},
-                   l.staging_bytes)});
+      attrs.rings.rdma_slot_bytes == l.partial_bytes && attrs.rings.nvl_slot_bytes == l.return_bytes
+          ? ffi::Error::Success()
+          : invalid("combine ring slots must be partial rows between nodes and returned rows within one")});
 }
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "internode", what); }
@@ -207,10 +229,12 @@ ffi::Error run_dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
   in.tokens_per_rank = tokens_per_rank.typed_data();
   const int64_t num_ranks = is_token_in_rank.dimensions()[1];
   if (num_tokens > kInternodeMaxTokens || s.top_k > kInternodeMaxTopk || attrs.expert_alignment < 1 ||
-      (s.has_ids && (attrs.num_experts <= 0 || attrs.num_experts % num_ranks != 0))) {
+      (s.has_ids && (attrs.num_experts <= 0 || attrs.num_experts > kInternodeMaxExperts ||
+                     attrs.num_experts % num_ranks != 0))) {
     return invalid("unsupported sizes: T=" + std::to_string(num_tokens) + " (at most " +
                    std::to_string(kInternodeMaxTokens) + "), top-k " + std::to_string(s.top_k) + " (at most " +
-                   std::to_string(kInternodeMaxTopk) + "), num_experts " + std::to_string(attrs.num_experts));
+                   std::to_string(kInternodeMaxTopk) + "), num_experts " + std::to_string(attrs.num_experts) +
+                   " (at most " + std::to_string(kInternodeMaxExperts) + ")");
   }
   s.num_tokens = static_cast<int>(num_tokens);
 
@@ -218,8 +242,8 @@ ffi::Error run_dispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
   std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
   if (ffi::Error e = check_fit(*rt, attrs, s, num_ranks); e.failure()) return e;
-  const InternodeDispatchCall call{rt->memory, InternodeTraffic{rt->traffic}, attrs.region, s, attrs.layout,
-                                   static_cast<int>(attrs.expert_alignment)};
+  const InternodeDispatchCall call{rt->memory,  InternodeTraffic{rt->traffic}, attrs.signals, attrs.rings, s,
+                                   attrs.layout, static_cast<int>(attrs.expert_alignment)};
   return launched(launch_internode_dispatch(call, in, out, stream), s.grouped ? "expert-grouped dispatch" : "dispatch");
 }
 
@@ -336,8 +360,8 @@ ffi::Error GroupedCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBu
 
 // What both combine handlers do once they set the rows' shape and weights in `s` and `in`: the
 // biases, the token-level routing, the size checks, then the launch.
-ffi::Error run_combine(cudaStream_t stream, int32_t device, BF16Matrix y, BF16 bias0, BF16 bias1, I32 src_rank,
-                       I32 src_idx, I32 num_recv, PredMatrix is_token_in_rank, I32 forwarded,
+ffi::Error run_combine(cudaStream_t stream, int32_t device, BF16Matrix y, BF16 bias0, BF16 bias1,
+                       I32 recv_rank_prefix, I32 src_idx, I32 num_recv, PredMatrix is_token_in_rank, I32 forwarded,
                        ffi::Result<BF16> combined_x, ffi::Result<F32> combined_weights, ffi::Result<I32> token,
                        const InternodeCombineAttrs& attrs, InternodeCombineShape s, InternodeCombineIn in) {
   InternodeCombineOut out{};
@@ -348,7 +372,7 @@ ffi::Error run_combine(cudaStream_t stream, int32_t device, BF16Matrix y, BF16 b
   s.num_bias = given(bias0) + given(bias1);
   in.bias[0] = data_or_null<const uint16_t>(bias0);
   in.bias[1] = data_or_null<const uint16_t>(bias1);
-  in.src_rank = src_rank.typed_data();
+  in.recv_rank_prefix = recv_rank_prefix.typed_data();
   in.src_idx = src_idx.typed_data();
   in.num_recv = num_recv.typed_data();
   in.is_token_in_rank = is_token_in_rank.typed_data();
@@ -361,6 +385,9 @@ ffi::Error run_combine(cudaStream_t stream, int32_t device, BF16Matrix y, BF16 b
     return invalid("unsupported sizes: T=" + std::to_string(s.num_tokens) + ", top-k " +
                    std::to_string(std::max(s.top_k, s.pair_top_k)));
   }
+  if (static_cast<int64_t>(recv_rank_prefix.element_count()) != num_ranks ||
+      static_cast<int64_t>(src_idx.element_count()) != s.capacity)
+    return invalid("combine expects the handle's recv_rank_prefix [R] and recv_src_idx [N]");
   out.x = reinterpret_cast<uint16_t*>(combined_x->typed_data());
   out.weights = data_or_null<float>(*combined_weights);
   out.token = token->typed_data();
@@ -369,13 +396,14 @@ ffi::Error run_combine(cudaStream_t stream, int32_t device, BF16Matrix y, BF16 b
   std::shared_ptr<NvshmemState> rt = usable_state(attrs.buffer_id, device, num_ranks, attrs.ranks_per_node, &error);
   if (rt == nullptr) return error;
   if (ffi::Error e = check_fit(*rt, attrs, s, num_ranks); e.failure()) return e;
-  const InternodeCombineCall call{rt->memory, InternodeTraffic{rt->traffic}, attrs.region, s, attrs.layout};
+  const InternodeCombineCall call{rt->memory, InternodeTraffic{rt->traffic}, attrs.signals, attrs.rings, s,
+                                  attrs.layout};
   return launched(launch_internode_combine(call, in, out, stream),
                   s.pair_top_k > 0 ? "expert-grouped combine" : "combine");
 }
 
-ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weights, BF16 bias0, BF16 bias1, I32 src_rank,
-                   I32 src_idx, I32 num_recv, PredMatrix is_token_in_rank, I32 forwarded,
+ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weights, BF16 bias0, BF16 bias1,
+                   I32 recv_rank_prefix, I32 src_idx, I32 num_recv, PredMatrix is_token_in_rank, I32 forwarded,
                    ffi::Result<BF16> combined_x, ffi::Result<F32> combined_weights, ffi::Result<I32> token,
                    InternodeCombineAttrs attrs) {
   InternodeCombineShape s{};
@@ -383,19 +411,20 @@ ffi::Error Combine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 weight
   s.capacity = static_cast<int>(y.dimensions()[0]);
   s.top_k = given(weights) ? static_cast<int>(weights.dimensions()[1]) : 0;
   in.weights = data_or_null<const float>(weights);
-  return run_combine(stream, device, y, bias0, bias1, src_rank, src_idx, num_recv, is_token_in_rank, forwarded,
-                     combined_x, combined_weights, token, attrs, s, in);
+  return run_combine(stream, device, y, bias0, bias1, recv_rank_prefix, src_idx, num_recv, is_token_in_rank,
+                     forwarded, combined_x, combined_weights, token, attrs, s, in);
 }
 
 // An expert-grouped combine: `y` [N, H] grouped rows, `row_weights` and `topk_weights` [N] or absent,
 // the handle's token-level routing (capacity R * T) and pair rows [R * T, K].
 ffi::Error GroupedCombine(cudaStream_t stream, int32_t device, BF16Matrix y, F32 row_weights, F32 topk_weights,
-                          BF16 bias0, BF16 bias1, I32 src_rank, I32 src_idx, I32 num_recv, PredMatrix is_token_in_rank,
+                          BF16 bias0, BF16 bias1, I32 recv_rank_prefix, I32 src_idx, I32 num_recv,
+                          PredMatrix is_token_in_rank,
                           I32 forwarded, I32Matrix pair_row, ffi::Result<BF16> combined_x,
                           ffi::Result<F32> combined_weights, ffi::Result<I32> token, InternodeCombineAttrs attrs) {
   InternodeCombineShape s{};
   InternodeCombineIn in{};
-  s.capacity = static_cast<int>(src_rank.element_count());
+  s.capacity = static_cast<int>(src_idx.element_count());
   s.pair_top_k = static_cast<int>(pair_row.dimensions()[1]);
   // The combined weights are [T, K]: each k's weight is topk_weights at its pair's row.
   s.top_k = given(*combined_weights) ? s.pair_top_k : 0;
@@ -407,8 +436,8 @@ ffi::Error GroupedCombine(cudaStream_t stream, int32_t device, BF16Matrix y, F32
   // With N = 0 grouped rows an [N] topk_weights reads as absent; no pair row then points into it.
   if (s.top_k > 0 && in.weights == nullptr && y.dimensions()[0] > 0)
     return invalid("expert-grouped combine: combined_topk_weights needs topk_weights");
-  return run_combine(stream, device, y, bias0, bias1, src_rank, src_idx, num_recv, is_token_in_rank, forwarded,
-                     combined_x, combined_weights, token, attrs, s, in);
+  return run_combine(stream, device, y, bias0, bias1, recv_rank_prefix, src_idx, num_recv, is_token_in_rank,
+                     forwarded, combined_x, combined_weights, token, attrs, s, in);
 }
 
 }  // namespace
@@ -445,7 +474,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_combine, jd::Combine,
                                   .Arg<jd::F32>()         // weights [N, K] or absent
                                   .Arg<jd::BF16>()        // bias [T, H] or absent
                                   .Arg<jd::BF16>()        // second bias [T, H] or absent
-                                  .Arg<jd::I32>()         // src_rank [N]
+                                  .Arg<jd::I32>()         // recv_rank_prefix [R]
                                   .Arg<jd::I32>()         // src_idx [N]
                                   .Arg<jd::I32>()         // num_recv []
                                   .Arg<jd::PredMatrix>()  // is_token_in_rank [T, R]
@@ -511,7 +540,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_internode_grouped_combine, jd::GroupedC
                                   .Arg<jd::F32>()         // topk_weights [N] or absent
                                   .Arg<jd::BF16>()        // bias [T, H] or absent
                                   .Arg<jd::BF16>()        // second bias [T, H] or absent
-                                  .Arg<jd::I32>()         // src_rank [R * T]
+                                  .Arg<jd::I32>()         // recv_rank_prefix [R]
                                   .Arg<jd::I32>()         // src_idx [R * T]
                                   .Arg<jd::I32>()         // num_recv []
                                   .Arg<jd::PredMatrix>()  // is_token_in_rank [T, R]

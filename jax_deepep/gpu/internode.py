@@ -1,14 +1,16 @@
-"""Internode normal mode on NVSHMEM: `cuda/internode.cu` (in the `_nvshmem_lib` module) as XLA FFI
-custom calls, for an expert-parallel axis of several nodes.
+"""Internode normal mode on NVSHMEM: `cuda/internode_dispatch.cu` and `cuda/internode_combine.cu` (in the
+`_nvshmem_lib` module) as XLA FFI custom calls, for an expert-parallel axis of several nodes.
 
 A token crosses the network once per destination node and is forwarded over NVLink inside it;
 combine returns one partial per (token, node), rounded to bf16 by default or in f32 with
 `Buffer(exact_internode_combine=True)`, and rounds their sum once at the source (protocol in
-`cuda/internode.cuh`). Results are those of the pure-JAX implementation, row for row. The handle's
-`route` is an `InternodeRoute`, which combine reads.
+`cuda/internode.cuh`). Every hop is a bounded ring per channel, sized by the op's `Config`
+(`sizes.internode_*_geometry`), so the symmetric buffer holds rings, not rows. Results are those of
+the pure-JAX implementation, row for row. The handle's `route` is an `InternodeRoute`, which combine
+reads.
 
 `InternodeBackend.expert_grouped` (`InternodeGroupedOps`) runs the same kernels on expert-grouped
-arguments: the final receiver writes each landed token straight to its (token, local expert) rows,
+arguments: the final receiver writes each received token straight to its (token, local expert) rows,
 and combine returns each token-level row's f32 sum of its weighted pair rows to the forwarder.
 """
 from __future__ import annotations
@@ -22,34 +24,47 @@ import numpy as np
 from .. import reference
 from ..backend import DispatchResult, RankContext, grouped_dispatch_result
 from ..buffer_keys import BufferKeys
-from ..config import Config
+from ..config import Config, default_combine_config, default_dispatch_config
 from ..routing import grouped_routing, valid_expert_ids
-from ..sizes import internode_combine_layout, internode_dispatch_layout, internode_rdma_bytes, internode_regions
+from ..sizes import (INTERNODE_MAX_CHANNELS, INTERNODE_MAX_EXPERTS, internode_combine_geometry,
+                     internode_dispatch_geometry, internode_node_sizes)
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
+from .intranode import _sm_count, check_resident
 from .nvshmem import SymmetricBuffer
 
-# A first expert-grouped dispatch's receive blocks keep (R + 1) * E_l row bases in shared memory
+# A first expert-grouped dispatch's sender blocks keep (R + 1) * E_l row bases in shared memory
 # (cuda/internode.cuh kInternodeMaxGroupedExperts).
 MAX_GROUPED_EXPERTS = 4096
+# Token counts and ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal;
+# cuda/internode.cuh kInternodeMaxTokens): at most this many tokens per rank, and rows through one ring in one call.
+MAX_COUNT = 32767
 
 
 def rdma_bytes_hint(num_tokens: int, hidden: int, num_topk: int, num_experts: int, num_ranks: int,
-                    ranks_per_node: int = 1, capacity: Optional[int] = None,
-                    exact_internode_combine: bool = False, expert_grouped: bool = False) -> int:
-    """`num_rdma_bytes` that internode dispatch (bf16 or FP8, with ids and weights) and combine of
-    these sizes need, on a Buffer with this `exact_internode_combine` (f32 partials take more);
-    `capacity` defaults to dispatch's (R * T). With `expert_grouped`, those of `expert_grouped=True`
-    (tokens carry their pair prefixes, combine returns f32 rows; any `capacity`: the token level
-    always has R * T rows). One rank per node is the most any node size needs."""
-    capacity = num_ranks * num_tokens if capacity is None or expert_grouped else capacity
-    dispatch = internode_dispatch_layout(num_tokens, capacity, num_topk, True, True, [hidden * 2], num_experts,
-                                         ranks_per_node, num_ranks, has_prefixes=expert_grouped)
-    combine = internode_combine_layout(num_tokens, hidden, num_topk, ranks_per_node, num_ranks,
-                                       exact_partials=exact_internode_combine, f32_returns=expert_grouped)
-    return max(internode_rdma_bytes(dispatch.half_bytes, dispatch.staging_bytes),
-               internode_rdma_bytes(combine.half_bytes, combine.staging_bytes))
+                    ranks_per_node: Optional[int] = None, capacity: Optional[int] = None,
+                    exact_internode_combine: bool = False, expert_grouped: bool = False,
+                    config: Optional[Config] = None) -> int:
+    """`num_rdma_bytes` that internode dispatch (bf16 or FP8, with ids and weights) and combine of these
+    sizes need, on a Buffer with this `exact_internode_combine` (f32 partials take more) and, with
+    `expert_grouped`, those of `expert_grouped=True` (rows carry pair prefixes, combine returns f32 rows).
+    The ops move rows through bounded rings, so the need is their rings' (`config`'s channels and slots;
+    None: the built-in default dispatch and combine configs at `Buffer.num_sms`), whatever `num_tokens`,
+    `num_experts` and `capacity` (accepted, and used for no size). `ranks_per_node` None: the most that any
+    node size needs."""
+    del num_tokens, num_experts, capacity  # the rings' sizes depend on none of them
+    from ..buffer import Buffer
+
+    dispatch_config = config or default_dispatch_config(num_ranks, Buffer.num_sms)
+    combine_config = config or default_combine_config(num_ranks, Buffer.num_sms)
+    node_sizes = internode_node_sizes(num_ranks) if ranks_per_node is None else [ranks_per_node]
+    return max(max(internode_dispatch_geometry(num_ranks, per_node, dispatch_config, num_topk, True, True,
+                                               [hidden * 2], has_prefixes=expert_grouped).rdma_bytes,
+                   internode_combine_geometry(num_ranks, per_node, combine_config, hidden, num_topk,
+                                              exact_partials=exact_internode_combine,
+                                              f32_returns=expert_grouped).rdma_bytes)
+               for per_node in node_sizes)
 
 
 def _per_token_bytes(a) -> int:
@@ -96,12 +111,13 @@ class InternodeBackend:
     name = "cuda"
     mode = "internode"
 
-    def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int, exact_combine: bool):
+    def __init__(self, symmetric: SymmetricBuffer, ranks_per_node: int, exact_combine: bool,
+                 sm_count: Optional[int] = None):
         self.symmetric = symmetric
         self.num_rdma_bytes = symmetric.num_bytes
         self.ranks_per_node = ranks_per_node
         self.exact_combine = exact_combine  # f32 partials, else bf16 (Buffer(exact_internode_combine=))
-        self._dispatch_region, self._combine_region = internode_regions(symmetric.num_bytes)
+        self._sm_count = sm_count  # the fewest SMs of this process's devices of the Buffer; None: unknown
         self.expert_grouped = InternodeGroupedOps(self)
 
     @classmethod
@@ -111,7 +127,7 @@ class InternodeBackend:
         within a node are written directly, the others over the network; waits on a peer give up after
         `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16."""
         return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node),
-                   ranks_per_node, exact_combine)
+                   ranks_per_node, exact_combine, _sm_count(mesh))
 
     def destroy(self):
         """Free the symmetric buffer (collective; idempotent)."""
@@ -125,26 +141,43 @@ class InternodeBackend:
         out = self.symmetric.lib.internode_traffic(self.symmetric.buffer_id, self.symmetric.device)
         return dict(zip(("dispatch_rows", "dispatch_bytes", "combine_rows", "combine_bytes"), out))
 
-    def _fits(self, op: str, layout, grouped: bool = False):
-        need = internode_rdma_bytes(layout.half_bytes, layout.staging_bytes)
+    def _geometry_attrs(self, op: str, ctx: RankContext, config: Config, num_tokens: int, geometry,
+                        grouped: bool = False) -> dict:
+        """The attributes every internode call has, for an op of `num_tokens` tokens per rank on `geometry`
+        (`sizes.internode_*_geometry` of `config`); refuses a Config the kernels cannot run and a Buffer too
+        small for the op."""
+        if config.num_channels > INTERNODE_MAX_CHANNELS:
+            fail(op, f"`config.num_sms` must be at most {2 * INTERNODE_MAX_CHANNELS} in internode mode, got "
+                     f"{config.num_sms}")
+        check_resident(op, config, self._sm_count)
+        if num_tokens > MAX_COUNT:
+            fail(op, f"internode mode serves at most {MAX_COUNT} tokens per rank, got T={num_tokens}")
+        rows = ctx.num_nodes * -(-num_tokens // config.num_channels)
+        if rows > MAX_COUNT:
+            fail(op, f"T={num_tokens} tokens over {config.num_channels} channels (`config.num_sms`="
+                     f"{config.num_sms}) and {ctx.num_nodes} nodes put up to {rows} rows through one ring in one "
+                     f"call, more than the {MAX_COUNT} its positions can count; use more SMs or fewer tokens")
+        need = geometry.rdma_bytes
         if need > self.num_rdma_bytes:
             hint = ", expert_grouped=True" if grouped else ""
-            fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but these sizes need {need} "
-                     f"in internode mode (jax_deepep.gpu.internode.rdma_bytes_hint(...{hint}) gives it before "
-                     "making the Buffer)")
-
-    def _dispatch_attrs(self, op: str, ctx: RankContext, parts, top_k: int, has_ids: bool, has_weights: bool,
-                        num_experts: int, capacity: int, expert_alignment: int, grouped: bool = False) -> dict:
-        """The attributes of a dispatch custom call moving `parts` (and K ids, weights and, in a first grouped
-        dispatch, prefixes per token) into `capacity` token-level rows; refuses a Buffer too small for it."""
-        layout = internode_dispatch_layout(parts[0].shape[0], capacity, top_k, has_ids, has_weights,
-                                           [_per_token_bytes(p) for p in parts], num_experts if has_ids else 0,
-                                           self.ranks_per_node, ctx.num_ranks, has_prefixes=grouped and has_ids)
-        self._fits(op, layout, grouped)
+            fail(op, f"the Buffer is too small: num_rdma_bytes={self.num_rdma_bytes} but these sizes and this Config "
+                     f"need {need} in internode mode (jax_deepep.gpu.internode.rdma_bytes_hint(...{hint}, "
+                     "config=) gives it before making the Buffer)")
         return dict(axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
-                    num_experts=np.int64(num_experts if has_ids else 0),
-                    ranks_per_node=np.int64(self.ranks_per_node), expert_alignment=np.int64(expert_alignment),
-                    region=struct_attribute(self._dispatch_region), layout=struct_attribute(layout))
+                    ranks_per_node=np.int64(self.ranks_per_node), signals=struct_attribute(geometry.signals),
+                    rings=struct_attribute(geometry.rings), layout=struct_attribute(geometry.layout))
+
+    def _dispatch_attrs(self, op: str, ctx: RankContext, config: Config, parts, top_k: int, has_ids: bool,
+                        has_weights: bool, num_experts: int, expert_alignment: int, grouped: bool = False) -> dict:
+        """The attributes of a dispatch custom call moving `parts` (and K ids, weights and, in a first grouped
+        dispatch, prefixes per token) with `config`; refuses what the kernels cannot serve."""
+        if has_ids and num_experts > INTERNODE_MAX_EXPERTS:
+            fail(op, f"`num_experts` must be at most {INTERNODE_MAX_EXPERTS} in internode mode, got {num_experts}")
+        geometry = internode_dispatch_geometry(ctx.num_ranks, self.ranks_per_node, config, top_k, has_ids, has_weights,
+                                               [_per_token_bytes(p) for p in parts],
+                                               has_prefixes=grouped and has_ids)
+        return dict(self._geometry_attrs(op, ctx, config, parts[0].shape[0], geometry, grouped),
+                    num_experts=np.int64(num_experts if has_ids else 0), expert_alignment=np.int64(expert_alignment))
 
     def _token_results(self, ctx: RankContext, num_tokens: int, capacity: int) -> tuple:
         """Results every dispatch has: src_rank, src_idx, send_row, recv_rank_prefix, num_recv."""
@@ -157,13 +190,13 @@ class InternodeBackend:
         """The last results of every dispatch: `forwarded` and the call number."""
         return (jax.ShapeDtypeStruct((ctx.num_nodes, num_tokens), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
 
-    def _dispatch_call(self, ctx: RankContext, parts, ids, weights, is_token_in_rank, counts: tuple,
+    def _dispatch_call(self, ctx: RankContext, config: Config, parts, ids, weights, is_token_in_rank, counts: tuple,
                        num_experts: int, capacity: int, expert_alignment: int, op: str):
         """`counts`: the layout's tokens per rank, and per expert with `ids` (what the kernel notifies)."""
         num_tokens = parts[0].shape[0]
         top_k = ids.shape[1] if ids is not None else (weights.shape[1] if weights is not None else 0)
-        attrs = self._dispatch_attrs(op, ctx, parts, top_k, ids is not None, weights is not None, num_experts,
-                                     capacity, expert_alignment)
+        attrs = self._dispatch_attrs(op, ctx, config, parts, top_k, ids is not None, weights is not None, num_experts,
+                                     expert_alignment)
         r, i32, f32 = ctx.num_ranks, jnp.int32, jnp.float32
         x, scales = _split_parts(parts)
         experts_per_rank = num_experts // r if ids is not None else 0
@@ -191,11 +224,10 @@ class InternodeBackend:
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
-        del config  # the internode kernels take no launch configuration yet
         ids = None if topk_idx is None else valid_expert_ids(topk_idx, num_experts)
         counts = (layout.num_tokens_per_rank,) + ((layout.num_tokens_per_expert,) if ids is not None else ())
         recv_parts, recv_ids, recv_weights, meta = self._dispatch_call(
-            ctx, parts, ids, topk_weights, layout.is_token_in_rank, counts, num_experts, num_worst_tokens,
+            ctx, config, parts, ids, topk_weights, layout.is_token_in_rank, counts, num_experts, num_worst_tokens,
             expert_alignment, "dispatch")
         src_rank, src_idx, send_row, recv_rank_prefix, num_recv, per_expert, forwarded = meta
         handle = DispatchHandle(
@@ -205,38 +237,35 @@ class InternodeBackend:
         return DispatchResult(recv_parts, recv_ids, recv_weights, per_expert, num_recv, handle)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
-        del config
         _route("dispatch", ctx, handle)
         counts = (jnp.sum(handle.is_token_in_rank, axis=0, dtype=jnp.int32),)
         recv_parts, _, recv_weights, _ = self._dispatch_call(
-            ctx, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
+            ctx, config, parts, None, topk_weights, handle.is_token_in_rank, counts, 0, handle.capacity, 1, "dispatch")
         return recv_parts, recv_weights
 
-    def _combine_args(self, ctx: RankContext, handle: DispatchHandle, y, bias, top_k: int, grouped: bool = False):
+    def _combine_args(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, bias, top_k: int,
+                      grouped: bool = False):
         """What a combine custom call of token-level routing `handle` takes besides its rows and weights, whose
         combined weights are [T, `top_k`] (0: none): (results, the bias operands, the routing operands,
         attributes). A grouped combine returns f32 rows to the forwarders."""
         route = _route("combine", ctx, handle)
         num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
         _check_hidden(hidden)
-        layout = internode_combine_layout(num_tokens, hidden, top_k, self.ranks_per_node, ctx.num_ranks,
-                                          exact_partials=self.exact_combine, f32_returns=grouped)
-        self._fits("combine", layout, grouped)
+        geometry = internode_combine_geometry(ctx.num_ranks, self.ranks_per_node, config, hidden, top_k,
+                                              exact_partials=self.exact_combine, f32_returns=grouped)
+        attrs = dict(self._geometry_attrs("combine", ctx, config, num_tokens, geometry, grouped),
+                     exact_partials=self.exact_combine)
         results = (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
                    optional_result((num_tokens, top_k) if top_k else None, jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32))
         biases = [optional_operand(b, jnp.bfloat16) for b in (list(bias) + [None, None])[:2]]
-        routing = (handle.recv_src_rank, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
+        routing = (handle.recv_rank_prefix, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
                    route.forwarded)
-        attrs = dict(axis_name=ctx.axis_name, buffer_id=np.int64(self.symmetric.buffer_id),
-                     ranks_per_node=np.int64(self.ranks_per_node), exact_partials=self.exact_combine,
-                     region=struct_attribute(self._combine_region), layout=struct_attribute(layout))
         return results, biases, routing, attrs
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
-        del config
         top_k = topk_weights.shape[1] if topk_weights is not None else 0
-        results, biases, routing, attrs = self._combine_args(ctx, handle, y, bias, top_k)
+        results, biases, routing, attrs = self._combine_args(ctx, config, handle, y, bias, top_k)
         x, weights, _token = ffi_call(
             "jax_deepep_internode_combine", results,
             y, optional_operand(None if topk_weights is None else topk_weights.astype(jnp.float32), jnp.float32),
@@ -254,7 +283,6 @@ class InternodeGroupedOps:
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
-        del config
         op = "dispatch"
         if num_experts > MAX_GROUPED_EXPERTS:
             fail(op, f"expert_grouped=True serves at most {MAX_GROUPED_EXPERTS} experts on the CUDA internode "
@@ -262,7 +290,7 @@ class InternodeGroupedOps:
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         backend = self.backend
-        attrs = backend._dispatch_attrs(op, ctx, parts, top_k, True, True, num_experts, rows, expert_alignment,
+        attrs = backend._dispatch_attrs(op, ctx, config, parts, top_k, True, True, num_experts, expert_alignment,
                                         grouped=True)
         ids, prefix, per_expert = grouped_routing(topk_idx, num_experts)
         weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
@@ -289,13 +317,12 @@ class InternodeGroupedOps:
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, parts,
                         topk_weights=None):
         """Returns (grouped rows, f32[N] pair weights from `topk_weights [T, K]` or None)."""
-        del config
         tokens, backend = handle.tokens, self.backend
         _route("dispatch", ctx, tokens)
         n, num_tokens, top_k = handle.capacity, parts[0].shape[0], handle.pair_row.shape[1]
         has_weights = topk_weights is not None
-        attrs = backend._dispatch_attrs("dispatch", ctx, parts, top_k if has_weights else 0, False, has_weights, 0,
-                                        tokens.capacity, 1, grouped=True)
+        attrs = backend._dispatch_attrs("dispatch", ctx, config, parts, top_k if has_weights else 0, False,
+                                        has_weights, 0, 1, grouped=True)
         x, scales = _split_parts(parts)
         f32 = jnp.float32
         recv_x, recv_scales, recv_weight, *_scratch = ffi_call(
@@ -314,10 +341,10 @@ class InternodeGroupedOps:
         `row_weights`) plus `bias`, in f32, each node's partial rounded to bf16 unless the Buffer combines
         exactly, the sum rounded once; f32 [T, K] or None: for each (t, k) the `topk_weights [N]` of its
         pair's row)."""
-        del config
         f32 = jnp.float32
         top_k = handle.pair_row.shape[1] if topk_weights is not None else 0
-        results, biases, routing, attrs = self.backend._combine_args(ctx, handle.tokens, y, bias, top_k, grouped=True)
+        results, biases, routing, attrs = self.backend._combine_args(ctx, config, handle.tokens, y, bias, top_k,
+                                                                     grouped=True)
         x, weights, _token = ffi_call(
             "jax_deepep_internode_grouped_combine", results,
             y, optional_operand(None if row_weights is None else row_weights.astype(f32), f32),

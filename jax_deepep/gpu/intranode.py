@@ -42,6 +42,15 @@ def _sm_count(mesh) -> Optional[int]:
     return min(counts) if counts and all(counts) else None
 
 
+def check_resident(op: str, config: Config, sm_count: Optional[int]):
+    """Refuses a Config with more blocks than a device of `sm_count` SMs (None: unknown) holds at once."""
+    if sm_count is not None and config.num_sms > sm_count:
+        fail(op, f"`config.num_sms`={config.num_sms} is more than the {sm_count} SMs of the device: the "
+                 "kernels need every block resident at once (a channel's sender and receiver blocks wait on "
+                 f"each other), so they would wait until the timeout; pass a Config with num_sms <= "
+                 f"{sm_count // 2 * 2}")
+
+
 def _bias_operands(bias) -> list:
     """The combine kernels' two bias operands: the given bf16 [T, H] biases, absent ones as (0,) arrays."""
     return [optional_operand(b, jnp.bfloat16) for b in (list(bias) + [None, None])[:2]]
@@ -131,11 +140,7 @@ class IntranodeBackend:
         channels = config.num_channels
         if channels > self._max_channels:
             fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
-        if self._sm_count is not None and config.num_sms > self._sm_count:
-            fail(op, f"`config.num_sms`={config.num_sms} is more than the {self._sm_count} SMs of the device: the "
-                     "kernels need every block resident at once (a channel's sender and receiver blocks wait on "
-                     f"each other), so they would wait until the timeout; pass a Config with num_sms <= "
-                     f"{self._sm_count // 2 * 2}")
+        check_resident(op, config, self._sm_count)
         slots, chunk_tokens = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
         need = intranode_ring_bytes(channels, ctx.num_ranks, slots, slot.bytes)
         if ctx.num_ranks > 1 and need > self.comm.ring_bytes:

@@ -1,5 +1,5 @@
 """The process's NVSHMEM set-up, shared by the low-latency and internode backends: the `_nvshmem_lib`
-module (cuda/low_latency.cu, cuda/internode.cu and their handlers in xla_ffi/), joining NVSHMEM as one
+module (cuda/low_latency.cu, cuda/internode_*.cu and their handlers in xla_ffi/), joining NVSHMEM as one
 PE per process, and each Buffer's symmetric buffer (`SymmetricBuffer`).
 
 NVSHMEM runs one PE per process, PE = the process's position on the expert-parallel axis; it is

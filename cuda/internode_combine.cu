@@ -1,0 +1,398 @@
+// Internode combine: one persistent kernel, dispatch's route reversed (protocol: internode.cuh; rings:
+// internode_rings.cuh). Blocks 2c and 2c + 1 serve channel c, the tokens [T c / C, T (c + 1) / C) of
+// every source rank:
+//  - block 2c: returner warps, a group per rank l of this node, send each received row of the sources
+//    (n, l) (for n in order; a source's rows are sorted by token, so the channel's are one run) into the
+//    ring to forwarder l: the bf16 row and its K f32 weights (grouped: the f32 sum of its weighted pair
+//    rows). Finisher warps take this rank's tokens in order and, for each node the token went to, the
+//    next partial of that node's ring; they sum them in f32 in node order, add the biases and round once.
+//  - block 2c + 1: reducer warps take each source node n in order and its tokens that came to this node
+//    (forwarded bit 31) in order: the next row of ring d for each rank d that kept the token (ring d
+//    carries exactly those rows, in (n, t) order), summed in f32 in local rank order and rounded to bf16
+//    unless exact; that partial and its f32 weights go into the ring to the source.
+// Summation orders are those of the pure-JAX implementation, row for row. No warp waits on two roles:
+// returners wait on reducers, reducers on returners and finishers, finishers on reducers, and a
+// reducer serves the sources in the order every finisher consumes them (token order per node), all
+// three in the same token windows (combine_window), so no cycle forms across ranks.
+#include <cuda_bf16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+
+#include "cuda/bf16x8.cuh"
+#include "cuda/grouped_rows.cuh"
+#include "cuda/internode_rings.cuh"
+#include "cuda/launch.h"
+#include "cuda/memory_order.cuh"
+#include "cuda/nvshmem_peers.cuh"
+#include "cuda/toolbox.cuh"
+#include "cuda/wait.cuh"
+#include "cuda/warp_copy.cuh"
+
+namespace jax_deepep {
+namespace {
+
+constexpr int kReturnerWarps = kWarps / 2;  // block 2c: warps [0, 8) return, [8, 16) finish
+
+__host__ __device__ bool is_grouped(const InternodeCombineShape& s) { return s.pair_top_k > 0; }
+
+__host__ __device__ OpKind op_kind(const InternodeCombineShape& s) {
+  return is_grouped(s) ? OpKind::kInternodeGroupedCombine : OpKind::kInternodeCombine;
+}
+
+// What two ranks' calls must agree on (the signature their signals carry): the op, and every size that
+// places a row or a slot in a peer's buffer or says what a row holds. (Only this rank reads the biases.)
+OpSignature signature_of(const InternodeCombineCall& c) {
+  const InternodeCombineShape& s = c.shape;
+  const InternodeRings& r = c.rings;
+  const auto word = [](auto value) { return static_cast<uint32_t>(value); };
+  return OpSignature(op_kind(s), {word(s.num_tokens), word(s.hidden), word(s.top_k), word(s.pair_top_k),
+                                  word(s.exact_partials), word(s.ranks_per_node), word(c.layout.return_bytes),
+                                  word(c.layout.partial_bytes), word(r.channels), word(r.rdma_slots),
+                                  word(r.rdma_batch), word(r.nvl_slots), word(r.nvl_batch)});
+}
+
+// Eight channels of a row of values in f32 or bf16. A node's partial travels to the source in f32
+// when exact (the sum is rounded once, at the source), else rounded to bf16 at the forwarder as
+// DeepEP does, which halves the network bytes of combine. A row returned to its forwarder is bf16
+// (plain: a row of y) or f32 (grouped: a sum of weighted pair rows, rounded once at the source).
+template <bool kF32>
+struct RowValues;
+
+template <>
+struct RowValues<true> {
+  static constexpr int kBytes = 4;  // per channel
+  __device__ static void store(char* at, const float (&acc)[8]) {
+    reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    reinterpret_cast<float4*>(at)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+  __device__ static void add_to(float (&acc)[8], const char* at) {
+    const float4* p = reinterpret_cast<const float4*>(at);
+    const float4 a = __ldcv(p), b = __ldcv(p + 1);
+    acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
+    acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
+  }
+};
+
+template <>
+struct RowValues<false> {
+  static constexpr int kBytes = 2;
+  __device__ static void store(char* at, const float (&acc)[8]) {
+    *reinterpret_cast<uint4*>(at) = pack_bf16x8<uint4>(acc);
+  }
+  __device__ static void add_to(float (&acc)[8], const char* at) {
+    accumulate(acc, __ldcv(reinterpret_cast<const uint4*>(at)));
+  }
+};
+
+// Returners, reducers and finishers all walk a channel's tokens in windows of this many, from its first
+// token. So each ring's producer puts, per window, exactly the rows its consumer takes next: a producer
+// waiting for room for a window's rows waits only for windows before it, which its consumer finishes
+// without it, and a window's rows fit every ring. (Windows of different sizes could deadlock: a consumer
+// waiting for rows its producer may write only once the consumer frees more room than the ring has.)
+__device__ __forceinline__ int combine_window(const InternodeRings& r) {
+  return min(kWarpSize, static_cast<int>(min(r.nvl_slots, r.rdma_slots)));
+}
+
+// ---- block 2c: return and finish ----------------------------------------------------------------
+// Whole warp, a grouped combine: at `dst`, the f32 sum over token-level row j's pairs of their row
+// weight * y[pair row] (0 for none), then for each k the topk_weights of its pair's row (0 for none).
+__device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeCombineIn& in, char* dst, int j,
+                                int lane) {
+  const TokenPairs t = token_pairs(in.pair_row, in.row_weights, s.pair_top_k, j, lane);
+  const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(in.y);
+  const int vectors = s.hidden / 8;
+  for (int first = 0; first < vectors; first += kWarpSize) {
+    const int i = first + lane;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    add_pair_rows(acc, y, s.hidden, t.owners, t.row, t.weight, i, i < vectors);
+    if (i < vectors) RowValues<true>::store(dst + static_cast<size_t>(i) * 8 * RowValues<true>::kBytes, acc);
+  }
+  // With N = 0 grouped rows no pair has a row, and topk_weights may read as absent.
+  if (lane < s.top_k)
+    reinterpret_cast<float*>(dst + s.hidden * RowValues<true>::kBytes)[lane] =
+        t.row >= 0 && in.weights != nullptr ? in.weights[t.row] : 0.0f;
+}
+
+// Whole group: the received rows of sources (n, l), n in order, whose tokens are in the channel, into
+// the ring to forwarder l of this node, a token window at a time (combine_window).
+template <bool kGrouped>
+__device__ void return_to(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
+                          const OpRings& o, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
+  const InternodeCombineShape& s = c.shape;
+  const InternodeRings& r = c.rings;
+  const Topology& topo = o.topo;
+  const int lane = threadIdx.x % kWarpSize, R = topo.num_ranks;
+  RingProducer p = o.to_local(l, channel, words);
+  g.sync();  // the group is done with its words
+  p.start(g, call);
+  const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
+  const int window = combine_window(r);
+  for (int n = 0; n < topo.nodes; ++n) {
+    const int src = n * topo.per_node + l;
+    const int lo = min(in.recv_rank_prefix[src], kept);
+    const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
+    int i = lower_bound_row(in.src_idx, lo, hi, range.first);
+    for (int t0 = range.first; t0 < range.last && i < hi; t0 += window) {
+      const int end = lower_bound_row(in.src_idx, i, hi, min(t0 + window, range.last));
+      const int rows = end - i;
+      if (rows == 0) continue;
+      p.reserve(g, call, rows);
+      for (int k = g.warp; k < rows; k += g.warps) {
+        char* dst = p.slot(k);
+        const int row = i + k;
+        if constexpr (kGrouped) {
+          return_pair_sum(s, in, dst, row, lane);
+        } else {
+          warp_copy<Source::kInput>(dst, in.y + static_cast<size_t>(row) * s.hidden, s.hidden * 2, lane);
+          if (in.weights != nullptr && lane < s.top_k)
+            reinterpret_cast<float*>(dst + s.hidden * 2)[lane] = in.weights[row * s.top_k + lane];
+        }
+      }
+      p.advance(g, call, rows, static_cast<int>(r.nvl_batch));
+      i = end;
+    }
+  }
+  p.finish(g, call);
+}
+
+// Token t went to some rank of node m.
+__device__ __forceinline__ bool went_to(const bool* is_token_in_rank, int t, int num_ranks, int m, int per_node) {
+  bool any = false;
+  for (int d = 0; d < per_node; ++d) any |= is_token_in_rank[static_cast<size_t>(t) * num_ranks + m * per_node + d];
+  return any;
+}
+
+// Finisher group: this rank's tokens of the channel in order, each the sum of the partials of the nodes
+// it went to (node order) and the biases, rounded once. `shared` [3 nodes]: per node the window's
+// tokens going there (a ballot), the rows consumed and the rows seen in its ring.
+template <bool kExact>
+__device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& in, const InternodeCombineOut& out,
+                       const RingCall& call, const OpRings& o, const WarpGroup& g, int channel, TokenRange range,
+                       int* shared) {
+  const InternodeCombineShape& s = c.shape;
+  const Topology& topo = o.topo;
+  const int lane = threadIdx.x % kWarpSize, nodes = topo.nodes, H = s.hidden, R = topo.num_ranks;
+  unsigned* const went = reinterpret_cast<unsigned*>(shared);
+  int* const consumed = shared + nodes;
+  int* const seen = consumed + nodes;
+  if (g.leader_warp()) {
+    for (int m = lane; m < nodes; m += kWarpSize) {
+      set_signal(o.node_head(m, channel), call.signal(0), topo.rdma_peer(m), m != topo.node);
+      consumed[m] = seen[m] = 0;
+    }
+    __syncwarp();
+  }
+  const int window = combine_window(c.rings);
+  for (int t0 = range.first; t0 < range.last; t0 += window) {
+    const int tokens = min(window, range.last - t0);
+    if (g.leader_warp()) {
+      for (int m = 0; m < nodes; ++m) {
+        const unsigned b = __ballot_sync(0xffffffffu, lane < tokens && went_to(in.is_token_in_rank, t0 + lane, R, m,
+                                                                               topo.per_node));
+        if (lane == 0) {
+          went[m] = b;
+          const int need = consumed[m] + __popc(b);
+          if (need > seen[m]) {
+            seen[m] =
+                wait_ring_data(o.link(m, channel).tail, call, m == topo.node, need - 1, topo.rdma_peer(m), channel);
+          }
+        }
+      }
+    }
+    g.sync();
+    for (int j = g.warp; j < tokens; j += g.warps) {
+      const int t = t0 + j;
+      // Node m's partial of token j (null when the token did not go there): the tokens before it in the
+      // window that went there follow the rows consumed.
+      auto partial = [&](int m) -> const char* {
+        const unsigned b = went[m];
+        return (b >> j) & 1u ? o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) : nullptr;
+      };
+      for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int m = 0; m < nodes; ++m) {
+          const char* row = partial(m);
+          if (row != nullptr) RowValues<kExact>::add_to(acc, row + ch * RowValues<kExact>::kBytes);
+        }
+        for (int b = 0; b < s.num_bias; ++b)
+          accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
+        *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + ch) = pack_bf16x8<uint4>(acc);
+      }
+      if (out.weights != nullptr && lane < s.top_k) {
+        float w = 0.0f;
+        for (int m = 0; m < nodes; ++m) {
+          const char* row = partial(m);
+          if (row != nullptr) w += __ldcv(reinterpret_cast<const float*>(row + H * RowValues<kExact>::kBytes) + lane);
+        }
+        out.weights[static_cast<size_t>(t) * s.top_k + lane] = w;
+      }
+    }
+    g.sync();  // every warp's loads of the slots returned, and it read went and consumed
+    if (g.leader_warp()) {
+      for (int m = lane; m < nodes; m += kWarpSize) {
+        const int rows = __popc(went[m]);
+        if (rows == 0) continue;
+        consumed[m] += rows;
+        set_signal(o.node_head(m, channel), call.signal(consumed[m]), topo.rdma_peer(m), m != topo.node);
+      }
+      __syncwarp();  // lane 0 reads the other lanes' counts next
+    }
+  }
+  if (g.leader_warp()) {
+    bool remote = false;
+    for (int m = lane; m < nodes; m += kWarpSize) remote |= m != topo.node;
+    if (remote) nvshmem_quiet();  // this lane's head puts are complete before the kernel ends
+  }
+}
+
+// ---- block 2c + 1: reduce -----------------------------------------------------------------------
+// The whole block: for each source node n in order, the partial sums of its tokens that came to this
+// node, into the ring to the source. `shared` [2 L]: rows consumed and rows seen per ring from this node.
+template <bool kExact, bool kF32Returns>
+__device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
+                       const OpRings& o, int channel, TokenRange range, int* shared) {
+  __shared__ int words[1];
+  const InternodeCombineShape& s = c.shape;
+  const InternodeRings& r = c.rings;
+  const Topology& topo = o.topo;
+  const WarpGroup g = warp_groups(0, kWarps, 1, 1);
+  const int lane = threadIdx.x % kWarpSize, L = topo.per_node, H = s.hidden, T = s.num_tokens;
+  int* const consumed = shared;
+  int* const seen = consumed + L;
+  if (g.leader_warp()) {
+    if (lane < L) {
+      store_release(o.local_head(lane, channel), call.signal(0));
+      consumed[lane] = seen[lane] = 0;
+    }
+    __syncwarp();
+  }
+  const int window = combine_window(r);
+  for (int n = 0; n < topo.nodes; ++n) {
+    RingProducer p = o.to_node(n, channel, words);
+    g.sync();  // every warp has read the words of the last source
+    p.start(g, call);
+    for (int t0 = range.first; t0 < range.last; t0 += window) {
+      const int tokens = min(window, range.last - t0);
+      const int f = lane < tokens ? in.forwarded[static_cast<size_t>(n) * T + t0 + lane] : 0;
+      const unsigned came = __ballot_sync(0xffffffffu, f < 0);  // bit 31: the token came to this node
+      const int rows = __popc(came);
+      if (rows == 0) continue;
+      if (g.leader_warp()) {
+        for (int d = 0; d < L; ++d) {
+          const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
+          if (lane == 0 && need > seen[d]) {
+            seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call, true, need - 1,
+                                     topo.node_rank(d), channel);
+          }
+        }
+      }
+      p.reserve(g, call, rows);
+      g.sync();  // the rows of this window are in every ring it reads
+      for (int k = g.warp; k < rows; k += g.warps) {
+        const int j = nth_set_lane(came, k, lane);
+        const int fj = __shfl_sync(0xffffffffu, f, j);
+        // Ring d's row of token j: the tokens before it in the window that rank d kept.
+        const char* from[kInternodeMaxRanksPerNode];
+#pragma unroll
+        for (int d = 0; d < kInternodeMaxRanksPerNode; ++d) {
+          const unsigned kept = __ballot_sync(0xffffffffu, d < L && f < 0 && ((f >> d) & 1));
+          from[d] = d < L && ((fj >> d) & 1)
+                        ? o.from_local(d, channel).slot(consumed[d] + __popc(kept & ((1u << j) - 1)))
+                        : nullptr;
+        }
+        char* out = p.slot(k);
+        for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
+          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+          for (int d = 0; d < kInternodeMaxRanksPerNode; ++d)
+            if (from[d] != nullptr) RowValues<kF32Returns>::add_to(acc, from[d] + ch * RowValues<kF32Returns>::kBytes);
+          RowValues<kExact>::store(out + ch * RowValues<kExact>::kBytes, acc);
+        }
+        if (lane < s.top_k) {
+          float w = 0.0f;
+#pragma unroll
+          for (int d = 0; d < kInternodeMaxRanksPerNode; ++d)
+            if (from[d] != nullptr)
+              w += __ldcv(reinterpret_cast<const float*>(from[d] + H * RowValues<kF32Returns>::kBytes) + lane);
+          reinterpret_cast<float*>(out + H * RowValues<kExact>::kBytes)[lane] = w;
+        }
+      }
+      g.sync();  // every warp's loads of the rings' slots returned, and it read consumed
+      if (g.leader_warp()) {
+        for (int d = 0; d < L; ++d) {
+          const int taken = __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
+          if (lane == 0 && taken > 0) {
+            consumed[d] += taken;
+            store_release(o.local_head(d, channel), call.signal(consumed[d]));
+          }
+        }
+        __syncwarp();  // every lane reads the counts next
+      }
+      p.advance(g, call, rows, static_cast<int>(r.rdma_batch));
+    }
+    p.finish(g, call);
+    if (p.remote && g.leader()) {
+      atomicAdd(c.traffic.counters + 2, static_cast<unsigned long long>(p.rows));
+      atomicAdd(c.traffic.counters + 3, static_cast<unsigned long long>(p.rows) * c.layout.partial_bytes);
+    }
+  }
+}
+
+template <bool kGrouped, bool kExact>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(InternodeCombineCall c, InternodeCombineIn in,
+                                                             InternodeCombineOut out, uint32_t signature) {
+  __shared__ int words[kWarps][2];
+  extern __shared__ int shared[];  // block 2c: the finisher's [3 nodes]; block 2c + 1: the reducer's [2 L]
+  const OpRings o{c.mem, c.signals, c.rings, c.signals.combine_links, Topology(c.mem, c.shape.ranks_per_node)};
+  const Topology& topo = o.topo;
+  const RingCall call{wait_context(c.mem, op_kind(c.shape), signature), static_cast<uint32_t>(out.token[0])};
+  const int channel = blockIdx.x / 2, warp = threadIdx.x / kWarpSize;
+  const TokenRange range = channel_tokens(c.shape.num_tokens, channel, static_cast<int>(c.rings.channels));
+  if (blockIdx.x % 2 == 1) {
+    reduce<kExact, kGrouped>(c, in, call, o, channel, range, shared);
+    return;
+  }
+  if (warp < kReturnerWarps) {
+    const WarpGroup g = warp_groups(0, kReturnerWarps, topo.per_node, 1);
+    if (g.index >= g.count) return;
+    for (int l = g.index; l < topo.per_node; l += g.count)
+      return_to<kGrouped>(c, in, call, o, g, l, channel, range, words[warp - g.warp]);
+  } else {
+    const WarpGroup g = warp_groups(kReturnerWarps, kWarps - kReturnerWarps, 1, 1 + kReturnerWarps / 2);
+    finish<kExact>(c, in, out, call, o, g, channel, range, shared);
+  }
+}
+
+template <bool kGrouped, bool kExact>
+void launch_combine_kernel(const InternodeCombineCall& call, uint32_t signature, const InternodeCombineIn& in,
+                           const InternodeCombineOut& out, cudaStream_t stream) {
+  const int nodes = call.mem.num_ranks / call.shape.ranks_per_node;
+  const size_t shared_bytes = static_cast<size_t>(std::max(3 * nodes, 2 * call.shape.ranks_per_node)) * sizeof(int);
+  combine_kernel<kGrouped, kExact><<<2 * static_cast<int>(call.rings.channels), kThreads, shared_bytes, stream>>>(
+      call, in, out, signature);
+}
+
+}  // namespace
+
+cudaError_t launch_internode_combine(const InternodeCombineCall& call, const InternodeCombineIn& in,
+                                     const InternodeCombineOut& out, cudaStream_t stream) {
+  const InternodeCombineShape& s = call.shape;
+  const uint32_t signature = signature_of(call).value;
+  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kInternodeCombineCall, signature, out.token);
+  if (is_grouped(s)) {
+    if (s.exact_partials) {
+      launch_combine_kernel<true, true>(call, signature, in, out, stream);
+    } else {
+      launch_combine_kernel<true, false>(call, signature, in, out, stream);
+    }
+  } else if (s.exact_partials) {
+    launch_combine_kernel<false, true>(call, signature, in, out, stream);
+  } else {
+    launch_combine_kernel<false, false>(call, signature, in, out, stream);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace jax_deepep
