@@ -502,16 +502,33 @@ def worker_main(rank: int, num_ranks: int, port: int) -> int:
 
 
 def _leave(rank: int):
-    """Leave together with the peers that are still there: one ended by the failure watchdog never comes."""
+    """Leave together with the peers that are still there (one ended by the failure watchdog never comes).
+    Rank 0 leaves last: it hosts the jax.distributed service, and a peer whose client still talks to it
+    when it goes is aborted by that client (exit -6)."""
     from jax_deepep.topology import kv_client
 
-    kv_client().key_value_set(f"test_gpu_faults/left/{rank}", "1")
-    for peer in range(NUM_RANKS):
-        if peer != rank:
-            try:
-                kv_client().blocking_key_value_get(f"test_gpu_faults/left/{peer}", int((TIMEOUT_S + BOUND_S) * 1000))
-            except Exception as e:  # noqa: BLE001 - the peer is gone, or the store with it
-                print(f"rank {peer} did not leave with us: {str(e)[:200]}", flush=True)
+    kv_client().key_value_set(f"test_gpu_faults/left/{rank}", str(os.getpid()))
+    if rank != 0:
+        return
+    for peer in range(1, NUM_RANKS):
+        try:
+            pid = int(kv_client().blocking_key_value_get(f"test_gpu_faults/left/{peer}",
+                                                         int((TIMEOUT_S + BOUND_S) * 1000)))
+        except Exception as e:  # noqa: BLE001 - the peer is gone, or the store with it
+            print(f"rank {peer} did not leave with us: {str(e)[:200]}", flush=True)
+            continue
+        deadline = time.monotonic() + 30
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Process `pid` (of this host: the workers share one GPU) has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
