@@ -643,9 +643,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jax_deepep.bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=tuple(_BENCHES), default="normal")
     p.add_argument("--num-tokens", type=int, default=None, help="tokens per rank (4096; 128 in low_latency)")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--num-topk", type=int, default=8)
-    p.add_argument("--num-experts", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=None, help="7168; 2048 in moe")
+    p.add_argument("--num-topk", type=int, default=None, help="8; 2 in moe")
+    p.add_argument("--num-experts", type=int, default=None, help="256; 8 per rank in moe")
     p.add_argument("--num-ranks", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="timed batches (the median is reported)")
@@ -678,7 +678,7 @@ def parse_args(argv=None):
     jobs.add_argument("--process-id", type=int, default=None)
     jobs.add_argument("--local-device", type=int, default=None, help="this process's local GPU (with --coordinator)")
     jobs.add_argument("--shared-gpu", action="store_true", help=argparse.SUPPRESS)  # set by --spawn
-    p.add_argument("--moe-ffn", type=int, default=2048, help="width of each expert's SwiGLU (--mode moe)")
+    p.add_argument("--moe-ffn", type=int, default=1024, help="width of each expert's SwiGLU (--mode moe)")
     return p.parse_args(argv)
 
 
@@ -737,7 +737,11 @@ def main(argv=None):
         raise SystemExit(f"--num-ranks {num_ranks}: {len(devices)} devices (a job of several processes uses all)")
     num_tokens = args.num_tokens or (128 if args.mode == "low_latency" else 4096)
     args.rotations = args.rotations or (8 if args.mode == "low_latency" else 4)
-    sizes = Sizes(num_ranks, num_tokens, args.hidden, args.num_topk, args.num_experts)
+    # The MoE layer's default is a small one: XLA:GPU (jax 0.11.2) computes ragged_dot as a dense matmul
+    # over every local expert (rows x local experts x H in memory: 112 GiB at E = 256, H = 7168).
+    moe = args.mode == "moe"
+    sizes = Sizes(num_ranks, num_tokens, args.hidden or (2048 if moe else 7168), args.num_topk or (2 if moe else 8),
+                  args.num_experts or (8 * num_ranks if moe else 256))
     mesh = Mesh(np.array(devices[:num_ranks]), (AXIS,))
     print(f"jax {jax.__version__}, {num_ranks} x {devices[0].device_kind}, {args.mode} mode, {sizes}",
           file=sys.stderr)
