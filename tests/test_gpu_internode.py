@@ -7,9 +7,10 @@ hosts. Each process checks its own shard with the intranode tests' checks (tests
 random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
 combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
 cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS),
-back-to-back combines on routing that mostly stays within nodes, and the network traffic: one row per (token, destination node other than its own) in dispatch, one
-partial per (token, node) back in combine, of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds each node's
-partial to bf16), then what the combine's rounding decides again on one with
+back-to-back combines on routing that mostly stays within nodes, and the network traffic: one row per
+(token, destination node other than its own) in dispatch, one partial per (token, node) back in combine,
+of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds
+each node's partial to bf16), then what the combine's rounding decides again on one with
 `exact_internode_combine=True` (the oracle rounds once). Timeouts are tests/test_gpu_faults.py's.
 """
 from __future__ import annotations
