@@ -169,15 +169,12 @@ __device__ __forceinline__ int wait_ring_space(const uint64_t* head, const RingC
 // head 0: its newer head then stands for this call too, and this producer has no rows to put.
 __device__ __forceinline__ int wait_ring_started(const uint64_t* head, const RingCall& call, bool same_node, int peer,
                                                  int channel) {
-  const uint32_t seq = call.seq, signature = call.wait.signature;
+  const uint32_t seq = call.seq;
   const auto ahead = [seq](uint64_t v) { return static_cast<uint32_t>((v >> 16) - seq) & 0xffffu; };
   const uint64_t value = wait_until(
       head, [&ahead](uint64_t v) { return ahead(v) < 0x8000u; }, call.on(same_node), WaitKind::kInternodeRingSpace,
       peer, channel);
-  if (ahead(value) != 0) return 0;
-  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
-  if (theirs != signature) fail_op(call.wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
-  return static_cast<int>(value & 0xffffu);
+  return ahead(value) != 0 ? 0 : checked_signal_count(value, call.wait.signature, call.wait, peer);
 }
 
 // Leader: waits until the ring whose tail is `tail` (in this rank's buffer, written by its producer

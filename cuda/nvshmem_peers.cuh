@@ -93,6 +93,15 @@ __device__ __forceinline__ uint64_t call_signal(uint32_t signature, uint32_t seq
   return static_cast<uint64_t>(signature) << 32 | (seq & 0xffffu) << 16 | static_cast<uint32_t>(count & 0xffff);
 }
 
+// The count of `value`, a peer's signal of this call; fails the op at once when the peer's signature
+// (the op and shapes it ran) differs from `signature`.
+__device__ __forceinline__ int checked_signal_count(uint64_t value, uint32_t signature, const WaitContext& wait,
+                                                    int peer) {
+  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
+  if (theirs != signature) fail_op(wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
+  return static_cast<int>(value & 0xffffu);
+}
+
 // Waits for the signal of call `seq` at `p` with a count of at least `count` (a ring's head or tail:
 // rows so far) and returns its count; fails the op at once when the peer's signature differs.
 __device__ __forceinline__ int wait_call_count(const uint64_t* p, uint32_t seq, uint32_t signature, int count,
@@ -104,9 +113,7 @@ __device__ __forceinline__ int wait_call_count(const uint64_t* p, uint32_t seq, 
                (static_cast<uint32_t>(v >> 32) != signature || static_cast<int>(v & 0xffffu) >= count);
       },
       wait, what, peer, channel);
-  const uint32_t theirs = static_cast<uint32_t>(value >> 32);
-  if (theirs != signature) fail_op(wait, WaitKind::kOpMismatch, peer, -1, static_cast<int>(theirs >> 24));
-  return static_cast<int>(value & 0xffffu);
+  return checked_signal_count(value, signature, wait, peer);
 }
 
 // Waits for the signal of call `seq` at `p` and returns its count; fails the op at once when the
