@@ -8,6 +8,10 @@ wait would last for ever. So one thread per process reads the failure records of
 Buffers every `POLL_S`; once a record holds a failure and the program has not called the Buffer's
 `destroy()` within its `timeout_s`, the thread prints the failure and ends the process with
 `EXIT_CODE`. The process could not go on anyway: its CUDA context is lost.
+
+The process that hosts the jax.distributed service (process 0) waits `HOST_GRACE` times as long: its
+end takes the service with it, and jax.distributed aborts every process still connected, so its peers
+get the time to raise their own failures and leave (a peer's teardown waits up to `timeout_s` for it).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 import weakref
 
 POLL_S = 0.1
+HOST_GRACE = 3
 EXIT_CODE = 70  # EX_SOFTWARE: what a job launcher sees from a process that this thread ended
 
 _lock = threading.Lock()
@@ -47,11 +52,19 @@ def _check(entry, now: float):
         return None
     if entry[2] is None:
         entry[2] = now
-    if now - entry[2] < buffer.timeout_s:
+    hosting = _hosts_distributed_service()
+    if now - entry[2] < buffer.timeout_s * (HOST_GRACE if hosting else 1):
         return None
-    return (f"{failures[0]}\njax_deepep: destroy() was not called within timeout_s={buffer.timeout_s:g} s (a wait "
-            "such as jax.block_until_ready never returns once the CUDA context has trapped); ending the process "
+    waited = f" ({HOST_GRACE} times that here: this process hosts the jax.distributed service)" if hosting else ""
+    return (f"{failures[0]}\njax_deepep: destroy() was not called within timeout_s={buffer.timeout_s:g} s{waited} (a "
+            "wait such as jax.block_until_ready never returns once the CUDA context has trapped); ending the process "
             f"with exit code {EXIT_CODE} (docs/RELIABILITY.md)")
+
+
+def _hosts_distributed_service() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.service is not None
 
 
 def _run():
