@@ -62,9 +62,9 @@ def _check(entry, now: float):
 
 
 def _hosts_distributed_service() -> bool:
-    from jax._src import distributed
+    import jax
 
-    return distributed.global_state.service is not None
+    return jax.distributed.is_initialized() and jax.process_index() == 0
 
 
 def _run():
