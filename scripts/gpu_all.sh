@@ -101,7 +101,10 @@ run_step() {
                          --profile /tmp/jax_deepep_profile_ll ;;
     bench_internode) bench_internode bench_internode ;;
     tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
-    bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json" ;;
+    bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json"
+               # the Buffer's layouts again on every SM (docs/PERFORMANCE.md, "The MoE layer")
+               TAIL=8 step bench_moe_max_sms 120 "$PY" -m jax_deepep.bench --mode moe --iters 10 --num-sms max \
+                 --only buffer --json "$LOGS/moe_max_sms.json" ;;
     bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;
   esac
