@@ -7,7 +7,8 @@
 #        per memory: gpu_faults_intranode gpu_faults_low_latency gpu_faults_low_latency_nvshmem
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
-#        tuned_configs.json) bench_internode bench_internode_mps bench_moe (these three not run by default)
+#        tuned_configs.json) bench_internode bench_internode_mps bench_moe bench_moe_r2 (R = 2 sharing GPU 0
+#        under MPS) (these four not run by default)
 # Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
 # every limit is cut to what is left of that budget and steps that no longer fit are skipped, so the logs
 # are packed before the call ends. Logs, JSON, charts and profile traces are packed into
@@ -106,6 +107,8 @@ run_step() {
                TAIL=8 step bench_moe_max_sms 120 "$PY" -m jax_deepep.bench --mode moe --iters 10 --num-sms max \
                  --only buffer --json "$LOGS/moe_max_sms.json" ;;
     bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
+    bench_moe_r2) mps_on && TAIL=12 step bench_moe_r2 240 "$PY" -m jax_deepep.bench --mode moe --spawn 2 \
+                    --iters 10 --json "$LOGS/moe_r2.json"; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;
   esac
 }
