@@ -260,6 +260,14 @@ def _grouped_ops(op: str, backend):
     return ops
 
 
+def _check_grouped_experts(op: str, backend, ops, num_experts: int):
+    """Expert-grouped kernels keep a row base per expert in shared memory: `ops.max_num_experts` of them."""
+    limit = getattr(ops, "max_num_experts", None)
+    if limit is not None and num_experts > limit:
+        fail(op, f"expert_grouped=True serves at most {limit} experts on the {backend.name.upper()} {backend.mode} "
+                 f"backend, got num_experts={num_experts}")
+
+
 def _serving(backend, num_tokens: int):
     """The backend that serves a call on `num_tokens` tokens per rank: `no_tokens` when there are none."""
     return NO_TOKENS if num_tokens == 0 else backend
@@ -315,6 +323,8 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         num_experts = _check_num_experts(op, layout_experts, ctx)
         if topk_idx is not None:
             checking.check_expert_ids(topk_idx, num_experts)
+    if expert_grouped:
+        _check_grouped_experts(op, backend, ops, num_experts)
     expert_alignment = integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
     if num_worst_tokens is None:
         num_worst_tokens = ctx.num_ranks * num_tokens

@@ -377,3 +377,20 @@ def test_internode_ops_refuse_what_the_kernels_cannot_serve(sizes, config, match
             jax.ShapeDtypeStruct((8 * sizes["tokens"], 2), jnp.int32))
     with pytest.raises(DeepEPError, match=match):
         jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)
+
+
+@pytest.mark.parametrize("kernels", ["intranode", "internode"])
+def test_expert_grouped_dispatch_refuses_more_experts_than_its_row_bases_hold(kernels):
+    """The grouped kernels keep a row base per expert in shared memory (MAX_GROUPED_EXPERTS): a dispatch over
+    more experts is a DeepEPError at trace time, naming the backend."""
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = (buffer_with_cuda_backends(mesh, "ep") if kernels == "intranode"
+              else _internode_buffer(mesh, "ep", ranks_per_node=4))
+
+    def body(x, idx):
+        return buffer.dispatch(x, topk_idx=idx, num_experts=8 * 513, expert_grouped=True).recv_x
+
+    args = (jax.ShapeDtypeStruct((8 * 16, 256), jnp.bfloat16), jax.ShapeDtypeStruct((8 * 16, 2), jnp.int32))
+    match = f"expert_grouped=True serves at most 4096 experts on the CUDA {kernels} backend, got num_experts=4104"
+    with pytest.raises(DeepEPError, match=match):
+        jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)

@@ -31,12 +31,9 @@ from ..sizes import (INTERNODE_MAX_CHANNELS, INTERNODE_MAX_EXPERTS, internode_co
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
-from .intranode import _sm_count, check_resident
+from .intranode import GroupedKernelOps, _sm_count, check_resident
 from .nvshmem import SymmetricBuffer
 
-# A first expert-grouped dispatch's sender blocks keep (R + 1) * E_l row bases in shared memory
-# (cuda/internode.cuh kInternodeMaxGroupedExperts).
-MAX_GROUPED_EXPERTS = 4096
 # Token counts and ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal;
 # cuda/internode.cuh kInternodeMaxTokens): at most this many tokens per rank, and rows through one ring in one call.
 MAX_COUNT = 32767
@@ -273,20 +270,12 @@ class InternodeBackend:
         return x, (weights if topk_weights is not None else None)
 
 
-class InternodeGroupedOps:
-    """The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
-    has their contract) on the internode kernels: one custom call each, whose final receivers write each
-    token straight to its grouped rows; the handle's token-level routing has room for every token."""
-
-    def __init__(self, backend: InternodeBackend):
-        self.backend = backend
+class InternodeGroupedOps(GroupedKernelOps):
+    """Expert-grouped ops on the internode kernels (InternodeBackend)."""
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
         op = "dispatch"
-        if num_experts > MAX_GROUPED_EXPERTS:
-            fail(op, f"expert_grouped=True serves at most {MAX_GROUPED_EXPERTS} experts on the CUDA internode "
-                     f"backend, got num_experts={num_experts}")
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         backend = self.backend

@@ -33,7 +33,8 @@ from .ffi_call import ffi_call, optional_operand, optional_result, struct_attrib
 # Without `num_nvl_bytes` the buffer holds the built-in default configs' rings for H = 7168 at up to
 # 34 SMs at 8 ranks, 46 at 4 and 68 at 2 (tests/test_tune.py checks it).
 DEFAULT_NUM_NVL_BYTES = 512 << 20
-# An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh).
+# An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh),
+# internode (R + 1) * E_l of them per sender block (cuda/internode.cuh kInternodeMaxGroupedExperts).
 MAX_GROUPED_EXPERTS = 4096
 
 def _sm_count(mesh) -> Optional[int]:
@@ -54,6 +55,53 @@ def check_resident(op: str, config: Config, sm_count: Optional[int]):
 def _bias_operands(bias) -> list:
     """The combine kernels' two bias operands: the given bf16 [T, H] biases, absent ones as (0,) arrays."""
     return [optional_operand(b, jnp.bfloat16) for b in (list(bias) + [None, None])[:2]]
+
+
+def _cached_dispatch_call(target: str, ctx: RankContext, attrs: dict, parts, topk_weights, weights_shape: tuple,
+                          tokens: DispatchHandle, *pair_rows):
+    """The cached dispatch custom call `target` of `parts` along the token-level routing `tokens`: (the
+    received parts, the received weights of shape `weights_shape` or None). `pair_rows`: the grouped
+    dispatch's operands after the routing."""
+    has_weights = topk_weights is not None
+    scales = parts[1] if len(parts) == 2 else None
+    f32 = jnp.float32
+    recv_x, recv_scales, recv_weights = ffi_call(
+        target,
+        (*_received_parts(parts, weights_shape[0]), optional_result(weights_shape if has_weights else None, f32)),
+        parts[0], optional_operand(scales, f32),
+        optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
+        tokens.is_token_in_rank, tokens.send_row, _route("dispatch", tokens).send_count_before, tokens.num_recv_tokens,
+        *pair_rows, axis_name=ctx.axis_name, **attrs)
+    recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
+    return recv_parts, (recv_weights if has_weights else None)
+
+
+def _combine_hidden(y) -> int:
+    """The hidden size of a combine's `y`: its rows must be whole 16-byte pieces for the kernels' copies."""
+    hidden = y.shape[1]
+    if hidden % 8:
+        fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
+                        f"multiple of 8), got hidden size {hidden}")
+    return hidden
+
+
+def _combine_call(target: str, ctx: RankContext, attrs: dict, y, weights: tuple, topk_weights, num_topk: int, bias,
+                  tokens: DispatchHandle, *pair_rows):
+    """The combine custom call `target` of `y` back along the token-level routing `tokens`: (the combined
+    rows [T, H], the combined `topk_weights` [T, num_topk] or None). `weights`: the operands before
+    `topk_weights` (the grouped combine's row weights); `pair_rows`: its operands after the routing."""
+    route = _route("combine", tokens)
+    num_tokens = tokens.is_token_in_rank.shape[0]
+    has_weights = topk_weights is not None
+    f32 = jnp.float32
+    combined_x, combined_topk_weights = ffi_call(
+        target,
+        (jax.ShapeDtypeStruct((num_tokens, y.shape[1]), y.dtype),
+         optional_result((num_tokens, num_topk) if has_weights else None, f32)),
+        y, *weights, optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *_bias_operands(bias),
+        tokens.is_token_in_rank, tokens.send_row, route.send_count_before, route.send_offset, tokens.recv_src_idx,
+        tokens.recv_rank_prefix, tokens.num_recv_tokens, *pair_rows, axis_name=ctx.axis_name, **attrs)
+    return combined_x, (combined_topk_weights if has_weights else None)
 
 
 def _i64(v) -> np.int64:
@@ -208,63 +256,37 @@ class IntranodeBackend:
         return DispatchResult(recv_parts, recv_topk_idx, recv_topk_weights, per_expert, num_recv_tokens, handle)
 
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: DispatchHandle, parts, topk_weights=None):
-        n = handle.capacity
-        has_weights = topk_weights is not None
-        num_topk = topk_weights.shape[1] if has_weights else 0
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         attrs = self._dispatch_ring(ctx, config, parts, num_topk)
-        send_count_before = _route("dispatch", handle).send_count_before
-        scales = parts[1] if len(parts) == 2 else None
-        f32 = jnp.float32
-        recv_x, recv_scales, recv_topk_weights = ffi_call(
-            "jax_deepep_cached_dispatch",
-            (*_received_parts(parts, n),
-             optional_result((n, num_topk) if has_weights else None, f32)),
-            parts[0], optional_operand(scales, f32),
-            optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
-            handle.is_token_in_rank, handle.send_row, send_count_before, handle.num_recv_tokens,
-            axis_name=ctx.axis_name, **attrs)
-        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
-        return recv_parts, (recv_topk_weights if has_weights else None)
+        return _cached_dispatch_call("jax_deepep_cached_dispatch", ctx, attrs, parts, topk_weights,
+                                     (handle.capacity, num_topk), handle)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
-        hidden = y.shape[1]
-        if hidden % 8:
-            fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
-                            f"multiple of 8), got hidden size {hidden}")
-        has_weights = topk_weights is not None
-        num_topk = topk_weights.shape[1] if has_weights else 0
+        hidden = _combine_hidden(y)
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         # Chunks of at most half the ring: the receiver releases its heads a chunk of tokens at a time,
         # and the sender's next chunk then still fits behind them (cuda/intranode_combine.cu, `lag`).
         attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), hidden, half_ring_chunks=True)
-        route = _route("combine", handle)
-        send_count_before, send_offset = route.send_count_before, route.send_offset
-        num_tokens = handle.is_token_in_rank.shape[0]
-        f32 = jnp.float32
-        biases = _bias_operands(bias)
-        combined_x, combined_topk_weights = ffi_call(
-            "jax_deepep_combine",
-            (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
-             optional_result((num_tokens, num_topk) if has_weights else None, f32)),
-            y, optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *biases,
-            handle.is_token_in_rank, handle.send_row, send_count_before, send_offset, handle.recv_src_idx,
-            handle.recv_rank_prefix, handle.num_recv_tokens, axis_name=ctx.axis_name, **attrs)
-        return combined_x, (combined_topk_weights if has_weights else None)
+        return _combine_call("jax_deepep_combine", ctx, attrs, y, (), topk_weights, num_topk, bias, handle)
 
 
-class IntranodeGroupedOps:
-    """The expert-grouped dispatch, cached dispatch and combine (`reference.expert_grouped.ExpertGroupedOps`
-    has their contract) on the intranode kernels: one custom call each, whose receivers write each
-    token straight to its grouped rows; the handle's token-level routing has room for every token."""
+class GroupedKernelOps:
+    """The expert-grouped ops (`reference.expert_grouped.ExpertGroupedOps` has their contract) on one
+    mode's kernels, `backend`'s: one custom call each, whose final receivers write each token straight
+    to its grouped rows; the handle's token-level routing has room for every token."""
 
-    def __init__(self, backend: IntranodeBackend):
+    max_num_experts = MAX_GROUPED_EXPERTS  # normal.dispatch checks it
+
+    def __init__(self, backend):
         self.backend = backend
+
+
+class IntranodeGroupedOps(GroupedKernelOps):
+    """Expert-grouped ops on the intranode kernels (IntranodeBackend)."""
 
     def dispatch(self, ctx: RankContext, config: Config, parts, topk_idx, topk_weights, layout: DispatchLayout,
                  num_experts: int, num_worst_tokens: int, expert_alignment: int) -> DispatchResult:
         op = "dispatch"
-        if num_experts > MAX_GROUPED_EXPERTS:
-            fail(op, f"expert_grouped=True serves at most {MAX_GROUPED_EXPERTS} experts on the CUDA intranode "
-                     f"backend, got num_experts={num_experts}")
         if num_experts // ctx.num_ranks > self.backend._max_local_experts:
             fail(op, f"at most {self.backend._max_local_experts} experts per rank, got {num_experts // ctx.num_ranks}")
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
@@ -301,50 +323,21 @@ class IntranodeGroupedOps:
     def cached_dispatch(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, parts,
                         topk_weights=None):
         """Returns (grouped rows, f32[N] pair weights from `topk_weights [T, K]` or None)."""
-        n, has_weights = handle.capacity, topk_weights is not None
-        top_k = handle.pair_row.shape[1]
-        attrs = self.backend._dispatch_ring(ctx, config, parts, top_k)
-        tokens = handle.tokens
-        send_count_before = _route("dispatch", tokens).send_count_before
-        scales = parts[1] if len(parts) == 2 else None
-        f32 = jnp.float32
-        recv_x, recv_scales, recv_weight = ffi_call(
-            "jax_deepep_grouped_cached_dispatch",
-            (*_received_parts(parts, n),
-             optional_result((n,) if has_weights else None, f32)),
-            parts[0], optional_operand(scales, f32),
-            optional_operand(topk_weights.astype(f32) if has_weights else None, f32),
-            tokens.is_token_in_rank, tokens.send_row, send_count_before, tokens.num_recv_tokens, handle.pair_row,
-            handle.token_row, axis_name=ctx.axis_name, **attrs)
-        recv_parts = (recv_x,) if scales is None else (recv_x, recv_scales)
-        return recv_parts, (recv_weight if has_weights else None)
+        attrs = self.backend._dispatch_ring(ctx, config, parts, handle.pair_row.shape[1])
+        return _cached_dispatch_call("jax_deepep_grouped_cached_dispatch", ctx, attrs, parts, topk_weights,
+                                     (handle.capacity,), handle.tokens, handle.pair_row, handle.token_row)
 
     def combine(self, ctx: RankContext, config: Config, handle: ExpertGroupedHandle, y, topk_weights, bias,
                 row_weights=None):
         """(bf16 [T, H]: per token, the sum over its pairs of row_weights[row] * y[row] (unweighted without
         `row_weights`) plus `bias`, in f32 and rounded once; f32 [T, K] or None: for each (t, k) the
         `topk_weights [N]` of its pair's row)."""
-        hidden = y.shape[1]
-        if hidden % 8:
-            fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
-                            f"multiple of 8), got hidden size {hidden}")
-        has_weights = topk_weights is not None
+        hidden = _combine_hidden(y)
         top_k = handle.pair_row.shape[1]
         # As the plain combine: chunks of at most half the ring (IntranodeBackend.combine says why).
         # The size hint counts bf16 rows: an f32 partial row takes two of them.
         attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k), 2 * hidden,
                                    half_ring_chunks=True)
-        tokens = handle.tokens
-        route = _route("combine", tokens)
-        num_tokens = tokens.is_token_in_rank.shape[0]
-        f32 = jnp.float32
-        biases = _bias_operands(bias)
-        combined_x, combined_topk_weights = ffi_call(
-            "jax_deepep_grouped_combine",
-            (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
-             optional_result((num_tokens, top_k) if has_weights else None, f32)),
-            y, optional_operand(None if row_weights is None else row_weights.astype(f32), f32),
-            optional_operand(topk_weights.astype(f32) if has_weights else None, f32), *biases,
-            tokens.is_token_in_rank, tokens.send_row, route.send_count_before, route.send_offset, tokens.recv_src_idx,
-            tokens.recv_rank_prefix, tokens.num_recv_tokens, handle.pair_row, axis_name=ctx.axis_name, **attrs)
-        return combined_x, (combined_topk_weights if has_weights else None)
+        row_weights = optional_operand(None if row_weights is None else row_weights.astype(jnp.float32), jnp.float32)
+        return _combine_call("jax_deepep_grouped_combine", ctx, attrs, y, (row_weights,), topk_weights, top_k, bias,
+                             handle.tokens, handle.pair_row)
