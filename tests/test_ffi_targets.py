@@ -11,14 +11,15 @@ GPU_PACKAGE = pathlib.Path(library.__file__).parent
 
 
 def _called_targets() -> set:
-    """Target names of every `ffi_call("...", ...)` in jax_deepep/gpu, and of the low-latency calls
-    (`ffi_call(self.targets + "...", ...)`) under both prefixes."""
+    """Target names of every `ffi_call("...", ...)` in jax_deepep/gpu, or of a helper that makes one
+    (`_combine_call("...", ...)`), and of the low-latency calls (`ffi_call(self.targets + "...", ...)`)
+    under both prefixes."""
     from jax_deepep.gpu.low_latency import NODE_TARGET_PREFIX, NVSHMEM_TARGET_PREFIX
 
     names = set()
     for path in GPU_PACKAGE.glob("*.py"):
         text = path.read_text()
-        names |= set(re.findall(r'ffi_call\(\s*"(jax_deepep_\w+)"', text))
+        names |= set(re.findall(r'_call\(\s*"(jax_deepep_\w+)"', text))
         for op in re.findall(r'ffi_call\(\s*self\.targets \+ "(\w+)"', text):
             names |= {NVSHMEM_TARGET_PREFIX + op, NODE_TARGET_PREFIX + op}
     return names
