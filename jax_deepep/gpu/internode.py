@@ -31,7 +31,7 @@ from ..sizes import (INTERNODE_MAX_CHANNELS, INTERNODE_MAX_EXPERTS, internode_co
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
-from .intranode import GroupedKernelOps, _sm_count, check_resident
+from .intranode import GroupedKernelOps, _bias_operands, _combine_hidden, _received_parts, _sm_count, check_resident
 from .nvshmem import SymmetricBuffer
 
 # Token counts and ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal;
@@ -68,23 +68,9 @@ def _per_token_bytes(a) -> int:
     return int(np.prod(a.shape[1:])) * a.dtype.itemsize
 
 
-def _check_hidden(hidden: int):
-    if hidden % 8:
-        fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
-                        f"multiple of 8), got hidden size {hidden}")
-
-
 def _split_parts(parts) -> tuple:
     """(tokens, FP8 scales or None)."""
     return (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)
-
-
-def _received_parts(parts, rows: int) -> tuple:
-    """The results of `rows` received rows of `parts`: the rows, and FP8 scales or an absent result."""
-    x, scales = _split_parts(parts)
-    return (jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype),
-            optional_result(None if scales is None else (rows,) + scales.shape[1:],
-                            jnp.float32 if scales is None else scales.dtype))
 
 
 @pytree_dataclass()
@@ -246,8 +232,7 @@ class InternodeBackend:
         combined weights are [T, `top_k`] (0: none): (results, the bias operands, the routing operands,
         attributes). A grouped combine returns f32 rows to the forwarders."""
         route = _route("combine", ctx, handle)
-        num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
-        _check_hidden(hidden)
+        num_tokens, hidden = handle.is_token_in_rank.shape[0], _combine_hidden(y)
         geometry = internode_combine_geometry(ctx.num_ranks, self.ranks_per_node, config, hidden, top_k,
                                               exact_partials=self.exact_combine, f32_returns=grouped)
         attrs = dict(self._geometry_attrs("combine", ctx, config, num_tokens, geometry, grouped),
@@ -255,7 +240,7 @@ class InternodeBackend:
         results = (jax.ShapeDtypeStruct((num_tokens, hidden), y.dtype),
                    optional_result((num_tokens, top_k) if top_k else None, jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32))
-        biases = [optional_operand(b, jnp.bfloat16) for b in (list(bias) + [None, None])[:2]]
+        biases = _bias_operands(bias)
         routing = (handle.recv_rank_prefix, handle.recv_src_idx, handle.num_recv_tokens, handle.is_token_in_rank,
                    route.forwarded)
         return results, biases, routing, attrs
