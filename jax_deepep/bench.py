@@ -314,17 +314,18 @@ def _configs(sizes: Sizes) -> list:
         [Buffer.get_combine_config(R, hidden=H)]
 
 
-def _nvl_bytes(sizes: Sizes) -> int:
-    """`num_nvl_bytes` for the configs the ops will use on bf16 rows."""
-    return max(c.get_nvl_buffer_size_hint(sizes.hidden * 2, sizes.num_ranks) for c in _configs(sizes))
+def _nvl_bytes(sizes: Sizes, row_bytes: int = 2) -> int:
+    """`num_nvl_bytes` for the configs the ops will use on rows of `row_bytes` bytes per channel (bf16 rows;
+    4 where the expert-grouped combine moves f32 partial rows)."""
+    return max(c.get_nvl_buffer_size_hint(sizes.hidden * row_bytes, sizes.num_ranks) for c in _configs(sizes))
 
 
-def _normal_buffer(mesh: Mesh, sizes: Sizes, args) -> Buffer:
+def _normal_buffer(mesh: Mesh, sizes: Sizes, args, row_bytes: int = 2) -> Buffer:
     """The Buffer of normal mode, and of internode mode (`num_rdma_bytes` sized for the bench's
     dispatch and combine; nodes of `--ranks-per-node` ranks, else as detected; combine's partials in
-    f32 with `--exact-internode-combine`, else bf16)."""
+    f32 with `--exact-internode-combine`, else bf16); its rings hold rows of `row_bytes` per channel."""
     R, H = sizes.num_ranks, sizes.hidden
-    nvl_bytes = _nvl_bytes(sizes)
+    nvl_bytes = _nvl_bytes(sizes, row_bytes)
     if args.mode != "internode":
         return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes)
     rdma_bytes = 1 << 20  # what the pure-JAX implementation gets (it ignores it)

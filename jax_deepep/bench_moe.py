@@ -78,7 +78,7 @@ def bench_moe(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     E = sizes.num_experts
     sets = _input_sets(mesh, sizes, args)
     params = _expert_params(mesh, sizes, args.moe_ffn, args.seed)
-    buffer = _normal_buffer(mesh, sizes, args)
+    buffer = _normal_buffer(mesh, sizes, args, row_bytes=4)  # the grouped combine's rows are f32 partial sums
     layout_fn = per_rank(mesh, lambda idx: buffer.get_dispatch_layout(idx, E))
     inputs = [(params, x, idx, w, layout_fn(idx)) for x, idx, w in sets]
     on_cpu = mesh.devices.flat[0].platform == "cpu"

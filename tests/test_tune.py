@@ -37,12 +37,15 @@ def _mesh(r=2):
 
 
 # ---- ring sizing ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_ranks,most_sms", [(2, 68), (4, 46), (8, 34)])
+@pytest.mark.parametrize("num_ranks,most_sms", [(2, 86), (4, 56), (8, 42)])
 def test_default_buffer_holds_the_builtin_defaults_up_to_documented_sms(num_ranks, most_sms):
     for make in (default_dispatch_config, default_combine_config):
         for sms, fits in ((deepep.Buffer.num_sms, True), (most_sms, True), (most_sms + 2, False)):
             need = make(num_ranks, sms).get_nvl_buffer_size_hint(2 * 7168, num_ranks)
             assert (need <= DEFAULT_NUM_NVL_BYTES) == fits, (make.__name__, sms)
+    # The expert-grouped combine (the MoE layer's default) moves f32 partial rows: twice the bytes.
+    grouped = default_combine_config(num_ranks, deepep.Buffer.num_sms).get_nvl_buffer_size_hint(4 * 7168, num_ranks)
+    assert grouped <= DEFAULT_NUM_NVL_BYTES
 
 
 def _backend(ring_bytes, sm_count=None):

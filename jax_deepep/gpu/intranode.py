@@ -31,8 +31,9 @@ from . import runtime
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 
 # Without `num_nvl_bytes` the buffer holds the built-in default configs' rings for H = 7168 at up to
-# 34 SMs at 8 ranks, 46 at 4 and 68 at 2 (tests/test_tune.py checks it).
-DEFAULT_NUM_NVL_BYTES = 512 << 20
+# 42 SMs at 8 ranks, 56 at 4 and 86 at 2, and the expert-grouped combine's f32 rows (the MoE layer's
+# default) at the default 20 SMs at up to 8 ranks (tests/test_tune.py checks both).
+DEFAULT_NUM_NVL_BYTES = 640 << 20
 # An expert-grouped dispatch keeps a table of R * E_l = E row bases per block (cuda/intranode_grouped.cuh),
 # internode (R + 1) * E_l of them per sender block (cuda/internode.cuh kInternodeMaxGroupedExperts).
 MAX_GROUPED_EXPERTS = 4096
