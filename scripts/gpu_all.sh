@@ -7,7 +7,8 @@
 #        per memory: gpu_faults_intranode gpu_faults_low_latency gpu_faults_low_latency_nvshmem
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
-#        tuned_configs.json) bench_internode bench_internode_mps bench_moe bench_moe_r2 (R = 2 sharing GPU 0
+#        tuned_configs.json) cpu_tests (the rest of the suite, on this machine, with the libraries built here)
+#        bench_internode bench_internode_mps bench_moe bench_moe_r2 (R = 2 sharing GPU 0
 #        under MPS) (these four not run by default)
 # Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
 # every limit is cut to what is left of that budget and steps that no longer fit are skipped, so the logs
@@ -91,6 +92,7 @@ run_step() {
     gpu_faults_low_latency) gpu_test "$1" 300 tests/test_gpu_faults.py -k "low_latency and not nvshmem" ;;
     gpu_faults_low_latency_nvshmem) gpu_test "$1" 300 tests/test_gpu_faults.py -k nvshmem ;;
     gpu_faults_internode) gpu_test "$1" 300 tests/test_gpu_faults.py -k internode ;;
+    cpu_tests) TAIL=6 step cpu_tests 420 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -n 8 ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
@@ -118,6 +120,6 @@ step build 240 bash -c "cmake -S . -B build/gpu_all -DPython_EXECUTABLE=$PY -DCM
                         cmake --build build/gpu_all -j 16"
 [ "$status" = 0 ] || exit 1
 steps=("$@")
-[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune)
+[ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune cpu_tests)
 for s in "${steps[@]}"; do run_step "$s"; done
 exit "$status"
