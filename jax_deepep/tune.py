@@ -8,8 +8,9 @@ For each rank count R, hidden size H and op (dispatch of bf16 and of FP8 tokens,
 times every candidate Config: each SM count of --num-sms with each pair of --send-tokens and
 --recv-tokens, the ring at least the chunk. Timing is `python -m jax_deepep.bench`'s (`bench.Repeated`,
 `bench.measure`: the median over batches of back-to-back calls on fresh inputs). Candidates whose
-rings a Buffer of --num-nvl-bytes cannot hold are skipped, so with the default size every tuned
-Config fits a Buffer made without `num_nvl_bytes`. For each SM count the fastest Config becomes an
+rings a Buffer of --num-nvl-bytes cannot hold are skipped (for combine, with the expert-grouped
+combine's f32 rows), so with the default size every tuned Config fits a Buffer made without
+`num_nvl_bytes`, the MoE layer's grouped combine included. For each SM count the fastest Config becomes an
 entry of the JSON file; entries already there for other devices, rank counts or sizes are kept.
 
 On CPU the ops run on the pure-JAX backend, which ignores the Config: the timings mean nothing
@@ -40,12 +41,18 @@ _SWEEP = {"num_sms": ["16", "24", "32", "48", "64", "max"], "send_tokens": [8, 1
 _SHORT = {"num_sms": ["24", "max"], "send_tokens": [16, 32], "recv_tokens": [256, 512]}
 
 
-def candidates(sm_counts, send_tokens, recv_tokens, hidden: int, num_ranks: int, num_nvl_bytes: int) -> list:
-    """Every Config of the sweep whose rings (bf16 tokens of `hidden`, as the ops check) fit
-    `num_nvl_bytes`, ring at least the chunk."""
+# Bytes per channel of the rows whose rings a tuned Config of each op must fit: bf16 rows, but a combine
+# Config also serves the expert-grouped combine (the MoE layer's default), whose rows are f32 sums.
+ROW_BYTES = {"dispatch": 2, "combine": 4}
+
+
+def candidates(sm_counts, send_tokens, recv_tokens, hidden: int, num_ranks: int, num_nvl_bytes: int,
+               row_bytes: int = 2) -> list:
+    """Every Config of the sweep whose rings (tokens of `hidden` channels of `row_bytes` bytes, as the ops
+    check) fit `num_nvl_bytes`, ring at least the chunk."""
     return [config for sms in sm_counts for send in send_tokens for recv in recv_tokens if send <= recv
             for config in [Config(sms, send, recv)]
-            if config.get_nvl_buffer_size_hint(2 * hidden, num_ranks) <= num_nvl_bytes]
+            if config.get_nvl_buffer_size_hint(row_bytes * hidden, num_ranks) <= num_nvl_bytes]
 
 
 class Cases:
@@ -179,13 +186,13 @@ def main(argv=None):
                 sizes = Sizes(num_ranks, args.num_tokens, hidden, args.num_topk, args.num_experts)
                 print(f"{num_ranks} x {device.device_kind}, {sizes}", file=sys.stderr)
                 try:
-                    configs = candidates(sm_counts, args.send_tokens, args.recv_tokens, hidden, num_ranks,
-                                         args.num_nvl_bytes)
+                    configs = {op: candidates(sm_counts, args.send_tokens, args.recv_tokens, hidden, num_ranks,
+                                              args.num_nvl_bytes, row_bytes) for op, row_bytes in ROW_BYTES.items()}
                 except DeepEPError as e:
                     raise SystemExit(f"--send-tokens / --recv-tokens: {e}") from None
                 cases = Cases(buffer, mesh, sizes, args)
                 for op, dtype, builtin in _CASES:
-                    best = tune_case(mesh, cases, op, dtype, builtin(num_ranks, Buffer.num_sms), configs, args)
+                    best = tune_case(mesh, cases, op, dtype, builtin(num_ranks, Buffer.num_sms), configs[op], args)
                     default_us = best.pop("default")
                     for config, us in best.values():
                         measured = {"default_time_us": default_us, "num_tokens": args.num_tokens,

@@ -48,6 +48,17 @@ def test_default_buffer_holds_the_builtin_defaults_up_to_documented_sms(num_rank
     assert grouped <= DEFAULT_NUM_NVL_BYTES
 
 
+def test_tuned_combine_configs_fit_the_grouped_combines_f32_rows():
+    """A combine Config also serves the expert-grouped combine, whose rows are f32 sums: the sweep keeps
+    only combine candidates whose rings hold those, while dispatch keeps every one that holds bf16 rows."""
+    args = ([24, 48, 132], [16, 32], [256, 512], 7168, 8, DEFAULT_NUM_NVL_BYTES)
+    dispatch = tune.candidates(*args, tune.ROW_BYTES["dispatch"])
+    combine = tune.candidates(*args, tune.ROW_BYTES["combine"])
+    assert set(combine) < set(dispatch)
+    assert all(c.get_nvl_buffer_size_hint(4 * 7168, 8) <= DEFAULT_NUM_NVL_BYTES for c in combine)
+    assert any(c.get_nvl_buffer_size_hint(4 * 7168, 8) > DEFAULT_NUM_NVL_BYTES for c in dispatch)
+
+
 def _backend(ring_bytes, sm_count=None):
     backend = object.__new__(IntranodeBackend)  # no library: `_ring` reads only these
     backend.comm = types.SimpleNamespace(buffer_id=1, num_bytes=ring_bytes + 4096, ring_bytes=ring_bytes)
