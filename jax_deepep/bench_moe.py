@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import baselines, moe
 from .bench import AXIS, Result, Runner, Sizes, _input_sets, _normal_buffer, local_ranks, per_rank, stateless
+from .sizes import GROUPED_COMBINE_CHANNEL_BYTES
 
 LAYOUTS = ("grouped", "argsort")
 
@@ -78,7 +79,7 @@ def bench_moe(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     E = sizes.num_experts
     sets = _input_sets(mesh, sizes, args)
     params = _expert_params(mesh, sizes, args.moe_ffn, args.seed)
-    buffer = _normal_buffer(mesh, sizes, args, row_bytes=4)  # the grouped combine's rows are f32 partial sums
+    buffer = _normal_buffer(mesh, sizes, args, row_bytes=GROUPED_COMBINE_CHANNEL_BYTES)  # the grouped layout's combine
     layout_fn = per_rank(mesh, lambda idx: buffer.get_dispatch_layout(idx, E))
     inputs = [(params, x, idx, w, layout_fn(idx)) for x, idx, w in sets]
     on_cpu = mesh.devices.flat[0].platform == "cpu"

@@ -78,9 +78,13 @@ def combine_slot(hidden: int, num_topk: int) -> CombineSlot:
     return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
 
 
+# Bytes per channel of an expert-grouped combine's rows: f32 partial sums (a plain combine's are bf16).
+GROUPED_COMBINE_CHANNEL_BYTES = 4
+
+
 def grouped_combine_slot(hidden: int, num_topk: int) -> CombineSlot:
     """An expert-grouped combine slot: a token's f32 partial sum [H] on one rank, then K f32 weights."""
-    weights_at = align(hidden * 4, 16)
+    weights_at = align(hidden * GROUPED_COMBINE_CHANNEL_BYTES, 16)
     return CombineSlot(weights_at, weights_at + align(num_topk * 4, 16))
 
 

@@ -31,6 +31,7 @@ from .buffer import Buffer
 from .config import Config, default_combine_config, default_dispatch_config, sm_count
 from .fp8 import per_block_cast_to_fp8
 from .gpu.intranode import DEFAULT_NUM_NVL_BYTES
+from .sizes import GROUPED_COMBINE_CHANNEL_BYTES
 from .validation import DeepEPError
 
 # (op, dtype) pairs the tuner times, and the built-in default each is compared with.
@@ -43,7 +44,7 @@ _SHORT = {"num_sms": ["24", "max"], "send_tokens": [16, 32], "recv_tokens": [256
 
 # Bytes per channel of the rows whose rings a tuned Config of each op must fit: bf16 rows, but a combine
 # Config also serves the expert-grouped combine (the MoE layer's default), whose rows are f32 sums.
-ROW_BYTES = {"dispatch": 2, "combine": 4}
+ROW_BYTES = {"dispatch": 2, "combine": GROUPED_COMBINE_CHANNEL_BYTES}
 
 
 def candidates(sm_counts, send_tokens, recv_tokens, hidden: int, num_ranks: int, num_nvl_bytes: int,
