@@ -13,7 +13,8 @@
 // (nvshmem_peers.cuh: call_signal), so a rank whose peer runs another op or the same op with other
 // shapes or Config (anything that places a row or says what it holds: launch_internode_dispatch and
 // _combine compute it) fails at the first signal of that peer, before reading any of its rows. Ranks
-// of one node must be mapped (nvshmem_ptr).
+// of one node must be mapped (nvshmem_ptr); a rank of another node that is mapped too (NVLink between
+// nodes, or one GPU) is written through the mapping like them, unless the Buffer asked for puts only.
 //
 // Expert-grouped dispatch and combine (docs/API.md, "Expert-grouped dispatch") are the same kernels:
 // the dispatch moves tokens (room for all of them: capacity R * T) and its final receiver writes each

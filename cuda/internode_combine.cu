@@ -179,7 +179,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
   int* const seen = consumed + nodes;
   if (g.leader_warp()) {
     for (int m = lane; m < nodes; m += kWarpSize) {
-      set_signal(o.node_head(m, channel), call.signal(0), topo.rdma_peer(m), m != topo.node);
+      o.set_node_head(m, channel, call.signal(0));
       consumed[m] = seen[m] = 0;
     }
     __syncwarp();
@@ -235,15 +235,15 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         const int rows = __popc(went[m]);
         if (rows == 0) continue;
         consumed[m] += rows;
-        set_signal(o.node_head(m, channel), call.signal(consumed[m]), topo.rdma_peer(m), m != topo.node);
+        o.set_node_head(m, channel, call.signal(consumed[m]));
       }
       __syncwarp();  // lane 0 reads the other lanes' counts next
     }
   }
   if (g.leader_warp()) {
-    bool remote = false;
-    for (int m = lane; m < nodes; m += kWarpSize) remote |= m != topo.node;
-    if (remote) nvshmem_quiet();  // this lane's head puts are complete before the kernel ends
+    bool puts = false;
+    for (int m = lane; m < nodes; m += kWarpSize) puts |= o.puts_to(topo.rdma_peer(m));
+    if (puts) nvshmem_quiet();  // this lane's head puts are complete before the kernel ends
   }
 }
 
@@ -333,7 +333,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
       p.advance(g, call, rows, static_cast<int>(r.rdma_batch));
     }
     p.finish(g, call);
-    if (p.remote && g.leader()) {
+    if (!p.same_node && g.leader()) {
       atomicAdd(c.traffic.counters + 2, static_cast<unsigned long long>(p.rows));
       atomicAdd(c.traffic.counters + 3, static_cast<unsigned long long>(p.rows) * c.layout.partial_bytes);
     }

@@ -3,8 +3,8 @@
 // every rank, so each ring carries rows in token order:
 //  - block 2c: channel 0 first notifies every rank of this rank's counts, and a first grouped dispatch
 //    lays out the groups (build_bases). Then sender warps, a group per destination node m, stage the
-//    channel's tokens bound for any rank of m into the ring of this rank's RDMA peer there (puts across
-//    nodes, stores into this rank's own buffer for its own node), and receiver warps, a group per rank
+//    channel's tokens bound for any rank of m into the ring of this rank's RDMA peer there (stores
+//    through the mapping where NVSHMEM maps that peer, else staged and put), and receiver warps, a group per rank
 //    l of this node, drain the ring from l (the forwarder of l's RDMA peers) into XLA's outputs. Sender
 //    warps then write the handle's metadata, which waits only for the counts.
 //  - block 2c + 1: forwarder warps, a group per rank d of this node, copy the rows bound for d from the
@@ -167,8 +167,8 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
   RingProducer p = o.to_node(m, channel, words);
   p.start(g, call);
   if (g.leader_warp() && lane < 1 + 2 * L)
-    set_signal(signal_address(c.mem, o.link(topo.node, channel).end + lane, p.pe, p.remote), call.signal(ends[lane]),
-               p.pe, p.remote);
+    set_signal(signal_address(c.mem, o.link(topo.node, channel).end + lane, p.pe, p.puts), call.signal(ends[lane]),
+               p.pe, p.puts);
 
   // Windows of at most a batch of tokens, so a window's rows always fit the ring.
   const int window = min(kWarpSize, static_cast<int>(r.rdma_batch));
@@ -186,7 +186,7 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
     p.advance(g, call, n, static_cast<int>(r.rdma_batch));
   }
   p.finish(g, call);
-  if (p.remote && g.leader()) {
+  if (!p.same_node && g.leader()) {
     atomicAdd(c.traffic.counters + 0, static_cast<unsigned long long>(p.rows));
     atomicAdd(c.traffic.counters + 1, static_cast<unsigned long long>(p.rows) * c.layout.row_bytes);
   }
@@ -590,11 +590,11 @@ __device__ void release_rdma_rings(const RingCall& call, const OpRings& o, int c
   const Topology& topo = o.topo;
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, nodes = topo.nodes;
   volatile const int* progress = tables.progress;
-  bool remote = false;
+  bool puts = false;
   for (int n = lane; n < nodes; n += kWarpSize) {
     tables.ring_rows[n] = wait_ring_end(o.link(n, channel).end, call, n == topo.node, topo.rdma_peer(n), channel);
     tables.released[n] = 0;
-    remote |= n != topo.node;
+    puts |= o.puts_to(topo.rdma_peer(n));
   }
   // The forwarders wait on peers with timeouts and trap the context when one gives up, so this loop
   // over their progress in shared memory needs none of its own.
@@ -604,13 +604,13 @@ __device__ void release_rdma_rings(const RingCall& call, const OpRings& o, int c
       int read = tables.ring_rows[n];
       for (int d = 0; d < L; ++d) read = min(read, progress[d * nodes + n]);
       if (read > tables.released[n]) {
-        set_signal(o.node_head(n, channel), call.signal(read), topo.rdma_peer(n), n != topo.node);
+        o.set_node_head(n, channel, call.signal(read));
         tables.released[n] = read;
       }
       pending |= tables.released[n] < tables.ring_rows[n];
     }
   }
-  if (remote) nvshmem_quiet();  // this lane's head puts are complete before the kernel ends
+  if (puts) nvshmem_quiet();  // this lane's head puts are complete before the kernel ends
 }
 
 // Block 2c + 1: head 0 of every node's ring first (the senders wait for it), then the tables, then
@@ -623,7 +623,7 @@ __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchO
   const int nodes = topo.nodes, R = topo.num_ranks, T = c.shape.num_tokens;
   if (warp == kForwarderWarps) {
     for (int n = lane; n < nodes; n += kWarpSize)
-      set_signal(o.node_head(n, channel), call.signal(0), topo.rdma_peer(n), n != topo.node);
+      o.set_node_head(n, channel, call.signal(0));
   }
   const ForwardTables tables(shared, R, L);
   const TokenRange range = channel_tokens(T, channel, static_cast<int>(c.rings.channels));

@@ -16,12 +16,14 @@
 // So every signal has one writer (the peer of its link), and every value carries the op's signature and
 // the call number (call_signal): no one resets a signal, and a peer at another op fails the wait at once.
 //
-// A producer on another node puts: it stages rows in its own send ring (`staging`, symmetric memory,
-// which the NIC can read; XLA's arrays are not registered) and puts a batch with one ordered
-// put-with-signal (the tail lands after the rows), as DeepEP does. nvshmem_fence before every remote
-// signal keeps a link's signals in the order they were written, so a late value never overwrites a
-// newer one; a quiet at the end of each putting warp completes its puts before the kernel ends, so the
-// next op may reuse the staged rows. Within a node every write is a store through the mapping.
+// A producer whose consumer's buffer NVSHMEM maps here writes rows and signals through the mapping
+// with every warp of its group: always within a node, and across nodes where the nodes share NVLink or
+// a GPU (unless the Buffer asked for puts only: PeerMemory::peer is null then). Any other producer
+// puts: it stages rows in its own send ring (`staging`, symmetric memory, which the NIC can read; XLA's
+// arrays are not registered) and puts a batch with one ordered put-with-signal (the tail lands after
+// the rows), as DeepEP does. nvshmem_fence before every put signal keeps a link's signals in the
+// order they were written, so a late value never overwrites a newer one; a quiet at the end of each
+// putting warp completes its puts before the kernel ends, so the next op may reuse the staged rows.
 #pragma once
 
 #include <cstddef>
@@ -119,16 +121,16 @@ __device__ __forceinline__ T* mapped(const PeerMemory& mem, int pe, T* local) {
 }
 
 // The address through which this PE writes `word` (its address in this PE's buffer) of PE `pe`'s
-// buffer: the mapping within a node, the symmetric address itself (for puts) across nodes.
+// buffer: the symmetric address itself for puts, else the mapping.
 template <typename T>
-__device__ __forceinline__ T* signal_address(const PeerMemory& mem, T* word, int pe, bool remote) {
-  return remote ? word : mapped(mem, pe, word);
+__device__ __forceinline__ T* signal_address(const PeerMemory& mem, T* word, int pe, bool puts) {
+  return puts ? word : mapped(mem, pe, word);
 }
 
 // Sets a signal at `at` (from signal_address) of PE `pe`: a put fenced after this thread's earlier
-// writes to pe across nodes, else a release store through the mapping.
-__device__ __forceinline__ void set_signal(uint64_t* at, uint64_t value, int pe, bool remote) {
-  if (remote) {
+// puts to pe, else a release store through the mapping.
+__device__ __forceinline__ void set_signal(uint64_t* at, uint64_t value, int pe, bool puts) {
+  if (puts) {
     nvshmem_fence();
     put_value(at, value, pe);
   } else {
@@ -194,8 +196,8 @@ __device__ __forceinline__ int wait_ring_end(const uint64_t* end, const RingCall
 }
 
 // A producer's side of one ring, held alike by every warp of the group that fills it. Rows are
-// written at slot(k) (the consumer's ring, or this PE's send ring in staging when `remote`) and become
-// the consumer's once published: a stored tail within a node, a put-with-signal across nodes. `shared`
+// written at slot(k) (the consumer's ring through the mapping, or this PE's send ring in staging when
+// it `puts`) and become the consumer's once published: a stored tail, or a put-with-signal. `shared`
 // is the group's word in shared memory through which the leader hands the head it saw to the group.
 struct RingProducer {
   RingSlots write;        // where this PE writes rows
@@ -203,7 +205,8 @@ struct RingProducer {
   uint64_t* tail;         // the tail in the consumer's buffer (signal_address)
   const uint64_t* head;   // in this PE's buffer, written by the consumer
   int pe, channel;
-  bool remote;
+  bool same_node;         // the consumer is on this node (its waits: RingCall::on)
+  bool puts;              // rows and signals go as nvshmem puts, not through a mapping
   int* shared;
   int rows, published;    // rows written and rows published in this call
 
@@ -213,7 +216,7 @@ struct RingProducer {
   // call, so it is done with every earlier op), before anything of this call goes into the ring.
   __device__ void start(const WarpGroup& g, const RingCall& call) {
     rows = published = 0;
-    if (g.leader()) *shared = wait_ring_started(head, call, !remote, pe, channel);
+    if (g.leader()) *shared = wait_ring_started(head, call, same_node, pe, channel);
     g.sync();
   }
 
@@ -223,7 +226,7 @@ struct RingProducer {
     if (rows + n <= *shared + write.slots) return;
     g.sync();  // every warp has read *shared and written its rows
     if (published < rows) publish(g, call);
-    if (g.leader()) *shared = wait_ring_space(head, call, !remote, rows + n, write.slots, pe, channel);
+    if (g.leader()) *shared = wait_ring_space(head, call, same_node, rows + n, write.slots, pe, channel);
     g.sync();
   }
 
@@ -236,7 +239,7 @@ struct RingProducer {
     publish(g, call);
   }
 
-  // Whole group, last: publishes the rest; a remote producer's puts complete before it returns, so the
+  // Whole group, last: publishes the rest; a putting producer's puts complete before it returns, so the
   // next op may reuse its staged rows. A ring that got no rows gets its tail too: every tail is written
   // in every call, so a consumer never finds one so old that its 16-bit call number passes for this call's.
   __device__ void finish(const WarpGroup& g, const RingCall& call) {
@@ -244,15 +247,15 @@ struct RingProducer {
       g.sync();
       publish(g, call);
     } else if (rows == 0 && g.leader()) {
-      set_signal(tail, call.signal(0), pe, remote);
+      set_signal(tail, call.signal(0), pe, puts);
     }
-    if (remote && g.leader()) nvshmem_quiet();
+    if (puts && g.leader()) nvshmem_quiet();
   }
 
   // Leader warp, after a group sync: rows [published, rows) become the consumer's.
   __device__ void publish(const WarpGroup& g, const RingCall& call) {
     if (g.leader_warp()) {
-      if (!remote) {
+      if (!puts) {
         // The barrier ordered the group's writes before the leader's fence (fences are cumulative).
         if (g.leader()) {
           __threadfence_system();
@@ -279,33 +282,33 @@ struct RingProducer {
   }
 };
 
-// A consumer's side of one ring, held alike by every warp of the group that drains it.
+// A consumer's side of one ring from a rank of this node (the forwarders read the rings from other
+// nodes through their own tables), held alike by every warp of the group that drains it.
 struct RingConsumer {
   RingSlots read;         // the ring, in this PE's buffer
   const uint64_t* tail;   // in this PE's buffer, written by the producer
-  uint64_t* head;         // the head in the producer's buffer (signal_address)
+  uint64_t* head;         // the head in the producer's buffer, through the mapping
   int pe, channel;
-  bool remote;
   int* shared;            // the group's word through which the leader hands on the tail it saw
   int consumed;           // rows released in this call
 
   // Whole group, first: tells the producer that this call started (head 0).
   __device__ void start(const WarpGroup& g, const RingCall& call) {
     consumed = 0;
-    if (g.leader()) set_signal(head, call.signal(0), pe, remote);
+    if (g.leader()) store_release(head, call.signal(0));
   }
 
   // Whole group: waits until the ring holds more than `rows` rows; returns how many it holds.
   __device__ int wait_rows(const WarpGroup& g, const RingCall& call, int rows) {
     g.sync();  // every warp has read *shared
-    if (g.leader()) *shared = wait_ring_data(tail, call, !remote, rows, pe, channel);
+    if (g.leader()) *shared = wait_ring_data(tail, call, true, rows, pe, channel);
     g.sync();
     return *shared;
   }
 
   // Leader: rows up to `rows` are read; the producer may refill their slots.
   __device__ void release(const RingCall& call, int rows) {
-    if (rows > consumed) set_signal(head, call.signal(rows), pe, remote);
+    if (rows > consumed) store_release(head, call.signal(rows));
     consumed = rows;
   }
 };
@@ -326,6 +329,10 @@ struct OpRings {
   }
   __device__ int local_link(int local) const { return topo.nodes + local; }
 
+  // Whether this rank reaches PE `pe` by nvshmem puts: NVSHMEM maps no buffer of it here (a peer on
+  // another node, across a network or with Buffer(internode_puts_only=True)).
+  __device__ bool puts_to(int pe) const { return mem.peer[pe] == nullptr; }
+
   // The ring from node n's RDMA peer, and from rank l of this node, in this rank's buffer.
   __device__ RingSlots from_node(int n, int channel) const {
     return ring_slots(mem.local, rings.rdma_ring, n, channel, rings.channels, rings.rdma_slots, rings.rdma_slot_bytes);
@@ -334,26 +341,28 @@ struct OpRings {
     return ring_slots(mem.local, rings.nvl_ring, l, channel, rings.channels, rings.nvl_slots, rings.nvl_slot_bytes);
   }
 
-  // Where this rank writes the head of the ring from node n's RDMA peer (in that peer's buffer: a put
-  // across nodes), and of the ring from rank l of this node.
-  __device__ uint64_t* node_head(int n, int channel) const {
-    return signal_address(mem, link(topo.node, channel).head, topo.rdma_peer(n), n != topo.node);
+  // Sets the head of the ring from node n's RDMA peer (in that peer's buffer) to `value`.
+  __device__ void set_node_head(int n, int channel, uint64_t value) const {
+    const int pe = topo.rdma_peer(n);
+    const bool puts = puts_to(pe);
+    set_signal(signal_address(mem, link(topo.node, channel).head, pe, puts), value, pe, puts);
   }
+  // Where this rank writes the head of the ring from rank l of this node.
   __device__ uint64_t* local_head(int l, int channel) const {
     return mapped(mem, topo.node_rank(l), link(local_link(topo.local), channel).head);
   }
 
-  // The producer of the ring from this rank to its RDMA peer on node m: staged and put across nodes,
-  // written in place for its own node.
+  // The producer of the ring from this rank to its RDMA peer on node m: written through the mapping
+  // where there is one (always for its own node), else staged and put.
   __device__ RingProducer to_node(int m, int channel, int* shared) const {
-    const bool remote = m != topo.node;
     const int pe = topo.rdma_peer(m);
-    const RingSlots target = ring_slots(mem.local, rings.rdma_ring, topo.node, channel, rings.channels,
-                                        rings.rdma_slots, rings.rdma_slot_bytes);
+    const bool puts = puts_to(pe);
+    const RingSlots target = ring_slots(puts ? mem.local : mem.peer[pe], rings.rdma_ring, topo.node, channel,
+                                        rings.channels, rings.rdma_slots, rings.rdma_slot_bytes);
     const RingSlots staged =
         ring_slots(mem.staging, 0, m, channel, rings.channels, rings.rdma_slots, rings.rdma_slot_bytes);
-    return {remote ? staged : target, target, signal_address(mem, link(topo.node, channel).tail, pe, remote),
-            link(m, channel).head, pe, channel, remote, shared, 0, 0};
+    return {puts ? staged : target, target, signal_address(mem, link(topo.node, channel).tail, pe, puts),
+            link(m, channel).head, pe, channel, m == topo.node, puts, shared, 0, 0};
   }
 
   // The producer of the ring from this rank to rank d of its node.
@@ -362,13 +371,13 @@ struct OpRings {
     const RingSlots target = ring_slots(mem.peer[pe], rings.nvl_ring, topo.local, channel, rings.channels,
                                         rings.nvl_slots, rings.nvl_slot_bytes);
     return {target, target, mapped(mem, pe, link(local_link(topo.local), channel).tail),
-            link(local_link(d), channel).head, pe, channel, false, shared, 0, 0};
+            link(local_link(d), channel).head, pe, channel, true, false, shared, 0, 0};
   }
 
   // The consumer of the ring from rank l of this node.
   __device__ RingConsumer consumer_of_local(int l, int channel, int* shared) const {
     return {from_local(l, channel), link(local_link(l), channel).tail, local_head(l, channel), topo.node_rank(l),
-            channel, false, shared, 0};
+            channel, shared, 0};
   }
 };
 

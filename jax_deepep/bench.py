@@ -339,7 +339,7 @@ def _normal_buffer(mesh: Mesh, sizes: Sizes, args, row_bytes: int = 2) -> Buffer
         except DeepEPError as e:  # no NVSHMEM library: the Buffer warns and runs pure JAX
             print(f"internode kernels unavailable: {e}", file=sys.stderr)
     return Buffer(mesh, AXIS, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=args.ranks_per_node,
-                  exact_internode_combine=args.exact_internode_combine)
+                  exact_internode_combine=args.exact_internode_combine, internode_puts_only=args.internode_puts_only)
 
 
 def bench_normal(runner: Runner, mesh: Mesh, sizes: Sizes, args) -> list:
@@ -678,6 +678,9 @@ def parse_args(argv=None):
                       help="ranks per node (default: the processes' hosts decide; Buffer(ranks_per_node=))")
     jobs.add_argument("--exact-internode-combine", action="store_true",
                       help="combine's partials in f32, not bf16 (Buffer(exact_internode_combine=True))")
+    jobs.add_argument("--internode-puts-only", action="store_true",
+                      help="nvshmem puts to every other node, even where NVSHMEM maps it "
+                           "(Buffer(internode_puts_only=True))")
     jobs.add_argument("--spawn", type=int, default=0,
                       help="start this many processes here, one per local GPU (all on GPU 0 when there are fewer)")
     jobs.add_argument("--distributed", action="store_true",
@@ -787,6 +790,7 @@ def main(argv=None):
     if args.mode == "internode":
         meta.update(_intranode_reference_meta(runner.results))
         meta["internode_partials"] = "f32" if buffers[0].exact_internode_combine else "bf16"
+        meta["internode_puts_only"] = buffers[0].internode_puts_only
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in runner.results]}, f, indent=1)

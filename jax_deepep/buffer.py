@@ -96,6 +96,9 @@ class Buffer:
     nodes, combine sums each node's rows into one partial per token there; by default that partial is
     rounded to bf16 before it crosses the network, as in DeepEP (half the bytes); True keeps it in f32,
     so the result is the sum rounded to bf16 once (docs/INTERNODE.md). Within one node it changes nothing.
+    `internode_puts_only` (True or False): the internode kernels write the ranks of other nodes that
+    NVSHMEM maps (nodes joined by NVLink, or processes sharing a GPU) through that mapping, as within a
+    node; True sends them nvshmem puts, the network path, as if no mapping existed (tests and benches).
     """
 
     num_sms: int = 20
@@ -104,7 +107,8 @@ class Buffer:
     def __init__(self, mesh, axis_name: str = "ep", *, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, timeout_s: Optional[float] = None,
-                 exact_internode_combine: bool = False, ranks_per_node: Optional[int] = None):
+                 exact_internode_combine: bool = False, ranks_per_node: Optional[int] = None,
+                 internode_puts_only: bool = False):
         if not isinstance(mesh, jax.sharding.Mesh):
             raise DeepEPError(f"Buffer: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if axis_name not in mesh.axis_names:
@@ -119,6 +123,7 @@ class Buffer:
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         self.timeout_s = resolve_timeout_s(timeout_s)
         self.exact_internode_combine = boolean("Buffer", "exact_internode_combine", exact_internode_combine)
+        self.internode_puts_only = boolean("Buffer", "internode_puts_only", internode_puts_only)
         if ranks_per_node is None:
             env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
             ranks_per_node = (_environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int) if env is not None
@@ -146,7 +151,8 @@ class Buffer:
                 "num_qps_per_rank": self.num_qps_per_rank,
                 "allow_nvlink_for_low_latency_mode": self.allow_nvlink_for_low_latency_mode,
                 "ranks_per_node": self.ranks_per_node, "timeout_s": self.timeout_s,
-                "exact_internode_combine": self.exact_internode_combine, "Buffer.num_sms": Buffer.num_sms,
+                "exact_internode_combine": self.exact_internode_combine,
+                "internode_puts_only": self.internode_puts_only, "Buffer.num_sms": Buffer.num_sms,
                 "Buffer.num_sms_chosen": Buffer.num_sms_chosen, "tuned_configs": self.tuned_configs.as_json(),
                 "JAX_DEEPEP_BACKEND": _backend_choice()}
 

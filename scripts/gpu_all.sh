@@ -62,9 +62,10 @@ bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a 
   find "/tmp/jax_deepep_profile_$name" -name perfetto_trace.json.gz -exec cp {} "$LOGS/$name.trace.json.gz" \;
 }
 
-bench_internode() {  # bench_internode NAME: 2 processes on this host as 2 nodes of 1 rank
-  TAIL=20 step "$1" 240 "$PY" -m jax_deepep.bench --mode internode --spawn 2 --ranks-per-node 1 \
-    --warmup 2 --iters 5 --batch 2 --json "$LOGS/$1.json"
+bench_internode() {  # bench_internode NAME [bench flags...]: 2 processes on this host as 2 nodes of 1 rank
+  local name=$1; shift
+  TAIL=20 step "$name" 240 "$PY" -m jax_deepep.bench --mode internode --spawn 2 --ranks-per-node 1 \
+    --warmup 2 --iters 5 --batch 2 --json "$LOGS/$name.json" "$@"
 }
 
 # MPS lets the processes sharing GPU 0 run kernels at the same time (without it they time-slice).
@@ -108,7 +109,9 @@ run_step() {
                # the Buffer's layouts again on every SM (docs/PERFORMANCE.md, "The MoE layer")
                TAIL=8 step bench_moe_max_sms 120 "$PY" -m jax_deepep.bench --mode moe --iters 10 --num-sms max \
                  --only buffer --json "$LOGS/moe_max_sms.json" ;;
-    bench_internode_mps) mps_on && bench_internode bench_internode_mps; mps_off ;;
+    # Both paths between the "nodes" sharing the GPU: through NVSHMEM's mapping, then as puts (the network's).
+    bench_internode_mps) mps_on && { bench_internode bench_internode_mps
+                                     bench_internode bench_internode_mps_puts --internode-puts-only; }; mps_off ;;
     bench_moe_r2) mps_on && TAIL=12 step bench_moe_r2 240 "$PY" -m jax_deepep.bench --mode moe --spawn 2 \
                     --iters 10 --json "$LOGS/moe_r2.json"; mps_off ;;
     *) echo "unknown step $1"; status=1 ;;

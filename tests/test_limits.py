@@ -352,10 +352,21 @@ def test_exact_internode_combine_is_kept():
             deepep.Buffer(mesh, "ep", exact_internode_combine=bad)
 
 
+def test_internode_puts_only_is_kept():
+    """A bool (numpy's too), False by default, refused otherwise."""
+    mesh = make_mesh(R)
+    assert deepep.Buffer(mesh, "ep").internode_puts_only is False
+    assert deepep.Buffer(mesh, "ep", internode_puts_only=np.bool_(True)).internode_puts_only is True
+    for bad in (1, "yes", None):
+        with pytest.raises(deepep.DeepEPError, match=r"Buffer: `internode_puts_only` must be True or False"):
+            deepep.Buffer(mesh, "ep", internode_puts_only=bad)
+
+
 @pytest.mark.parametrize("low_latency_mode", [False, True])
 def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
     """gpu.make_backends hands the Buffer's timeout to the NVSHMEM backends it opens, and
-    `exact_internode_combine` to the internode one, or to the pure-JAX one that takes its place."""
+    `exact_internode_combine` and `internode_puts_only` to the internode one (`exact_internode_combine` to
+    the pure-JAX one that takes its place)."""
     from jax_deepep.gpu import internode, low_latency as gpu_low_latency, nvshmem
 
     opened, watched = {}, []
@@ -366,7 +377,8 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
                             classmethod(lambda c, *args, **kwargs: opened.setdefault(c.__name__, kwargs)))
     buffer = types.SimpleNamespace(mesh=None, axis_name="ep", num_ranks=4, ranks_per_node=2, num_nvl_bytes=0,
                                    num_rdma_bytes=1 << 20, low_latency_mode=low_latency_mode,
-                                   allow_nvlink_for_low_latency_mode=True, timeout_s=3.5, exact_internode_combine=True)
+                                   allow_nvlink_for_low_latency_mode=True, timeout_s=3.5, exact_internode_combine=True,
+                                   internode_puts_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a low-latency Buffer's normal mode across nodes falls back to pure JAX
         normal, _ = gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
@@ -376,3 +388,4 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
         assert normal.exact_internode_combine is True
     else:
         assert opened["InternodeBackend"]["exact_combine"] is True
+        assert opened["InternodeBackend"]["puts_only"] is True

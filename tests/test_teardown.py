@@ -82,7 +82,7 @@ class FakeNvshmemLib:
     def failure(self, buffer_id, device):
         return ""  # no kernel ran
 
-    def create(self, buffer_id, device, num_bytes, timeout_s, direct_group):
+    def create(self, buffer_id, device, num_bytes, timeout_s, direct_group, map_other_groups):
         self.calls.append("create")
 
     def retire(self, buffer_id, device):

@@ -31,7 +31,7 @@ PYBIND11_MODULE(_nvshmem_lib, m) {
   }, py::arg("unique_id"), py::arg("rank"), py::arg("num_ranks"), py::arg("device"));
   m.def("pe", &jd::nvshmem_pe, "(rank, number of ranks) once joined, else None");
   m.def("create", &jd::nvshmem_create, kNoGil, py::arg("buffer_id"), py::arg("device"), py::arg("num_bytes"),
-        py::arg("timeout_s"), py::arg("direct_group"));
+        py::arg("timeout_s"), py::arg("direct_group"), py::arg("map_other_groups"));
   m.def("retire", &jd::nvshmem_retire, kNoGil, py::arg("buffer_id"), py::arg("device"));
   m.def("release", &jd::nvshmem_release, kNoGil, py::arg("buffer_id"), py::arg("device"),
         py::arg("collective_free"));

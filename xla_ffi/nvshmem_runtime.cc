@@ -109,7 +109,8 @@ std::optional<std::pair<int, int>> nvshmem_pe() {
   return joined_pe;
 }
 
-void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group) {
+void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group,
+                    bool map_other_groups) {
   if (!nvshmem_pe()) fail("NVSHMEM is not initialised");
   if (!states().all().empty() || !retired().all().empty())
     fail("an NVSHMEM buffer already exists in this process (destroy its Buffer first)");
@@ -144,8 +145,9 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
 
   std::vector<char*> peers(num_ranks);
   for (int pe = 0; pe < num_ranks; ++pe) {
-    // Outside the group a peer is another node even where nvshmem_ptr maps it (all PEs on one GPU).
-    const bool direct = pe / direct_group == rank / direct_group;
+    // Outside the group a peer is another node even where nvshmem_ptr maps it (all PEs on one GPU, or
+    // nodes joined by NVLink): it is written through the mapping only with map_other_groups.
+    const bool direct = map_other_groups || pe / direct_group == rank / direct_group;
     peers[pe] = direct ? static_cast<char*>(nvshmem_ptr(buffer, pe)) : nullptr;
   }
   s->group_mapped = true;

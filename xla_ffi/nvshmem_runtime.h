@@ -67,9 +67,11 @@ void nvshmem_join(const std::string& unique_id, int rank, int num_ranks, int dev
 // (rank, number of ranks) once joined.
 std::optional<std::pair<int, int>> nvshmem_pe();
 // Allocates the symmetric buffer of (buffer_id, device): num_bytes of receive halves + staging;
-// collective. Peers in this PE's group of `direct_group` consecutive ranks get loads/stores
-// through the mapping nvshmem_ptr gives (where it gives one); all others get nvshmem puts.
-void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group);
+// collective. Peers in this PE's group of `direct_group` consecutive ranks (with `map_other_groups`,
+// every peer) get loads/stores through the mapping nvshmem_ptr gives, where it gives one; all others
+// get nvshmem puts.
+void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double timeout_s, int direct_group,
+                    bool map_other_groups);
 // Destroying a buffer, in two steps around a barrier of every PE (with a timeout, in Python):
 // Takes the buffer out of the registry (no handler finds it any more) and waits until this PE's
 // kernels are done with it; returns the CUDA errors met ("" when none; after a trap, the sticky

@@ -54,7 +54,8 @@ def _normal_backend(buffer, keys):
     if not nvshmem.available():
         return _use_reference(buffer, "internode ops", nvshmem.unavailable_reason())
     return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node, keys,
-                                 timeout_s=buffer.timeout_s, exact_combine=buffer.exact_internode_combine)
+                                 timeout_s=buffer.timeout_s, exact_combine=buffer.exact_internode_combine,
+                                 puts_only=buffer.internode_puts_only)
 
 
 def _low_latency_backend(buffer, keys, normal):

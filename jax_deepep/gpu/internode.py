@@ -105,11 +105,13 @@ class InternodeBackend:
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
-             timeout_s: float, exact_combine: bool) -> "InternodeBackend":
+             timeout_s: float, exact_combine: bool, puts_only: bool) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective); peers
-        within a node are written directly, the others over the network; waits on a peer give up after
-        `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16."""
-        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node),
+        within a node are written directly, and so are those of other nodes that NVSHMEM maps here (NVLink
+        between nodes, or one GPU), unless `puts_only`; the others get puts over the network. Waits on a peer
+        give up after `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16."""
+        return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node,
+                                   map_other_groups=not puts_only),
                    ranks_per_node, exact_combine, _sm_count(mesh))
 
     def destroy(self):
@@ -120,7 +122,8 @@ class InternodeBackend:
         return self.symmetric.failures()
 
     def traffic(self) -> dict:
-        """Rows and bytes this process has put on the network so far (synchronises; for tests)."""
+        """Rows and bytes this process has sent to other nodes so far, put or written through a mapping
+        (synchronises; for tests)."""
         out = self.symmetric.lib.internode_traffic(self.symmetric.buffer_id, self.symmetric.device)
         return dict(zip(("dispatch_rows", "dispatch_bytes", "combine_rows", "combine_bytes"), out))
 

@@ -166,12 +166,13 @@ class SymmetricBuffer:
     `buffer.resolve_timeout_s`), and so does `destroy()`'s wait for the other PEs. `direct_group`:
     peers in this rank's group of that many consecutive ranks are written with loads/stores where
     NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts. By default every peer
-    may be direct. Dropped without `destroy()`, what is local is freed at garbage collection or
+    may be direct. `map_other_groups`: peers outside the group are written through the mapping too,
+    where NVSHMEM gives one (the group then only says which ranks form a node). Dropped without `destroy()`, what is local is freed at garbage collection or
     exit; the symmetric memory (collective) stays until the process leaves NVSHMEM.
     """
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
-                 direct_group: Optional[int] = None):
+                 direct_group: Optional[int] = None, map_other_groups: bool = False):
         # The process model first: a process owning several GPUs is refused before NVSHMEM is loaded.
         device, self.rank = _own_device_and_rank(mesh, axis_name)
         self.lib = nvshmem_library()
@@ -189,7 +190,7 @@ class SymmetricBuffer:
         if self.num_ranks > 1:  # nvshmem_malloc is collective with no timeout: meet every PE first, bounded
             keys.barrier("allocate", timeout_s)
         _check("symmetric buffer allocation", self.lib.create, self.buffer_id, self.device, self.num_bytes,
-               timeout_s, direct_group)
+               timeout_s, direct_group, map_other_groups)
         self._held = _Holdings(self.lib, self.buffer_id, self.device, self.num_ranks, keys,
                                Teardown(f"Buffer {self.buffer_id}: releasing the NVSHMEM symmetric buffer"))
         self._finalizer = weakref.finalize(self, release_dropped, f"Buffer {self.buffer_id}'s NVSHMEM buffer",
