@@ -563,6 +563,11 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     def empty_buffer():
         return _zeros(firsts[0].recv_x.shape, jnp.bfloat16, mesh)
 
+    if args.shared_gpu:  # the JAX-native formulations are XLA collectives, which processes sharing a GPU lack
+        for op in ("ll_dispatch", "ll_combine"):
+            runner.run(Result(op, "jax:padded", "bf16", bytes_per_rank=bf16_bytes),
+                       skip="processes share a GPU: no XLA collectives")
+        return buffers
     single = per_rank(mesh, base_dispatch)
     outs = [single(x, idx, empty_buffer()) for x, idx, _ in sets]
     check = ""

@@ -8,8 +8,8 @@
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
 #        tuned_configs.json) cpu_tests (the rest of the suite, on this machine, with the libraries built here)
-#        bench_internode bench_internode_mps bench_moe bench_moe_r2 (R = 2 sharing GPU 0
-#        under MPS) (these four not run by default)
+#        bench_internode bench_internode_mps bench_moe bench_moe_r2 bench_low_latency_r2 (the last two: R = 2
+#        sharing GPU 0 under MPS) (these five not run by default)
 # Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
 # every limit is cut to what is left of that budget and steps that no longer fit are skipped, so the logs
 # are packed before the call ends. Logs, JSON, charts and profile traces are packed into
@@ -103,6 +103,8 @@ run_step() {
     bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
+    bench_low_latency_r2) mps_on && TAIL=20 step bench_low_latency_r2 200 "$PY" -m jax_deepep.bench --mode low_latency \
+                            --spawn 2 --json "$LOGS/low_latency_r2.json"; mps_off ;;
     bench_internode) bench_internode bench_internode ;;
     tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
     bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json"

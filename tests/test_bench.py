@@ -174,6 +174,22 @@ def test_bench_runs_and_writes_json(tmp_path, mode, tokens):
             assert by_name[key]["time_us"] > 0, key
 
 
+def test_low_latency_bench_skips_collectives_on_a_shared_gpu(tmp_path):
+    """Processes sharing a GPU (`--spawn` sets `--shared-gpu`) have no XLA collectives: the low-latency
+    bench times the Buffer and records the JAX-native formulations as skipped, saying why."""
+    if len(jax.devices("cpu")) < 2:
+        pytest.skip("needs 2 CPU devices")
+    path = tmp_path / "bench.json"
+    bench.main(["--mode", "low_latency", "--shared-gpu", "--num-ranks", "2", "--num-tokens", "8", "--hidden", "256",
+                "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
+                "--rotations", "1", "--json", str(path)])
+    by_name = {(r["op"], r["impl"], r["dtype"]): r for r in json.loads(path.read_text())["results"]}
+    assert by_name[("ll_dispatch", "buffer[reference]", "bf16")]["time_us"] > 0
+    for op in ("ll_dispatch", "ll_combine"):
+        skipped = by_name[(op, "jax:padded", "bf16")]
+        assert skipped["time_us"] is None and "no XLA collectives" in skipped["note"], skipped
+
+
 def test_bench_moe_layer_runs_and_writes_json(tmp_path):
     """`--mode moe`: the MoE layer forward and forward + backward in both layouts and on the JAX-native
     transports, each checked against the Buffer's rows-by-source layer, and the experts' ceiling."""
@@ -217,6 +233,7 @@ def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
     data = json.loads(path.read_text())
     assert data["meta"]["processes"] == 2 and data["meta"]["ranks_per_node"] == 1
     assert data["meta"]["internode_partials"] == "bf16"  # the default; --exact-internode-combine: "f32"
+    assert data["meta"]["internode_puts_only"] is False  # the default; --internode-puts-only: True
     assert data["meta"]["sizes"]["num_ranks"] == 2
     timed = {(r["op"], r["impl"], r["dtype"]) for r in data["results"] if r["time_us"]}
     internode = {("dispatch", "buffer[reference]", "bf16"), ("dispatch", "buffer[reference]", "fp8"),
