@@ -70,10 +70,10 @@ def _backend(ring_bytes, sm_count=None):
 def test_a_ring_the_buffer_cannot_hold_is_refused_never_shrunk():
     config, ctx, slot = deepep.Config(20, 32, 512), RankContext("ep", 2, 2), dispatch_slot([2 * H], 8)
     need = 10 * 2 * 512 * slot.bytes
-    attrs = _backend(need)._ring("dispatch", ctx, config, slot, H)
+    attrs = _backend(need)._ring("dispatch", ctx, config, slot, 2 * H)
     assert int(attrs["ring"]["slots"]) == 512 and int(attrs["ring"]["chunk_tokens"]) == 32
     with pytest.raises(deepep.DeepEPError) as e:
-        _backend(need - 1)._ring("dispatch", ctx, config, slot, H)
+        _backend(need - 1)._ring("dispatch", ctx, config, slot, 2 * H)
     for part in ("num_max_nvl_chunked_recv_tokens", "num_sms", str(need),
                  str(config.get_nvl_buffer_size_hint(2 * H, 2)), "get_nvl_buffer_size_hint"):
         assert part in str(e.value), part
@@ -83,9 +83,9 @@ def test_more_sms_than_the_device_has_are_refused():
     """Every block must be resident at once: more blocks than SMs would wait until the timeout."""
     ctx, slot = RankContext("ep", 2, 2), dispatch_slot([2 * H], 8)
     backend = _backend(1 << 30, sm_count=101)
-    assert int(backend._ring("dispatch", ctx, deepep.Config(100, 32, 512), slot, H)["ring"]["num_channels"]) == 50
+    assert int(backend._ring("dispatch", ctx, deepep.Config(100, 32, 512), slot, 2 * H)["ring"]["num_channels"]) == 50
     with pytest.raises(deepep.DeepEPError, match=r"`config.num_sms`=102 is more than the 101 SMs.*num_sms <= 100"):
-        backend._ring("combine", ctx, deepep.Config(102, 16, 512), slot, H)
+        backend._ring("combine", ctx, deepep.Config(102, 16, 512), slot, 2 * H)
 
 
 def test_the_sm_count_checked_is_the_fewest_of_this_process_devices():

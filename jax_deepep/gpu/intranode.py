@@ -24,7 +24,8 @@ from ..backend import DispatchResult, RankContext, grouped_dispatch_result
 from ..buffer_keys import BufferKeys
 from ..config import Config
 from ..routing import grouped_routing, valid_expert_ids
-from ..sizes import combine_slot, dispatch_slot, grouped_combine_slot, grouped_dispatch_slot, intranode_ring_bytes
+from ..sizes import (GROUPED_COMBINE_CHANNEL_BYTES, combine_slot, dispatch_slot, grouped_combine_slot,
+                     grouped_dispatch_slot, intranode_ring_bytes)
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from . import runtime
@@ -182,10 +183,12 @@ class IntranodeBackend:
         return self.comm.failures()
 
     # ---- launch shapes ------------------------------------------------------------------------
-    def _ring(self, op: str, ctx: RankContext, config: Config, slot, hidden: int,
+    def _ring(self, op: str, ctx: RankContext, config: Config, slot, hidden_bytes: int,
               half_ring_chunks: bool = False) -> dict:
-        """The Buffer id, ring and slot attributes of an op moving tokens of `hidden` channels in
-        slots of `slot` (a `sizes` slot); with `half_ring_chunks`, chunks of at most half the ring."""
+        """The Buffer id, ring and slot attributes of an op moving rows in slots of `slot` (a `sizes`
+        slot); `hidden_bytes` is what `Config.get_nvl_buffer_size_hint` takes for those rows (bf16 bytes
+        of a token, f32 bytes of a grouped combine's partial row); with `half_ring_chunks`, chunks of at
+        most half the ring."""
         channels = config.num_channels
         if channels > self._max_channels:
             fail(op, f"`config.num_sms` must be at most {2 * self._max_channels}, got {config.num_sms}")
@@ -198,8 +201,8 @@ class IntranodeBackend:
                      f"`config.num_sms`={config.num_sms}: the rings need {need} bytes ({channels} channels x "
                      f"{ctx.num_ranks} ranks x {slots} slots of {slot.bytes} bytes) but num_nvl_bytes="
                      f"{self.comm.num_bytes} holds {self.comm.ring_bytes}; make the Buffer with num_nvl_bytes >= "
-                     f"{config.get_nvl_buffer_size_hint(2 * hidden, ctx.num_ranks)} (config.get_nvl_buffer_size_"
-                     f"hint({2 * hidden}, {ctx.num_ranks}), as the ops check it), or pass a Config with fewer SMs "
+                     f"{config.get_nvl_buffer_size_hint(hidden_bytes, ctx.num_ranks)} (config.get_nvl_buffer_size_"
+                     f"hint({hidden_bytes}, {ctx.num_ranks}), as the ops check it), or pass a Config with fewer SMs "
                      "or ring slots")
         if half_ring_chunks:
             chunk_tokens = min(chunk_tokens, max(slots // 2, 1))
@@ -208,7 +211,7 @@ class IntranodeBackend:
 
     def _dispatch_ring(self, ctx: RankContext, config: Config, parts, num_topk: int) -> dict:
         """Attributes of a (cached) dispatch moving `parts` and `num_topk` ids/weights per token."""
-        return self._ring("dispatch", ctx, config, dispatch_slot(_part_bytes(parts), num_topk), parts[0].shape[1])
+        return self._ring("dispatch", ctx, config, dispatch_slot(_part_bytes(parts), num_topk), 2 * parts[0].shape[1])
 
     # ---- normal mode ----------------------------------------------------------------------------
     def get_dispatch_layout(self, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
@@ -267,7 +270,7 @@ class IntranodeBackend:
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         # Chunks of at most half the ring: the receiver releases its heads a chunk of tokens at a time,
         # and the sender's next chunk then still fits behind them (cuda/intranode_combine.cu, `lag`).
-        attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), hidden, half_ring_chunks=True)
+        attrs = self._ring("combine", ctx, config, combine_slot(hidden, num_topk), 2 * hidden, half_ring_chunks=True)
         return _combine_call("jax_deepep_combine", ctx, attrs, y, (), topk_weights, num_topk, bias, handle)
 
 
@@ -293,7 +296,7 @@ class IntranodeGroupedOps(GroupedKernelOps):
         n, num_tokens, r = num_worst_tokens, parts[0].shape[0], ctx.num_ranks
         rows, top_k = r * num_tokens, topk_idx.shape[1]
         slot, prefix_offset = grouped_dispatch_slot(_part_bytes(parts), top_k)
-        attrs = self.backend._ring(op, ctx, config, slot, parts[0].shape[1])
+        attrs = self.backend._ring(op, ctx, config, slot, 2 * parts[0].shape[1])
         ids, prefix, per_expert = grouped_routing(topk_idx, num_experts)
         weights = jnp.ones(ids.shape, jnp.float32) if topk_weights is None else topk_weights.astype(jnp.float32)
         scales = parts[1] if len(parts) == 2 else None
@@ -336,9 +339,8 @@ class IntranodeGroupedOps(GroupedKernelOps):
         hidden = _combine_hidden(y)
         top_k = handle.pair_row.shape[1]
         # As the plain combine: chunks of at most half the ring (IntranodeBackend.combine says why).
-        # The size hint counts bf16 rows: an f32 partial row takes two of them.
-        attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k), 2 * hidden,
-                                   half_ring_chunks=True)
+        attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k),
+                                   GROUPED_COMBINE_CHANNEL_BYTES * hidden, half_ring_chunks=True)
         row_weights = optional_operand(None if row_weights is None else row_weights.astype(jnp.float32), jnp.float32)
         return _combine_call("jax_deepep_grouped_combine", ctx, attrs, y, (row_weights,), topk_weights, top_k, bias,
                              handle.tokens, handle.pair_row)
