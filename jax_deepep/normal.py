@@ -76,15 +76,18 @@ def _dispatch_fwd(static, parts, topk_weights, topk_idx, layout):
 
 def _dispatch_bwd(static, residuals, g: DispatchOutput):
     handle, recv_topk_idx = residuals
-    if isinstance(g.recv_x, tuple):  # FP8 tokens carry no gradient
-        return None, None, None, None
+    fp8 = isinstance(g.recv_x, tuple)
     g_w = g.recv_topk_weights
     if g_w is not None and isinstance(handle, ExpertGroupedHandle):
         g_w = g_w + g.handle.weight  # what a combine of the handle sends back to the pair weights
+    if g_w is None and fp8:
+        return None, None, None, None
     if g_w is not None:
         g_w = jnp.where(recv_topk_idx >= 0, g_w, 0.0)
-    g_x, g_topk_weights = static.backend.combine(static.ctx, static.config, handle, g.recv_x, g_w, ())
-    return (g_x,), g_topk_weights, None, None
+    # FP8 tokens carry no gradient, but their weights do: a combine of zero rows brings those back.
+    g_rows = jnp.zeros(g.recv_x[0].shape, jnp.bfloat16) if fp8 else g.recv_x
+    g_x, g_topk_weights = static.backend.combine(static.ctx, static.config, handle, g_rows, g_w, ())
+    return None if fp8 else (g_x,), g_topk_weights, None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)

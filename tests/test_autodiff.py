@@ -57,6 +57,35 @@ def test_dispatch_grad(rng, num_ranks, capacity):
     np.testing.assert_allclose(grad_w, oracle.combine(g_w_routed, want, T), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("expert_grouped", [False, True])
+def test_fp8_dispatch_still_differentiates_the_weights(rng, expert_grouped):
+    """FP8 tokens carry no gradient, but `topk_weights` does: its gradient through an FP8 dispatch (and a
+    grouped one's weighted combine) equals the one through the same dispatch of bf16 tokens."""
+    num_ranks = 4
+    mesh = make_mesh(num_ranks)
+    buffer = deepep.Buffer(mesh, "ep")
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E, "random")
+    rows = num_ranks * T * K if expert_grouped else num_ranks * T  # the default capacity N (E_l >= K)
+    g_w = random_weights(rng, (num_ranks, rows) if expert_grouped else (num_ranks, rows, K))
+    y = random_bf16(rng, (num_ranks, rows, H))
+
+    def per_rank(x, idx, w, g_w, y, fp8):
+        def loss(w):
+            tokens = deepep.fp8.per_block_cast_to_fp8(x) if fp8 else x
+            out = buffer.dispatch(tokens, topk_idx=idx, topk_weights=w, num_experts=E, expert_grouped=expert_grouped)
+            total = jnp.sum(out.recv_topk_weights * g_w)
+            if expert_grouped:  # its combine weighs the rows by the pair weights the handle holds
+                total += jnp.sum(buffer.combine(y, out.handle)[0].astype(jnp.float32))
+            return total
+
+        return jax.grad(loss)(w)
+
+    bf16, fp8 = (run_per_rank(mesh, lambda *a, f=f: per_rank(*a, f), x, topk_idx, weights, g_w, y)
+                 for f in (False, True))
+    assert np.abs(bf16).sum() > 0
+    np.testing.assert_array_equal(fp8, bf16)
+
+
 @pytest.mark.parametrize("num_ranks,capacity", CASES)
 def test_combine_grad(rng, num_ranks, capacity):
     mesh, capacity, buffer = _setup(num_ranks, capacity)
