@@ -18,8 +18,16 @@ def varying_axes(x) -> frozenset:
 
 def mark_varying(out, axis_name: str, *inputs):
     """`out` (a pytree) with every array varying over `axis_name` and over the axes `inputs` vary over."""
-    axes = frozenset({axis_name}).union(*(varying_axes(a) for a in jax.tree.leaves(inputs)))
+    return _vary_over(out, frozenset({axis_name}).union(*(varying_axes(a) for a in jax.tree.leaves(inputs))))
 
+
+def vary_like(out, *inputs):
+    """`out` (a pytree) with every array varying over the axes `inputs` vary over (a constant standing in
+    for a result computed from them)."""
+    return _vary_over(out, frozenset().union(*(varying_axes(a) for a in jax.tree.leaves(inputs))))
+
+
+def _vary_over(out, axes: frozenset):
     def mark(x):
         missing = tuple(sorted(axes - varying_axes(x)))
         return jax.lax.pcast(x, missing, to="varying") if missing else x

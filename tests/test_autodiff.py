@@ -58,6 +58,27 @@ def test_dispatch_grad(rng, num_ranks, capacity):
 
 
 @pytest.mark.parametrize("expert_grouped", [False, True])
+def test_dispatch_grad_with_no_capacity(rng, expert_grouped):
+    """`num_worst_tokens=0` receives nothing: the gradients are zeros of the inputs' shapes, not an error."""
+    num_ranks = 2
+    mesh = make_mesh(num_ranks)
+    buffer = deepep.Buffer(mesh, "ep")
+    x, topk_idx, weights = random_tokens(rng, num_ranks, T, H, K, E, "random")
+
+    def per_rank(x, idx, w):
+        def loss(x, w):
+            out = buffer.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E, num_worst_tokens=0,
+                                  expert_grouped=expert_grouped)
+            return jnp.sum(out.recv_x.astype(jnp.float32)) + jnp.sum(out.recv_topk_weights)
+
+        return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    grad_x, grad_w = run_per_rank(mesh, per_rank, x, topk_idx, weights)
+    assert grad_x.shape == x.shape and grad_w.shape == weights.shape
+    assert not np.any(_as_f32(grad_x)) and not np.any(grad_w)
+
+
+@pytest.mark.parametrize("expert_grouped", [False, True])
 def test_fp8_dispatch_still_differentiates_the_weights(rng, expert_grouped):
     """FP8 tokens carry no gradient, but `topk_weights` does: its gradient through an FP8 dispatch (and a
     grouped one's weighted combine) equals the one through the same dispatch of bf16 tokens."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ..backend import DispatchResult, RankContext
 from ..routing import valid_expert_ids
 from ..types import DispatchHandle, DispatchLayout
+from ..varying import vary_like
 
 
 def get_dispatch_layout(ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
@@ -52,8 +53,8 @@ def _send_table(is_token_in_rank, capacity: int):
 
 def gather_rows(a, rows):
     """a[rows] with out-of-range rows, negative ones included, giving zeros (jnp.take would wrap -1)."""
-    if a.shape[0] == 0:  # every row is out of range (T = 0); jnp.take refuses an empty axis
-        return jnp.zeros(rows.shape + a.shape[1:], a.dtype)
+    if a.shape[0] == 0:  # every row is out of range (T = 0 or N = 0); jnp.take refuses an empty axis
+        return vary_like(jnp.zeros(rows.shape + a.shape[1:], a.dtype), a, rows)
     rows = jnp.where(rows < 0, a.shape[0], rows)
     return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
 
