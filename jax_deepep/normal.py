@@ -210,7 +210,9 @@ _GROUPED_HANDLE_ARRAYS = (("token_row", jnp.int32, ("N",)), ("pair_row", jnp.int
 
 
 def _leading(a) -> int:
-    return a.shape[0] if len(a.shape) else -1
+    """The leading dimension of a handle field, -1 for a scalar or a non-array (which `_check_arrays` refuses)."""
+    shape = getattr(a, "shape", ())
+    return shape[0] if len(shape) else -1
 
 
 def _check_arrays(op: str, name: str, handle, specs, sizes: dict, ctx: RankContext):

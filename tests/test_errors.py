@@ -1,5 +1,7 @@
 """Bad input (docs/API.md): a `DeepEPError` at trace time whose message names the argument
 and what was expected. Everything here only traces (`jax.eval_shape`): nothing runs."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,12 @@ NORMAL_CASES = {
     "combine_three_biases": (lambda b, x, i, y: b.combine(y, _handle(b, x, i), bias=(x, x, x)),
                              [X, IDX, spec((R * T, H), BF16)], ["bias", "two"]),
     "combine_handle": (lambda b, y: b.combine(y, None), [spec((R * T, H), BF16)], ["handle", "DispatchHandle"]),
+    "combine_handle_field_none": (lambda b, x, i: b.combine(x, dataclasses.replace(_handle(b, x, i),
+                                                                                   recv_src_idx=None)),
+                                  [X, IDX], ["handle", "DispatchHandle"]),
+    "cached_handle_field_list": (lambda b, x, i: b.dispatch(x, handle=dataclasses.replace(_handle(b, x, i),
+                                                                                          is_token_in_rank=[1, 2])),
+                                 [X, IDX], ["handle", "DispatchHandle"]),
     "low_latency_on_normal_buffer": (lambda b, x, i: _ll(b, x, i), [X, IDX], ["low_latency_mode=True"]),
 }
 
