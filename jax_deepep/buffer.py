@@ -118,39 +118,43 @@ class Buffer:
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_nvl_bytes = integer("Buffer", "num_nvl_bytes", num_nvl_bytes, minimum=0)
         self.num_rdma_bytes = integer("Buffer", "num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = bool(low_latency_mode)
+        self.low_latency_mode = boolean("Buffer", "low_latency_mode", low_latency_mode)
         self.num_qps_per_rank = integer("Buffer", "num_qps_per_rank", num_qps_per_rank, minimum=0)
-        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.allow_nvlink_for_low_latency_mode = boolean("Buffer", "allow_nvlink_for_low_latency_mode",
+                                                         allow_nvlink_for_low_latency_mode)
         self.timeout_s = resolve_timeout_s(timeout_s)
         self.exact_internode_combine = boolean("Buffer", "exact_internode_combine", exact_internode_combine)
         self.internode_puts_only = boolean("Buffer", "internode_puts_only", internode_puts_only)
         if ranks_per_node is None:
             env = os.environ.get("JAX_DEEPEP_RANKS_PER_NODE")
-            ranks_per_node = (_environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int) if env is not None
-                              else detect_ranks_per_node(mesh, axis_name))
-        ranks_per_node = integer("Buffer", "ranks_per_node", ranks_per_node, minimum=1)
-        if self.num_ranks % ranks_per_node:
-            raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
-                              f"got {ranks_per_node}")
-        self.ranks_per_node = min(ranks_per_node, self.num_ranks)
+            ranks_per_node = None if env is None else _environment_value("JAX_DEEPEP_RANKS_PER_NODE", env, int)
+        if ranks_per_node is not None:
+            ranks_per_node = integer("Buffer", "ranks_per_node", ranks_per_node, minimum=1)
+            if self.num_ranks % ranks_per_node:
+                raise DeepEPError(f"Buffer: `ranks_per_node` must divide the number of ranks ({self.num_ranks}), "
+                                  f"got {ranks_per_node}")
         # Checked and agreed on before any backend allocates: a peer sized differently would be
-        # written out of bounds.
+        # written out of bounds. The handshake also tells every process the others' hosts.
         self.tuned_configs = tuned.load(mesh.devices.flat[0].device_kind, self.num_ranks)
-        self.keys = creation.agree(mesh, self._arguments())
+        self.keys, hosts = creation.agree(mesh, self._arguments(ranks_per_node))
         self.buffer_id = self.keys.buffer_id
+        if ranks_per_node is None:  # the same hosts on every process, so the same nodes
+            ranks_per_node = detect_ranks_per_node(mesh, axis_name, hosts)
+        self.ranks_per_node = min(ranks_per_node, self.num_ranks)
         self._destroyed = False
         self._failure = None  # Buffer.failure(), once known
         self.normal_backend, self.low_latency_backend = self._make_backends()
 
-    def _arguments(self) -> dict:
+    def _arguments(self, ranks_per_node: Optional[int]) -> dict:
         """What every process must have passed alike (the default Configs follow from `num_ranks`,
-        `Buffer.num_sms` and the tuned configs), as JSON values."""
+        `Buffer.num_sms` and the tuned configs; `ranks_per_node` None: detected from the hosts after the
+        handshake), as JSON values."""
         return {"axis_name": self.axis_name, "num_ranks": self.num_ranks,
                 "mesh.device_ids": self.mesh.device_ids.tolist(), "num_nvl_bytes": self.num_nvl_bytes,
                 "num_rdma_bytes": self.num_rdma_bytes, "low_latency_mode": self.low_latency_mode,
                 "num_qps_per_rank": self.num_qps_per_rank,
                 "allow_nvlink_for_low_latency_mode": self.allow_nvlink_for_low_latency_mode,
-                "ranks_per_node": self.ranks_per_node, "timeout_s": self.timeout_s,
+                "ranks_per_node": ranks_per_node, "timeout_s": self.timeout_s,
                 "exact_internode_combine": self.exact_internode_combine,
                 "internode_puts_only": self.internode_puts_only, "Buffer.num_sms": Buffer.num_sms,
                 "Buffer.num_sms_chosen": Buffer.num_sms_chosen, "tuned_configs": self.tuned_configs.as_json(),

@@ -4,8 +4,7 @@
 Buffer's state in the FFI registries, so it is unique in every process. A key's writer deletes it
 while the Buffer is made, once every reader is known to have read it (the CUDA IPC handles after
 the `connected` barrier, the NVSHMEM unique id once every PE has joined), or at once when making it
-fails; so a Buffer, whether destroyed or dropped, leaves no key behind (barriers are no keys). Only
-the id counter `jax_deepep/buffer_ids`, shared by every Buffer of the job, stays in the store.
+fails; so a Buffer, whether destroyed or dropped, leaves no key behind (barriers are no keys).
 """
 from __future__ import annotations
 

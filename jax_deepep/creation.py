@@ -1,29 +1,26 @@
 """Making a Buffer across processes: one handshake that checks that every process passed the same
-arguments and agrees on the Buffer's id (docs/API.md).
+arguments, tells each its peers' hosts, and agrees on the Buffer's id (docs/API.md).
 
-Every process of the mesh publishes its arguments under `jax_deepep/creation/<group>/<n>/<process>`
-(the n-th Buffer made over that group of processes: processes make their Buffers in the same order,
-as with any collective) and reads those of the others; the lowest process adds a fresh id from a
-counter in the store. All of them compare the same records, so on any difference every process
-raises the same `DeepEPError`. The last process to finish reading deletes the records.
+Every process of the mesh publishes its arguments and host under
+`jax_deepep/creation/<group>/<n>/<process>` (the n-th Buffer made over that group of processes:
+processes make their Buffers in the same order, as with any collective) and reads those of the
+others. All of them compare the same records, so on any difference every process raises the same
+`DeepEPError`. The last process to finish reading deletes the records, so nothing of the handshake
+stays in the store. The id follows from the group and n alone (`_buffer_id`): no counter in the store.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from typing import Optional
 
 import jax
 
 from .buffer_keys import BufferKeys
-from .topology import KV_TIMEOUT_MS, kv_client
+from .topology import KV_TIMEOUT_MS, kv_client, own_host
 from .validation import DeepEPError
 
-_ID_COUNTER_KEY = "jax_deepep/buffer_ids"
 _MAX_VALUE_CHARS = 200
-# Without jax.distributed there is one process, whose own counter makes its ids unique.
-_local_ids = itertools.count(1)
 # {processes: how many Buffers this process made over exactly them}: the n of the next handshake.
 _creations: dict[tuple, int] = {}
 
@@ -60,35 +57,41 @@ def describe_mismatch(arguments: dict[int, dict]) -> Optional[str]:
     return "Buffer: every process must create it with the same arguments, but " + "; ".join(differences)
 
 
-def agree(mesh, arguments: dict) -> BufferKeys:
-    """The key-value namespace (and id) of a new Buffer over `mesh`, made with `arguments` (a JSON-able
-    dict); collective over the processes of `mesh`. Raises `DeepEPError` on every process when the
-    processes passed different arguments."""
+def agree(mesh, arguments: dict) -> tuple[BufferKeys, dict[int, str]]:
+    """(the key-value namespace and id of a new Buffer over `mesh`, {process: its host}), the Buffer made
+    with `arguments` (a JSON-able dict); collective over the processes of `mesh`. Raises `DeepEPError`
+    on every process when the processes passed different arguments."""
     processes = processes_of(mesh)
     client = kv_client()
+    sequence = _creations.get(processes, 0)
     if len(processes) == 1:
-        buffer_id = next(_local_ids) if client is None else client.key_value_increment(_ID_COUNTER_KEY, 1)
-        return BufferKeys(buffer_id, processes, client)
+        _creations[processes] = sequence + 1
+        return BufferKeys(_buffer_id(processes, sequence), processes, client), {processes[0]: own_host()}
     if client is None:
         raise DeepEPError(f"Buffer: the mesh spans processes {list(processes)} but jax.distributed is not "
                           "initialised: call jax.distributed.initialize() first")
-    records = _exchange(client, processes, arguments)
+    records = _exchange(client, processes, sequence, arguments)
     mismatch = describe_mismatch({p: record["arguments"] for p, record in records.items()})
     if mismatch:
         raise DeepEPError(mismatch)
-    return BufferKeys(records[processes[0]]["buffer_id"], processes, client)
+    hosts = {p: record["host"] for p, record in records.items()}
+    return BufferKeys(_buffer_id(processes, sequence), processes, client), hosts
 
 
-def _exchange(client, processes: tuple, arguments: dict) -> dict[int, dict]:
-    """{process: its record} for every process of this creation; the lowest one's record holds the id."""
-    sequence = _creations.get(processes, 0)
+def _buffer_id(processes: tuple, sequence: int) -> int:
+    """The id of the `sequence`-th Buffer made over `processes`: the same in each of them, and 48 bits of
+    a hash of both, so no two Buffers of a process share it (it keys their state in the FFI registries and
+    their namespace in the store) and no counter has to live in the store."""
+    digest = hashlib.sha1(f"{','.join(map(str, processes))}/{sequence}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def _exchange(client, processes: tuple, sequence: int, arguments: dict) -> dict[int, dict]:
+    """{process: its record (arguments and host)} for every process of creation `sequence` over them."""
     group = hashlib.sha1(",".join(map(str, processes)).encode()).hexdigest()[:16]
     rendezvous = f"jax_deepep/creation/{group}/{sequence}"
     me = jax.process_index()
-    record = {"arguments": arguments}
-    if me == processes[0]:
-        record["buffer_id"] = client.key_value_increment(_ID_COUNTER_KEY, 1)
-    text = json.dumps(record)
+    text = json.dumps({"arguments": arguments, "host": own_host()})
     client.key_value_set(f"{rendezvous}/{me}", text)
     records = {me: json.loads(text)}
     for process in processes:

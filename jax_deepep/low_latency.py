@@ -11,7 +11,7 @@ from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS
 from .logfmt import GROUP as LOGFMT_GROUP
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
-from .validation import expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
+from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
 
 
 def _first_occurrences(topk_idx):
@@ -48,6 +48,9 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
                          num_rdma_bytes: int = 0) -> LowLatencyDispatchOutput:
     """`num_rdma_bytes`: the Buffer's, checked against what these sizes need (0: not checked)."""
     op = "low_latency_dispatch"
+    use_fp8, round_scale, use_ue8m0, return_recv_hook = (
+        boolean(op, name, value) for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale),
+                                                     ("use_ue8m0", use_ue8m0), ("return_recv_hook", return_recv_hook)))
     m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
                 maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
     num_experts = integer(op, "num_experts", num_experts, minimum=1)
@@ -67,7 +70,7 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
         fail(op, f"`x` hidden size must be a multiple of {4 * FP8_BLOCK} for UE8M0 scales, got {hidden}")
     _check_rdma_bytes(op, num_rdma_bytes, m, hidden, ctx.num_ranks, num_experts)
     checking.check_expert_ids(topk_idx, num_experts)
-    opts = LowLatencyOptions(m, num_experts, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+    opts = LowLatencyOptions(m, num_experts, use_fp8, round_scale, use_ue8m0)
 
     def send(x, topk_idx):
         transit = backend.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
@@ -99,6 +102,9 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
                         num_rdma_bytes: int = 0):
     """`num_rdma_bytes`: the Buffer's, checked against what these sizes need (0: not checked)."""
     op = "low_latency_combine"
+    use_logfmt, zero_copy, return_recv_hook = (
+        boolean(op, name, value) for name, value in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy),
+                                                     ("return_recv_hook", return_recv_hook)))
     _check_handle(op, handle, ctx)
     m, e = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
     expect_array(op, "y", y, ndim=3, dtypes=(jnp.bfloat16,), shape=(e // ctx.num_ranks, ctx.num_ranks * m, None))
@@ -112,7 +118,7 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
 
     def send(y, topk_idx, topk_weights, handle):
         return PendingLowLatencyCombine(backend.low_latency_combine_send(
-            ctx, y, _first_occurrences(topk_idx), topk_weights, handle, bool(use_logfmt), bool(zero_copy)))
+            ctx, y, _first_occurrences(topk_idx), topk_weights, handle, use_logfmt, zero_copy))
 
     if return_recv_hook:
         return _unmapped_on_cuda(backend, op, send)(y, topk_idx, topk_weights, handle)

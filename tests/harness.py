@@ -102,11 +102,11 @@ def fake_cuda_platform(monkeypatch, intranode_lib):
 
 
 def buffer_keys_in_store() -> list[str]:
-    """The keys of Buffers (their namespaces and creation records) in the jax.distributed key-value store."""
+    """Every key jax_deepep holds in the jax.distributed key-value store (Buffer namespaces, creation
+    records, anything else): none may outlive the Buffers."""
     from jax_deepep.topology import kv_client
 
-    return [key for key, _ in kv_client().key_value_dir_get("jax_deepep")
-            if key.startswith(("jax_deepep/buffer/", "jax_deepep/creation/"))]
+    return [key for key, _ in kv_client().key_value_dir_get("jax_deepep")]
 
 
 def random_bf16(rng, shape):

@@ -1,6 +1,6 @@
 """Buffer creation across processes (docs/API.md, jax_deepep/creation.py): every process must pass
-the same arguments, the processes agree on the Buffer's id, and a destroyed or dropped Buffer leaves
-no key in the jax.distributed store.
+the same arguments, the processes agree on the Buffer's id and learn each other's hosts, and a destroyed
+or dropped Buffer leaves no key at all in the jax.distributed store.
 
 The job of two processes runs on CPU (one device each, this file run as a script); each process writes
 what it saw to a JSON file that the pytest side compares.
@@ -54,12 +54,13 @@ def test_buffers_of_one_process_get_fresh_ids():
     mesh = make_mesh(2)
     first, second = deepep.Buffer(mesh, "ep"), deepep.Buffer(mesh, "ep")
     assert second.buffer_id != first.buffer_id
+    assert creation._buffer_id((0,), 0) != creation._buffer_id((0, 1), 0)  # other processes, other ids
     assert first.keys.prefix == f"jax_deepep/buffer/{first.buffer_id}"
     assert creation.processes_of(mesh) == (0,)
 
 
 # ---- a job of two processes ---------------------------------------------------------------------
-def test_two_processes_agree_on_ids_refuse_different_sizes_and_leave_no_keys(tmp_path):
+def test_two_processes_agree_on_ids_and_hosts_refuse_different_sizes_and_leave_no_keys(tmp_path):
     env = gpu_workers.worker_env(2, 0.1)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                CREATION_OUT=str(tmp_path))
@@ -68,6 +69,7 @@ def test_two_processes_agree_on_ids_refuse_different_sizes_and_leave_no_keys(tmp
     assert seen[0]["ids"] == seen[1]["ids"], seen
     assert len(set(seen[0]["ids"])) == 3, seen  # every Buffer its own id
     assert [seen[0]["peer"], seen[1]["peer"]] == ["1", "0"]
+    assert [seen[0]["ranks_per_node"], seen[1]["ranks_per_node"]] == [1, 1]  # each its own host
     for process in range(2):
         message = seen[process]["mismatch"]
         assert message and "`num_nvl_bytes` differs (process 0 passed 1048576, process 1 passed 2097152)" in message
@@ -86,9 +88,10 @@ def _worker():
 
     args = gpu_workers.worker_args()
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_ranks, args.rank)
+    os.environ["JAX_DEEPEP_HOST_ID"] = f"host-{args.rank}"  # two "hosts", told through the handshake
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     first, second = deepep.Buffer(mesh, "ep"), deepep.Buffer(mesh, "ep")
-    seen = {"ids": [first.buffer_id, second.buffer_id], "mismatch": None}
+    seen = {"ids": [first.buffer_id, second.buffer_id], "mismatch": None, "ranks_per_node": first.ranks_per_node}
     start = time.monotonic()
     with pytest.raises(deepep.DeepEPError) as refused:
         deepep.Buffer(mesh, "ep", num_nvl_bytes=(1 << 20) * (args.rank + 1))

@@ -137,6 +137,12 @@ LOW_LATENCY_CASES = {
                         [X, IDX, spec((E // R, R * M, H), BF16)], ["topk_weights", "float32"]),
     "combine_handle": (lambda b, i, w, y: b.low_latency_combine(y, i, w, None),
                        [IDX, W, spec((E // R, R * M, H), BF16)], ["handle", "LowLatencyHandle"]),
+    "use_fp8_not_bool": (lambda b, x, i: b.low_latency_dispatch(x, i, num_max_dispatch_tokens_per_rank=M,
+                                                                num_experts=E, use_fp8=1),
+                         [X, IDX], ["use_fp8", "True or False"]),
+    "zero_copy_not_bool": (lambda b, x, i, w: b.low_latency_combine(_ll(b, x, i).recv_x, i, w, _ll(b, x, i).handle,
+                                                                    zero_copy="yes"),
+                           [X, IDX, W], ["zero_copy", "True or False"]),
     "recv_not_pending": (lambda b, x, i: b.low_latency_recv(_ll(b, x, i)), [X, IDX],
                          ["low_latency_recv", "return_recv_hook=True"]),
 }

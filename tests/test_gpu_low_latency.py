@@ -131,8 +131,8 @@ class Worker:
         self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
 
         def open_kernels():
-            keys = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group,
-                                              "node": node})
+            keys, _ = creation.agree(self.mesh, {"num_rdma_bytes": num_rdma_bytes, "direct_group": direct_group,
+                                                 "node": node})
             if node:  # rings of no use here: the communication buffer's header, then the low-latency area
                 comm = runtime.CommBuffers(self.mesh, AXIS, 1 << 20, keys, timeout_s=resolve_timeout_s(None),
                                            low_latency_bytes=num_rdma_bytes)

@@ -352,6 +352,14 @@ def test_exact_internode_combine_is_kept():
             deepep.Buffer(mesh, "ep", exact_internode_combine=bad)
 
 
+@pytest.mark.parametrize("flag", ["low_latency_mode", "allow_nvlink_for_low_latency_mode"])
+def test_mode_flags_are_booleans(flag):
+    """A string or a number is no mode flag (bool("no") would be True)."""
+    for bad in ("no", 1, None):
+        with pytest.raises(deepep.DeepEPError, match=rf"Buffer: `{flag}` must be True or False"):
+            deepep.Buffer(make_mesh(R), "ep", num_rdma_bytes=1 << 20, **{flag: bad})
+
+
 def test_internode_puts_only_is_kept():
     """A bool (numpy's too), False by default, refused otherwise."""
     mesh = make_mesh(R)

@@ -1,5 +1,6 @@
-"""Nodes of the expert-parallel axis: detected from the hosts of the devices' processes, unless
-`ranks_per_node` or JAX_DEEPEP_RANKS_PER_NODE says otherwise."""
+"""Nodes of the expert-parallel axis: detected from the hosts of the devices' processes (which the
+processes tell each other while they make a Buffer: tests/test_creation.py runs that in a job of two),
+unless `ranks_per_node` or JAX_DEEPEP_RANKS_PER_NODE says otherwise."""
 import types
 
 import jax
@@ -9,8 +10,10 @@ from jax.sharding import Mesh
 
 import jax_deepep as deepep
 from harness import make_mesh
-from jax_deepep import topology
-from jax_deepep.topology import detect_ranks_per_node, host_of_processes
+from jax_deepep import creation
+from jax_deepep.topology import detect_ranks_per_node
+
+ONE_HOST = {0: "h"}  # the hosts of a job of one process
 
 
 def _fake_mesh(processes, axis_names=("ep",)):
@@ -22,86 +25,51 @@ def _fake_mesh(processes, axis_names=("ep",)):
     return types.SimpleNamespace(devices=devices, axis_names=axis_names)
 
 
-def _hosts(mapping):
-    """A `host_of` that knows the hosts of the fake processes."""
-    return lambda processes: {p: mapping[p] for p in processes}
-
-
 @pytest.mark.parametrize("num_ranks", [1, 2, 8])
 def test_single_process_is_one_node(num_ranks):
-    assert detect_ranks_per_node(make_mesh(num_ranks), "ep") == num_ranks
+    assert detect_ranks_per_node(make_mesh(num_ranks), "ep", ONE_HOST) == num_ranks
     assert deepep.Buffer(make_mesh(num_ranks), "ep").ranks_per_node == num_ranks
 
 
-def test_host_of_a_single_process(monkeypatch):
+def test_the_handshake_of_a_single_process_gives_its_host(monkeypatch):
     monkeypatch.setenv("JAX_DEEPEP_HOST_ID", "fake-host")
-    assert host_of_processes([0]) == {0: "fake-host"}
-
-
-class _FakeStore:
-    """The jax.distributed key-value client, as host_of_processes uses it."""
-
-    def __init__(self, values):
-        self.values = dict(values)
-
-    def key_value_set(self, key, value):
-        assert key not in self.values, f"{key} set twice"
-        self.values[key] = value
-
-    def blocking_key_value_get(self, key, timeout_ms):
-        return self.values[key]
-
-
-def test_host_of_several_processes(monkeypatch):
-    """Process 1 of 3 publishes its host once and reads the others' from the store."""
-    store = _FakeStore({"jax_deepep/host/0": "a", "jax_deepep/host/2": "b"})
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
-    monkeypatch.setattr(jax, "process_index", lambda: 1)
-    monkeypatch.setattr(topology, "kv_client", lambda: store)
-    monkeypatch.setattr(topology, "_known_hosts", (None, {}))
-    monkeypatch.setenv("JAX_DEEPEP_HOST_ID", "a")
-    assert host_of_processes([0, 1, 2]) == {0: "a", 1: "a", 2: "b"}
-    assert store.values["jax_deepep/host/1"] == "a"
-    assert host_of_processes([1, 2]) == {1: "a", 2: "b"}  # a second Buffer: nothing set again
-    monkeypatch.setattr(topology, "kv_client", lambda: None)
-    with pytest.raises(deepep.DeepEPError, match=r"jax.distributed.initialize\(\).*ranks_per_node"):
-        host_of_processes([0, 1, 2])
+    assert creation.agree(make_mesh(2), {})[1] == {0: "fake-host"}
 
 
 def test_two_hosts_of_four_ranks():
     mesh = _fake_mesh([0, 0, 1, 1, 2, 2, 3, 3])  # two processes per host, two devices per process
-    assert detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "a", 2: "b", 3: "b"})) == 4
+    assert detect_ranks_per_node(mesh, "ep", {0: "a", 1: "a", 2: "b", 3: "b"}) == 4
 
 
 def test_one_process_per_rank():
     mesh = _fake_mesh(range(8))
-    assert detect_ranks_per_node(mesh, "ep", _hosts({p: f"h{p // 2}" for p in range(8)})) == 2
-    assert detect_ranks_per_node(mesh, "ep", _hosts({p: f"h{p}" for p in range(8)})) == 1
+    assert detect_ranks_per_node(mesh, "ep", {p: f"h{p // 2}" for p in range(8)}) == 2
+    assert detect_ranks_per_node(mesh, "ep", {p: f"h{p}" for p in range(8)}) == 1
 
 
 def test_interleaved_hosts_are_refused():
     mesh = _fake_mesh([0, 1, 0, 1])
     with pytest.raises(deepep.DeepEPError, match=r"ranks \[0, 2\] on host 'a'; ranks \[1, 3\] on host 'b'.*"
                                                  r"jax.make_mesh.*ranks_per_node"):
-        detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "b"}))
+        detect_ranks_per_node(mesh, "ep", {0: "a", 1: "b"})
 
 
 def test_a_host_in_two_blocks_is_refused():
     mesh = _fake_mesh([0, 0, 1, 1, 0, 0])
     with pytest.raises(deepep.DeepEPError, match="consecutive"):
-        detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "b"}))
+        detect_ranks_per_node(mesh, "ep", {0: "a", 1: "b"})
 
 
 def test_unequal_blocks_are_refused():
     mesh = _fake_mesh([0, 0, 0, 1])
     with pytest.raises(deepep.DeepEPError, match=r"ranks \[0, 1, 2\] on host 'a'; ranks \[3\] on host 'b'"):
-        detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "b"}))
+        detect_ranks_per_node(mesh, "ep", {0: "a", 1: "b"})
 
 
 def test_expert_axis_after_another_axis():
     # (dp=2, ep=4) over four hosts: each ep line is two hosts of two ranks, each dp line two hosts of one.
     mesh = _fake_mesh([[0, 0, 1, 1], [2, 2, 3, 3]], ("dp", "ep"))
-    hosts = _hosts({0: "a", 1: "b", 2: "c", 3: "d"})
+    hosts = {0: "a", 1: "b", 2: "c", 3: "d"}
     assert detect_ranks_per_node(mesh, "ep", hosts) == 2
     assert detect_ranks_per_node(mesh, "dp", hosts) == 1
 
@@ -109,18 +77,18 @@ def test_expert_axis_after_another_axis():
 def test_expert_axis_first_of_two():
     # (ep=4, tp=2) with hosts by ep block: both tp lines see two hosts of two ranks.
     mesh = _fake_mesh([[0, 0], [0, 0], [1, 1], [1, 1]], ("ep", "tp"))
-    assert detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "b"})) == 2
+    assert detect_ranks_per_node(mesh, "ep", {0: "a", 1: "b"}) == 2
 
 
 def test_lines_with_different_blocks_are_refused():
     mesh = _fake_mesh([[0, 0, 1, 1], [2, 2, 2, 2]], ("dp", "ep"))
     with pytest.raises(deepep.DeepEPError, match="'ep' at dp=1 a host has 4 ranks.*but 2 elsewhere"):
-        detect_ranks_per_node(mesh, "ep", _hosts({0: "a", 1: "b", 2: "c"}))
+        detect_ranks_per_node(mesh, "ep", {0: "a", 1: "b", 2: "c"})
 
 
 def test_real_two_axis_mesh():
     mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("dp", "ep"))
-    assert detect_ranks_per_node(mesh, "ep") == 4
+    assert detect_ranks_per_node(mesh, "ep", ONE_HOST) == 4
     assert deepep.Buffer(mesh, "ep").ranks_per_node == 4
 
 

@@ -139,7 +139,7 @@ def test_tuner_writes_entries_that_buffers_pick_up(tuned_file, capsys, monkeypat
     # The ops' default Config: the tuned one for the call's H and dtype.
     seen = []
     buffer = deepep.Buffer(_mesh(), "ep")
-    assert buffer._arguments()["tuned_configs"] == buffer.tuned_configs.as_json() != []
+    assert buffer._arguments(buffer.ranks_per_node)["tuned_configs"] == buffer.tuned_configs.as_json() != []
 
     def body(x):
         buffer.dispatch(x[0], num_experts=8)
