@@ -294,11 +294,12 @@ class GroupedDispatched:
 def grouped_dispatch(parts, topk_idx, topk_weights, num_experts: int, capacity: int,
                      expert_alignment: int = 1) -> list:
     """Expert-grouped dispatch of every rank: one row per (token, local expert) pair, by local expert,
-    then source rank, then source token; each group padded with zero rows to `expert_alignment`."""
+    then source rank, then source token; each group padded with zero rows to `expert_alignment`. A pair
+    weighs the sum of the `topk_weights` of the k naming its expert, or 1 without `topk_weights`."""
     idx = valid_ids(topk_idx, num_experts)
     num_ranks, num_tokens, top_k = idx.shape
     experts_per_rank = num_experts // num_ranks
-    weights = np.ones(idx.shape, np.float32) if topk_weights is None else np.asarray(topk_weights, np.float32)
+    weights = None if topk_weights is None else np.asarray(topk_weights, np.float32)
     results = []
     for d in range(num_ranks):
         rows, pair_weights, sizes = [], [], []
@@ -307,7 +308,8 @@ def grouped_dispatch(parts, topk_idx, topk_weights, num_experts: int, capacity: 
             group = [(s, t) for s in range(num_ranks) for t in range(num_tokens) if expert in idx[s, t]]
             padding = -len(group) % expert_alignment
             rows += [(s, t, local) for s, t in group] + [None] * padding
-            pair_weights += [sum(weights[s, t, k] for k in range(top_k) if idx[s, t, k] == expert)
+            pair_weights += [1.0 if weights is None else
+                             sum(weights[s, t, k] for k in range(top_k) if idx[s, t, k] == expert)
                              for s, t in group] + [0.0] * padding
             sizes.append(len(group) + padding)
         kept = rows[:capacity]
