@@ -24,7 +24,7 @@ from .limits import MAX_EXPERT_ALIGNMENT
 from .no_tokens import NO_TOKENS
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
-from .validation import expect_array, expect_top_k, fail, integer, token_parts, topk_ids
+from .validation import boolean, expect_array, expect_top_k, fail, integer, token_parts, topk_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +294,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
              expert_alignment: int = 1, expert_grouped: bool = False, num_nvl_bytes: int = 0) -> DispatchOutput:
     """`num_nvl_bytes`: the Buffer's, checked against what `config` needs (0: not checked)."""
     op = "dispatch"
-    if not isinstance(expert_grouped, bool):
-        fail(op, f"`expert_grouped` must be True or False, got {expert_grouped!r}")
+    expert_grouped = boolean(op, "expert_grouped", expert_grouped)
     if handle is not None:
         if expert_grouped and not isinstance(handle, ExpertGroupedHandle):
             fail(op, "expert_grouped=True with a `handle` needs the ExpertGroupedHandle of an expert-grouped "
