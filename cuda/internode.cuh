@@ -109,7 +109,8 @@ struct InternodeRings {
   size_t staging_bytes;  // the send rings at the start of staging: [nodes destination][channels][rdma_slots] rows
 };
 
-// Device counters of this PE's network traffic: dispatch rows and bytes, combine rows and bytes.
+// Device counters of what this PE sends to other nodes (put, or written through the mapping): dispatch
+// rows and bytes, combine rows and bytes.
 struct InternodeTraffic {
   unsigned long long* counters;  // [4]
 };

@@ -114,7 +114,8 @@ __device__ __forceinline__ RingSlots ring_slots(char* base, size_t offset, int s
   return {base + offset + (static_cast<size_t>(source) * channels + channel) * slots * bytes, slots, bytes};
 }
 
-// The address of `local` (in this PE's buffer) in the buffer of PE `pe` of this node.
+// The address of `local` (in this PE's buffer) in the buffer of PE `pe`, which NVSHMEM maps here
+// (any rank of this node; a rank of another node where the Buffer maps other nodes).
 template <typename T>
 __device__ __forceinline__ T* mapped(const PeerMemory& mem, int pe, T* local) {
   return reinterpret_cast<T*>(mem.peer[pe] + (reinterpret_cast<char*>(local) - mem.local));

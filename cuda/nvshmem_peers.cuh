@@ -4,8 +4,9 @@
 // NVSHMEM within one node, on a communication buffer's low-latency area mapped over CUDA IPC or
 // peer access (xla_ffi/ipc_low_latency_memory.cc): the same PeerMemory, every peer mapped.
 //
-// Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group get
-// plain stores; every other peer gets nvshmem puts from the symmetric staging area. Signals carry
+// Peers whose buffer nvshmem_ptr maps (NVLink/P2P, or the same GPU) inside this PE's group, and
+// outside it where the buffer was made with map_other_groups, get plain stores; every other peer
+// gets nvshmem puts from the symmetric staging area. Signals carry
 // the call number that wrote them, so nobody resets them and any number of blocks may poll them, and
 // the signature of the op that wrote them, so a signal from a peer at another op or with other shapes
 // fails the op where it lands.

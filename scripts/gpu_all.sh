@@ -87,7 +87,7 @@ run_step() {
     gpu_fp8) gpu_test gpu_fp8 90 tests/test_gpu_fp8.py ;;
     gpu_intranode) gpu_test gpu_intranode 240 tests/test_gpu_intranode.py ;;
     gpu_low_latency) gpu_test gpu_low_latency 260 tests/test_gpu_low_latency.py ;;
-    gpu_internode) gpu_test gpu_internode 300 tests/test_gpu_internode.py ;;
+    gpu_internode) gpu_test gpu_internode 360 tests/test_gpu_internode.py ;;
     gpu_faults) for m in intranode low_latency low_latency_nvshmem internode; do run_step "gpu_faults_$m"; done ;;
     gpu_faults_intranode) gpu_test "$1" 300 tests/test_gpu_faults.py -k intranode ;;
     gpu_faults_low_latency) gpu_test "$1" 300 tests/test_gpu_faults.py -k "low_latency and not nvshmem" ;;

@@ -20,6 +20,9 @@ process's CUDA context with it:
     mismatch met at the peer's first signal, naming both ranks (its signals lie where shapes do not move them);
   - grouped (internode): rank 0 dispatches while rank 1 dispatches expert-grouped: both raise, each at its
     peer's first signal, naming both ops.
+Internode mode writes the other "node" through NVSHMEM's mapping of the shared GPU; `internode_puts` runs
+the late and mismatch scenarios again on a Buffer that puts instead (`internode_puts_only=True`, the
+network path), whose signals travel as puts.
 Workers check themselves; a worker's exit code says whether its checks passed. A failing rank whose wait
 for its trapped op never returns (XLA waits for a host function that CUDA does not run after a trap) is
 ended by the failure watchdog instead, with exit code 70 and the failure printed: the test accepts that
@@ -44,6 +47,7 @@ LATE_S = 2.0  # how late the peer is in the ok scenario
 BOUND_S = 10.0  # the spec's slack over the timeout
 # low_latency: within one node over CUDA IPC; low_latency_nvshmem: every row by NVSHMEM put (as across nodes).
 MODES = ("intranode", "low_latency", "low_latency_nvshmem", "internode")
+SIGNAL_MODES = MODES + ("internode_puts",)  # the scenarios that exercise each transport's signals
 NUM_RANKS = 2
 T, H, K, M = 64, 256, 2, 64
 EXPERTS = 4 * NUM_RANKS
@@ -61,7 +65,7 @@ _EXPECT = "expected failure: "  # a worker prints this, then the strings joined 
 
 def _run(mode: str, scenario: str, exit_codes=None):
     reason = normal_checks.skip_reason()
-    if reason is None and mode in ("low_latency_nvshmem", "internode"):
+    if reason is None and mode in ("low_latency_nvshmem", "internode", "internode_puts"):
         from jax_deepep.gpu import nvshmem
 
         if not nvshmem.available():
@@ -71,7 +75,7 @@ def _run(mode: str, scenario: str, exit_codes=None):
     env = gpu_workers.worker_env(NUM_RANKS, 0.4 / NUM_RANKS)
     env.update({_SCENARIO: scenario, _MODE: mode, "JAX_DEEPEP_BACKEND": "cuda",
                 "JAX_DEEPEP_TIMEOUT_S": str(OK_TIMEOUT_S if scenario == "ok" else TIMEOUT_S)})
-    if mode == "internode":
+    if mode.startswith("internode"):
         env["JAX_DEEPEP_RANKS_PER_NODE"] = "1"
     # The ranks of some scenarios compile different programs; XLA's autotuning, sharded over the processes
     # by default, would wait for ever for the peer's share of a program that the peer never compiles.
@@ -99,7 +103,7 @@ def test_late_peer_within_timeout_loops_and_cycles(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SIGNAL_MODES)
 def test_peer_late_past_timeout(mode):
     _run(mode, "late")
 
@@ -112,7 +116,7 @@ def test_killed_peer_then_a_new_job_works(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SIGNAL_MODES)
 def test_mismatched_ops(mode):
     _run(mode, "mismatch")
 
@@ -147,8 +151,8 @@ def _make_buffer(mode: str, halves: int = 2, **kwargs):
         kwargs.update(low_latency_mode=True,
                       num_rdma_bytes=low_latency_rdma_size_hint(M, H, NUM_RANKS, EXPERTS) * halves // 2,
                       allow_nvlink_for_low_latency_mode=mode == "low_latency")
-    elif mode == "internode":
-        kwargs.update(num_rdma_bytes=256 << 20)
+    elif mode.startswith("internode"):
+        kwargs.update(num_rdma_bytes=256 << 20, internode_puts_only=mode == "internode_puts")
     buffer = deepep.Buffer(mesh, normal_checks.AXIS, **kwargs)
     assert mode.startswith(buffer.backend.mode), f"backend {buffer.backend.mode}, expected {mode}"
     return buffer
@@ -305,7 +309,8 @@ def scenario_ok(w: FaultWorker):
 
 
 def _op_name(mode: str) -> str:
-    return {"intranode": "dispatch", "internode": "internode dispatch"}.get(mode, "low_latency_dispatch")
+    return {"intranode": "dispatch", "internode": "internode dispatch",
+            "internode_puts": "internode dispatch"}.get(mode, "low_latency_dispatch")
 
 
 def _expect_failure(w: FaultWorker, run, *, within_s: float, contains):
@@ -404,7 +409,8 @@ def scenario_mismatch(w: FaultWorker):
     else:  # each op has its own signals: both time out, naming the op the peer started instead
         ops = {"low_latency": ("low_latency_dispatch", "low_latency_combine"),
                "low_latency_nvshmem": ("low_latency_dispatch", "low_latency_combine"),
-               "internode": ("internode dispatch", "internode combine")}[w.mode]
+               "internode": ("internode dispatch", "internode combine"),
+               "internode_puts": ("internode dispatch", "internode combine")}[w.mode]
         theirs = ops[1] if w.rank == 0 else ops[0]
         contains = ("timed out", f"rank {w.rank}", f"rank {1 - w.rank} last started {theirs}")
         within = TIMEOUT_S + BOUND_S

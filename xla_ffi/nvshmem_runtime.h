@@ -37,7 +37,7 @@ struct NvshmemState {
   bool has_put_peers = false;   // some peer is reached by nvshmem puts (no direct mapping)
   bool group_mapped = false;    // every peer of this PE's direct group is mapped (nvshmem_ptr)
   int direct_group = 0;         // ranks per group of directly written peers (a node)
-  unsigned long long* traffic = nullptr;  // device [4]: internode rows and bytes put (dispatch, combine)
+  unsigned long long* traffic = nullptr;  // device [4]: rows and bytes sent to other nodes (dispatch, combine)
 
   // Device allocations registered with NVSHMEM as put sources, [base, base + size).
   std::mutex registrations_mutex;
@@ -86,8 +86,8 @@ void nvshmem_release(int64_t buffer_id, int device, bool collective_free);
 void nvshmem_leave(bool finalize);
 // What the first of the buffer's kernels that failed reports (xla_ffi/failure.h), "" if none did.
 std::string nvshmem_failure(int64_t buffer_id, int device);
-// The internode network traffic counters of the buffer: dispatch rows, bytes, combine rows, bytes
-// (synchronises the device; for tests).
+// The buffer's counters of what went to other nodes (put or written through the mapping): dispatch rows,
+// bytes, combine rows, bytes (synchronises the device; for tests).
 std::array<uint64_t, 4> internode_traffic(int64_t buffer_id, int device);
 
 }  // namespace jax_deepep
