@@ -18,7 +18,7 @@ import pytest
 import jax_deepep as deepep
 from jax_deepep import buffer_keys
 from jax_deepep.buffer_keys import BufferKeys
-from jax_deepep.gpu import nvshmem, runtime
+from jax_deepep.gpu import internode, nvshmem, runtime
 from harness import AXIS, fake_cuda_platform, make_mesh
 
 _TIMEOUT_S = 0.5
@@ -74,7 +74,7 @@ class FakeNvshmemLib:
     returns (a trapped context's CUDA error)."""
 
     def __init__(self):
-        self.calls, self.sticky = [], ""
+        self.calls, self.sticky, self.peers = [], "", None
 
     def pe(self):
         return (0, 2)
@@ -84,6 +84,7 @@ class FakeNvshmemLib:
 
     def create(self, buffer_id, device, num_bytes, timeout_s, direct_group, map_other_groups):
         self.calls.append("create")
+        self.peers = {"direct_group": direct_group, "map_other_groups": map_other_groups}
 
     def retire(self, buffer_id, device):
         self.calls.append("retire")
@@ -280,6 +281,19 @@ def _symmetric_buffer(monkeypatch, keys: BufferKeys):
     monkeypatch.setattr(nvshmem, "nvshmem_library", lambda: lib)
     monkeypatch.setattr(nvshmem, "_finalize_at_exit", True)
     return nvshmem.SymmetricBuffer(_two_process_mesh(), AXIS, 1 << 20, _TIMEOUT_S, keys), lib
+
+
+@pytest.mark.parametrize("puts_only", [False, True])
+def test_internode_maps_the_other_nodes_unless_puts_only(monkeypatch, store, puts_only):
+    """The internode backend makes its node NVSHMEM's direct group and has the other nodes mapped too
+    (written like the own node where NVSHMEM maps them), unless the Buffer asked for puts only."""
+    lib = FakeNvshmemLib()
+    monkeypatch.setattr(nvshmem, "nvshmem_library", lambda: lib)
+    monkeypatch.setattr(nvshmem, "_finalize_at_exit", True)
+    backend = internode.InternodeBackend.open(_two_process_mesh(), AXIS, 1 << 20, 1, store(peer_arrives=True),
+                                              timeout_s=_TIMEOUT_S, exact_combine=False, puts_only=puts_only)
+    assert lib.peers == {"direct_group": 1, "map_other_groups": not puts_only}
+    backend.destroy()
 
 
 def test_nvshmem_destroy_frees_collectively_once_every_process_is_there(monkeypatch, store):
