@@ -511,7 +511,8 @@ def _check_baseline(dispatch_fn, combine_fn, ours, combined, inputs, layout, y, 
 def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     R, E, M, H = sizes.num_ranks, sizes.num_experts, sizes.num_tokens, sizes.hidden
     sets = _input_sets(mesh, sizes, args)
-    num_pairs = float(np.mean([np.sum(np.asarray(idx) >= 0) for _, idx, _ in sets])) / R  # sent per rank
+    # (token, expert) pairs sent per rank, over this process's ranks (the others' are not addressable here)
+    num_pairs = float(np.mean([np.mean(np.sum(local_ranks(idx) >= 0, axis=(1, 2))) for _, idx, _ in sets]))
     bf16_bytes = num_pairs * H * 2
     fp8_bytes = num_pairs * (H + H // FP8_BLOCK * 4)
 
@@ -550,7 +551,7 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
                    [(y, idx, w, f.handle) for y, (_, idx, w), f in zip(ys, sets, outs)])
         # LogFMT-10: rows scaled below 1 so that their groups are encoded; bytes as the rows travel
         small = [(y.astype(jnp.float32) / 16).astype(y.dtype) for y in ys]
-        logfmt_bytes = num_pairs * float(np.mean(np.asarray(jax.jit(logfmt.row_bytes)(small[0]))))
+        logfmt_bytes = num_pairs * float(np.mean(local_ranks(jax.jit(logfmt.row_bytes)(small[0]))))
         runner.run(Result("ll_combine", impl, "logfmt", bytes_per_rank=logfmt_bytes,
                           note="y / 16: every 128-channel group encoded"),
                    stateless(lambda y, i, w, h, buffer=buffer: buffer.low_latency_combine(y, i, w, h, use_logfmt=True)),

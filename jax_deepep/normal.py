@@ -20,7 +20,7 @@ import numpy as np
 from . import checking
 from .backend import RankContext
 from .config import Config
-from .limits import MAX_EXPERT_ALIGNMENT
+from .limits import MAX_EXPERT_ALIGNMENT, ROW_CHANNELS
 from .no_tokens import NO_TOKENS
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
@@ -84,8 +84,9 @@ def _dispatch_bwd(static, residuals, g: DispatchOutput):
         return None, None, None, None
     if g_w is not None:
         g_w = jnp.where(recv_topk_idx >= 0, g_w, 0.0)
-    # FP8 tokens carry no gradient, but their weights do: a combine of zero rows brings those back.
-    g_rows = jnp.zeros(g.recv_x[0].shape, jnp.bfloat16) if fp8 else g.recv_x
+    # FP8 tokens carry no gradient, but their weights do: a combine of zero rows, as narrow as the kernels
+    # take (one 16-byte piece), brings those back.
+    g_rows = jnp.zeros((g.recv_x[0].shape[0], ROW_CHANNELS), jnp.bfloat16) if fp8 else g.recv_x
     g_x, g_topk_weights = static.backend.combine(static.ctx, static.config, handle, g_rows, g_w, ())
     return None if fp8 else (g_x,), g_topk_weights, None, None
 

@@ -4,15 +4,17 @@ Several processes share GPU 0, each one NVSHMEM PE, and `JAX_DEEPEP_RANKS_PER_NO
 play several nodes: R = 4 as 2 nodes of 2 ranks and as 4 nodes of 1. Ranks of one "node" write
 each other's buffers directly; between "nodes" every byte travels as nvshmem puts, as across hosts,
 on the first Buffer (`internode_puts_only=True`), and through NVSHMEM's mapping of the shared GPU,
-as between nodes joined by NVLink, on the second. Each process checks its own shard with the intranode tests' checks (tests/normal_checks.py:
-random data, FP8, -1 and out-of-range ids, hot routing, capacity overflow, cached dispatch,
-combine with weights and biases, gradients, 100 rounds, and the expert-grouped layout: its rows, counts,
-cached dispatch, weighted combine and gradient), plus rings that wrap many times per call (SMALL_RINGS),
-back-to-back combines on routing that mostly stays within nodes, and the network traffic: one row per
-(token, destination node other than its own) in dispatch, one partial per (token, node) back in combine,
-of bf16 or f32, grouped or not. All of it on a Buffer with the default bf16 partials (the oracle rounds
-each node's partial to bf16) that puts, then what the combine's rounding decides again on one with
-`exact_internode_combine=True` (the oracle rounds once) that writes through the mapping. Timeouts are tests/test_gpu_faults.py's.
+as between nodes joined by NVLink, on the second. Each process checks its own shard with the
+intranode tests' checks (tests/normal_checks.py: random data, FP8, -1 and out-of-range ids, hot
+routing, capacity overflow, cached dispatch, combine with weights and biases, gradients, 100 rounds,
+and the expert-grouped layout: its rows, counts, cached dispatch, weighted combine and gradient),
+plus rings that wrap many times per call (SMALL_RINGS), back-to-back combines on routing that mostly
+stays within nodes, and the traffic between nodes: one row per (token, destination node other than
+its own) in dispatch, one partial per (token, node) back in combine, of bf16 or f32, grouped or not.
+All of it on a Buffer with the default bf16 partials (the oracle rounds each node's partial to bf16)
+that puts; then what the combine's rounding decides, and the dispatch checks whose rows travel
+differently (FP8, capacity overflow), again on one with `exact_internode_combine=True` (the oracle
+rounds once) that writes through the mapping. Timeouts are tests/test_gpu_faults.py's.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def expected_traffic(idx, experts: int, num_ranks: int, ranks_per_node: int, ran
 
 def check_traffic(w: normal_checks.Worker, seed: int, grouped: bool = False):
     """One dispatch + combine (`grouped`: expert-grouped): the rows sent to other nodes (put, or written
-    through the mapping) are one per (token, other node) each way; a grouped dispatch's rows also carry K weights and K pair prefixes."""
+    through the mapping) are one per (token, other node) each way; a grouped dispatch's rows also carry
+    K weights and K pair prefixes."""
     from harness import random_bf16, random_topk
 
     r, tokens, hidden, topk, experts = w.num_ranks, 128, 256, 4, 8 * w.num_ranks

@@ -167,8 +167,9 @@ class SymmetricBuffer:
     peers in this rank's group of that many consecutive ranks are written with loads/stores where
     NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts. By default every peer
     may be direct. `map_other_groups`: peers outside the group are written through the mapping too,
-    where NVSHMEM gives one (the group then only says which ranks form a node). Dropped without `destroy()`, what is local is freed at garbage collection or
-    exit; the symmetric memory (collective) stays until the process leaves NVSHMEM.
+    where NVSHMEM gives one (the group then only says which ranks form a node). Dropped without
+    `destroy()`, what is local is freed at garbage collection or exit; the symmetric memory
+    (collective) stays until the process leaves NVSHMEM.
     """
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
