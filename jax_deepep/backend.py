@@ -48,11 +48,11 @@ def grouped_dispatch_result(tokens: DispatchHandle, recv_parts, expert, weight, 
     `recv_topk_weights` are the pair weights where the dispatch had `topk_weights` (`weighted`). Without
     them every pair weighs 1, however many of its token's k name its expert (the kernels, sent ones, sum
     to that count: so the handle's weights are set here, alike for every backend)."""
-    if not weighted:
-        weight = (token_row >= 0).astype(weight.dtype)
     handle = ExpertGroupedHandle(tokens=tokens, token_row=token_row, pair_row=pair_row, weight=weight,
                                  num_recv_tokens=num_rows, num_recv_tokens_per_expert=held)
-    return DispatchResult(recv_parts, expert, weight if weighted else None, held, num_rows, handle)
+    if not weighted:
+        return DispatchResult(recv_parts, expert, None, held, num_rows, handle.with_unit_weights())
+    return DispatchResult(recv_parts, expert, weight, held, num_rows, handle)
 
 
 @dataclasses.dataclass(frozen=True)
