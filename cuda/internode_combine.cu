@@ -57,34 +57,59 @@ OpSignature signature_of(const InternodeCombineCall& c) {
 // when exact (the sum is rounded once, at the source), else rounded to bf16 at the forwarder as
 // DeepEP does, which halves the network bytes of combine. A row returned to its forwarder is bf16
 // (plain: a row of y) or f32 (grouped: a sum of weighted pair rows, rounded once at the source).
+// Rows are read with cache-volatile loads: a peer wrote them (or this kernel, in a ring).
 template <bool kF32>
 struct RowValues;
 
 template <>
 struct RowValues<true> {
   static constexpr int kBytes = 4;  // per channel
+  struct Raw {
+    float4 a, b;
+  };
   __device__ static void store(char* at, const float (&acc)[8]) {
     reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     reinterpret_cast<float4*>(at)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
   }
-  __device__ static void add_to(float (&acc)[8], const char* at) {
+  __device__ static Raw load(const char* at) {
     const float4* p = reinterpret_cast<const float4*>(at);
-    const float4 a = __ldcv(p), b = __ldcv(p + 1);
-    acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
-    acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
+    return {__ldcv(p), __ldcv(p + 1)};
+  }
+  __device__ static void add(float (&acc)[8], const Raw& v) {
+    acc[0] += v.a.x, acc[1] += v.a.y, acc[2] += v.a.z, acc[3] += v.a.w;
+    acc[4] += v.b.x, acc[5] += v.b.y, acc[6] += v.b.z, acc[7] += v.b.w;
   }
 };
 
 template <>
 struct RowValues<false> {
   static constexpr int kBytes = 2;
+  using Raw = uint4;
   __device__ static void store(char* at, const float (&acc)[8]) {
     *reinterpret_cast<uint4*>(at) = pack_bf16x8<uint4>(acc);
   }
-  __device__ static void add_to(float (&acc)[8], const char* at) {
-    accumulate(acc, __ldcv(reinterpret_cast<const uint4*>(at)));
-  }
+  __device__ static Raw load(const char* at) { return __ldcv(reinterpret_cast<const uint4*>(at)); }
+  __device__ static void add(float (&acc)[8], Raw v) { accumulate(acc, v); }
 };
+
+// Vectors of eight channels a lane sums per pass (f32 rows: two loads each). A lane issues every
+// load of a row's pass before it adds the first, so a warp summing a row is not bound by the
+// latency of one load after another.
+constexpr int kSumUnroll = 4;
+
+// Whole warp, one pass: acc[u] += the vector first + 32 u (of `vectors`) of `row`, for every u.
+template <bool kF32>
+__device__ __forceinline__ void add_row(float (&acc)[kSumUnroll][8], const char* row, int first, int vectors) {
+  typename RowValues<kF32>::Raw v[kSumUnroll];
+#pragma unroll
+  for (int u = 0; u < kSumUnroll; ++u) {
+    const int i = first + kWarpSize * u;
+    if (i < vectors) v[u] = RowValues<kF32>::load(row + static_cast<size_t>(i) * 8 * RowValues<kF32>::kBytes);
+  }
+#pragma unroll
+  for (int u = 0; u < kSumUnroll; ++u)
+    if (first + kWarpSize * u < vectors) RowValues<kF32>::add(acc[u], v[u]);
+}
 
 // Returners, reducers and finishers all walk a channel's tokens in windows of this many, from its first
 // token. So each ring's producer puts, per window, exactly the rows its consumer takes next: a producer
@@ -210,15 +235,21 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         const unsigned b = went[m];
         return (b >> j) & 1u ? o.from_node(m, channel).slot(consumed[m] + __popc(b & ((1u << j) - 1))) : nullptr;
       };
-      for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const int vectors = H / 8;
+      for (int first = lane; first < vectors; first += kWarpSize * kSumUnroll) {
+        float acc[kSumUnroll][8] = {};
         for (int m = 0; m < nodes; ++m) {
           const char* row = partial(m);
-          if (row != nullptr) RowValues<kExact>::add_to(acc, row + ch * RowValues<kExact>::kBytes);
+          if (row != nullptr) add_row<kExact>(acc, row, first, vectors);
         }
         for (int b = 0; b < s.num_bias; ++b)
-          accumulate(acc, *reinterpret_cast<const uint4*>(in.bias[b] + static_cast<size_t>(t) * H + ch));
-        *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + ch) = pack_bf16x8<uint4>(acc);
+          add_row<false>(acc, reinterpret_cast<const char*>(in.bias[b] + static_cast<size_t>(t) * H), first, vectors);
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u) {
+          const int i = first + kWarpSize * u;
+          if (i < vectors)
+            *reinterpret_cast<uint4*>(out.x + static_cast<size_t>(t) * H + i * 8) = pack_bf16x8<uint4>(acc[u]);
+        }
       }
       if (out.weights != nullptr && lane < s.top_k) {
         float w = 0.0f;
@@ -303,12 +334,18 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
                         : nullptr;
         }
         char* out = p.slot(k);
-        for (int ch = lane * 8; ch < H; ch += kWarpSize * 8) {
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const int vectors = H / 8;
+        for (int first = lane; first < vectors; first += kWarpSize * kSumUnroll) {
+          float acc[kSumUnroll][8] = {};
 #pragma unroll
           for (int d = 0; d < kInternodeMaxRanksPerNode; ++d)
-            if (from[d] != nullptr) RowValues<kF32Returns>::add_to(acc, from[d] + ch * RowValues<kF32Returns>::kBytes);
-          RowValues<kExact>::store(out + ch * RowValues<kExact>::kBytes, acc);
+            if (from[d] != nullptr) add_row<kF32Returns>(acc, from[d], first, vectors);
+#pragma unroll
+          for (int u = 0; u < kSumUnroll; ++u) {
+            const int i = first + kWarpSize * u;
+            if (i < vectors)
+              RowValues<kExact>::store(out + static_cast<size_t>(i) * 8 * RowValues<kExact>::kBytes, acc[u]);
+          }
         }
         if (lane < s.top_k) {
           float w = 0.0f;
