@@ -92,23 +92,32 @@ struct RowValues<false> {
   __device__ static void add(float (&acc)[8], Raw v) { accumulate(acc, v); }
 };
 
-// Vectors of eight channels a lane sums per pass (f32 rows: two loads each). A lane issues every
-// load of a row's pass before it adds the first, so a warp summing a row is not bound by the
-// latency of one load after another.
+// Vectors of eight channels a lane sums per pass, and rows per pass (f32 rows take two loads a
+// vector). A lane issues every load of a pass (eight) before it adds the first, so a warp summing
+// rows is not bound by the latency of one load after another.
 constexpr int kSumUnroll = 4;
-
-// Whole warp, one pass: acc[u] += the vector first + 32 u (of `vectors`) of `row`, for every u.
 template <bool kF32>
-__device__ __forceinline__ void add_row(float (&acc)[kSumUnroll][8], const char* row, int first, int vectors) {
-  typename RowValues<kF32>::Raw v[kSumUnroll];
+constexpr int kRowsPerPass = kF32 ? 1 : 2;
+
+// Whole warp, one pass: acc[u] += the vector first + 32 u (of `vectors`) of rows[0], then rows[1],
+// ..., for every u; a null row adds nothing.
+template <bool kF32>
+__device__ __forceinline__ void add_rows(float (&acc)[kSumUnroll][8], const char* const (&rows)[kRowsPerPass<kF32>],
+                                         int first, int vectors) {
+  using V = RowValues<kF32>;
+  typename V::Raw v[kRowsPerPass<kF32>][kSumUnroll];
 #pragma unroll
-  for (int u = 0; u < kSumUnroll; ++u) {
-    const int i = first + kWarpSize * u;
-    if (i < vectors) v[u] = RowValues<kF32>::load(row + static_cast<size_t>(i) * 8 * RowValues<kF32>::kBytes);
-  }
+  for (int r = 0; r < kRowsPerPass<kF32>; ++r)
 #pragma unroll
-  for (int u = 0; u < kSumUnroll; ++u)
-    if (first + kWarpSize * u < vectors) RowValues<kF32>::add(acc[u], v[u]);
+    for (int u = 0; u < kSumUnroll; ++u) {
+      const int i = first + kWarpSize * u;
+      if (rows[r] != nullptr && i < vectors) v[r][u] = V::load(rows[r] + static_cast<size_t>(i) * 8 * V::kBytes);
+    }
+#pragma unroll
+  for (int r = 0; r < kRowsPerPass<kF32>; ++r)
+#pragma unroll
+    for (int u = 0; u < kSumUnroll; ++u)
+      if (rows[r] != nullptr && first + kWarpSize * u < vectors) V::add(acc[u], v[r][u]);
 }
 
 // Returners, reducers and finishers all walk a channel's tokens in windows of this many, from its first
@@ -238,12 +247,16 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
       const int vectors = H / 8;
       for (int first = lane; first < vectors; first += kWarpSize * kSumUnroll) {
         float acc[kSumUnroll][8] = {};
-        for (int m = 0; m < nodes; ++m) {
-          const char* row = partial(m);
-          if (row != nullptr) add_row<kExact>(acc, row, first, vectors);
+        for (int m = 0; m < nodes; m += kRowsPerPass<kExact>) {
+          const char* rows[kRowsPerPass<kExact>];
+#pragma unroll
+          for (int r = 0; r < kRowsPerPass<kExact>; ++r) rows[r] = m + r < nodes ? partial(m + r) : nullptr;
+          add_rows<kExact>(acc, rows, first, vectors);
         }
-        for (int b = 0; b < s.num_bias; ++b)
-          add_row<false>(acc, reinterpret_cast<const char*>(in.bias[b] + static_cast<size_t>(t) * H), first, vectors);
+        const char* bias[2];
+        for (int b = 0; b < 2; ++b)
+          bias[b] = b < s.num_bias ? reinterpret_cast<const char*>(in.bias[b] + static_cast<size_t>(t) * H) : nullptr;
+        add_rows<false>(acc, bias, first, vectors);
 #pragma unroll
         for (int u = 0; u < kSumUnroll; ++u) {
           const int i = first + kWarpSize * u;
@@ -338,8 +351,12 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         for (int first = lane; first < vectors; first += kWarpSize * kSumUnroll) {
           float acc[kSumUnroll][8] = {};
 #pragma unroll
-          for (int d = 0; d < kInternodeMaxRanksPerNode; ++d)
-            if (from[d] != nullptr) add_row<kF32Returns>(acc, from[d], first, vectors);
+          for (int d = 0; d < kInternodeMaxRanksPerNode; d += kRowsPerPass<kF32Returns>) {
+            const char* rows[kRowsPerPass<kF32Returns>];
+#pragma unroll
+            for (int r = 0; r < kRowsPerPass<kF32Returns>; ++r) rows[r] = from[d + r];
+            if (d < L) add_rows<kF32Returns>(acc, rows, first, vectors);
+          }
 #pragma unroll
           for (int u = 0; u < kSumUnroll; ++u) {
             const int i = first + kWarpSize * u;
