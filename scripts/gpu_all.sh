@@ -3,7 +3,8 @@
 # named steps (all of them by default, most wanted first, so a call cut short still brings back the
 # first logs):
 #   bash scripts/gpu_all.sh [STEP ...]
-# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults; gpu_faults = one step
+# Steps: gpu_tests (= gpu_fp8 gpu_intranode gpu_low_latency gpu_internode gpu_faults; gpu_internode =
+#        gpu_internode_2x2 gpu_internode_4x1 (nodes x ranks per node); gpu_faults = one step
 #        per memory: gpu_faults_intranode gpu_faults_low_latency gpu_faults_low_latency_nvshmem
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
@@ -87,7 +88,9 @@ run_step() {
     gpu_fp8) gpu_test gpu_fp8 90 tests/test_gpu_fp8.py ;;
     gpu_intranode) gpu_test gpu_intranode 240 tests/test_gpu_intranode.py ;;
     gpu_low_latency) gpu_test gpu_low_latency 260 tests/test_gpu_low_latency.py ;;
-    gpu_internode) gpu_test gpu_internode 360 tests/test_gpu_internode.py ;;
+    gpu_internode) run_step gpu_internode_2x2; run_step gpu_internode_4x1 ;;
+    gpu_internode_2x2) gpu_test "$1" 200 tests/test_gpu_internode.py -k two_nodes ;;
+    gpu_internode_4x1) gpu_test "$1" 200 tests/test_gpu_internode.py -k four_nodes ;;
     gpu_faults) for m in intranode low_latency low_latency_nvshmem internode; do run_step "gpu_faults_$m"; done ;;
     gpu_faults_intranode) gpu_test "$1" 300 tests/test_gpu_faults.py -k intranode ;;
     gpu_faults_low_latency) gpu_test "$1" 300 tests/test_gpu_faults.py -k "low_latency and not nvshmem" ;;
