@@ -8,8 +8,8 @@
 //    l of this node, drain the ring from l (the forwarder of l's RDMA peers) into XLA's outputs. Sender
 //    warps then write the handle's metadata, which waits only for the counts.
 //  - block 2c + 1: forwarder warps, a group per rank d of this node, copy the rows bound for d from the
-//    rings of every node (node by node) into the ring to d, each with its final row on d; a coordinator
-//    warp releases the slots of each node's ring once every forwarder has read them.
+//    rings of every node (a chunk of each in turn: forward_chunk) into the ring to d, each with its final
+//    row on d; a coordinator warp releases the slots of each node's ring once every forwarder has read them.
 // A token's final row on rank d is the first row of its source there (the counts of the sources before
 // it) plus its position among its source's tokens for d: the sender announces, per ring, where the
 // channel's tokens start among them, and the forwarder counts on. Rows at or past the capacity N are
@@ -121,6 +121,11 @@ __device__ void write_row(const InternodeDispatchCall& c, const InternodeDispatc
                               s.part_bytes[p], lane);
 }
 
+// Tokens a sender takes at a time: at most a batch, so a window's rows always fit the ring.
+__device__ __forceinline__ int send_window(const InternodeRings& r) {
+  return min(kWarpSize, static_cast<int>(r.rdma_batch));
+}
+
 // Whole group: the channel's tokens bound for any rank of node m, in token order, into the ring of this
 // rank's RDMA peer there; then the handle's send_row of m's ranks for those tokens. `words`: the group's
 // shared words.
@@ -170,8 +175,7 @@ __device__ void send_to_node(const InternodeDispatchCall& c, const InternodeDisp
     set_signal(signal_address(c.mem, o.link(topo.node, channel).end + lane, p.pe, p.puts), call.signal(ends[lane]),
                p.pe, p.puts);
 
-  // Windows of at most a batch of tokens, so a window's rows always fit the ring.
-  const int window = min(kWarpSize, static_cast<int>(r.rdma_batch));
+  const int window = send_window(r);
   for (int t0 = range.first; t0 < range.last; t0 += window) {
     const int t = t0 + lane;
     const int mask = lane < window && t < range.last ? token_mask(in.is_token_in_rank, t, R, m, L) : 0;
@@ -487,7 +491,8 @@ struct ForwardTables {
   int* base;       // [nodes][L]: first row of source (n, this local index) on each rank of this node
   int* progress;   // [L][nodes]: rows of node n's ring that forwarder d has read (volatile)
   int* rows;       // [L][nodes]: rows in node n's ring (forwarder d's copy)
-  int* first;      // [L][nodes]: position of the ring's first token among its source's tokens for d
+  int* position;   // [L][nodes]: position of the ring's next row for d among its source's tokens for d
+  int* ready;      // [L][nodes]: rows of node n's ring that forwarder d saw its tail announce
   int* ring_rows;  // [nodes]: rows in node n's ring (the coordinator's copy)
   int* released;   // [nodes]: rows of node n's ring the coordinator released
 
@@ -497,17 +502,30 @@ struct ForwardTables {
     base = counts + num_ranks * per_node;
     progress = base + num_ranks;
     rows = progress + num_ranks;
-    first = rows + num_ranks;
-    ring_rows = first + num_ranks;
+    position = rows + num_ranks;
+    ready = position + num_ranks;
+    ring_rows = ready + num_ranks;
     released = ring_rows + nodes;
   }
   static int ints(int num_ranks, int per_node) {
-    return num_ranks * per_node + 4 * num_ranks + 2 * num_ranks / per_node;
+    return num_ranks * per_node + 5 * num_ranks + 2 * num_ranks / per_node;
   }
 };
 
-// Whole group: the rows bound for rank d of this node from every node's ring of this channel, node by
-// node, into the ring to d, each with its final row there.
+// Rows of a node's ring a forwarder takes at a time: fixed, so every forwarder of the node takes the
+// rings' chunks in the same order, (chunk, node), skipping rings without more rows. No cycle can then
+// form: a forwarder waits for a chunk only once every forwarder is past the chunks before it in that
+// order, so its sender has room to finish it, since a chunk plus a sender's window of rows fits the ring.
+// And a chunk's rows for d fit the ring to d.
+__device__ __forceinline__ int forward_chunk(const InternodeRings& r) {
+  return min(min(kWarpSize, static_cast<int>(r.nvl_batch)), static_cast<int>(r.rdma_slots) - send_window(r) + 1);
+}
+
+// Whole group: the rows bound for rank d of this node from every node's ring of this channel into the
+// ring to d, each with its final row there. The group takes a chunk of each node's ring in turn, so the
+// senders of every node stream at once (a forwarder draining node after node held all but one node's
+// senders at a full ring). Only the group's leader writes its entries of the tables, between two group
+// barriers, so every warp reads the same values.
 __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
                            const OpRings& o, const WarpGroup& g, int d, int channel, const ForwardTables& tables,
                            int* words) {
@@ -519,7 +537,9 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
   g.sync();  // the group is done with its words
   p.start(g, call);
   int* const rows = tables.rows + d * nodes;
-  int* const first = tables.first + d * nodes;
+  int* const position = tables.position + d * nodes;
+  int* const ready = tables.ready + d * nodes;
+  volatile int* const progress = tables.progress + d * nodes;
   if (g.leader()) {
     int bound = 0;
     for (int n = 0; n < nodes; ++n) {
@@ -528,58 +548,63 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
       const bool same_node = n == topo.node;
       rows[n] = wait_ring_end(end, call, same_node, peer, channel);
       bound += wait_ring_end(end + 1 + d, call, same_node, peer, channel);
-      first[n] = wait_ring_end(end + 1 + L + d, call, same_node, peer, channel);
+      position[n] = wait_ring_end(end + 1 + L + d, call, same_node, peer, channel);
+      ready[n] = 0;
     }
     set_signal(mapped(c.mem, p.pe, o.link(o.local_link(topo.local), channel).end), call.signal(bound), p.pe, false);
   }
   g.sync();
-  volatile int* const progress = tables.progress + d * nodes;
-  const int window = min(kWarpSize, static_cast<int>(r.nvl_batch));  // a window's rows fit the ring to d
-  for (int n = 0; n < nodes; ++n) {
+  int left = 0;  // nodes whose ring still has rows for this forwarder
+  for (int n = 0; n < nodes; ++n) left += rows[n] > 0;
+  const int chunk = forward_chunk(r);
+  for (int n = 0; left > 0; n = n + 1 < nodes ? n + 1 : 0) {
+    const int total = rows[n], i = progress[n];
+    if (i >= total) continue;
     const RingSlots ring = o.from_node(n, channel);
-    const uint64_t* tail = o.link(n, channel).tail;
-    const int total = rows[n], base = tables.base[n * L + d];
-    int position = first[n], ready = 0;
-    for (int i = 0; i < total;) {
-      if (i >= ready) {
-        g.sync();  // every warp has read words[1]
-        if (g.leader()) words[1] = wait_ring_data(tail, call, n == topo.node, i, topo.rdma_peer(n), channel);
-        g.sync();
-        ready = min(words[1], total);
-      }
-      const int w = min(ready - i, window);
-      int mask = 0, token = 0;
-      if (lane < w) {
-        const int4 header = __ldcv(reinterpret_cast<const int4*>(ring.slot(i + lane)));
-        token = header.y;
-        mask = header.z;
-      }
-      const unsigned bound = __ballot_sync(0xffffffffu, lane < w && ((mask >> d) & 1));
-      const int n_bound = __popc(bound);
-      if (n_bound > 0) {
-        p.reserve(g, call, n_bound);
-        for (int k = g.warp; k < n_bound; k += g.warps) {
-          const int at = nth_set_lane(bound, k, lane);
-          const int t = __shfl_sync(0xffffffffu, token, at);
-          char* dst = p.slot(k);
-          warp_copy<Source::kPeer>(dst, ring.slot(i + at), static_cast<int>(c.layout.row_bytes), lane);
-          __syncwarp();  // the header's copy before its forwarded row
-          if (lane == 0) {
-            const int row = base + position + k;
-            const bool kept = row < N;
-            reinterpret_cast<int*>(dst)[3] = kept ? row : -1;
-            if (t >= 0 && t < T)
-              atomicOr(reinterpret_cast<unsigned*>(out.forwarded) + static_cast<size_t>(n) * T + t,
-                       0x80000000u | (kept ? 1u << d : 0u));
-          }
-        }
-        p.advance(g, call, n_bound, static_cast<int>(r.nvl_batch));
-        position += n_bound;
-      }
-      i += w;
-      g.sync();  // every warp's loads of the slots before i returned
-      if (g.leader()) progress[n] = i;
+    const int w = min(chunk, total - i);
+    int seen = ready[n];
+    if (i + w > seen) {
+      if (g.leader())
+        words[1] = wait_ring_data(o.link(n, channel).tail, call, n == topo.node, i + w - 1, topo.rdma_peer(n), channel);
+      g.sync();
+      seen = min(words[1], total);
     }
+    int mask = 0, token = 0;
+    if (lane < w) {
+      const int4 header = __ldcv(reinterpret_cast<const int4*>(ring.slot(i + lane)));
+      token = header.y;
+      mask = header.z;
+    }
+    const unsigned bound = __ballot_sync(0xffffffffu, lane < w && ((mask >> d) & 1));
+    const int n_bound = __popc(bound);
+    if (n_bound > 0) {
+      const int first_row = tables.base[n * L + d] + position[n];
+      p.reserve(g, call, n_bound);
+      for (int k = g.warp; k < n_bound; k += g.warps) {
+        const int at = nth_set_lane(bound, k, lane);
+        const int t = __shfl_sync(0xffffffffu, token, at);
+        char* dst = p.slot(k);
+        warp_copy<Source::kPeer>(dst, ring.slot(i + at), static_cast<int>(c.layout.row_bytes), lane);
+        __syncwarp();  // the header's copy before its forwarded row
+        if (lane == 0) {
+          const int row = first_row + k;
+          const bool kept = row < N;
+          reinterpret_cast<int*>(dst)[3] = kept ? row : -1;
+          if (t >= 0 && t < T)
+            atomicOr(reinterpret_cast<unsigned*>(out.forwarded) + static_cast<size_t>(n) * T + t,
+                     0x80000000u | (kept ? 1u << d : 0u));
+        }
+      }
+      p.advance(g, call, n_bound, static_cast<int>(r.nvl_batch));
+    }
+    g.sync();  // every warp's loads of the slots before i + w returned, and it read the tables and words
+    if (g.leader()) {
+      progress[n] = i + w;
+      position[n] += n_bound;
+      ready[n] = seen;
+    }
+    g.sync();
+    left -= i + w >= total;
   }
   p.finish(g, call);
 }
