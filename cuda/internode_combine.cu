@@ -1,19 +1,19 @@
 // Internode combine: one persistent kernel, dispatch's route reversed (protocol: internode.cuh; rings:
 // internode_rings.cuh). Blocks 2c and 2c + 1 serve channel c, the tokens [T c / C, T (c + 1) / C) of
-// every source rank:
+// every source rank, in token windows (combine_window), and each window's source nodes in turn:
 //  - block 2c: returner warps, a group per rank l of this node, send each received row of the sources
-//    (n, l) (for n in order; a source's rows are sorted by token, so the channel's are one run) into the
-//    ring to forwarder l: the bf16 row and its K f32 weights (grouped: the f32 sum of its weighted pair
-//    rows). Finisher warps take this rank's tokens in order and, for each node the token went to, the
-//    next partial of that node's ring; they sum them in f32 in node order, add the biases and round once.
-//  - block 2c + 1: reducer warps take each source node n in order and its tokens that came to this node
-//    (forwarded bit 31) in order: the next row of ring d for each rank d that kept the token (ring d
-//    carries exactly those rows, in (n, t) order), summed in f32 in local rank order and rounded to bf16
-//    unless exact; that partial and its f32 weights go into the ring to the source.
+//    (n, l) (a source's rows are sorted by token, so a window's are one run) into the ring to
+//    forwarder l: the bf16 row and its K f32 weights (grouped: the f32 sum of its weighted pair rows).
+//    Finisher warps take this rank's tokens in order and, for each node the token went to, the next
+//    partial of that node's ring; they sum them in f32 in node order, add the biases and round once.
+//  - block 2c + 1: reducer warps take, per window, each source node n and its tokens that came to this
+//    node (forwarded bit 31) in order: the next row of ring d for each rank d that kept the token (ring
+//    d carries exactly those rows, in (window, n, t) order), summed in f32 in local rank order and
+//    rounded to bf16 unless exact; that partial and its f32 weights go into the ring to the source.
 // Summation orders are those of the pure-JAX implementation, row for row. No warp waits on two roles:
-// returners wait on reducers, reducers on returners and finishers, finishers on reducers, and a
-// reducer serves the sources in the order every finisher consumes them (token order per node), all
-// three in the same token windows (combine_window), so no cycle forms across ranks.
+// returners wait on reducers, reducers on returners and finishers, finishers on reducers. Every role
+// walks the (window, node) steps in one order and a window's rows fit every ring, so a role waiting at
+// a step waits on roles that are past every earlier step, and no cycle forms across ranks.
 #include <cuda_bf16.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -149,8 +149,8 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
         t.row >= 0 && in.weights != nullptr ? in.weights[t.row] : 0.0f;
 }
 
-// Whole group: the received rows of sources (n, l), n in order, whose tokens are in the channel, into
-// the ring to forwarder l of this node, a token window at a time (combine_window).
+// Whole group: the received rows of sources (n, l) whose tokens are in the channel, into the ring to
+// forwarder l of this node, a token window at a time (combine_window), in (window, n) order.
 template <bool kGrouped>
 __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
                           const OpRings& o, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
@@ -163,14 +163,13 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
   p.start(g, call);
   const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
   const int window = combine_window(r);
-  for (int n = 0; n < topo.nodes; ++n) {
-    const int src = n * topo.per_node + l;
-    const int lo = min(in.recv_rank_prefix[src], kept);
-    const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
-    int i = lower_bound_row(in.src_idx, lo, hi, range.first);
-    for (int t0 = range.first; t0 < range.last && i < hi; t0 += window) {
-      const int end = lower_bound_row(in.src_idx, i, hi, min(t0 + window, range.last));
-      const int rows = end - i;
+  for (int t0 = range.first; t0 < range.last; t0 += window) {
+    for (int n = 0; n < topo.nodes; ++n) {
+      const int src = n * topo.per_node + l;
+      const int lo = min(in.recv_rank_prefix[src], kept);
+      const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
+      const int i = lower_bound_row(in.src_idx, lo, hi, t0);
+      const int rows = lower_bound_row(in.src_idx, i, hi, min(t0 + window, range.last)) - i;
       if (rows == 0) continue;
       p.reserve(g, call, rows);
       for (int k = g.warp; k < rows; k += g.warps) {
@@ -185,7 +184,6 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
         }
       }
       p.advance(g, call, rows, static_cast<int>(r.nvl_batch));
-      i = end;
     }
   }
   p.finish(g, call);
@@ -248,10 +246,10 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
       for (int first = lane; first < vectors; first += kWarpSize * kSumUnroll) {
         float acc[kSumUnroll][8] = {};
         for (int m = 0; m < nodes; m += kRowsPerPass<kExact>) {
-          const char* rows[kRowsPerPass<kExact>];
+          const char* pass[kRowsPerPass<kExact>];
 #pragma unroll
-          for (int r = 0; r < kRowsPerPass<kExact>; ++r) rows[r] = m + r < nodes ? partial(m + r) : nullptr;
-          add_rows<kExact>(acc, rows, first, vectors);
+          for (int x = 0; x < kRowsPerPass<kExact>; ++x) pass[x] = m + x < nodes ? partial(m + x) : nullptr;
+          add_rows<kExact>(acc, pass, first, vectors);
         }
         const char* bias[2];
         for (int b = 0; b < 2; ++b)
@@ -292,37 +290,55 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
 }
 
 // ---- block 2c + 1: reduce -----------------------------------------------------------------------
-// The whole block: for each source node n in order, the partial sums of its tokens that came to this
-// node, into the ring to the source. `shared` [2 L]: rows consumed and rows seen per ring from this node.
+// What the reducer block keeps in shared memory (ints, one after the other).
+struct ReduceTables {
+  int* consumed;   // [L]: rows consumed of the ring from rank d of this node
+  int* seen;       // [L]: rows seen in that ring
+  int* heads;      // [nodes]: the head the producer of the ring to node n's rank saw last (its shared word)
+  int* produced;   // [nodes]: rows written into the ring to node n's rank
+  int* published;  // [nodes]: rows published there
+
+  __device__ ReduceTables(int* at, int per_node, int nodes)
+      : consumed(at), seen(at + per_node), heads(at + 2 * per_node), produced(heads + nodes),
+        published(produced + nodes) {}
+  static int ints(int per_node, int nodes) { return 2 * per_node + 3 * nodes; }
+};
+
+// The whole block: for each token window and each source node n in turn, the partial sums of n's tokens of
+// the window that came to this node, into the ring to the source. Returners and finishers walk the same
+// (window, node) order, so every source streams at once. The producers of the rings to the nodes keep
+// their counts in the tables between steps: only the leader writes them, between two block barriers.
 template <bool kExact, bool kF32Returns>
 __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
                        const OpRings& o, int channel, TokenRange range, int* shared) {
-  __shared__ int words[1];
   const InternodeCombineShape& s = c.shape;
   const InternodeRings& r = c.rings;
   const Topology& topo = o.topo;
   const WarpGroup g = warp_groups(0, kWarps, 1, 1);
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, H = s.hidden, T = s.num_tokens;
-  int* const consumed = shared;
-  int* const seen = consumed + L;
+  const ReduceTables tables(shared, L, topo.nodes);
+  int* const consumed = tables.consumed;
+  int* const seen = tables.seen;
   if (g.leader_warp()) {
     if (lane < L) {
       store_release(o.local_head(lane, channel), call.signal(0));
       consumed[lane] = seen[lane] = 0;
     }
+    for (int n = lane; n < topo.nodes; n += kWarpSize) tables.produced[n] = tables.published[n] = 0;
     __syncwarp();
   }
+  for (int n = 0; n < topo.nodes; ++n) o.to_node(n, channel, tables.heads + n).start(g, call);
   const int window = combine_window(r);
-  for (int n = 0; n < topo.nodes; ++n) {
-    RingProducer p = o.to_node(n, channel, words);
-    g.sync();  // every warp has read the words of the last source
-    p.start(g, call);
-    for (int t0 = range.first; t0 < range.last; t0 += window) {
-      const int tokens = min(window, range.last - t0);
+  for (int t0 = range.first; t0 < range.last; t0 += window) {
+    const int tokens = min(window, range.last - t0);
+    for (int n = 0; n < topo.nodes; ++n) {
       const int f = lane < tokens ? in.forwarded[static_cast<size_t>(n) * T + t0 + lane] : 0;
       const unsigned came = __ballot_sync(0xffffffffu, f < 0);  // bit 31: the token came to this node
       const int rows = __popc(came);
       if (rows == 0) continue;
+      RingProducer p = o.to_node(n, channel, tables.heads + n);
+      p.rows = tables.produced[n];
+      p.published = tables.published[n];
       if (g.leader_warp()) {
         for (int d = 0; d < L; ++d) {
           const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
@@ -352,10 +368,10 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
           float acc[kSumUnroll][8] = {};
 #pragma unroll
           for (int d = 0; d < kInternodeMaxRanksPerNode; d += kRowsPerPass<kF32Returns>) {
-            const char* rows[kRowsPerPass<kF32Returns>];
+            const char* pass[kRowsPerPass<kF32Returns>];
 #pragma unroll
-            for (int r = 0; r < kRowsPerPass<kF32Returns>; ++r) rows[r] = from[d + r];
-            if (d < L) add_rows<kF32Returns>(acc, rows, first, vectors);
+            for (int x = 0; x < kRowsPerPass<kF32Returns>; ++x) pass[x] = from[d + x];
+            if (d < L) add_rows<kF32Returns>(acc, pass, first, vectors);
           }
 #pragma unroll
           for (int u = 0; u < kSumUnroll; ++u) {
@@ -384,8 +400,21 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         }
         __syncwarp();  // every lane reads the counts next
       }
-      p.advance(g, call, rows, static_cast<int>(r.rdma_batch));
+      // Published at once, not by the batch: a reducer holding unpublished rows for one node while it
+      // waits for room in another node's ring could wait on a cycle through the finishers.
+      p.advance(g, call, rows, 1);
+      g.sync();  // every warp read the tables
+      if (g.leader()) {
+        tables.produced[n] = p.rows;
+        tables.published[n] = p.published;
+      }
+      g.sync();
     }
+  }
+  for (int n = 0; n < topo.nodes; ++n) {
+    RingProducer p = o.to_node(n, channel, tables.heads + n);
+    p.rows = tables.produced[n];
+    p.published = tables.published[n];
     p.finish(g, call);
     if (!p.same_node && g.leader()) {
       atomicAdd(c.traffic.counters + 2, static_cast<unsigned long long>(p.rows));
@@ -398,7 +427,7 @@ template <bool kGrouped, bool kExact>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(InternodeCombineCall c, InternodeCombineIn in,
                                                              InternodeCombineOut out, uint32_t signature) {
   __shared__ int words[kWarps][2];
-  extern __shared__ int shared[];  // block 2c: the finisher's [3 nodes]; block 2c + 1: the reducer's [2 L]
+  extern __shared__ int shared[];  // block 2c: the finisher's [3 nodes]; block 2c + 1: ReduceTables
   const OpRings o{c.mem, c.signals, c.rings, c.signals.combine_links, Topology(c.mem, c.shape.ranks_per_node)};
   const Topology& topo = o.topo;
   const RingCall call{wait_context(c.mem, op_kind(c.shape), signature), static_cast<uint32_t>(out.token[0])};
@@ -423,7 +452,8 @@ template <bool kGrouped, bool kExact>
 void launch_combine_kernel(const InternodeCombineCall& call, uint32_t signature, const InternodeCombineIn& in,
                            const InternodeCombineOut& out, cudaStream_t stream) {
   const int nodes = call.mem.num_ranks / call.shape.ranks_per_node;
-  const size_t shared_bytes = static_cast<size_t>(std::max(3 * nodes, 2 * call.shape.ranks_per_node)) * sizeof(int);
+  const size_t shared_bytes =
+      static_cast<size_t>(std::max(3 * nodes, ReduceTables::ints(call.shape.ranks_per_node, nodes))) * sizeof(int);
   combine_kernel<kGrouped, kExact><<<2 * static_cast<int>(call.rings.channels), kThreads, shared_bytes, stream>>>(
       call, in, out, signature);
 }
