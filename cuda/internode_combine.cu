@@ -10,10 +10,11 @@
 //    node (forwarded bit 31) in order: the next row of ring d for each rank d that kept the token (ring
 //    d carries exactly those rows, in (window, n, t) order), summed in f32 in local rank order and
 //    rounded to bf16 unless exact; that partial and its f32 weights go into the ring to the source.
-// Summation orders are those of the pure-JAX implementation, row for row. No warp waits on two roles:
-// returners wait on reducers, reducers on returners and finishers, finishers on reducers. Every role
-// walks the (window, node) steps in one order and a window's rows fit every ring, so a role waiting at
-// a step waits on roles that are past every earlier step, and no cycle forms across ranks.
+// Summation orders are those of the pure-JAX implementation, row for row. Returners wait on reducers
+// (ring space), reducers on returners (rows) and finishers (ring space), finishers on reducers (rows).
+// Every role walks the (window, node) steps in one order, a window's rows fit every ring, and every
+// producer publishes what it wrote before it waits (a reducer each step: see reduce), so the role at
+// the earliest step can always go on, and no cycle forms across ranks.
 #include <cuda_bf16.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -57,7 +58,8 @@ OpSignature signature_of(const InternodeCombineCall& c) {
 // when exact (the sum is rounded once, at the source), else rounded to bf16 at the forwarder as
 // DeepEP does, which halves the network bytes of combine. A row returned to its forwarder is bf16
 // (plain: a row of y) or f32 (grouped: a sum of weighted pair rows, rounded once at the source).
-// Rows are read with cache-volatile loads: a peer wrote them (or this kernel, in a ring).
+// Rows a peer wrote (or this kernel, in a ring) are read with cache-volatile loads, inputs through the
+// non-coherent cache (warp_copy.cuh: Source).
 template <bool kF32>
 struct RowValues;
 
@@ -71,9 +73,10 @@ struct RowValues<true> {
     reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     reinterpret_cast<float4*>(at)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
   }
+  template <Source kSource>
   __device__ static Raw load(const char* at) {
     const float4* p = reinterpret_cast<const float4*>(at);
-    return {__ldcv(p), __ldcv(p + 1)};
+    return kSource == Source::kInput ? Raw{__ldg(p), __ldg(p + 1)} : Raw{__ldcv(p), __ldcv(p + 1)};
   }
   __device__ static void add(float (&acc)[8], const Raw& v) {
     acc[0] += v.a.x, acc[1] += v.a.y, acc[2] += v.a.z, acc[3] += v.a.w;
@@ -84,11 +87,14 @@ struct RowValues<true> {
 template <>
 struct RowValues<false> {
   static constexpr int kBytes = 2;
-  using Raw = uint4;
+  using Raw = int4;
   __device__ static void store(char* at, const float (&acc)[8]) {
     *reinterpret_cast<uint4*>(at) = pack_bf16x8<uint4>(acc);
   }
-  __device__ static Raw load(const char* at) { return __ldcv(reinterpret_cast<const uint4*>(at)); }
+  template <Source kSource>
+  __device__ static Raw load(const char* at) {
+    return load16<kSource>(reinterpret_cast<const int4*>(at));
+  }
   __device__ static void add(float (&acc)[8], Raw v) { accumulate(acc, v); }
 };
 
@@ -101,7 +107,7 @@ constexpr int kRowsPerPass = kF32 ? 1 : 2;
 
 // Whole warp, one pass: acc[u] += the vector first + 32 u (of `vectors`) of rows[0], then rows[1],
 // ..., for every u; a null row adds nothing.
-template <bool kF32>
+template <bool kF32, Source kSource = Source::kPeer>
 __device__ __forceinline__ void add_rows(float (&acc)[kSumUnroll][8], const char* const (&rows)[kRowsPerPass<kF32>],
                                          int first, int vectors) {
   using V = RowValues<kF32>;
@@ -111,7 +117,8 @@ __device__ __forceinline__ void add_rows(float (&acc)[kSumUnroll][8], const char
 #pragma unroll
     for (int u = 0; u < kSumUnroll; ++u) {
       const int i = first + kWarpSize * u;
-      if (rows[r] != nullptr && i < vectors) v[r][u] = V::load(rows[r] + static_cast<size_t>(i) * 8 * V::kBytes);
+      if (rows[r] != nullptr && i < vectors)
+        v[r][u] = V::template load<kSource>(rows[r] + static_cast<size_t>(i) * 8 * V::kBytes);
     }
 #pragma unroll
   for (int r = 0; r < kRowsPerPass<kF32>; ++r)
@@ -254,7 +261,7 @@ __device__ void finish(const InternodeCombineCall& c, const InternodeCombineIn& 
         const char* bias[2];
         for (int b = 0; b < 2; ++b)
           bias[b] = b < s.num_bias ? reinterpret_cast<const char*>(in.bias[b] + static_cast<size_t>(t) * H) : nullptr;
-        add_rows<false>(acc, bias, first, vectors);
+        add_rows<false, Source::kInput>(acc, bias, first, vectors);
 #pragma unroll
         for (int u = 0; u < kSumUnroll; ++u) {
           const int i = first + kWarpSize * u;
@@ -403,8 +410,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
       // Published at once, not by the batch: a reducer holding unpublished rows for one node while it
       // waits for room in another node's ring could wait on a cycle through the finishers.
       p.advance(g, call, rows, 1);
-      g.sync();  // every warp read the tables
-      if (g.leader()) {
+      if (g.leader()) {  // every warp read the tables before the barrier after reserve
         tables.produced[n] = p.rows;
         tables.published[n] = p.published;
       }

@@ -13,8 +13,9 @@
 // A token's final row on rank d is the first row of its source there (the counts of the sources before
 // it) plus its position among its source's tokens for d: the sender announces, per ring, where the
 // channel's tokens start among them, and the forwarder counts on. Rows at or past the capacity N are
-// dropped (their forwarded row is -1). Every wait is on a role that never waits back on this warp, so
-// no cycle can form: senders on forwarders, forwarders on senders and receivers, receivers on forwarders.
+// dropped (their forwarded row is -1). Senders wait on forwarders (ring space), forwarders on senders
+// (rows) and receivers (ring space), receivers on forwarders (rows); senders and forwarders wait on each
+// other across ranks, and forward_chunk says why no cycle forms.
 #include <cuda_bf16.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -514,9 +515,11 @@ struct ForwardTables {
 
 // Rows of a node's ring a forwarder takes at a time: fixed, so every forwarder of the node takes the
 // rings' chunks in the same order, (chunk, node), skipping rings without more rows. No cycle can then
-// form: a forwarder waits for a chunk only once every forwarder is past the chunks before it in that
-// order, so its sender has room to finish it, since a chunk plus a sender's window of rows fits the ring.
-// And a chunk's rows for d fit the ring to d.
+// form: take the forwarder at the earliest (chunk c, node n) step. Every forwarder has passed chunk
+// c - 1 of ring n, so the coordinator released it, and the sender's window that completes chunk c
+// (sender windows are send_window tokens, so at most that many rows) needs no more room than that
+// exactly when chunk + send_window - 1 <= the ring's slots (a bound that is tight). The sender publishes
+// before it waits, so that forwarder gets its rows. And a chunk's rows for d fit the ring to d.
 __device__ __forceinline__ int forward_chunk(const InternodeRings& r) {
   return min(min(kWarpSize, static_cast<int>(r.nvl_batch)), static_cast<int>(r.rdma_slots) - send_window(r) + 1);
 }
@@ -564,6 +567,10 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
     const int w = min(chunk, total - i);
     int seen = ready[n];
     if (i + w > seen) {
+      if (p.published < p.rows) {  // the receiver gets what is written while this group waits
+        g.sync();
+        p.publish(g, call);
+      }
       if (g.leader())
         words[1] = wait_ring_data(o.link(n, channel).tail, call, n == topo.node, i + w - 1, topo.rdma_peer(n), channel);
       g.sync();
