@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -91,9 +92,10 @@ class Worker:
     def check(self, name, fn):
         if ONLY_CHECKS and not any(word in name for word in ONLY_CHECKS):
             return
+        start = time.perf_counter()
         try:
             fn()
-            print(f"ok   {name}", flush=True)
+            print(f"ok   {name} ({time.perf_counter() - start:.1f} s)", flush=True)  # where a device call's time goes
         except Exception as exc:  # keep going: one device run should report every failure
             self.failures.append(name)
             print(f"FAIL {name}: {exc}", flush=True)

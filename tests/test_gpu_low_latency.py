@@ -206,9 +206,10 @@ class Worker:
         return [jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], o) for o in out]
 
     def check(self, name, fn):
+        start = time.perf_counter()
         try:
             fn()
-            print(f"ok   {name}")
+            print(f"ok   {name} ({time.perf_counter() - start:.1f} s)")  # where a device call's time goes
         except Exception as exc:  # keep going: one device run should report every failure
             self.failures.append(name)
             print(f"FAIL {name}: {exc}")
