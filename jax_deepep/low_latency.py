@@ -9,6 +9,7 @@ from .backend import LowLatencyOptions, RankContext
 from .config import low_latency_rdma_size_hint
 from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
 from .logfmt import GROUP as LOGFMT_GROUP
+from .no_tokens import NO_TOKENS, NoTokensTransit
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
 from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
@@ -17,7 +18,10 @@ from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes,
 def _first_occurrences(topk_idx):
     """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
     expert gets each token once and never more than M rows from one rank. Dispatch and combine both
-    apply it, before any backend sees the ids."""
+    apply it, before any backend sees the ids. With no tokens there is nothing to change (and leaving the
+    zero-size ids alone keeps XLA's Shardy partitioner from failing on ops over them, see no_tokens.py)."""
+    if topk_idx.shape[0] == 0:
+        return topk_idx
     top_k = topk_idx.shape[1]
     earlier = jnp.tril(jnp.ones((top_k, top_k), bool), -1)  # [k, k']: k' < k
     repeat = jnp.any((topk_idx[:, :, None] == topk_idx[:, None, :]) & earlier, axis=2)
@@ -71,9 +75,10 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
     _check_rdma_bytes(op, num_rdma_bytes, m, hidden, ctx.num_ranks, num_experts)
     checking.check_expert_ids(topk_idx, num_experts)
     opts = LowLatencyOptions(m, num_experts, use_fp8, round_scale, use_ue8m0)
+    sender = NO_TOKENS if num_tokens == 0 else backend
 
     def send(x, topk_idx):
-        transit = backend.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
+        transit = sender.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
         return LowLatencyDispatchOutput(None, None, None, None, None, transit=transit, pending=True, options=opts)
 
     if return_recv_hook:
@@ -116,8 +121,10 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
         _check_logfmt(op, y.shape[2], topk_idx.shape[1])
     checking.check_expert_ids(topk_idx, e)
 
+    sender = NO_TOKENS if topk_idx.shape[0] == 0 else backend
+
     def send(y, topk_idx, topk_weights, handle):
-        return PendingLowLatencyCombine(backend.low_latency_combine_send(
+        return PendingLowLatencyCombine(sender.low_latency_combine_send(
             ctx, y, _first_occurrences(topk_idx), topk_weights, handle, use_logfmt, zero_copy))
 
     if return_recv_hook:
@@ -165,6 +172,8 @@ def low_latency_recv(backend, ctx: RankContext, pending):
 
 def _receive(backend, ctx: RankContext, pending):
     """The receive half of a low-latency op (in the scope of the op, or of low_latency_recv for a hook)."""
+    if isinstance(getattr(pending, "transit", None), NoTokensTransit):
+        backend = NO_TOKENS
     if isinstance(pending, PendingLowLatencyCombine):
         return named("low_latency_combine", "combined_x", backend.low_latency_combine_recv(ctx, pending.transit))
     if not isinstance(pending, LowLatencyDispatchOutput) or not pending.pending:

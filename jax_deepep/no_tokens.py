@@ -1,18 +1,31 @@
-"""The normal-mode backend of calls with no tokens (T = 0).
+"""The backend of calls with no tokens (T = 0), normal and low-latency mode.
 
 T is a static shape, the same on every rank of the axis, so with T = 0 no rank sends anything and
 every result is known without a custom call or a collective: no received rows, zero counts, empty
-combines. The ops (normal.py) hand such calls to this backend whatever the Buffer's backends are, so
-neither the kernels nor the XLA collectives are ever asked to move nothing.
+combines. The ops (normal.py, low_latency.py) hand such calls to this backend whatever the Buffer's
+backends are, so neither the kernels nor the XLA collectives are ever asked to move nothing (XLA's
+Shardy partitioner fails to compile some programs whose collectives move zero-size arrays).
 """
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 
-from .backend import DispatchResult, RankContext
+from .backend import DispatchResult, LowLatencyOptions, RankContext
+from .limits import FP8_BLOCK
 from .reference.expert_grouped import ExpertGroupedOps
 from .types import DispatchHandle, DispatchLayout
 from .varying import mark_varying
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class NoTokensTransit:
+    """What a low-latency send with no tokens hands its receive: its inputs, whose shapes make the
+    results (and which tell low_latency.py that this backend, not the Buffer's, receives it)."""
+    inputs: dict
 
 
 class NoTokensBackend:
@@ -56,6 +69,34 @@ class NoTokensBackend:
     def combine(self, ctx: RankContext, config, handle: DispatchHandle, y, topk_weights, bias):
         weights = None if topk_weights is None else jnp.zeros((0, topk_weights.shape[1]), jnp.float32)
         return mark_varying((jnp.zeros((0, y.shape[1]), y.dtype), weights), ctx.axis_name, y, topk_weights, handle)
+
+    def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> NoTokensTransit:
+        return NoTokensTransit({"x": x, "topk_idx": topk_idx})
+
+    def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: NoTokensTransit):
+        x, topk_idx = transit.inputs["x"], transit.inputs["topk_idx"]
+        r, i32 = ctx.num_ranks, jnp.int32
+        rows = (opts.num_experts // r, r * opts.num_max_dispatch_tokens_per_rank)
+        hidden = x.shape[1]
+        if not opts.use_fp8:
+            recv_x = jnp.zeros(rows + (hidden,), x.dtype)
+        elif opts.use_ue8m0:
+            recv_x = (jnp.zeros(rows + (hidden,), jnp.float8_e4m3fn),
+                      jnp.zeros(rows + (hidden // (4 * FP8_BLOCK),), i32))
+        else:
+            recv_x = (jnp.zeros(rows + (hidden,), jnp.float8_e4m3fn),
+                      jnp.zeros(rows + (hidden // FP8_BLOCK,), jnp.float32))
+        out = (recv_x, jnp.zeros(rows[:1], i32), jnp.full(rows, -1, i32), jnp.zeros(rows[:1] + (r, 2), i32),
+               jnp.zeros(topk_idx.shape, i32))
+        return mark_varying(out, ctx.axis_name, x, topk_idx)
+
+    def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
+                                 zero_copy: bool) -> NoTokensTransit:
+        return NoTokensTransit({"y": y, "topk_idx": topk_idx, "topk_weights": topk_weights, "handle": handle})
+
+    def low_latency_combine_recv(self, ctx: RankContext, transit: NoTokensTransit):
+        y = transit.inputs["y"]
+        return mark_varying(jnp.zeros((0, y.shape[2]), y.dtype), ctx.axis_name, transit.inputs)
 
     @staticmethod
     def _rows(parts, n: int) -> tuple:

@@ -300,7 +300,8 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         if expert_grouped and not isinstance(handle, ExpertGroupedHandle):
             fail(op, "expert_grouped=True with a `handle` needs the ExpertGroupedHandle of an expert-grouped "
                      f"dispatch, got a {type(handle).__name__}")
-        return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes)
+        return _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes,
+                       num_worst_tokens, expert_alignment)
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
     backend = _serving(backend, num_tokens)
@@ -323,7 +324,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     else:
         _check_layout(op, layout, ctx, num_tokens)
         layout_experts = layout.num_tokens_per_expert.shape[0]
-        if num_experts is not None and num_experts != layout_experts:
+        if num_experts is not None and integer(op, "num_experts", num_experts, minimum=1) != layout_experts:
             fail(op, f"`num_experts` ({num_experts}) disagrees with `layout` ({layout_experts} experts)")
         num_experts = _check_num_experts(op, layout_experts, ctx)
         if topk_idx is not None:
@@ -360,14 +361,20 @@ def _check_layout(op: str, layout, ctx: RankContext, num_tokens: int):
                  dtypes=(jnp.int32,))
 
 
-def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle,
-            num_nvl_bytes) -> DispatchOutput:
+def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout, handle, num_nvl_bytes,
+            num_worst_tokens, expert_alignment) -> DispatchOutput:
     op = "dispatch"
     extra = [n for n, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
                             ("num_experts", num_experts), ("layout", layout)) if v is not None]
     if extra:
         fail(op, f"cached mode (`handle` given) takes no routing; got {', '.join('`%s`' % e for e in extra)}")
     _check_handle(op, handle, ctx)
+    # The first dispatch's capacity and alignment hold; given again, they are checked like theirs.
+    integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
+    if num_worst_tokens is not None and integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens,
+                                                minimum=0) != handle.capacity:
+        fail(op, f"`num_worst_tokens` ({num_worst_tokens}) disagrees with `handle`, made with a capacity of "
+                 f"{handle.capacity} rows (cached mode receives into the first dispatch's capacity)")
     num_tokens = handle.is_token_in_rank.shape[0]
     parts = token_parts(op, "x", x)
     if parts[0].shape[0] != num_tokens:

@@ -191,6 +191,20 @@ def test_numpy_integers_accepted_and_bools_refused_by_the_ops(backend):
     refused(ll, lambda x, i: ll.low_latency_dispatch(x, i, num_max_dispatch_tokens_per_rank=True, num_experts=E),
             *x_idx(), names=["num_max_dispatch_tokens_per_rank", "True"])
     refused(normal, lambda i: normal.get_dispatch_layout(i, 8.0), x_idx()[1], names=["num_experts", "8.0"])
+    # Where the value is only compared or not needed: with a layout, and in cached mode.
+    refused(normal, lambda x, i: normal.dispatch(x, topk_idx=i, layout=normal.get_dispatch_layout(i, E),
+                                                 num_experts=float(E)).num_recv_tokens,
+            *x_idx(), names=["num_experts", f"{float(E)}"])
+
+    def cached(x, i, **args):
+        return normal.dispatch(x, handle=normal.dispatch(x, topk_idx=i, num_experts=E).handle, **args).recv_x
+
+    trace(normal, lambda x, i: cached(x, i, num_worst_tokens=np.int64(R * T), expert_alignment=np.int8(4)), *x_idx())
+    for name, bad in (("num_worst_tokens", True), ("num_worst_tokens", 8.0), ("expert_alignment", np.bool_(False)),
+                      ("expert_alignment", np.float32(2))):
+        refused(normal, lambda x, i: cached(x, i, **{name: bad}), *x_idx(), names=[f"`{name}", f"{bad}"])
+    refused(normal, lambda x, i: cached(x, i, num_worst_tokens=5), *x_idx(),
+            names=["`num_worst_tokens` (5)", f"capacity of {R * T} rows"])
 
 
 def test_numpy_integers_accepted_and_bools_refused_by_the_buffer():
@@ -315,6 +329,37 @@ def test_no_tokens(num_ranks):
         assert jax.tree.map(lambda a: a.shape[:3], recv_x) in ((r, E // r, r * M), ((r, E // r, r * M),) * 2)
         assert not count.any() and not layout_range.any()
     assert got["ll_combined"].shape == (r, 0, H)
+
+
+def test_low_latency_no_tokens_compiles_in_every_pattern():
+    """T = 0 under XLA's default (Shardy) partitioner: low-latency results computed from the zero-size inputs
+    failed to compile ("expected at least one operand ... GlobalToLocalShape"), depending on what the program
+    returned; they are now constants, as in normal mode."""
+    r = 4
+    mesh, ll = make_mesh(r), low_latency("reference", r)
+    args = np.zeros((r, 0, H), jnp.bfloat16), np.zeros((r, 0, K), np.int32), np.zeros((r, 0, K), np.float32)
+
+    def dispatch(x, idx, **kwargs):
+        return ll.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=M, num_experts=E, **kwargs)
+
+    def layer(x, idx, w):  # y from recv_x, as an expert would make it
+        d = dispatch(x, idx, use_fp8=False)
+        return ll.low_latency_combine(d.recv_x * 2, idx, w, d.handle), d.recv_count
+
+    def counts_and_x(x, idx, w):
+        return dispatch(x, idx).recv_count, x
+
+    def hooks(x, idx, w):
+        d = ll.low_latency_recv(dispatch(x, idx, use_fp8=True, return_recv_hook=True))
+        y = jnp.ones((E // r, r * M, H), BF16)
+        return ll.low_latency_recv(ll.low_latency_combine(y, idx, w, d.handle, return_recv_hook=True)), d.recv_x
+
+    (combined, count), (count2, x), (combined2, (values, scales)) = (
+        run_per_rank(mesh, fn, *args) for fn in (layer, counts_and_x, hooks))
+    assert combined.shape == combined2.shape == (r, 0, H) and x.shape == (r, 0, H)
+    assert count.shape == count2.shape == (r, E // r) and not count.any() and not count2.any()
+    assert values.shape == (r, E // r, r * M, H) and scales.shape == (r, E // r, r * M, H // 128)
+    assert scales.dtype == np.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
