@@ -11,8 +11,10 @@ import dataclasses
 from typing import Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from .config import Config
+from .limits import FP8_BLOCK
 from .types import DispatchHandle, DispatchLayout, ExpertGroupedHandle
 
 
@@ -62,6 +64,17 @@ class LowLatencyOptions:
     use_fp8: bool
     round_scale: bool
     use_ue8m0: bool
+
+    def recv_x_parts(self, num_ranks: int, hidden: int) -> tuple:
+        """The shapes and dtypes of a dispatch's `recv_x` [E_l, R * M, H]: (bf16,), or the FP8 values and
+        their scales (f32 per 128 channels, or with UE8M0 int32 per 512)."""
+        rows = (self.num_experts // num_ranks, num_ranks * self.num_max_dispatch_tokens_per_rank)
+        if not self.use_fp8:
+            return (jax.ShapeDtypeStruct(rows + (hidden,), jnp.bfloat16),)
+        values = jax.ShapeDtypeStruct(rows + (hidden,), jnp.float8_e4m3fn)
+        if self.use_ue8m0:
+            return values, jax.ShapeDtypeStruct(rows + (hidden // (4 * FP8_BLOCK),), jnp.int32)
+        return values, jax.ShapeDtypeStruct(rows + (hidden // FP8_BLOCK,), jnp.float32)
 
 
 class NormalBackend(Protocol):

@@ -9,7 +9,7 @@ from .backend import LowLatencyOptions, RankContext
 from .config import low_latency_rdma_size_hint
 from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
 from .logfmt import GROUP as LOGFMT_GROUP
-from .no_tokens import NO_TOKENS, NoTokensTransit
+from .no_tokens import NO_TOKENS, NoTokensTransit, serving
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
 from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
@@ -75,7 +75,7 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
     _check_rdma_bytes(op, num_rdma_bytes, m, hidden, ctx.num_ranks, num_experts)
     checking.check_expert_ids(topk_idx, num_experts)
     opts = LowLatencyOptions(m, num_experts, use_fp8, round_scale, use_ue8m0)
-    sender = NO_TOKENS if num_tokens == 0 else backend
+    sender = serving(backend, num_tokens)
 
     def send(x, topk_idx):
         transit = sender.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
@@ -121,7 +121,7 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
         _check_logfmt(op, y.shape[2], topk_idx.shape[1])
     checking.check_expert_ids(topk_idx, e)
 
-    sender = NO_TOKENS if topk_idx.shape[0] == 0 else backend
+    sender = serving(backend, topk_idx.shape[0])
 
     def send(y, topk_idx, topk_weights, handle):
         return PendingLowLatencyCombine(sender.low_latency_combine_send(

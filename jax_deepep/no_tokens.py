@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from .backend import DispatchResult, LowLatencyOptions, RankContext
-from .limits import FP8_BLOCK
 from .reference.expert_grouped import ExpertGroupedOps
 from .types import DispatchHandle, DispatchLayout
 from .varying import mark_varying
@@ -76,18 +75,10 @@ class NoTokensBackend:
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: NoTokensTransit):
         x, topk_idx = transit.inputs["x"], transit.inputs["topk_idx"]
         r, i32 = ctx.num_ranks, jnp.int32
-        rows = (opts.num_experts // r, r * opts.num_max_dispatch_tokens_per_rank)
-        hidden = x.shape[1]
-        if not opts.use_fp8:
-            recv_x = jnp.zeros(rows + (hidden,), x.dtype)
-        elif opts.use_ue8m0:
-            recv_x = (jnp.zeros(rows + (hidden,), jnp.float8_e4m3fn),
-                      jnp.zeros(rows + (hidden // (4 * FP8_BLOCK),), i32))
-        else:
-            recv_x = (jnp.zeros(rows + (hidden,), jnp.float8_e4m3fn),
-                      jnp.zeros(rows + (hidden // FP8_BLOCK,), jnp.float32))
-        out = (recv_x, jnp.zeros(rows[:1], i32), jnp.full(rows, -1, i32), jnp.zeros(rows[:1] + (r, 2), i32),
-               jnp.zeros(topk_idx.shape, i32))
+        parts = tuple(jnp.zeros(p.shape, p.dtype) for p in opts.recv_x_parts(r, x.shape[1]))
+        rows = parts[0].shape[:2]
+        out = (parts if len(parts) == 2 else parts[0], jnp.zeros(rows[:1], i32), jnp.full(rows, -1, i32),
+               jnp.zeros(rows[:1] + (r, 2), i32), jnp.zeros(topk_idx.shape, i32))
         return mark_varying(out, ctx.axis_name, x, topk_idx)
 
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
@@ -104,3 +95,8 @@ class NoTokensBackend:
 
 
 NO_TOKENS = NoTokensBackend()
+
+
+def serving(backend, num_tokens: int):
+    """The backend that serves a call on `num_tokens` tokens per rank: this one when there are none."""
+    return NO_TOKENS if num_tokens == 0 else backend

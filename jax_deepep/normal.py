@@ -21,10 +21,12 @@ from . import checking
 from .backend import RankContext
 from .config import Config
 from .limits import MAX_EXPERT_ALIGNMENT, ROW_CHANNELS
-from .no_tokens import NO_TOKENS
+from .no_tokens import serving
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
 from .validation import boolean, expect_array, expect_top_k, fail, integer, token_parts, topk_ids
+
+_CAPACITY = "num_worst_tokens (the receive capacity N)"  # how errors name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,18 +276,13 @@ def _check_grouped_experts(op: str, backend, ops, num_experts: int):
                  f"backend, got num_experts={num_experts}")
 
 
-def _serving(backend, num_tokens: int):
-    """The backend that serves a call on `num_tokens` tokens per rank: `no_tokens` when there are none."""
-    return NO_TOKENS if num_tokens == 0 else backend
-
-
 @scoped("get_dispatch_layout")
 def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
     op = "get_dispatch_layout"
     topk_ids(op, topk_idx)
     num_experts = _check_num_experts(op, num_experts, ctx)
     checking.check_expert_ids(topk_idx, num_experts)
-    return _serving(backend, topk_idx.shape[0]).get_dispatch_layout(ctx, topk_idx, num_experts)
+    return serving(backend, topk_idx.shape[0]).get_dispatch_layout(ctx, topk_idx, num_experts)
 
 
 @scoped("dispatch")
@@ -304,7 +301,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
                        num_worst_tokens, expert_alignment)
     parts = token_parts(op, "x", x)
     num_tokens = parts[0].shape[0]
-    backend = _serving(backend, num_tokens)
+    backend = serving(backend, num_tokens)
     ops = _grouped_ops(op, backend) if expert_grouped else backend
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
     if topk_idx is None and layout is None:
@@ -337,7 +334,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         if expert_grouped:
             num_worst_tokens = _grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
                                                 num_experts // ctx.num_ranks, expert_alignment)
-    num_worst_tokens = integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens, minimum=0)
+    num_worst_tokens = integer(op, _CAPACITY, num_worst_tokens, minimum=0)
     static = _Static(ops, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
 
@@ -371,8 +368,7 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
     _check_handle(op, handle, ctx)
     # The first dispatch's capacity and alignment hold; given again, they are checked like theirs.
     integer(op, "expert_alignment", expert_alignment, minimum=1, maximum=MAX_EXPERT_ALIGNMENT)
-    if num_worst_tokens is not None and integer(op, "num_worst_tokens (the receive capacity N)", num_worst_tokens,
-                                                minimum=0) != handle.capacity:
+    if num_worst_tokens is not None and integer(op, _CAPACITY, num_worst_tokens, minimum=0) != handle.capacity:
         fail(op, f"`num_worst_tokens` ({num_worst_tokens}) disagrees with `handle`, made with a capacity of "
                  f"{handle.capacity} rows (cached mode receives into the first dispatch's capacity)")
     num_tokens = handle.is_token_in_rank.shape[0]
@@ -381,7 +377,7 @@ def _cached(backend, ctx, config, x, topk_idx, topk_weights, num_experts, layout
         fail(op, f"`x` has {parts[0].shape[0]} tokens but `handle` was made for {num_tokens}: `x` must have "
                  f"shape [{num_tokens}, *]")
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, parts[0].shape[1])
-    backend = _serving(backend, num_tokens)
+    backend = serving(backend, num_tokens)
     ops = _grouped_ops(op, backend) if isinstance(handle, ExpertGroupedHandle) else backend
     recv_parts = _cached_dispatch(_Static(ops, ctx, config), parts, handle)
     recv_x = tuple(recv_parts) if len(parts) == 2 else recv_parts[0]
@@ -412,7 +408,7 @@ def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle
         fail(op, f"`bias` must be None, one or two bf16 [T, H] arrays, got {len(bias)}")
     for i, b in enumerate(bias):
         expect_array(op, f"bias[{i}]", b, ndim=2, dtypes=(jnp.bfloat16,), shape=(num_tokens, y.shape[1]))
-    backend = _serving(backend, num_tokens)
+    backend = serving(backend, num_tokens)
     if grouped:
         return _grouped_combine(_Static(_grouped_ops(op, backend), ctx, config), y, handle.weight, topk_weights,
                                 tuple(bias), handle)

@@ -23,7 +23,6 @@ import numpy as np
 
 from ..backend import LowLatencyOptions, RankContext
 from ..buffer_keys import BufferKeys
-from ..config import FP8_BLOCK
 from ..routing import valid_expert_ids
 from ..sizes import low_latency_layout, low_latency_num_halves
 from ..validation import DeepEPError
@@ -122,15 +121,8 @@ class LowLatencyBackend:
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
         experts_per_rank, rows = num_experts // ctx.num_ranks, ctx.num_ranks * m
-        if not opts.use_fp8:
-            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.bfloat16)
-            scales = optional_result(None, jnp.float32)
-        elif opts.use_ue8m0:
-            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
-            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // (4 * FP8_BLOCK)), jnp.int32)
-        else:
-            recv_x = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden), jnp.float8_e4m3fn)
-            scales = jax.ShapeDtypeStruct((experts_per_rank, rows, hidden // FP8_BLOCK), jnp.float32)
+        recv_x, *scales = opts.recv_x_parts(ctx.num_ranks, hidden)
+        scales = scales[0] if scales else optional_result(None, jnp.float32)
         x, x_scales, recv_count, recv_src_info, layout_range = ffi_call(
             self.targets + "dispatch_recv",
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
