@@ -67,7 +67,7 @@ template <>
 struct RowValues<true> {
   static constexpr int kBytes = 4;  // per channel
   struct Raw {
-    float4 a, b;
+    int4 a, b;  // eight f32 values' bits
   };
   __device__ static void store(char* at, const float (&acc)[8]) {
     reinterpret_cast<float4*>(at)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -75,12 +75,14 @@ struct RowValues<true> {
   }
   template <Source kSource>
   __device__ static Raw load(const char* at) {
-    const float4* p = reinterpret_cast<const float4*>(at);
-    return kSource == Source::kInput ? Raw{__ldg(p), __ldg(p + 1)} : Raw{__ldcv(p), __ldcv(p + 1)};
+    const int4* p = reinterpret_cast<const int4*>(at);
+    return {load16<kSource>(p), load16<kSource>(p + 1)};
   }
   __device__ static void add(float (&acc)[8], const Raw& v) {
-    acc[0] += v.a.x, acc[1] += v.a.y, acc[2] += v.a.z, acc[3] += v.a.w;
-    acc[4] += v.b.x, acc[5] += v.b.y, acc[6] += v.b.z, acc[7] += v.b.w;
+    acc[0] += __int_as_float(v.a.x), acc[1] += __int_as_float(v.a.y);
+    acc[2] += __int_as_float(v.a.z), acc[3] += __int_as_float(v.a.w);
+    acc[4] += __int_as_float(v.b.x), acc[5] += __int_as_float(v.b.y);
+    acc[6] += __int_as_float(v.b.z), acc[7] += __int_as_float(v.b.w);
   }
 };
 
