@@ -701,11 +701,13 @@ def parse_args(argv=None):
 
 
 def _local_gpus() -> int:
-    """GPUs on this host, without initialising JAX here (the spawned processes need the memory)."""
+    """GPUs this bench may use on this host, without initialising JAX here (the spawned processes need the
+    memory); none where JAX_PLATFORMS leaves CUDA out."""
     import shutil
     import subprocess
 
-    if not shutil.which("nvidia-smi"):
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if (platforms and not {"cuda", "gpu"} & set(platforms.split(","))) or not shutil.which("nvidia-smi"):
         return 0
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
     return sum(line.startswith("GPU ") for line in listing.splitlines())
