@@ -4,6 +4,7 @@
 //  - block 2c: returner warps, a group per rank l of this node, send each received row of the sources
 //    (n, l) (a source's rows are sorted by token, so a window's are one run) into the ring to
 //    forwarder l: the bf16 row and its K f32 weights (grouped: the f32 sum of its weighted pair rows).
+//    A plain combine's rows for this rank's own forwarder skip that copy: its reducer reads them from y.
 //    Finisher warps take this rank's tokens in order and, for each node the token went to, the next
 //    partial of that node's ring; they sum them in f32 in node order, add the biases and round once.
 //  - block 2c + 1: reducer warps take, per window, each source node n and its tokens that came to this
@@ -138,6 +139,25 @@ __device__ __forceinline__ int combine_window(const InternodeRings& r) {
   return min(kWarpSize, static_cast<int>(min(r.nvl_slots, r.rdma_slots)));
 }
 
+// The received rows of source rank `src` this rank kept (below the capacity), [first, last): one run,
+// ascending by the source's token.
+struct SourceRows {
+  int first, last;
+};
+
+__device__ __forceinline__ SourceRows kept_rows_of(const InternodeCombineShape& s, const InternodeCombineIn& in,
+                                                   int src, int num_ranks) {
+  const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
+  return {min(in.recv_rank_prefix[src], kept), min(src + 1 < num_ranks ? in.recv_rank_prefix[src + 1] : received, kept)};
+}
+
+// A plain combine's reducer reads the rows this rank returns to itself (local rank `l` is this rank)
+// straight from y: one copy less. A grouped combine's returned rows are sums the returner makes.
+template <bool kGrouped>
+__device__ __forceinline__ bool reducer_reads_y(const Topology& topo, int l) {
+  return !kGrouped && l == topo.local;
+}
+
 // ---- block 2c: return and finish ----------------------------------------------------------------
 // Whole warp, a grouped combine: at `dst`, the f32 sum over token-level row j's pairs of their row
 // weight * y[pair row] (0 for none), then for each k the topk_weights of its pair's row (0 for none).
@@ -159,7 +179,8 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
 }
 
 // Whole group: the received rows of sources (n, l) whose tokens are in the channel, into the ring to
-// forwarder l of this node, a token window at a time (combine_window), in (window, n) order.
+// forwarder l of this node, a token window at a time (combine_window), in (window, n) order; none into
+// the ring to this rank itself where its reducer reads y (reducer_reads_y), which still gets its tail.
 template <bool kGrouped>
 __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
                           const OpRings& o, const WarpGroup& g, int l, int channel, TokenRange range, int* words) {
@@ -170,15 +191,12 @@ __device__ void return_to(const InternodeCombineCall& c, const InternodeCombineI
   RingProducer p = o.to_local(l, channel, words);
   g.sync();  // the group is done with its words
   p.start(g, call);
-  const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
   const int window = combine_window(r);
-  for (int t0 = range.first; t0 < range.last; t0 += window) {
+  for (int t0 = reducer_reads_y<kGrouped>(topo, l) ? range.last : range.first; t0 < range.last; t0 += window) {
     for (int n = 0; n < topo.nodes; ++n) {
-      const int src = n * topo.per_node + l;
-      const int lo = min(in.recv_rank_prefix[src], kept);
-      const int hi = min(src + 1 < R ? in.recv_rank_prefix[src + 1] : received, kept);
-      const int i = lower_bound_row(in.src_idx, lo, hi, t0);
-      const int rows = lower_bound_row(in.src_idx, i, hi, min(t0 + window, range.last)) - i;
+      const SourceRows kept = kept_rows_of(s, in, n * topo.per_node + l, R);
+      const int i = lower_bound_row(in.src_idx, kept.first, kept.last, t0);
+      const int rows = lower_bound_row(in.src_idx, i, kept.last, min(t0 + window, range.last)) - i;
       if (rows == 0) continue;
       p.reserve(g, call, rows);
       for (int k = g.warp; k < rows; k += g.warps) {
@@ -317,7 +335,7 @@ struct ReduceTables {
 // the window that came to this node, into the ring to the source. Returners and finishers walk the same
 // (window, node) order, so every source streams at once. The producers of the rings to the nodes keep
 // their counts in the tables between steps: only the leader writes them, between two block barriers.
-template <bool kExact, bool kF32Returns>
+template <bool kExact, bool kGrouped>
 __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& in, const RingCall& call,
                        const OpRings& o, int channel, TokenRange range, int* shared) {
   const InternodeCombineShape& s = c.shape;
@@ -326,6 +344,7 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
   const WarpGroup g = warp_groups(0, kWarps, 1, 1);
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, H = s.hidden, T = s.num_tokens;
   const ReduceTables tables(shared, L, topo.nodes);
+  constexpr bool kF32Returns = kGrouped;  // returned rows are sums of weighted pair rows
   int* const consumed = tables.consumed;
   int* const seen = tables.seen;
   if (g.leader_warp()) {
@@ -348,8 +367,12 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
       RingProducer p = o.to_node(n, channel, tables.heads + n);
       p.rows = tables.produced[n];
       p.published = tables.published[n];
+      // This rank's own rows of the window (reducer_reads_y): a run of y from its first.
+      const SourceRows own = kept_rows_of(s, in, topo.rdma_peer(n), topo.num_ranks);
+      const int own_first = lower_bound_row(in.src_idx, own.first, own.last, t0);
       if (g.leader_warp()) {
         for (int d = 0; d < L; ++d) {
+          if (reducer_reads_y<kGrouped>(topo, d)) continue;
           const int need = consumed[d] + __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && need > seen[d]) {
             seen[d] = wait_ring_data(o.link(o.local_link(d), channel).tail, call, true, need - 1,
@@ -363,13 +386,21 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         const int j = nth_set_lane(came, k, lane);
         const int fj = __shfl_sync(0xffffffffu, f, j);
         // Ring d's row of token j: the tokens before it in the window that rank d kept.
+        // (This rank's own row, where its reducer reads y: its row of y.)
         const char* from[kInternodeMaxRanksPerNode];
+        int own_row = -1;
 #pragma unroll
         for (int d = 0; d < kInternodeMaxRanksPerNode; ++d) {
           const unsigned kept = __ballot_sync(0xffffffffu, d < L && f < 0 && ((f >> d) & 1));
-          from[d] = d < L && ((fj >> d) & 1)
-                        ? o.from_local(d, channel).slot(consumed[d] + __popc(kept & ((1u << j) - 1)))
-                        : nullptr;
+          const int before = __popc(kept & ((1u << j) - 1));
+          from[d] = nullptr;
+          if (d >= L || !((fj >> d) & 1)) continue;
+          if (reducer_reads_y<kGrouped>(topo, d)) {
+            own_row = own_first + before;
+            from[d] = reinterpret_cast<const char*>(in.y + static_cast<size_t>(own_row) * H);
+          } else {
+            from[d] = o.from_local(d, channel).slot(consumed[d] + before);
+          }
         }
         char* out = p.slot(k);
         const int vectors = H / 8;
@@ -392,15 +423,21 @@ __device__ void reduce(const InternodeCombineCall& c, const InternodeCombineIn& 
         if (lane < s.top_k) {
           float w = 0.0f;
 #pragma unroll
-          for (int d = 0; d < kInternodeMaxRanksPerNode; ++d)
-            if (from[d] != nullptr)
+          for (int d = 0; d < kInternodeMaxRanksPerNode; ++d) {
+            if (from[d] == nullptr) continue;
+            if (reducer_reads_y<kGrouped>(topo, d)) {
+              w += in.weights != nullptr ? in.weights[static_cast<size_t>(own_row) * s.top_k + lane] : 0.0f;
+            } else {
               w += __ldcv(reinterpret_cast<const float*>(from[d] + H * RowValues<kF32Returns>::kBytes) + lane);
+            }
+          }
           reinterpret_cast<float*>(out + H * RowValues<kExact>::kBytes)[lane] = w;
         }
       }
       g.sync();  // every warp's loads of the rings' slots returned, and it read consumed
       if (g.leader_warp()) {
         for (int d = 0; d < L; ++d) {
+          if (reducer_reads_y<kGrouped>(topo, d)) continue;
           const int taken = __popc(__ballot_sync(0xffffffffu, f < 0 && ((f >> d) & 1)));
           if (lane == 0 && taken > 0) {
             consumed[d] += taken;

@@ -9,7 +9,8 @@
 //    warps then write the handle's metadata, which waits only for the counts.
 //  - block 2c + 1: forwarder warps, a group per rank d of this node, copy the rows bound for d from the
 //    rings of every node (a chunk of each in turn: forward_chunk) into the ring to d, each with its final
-//    row on d; a coordinator warp releases the slots of each node's ring once every forwarder has read them.
+//    row on d (a plain dispatch's rows for this rank itself go straight into the outputs); a coordinator
+//    warp releases the slots of each node's ring once every forwarder has read them.
 // A token's final row on rank d is the first row of its source there (the counts of the sources before
 // it) plus its position among its source's tokens for d: the sender announces, per ring, where the
 // channel's tokens start among them, and the forwarder counts on. Rows at or past the capacity N are
@@ -524,11 +525,19 @@ __device__ __forceinline__ int forward_chunk(const InternodeRings& r) {
   return min(min(kWarpSize, static_cast<int>(r.nvl_batch)), static_cast<int>(r.rdma_slots) - send_window(r) + 1);
 }
 
+// A plain dispatch's forwarder for this rank itself delivers the rows into the outputs, one copy less
+// (its ring to itself carries none); a grouped dispatch's rows need the bases the receivers' block holds.
+template <bool kGrouped>
+__device__ __forceinline__ bool forwarder_delivers(const Topology& topo, int d) {
+  return !kGrouped && d == topo.local;
+}
+
 // Whole group: the rows bound for rank d of this node from every node's ring of this channel into the
-// ring to d, each with its final row there. The group takes a chunk of each node's ring in turn, so the
+// ring to d, each with its final row there (or into the outputs: forwarder_delivers). The group takes a chunk of each node's ring in turn, so the
 // senders of every node stream at once (a forwarder draining node after node held all but one node's
 // senders at a full ring). Only the group's leader writes its entries of the tables, between two group
 // barriers, so every warp reads the same values.
+template <bool kGrouped>
 __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
                            const OpRings& o, const WarpGroup& g, int d, int channel, const ForwardTables& tables,
                            int* words) {
@@ -536,6 +545,7 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
   const InternodeRings& r = c.rings;
   const int lane = threadIdx.x % kWarpSize, L = topo.per_node, nodes = topo.nodes;
   const int T = c.shape.num_tokens, N = c.shape.capacity;
+  const bool delivers = forwarder_delivers<kGrouped>(topo, d);
   RingProducer p = o.to_local(d, channel, words);
   g.sync();  // the group is done with its words
   p.start(g, call);
@@ -554,7 +564,8 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
       position[n] = wait_ring_end(end + 1 + L + d, call, same_node, peer, channel);
       ready[n] = 0;
     }
-    set_signal(mapped(c.mem, p.pe, o.link(o.local_link(topo.local), channel).end), call.signal(bound), p.pe, false);
+    set_signal(mapped(c.mem, p.pe, o.link(o.local_link(topo.local), channel).end), call.signal(delivers ? 0 : bound),
+               p.pe, false);
   }
   g.sync();
   int left = 0;  // nodes whose ring still has rows for this forwarder
@@ -586,23 +597,31 @@ __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispat
     const int n_bound = __popc(bound);
     if (n_bound > 0) {
       const int first_row = tables.base[n * L + d] + position[n];
-      p.reserve(g, call, n_bound);
+      if (!delivers) p.reserve(g, call, n_bound);
       for (int k = g.warp; k < n_bound; k += g.warps) {
         const int at = nth_set_lane(bound, k, lane);
         const int t = __shfl_sync(0xffffffffu, token, at);
-        char* dst = p.slot(k);
-        warp_copy<Source::kPeer>(dst, ring.slot(i + at), static_cast<int>(c.layout.row_bytes), lane);
-        __syncwarp();  // the header's copy before its forwarded row
-        if (lane == 0) {
-          const int row = first_row + k;
-          const bool kept = row < N;
-          reinterpret_cast<int*>(dst)[3] = kept ? row : -1;
-          if (t >= 0 && t < T)
-            atomicOr(reinterpret_cast<unsigned*>(out.forwarded) + static_cast<size_t>(n) * T + t,
-                     0x80000000u | (kept ? 1u << d : 0u));
+        const int row = first_row + k;
+        const bool kept = row < N;
+        if (!delivers) {
+          char* dst = p.slot(k);
+          warp_copy<Source::kPeer>(dst, ring.slot(i + at), static_cast<int>(c.layout.row_bytes), lane);
+          __syncwarp();  // the header's copy before its forwarded row
+          if (lane == 0) reinterpret_cast<int*>(dst)[3] = kept ? row : -1;
+        } else if (kept) {
+          ForwardedRow f = load_row(c.shape, c.layout, ring.slot(i + at), lane);
+          f.row = row;
+          if (lane == 0) {
+            out.src_rank[row] = f.src_rank;
+            out.src_idx[row] = f.src_idx;
+          }
+          deliver(c.shape, c.layout, out, topo.num_ranks, topo.rank, f, lane);
         }
+        if (lane == 0 && t >= 0 && t < T)
+          atomicOr(reinterpret_cast<unsigned*>(out.forwarded) + static_cast<size_t>(n) * T + t,
+                   0x80000000u | (kept ? 1u << d : 0u));
       }
-      p.advance(g, call, n_bound, static_cast<int>(r.nvl_batch));
+      if (!delivers) p.advance(g, call, n_bound, static_cast<int>(r.nvl_batch));
     }
     g.sync();  // every warp's loads of the slots before i + w returned, and it read the tables and words
     if (g.leader()) {
@@ -647,6 +666,7 @@ __device__ void release_rdma_rings(const RingCall& call, const OpRings& o, int c
 
 // Block 2c + 1: head 0 of every node's ring first (the senders wait for it), then the tables, then
 // forwarders and coordinator.
+template <bool kGrouped>
 __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
                         const OpRings& o, int channel, int* shared) {
   __shared__ int words[kWarps][kGroupWords];
@@ -681,7 +701,7 @@ __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchO
   }
   const WarpGroup g = warp_groups(0, kForwarderWarps, L, 1);
   if (g.index >= g.count) return;
-  for (int d = g.index; d < L; d += g.count) forward_to(c, out, call, o, g, d, channel, tables, words[warp - g.warp]);
+  for (int d = g.index; d < L; d += g.count) forward_to<kGrouped>(c, out, call, o, g, d, channel, tables, words[warp - g.warp]);
 }
 
 template <bool kGrouped>
@@ -694,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(InternodeDispatch
   if (blockIdx.x % 2 == 0) {
     send_and_receive<kGrouped>(c, in, out, call, o, channel, shared);
   } else {
-    forward(c, out, call, o, channel, shared);
+    forward<kGrouped>(c, out, call, o, channel, shared);
   }
 }
 
