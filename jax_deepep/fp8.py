@@ -38,6 +38,10 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     # `reduce_precision` to bf16 would also round f32 inputs, which this cast takes as they are.
     x = jax.lax.optimization_barrier(jnp.asarray(x))
     *lead, h = x.shape
+    if x.size == 0:  # no rows (T = 0): XLA:CPU of jax 0.11.2 crashed compiling the cast below for them
+        groups = h // FP8_BLOCK
+        scale = jnp.zeros((*lead, groups // 4), jnp.int32) if use_ue8m0 else jnp.zeros((*lead, groups), jnp.float32)
+        return jnp.zeros(x.shape, jnp.float8_e4m3fn), scale
     blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)
     scale = amax * _INVERSE_FP8_MAX

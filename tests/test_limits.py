@@ -306,6 +306,15 @@ def _all_ops_per_rank(normal, ll):
     return per_rank
 
 
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_fp8_cast_of_no_rows(use_ue8m0):
+    """The FP8 cast of T = 0 rows, jitted: empty values and scales of the documented dtypes and shapes."""
+    q, scale = jax.jit(lambda x: deepep.fp8.per_block_cast_to_fp8(x, use_ue8m0=use_ue8m0))(jnp.zeros((0, 1024), BF16))
+    assert q.shape == (0, 1024) and q.dtype == jnp.float8_e4m3fn
+    assert scale.shape == ((0, 2) if use_ue8m0 else (0, 8))
+    assert scale.dtype == (jnp.int32 if use_ue8m0 else jnp.float32)
+
+
 @pytest.mark.parametrize("num_ranks", [2, 8])
 def test_no_tokens(num_ranks):
     """T = 0: every op returns its documented shapes, nothing received, zero counts."""
