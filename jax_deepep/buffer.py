@@ -79,7 +79,9 @@ class Buffer:
     `num_nvl_bytes`: the intranode buffer per rank (0: a default); `num_rdma_bytes`: the NVSHMEM
     symmetric buffer per rank, needed by low-latency mode and by normal mode across nodes;
     `low_latency_mode` enables the low-latency ops; `allow_nvlink_for_low_latency_mode=False` sends
-    every low-latency row as an NVSHMEM put; `num_qps_per_rank` is accepted for DeepEP and unused.
+    every low-latency row as an NVSHMEM put; `num_qps_per_rank`: InfiniBand GPUDirect Async
+    QPs per peer, set as `NVSHMEM_IBGDA_NUM_RC_PER_PE` where unset when the process's first NVSHMEM Buffer
+    starts NVSHMEM (docs/INTERNODE.md).
     Collective in a multi-process job: every process constructs it with the same arguments (checked:
     otherwise every process raises a `DeepEPError` naming what differs; `creation.agree`), and the
     processes agree on its `buffer_id`, which namespaces its keys in the jax.distributed store.

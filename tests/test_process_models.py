@@ -5,6 +5,7 @@ compiled modules are replaced by fakes that only record what they were asked, so
 the process-model checks run as on GPUs with no device behind them. One process owning the 8 CPU devices
 plays a host where one process owns every GPU (JAX's default on one host).
 """
+import os
 import types
 
 import jax
@@ -99,3 +100,40 @@ def test_nvshmem_modes_take_one_process_per_gpu(monkeypatch, process):
     monkeypatch.setattr(jax, "process_index", lambda: process)
     device, rank = nvshmem._own_device_and_rank(mesh, AXIS)
     assert (device.id, rank) == (process, process)
+
+
+@pytest.mark.parametrize("buffer_args", [
+    dict(num_rdma_bytes=1 << 30, ranks_per_node=4),
+    dict(low_latency_mode=True, num_rdma_bytes=1 << 30, ranks_per_node=4),
+])
+def test_num_qps_per_rank_reaches_the_nvshmem_start(gpu_platform, monkeypatch, buffer_args):
+    """The Buffer's num_qps_per_rank goes to its symmetric buffer, which sets it for NVSHMEM's start."""
+    from jax_deepep.gpu import internode, low_latency
+
+    class Made(Exception):
+        pass
+
+    def symmetric_buffer(*args, num_qps_per_rank, **kwargs):
+        raise Made(num_qps_per_rank)
+
+    monkeypatch.setattr(internode, "SymmetricBuffer", symmetric_buffer)
+    monkeypatch.setattr(low_latency, "SymmetricBuffer", symmetric_buffer)
+    with pytest.raises(Made) as made:
+        deepep.Buffer(make_mesh(8), AXIS, num_qps_per_rank=7, **buffer_args)
+    assert made.value.args == (7,)
+
+
+def test_nvshmem_start_sets_only_what_the_environment_leaves_unset(monkeypatch):
+    """Joining sets the heap size, NVLink multicast off and the IBGDA QPs per peer (none for 0), keeping
+    the user's values."""
+    assert nvshmem.start_environment(1 << 30, 0) == {"NVSHMEM_SYMMETRIC_SIZE": str(1 << 30),
+                                                      "NVSHMEM_DISABLE_NVLS": "1"}
+    environment = {"NVSHMEM_SYMMETRIC_SIZE": "5000000000"}  # the user's
+    monkeypatch.setattr(os, "environ", environment)
+    monkeypatch.setattr(nvshmem.atexit, "register", lambda *args: None)
+    seen = {}
+    lib = types.SimpleNamespace(pe=lambda: None, unique_id=lambda: b"id",
+                                join=lambda uid, rank, num_ranks, ordinal: seen.update(os.environ))
+    nvshmem._ensure_pe(lib, 0, 1, 0, nvshmem.start_environment(1 << 30, 24), keys=None)
+    assert seen == {"NVSHMEM_SYMMETRIC_SIZE": "5000000000", "NVSHMEM_DISABLE_NVLS": "1",
+                    "NVSHMEM_IBGDA_NUM_RC_PER_PE": "24"}

@@ -55,7 +55,7 @@ def _normal_backend(buffer, keys):
         return _use_reference(buffer, "internode ops", nvshmem.unavailable_reason())
     return InternodeBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, buffer.ranks_per_node, keys,
                                  timeout_s=buffer.timeout_s, exact_combine=buffer.exact_internode_combine,
-                                 puts_only=buffer.internode_puts_only)
+                                 puts_only=buffer.internode_puts_only, num_qps_per_rank=buffer.num_qps_per_rank)
 
 
 def _low_latency_backend(buffer, keys, normal):
@@ -72,7 +72,8 @@ def _low_latency_backend(buffer, keys, normal):
     # DeepEP's allow_nvlink_for_low_latency_mode=False sends every peer's rows as NVSHMEM puts.
     direct_group = buffer.ranks_per_node if buffer.allow_nvlink_for_low_latency_mode else 1
     return LowLatencyBackend.open(buffer.mesh, buffer.axis_name, buffer.num_rdma_bytes, keys,
-                                  timeout_s=buffer.timeout_s, direct_group=direct_group)
+                                  timeout_s=buffer.timeout_s, direct_group=direct_group,
+                                  num_qps_per_rank=buffer.num_qps_per_rank)
 
 
 def make_backends(buffer, keys) -> tuple:

@@ -105,13 +105,14 @@ class InternodeBackend:
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
-             timeout_s: float, exact_combine: bool, puts_only: bool) -> "InternodeBackend":
+             timeout_s: float, exact_combine: bool, puts_only: bool, num_qps_per_rank: int) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective); peers
         within a node are written directly, and so are those of other nodes that NVSHMEM maps here (NVLink
         between nodes, or one GPU), unless `puts_only`; the others get puts over the network. Waits on a peer
-        give up after `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16."""
+        give up after `timeout_s`; combine's partials travel in f32 with `exact_combine`, else in bf16;
+        `num_qps_per_rank` as for `SymmetricBuffer`."""
         return cls(SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=ranks_per_node,
-                                   map_other_groups=not puts_only),
+                                   map_other_groups=not puts_only, num_qps_per_rank=num_qps_per_rank),
                    ranks_per_node, exact_combine, _sm_count(mesh))
 
     def destroy(self):

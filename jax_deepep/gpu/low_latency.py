@@ -60,11 +60,12 @@ class LowLatencyBackend:
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, keys: BufferKeys, *, timeout_s: float,
-             direct_group: Optional[int] = None):
+             direct_group: Optional[int] = None, num_qps_per_rank: int = 0):
         """Over NVSHMEM: joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names
-        (collective); `timeout_s` and `direct_group` as for `SymmetricBuffer` (a Buffer passes its
-        `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`)."""
-        symmetric = SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=direct_group)
+        (collective); `timeout_s`, `direct_group` and `num_qps_per_rank` as for `SymmetricBuffer` (a Buffer
+        passes its `ranks_per_node`, or 1 without `allow_nvlink_for_low_latency_mode`, and its own QPs)."""
+        symmetric = SymmetricBuffer(mesh, axis_name, num_rdma_bytes, timeout_s, keys, direct_group=direct_group,
+                                    num_qps_per_rank=num_qps_per_rank)
         return cls(symmetric, num_rdma_bytes, NVSHMEM_TARGET_PREFIX)
 
     @classmethod

@@ -73,16 +73,27 @@ def _unique_id(lib, rank: int, num_ranks: int, keys: BufferKeys) -> bytes:
     return bytes.fromhex(keys.get(_UNIQUE_ID_KEY))
 
 
-def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, heap_bytes: int, keys: BufferKeys):
+def start_environment(heap_bytes: int, num_qps_per_rank: int) -> dict:
+    """The NVSHMEM variables this process's first NVSHMEM Buffer sets where the environment has none
+    (NVSHMEM reads them once, as the process joins): the symmetric heap's size, NVLink multicast off
+    (unused, and it can hang hosts), and with `num_qps_per_rank` > 0 that many reliable-connection QPs per
+    peer for InfiniBand GPUDirect Async (`NVSHMEM_IBGDA_NUM_RC_PER_PE`; acts only where the process also
+    sets `NVSHMEM_IB_ENABLE_IBGDA=1`)."""
+    env = {"NVSHMEM_SYMMETRIC_SIZE": str(heap_bytes), "NVSHMEM_DISABLE_NVLS": "1"}
+    if num_qps_per_rank > 0:
+        env["NVSHMEM_IBGDA_NUM_RC_PER_PE"] = str(num_qps_per_rank)
+    return env
+
+
+def _ensure_pe(lib, rank: int, num_ranks: int, device_ordinal: int, environment: dict, keys: BufferKeys):
     pe = lib.pe()
     if pe is not None:
         if pe != (rank, num_ranks):
             raise DeepEPError(f"Buffer: this process is already NVSHMEM PE {pe[0]} of {pe[1]}; a low-latency "
                               f"Buffer as rank {rank} of {num_ranks} needs a new process")
         return
-    # The symmetric heap is sized once, at init, from the first Buffer unless the user chose a size.
-    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes))
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # NVLink multicast is unused and can hang hosts
+    for name, value in environment.items():  # what the user set stands
+        os.environ.setdefault(name, value)
     try:
         _check("init", lib.join, _unique_id(lib, rank, num_ranks, keys), rank, num_ranks, device_ordinal)
     finally:
@@ -167,13 +178,14 @@ class SymmetricBuffer:
     peers in this rank's group of that many consecutive ranks are written with loads/stores where
     NVSHMEM maps them (NVLink, or the same GPU); the others get nvshmem puts. By default every peer
     may be direct. `map_other_groups`: peers outside the group are written through the mapping too,
-    where NVSHMEM gives one (the group then only says which ranks form a node). Dropped without
+    where NVSHMEM gives one (the group then only says which ranks form a node). `num_qps_per_rank`: the
+    Buffer's, for the process's NVSHMEM start (`start_environment`). Dropped without
     `destroy()`, what is local is freed at garbage collection or exit; the symmetric memory
     (collective) stays until the process leaves NVSHMEM.
     """
 
     def __init__(self, mesh, axis_name: str, num_rdma_bytes: int, timeout_s: float, keys: BufferKeys, *,
-                 direct_group: Optional[int] = None, map_other_groups: bool = False):
+                 direct_group: Optional[int] = None, map_other_groups: bool = False, num_qps_per_rank: int = 0):
         # The process model first: a process owning several GPUs is refused before NVSHMEM is loaded.
         device, self.rank = _own_device_and_rank(mesh, axis_name)
         self.lib = nvshmem_library()
@@ -185,8 +197,8 @@ class SymmetricBuffer:
             raise DeepEPError(f"Buffer: the direct-peer group must divide the number of ranks ({self.num_ranks}), "
                               f"got {direct_group}")
         self.device = device.local_hardware_id
-        _ensure_pe(self.lib, self.rank, self.num_ranks, self.device, self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES,
-                   keys)
+        _ensure_pe(self.lib, self.rank, self.num_ranks, self.device,
+                   start_environment(self.num_bytes * 3 // 2 + _HEAP_MARGIN_BYTES, num_qps_per_rank), keys)
         self.buffer_id = keys.buffer_id
         if self.num_ranks > 1:  # nvshmem_malloc is collective with no timeout: meet every PE first, bounded
             keys.barrier("allocate", timeout_s)
