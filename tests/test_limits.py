@@ -440,11 +440,12 @@ def test_timeout_reaches_the_nvshmem_backends(monkeypatch, low_latency_mode):
     buffer = types.SimpleNamespace(mesh=None, axis_name="ep", num_ranks=4, ranks_per_node=2, num_nvl_bytes=0,
                                    num_rdma_bytes=1 << 20, low_latency_mode=low_latency_mode,
                                    allow_nvlink_for_low_latency_mode=True, timeout_s=3.5, exact_internode_combine=True,
-                                   internode_puts_only=True)
+                                   internode_puts_only=True, num_qps_per_rank=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a low-latency Buffer's normal mode across nodes falls back to pure JAX
         normal, _ = gpu.make_backends(buffer, BufferKeys(buffer_id=1, processes=(0,)))
     assert opened["LowLatencyBackend" if low_latency_mode else "InternodeBackend"]["timeout_s"] == 3.5
+    assert opened["LowLatencyBackend" if low_latency_mode else "InternodeBackend"]["num_qps_per_rank"] == 5
     assert watched == [buffer]  # and every GPU Buffer is watched for failures that XLA never reports
     if low_latency_mode:
         assert normal.exact_internode_combine is True

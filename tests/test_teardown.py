@@ -268,10 +268,11 @@ class FakeNvshmemJoin:
 def test_the_nvshmem_unique_id_is_deleted_after_joining(monkeypatch, store, fails):
     keys = store(peer_arrives=True)
     monkeypatch.setattr(nvshmem.atexit, "register", lambda *args: None)
-    for name in ("NVSHMEM_SYMMETRIC_SIZE", "NVSHMEM_DISABLE_NVLS"):  # so that joining changes no environment
+    environment = nvshmem.start_environment(1 << 20, 24)
+    for name in environment:  # so that joining changes no environment
         monkeypatch.setenv(name, "1")
     with pytest.raises(deepep.DeepEPError, match="init failed") if fails else contextlib.nullcontext():
-        nvshmem._ensure_pe(FakeNvshmemJoin(fails), 0, 2, 0, 1 << 20, keys)
+        nvshmem._ensure_pe(FakeNvshmemJoin(fails), 0, 2, 0, environment, keys)
     assert keys.client.written == ["jax_deepep/buffer/7/nvshmem_unique_id"] and not keys.client.keys
 
 

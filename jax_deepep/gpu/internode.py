@@ -105,7 +105,7 @@ class InternodeBackend:
 
     @classmethod
     def open(cls, mesh, axis_name: str, num_rdma_bytes: int, ranks_per_node: int, keys: BufferKeys, *,
-             timeout_s: float, exact_combine: bool, puts_only: bool, num_qps_per_rank: int) -> "InternodeBackend":
+             timeout_s: float, exact_combine: bool, puts_only: bool, num_qps_per_rank: int = 0) -> "InternodeBackend":
         """Joins NVSHMEM and allocates the symmetric buffer of the Buffer `keys` names (collective); peers
         within a node are written directly, and so are those of other nodes that NVSHMEM maps here (NVLink
         between nodes, or one GPU), unless `puts_only`; the others get puts over the network. Waits on a peer
