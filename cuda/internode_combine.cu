@@ -148,7 +148,8 @@ struct SourceRows {
 __device__ __forceinline__ SourceRows kept_rows_of(const InternodeCombineShape& s, const InternodeCombineIn& in,
                                                    int src, int num_ranks) {
   const int received = max(*in.num_recv, 0), kept = min(received, s.capacity);
-  return {min(in.recv_rank_prefix[src], kept), min(src + 1 < num_ranks ? in.recv_rank_prefix[src + 1] : received, kept)};
+  const int end = src + 1 < num_ranks ? in.recv_rank_prefix[src + 1] : received;
+  return {min(in.recv_rank_prefix[src], kept), min(end, kept)};
 }
 
 // A plain combine's reducer reads the rows this rank returns to itself (local rank `l` is this rank)

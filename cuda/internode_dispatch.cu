@@ -533,10 +533,10 @@ __device__ __forceinline__ bool forwarder_delivers(const Topology& topo, int d) 
 }
 
 // Whole group: the rows bound for rank d of this node from every node's ring of this channel into the
-// ring to d, each with its final row there (or into the outputs: forwarder_delivers). The group takes a chunk of each node's ring in turn, so the
-// senders of every node stream at once (a forwarder draining node after node held all but one node's
-// senders at a full ring). Only the group's leader writes its entries of the tables, between two group
-// barriers, so every warp reads the same values.
+// ring to d, each with its final row there (or into the outputs: forwarder_delivers). The group takes
+// a chunk of each node's ring in turn, so the senders of every node stream at once (a forwarder
+// draining node after node held all but one node's senders at a full ring). Only the group's leader
+// writes its entries of the tables, between two group barriers, so every warp reads the same values.
 template <bool kGrouped>
 __device__ void forward_to(const InternodeDispatchCall& c, const InternodeDispatchOut& out, const RingCall& call,
                            const OpRings& o, const WarpGroup& g, int d, int channel, const ForwardTables& tables,
@@ -701,7 +701,8 @@ __device__ void forward(const InternodeDispatchCall& c, const InternodeDispatchO
   }
   const WarpGroup g = warp_groups(0, kForwarderWarps, L, 1);
   if (g.index >= g.count) return;
-  for (int d = g.index; d < L; d += g.count) forward_to<kGrouped>(c, out, call, o, g, d, channel, tables, words[warp - g.warp]);
+  for (int d = g.index; d < L; d += g.count)
+    forward_to<kGrouped>(c, out, call, o, g, d, channel, tables, words[warp - g.warp]);
 }
 
 template <bool kGrouped>
