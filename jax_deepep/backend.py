@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import Config
-from .limits import FP8_BLOCK
+from .fp8 import scales_struct
 from .types import DispatchHandle, DispatchLayout, ExpertGroupedHandle
 
 
@@ -71,10 +71,7 @@ class LowLatencyOptions:
         rows = (self.num_experts // num_ranks, num_ranks * self.num_max_dispatch_tokens_per_rank)
         if not self.use_fp8:
             return (jax.ShapeDtypeStruct(rows + (hidden,), jnp.bfloat16),)
-        values = jax.ShapeDtypeStruct(rows + (hidden,), jnp.float8_e4m3fn)
-        if self.use_ue8m0:
-            return values, jax.ShapeDtypeStruct(rows + (hidden // (4 * FP8_BLOCK),), jnp.int32)
-        return values, jax.ShapeDtypeStruct(rows + (hidden // FP8_BLOCK,), jnp.float32)
+        return jax.ShapeDtypeStruct(rows + (hidden,), jnp.float8_e4m3fn), scales_struct(rows, hidden, self.use_ue8m0)
 
 
 class NormalBackend(Protocol):

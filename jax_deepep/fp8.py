@@ -13,6 +13,14 @@ _INVERSE_FP8_MAX = np.float32(1.0 / FP8_MAX)
 _MIN_AMAX = 1e-4  # keeps all-zero blocks from producing a zero scale
 
 
+def scales_struct(lead: tuple, hidden: int, use_ue8m0: bool) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of the scales of FP8 rows `[*lead, hidden]`: f32 per 128 channels, or with
+    `use_ue8m0` int32 per 512 (four UE8M0 bytes)."""
+    if use_ue8m0:
+        return jax.ShapeDtypeStruct((*lead, hidden // (4 * FP8_BLOCK)), jnp.int32)
+    return jax.ShapeDtypeStruct((*lead, hidden // FP8_BLOCK), jnp.float32)
+
+
 def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = False):
     """Cast `x [..., H]` to `(float8_e4m3fn [..., H], scales)`.
 
@@ -39,9 +47,8 @@ def per_block_cast_to_fp8(x, *, round_scale: bool = False, use_ue8m0: bool = Fal
     x = jax.lax.optimization_barrier(jnp.asarray(x))
     *lead, h = x.shape
     if x.size == 0:  # no rows (T = 0): XLA:CPU of jax 0.11.2 crashed compiling the cast below for them
-        groups = h // FP8_BLOCK
-        scale = jnp.zeros((*lead, groups // 4), jnp.int32) if use_ue8m0 else jnp.zeros((*lead, groups), jnp.float32)
-        return jnp.zeros(x.shape, jnp.float8_e4m3fn), scale
+        scales = scales_struct(tuple(lead), h, use_ue8m0)
+        return jnp.zeros(x.shape, jnp.float8_e4m3fn), jnp.zeros(scales.shape, scales.dtype)
     blocks = x.astype(jnp.float32).reshape(*lead, h // FP8_BLOCK, FP8_BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _MIN_AMAX)
     scale = amax * _INVERSE_FP8_MAX
