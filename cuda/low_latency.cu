@@ -630,10 +630,12 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
   }
   if (use_logfmt) fill_logfmt_tables(tables);
   __syncthreads();
+  // This block's channels: part blockIdx.y of gridDim.y, 8 channels a thread.
+  const int first_ch = (blockIdx.y * blockDim.x + threadIdx.x) * 8, ch_stride = gridDim.y * blockDim.x * 8;
   if (!use_logfmt) {
     // Plain rows: a batch of rows' loads in flight before the first add, in k order all the same.
     constexpr int kBatch = 8;
-    for (int ch = threadIdx.x * 8; ch < hidden; ch += blockDim.x * 8) {
+    for (int ch = first_ch; ch < hidden; ch += ch_stride) {
       float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
       for (int k0 = 0; k0 < top_k; k0 += kBatch) {
         uint4 v[kBatch];
@@ -649,7 +651,7 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
     return;
   }
   read_logfmt_rows(tables, rows, encoded, top_k, groups, static_cast<int>(c.layout.logfmt_meta_bytes), params);
-  for (int ch = threadIdx.x * 8; ch < hidden; ch += blockDim.x * 8) {
+  for (int ch = first_ch; ch < hidden; ch += ch_stride) {
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int k = 0; k < top_k; ++k) {
       if (rows[k] == nullptr) continue;
@@ -669,15 +671,19 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
   }
 }
 
-// One block per token (one block when T = 0, to receive the call all the same): wait until every
-// other rank's experts have flagged this call, then reduce the token's top-k rows (this rank's
-// experts' rows straight from y) with its weights in f32 and round to bf16 once. Dynamic shared
-// memory: use_logfmt's LogfmtRowGroup per (k, group).
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(LowLatencyCall c, const int* token,
-                                                                const __nv_bfloat16* y, const int* recv_layout_range,
-                                                                const int* topk_idx, const float* topk_weights,
-                                                                const int* send_slot, __nv_bfloat16* out,
-                                                                bool use_logfmt) {
+// A token's channels split over blocks of at most this many threads (8 channels each): with one
+// block per token there are about as many blocks as SMs, too few warps per SM to keep the rows'
+// loads in flight.
+constexpr int kCombineRecvThreads = 256;
+
+// Blocks (token, part of the channels) (one block when T = 0, to receive the call all the same):
+// wait until every other rank's experts have flagged this call, then reduce the token's top-k rows
+// (this rank's experts' rows straight from y) with its weights in f32 and round to bf16 once.
+// Dynamic shared memory: use_logfmt's LogfmtRowGroup per (k, group).
+__global__ void __launch_bounds__(kCombineRecvThreads)
+    combine_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
+                        const int* topk_idx, const float* topk_weights, const int* send_slot, __nv_bfloat16* out,
+                        bool use_logfmt) {
   extern __shared__ LogfmtRowGroup logfmt_params[];
   __shared__ LogfmtTables tables;
   const PeerMemory& mem = c.mem;
@@ -756,10 +762,11 @@ cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const Lo
 cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const LowLatencyCombineRecvArgs& a,
                                             cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  const int lanes = (s.hidden / 8 + kWarpSize - 1) / kWarpSize * kWarpSize;
-  const int threads = std::max(kWarpSize, std::min(kThreads, lanes));
+  const int lanes = std::max(1, (s.hidden + 7) / 8);
+  const int parts = (lanes + kCombineRecvThreads - 1) / kCombineRecvThreads;
+  const int threads = std::max(kWarpSize, ((lanes + parts - 1) / parts + kWarpSize - 1) / kWarpSize * kWarpSize);
   const size_t logfmt_bytes = a.use_logfmt ? sizeof(LogfmtRowGroup) * s.top_k * (s.hidden / kLogfmtGroup) : 0;
-  combine_recv_kernel<<<std::max(s.num_tokens, 1), threads, logfmt_bytes, stream>>>(
+  combine_recv_kernel<<<dim3(std::max(s.num_tokens, 1), parts), threads, logfmt_bytes, stream>>>(
       call, a.token, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out, a.use_logfmt);
   return cudaGetLastError();
 }

@@ -305,6 +305,12 @@ def correctness(worker, seed):
         data = make_data(rng, n, BIG["t"], BIG["h"], BIG["k"], BIG["e"], BIG["m"], kind)
         check_dispatch_combine(worker, f"R={n} T=128 H=7168 {kind} fp8/round/ue8m0/hook/zero_copy={variant}", data,
                                BIG["m"], BIG["e"], *variant)
+    # LogFMT at H = 7168, where the combine receive splits each token's channels over several blocks
+    x, idx, w, y = make_data(np.random.default_rng(seed + 10), n, BIG["t"], BIG["h"], BIG["k"], BIG["e"], BIG["m"],
+                             "repeated")
+    y = (np.asarray(y, np.float32) / 16).astype(y.dtype)
+    check_dispatch_combine(worker, f"R={n} T=128 H=7168 repeated logfmt", (x, idx, w, y), BIG["m"], BIG["e"],
+                           False, False, False, True, False, use_logfmt=True)
     worker.reopen()  # the rounds' size
     start = time.time()
     failures_before = len(worker.failures)
