@@ -480,9 +480,9 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
   return {offset, count};
 }
 
-// Blocks (local expert, destination rank): send the expert's rows of that source rank back into
-// slots [0, count) of the global expert on the destination, then flag the expert done there.
-// Rows for this rank itself stay in y: the recv kernel reads them there. A mapped peer gets the
+// Blocks (local expert, destination rank other than this one): send the expert's rows of that source
+// rank back into slots [0, count) of the global expert on the destination, then flag the expert done
+// there. Rows for this rank itself stay in y: the recv kernel reads them there. A mapped peer gets the
 // rows stored straight from y (use_logfmt: encoded on the way, a warp per row); any other peer gets
 // puts, from a staged copy of the rows (use_logfmt: a put of each encoded row, as long as it came out),
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
@@ -493,11 +493,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   __shared__ LogfmtTables tables;
   const PeerMemory& mem = c.mem;
   const LowLatencyLayout& layout = c.layout;
-  const int local = blockIdx.x, dst = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  // Row y of the grid: the other ranks in order, this rank skipped (R = 1: one block, which only checks).
+  const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   check_in_flight(c, kCombineCall, seq, wait);
-  if (dst == mem.rank) return;
+  if (dst >= mem.num_ranks) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const int experts_per_rank = c.shape.num_experts / num_ranks;
   const int e = mem.rank * experts_per_rank + local;
@@ -754,7 +756,8 @@ cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const Lo
                                             cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
   start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, call.signature, a.token);
-  combine_send_kernel<<<dim3(experts_per_rank, num_ranks), kThreads, 0, stream>>>(
+  const dim3 blocks = num_ranks > 1 ? dim3(experts_per_rank, num_ranks - 1) : dim3(1, 1);
+  combine_send_kernel<<<blocks, kThreads, 0, stream>>>(
       call, a.y, a.recv_layout_range, a.token, a.zero_copy, a.use_logfmt);
   return cudaGetLastError();
 }
