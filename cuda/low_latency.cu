@@ -209,9 +209,9 @@ __device__ __forceinline__ void copy_cast_rows(const char* cast_rows, const int*
 // among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
 // e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then publishes count tagged with
 // the call number.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
-                                                                 const char* cast_rows, const int* topk_idx,
-                                                                 int* send_slot, const int* token, bool use_fp8) {
+__device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* x,
+                                                    const char* cast_rows, const int* topk_idx, int* send_slot,
+                                                    bool use_fp8) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
   __shared__ BlockPrefix<1> matches;
   const PeerMemory& mem = c.mem;
@@ -220,7 +220,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
   check_in_flight(c, kDispatchCall, seq, wait);
 
@@ -274,6 +273,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   if (lane == 0) put_quiet();
   __syncthreads();
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + signal_index, signal, dst);
+}
+
+// The call numbered (begin_call / end_call) around the block's send.
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
+                                                                 const char* cast_rows, const int* topk_idx,
+                                                                 int* send_slot, int* token, bool use_fp8) {
+  const uint32_t seq = begin_call(c.mem, kDispatchCall, c.signature);
+  dispatch_send_block(c, seq, x, cast_rows, topk_idx, send_slot, use_fp8);
+  end_call(c.mem, kDispatchCall, seq, token);
 }
 
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
@@ -487,16 +495,14 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 // puts, from a staged copy of the rows (use_logfmt: a put of each encoded row, as long as it came out),
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
 // contiguous in y and in the destination, so each warp puts one run of them.
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
-                                                                const int* recv_layout_range, const int* token,
-                                                                bool zero_copy, bool use_logfmt) {
+__device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* y,
+                                                   const int* recv_layout_range, bool zero_copy, bool use_logfmt) {
   __shared__ LogfmtTables tables;
   const PeerMemory& mem = c.mem;
   const LowLatencyLayout& layout = c.layout;
   // Row y of the grid: the other ranks in order, this rank skipped (R = 1: one block, which only checks).
   const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   check_in_flight(c, kCombineCall, seq, wait);
   if (dst >= mem.num_ranks) return;
@@ -563,6 +569,15 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c
   if (lane == 0 && (use_logfmt ? warp < count : end_row > first_row)) put_quiet();
   __syncthreads();
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + flag_index, flag, dst);
+}
+
+// The call numbered (begin_call / end_call) around the block's send.
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
+                                                                const int* recv_layout_range, int* token,
+                                                                bool zero_copy, bool use_logfmt) {
+  const uint32_t seq = begin_call(c.mem, kCombineCall, c.signature);
+  combine_send_block(c, seq, y, recv_layout_range, zero_copy, use_logfmt);
+  end_call(c.mem, kCombineCall, seq, token);
 }
 
 // A received LogFMT row's group, as the receive decodes it: its log_amin and span (0: bf16 data), and
@@ -720,16 +735,12 @@ int num_sms() {
 }  // namespace
 
 __global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp, int* token) {
-  if (threadIdx.x == 0) token[0] = static_cast<int>(++mem.call_numbers[call_kind]);
-  for (int pe = threadIdx.x; pe < mem.num_ranks; pe += blockDim.x) {
-    if (pe != mem.rank) store_symmetric(mem, mem.op_stamps + mem.rank, static_cast<int>(stamp), pe);
-  }
+  end_call(mem, call_kind, begin_call(mem, call_kind, stamp), token);
 }
 
 cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const LowLatencyDispatchSendArgs& a,
                                              cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kDispatchCall, call.signature, a.token);
   if (a.use_fp8 && s.num_tokens > 0) {
     const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
     const int blocks = std::min((s.num_tokens * passes + kWarps - 1) / kWarps, 2 * num_sms());
@@ -755,7 +766,6 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
 cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const LowLatencyCombineSendArgs& a,
                                             cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
-  start_call_kernel<<<1, kWarpSize, 0, stream>>>(call.mem, kCombineCall, call.signature, a.token);
   const dim3 blocks = num_ranks > 1 ? dim3(experts_per_rank, num_ranks - 1) : dim3(1, 1);
   combine_send_kernel<<<blocks, kThreads, 0, stream>>>(
       call, a.y, a.recv_layout_range, a.token, a.zero_copy, a.use_logfmt);

@@ -49,6 +49,9 @@ struct PeerMemory {
   // Device [kNumReceiptKinds]: blocks of the running receive kernel that are done (the last one
   // writes the receipts and resets it).
   uint32_t* receive_blocks_done;
+  // Device [kNumCallKinds]: blocks of the running launch that numbers a call (begin_call) that are
+  // done (the last one publishes the number and resets it).
+  uint32_t* numbering_blocks_done;
 };
 
 // Indices into PeerMemory::call_numbers.
@@ -71,9 +74,7 @@ inline JDEEP_HOST_DEVICE WaitContext wait_context(const PeerMemory& mem, OpKind 
 }
 
 #ifdef __CUDACC__
-// The first kernel of every op (one warp): numbers the call, token[0] = ++call_numbers[call_kind]
-// (the kernels after it on the stream read token[0]), and writes `stamp` (the op's OpSignature)
-// into every peer's op_stamps.
+// An op's call numbering alone, where its first kernel is of another kind (internode: one warp).
 __global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp, int* token);
 
 // Writes `value` to `field`, an address in this PE's symmetric memory, as PE `pe` holds it: a
@@ -85,6 +86,35 @@ __device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field,
   } else {
     put_value(field, value, pe);
   }
+}
+
+// Every op numbers its call on the device, in the blocks of its first kernel, with no launch of its
+// own. Each block starts with begin_call, which reads the kind's last call number (published by an
+// earlier launch, so all blocks of this one read the same) and returns the next; block 0 also
+// writes `stamp` (the op's OpSignature) into every peer's op_stamps. Each block ends with end_call,
+// every thread of it: the last block to finish publishes the number, into call_numbers for the
+// kind's next call and into token[0] for the kernels after it on the stream.
+__device__ __forceinline__ uint32_t begin_call(const PeerMemory& mem, int kind, uint32_t stamp) {
+  __shared__ uint32_t seq;
+  if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint32_t*>(mem.call_numbers + kind) + 1;
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
+    for (int pe = threadIdx.x; pe < mem.num_ranks; pe += blockDim.x) {
+      if (pe != mem.rank) store_symmetric(mem, mem.op_stamps + mem.rank, static_cast<int>(stamp), pe);
+    }
+  }
+  __syncthreads();
+  return seq;
+}
+
+__device__ __forceinline__ void end_call(const PeerMemory& mem, int kind, uint32_t seq, int* token) {
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  __threadfence();  // this block's read of call_numbers before its count (finish_receive's pattern)
+  if (atomicAdd(mem.numbering_blocks_done + kind, 1u) != gridDim.x * gridDim.y * gridDim.z - 1) return;
+  __threadfence();
+  mem.numbering_blocks_done[kind] = 0;
+  mem.call_numbers[kind] = seq;
+  token[0] = static_cast<int>(seq);
 }
 
 // Every signal is 64-bit: the op's signature (OpSignature: op and shapes) above the low 16 bits of

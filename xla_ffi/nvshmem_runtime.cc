@@ -40,6 +40,7 @@ NvshmemState::~NvshmemState() {
   cudaFree(const_cast<char**>(memory.peer));
   cudaFree(memory.call_numbers);
   cudaFree(memory.receive_blocks_done);
+  cudaFree(memory.numbering_blocks_done);
   cudaFree(traffic);
   if (error_host != nullptr) cudaFreeHost(error_host);
 }
@@ -168,6 +169,8 @@ void nvshmem_create(int64_t buffer_id, int device, uint64_t num_bytes, double ti
   check_cuda(cudaMemset(s->memory.call_numbers, 0, kNumCallKinds * sizeof(uint32_t)), what);
   check_cuda(cudaMalloc(&s->memory.receive_blocks_done, kNumReceiptKinds * sizeof(uint32_t)), what);
   check_cuda(cudaMemset(s->memory.receive_blocks_done, 0, kNumReceiptKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMalloc(&s->memory.numbering_blocks_done, kNumCallKinds * sizeof(uint32_t)), what);
+  check_cuda(cudaMemset(s->memory.numbering_blocks_done, 0, kNumCallKinds * sizeof(uint32_t)), what);
   check_cuda(cudaMalloc(&s->traffic, 4 * sizeof(unsigned long long)), what);
   check_cuda(cudaMemset(s->traffic, 0, 4 * sizeof(unsigned long long)), what);
   check_cuda(cudaDeviceSynchronize(), what);

@@ -87,6 +87,7 @@ PeerMemory RankState::low_latency_memory() const {
   out.op_stamps = control->op_stamps;
   out.receipts = control->receipts;
   out.receive_blocks_done = control->receive_blocks_done;
+  out.numbering_blocks_done = control->numbering_blocks_done;
   return out;
 }
 

@@ -26,6 +26,7 @@ struct LowLatencyControl {
   char* peers[kMaxRanks];                          // local: every rank's halves, as mapped here
   uint32_t call_numbers[kNumCallKinds];            // local
   uint32_t receive_blocks_done[kNumReceiptKinds];  // local
+  uint32_t numbering_blocks_done[kNumCallKinds];   // local
   int op_stamps[kMaxRanks];                        // written by the peers
   uint32_t receipts[kNumReceiptKinds * kMaxLowLatencyHalves * kMaxRanks];  // written by the peers (receipt_of)
 };
