@@ -208,7 +208,8 @@ __device__ __forceinline__ void copy_cast_rows(const char* cast_rows, const int*
 // One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
 // among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
 // e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then publishes count tagged with
-// the call number.
+// the call number. To this rank's own experts only each slot's header (the token index) goes: the
+// receive reads those rows from x or cast_rows itself, one copy instead of two.
 __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* x,
                                                     const char* cast_rows, const int* topk_idx, int* send_slot,
                                                     bool use_fp8) {
@@ -244,6 +245,17 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
   const size_t row_bytes = c.layout.dispatch_row_bytes;
   const size_t half = half_offset(seq, c);
   const size_t first_row = (static_cast<size_t>(local) * mem.num_ranks + mem.rank) * s.max_tokens;
+  const uint64_t signal = call_signal(c.signature, seq, count);
+  const int signal_index = local * mem.num_ranks + mem.rank;
+  if (dst == mem.rank) {
+    char* const own = mem.local + half + first_row * row_bytes;
+    for (int j = threadIdx.x; j < count; j += kThreads) {
+      *reinterpret_cast<int4*>(own + j * row_bytes) = make_int4(slot_token[j], 0, 0, 0);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) store_release(signals_at(mem.local, seq, c) + signal_index, signal);
+    return;
+  }
   char* const peer = mem.peer[dst];
   char* const rows = peer != nullptr ? peer + half + first_row * row_bytes
                                      : mem.staging + static_cast<size_t>(e) * s.max_tokens * row_bytes;
@@ -258,8 +270,6 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
     }
   }
 
-  const uint64_t signal = call_signal(c.signature, seq, count);
-  const int signal_index = local * mem.num_ranks + mem.rank;
   if (peer != nullptr) {
     __syncthreads();  // the release store of one thread covers the rows the whole block wrote
     if (threadIdx.x == 0) store_release(signals_at(peer, seq, c) + signal_index, signal);
@@ -285,8 +295,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
 }
 
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
-// rows in (source rank, slot) order; the parts of one expert share its rows.
+// rows in (source rank, slot) order; the parts of one expert share its rows. This rank's own rows
+// come from the send's x (bf16) or cast_rows (FP8), at the token their header names.
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall c, const int* token,
+                                                                 const __nv_bfloat16* x, const char* cast_rows,
                                                                  void* recv_x, void* recv_scales, int* recv_count,
                                                                  int* recv_src_info, int* recv_layout_range,
                                                                  bool use_fp8, bool use_ue8m0) {
@@ -339,6 +351,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall 
     const size_t out_row = local * rows_per_expert + i;
     if (first == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
     const char* payload = row + kRowHeaderBytes;
+    if (src == mem.rank) {  // clamped: the header is this rank's own, but a bad one must not read out of bounds
+      const size_t t = min(max(*reinterpret_cast<const int*>(row), 0), c.shape.num_tokens - 1);
+      payload = use_fp8 ? cast_rows + t * c.layout.dispatch_row_bytes + kRowHeaderBytes
+                        : reinterpret_cast<const char*>(x + t * hidden);
+    }
     int channel[kPassChunks];
 #pragma unroll
     for (int u = 0; u < kPassChunks; ++u) channel[u] = (first + u) * kChunkChannels + lane * 8;
@@ -758,8 +775,8 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
   // Enough blocks to cover the SMs twice; the parts of one expert split its rows.
   const int parts = std::max(1, std::min(32, (2 * num_sms() + experts_per_rank - 1) / experts_per_rank));
   dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(
-      call, a.token, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info, a.recv_layout_range, a.use_fp8,
-      a.use_ue8m0);
+      call, a.token, a.x, a.cast_rows, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info, a.recv_layout_range,
+      a.use_fp8, a.use_ue8m0);
   return cudaGetLastError();
 }
 

@@ -76,8 +76,11 @@ struct LowLatencyDispatchSendArgs {
 };
 
 // recv_scales is f32 [E_l, R*M, H/128], or int32 [E_l, R*M, H/512] of UE8M0 bytes when use_ue8m0.
+// x and cast_rows are the send's (this rank's own rows are read there); the call's shape.num_tokens is T.
 struct LowLatencyDispatchRecvArgs {
   const int* token;        // [1]
+  const __nv_bfloat16* x;  // [T, H]
+  const char* cast_rows;   // FP8: [T] rows of layout.dispatch_row_bytes, else null
   void* recv_x;            // [E_l, R*M, H]
   void* recv_scales;       // null for bf16 rows
   int* recv_count;         // [E_l]

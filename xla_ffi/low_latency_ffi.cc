@@ -223,12 +223,19 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
   return launched(launch_low_latency_dispatch_send(call, args, stream), "dispatch send");
 }
 
-// recv_scales is absent for bf16 rows.
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Result<ffi::AnyBuffer> recv_x,
-                        ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32> recv_count,
-                        ffi::Result<I32> recv_src_info, ffi::Result<I32> recv_layout_range, DispatchRecvAttrs attrs) {
+// x and cast_rows are the send's operand and scratch (this rank's own rows are read from them;
+// cast_rows absent for bf16); recv_scales is absent for bf16 rows.
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, ffi::AnyBuffer cast_rows,
+                        ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::AnyBuffer> recv_scales,
+                        ffi::Result<I32> recv_count, ffi::Result<I32> recv_src_info,
+                        ffi::Result<I32> recv_layout_range, DispatchRecvAttrs attrs) {
   const auto dims = recv_x->dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("dispatch recv_x must be [E / R, R * M, H]");
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() != 2 || x_dims[0] < 1 || x_dims[0] > attrs.sizes.num_max_dispatch_tokens_per_rank ||
+      x_dims[1] != dims[2]) {
+    return invalid("dispatch recv expects the send's x [T, H] (1 <= T <= num_max_dispatch_tokens_per_rank)");
+  }
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (!rt) return error;
@@ -236,11 +243,23 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, ffi::Res
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
     return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
   }
-  const LowLatencyDispatchRecvArgs args{token.typed_data(), recv_x->untyped_data(), data_or_null<void>(*recv_scales),
-                                        recv_count->typed_data(), recv_src_info->typed_data(),
-                                        recv_layout_range->typed_data(), use_fp8, attrs.use_ue8m0};
+  const uint64_t cast_bytes = use_fp8 ? x_dims[0] * attrs.layout.dispatch_row_bytes : 0;
+  if (given(cast_rows) != use_fp8 || (use_fp8 && cast_rows.size_bytes() != cast_bytes)) {
+    return invalid("dispatch recv expects the send's FP8 rows of " + std::to_string(cast_bytes) + " bytes, got " +
+                   std::to_string(given(cast_rows) ? cast_rows.size_bytes() : 0));
+  }
+  const LowLatencyDispatchRecvArgs args{token.typed_data(),
+                                        reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
+                                        data_or_null<const char>(cast_rows),
+                                        recv_x->untyped_data(),
+                                        data_or_null<void>(*recv_scales),
+                                        recv_count->typed_data(),
+                                        recv_src_info->typed_data(),
+                                        recv_layout_range->typed_data(),
+                                        use_fp8,
+                                        attrs.use_ue8m0};
   const LowLatencyCall call =
-      call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, 0, 0, dims[2], use_fp8);
+      call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0], 0, dims[2], use_fp8);
   return launched(launch_low_latency_dispatch_recv(call, args, stream), "dispatch recv");
 }
 
@@ -316,6 +335,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_send, jd::DispatchSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
                               jd::bind_on_device()
                                   .Arg<jd::I32>()         // token [1]
+                                  .Arg<jd::BF16>()        // the send's x [T, H]
+                                  .Arg<ffi::AnyBuffer>()  // the send's FP8 rows u8 [T, row bytes], or absent
                                   .Ret<ffi::AnyBuffer>()  // recv_x [E / R, R * M, H] (bf16 or e4m3)
                                   .Ret<ffi::AnyBuffer>()  // FP8 scales [E / R, R * M, S] or absent
                                   .Ret<jd::I32>()         // recv_count [E / R]

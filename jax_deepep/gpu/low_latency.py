@@ -109,7 +109,7 @@ class LowLatencyBackend:
                                        opts.num_experts).dispatch_row_bytes
         # FP8: scratch for each token's row, cast once before it goes to its experts (cuda/low_latency.cu).
         cast_rows = optional_result((x.shape[0], row_bytes) if opts.use_fp8 else None, jnp.uint8)
-        send_slot, token, _ = ffi_call(
+        send_slot, token, cast = ffi_call(
             self.targets + "dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cast_rows),
             x, idx, axis_name=ctx.axis_name,
@@ -117,7 +117,8 @@ class LowLatencyBackend:
             use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0),
             call_site=np.int64(next(_call_sites)))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
-        return {"token": token, "send_slot": send_slot, "sizes": sizes}
+        # x and the cast rows go on to the receive, which reads this rank's own rows there (cuda/low_latency.cu).
+        return {"token": token, "x": x, "cast_rows": cast, "send_slot": send_slot, "sizes": sizes}
 
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
@@ -129,8 +130,8 @@ class LowLatencyBackend:
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
-            transit["token"], axis_name=ctx.axis_name, **self._sizes(ctx, m, num_experts, hidden),
-            use_ue8m0=bool(opts.use_ue8m0))
+            transit["token"], transit["x"], transit["cast_rows"], axis_name=ctx.axis_name,
+            **self._sizes(ctx, m, num_experts, hidden), use_ue8m0=bool(opts.use_ue8m0))
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
