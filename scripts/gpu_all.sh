@@ -97,7 +97,7 @@ run_step() {
     gpu_faults_low_latency_nvshmem) gpu_test "$1" 300 tests/test_gpu_faults.py -k nvshmem ;;
     gpu_faults_internode) gpu_test "$1" 300 tests/test_gpu_faults.py -k internode ;;
     # On CPU devices only: 8 workers each taking most of the GPU's memory would fail and crash.
-    cpu_tests) JAX_PLATFORMS=cpu TAIL=6 step cpu_tests 420 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -n 8 \
+    cpu_tests) JAX_PLATFORMS=cpu TAIL=6 step cpu_tests 420 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -n 16 \
                  -rfE ;;  # pytest-xdist: the image has it
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
