@@ -17,8 +17,9 @@ from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes,
 
 def _first_occurrences(topk_idx):
     """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
-    expert gets each token once and never more than M rows from one rank. Dispatch and combine both
-    apply it, before any backend sees the ids. With no tokens there is nothing to change (and leaving the
+    expert gets each token once and never more than M rows from one rank. Dispatch applies it before
+    any backend sees the ids; combine needs no such pass, as a repeat's `send_slot` in the handle is -1
+    and every backend's combine skips pairs without a slot. With no tokens there is nothing to change (and leaving the
     zero-size ids alone keeps XLA's Shardy partitioner from failing on ops over them, see no_tokens.py)."""
     if topk_idx.shape[0] == 0:
         return topk_idx
@@ -125,7 +126,7 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
 
     def send(y, topk_idx, topk_weights, handle):
         return PendingLowLatencyCombine(sender.low_latency_combine_send(
-            ctx, y, _first_occurrences(topk_idx), topk_weights, handle, use_logfmt, zero_copy))
+            ctx, y, topk_idx, topk_weights, handle, use_logfmt, zero_copy))
 
     if return_recv_hook:
         return _unmapped_on_cuda(backend, op, send)(y, topk_idx, topk_weights, handle)
