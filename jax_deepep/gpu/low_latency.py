@@ -144,7 +144,8 @@ class LowLatencyBackend:
             use_logfmt=bool(use_logfmt), call_site=np.int64(next(_call_sites)),
             **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
-                "topk_idx": valid_expert_ids(topk_idx, num_experts),
+                # the receive kernel skips ids outside [0, E) itself: only wider ids need narrowing first
+                "topk_idx": topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
                 "sizes": _static_sizes(num_experts, m, y.shape[2], int(use_logfmt))}
 
