@@ -55,7 +55,7 @@ __device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kin
                                                 const WaitContext& wait) {
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
   if (threadIdx.x != 0) return;
-  const uint32_t own = load_acquire(half_receipt(c, kind, seq, c.mem.rank));
+  const uint32_t own = load_relaxed(half_receipt(c, kind, seq, c.mem.rank));  // written by an earlier receive
   if (static_cast<int32_t>(own - (seq - halves)) < 0) {
     fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
   }
@@ -79,7 +79,7 @@ __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, ui
 __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int kind, uint32_t seq,
                                                     const WaitContext& wait) {
   if (threadIdx.x != 0) return;
-  const uint32_t own = load_acquire(half_receipt(c, kind, seq, c.mem.rank));
+  const uint32_t own = load_relaxed(half_receipt(c, kind, seq, c.mem.rank));  // written by an earlier receive
   if (static_cast<int32_t>(own - seq) >= 0) fail_op(wait, WaitKind::kRepeatedReceive, c.mem.rank, -1);
 }
 

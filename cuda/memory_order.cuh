@@ -1,5 +1,5 @@
-// System-scope acquire loads and release stores, and the GPU's global timer: the primitives every
-// kernel signals with (waits: wait.cuh). Peers' memory is reached through CUDA IPC, peer mappings
+// System-scope acquire loads and release stores, a relaxed load, and the GPU's global timer: the
+// primitives every kernel signals with (waits: wait.cuh). Peers' memory is reached through CUDA IPC, peer mappings
 // or NVSHMEM, so every flag is read and written at system scope.
 #pragma once
 
@@ -22,6 +22,14 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// A relaxed load, for a value an earlier kernel of this stream wrote (the kernel boundary makes it
+// visible): unlike load_acquire it does not hold back the loads after it.
+__device__ __forceinline__ uint32_t load_relaxed(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
 
