@@ -19,8 +19,9 @@ def _first_occurrences(topk_idx):
     """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
     expert gets each token once and never more than M rows from one rank. Dispatch applies it before
     any backend sees the ids; combine needs no such pass, as a repeat's `send_slot` in the handle is -1
-    and every backend's combine skips pairs without a slot. With no tokens there is nothing to change (and leaving the
-    zero-size ids alone keeps XLA's Shardy partitioner from failing on ops over them, see no_tokens.py)."""
+    and every backend's combine skips pairs without a slot. With no tokens there is nothing to change
+    (and leaving the zero-size ids alone keeps XLA's Shardy partitioner from failing on ops over them,
+    see no_tokens.py)."""
     if topk_idx.shape[0] == 0:
         return topk_idx
     top_k = topk_idx.shape[1]

@@ -191,6 +191,15 @@ bool is_expert_rows(ffi::Span<const int64_t> dims, const LowLatencySizes& sizes)
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
+// The FP8 cast rows of a dispatch's T tokens (u8 [T, dispatch_row_bytes]): given exactly when use_fp8.
+ffi::Error check_cast_rows(const ffi::AnyBuffer& cast_rows, bool use_fp8, int64_t num_tokens,
+                           const LowLatencyLayout& layout, const char* op) {
+  const uint64_t bytes = use_fp8 ? num_tokens * layout.dispatch_row_bytes : 0;
+  if (given(cast_rows) == use_fp8 && (!use_fp8 || cast_rows.size_bytes() == bytes)) return ffi::Error::Success();
+  return invalid(std::string(op) + " expects FP8 cast rows of " + std::to_string(bytes) + " bytes, got " +
+                 std::to_string(given(cast_rows) ? cast_rows.size_bytes() : 0));
+}
+
 // cast_rows: FP8 only, u8 [T, dispatch_row_bytes] of scratch; absent for bf16.
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot,
                         ffi::Result<I32> token, ffi::Result<ffi::AnyBuffer> cast_rows, DispatchSendAttrs attrs) {
@@ -206,11 +215,8 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
   if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
-  const uint64_t cast_bytes = attrs.use_fp8 ? x_dims[0] * attrs.layout.dispatch_row_bytes : 0;
-  if (given(*cast_rows) != attrs.use_fp8 || (attrs.use_fp8 && cast_rows->size_bytes() != cast_bytes)) {
-    return invalid("dispatch expects FP8 scratch rows of " + std::to_string(cast_bytes) + " bytes, got " +
-                   std::to_string(given(*cast_rows) ? cast_rows->size_bytes() : 0));
-  }
+  ffi::Error bad = check_cast_rows(*cast_rows, attrs.use_fp8, x_dims[0], attrs.layout, "dispatch send");
+  if (bad.failure()) return bad;
   const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0],
                                       idx_dims[1], x_dims[1], attrs.use_fp8);
   const LowLatencyDispatchSendArgs args{reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
@@ -243,11 +249,8 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, 
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
     return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
   }
-  const uint64_t cast_bytes = use_fp8 ? x_dims[0] * attrs.layout.dispatch_row_bytes : 0;
-  if (given(cast_rows) != use_fp8 || (use_fp8 && cast_rows.size_bytes() != cast_bytes)) {
-    return invalid("dispatch recv expects the send's FP8 rows of " + std::to_string(cast_bytes) + " bytes, got " +
-                   std::to_string(given(cast_rows) ? cast_rows.size_bytes() : 0));
-  }
+  ffi::Error bad = check_cast_rows(cast_rows, use_fp8, x_dims[0], attrs.layout, "dispatch recv");
+  if (bad.failure()) return bad;
   const LowLatencyDispatchRecvArgs args{token.typed_data(),
                                         reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
                                         data_or_null<const char>(cast_rows),
