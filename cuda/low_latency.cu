@@ -84,20 +84,11 @@ __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int
 }
 
 // Whole block, last: the block has read what it needed of call `seq`; the launch's last block to
-// finish gives every PE this rank's receipt of the call. The fences on both sides of the count
-// order every block's reads before the receipts (as a grid barrier does).
+// finish gives every PE this rank's receipt of the call (after every block's reads: last_block_of_launch).
 __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind, uint32_t seq) {
   __shared__ bool last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const uint32_t blocks = gridDim.x * gridDim.y;
-    last = atomicAdd(c.mem.receive_blocks_done + kind, 1u) == blocks - 1;
-    if (last) {
-      __threadfence();
-      c.mem.receive_blocks_done[kind] = 0;
-    }
-  }
+  if (threadIdx.x == 0) last = last_block_of_launch(c.mem.receive_blocks_done + kind);
   __syncthreads();
   if (!last) return;
   uint32_t* receipt = half_receipt(c, kind, seq, c.mem.rank);
