@@ -26,7 +26,7 @@ from ..buffer_keys import BufferKeys
 from ..routing import valid_expert_ids
 from ..sizes import low_latency_layout, low_latency_num_halves
 from ..validation import DeepEPError
-from .ffi_call import ffi_call, optional_result, struct_attribute
+from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
 from .nvshmem import SymmetricBuffer
 
 
@@ -118,7 +118,9 @@ class LowLatencyBackend:
             call_site=np.int64(next(_call_sites)))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         # x and the cast rows go on to the receive, which reads this rank's own rows there (cuda/low_latency.cu).
-        return {"token": token, "x": x, "cast_rows": cast, "send_slot": send_slot, "sizes": sizes}
+        # (bf16: None, an absent operand made in the receive: a (0,) operand crossing programs crashed the GPU compile)
+        return {"token": token, "x": x, "cast_rows": cast if opts.use_fp8 else None, "send_slot": send_slot,
+                "sizes": sizes}
 
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
@@ -130,7 +132,7 @@ class LowLatencyBackend:
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
-            transit["token"], transit["x"], transit["cast_rows"], axis_name=ctx.axis_name,
+            transit["token"], transit["x"], optional_operand(transit["cast_rows"], jnp.uint8), axis_name=ctx.axis_name,
             **self._sizes(ctx, m, num_experts, hidden), use_ue8m0=bool(opts.use_ue8m0))
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
