@@ -113,6 +113,9 @@ def check_recreate(w: Worker, times: int):
         if jax.process_count() > 1:
             assert not buffer_keys_in_store(), f"keys of destroyed Buffers left: {buffer_keys_in_store()}"
     finally:  # collective: the other processes must not wait for this one's Buffer
+        # Every process has looked at the store before any starts the next Buffer's handshake,
+        # whose records a slower process would otherwise find.
+        _all_processes_here("recreate/checked")
         w.buffer = deepep.Buffer(w.mesh, AXIS)
 
 
