@@ -394,3 +394,36 @@ def test_expert_grouped_dispatch_refuses_more_experts_than_its_row_bases_hold(ke
     match = f"expert_grouped=True serves at most 4096 experts on the CUDA {kernels} backend, got num_experts=4104"
     with pytest.raises(DeepEPError, match=match):
         jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).trace(*args)
+
+
+@pytest.mark.parametrize("op", ["dispatch_bf16", "dispatch_fp8", "combine", "combine_logfmt"])
+def test_low_latency_receive_program_takes_no_empty_array(op):
+    """A `return_recv_hook=True` receive compiled on its own takes no array of zero elements from its send:
+    one that fed its custom call crashed XLA's GPU compiler (benchmarks/LOG.md, session 30). Absent
+    operands are made inside the receive program instead."""
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "ep", low_latency_mode=True, num_rdma_bytes=1 << 30)
+    m, experts = 16, 16
+
+    def per_shard(fn):  # a program of its own over the mesh; every output gains a leading rank axis
+        def body(*shards):
+            return jax.tree.map(lambda a: a[None], fn(*jax.tree.map(lambda a: a[0], shards)))
+
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    def send(x, idx, weights):
+        out = buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=m, num_experts=experts,
+                                          use_fp8=op == "dispatch_fp8", return_recv_hook=op.startswith("dispatch"))
+        if op.startswith("dispatch"):
+            return out
+        y = jnp.zeros(out.recv_x.shape, jnp.bfloat16)
+        return buffer.low_latency_combine(y, idx, weights, out.handle, use_logfmt=op == "combine_logfmt",
+                                          return_recv_hook=True)
+
+    args = (jax.ShapeDtypeStruct((8, m, 256), jnp.bfloat16), jax.ShapeDtypeStruct((8, m, 2), jnp.int32),
+            jax.ShapeDtypeStruct((8, m, 2), jnp.float32))
+    pending = jax.eval_shape(per_shard(send), *args)
+    text = per_shard(buffer.low_latency_recv).trace(pending).lower(lowering_platforms=("cuda",)).as_text()
+    parameters = re.search(r"func\.func public @main\(([^)]*)\)", text).group(1)
+    empty = [p for p in parameters.split(", ") if re.search(r"tensor<(\d+x)*0x", p)]
+    assert not empty, f"the receive program takes empty arrays: {empty}"
