@@ -74,11 +74,12 @@ __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, ui
   __syncthreads();
 }
 
-// Thread 0 of every receive block, before reading: this rank has not received call `seq` yet (a
-// second receive of one call could read a half that its senders already reuse).
+// The last thread of every receive block, before reading: this rank has not received call `seq` yet
+// (a second receive of one call could read a half that its senders already reuse). The last thread,
+// so that the first ones (a token's top-k pairs, the signals of the first ranks) read meanwhile.
 __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int kind, uint32_t seq,
                                                     const WaitContext& wait) {
-  if (threadIdx.x != 0) return;
+  if (threadIdx.x != blockDim.x - 1) return;
   const uint32_t own = load_relaxed(half_receipt(c, kind, seq, c.mem.rank));  // written by an earlier receive
   if (static_cast<int32_t>(own - seq) >= 0) fail_op(wait, WaitKind::kRepeatedReceive, c.mem.rank, -1);
 }
@@ -620,38 +621,52 @@ __device__ void read_logfmt_rows(const LogfmtTables& t, const char* const* rows,
   __syncthreads();
 }
 
-// Whole block: token t's output, the sum over its top-k rows (received ones from this call's half,
-// LogFMT rows decoded; this rank's experts' rows straight from y) times its weights in f32, rounded to
-// bf16 once. `params`: top_k * hidden / 128 entries for LogFMT rows.
-__device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uint32_t seq, const __nv_bfloat16* y,
-                                             const int* recv_layout_range, const int* topk_idx,
-                                             const float* topk_weights, const int* send_slot, __nv_bfloat16* out,
-                                             bool use_logfmt, LogfmtTables& tables, LogfmtRowGroup* params) {
+// Token t's k-th (expert, weight) pair as far as the op's inputs tell, with no signal needed, so a
+// receive reads it before it waits: this rank's expert's row in y, or a peer's row as its index in the
+// call's half (whose place depends on the call number).
+struct TopkRow {
+  const char* own;  // this rank's expert's row in y, or null
+  int64_t remote;   // a peer's row: id * M + slot in the call's half, or -1
+  float weight;
+};
+
+__device__ __forceinline__ TopkRow topk_row(const LowLatencyCall& c, int t, int k, const __nv_bfloat16* y,
+                                            const int* recv_layout_range, const int* topk_idx,
+                                            const float* topk_weights, const int* send_slot) {
+  const LowLatencyShape& s = c.shape;
+  const int num_ranks = c.mem.num_ranks, m = s.max_tokens, experts_per_rank = s.num_experts / num_ranks;
+  const int id = topk_idx[t * s.top_k + k], slot = send_slot[t * s.top_k + k];
+  TopkRow row{nullptr, -1, topk_weights[t * s.top_k + k]};
+  if (id < 0 || id >= s.num_experts || slot < 0 || slot >= m) return row;
+  if (id / experts_per_rank != c.mem.rank) {
+    row.remote = static_cast<int64_t>(id) * m + slot;
+    return row;
+  }
+  const int local = id - c.mem.rank * experts_per_rank;
+  const SourceRows own = source_rows(recv_layout_range, local, c.mem.rank, num_ranks, m);
+  if (slot < own.count) {
+    row.own = reinterpret_cast<const char*>(y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) *
+                                                    s.hidden);
+  }
+  return row;
+}
+
+// Whole block: token t's output, the sum over its top-k rows (`mine`: thread k's pair, k < top_k;
+// received rows from this call's half, LogFMT rows decoded; this rank's experts' rows straight from y)
+// times their weights in f32, rounded to bf16 once. `params`: top_k * hidden / 128 entries for LogFMT rows.
+__device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uint32_t seq, const TopkRow& mine,
+                                             __nv_bfloat16* out, bool use_logfmt, LogfmtTables& tables,
+                                             LogfmtRowGroup* params) {
   __shared__ const char* rows[32];
   __shared__ bool encoded[32];
   __shared__ float weights[32];
-  const PeerMemory& mem = c.mem;
   const LowLatencyShape& s = c.shape;
-  const int top_k = s.top_k, hidden = s.hidden, m = s.max_tokens, groups = hidden / kLogfmtGroup;
-  const int num_ranks = mem.num_ranks, experts_per_rank = s.num_experts / num_ranks;
-  const char* area = mem.local + half_offset(seq, c) + c.layout.combine_offset;
+  const int top_k = s.top_k, hidden = s.hidden, groups = hidden / kLogfmtGroup;
   if (threadIdx.x < top_k) {
-    const int k = threadIdx.x;
-    const int id = topk_idx[t * top_k + k], slot = send_slot[t * top_k + k];
-    const char* row = nullptr;
-    bool remote = false;
-    if (id >= 0 && id < s.num_experts && slot >= 0 && slot < m) {
-      const int local = id - mem.rank * experts_per_rank;
-      if (id / experts_per_rank != mem.rank) {
-        row = area + (static_cast<size_t>(id) * m + slot) * c.layout.combine_row_bytes;
-        remote = true;
-      } else if (const SourceRows own = source_rows(recv_layout_range, local, mem.rank, num_ranks, m); slot < own.count) {
-        row = reinterpret_cast<const char*>(y + (static_cast<size_t>(local) * num_ranks * m + own.offset + slot) * hidden);
-      }
-    }
-    rows[k] = row;
-    encoded[k] = use_logfmt && remote;
-    weights[k] = topk_weights[t * top_k + k];
+    const char* area = c.mem.local + half_offset(seq, c) + c.layout.combine_offset;
+    rows[threadIdx.x] = mine.remote >= 0 ? area + mine.remote * c.layout.combine_row_bytes : mine.own;
+    encoded[threadIdx.x] = use_logfmt && mine.remote >= 0;
+    weights[threadIdx.x] = mine.weight;
   }
   if (use_logfmt) fill_logfmt_tables(tables);
   __syncthreads();
@@ -702,8 +717,9 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
 constexpr int kCombineRecvThreads = 256;
 
 // Blocks (token, part of the channels) (one block when T = 0, to receive the call all the same):
-// wait until every other rank's experts have flagged this call, then reduce the token's top-k rows
-// (this rank's experts' rows straight from y) with its weights in f32 and round to bf16 once.
+// read the token's pairs (before any wait: they come from the op's inputs), wait until every other
+// rank's experts have flagged this call, then reduce the token's top-k rows (this rank's experts' rows
+// straight from y) with its weights in f32 and round to bf16 once.
 // Dynamic shared memory: use_logfmt's LogfmtRowGroup per (k, group).
 __global__ void __launch_bounds__(kCombineRecvThreads)
     combine_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
@@ -714,6 +730,10 @@ __global__ void __launch_bounds__(kCombineRecvThreads)
   const PeerMemory& mem = c.mem;
   const LowLatencyShape& s = c.shape;
   const int t = blockIdx.x;
+  TopkRow mine{nullptr, -1, 0.0f};
+  if (t < s.num_tokens && threadIdx.x < s.top_k) {
+    mine = topk_row(c, t, threadIdx.x, y, recv_layout_range, topk_idx, topk_weights, send_slot);
+  }
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
@@ -723,10 +743,7 @@ __global__ void __launch_bounds__(kCombineRecvThreads)
     const int owner = e / experts_per_rank;
     if (owner != mem.rank) wait_call_signal(flags + e, seq, c.signature, wait, WaitKind::kExpertRows, owner);
   }
-  if (t < s.num_tokens) {
-    reduce_token(c, t, seq, y, recv_layout_range, topk_idx, topk_weights, send_slot, out, use_logfmt, tables,
-                 logfmt_params);
-  }
+  if (t < s.num_tokens) reduce_token(c, t, seq, mine, out, use_logfmt, tables, logfmt_params);
   finish_receive(c, kCombineCall, seq);
 }
 
