@@ -20,9 +20,7 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
 }
 
 __device__ __forceinline__ int load_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
+  return static_cast<int>(load_acquire(reinterpret_cast<const uint32_t*>(p)));
 }
 
 // A relaxed load, for a value an earlier kernel of this stream wrote (the kernel boundary makes it
@@ -42,7 +40,7 @@ __device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
 }
 
 __device__ __forceinline__ void store_release(int* p, int v) {
-  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+  store_release(reinterpret_cast<uint32_t*>(p), static_cast<uint32_t>(v));
 }
 
 __device__ __forceinline__ uint64_t global_time_ns() {
