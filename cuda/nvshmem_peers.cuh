@@ -88,17 +88,6 @@ __device__ __forceinline__ void store_symmetric(const PeerMemory& mem, T* field,
   }
 }
 
-// One thread of each block of a launch, after the block's work: whether this block is the launch's
-// last to finish, counted in `done` (reset by the last for the next launch). The fences on both sides
-// of the count order every block's work before what the last block does next (as a grid barrier does).
-__device__ __forceinline__ bool last_block_of_launch(uint32_t* done) {
-  __threadfence();
-  if (atomicAdd(done, 1u) != gridDim.x * gridDim.y * gridDim.z - 1) return false;
-  __threadfence();
-  *done = 0;
-  return true;
-}
-
 // Every op numbers its call on the device, in the blocks of its first kernel, with no launch of its
 // own. Each block starts with begin_call, which reads the kind's last call number (published by an
 // earlier launch, so all blocks of this one read the same) and returns the next; block 0 also

@@ -16,6 +16,7 @@
 #include "cuda/comm_layout.h"
 #include "cuda/memory_order.cuh"
 #include "cuda/rank_info.h"
+#include "cuda/toolbox.cuh"
 #include "cuda/wait.cuh"
 
 namespace jax_deepep {
@@ -59,13 +60,8 @@ __device__ __forceinline__ void wait_for_peers(const RankInfo& info, const WaitC
 // Whole block, last: the block is done; the last block of the launch advances the epoch.
 __device__ __forceinline__ void finish_op(const RankInfo& info, uint32_t epoch) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    CommHeader* h = header_of(info.buffers[info.rank]);
-    if (atomicAdd(&h->blocks_done, 1u) == gridDim.x - 1) {
-      h->blocks_done = 0;
-      h->epoch = epoch;
-    }
-  }
+  CommHeader* h = header_of(info.buffers[info.rank]);
+  if (threadIdx.x == 0 && last_block_of_launch(&h->blocks_done)) h->epoch = epoch;
 }
 
 }  // namespace jax_deepep

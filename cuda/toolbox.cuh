@@ -1,5 +1,5 @@
 // What every kernel file builds on: the block shape all communication kernels launch with, 16-byte
-// alignment of row pieces, the split of tokens into channels, named barriers and the block-wide
+// alignment of row pieces, the split of tokens into channels, named barriers, the last block of a launch and the block-wide
 // running prefix of flags (ballots).
 // Row copies are in warp_copy.cuh and bf16 arithmetic in bf16x8.cuh: other concepts, same rule
 // (one copy each, used by every kernel that needs it).
@@ -53,6 +53,17 @@ __device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int 
     }
   }
   return lo;
+}
+
+// One thread of each block of a launch, after the block's work: whether this block is the launch's
+// last to finish, counted in `done` (reset by the last for the next launch). The fences on both sides
+// of the count order every block's work before what the last block does next (as a grid barrier does).
+__device__ __forceinline__ bool last_block_of_launch(uint32_t* done) {
+  __threadfence();
+  if (atomicAdd(done, 1u) != gridDim.x * gridDim.y * gridDim.z - 1) return false;
+  __threadfence();
+  *done = 0;
+  return true;
 }
 
 // Named barrier over `num_threads` threads (a multiple of 32); id 0 is __syncthreads.
