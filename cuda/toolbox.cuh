@@ -1,6 +1,6 @@
 // What every kernel file builds on: the block shape all communication kernels launch with, 16-byte
-// alignment of row pieces, the split of tokens into channels, named barriers, the last block of a launch and the block-wide
-// running prefix of flags (ballots).
+// alignment of row pieces, the split of tokens into channels, named barriers, the last block of a
+// launch and the block-wide running prefix of flags (ballots).
 // Row copies are in warp_copy.cuh and bf16 arithmetic in bf16x8.cuh: other concepts, same rule
 // (one copy each, used by every kernel that needs it).
 //
