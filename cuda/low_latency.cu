@@ -197,8 +197,16 @@ __device__ __forceinline__ void copy_cast_rows(const char* cast_rows, const int*
   }
 }
 
-// One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (slot = rank
-// among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
+// Whether the token of pair i names expert `id` at an earlier k too: a token is sent to an expert
+// once, at its first pair naming it; later repeats act like -1 (docs/API.md).
+__device__ __forceinline__ bool names_expert_earlier(const int* topk_idx, int i, int top_k, int id) {
+  for (int j = i - i % top_k; j < i; ++j)
+    if (topk_idx[j] == id) return true;
+  return false;
+}
+
+// One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (a token's
+// first pair naming e; slot = rank among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
 // e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then publishes count tagged with
 // the call number. To this rank's own experts only each slot's header (the token index) goes: the
 // receive reads those rows from x or cast_rows itself, one copy instead of two.
@@ -221,14 +229,16 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
   for (int start = 0; start < entries; start += kThreads) {
     const int i = start + threadIdx.x;
     const int id = i < entries ? topk_idx[i] : -1;
-    const bool mine[1] = {i < entries && id == e};
+    const bool named = i < entries && id == e;
+    const bool repeat = named && names_expert_earlier(topk_idx, i, s.top_k, id);
+    const bool mine[1] = {named && !repeat};
     int slot[1];
     block_prefix(matches, mine, slot);
     if (mine[0]) {
       if (slot[0] < s.max_tokens) slot_token[slot[0]] = i / s.top_k;
       send_slot[i] = slot[0] < s.max_tokens ? slot[0] : -1;
-    } else if (e == 0 && i < entries && (id < 0 || id >= s.num_experts)) {
-      send_slot[i] = -1;  // ids outside [0, E) go nowhere
+    } else if (repeat || (e == 0 && i < entries && (id < 0 || id >= s.num_experts))) {
+      send_slot[i] = -1;  // a repeat, and ids outside [0, E), go nowhere
     }
   }
   claim_half(c, kDispatchCall, seq, dst, wait);  // and slot_token is complete

@@ -15,21 +15,6 @@ from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatency
 from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
 
 
-def _first_occurrences(topk_idx):
-    """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
-    expert gets each token once and never more than M rows from one rank. Dispatch applies it before
-    any backend sees the ids; combine needs no such pass, as a repeat's `send_slot` in the handle is -1
-    and every backend's combine skips pairs without a slot. With no tokens there is nothing to change
-    (and leaving the zero-size ids alone keeps XLA's Shardy partitioner from failing on ops over them,
-    see no_tokens.py)."""
-    if topk_idx.shape[0] == 0:
-        return topk_idx
-    top_k = topk_idx.shape[1]
-    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), -1)  # [k, k']: k' < k
-    repeat = jnp.any((topk_idx[:, :, None] == topk_idx[:, None, :]) & earlier, axis=2)
-    return jnp.where(repeat, jnp.asarray(-1, topk_idx.dtype), topk_idx)
-
-
 def _check_hidden(op: str, name: str, hidden: int):
     """Rows the kernels move in 16-byte pieces."""
     if hidden <= 0 or hidden % ROW_CHANNELS:
@@ -80,7 +65,7 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
     sender = serving(backend, num_tokens)
 
     def send(x, topk_idx):
-        transit = sender.low_latency_dispatch_send(ctx, opts, x, _first_occurrences(topk_idx))
+        transit = sender.low_latency_dispatch_send(ctx, opts, x, topk_idx)
         return LowLatencyDispatchOutput(None, None, None, None, None, transit=transit, pending=True, options=opts)
 
     if return_recv_hook:

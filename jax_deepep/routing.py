@@ -10,6 +10,16 @@ def valid_expert_ids(topk_idx, num_experts: int):
     return jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).astype(jnp.int32)
 
 
+def first_occurrences(topk_idx):
+    """`topk_idx` with every repeat of an expert within a token's row set to -1 (docs/API.md), so an
+    expert gets each token once and never more than M rows from one rank (low-latency mode; the CUDA
+    send kernel does the same itself)."""
+    top_k = topk_idx.shape[1]
+    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), -1)  # [k, k']: k' < k
+    repeat = jnp.any((topk_idx[:, :, None] == topk_idx[:, None, :]) & earlier, axis=2)
+    return jnp.where(repeat, jnp.asarray(-1, topk_idx.dtype), topk_idx)
+
+
 def grouped_routing(topk_idx, num_experts: int):
     """What an expert-grouped dispatch of the CUDA kernels sends beyond a dispatch's routing: checked ids,
     each pair's prefix (how many earlier tokens of this rank name its expert; the repeats of an expert

@@ -104,7 +104,9 @@ class LowLatencyBackend:
         return dict(sizes=sizes, layout=struct_attribute(layout))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
-        idx = valid_expert_ids(topk_idx, opts.num_experts)
+        # The send kernel skips ids outside [0, E) and an expert's repeats within a token itself: only wider
+        # ids need narrowing first.
+        idx = topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, opts.num_experts)
         row_bytes = low_latency_layout(opts.num_max_dispatch_tokens_per_rank, x.shape[1],
                                        opts.num_experts).dispatch_row_bytes
         # FP8: scratch for each token's row, cast once before it goes to its experts (cuda/low_latency.cu).

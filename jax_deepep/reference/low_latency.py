@@ -14,7 +14,7 @@ from .. import logfmt
 from ..backend import LowLatencyOptions, RankContext
 from ..fp8 import per_block_cast_to_fp8
 from ..rounding import round_to
-from ..routing import valid_expert_ids
+from ..routing import first_occurrences, valid_expert_ids
 from .normal import gather_rows
 
 
@@ -32,7 +32,7 @@ def _expert_slots(idx, num_experts: int):
 def dispatch_send(ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
     num_tokens, top_k = topk_idx.shape
     m, e = opts.num_max_dispatch_tokens_per_rank, opts.num_experts
-    idx = valid_expert_ids(topk_idx, e)
+    idx = first_occurrences(valid_expert_ids(topk_idx, e))  # repeats within a token go nowhere (docs/API.md)
     send_slot = _expert_slots(idx, e)
     # table[e, j]: token in slot j of expert e's block (T when empty).
     token = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], idx.shape)
