@@ -34,6 +34,7 @@ import os
 import platform
 import statistics
 import sys
+import re
 import time
 import traceback
 from typing import Optional
@@ -607,6 +608,14 @@ def _fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def kernel_label(name: str) -> str:
+    """A profiled kernel's function name, for the printed breakdown (the JSON keeps the whole name): from
+    a demangled name (`ns::(anonymous namespace)::fn(args)`), or from a mangled one, which the profile
+    gives for the kernels of a relocatable-device-code build (`__nv_static_..._ZN...<len>fn...`)."""
+    match = re.search(r"(\w+)(?:<[^()]*>)?\(", name) or re.search(r"\d+([a-z][a-z_]*_kernel)", name)
+    return match.group(1) if match else name[:40]
+
+
 def table(results) -> str:
     lines = [f"{'op':<12} {'impl':<26} {'dtype':<5} {'time us':>9} {'kernel us':>9} {'span us':>9} {'GB/s':>8} "
              f"{'vs copy':>8}  note", "-" * 106]
@@ -787,7 +796,7 @@ def main(argv=None):
         for r in runner.results:
             if r.kernels and leader:
                 print(f"{r.op} {r.impl} {r.dtype}: device {r.device_us:.1f} us = "
-                      + ", ".join(f"{name[:40]} {us:.1f}" for name, us in r.kernels))
+                      + ", ".join(f"{kernel_label(name)} {us:.1f}" for name, us in r.kernels))
     runner.fill_bandwidths()
     jax.effects_barrier()
     for buffer in buffers:

@@ -246,3 +246,15 @@ def test_bench_internode_spawns_a_job_of_two_processes(tmp_path):
     by_name = {(r["op"], r["impl"], r["dtype"]): r["time_us"] for r in data["results"]}
     assert data["meta"]["intranode_dispatch_us"] == by_name[("dispatch", "buffer[reference]/intranode", "bf16")]
     assert data["meta"]["intranode_combine_us"] == by_name[("combine", "buffer[reference]/intranode", "bf16")]
+
+
+def test_kernel_labels_name_the_function():
+    """The printed breakdown names each kernel by its function, demangled or not (the JSON keeps the whole name)."""
+    kernel_label = bench.kernel_label
+    mangled = ("__nv_static_36__c0ea8a3d_14_low_latency_cu_110c5e1c__ZN10jax_deepep47_GLOBAL__N__c0ea8a3d_14_"
+               "low_latency_cu_110c5e1c20dispatch_recv_kernelENS_14LowLatencyCallEPKiPK13__nv_bfloat16bb")
+    assert kernel_label(mangled) == "dispatch_recv_kernel"
+    assert kernel_label("jax_deepep::(anonymous namespace)::combine_recv_kernel(jax_deepep::LowLatencyCall, "
+                        "int const*)") == "combine_recv_kernel"
+    assert kernel_label("void jax_deepep::intranode_dispatch<jax_deepep::DispatchArgs>(int)") == "intranode_dispatch"
+    assert kernel_label("input_reduce_fusion_6") == "input_reduce_fusion_6"
