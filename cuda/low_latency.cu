@@ -226,9 +226,12 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
 
   if (threadIdx.x == 0) matches.running[0] = 0;
   __syncthreads();
+  // Each round's ids are loaded a round ahead, so the loads do not wait behind the rounds' barriers.
+  int next_id = threadIdx.x < entries ? topk_idx[threadIdx.x] : -1;
   for (int start = 0; start < entries; start += kThreads) {
     const int i = start + threadIdx.x;
-    const int id = i < entries ? topk_idx[i] : -1;
+    const int id = next_id;
+    next_id = i + kThreads < entries ? topk_idx[i + kThreads] : -1;
     const bool named = i < entries && id == e;
     const bool repeat = named && names_expert_earlier(topk_idx, i, s.top_k, id);
     const bool mine[1] = {named && !repeat};
