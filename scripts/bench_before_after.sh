@@ -1,12 +1,15 @@
 #!/bin/bash
-# The normal-mode bench of our ops before and after a change, in one device call: R=1, and R=2 processes
-# sharing GPU 0 under MPS. The "before" tree is an export of an earlier commit in .before/ (git-ignored;
-# name it in the device call's carry):
+# The bench of our ops before and after a change, in one device call: R=1, and R=2 processes sharing
+# GPU 0 under MPS. The "before" tree is an export of an earlier commit in .before/ (git-ignored; name it
+# in the device call's carry):
 #   here:           rm -rf .before && mkdir .before && git archive REV | tar -x -C .before
-#   on the device:  bash scripts/bench_before_after.sh
+#   on the device:  bash scripts/bench_before_after.sh [BENCH ARGS...]
+# BENCH ARGS choose the ops (default: --only buffer, normal mode); low latency:
+#   bash scripts/bench_before_after.sh --mode low_latency --only ll_
 # Prints each side's table (at R=1 with kernel times from a profile); the JSONs go to $OUT/compare.tgz
 # (or stay in /tmp/cmp/json).
 set -u
+ARGS=("$@"); [ ${#ARGS[@]} -gt 0 ] || ARGS=(--only buffer)
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}; ROOT=$PWD
 NV=$($PY -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])")
 export LD_LIBRARY_PATH=$NV/lib:${LD_LIBRARY_PATH:-} NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -23,7 +26,7 @@ run() {  # run SIDE NAME ARGS...
   local side=$1 name=$2; shift 2
   local src=$ROOT; [ "$side" = before ] && src=$ROOT/.before
   echo "== $side $name"
-  (cd $src && env $(lib_env $side) PYTHONPATH=$src timeout 240 $PY -m jax_deepep.bench --only buffer --json /tmp/cmp/json/${side}_$name.json "$@" 2>&1 \
+  (cd $src && env $(lib_env $side) PYTHONPATH=$src timeout 240 $PY -m jax_deepep.bench "${ARGS[@]}" --json /tmp/cmp/json/${side}_$name.json "$@" 2>&1 \
     | grep -v "^I1\|^W1\|tpu\|^ *$\|GRPC\|Source Location\|grpc_util\|CANCELLED\|UNAVAILABLE" | tail -8)
 }
 for side in before after; do run $side r1 --warmup 2 --iters 6 --profile /tmp/cmp/profile_$side; done
