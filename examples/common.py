@@ -1,5 +1,5 @@
-"""What the example scripts share: 8 virtual CPU devices by default, the model-size flags, and the
-training examples' flags and (data, expert) mesh."""
+"""What the example scripts share: 8 virtual CPU devices by default, the model-size flags, joining a
+job of several processes, and the training examples' flags and (data, expert) mesh."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,24 @@ def define_model_flags(flags, *, vocab: int, topk: int, hidden_note: str = ""):
     flags.DEFINE_integer("topk", topk, "routed experts per token")
     flags.DEFINE_integer("layers", 2, "MoE layers")
     flags.DEFINE_integer("seed", 0, "random seed")
+
+
+def define_distributed_flags(flags):
+    """The flags of a job of several processes (absl `flags`); `join_job` reads them."""
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (several processes, one or more hosts)")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
+    flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
+    flags.DEFINE_integer("process_id", None, "this process's id (with --distributed)")
+
+
+def join_job(flags):
+    """With --distributed, join the job (`jax.distributed.initialize`, from the three flags above when given,
+    otherwise from the cluster's environment): from then on jax.devices() are every process's devices."""
+    import jax
+
+    if flags.FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
+                                   num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)
 
 
 def define_training_flags(flags, *, steps: int):

@@ -3,6 +3,10 @@
     python examples/serve_moe.py --short            # CI: a few steps on 8 CPU devices, checked densely
     python examples/serve_moe.py --steps=64 --batch_per_device=32
 
+One process drives every local device (JAX's default on one host); with --distributed it is one process of
+a job (--coordinator_address, --num_processes, --process_id, or the cluster's environment), for instance
+one per GPU, and the expert axis spans every process's devices.
+
 Each device serves its own batch of sequences. Every decoder block runs attention over a KV cache,
 then the MoE through `low_latency_dispatch(..., return_recv_hook=True)`: the sends are issued, the
 block's shared expert is computed while tokens are in flight, `buffer.low_latency_recv` completes
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,6 +49,7 @@ flags.DEFINE_integer("heads", 4, "attention heads")
 flags.DEFINE_bool("fp8", True, "dispatch tokens as FP8")
 flags.DEFINE_bool("check", False, "compare every step's logits with the dense model")
 flags.DEFINE_float("check_rtol", 1e-2, "allowed relative logit difference with --check")
+common.define_distributed_flags(flags)
 
 AXIS = "ep"
 SEQUENCES = P(AXIS)  # each device decodes its own sequences
@@ -160,6 +166,7 @@ def relative_diff(a, b) -> float:
 
 def main(argv):
     del argv
+    common.join_job(flags)
     steps, batch, vocab, hidden, heads, ffn, experts, topk, layers = (
         FLAGS.steps, FLAGS.batch_per_device, FLAGS.vocab, FLAGS.hidden, FLAGS.heads, FLAGS.ffn, FLAGS.experts,
         FLAGS.topk, FLAGS.layers)
@@ -176,27 +183,29 @@ def main(argv):
     # M = the tokens each rank sends per step: its batch.
     rdma_bytes = deepep.Buffer.get_low_latency_rdma_size_hint(batch, hidden, len(devices), experts)
     buffer = deepep.Buffer(mesh, AXIS, low_latency_mode=True, num_rdma_bytes=rdma_bytes)
-    logging.info("%d x %s devices, jax_deepep backend %s; %d layers, %d experts (top-%d), %s dispatch, "
-                 "%d sequences/device", len(devices), devices[0].platform, buffer.backend.name, layers, experts, topk,
-                 "FP8" if FLAGS.fp8 else "bf16", batch)
+    logging.info("%d processes, %d x %s devices, jax_deepep backend %s; %d layers, %d experts (top-%d), %s dispatch, "
+                 "%d sequences/device", jax.process_count(), len(devices), devices[0].platform, buffer.backend.name,
+                 layers, experts, topk, "FP8" if FLAGS.fp8 else "bf16", batch)
 
     specs = param_specs(config)
     def on_mesh(spec_tree):
         return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree)
 
-    params = jax.jit(init_params, static_argnums=1, out_shardings=on_mesh(specs))(jax.random.key(FLAGS.seed), config)
-    num_sequences = batch * len(devices)
-    cache = jax.device_put(empty_cache(num_sequences, config), on_mesh(CACHE_SPECS))
-    tokens = jax.device_put(jax.random.randint(jax.random.key(FLAGS.seed + 1), (num_sequences,), 0, vocab, jnp.int32),
-                            NamedSharding(mesh, SEQUENCES))
+    # Made by programs over the whole mesh, so every process holds its devices' shards.
+    num_sequences, seed = batch * len(devices), FLAGS.seed
+    params = jax.jit(lambda: init_params(jax.random.key(seed), config), out_shardings=on_mesh(specs))()
+    cache = jax.jit(lambda: empty_cache(num_sequences, config), out_shardings=on_mesh(CACHE_SPECS))()
+    tokens = jax.jit(lambda: jax.random.randint(jax.random.key(seed + 1), (num_sequences,), 0, vocab, jnp.int32),
+                     out_shardings=NamedSharding(mesh, SEQUENCES))()
 
     mixture = expert_parallel_mixture(buffer, config.moe, batch)
     step_fn = jax.jit(jax.shard_map(
         lambda p, c, t, pos: decode_step(p, c, t, pos, config, mixture), mesh=mesh,
         in_specs=(specs, CACHE_SPECS, SEQUENCES, P()), out_specs=(SEQUENCES, CACHE_SPECS, P(None, AXIS))))
     dense_step = jax.jit(lambda p, c, t, h, pos: decode_step(p, c, t, pos, config, dense_mixture(config.moe), h))
-    single = devices[0]
-    dense_params = jax.device_put(params, single)
+    # The dense model runs on one device of this process, on every process's values (gathered).
+    single = jax.local_devices()[0]
+    dense_params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), single) if check else None
 
     generated, times, worst = [], [], 0.0
     for position in range(steps):
@@ -204,12 +213,12 @@ def main(argv):
         logits, next_cache, moe_inputs = jax.block_until_ready(step_fn(params, cache, tokens, position))
         times.append(time.perf_counter() - start)
         if check:  # the dense step starts from the same cache, tokens and MoE inputs: no difference compounds
-            dense_logits, _, _ = dense_step(dense_params, *jax.device_put((cache, tokens, moe_inputs), single),
-                                            position)
-            worst = max(worst, relative_diff(logits, dense_logits))
+            *inputs, expert_parallel = multihost_utils.process_allgather((cache, tokens, moe_inputs, logits), tiled=True)
+            dense_logits, _, _ = dense_step(dense_params, *jax.device_put(inputs, single), position)
+            worst = max(worst, relative_diff(expert_parallel, dense_logits))
         cache = next_cache
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        generated.append(np.asarray(tokens))
+        generated.append(multihost_utils.process_allgather(tokens, tiled=True))
     steady = min(times[1:]) if steps > 1 else times[0]
     logging.info("decoded %d steps: first step %.0f ms (compiles), then %.2f ms/step, %.0f tokens/s over %d sequences",
                  steps, 1e3 * times[0], 1e3 * steady, num_sequences / steady, num_sequences)

@@ -44,10 +44,7 @@ flags.DEFINE_float("aux_loss_weight", 0.01, "weight of the load-balancing loss")
 flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW learning rate")
 flags.DEFINE_integer("log_every", 10, "log every N steps")
 flags.DEFINE_integer("timing_steps", 5, "steps timed for the dispatch/combine share")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize (multi-host)")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
-flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
-flags.DEFINE_integer("process_id", None, "this process's id (multi-host)")
+common.define_distributed_flags(flags)
 
 DATA, EXPERT = common.DATA, common.EXPERT
 TOKENS = P((DATA, EXPERT))  # batch dimension split over every device
@@ -180,9 +177,7 @@ def options() -> dict:
 
 def main(argv):
     del argv
-    if FLAGS.distributed:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    common.join_job(flags)
     opts = options()
     devices = jax.devices()
     mesh = common.data_expert_mesh(FLAGS.data_parallel)

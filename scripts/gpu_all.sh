@@ -9,8 +9,8 @@
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
 #        tuned_configs.json) cpu_tests (the rest of the suite, on this machine, with the libraries built here)
-#        bench_internode bench_internode_mps bench_moe bench_moe_r2 bench_low_latency_r2 (the last two: R = 2
-#        sharing GPU 0 under MPS) (these five not run by default)
+#        bench_internode bench_internode_mps bench_moe bench_moe_r2 bench_low_latency_r2 serve_moe_r2 (the last
+#        three: R = 2 processes sharing GPU 0 under MPS) (these six not run by default)
 # Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
 # every limit is cut to what is left of that budget and steps that no longer fit are skipped, so the logs
 # are packed before the call ends. Logs, JSON, charts and profile traces are packed into
@@ -81,6 +81,17 @@ mps_off() {
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY CUDA_MPS_ACTIVE_THREAD_PERCENTAGE
 }
 
+serve_in_processes() {  # serve_in_processes N: examples/serve_moe.py --check as N processes of one job on GPU 0
+  local port=$((20000 + RANDOM % 20000)) i rc=0 pids=()
+  for ((i = 0; i < $1; i++)); do
+    CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk "BEGIN {print 0.8 / $1}") "$PY" examples/serve_moe.py \
+      --check --distributed --coordinator_address=127.0.0.1:$port --num_processes=$1 --process_id=$i &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || rc=1; done
+  return $rc
+}
+
 run_step() {
   case $1 in
     gpu_tests) run_step gpu_fp8; run_step gpu_intranode; run_step gpu_low_latency; run_step gpu_internode
@@ -103,6 +114,8 @@ run_step() {
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
                step serve_moe_bf16 120 "$PY" examples/serve_moe.py --check --nofp8 ;;
+    serve_moe_r2) mps_on && step serve_moe_r2 180 bash -c "PY=$PY; $(declare -f serve_in_processes); serve_in_processes 2"
+                  mps_off ;;
     demo) step demo 120 "$PY" -m jax_deepep.demo ;;
     train_moe) step train_moe 150 "$PY" examples/train_moe.py ;;
     bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \

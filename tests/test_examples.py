@@ -50,16 +50,17 @@ def test_serve_moe_short(dispatch):
     assert "expert-parallel vs dense" in output
 
 
-def test_train_moe_two_processes():
-    """Multi-host path: two processes (4 CPU devices each) joined by jax.distributed, the expert
-    axis spanning both."""
+def run_in_processes(name: str, *args: str, processes: int = 2) -> list[str]:
+    """The outputs of examples/<name> --short run as `processes` processes of one job (jax.distributed), the
+    8 CPU devices split among them."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     procs = []
-    for process_id in range(2):
-        argv, env = example_command("train_moe.py", "--distributed", f"--coordinator_address=localhost:{port}",
-                                    "--num_processes=2", f"--process_id={process_id}", devices=4)
+    for process_id in range(processes):
+        argv, env = example_command(name, *args, "--distributed", f"--coordinator_address=localhost:{port}",
+                                    f"--num_processes={processes}", f"--process_id={process_id}",
+                                    devices=8 // processes)
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [proc.communicate(timeout=300)[0] for proc in procs]
@@ -68,5 +69,19 @@ def test_train_moe_two_processes():
             proc.kill()  # no-op for a process that has exited
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-4000:]
+    return outputs
+
+
+def test_train_moe_two_processes():
+    """Multi-host path: two processes (4 CPU devices each) joined by jax.distributed, the expert
+    axis spanning both."""
+    for output in run_in_processes("train_moe.py"):
         assert "2 processes, 8 x cpu devices, mesh {'data': 1, 'expert': 8}" in output
         assert "dispatch/combine share" in output
+
+
+def test_serve_moe_two_processes():
+    """Decoding with the expert axis over two processes' devices, checked against the dense model as in one
+    process (both process models of docs/API.md)."""
+    for output in run_in_processes("serve_moe.py", "--check_rtol=1e-5"):
+        assert "2 processes, 8 x cpu devices" in output and "expert-parallel vs dense" in output
