@@ -290,8 +290,13 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + signal_index, signal, dst);
 }
 
+// Blocks of a send or dispatch receive resident on an SM at once, which their registers are capped
+// to fit (the NVSHMEM build's 72-92 registers a thread left room for one block of kThreads, so a
+// grid of E blocks ran in two waves); the dispatch receive's grid is one wave of them.
+constexpr int kBlocksPerSm = 2;
+
 // The call numbered (begin_call / end_call) around the block's send.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
                                                                  const char* cast_rows, const int* topk_idx,
                                                                  int* send_slot, int* token, bool use_fp8) {
   const uint32_t seq = begin_call(c.mem, kDispatchCall, c.signature);
@@ -299,10 +304,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(LowLatencyCall 
   end_call(c.mem, kDispatchCall, seq, token);
 }
 
+
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
 // rows in (source rank, slot) order; the parts of one expert share its rows. This rank's own rows
 // come from the send's x (bf16) or cast_rows (FP8), at the token their header names.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(LowLatencyCall c, const int* token,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(LowLatencyCall c, const int* token,
                                                                  const __nv_bfloat16* x, const char* cast_rows,
                                                                  void* recv_x, void* recv_scales, int* recv_count,
                                                                  int* recv_src_info, int* recv_layout_range,
@@ -594,7 +600,7 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
 }
 
 // The call numbered (begin_call / end_call) around the block's send.
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
                                                                 const int* recv_layout_range, int* token,
                                                                 bool zero_copy, bool use_logfmt) {
   const uint32_t seq = begin_call(c.mem, kCombineCall, c.signature);
@@ -793,8 +799,8 @@ cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const L
 cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const LowLatencyDispatchRecvArgs& a,
                                              cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
-  // Enough blocks to cover the SMs twice; the parts of one expert split its rows.
-  const int parts = std::max(1, std::min(32, (2 * num_sms() + experts_per_rank - 1) / experts_per_rank));
+  // One wave of blocks; the parts of one expert split its rows.
+  const int parts = std::max(1, std::min(32, kBlocksPerSm * num_sms() / experts_per_rank));
   dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(
       call, a.token, a.x, a.cast_rows, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info, a.recv_layout_range,
       a.use_fp8, a.use_ue8m0);
