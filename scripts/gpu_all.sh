@@ -125,7 +125,8 @@ run_step() {
                             --spawn 2 --json "$LOGS/low_latency_r2.json"; mps_off ;;
     bench_internode) bench_internode bench_internode ;;
     tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
-    bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json"
+    bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json" \
+                 --profile /tmp/jax_deepep_profile_moe  # each layer's kernels: where the grouped layout gains or loses
                # the Buffer's layouts again on every SM (docs/PERFORMANCE.md, "The MoE layer")
                TAIL=8 step bench_moe_max_sms 120 "$PY" -m jax_deepep.bench --mode moe --iters 10 --num-sms max \
                  --only buffer --json "$LOGS/moe_max_sms.json" ;;
