@@ -206,10 +206,11 @@ __device__ __forceinline__ bool names_expert_earlier(const int* topk_idx, int i,
 }
 
 // One block per global expert e: finds the (t, k) pairs routed to e in (t, k) order (a token's
-// first pair naming e; slot = rank among them), writes those tokens into slots [0, count) of (e's local index, this rank) on
-// e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then publishes count tagged with
-// the call number. To this rank's own experts only each slot's header (the token index) goes: the
-// receive reads those rows from x or cast_rows itself, one copy instead of two.
+// first pair naming e; slot = rank among them), writes those tokens into slots [0, count) of (e's
+// local index, this rank) on e's rank (bf16 rows from x, FP8 rows copied from cast_rows), then
+// publishes count tagged with the call number. To this rank's own experts only each slot's header
+// (the token index) goes: the receive reads those rows from x or cast_rows itself, one copy instead
+// of two.
 __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* x,
                                                     const char* cast_rows, const int* topk_idx, int* send_slot,
                                                     bool use_fp8) {
@@ -296,23 +297,21 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
 constexpr int kBlocksPerSm = 2;
 
 // The call numbered (begin_call / end_call) around the block's send.
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x,
-                                                                 const char* cast_rows, const int* topk_idx,
-                                                                 int* send_slot, int* token, bool use_fp8) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x, const char* cast_rows, const int* topk_idx,
+                         int* send_slot, int* token, bool use_fp8) {
   const uint32_t seq = begin_call(c.mem, kDispatchCall, c.signature);
   dispatch_send_block(c, seq, x, cast_rows, topk_idx, send_slot, use_fp8);
   end_call(c.mem, kDispatchCall, seq, token);
 }
 
-
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
 // rows in (source rank, slot) order; the parts of one expert share its rows. This rank's own rows
 // come from the send's x (bf16) or cast_rows (FP8), at the token their header names.
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(LowLatencyCall c, const int* token,
-                                                                 const __nv_bfloat16* x, const char* cast_rows,
-                                                                 void* recv_x, void* recv_scales, int* recv_count,
-                                                                 int* recv_src_info, int* recv_layout_range,
-                                                                 bool use_fp8, bool use_ue8m0) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    dispatch_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* x, const char* cast_rows,
+                         void* recv_x, void* recv_scales, int* recv_count, int* recv_src_info,
+                         int* recv_layout_range, bool use_fp8, bool use_ue8m0) {
   extern __shared__ int offsets[];  // [R + 1]
   const PeerMemory& mem = c.mem;
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -600,9 +599,9 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
 }
 
 // The call numbered (begin_call / end_call) around the block's send.
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y,
-                                                                const int* recv_layout_range, int* token,
-                                                                bool zero_copy, bool use_logfmt) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y, const int* recv_layout_range, int* token,
+                        bool zero_copy, bool use_logfmt) {
   const uint32_t seq = begin_call(c.mem, kCombineCall, c.signature);
   combine_send_block(c, seq, y, recv_layout_range, zero_copy, use_logfmt);
   end_call(c.mem, kCombineCall, seq, token);
