@@ -32,9 +32,9 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import sys
-import re
 import time
 import traceback
 from typing import Optional

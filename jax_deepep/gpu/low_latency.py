@@ -41,6 +41,12 @@ NVSHMEM_TARGET_PREFIX = "jax_deepep_ll_"
 NODE_TARGET_PREFIX = "jax_deepep_ll_node_"
 
 
+def _kernel_ids(topk_idx, num_experts: int):
+    """Expert ids as the low-latency kernels take them: int32, as given (the kernels skip ids outside
+    [0, E) themselves); wider ids are checked before they are narrowed, which could wrap them into range."""
+    return topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, num_experts)
+
+
 class LowLatencyBackend:
     """The four low-latency methods of `jax_deepep.backend.LowLatencyBackend` on one Buffer's memory:
     `memory` (a `SymmetricBuffer`, or the `CommBuffers` of a Buffer within one node: its `buffer_id`,
@@ -104,9 +110,7 @@ class LowLatencyBackend:
         return dict(sizes=sizes, layout=struct_attribute(layout))
 
     def low_latency_dispatch_send(self, ctx: RankContext, opts: LowLatencyOptions, x, topk_idx) -> dict:
-        # The send kernel skips ids outside [0, E) and an expert's repeats within a token itself: only wider
-        # ids need narrowing first.
-        idx = topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, opts.num_experts)
+        idx = _kernel_ids(topk_idx, opts.num_experts)  # the kernel also sends a token's repeats nowhere
         row_bytes = low_latency_layout(opts.num_max_dispatch_tokens_per_rank, x.shape[1],
                                        opts.num_experts).dispatch_row_bytes
         # FP8: scratch for each token's row, cast once before it goes to its experts (cuda/low_latency.cu).
@@ -148,8 +152,7 @@ class LowLatencyBackend:
             use_logfmt=bool(use_logfmt), call_site=np.int64(next(_call_sites)),
             **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
-                # the receive kernel skips ids outside [0, E) itself: only wider ids need narrowing first
-                "topk_idx": topk_idx if topk_idx.dtype == jnp.int32 else valid_expert_ids(topk_idx, num_experts),
+                "topk_idx": _kernel_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
                 "sizes": _static_sizes(num_experts, m, y.shape[2], int(use_logfmt))}
 
