@@ -93,15 +93,23 @@ def per_rank(mesh: Mesh, fn, donate_argnums=()):
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
 
 
+def _made_on_ranks(make, mesh: Mesh):
+    """`make()`'s `[R, ...]` array made where its rows live: a host array put onto the mesh would be sent
+    between the processes of a job, which JAX allows only after checking that every process holds it."""
+    return jax.jit(make, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
+
+
+def _normal(key, shape, mesh: Mesh):
+    return _made_on_ranks(lambda: jax.random.normal(key, shape, jnp.bfloat16), mesh)
+
+
 def random_tokens(mesh: Mesh, key, sizes: Sizes, rows: Optional[int] = None):
     rows = sizes.num_tokens if rows is None else rows
-    return jax.jit(lambda: jax.random.normal(key, (sizes.num_ranks, rows, sizes.hidden), jnp.bfloat16),
-                   out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
+    return _normal(key, (sizes.num_ranks, rows, sizes.hidden), mesh)
 
 
 def _zeros(shape, dtype, mesh: Mesh):
-    """Zeros `[R, ...]` made where they live (no transfer between the processes of a job)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
+    return _made_on_ranks(lambda: jnp.zeros(shape, dtype), mesh)
 
 
 def random_routing(mesh: Mesh, key, sizes: Sizes, masked: float = 0.02):
@@ -529,7 +537,6 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     runner.run(Result("copy", "ceiling", "bf16", bytes_per_rank=bf16_bytes,
                       note="device copy of the received (token, expert) rows"),
                stateless(jnp.copy), [(a,) for a in srcs])
-    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
     firsts = ys = None
     for buffer in buffers:
         transport = getattr(buffer.backend, "transport", None)  # the CUDA kernels' memory: "node" or "nvshmem"
@@ -548,7 +555,7 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
         outs = [per_rank(mesh, lambda x, i: ll_dispatch(x, i, False))(x, idx) for x, idx, _ in sets]
         if firsts is None:
             firsts = outs
-            ys = [jax.device_put(jax.random.normal(k, outs[0].recv_x.shape, jnp.bfloat16), sharding) for k in keys]
+            ys = [_normal(k, outs[0].recv_x.shape, mesh) for k in keys]
         for use_fp8 in (False, True):
             runner.run(Result("ll_dispatch", impl, "fp8" if use_fp8 else "bf16",
                               bytes_per_rank=fp8_bytes if use_fp8 else bf16_bytes),
@@ -581,11 +588,11 @@ def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     check = ""
     if args.check:
         for (plan, recv_x), first in zip(outs, firsts):
-            counts = np.asarray(first.recv_count)
-            ours, theirs = np.asarray(first.recv_x, np.float32), np.asarray(recv_x, np.float32)
-            same = np.array_equal(counts, np.asarray(plan.recv_count)) and all(
+            counts = local_ranks(first.recv_count)
+            ours, theirs = local_ranks(first.recv_x).astype(np.float32), local_ranks(recv_x).astype(np.float32)
+            same = np.array_equal(counts, local_ranks(plan.recv_count)) and all(
                 np.array_equal(ours[r, e, :counts[r, e]], theirs[r, e, :counts[r, e]])
-                for r in range(R) for e in range(counts.shape[1]))
+                for r in range(counts.shape[0]) for e in range(counts.shape[1]))
             check = check or ("" if same else "mismatch vs Buffer")
     runner.run(Result("ll_dispatch", "jax:padded", "bf16", bytes_per_rank=bf16_bytes,
                       note=check or "in place into a donated receive buffer"),

@@ -79,8 +79,18 @@ def _groups(x):
     return magnitude, bits >> 15, encoded, log_amin[..., None], span[..., None]
 
 
+ROUND_TRIP_ROWS = 1024  # rows decoded at once: a whole receive block's int32 temporaries would not fit in memory
+
+
 def round_trip(x):
     """The f32 values a receiver decodes from bf16 rows `x [..., H]` (H a multiple of 128) sent as LogFMT-10."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= ROUND_TRIP_ROWS:
+        return _round_trip_rows(rows).reshape(x.shape)
+    return jax.lax.map(_round_trip_rows, rows, batch_size=ROUND_TRIP_ROWS).reshape(x.shape)
+
+
+def _round_trip_rows(x):
     magnitude, sign, encoded, log_amin, span = _groups(x)
     above = jnp.maximum(_log2(jnp.maximum(magnitude, _SMALLEST_NORMAL)) - log_amin, -span)
     rounding = span + (span >> 1) - jnp.square(span >> 10) // 368

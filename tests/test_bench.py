@@ -191,6 +191,20 @@ def test_low_latency_bench_runs_as_processes_sharing_a_gpu(tmp_path):
         assert skipped["time_us"] is None and "no XLA collectives" in skipped["note"], skipped
 
 
+def test_low_latency_bench_runs_as_a_job_of_two_processes(tmp_path):
+    """Two processes of one job, each with its own device: every array is made where its rows live and
+    the JAX-native baseline is checked against the Buffer on each process's own ranks (a process cannot
+    read the other's)."""
+    path = tmp_path / "bench.json"
+    bench.main(["--mode", "low_latency", "--spawn", "2", "--num-tokens", "8", "--hidden", "256",
+                "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
+                "--rotations", "1", "--json", str(path)])
+    by_name = {(r["op"], r["impl"], r["dtype"]): r for r in json.loads(path.read_text())["results"]}
+    dispatch = by_name[("ll_dispatch", "jax:padded", "bf16")]
+    assert dispatch["time_us"] > 0 and "mismatch" not in dispatch["note"], dispatch
+    assert by_name[("ll_combine", "buffer[reference]", "logfmt")]["time_us"] > 0
+
+
 def test_bench_moe_layer_runs_and_writes_json(tmp_path):
     """`--mode moe`: the MoE layer forward and forward + backward in both layouts and on the JAX-native
     transports, each checked against the Buffer's rows-by-source layer, and the experts' ceiling."""
