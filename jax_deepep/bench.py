@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -758,7 +760,23 @@ def spawn(args, argv) -> int:
                                "--num-processes", str(n), "--process-id", str(i),
                                "--local-device", str(0 if shared or not gpus else i)]
                               + (["--shared-gpu"] if shared else []), env=env) for i in range(n)]
-    return max(p.wait() for p in procs)
+    # A job's processes outlive a SIGTERM (JAX's preemption notifier takes it; they print their stacks),
+    # so when this one is stopped it ends them: a process left running keeps its GPU, and MPS cannot
+    # shut down under it.
+    def stop(*_):
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return max(p.wait() for p in procs)
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=5)  # time to print its stacks
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main(argv=None):
@@ -771,6 +789,8 @@ def main(argv=None):
     if args.coordinator:
         local = None if args.local_device is None else [args.local_device]
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, local_device_ids=local)
+        # Where a stopped process was waiting: its Python stacks on stderr, then JAX's handler.
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     elif args.distributed:
         jax.distributed.initialize()
     devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()

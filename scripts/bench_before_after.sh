@@ -26,11 +26,12 @@ run() {  # run SIDE NAME ARGS...
   local side=$1 name=$2; shift 2
   local src=$ROOT; [ "$side" = before ] && src=$ROOT/.before
   echo "== $side $name"
-  (cd $src && env $(lib_env $side) PYTHONPATH=$src timeout 240 $PY -m jax_deepep.bench "${ARGS[@]}" --json /tmp/cmp/json/${side}_$name.json "$@" 2>&1 \
+  (cd $src && env $(lib_env $side) PYTHONPATH=$src timeout -k 15 240 $PY -m jax_deepep.bench "${ARGS[@]}" --json /tmp/cmp/json/${side}_$name.json "$@" 2>&1 \
     | grep -v "^I1\|^W1\|tpu\|^ *$\|GRPC\|Source Location\|grpc_util\|CANCELLED\|UNAVAILABLE" | tail -8)
 }
 for side in before after; do run $side r1 --warmup 2 --iters 6 --profile /tmp/cmp/profile_$side; done
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/cmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/cmp/mpsl CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50
 mkdir -p /tmp/cmp/mps /tmp/cmp/mpsl && nvidia-cuda-mps-control -d
 i=0; for side in before after; do i=$((i+1)); run $side r2_mps_$i --spawn 2 --warmup 2 --iters 6 --batch 2; done
+pkill -KILL -f "jax_deepep.bench" # a job's process that outlived its timeout would block MPS's shutdown
 echo quit | nvidia-cuda-mps-control

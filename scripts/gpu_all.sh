@@ -41,8 +41,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run, keep the log, print its tail and 
   limit=$(fit "$2"); shift 2
   if [ "$limit" -lt 30 ]; then echo "== $name: skipped, GPU_ALL_BUDGET_S spent"; status=1; return; fi
   local start=$SECONDS
-  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  # timeout leads a process group of its own: what the step leaves running (a job's processes outlive
+  # SIGTERM) is killed with it, so that no process keeps the GPU or blocks MPS's shutdown.
+  timeout -k 15 "$limit" "$@" > "$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  wait $pid
   local rc=$?
+  pkill -KILL -g $pid 2>/dev/null
   echo "== $name: rc=$rc in $((SECONDS - start)) s"
   tail -n "${TAIL:-25}" "$LOGS/$name.log"
   [ "$rc" = 0 ] || status=1

@@ -1,6 +1,11 @@
 """The bench on CPU: it runs in a tiny configuration and writes JSON, and the JAX-native baselines
 give the same received rows and combined results as the pure-JAX reference."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +208,37 @@ def test_low_latency_bench_runs_as_a_job_of_two_processes(tmp_path):
     dispatch = by_name[("ll_dispatch", "jax:padded", "bf16")]
     assert dispatch["time_us"] > 0 and "mismatch" not in dispatch["note"], dispatch
     assert by_name[("ll_combine", "buffer[reference]", "logfmt")]["time_us"] > 0
+
+
+def test_stopped_bench_job_prints_where_it_waited_and_leaves_no_process():
+    """SIGTERM to `--spawn`'s process (as a time limit sends it) ends the job's processes, which JAX's
+    preemption notifier would keep alive, after each has printed its Python stacks."""
+    proc = subprocess.Popen([sys.executable, "-m", "jax_deepep.bench", "--mode", "low_latency", "--spawn", "2",
+                             "--num-tokens", "8", "--hidden", "256", "--num-topk", "2", "--num-experts", "8",
+                             "--iters", "100000", "--batch", "1", "--rotations", "1"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # running: the first op is timed
+        lines.append(line)
+        if "copy ceiling" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    try:
+        err = "".join(lines) + proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.count("most recent call first") >= 2 and "in bench_low_latency" in err, err[-2000:]
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the group's last members may take a moment to be reaped
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("a process of the job outlived its stop")
 
 
 def test_bench_moe_layer_runs_and_writes_json(tmp_path):
