@@ -203,9 +203,14 @@ def main(argv):
         lambda p, c, t, pos: decode_step(p, c, t, pos, config, mixture), mesh=mesh,
         in_specs=(specs, CACHE_SPECS, SEQUENCES, P()), out_specs=(SEQUENCES, CACHE_SPECS, P(None, AXIS))))
     dense_step = jax.jit(lambda p, c, t, h, pos: decode_step(p, c, t, pos, config, dense_mixture(config.moe), h))
-    # The dense model runs on one device of this process, on every process's values (gathered).
-    single = jax.local_devices()[0]
-    dense_params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), single) if check else None
+    # The dense model runs on one device of each process, on the process's own sequences: its parameters
+    # come from the same seed, and the sequences' rows are the process's shards. No XLA collective, which
+    # processes sharing one GPU lack, moves values between the processes.
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    dense_params = jax.jit(lambda: init_params(jax.random.key(seed), config), out_shardings=single)() if check else None
+
+    def own(values, specs):
+        return multihost_utils.global_array_to_host_local_array(values, mesh, specs)
 
     generated, times, worst = [], [], 0.0
     for position in range(steps):
@@ -213,16 +218,18 @@ def main(argv):
         logits, next_cache, moe_inputs = jax.block_until_ready(step_fn(params, cache, tokens, position))
         times.append(time.perf_counter() - start)
         if check:  # the dense step starts from the same cache, tokens and MoE inputs: no difference compounds
-            *inputs, expert_parallel = multihost_utils.process_allgather((cache, tokens, moe_inputs, logits), tiled=True)
+            *inputs, expert_parallel = own((cache, tokens, moe_inputs, logits),
+                                           (CACHE_SPECS, SEQUENCES, P(None, AXIS), SEQUENCES))
             dense_logits, _, _ = dense_step(dense_params, *jax.device_put(inputs, single), position)
             worst = max(worst, relative_diff(expert_parallel, dense_logits))
         cache = next_cache
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        generated.append(multihost_utils.process_allgather(tokens, tiled=True))
+        generated.append(own(tokens, SEQUENCES))
     steady = min(times[1:]) if steps > 1 else times[0]
     logging.info("decoded %d steps: first step %.0f ms (compiles), then %.2f ms/step, %.0f tokens/s over %d sequences",
                  steps, 1e3 * times[0], 1e3 * steady, num_sequences / steady, num_sequences)
-    logging.info("sequence 0: %s", " ".join(str(int(g[0])) for g in generated))
+    first = jax.process_index() * batch * jax.local_device_count()  # this process's first sequence
+    logging.info("sequence %d: %s", first, " ".join(str(int(g[0])) for g in generated))
     buffer.destroy()
     if check:
         logging.info("largest relative logit difference, expert-parallel vs dense: %.2e (allowed %.0e)", worst,
