@@ -123,7 +123,7 @@ def run(*, steps, tokens, hidden, ffn, experts, topk, data_parallel, score_func,
         f"{score_func} router, {'FP8' if fp8 else 'bf16'} dispatch, {padding:.1%} padding tokens")
 
     key_params, key_teacher, key_data = jax.random.split(jax.random.key(seed), 3)
-    params = moe.shard_params(moe.init_params(key_params, config), mesh, EXPERT)
+    params = moe.init_sharded_params(key_params, config, mesh, EXPERT)
     teacher = jax.random.normal(key_teacher, (hidden, hidden), jnp.float32) / np.sqrt(hidden)
     optimizer = optax.adam(learning_rate)
     # Leaves the optimizer makes off the mesh (the step count) go on it, as train_step returns them:

@@ -39,7 +39,7 @@ class MoE(nnx.Module):
                  low_latency_tokens: Optional[int] = None):
         self.config = config
         self.layer = moe.sharded_moe(buffer, config, token_axes=token_axes, low_latency_tokens=low_latency_tokens)
-        params = moe.shard_params(moe.init_params(rngs.params(), config), buffer.mesh, buffer.axis_name)
+        params = moe.init_sharded_params(rngs.params(), config, buffer.mesh, buffer.axis_name)
         specs = moe.param_specs(buffer.axis_name)
         self.param_names = tuple(specs)
         for name, value in params.items():

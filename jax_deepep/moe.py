@@ -96,9 +96,23 @@ def param_specs(expert_axis: str) -> dict:
     return {"router": P(), "w_gate": P(expert_axis), "w_up": P(expert_axis), "w_down": P(expert_axis)}
 
 
+def _param_shardings(mesh, expert_axis: str) -> dict:
+    return {name: NamedSharding(mesh, spec) for name, spec in param_specs(expert_axis).items()}
+
+
 def shard_params(params: dict, mesh, expert_axis: str) -> dict:
-    specs = param_specs(expert_axis)
-    return {name: jax.device_put(value, NamedSharding(mesh, specs[name])) for name, value in params.items()}
+    """`params` (the same values in every process) placed on `mesh` with `param_specs`."""
+    shardings = _param_shardings(mesh, expert_axis)
+    return {name: jax.device_put(value, shardings[name]) for name, value in params.items()}
+
+
+def init_sharded_params(key, config: MoEConfig, mesh, expert_axis: str) -> dict:
+    """`shard_params(init_params(key, config), ...)`, made where the values live: each device computes
+    its own experts. No full copy exists anywhere, and in a job of several processes no check that
+    every process holds the same values (which `device_put` runs as an all-gather of each array).
+    The draws are the same; the values may differ in the last f32 bit, as any jitted `init_params`'s
+    (XLA fuses the normal distribution's arithmetic)."""
+    return jax.jit(lambda: init_params(key, config), out_shardings=_param_shardings(mesh, expert_axis))()
 
 
 # ---- router -------------------------------------------------------------------------------------

@@ -125,6 +125,19 @@ def test_layer_on_data_and_expert_axes():
     assert_matches(*ep_vs_dense(make_mesh(2, 4), CONFIG, seed=11))
 
 
+def test_params_made_on_the_mesh_equal_the_placed_ones():
+    """`init_sharded_params` computes each device's experts where they live, with the draws of
+    `shard_params(init_params(...))` (to the last f32 bit: XLA fuses them in a program) and its shardings."""
+    mesh = make_mesh(2, 2)
+    config = moe.MoEConfig(hidden=64, ffn_hidden=32, num_experts=8, top_k=2)
+    key = jax.random.key(3)
+    made = moe.init_sharded_params(key, config, mesh, EXPERT)
+    placed = moe.shard_params(moe.init_params(key, config), mesh, EXPERT)
+    for name, value in placed.items():
+        assert made[name].sharding.is_equivalent_to(value.sharding, value.ndim), name
+        np.testing.assert_allclose(np.asarray(made[name]), np.asarray(value), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_fp8_sigmoid_router_without_normalisation():
     config = moe.MoEConfig(hidden=256, ffn_hidden=64, num_experts=16, top_k=4, score_func="sigmoid",
                            normalize_topk=False, use_fp8=True)
