@@ -8,7 +8,8 @@
 #        per memory: gpu_faults_intranode gpu_faults_low_latency gpu_faults_low_latency_nvshmem
 #        gpu_faults_internode) bench_normal
 #        bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune (a short sweep of Configs, into
-#        tuned_configs.json) cpu_tests (the rest of the suite, on this machine, with the libraries built here)
+#        tuned_configs.json) cpu_tests (the rest of the suite, on this machine, with the libraries built here;
+#        cpu_tests_bg: the same on 6 cores, beside the steps after it)
 #        bench_internode bench_internode_mps bench_moe bench_moe_r2 bench_low_latency_r2 serve_moe_r2 (the last
 #        three: R = 2 processes sharing GPU 0 under MPS) (these six not run by default)
 # Each step has its own time limit. With GPU_ALL_BUDGET_S set (say, a little under the device call's limit),
@@ -115,6 +116,10 @@ run_step() {
     # On CPU devices only: 8 workers each taking most of the GPU's memory would fail and crash.
     cpu_tests) JAX_PLATFORMS=cpu TAIL=6 step cpu_tests 420 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -n 16 \
                  -rfE ;;  # pytest-xdist: the image has it
+    # The same on 6 of the 16 cores, beside the steps named after it (collected before the logs are packed).
+    cpu_tests_bg) ( JAX_PLATFORMS=cpu TAIL=6 step cpu_tests 600 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" \
+                      -n 6 -rfE; exit "$status" ) &
+                  background=$! ;;
     bench_normal) bench_normal bench_normal ;;
     bench_normal_max_sms) bench_normal bench_normal_max_sms --num-sms max ;;
     serve_moe) step serve_moe 120 "$PY" examples/serve_moe.py --check
@@ -150,5 +155,7 @@ step build 240 bash -c "cmake -S . -B build/gpu_all -DPython_EXECUTABLE=$PY -DCM
 [ "$status" = 0 ] || exit 1
 steps=("$@")
 [ ${#steps[@]} = 0 ] && steps=(gpu_tests bench_normal bench_normal_max_sms serve_moe demo train_moe bench_low_latency tune cpu_tests)
+background=
 for s in "${steps[@]}"; do run_step "$s"; done
+[ -z "$background" ] || wait "$background" || status=1
 exit "$status"
