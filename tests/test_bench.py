@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jax_deepep as deepep
 from jax_deepep import baselines, bench
+from no_host_collectives import guarded_pythonpath
 
 AXIS = bench.AXIS
 
@@ -179,10 +180,12 @@ def test_bench_runs_and_writes_json(tmp_path, mode, tokens):
             assert by_name[key]["time_us"] > 0, key
 
 
-def test_low_latency_bench_runs_as_processes_sharing_a_gpu(tmp_path):
+def test_low_latency_bench_runs_as_processes_sharing_a_gpu(tmp_path, monkeypatch):
     """Two processes of one job, as `--spawn` starts them on one GPU (`--shared-gpu`, passed here by hand:
     this machine has none): the low-latency bench times the Buffer and records the JAX-native
-    formulations, XLA collectives, which such processes lack, as skipped, saying why."""
+    formulations, XLA collectives, which such processes lack, as skipped, saying why; nothing else
+    runs a collective between the processes either."""
+    monkeypatch.setenv("PYTHONPATH", guarded_pythonpath(tmp_path / "guard"))
     path = tmp_path / "bench.json"
     bench.main(["--mode", "low_latency", "--spawn", "2", "--shared-gpu", "--num-tokens", "8", "--hidden", "256",
                 "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
