@@ -131,7 +131,7 @@ run_step() {
     bench_low_latency) TAIL=20 step bench_low_latency 150 "$PY" -m jax_deepep.bench --mode low_latency \
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
-    bench_low_latency_r2) mps_on && TAIL=20 step bench_low_latency_r2 200 "$PY" -m jax_deepep.bench --mode low_latency \
+    bench_low_latency_r2) mps_on && TAIL=20 step bench_low_latency_r2 280 "$PY" -m jax_deepep.bench --mode low_latency \
                             --spawn 2 --json "$LOGS/low_latency_r2.json" --profile /tmp/jax_deepep_profile_ll_r2; mps_off ;;
     bench_internode) bench_internode bench_internode ;;
     tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
