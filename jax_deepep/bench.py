@@ -96,7 +96,7 @@ def per_rank(mesh: Mesh, fn, donate_argnums=()):
 
 
 def _made_on_ranks(make, mesh: Mesh):
-    """`make()`'s `[R, ...]` array made where its rows live: a host array put onto the mesh would be sent
+    """`make()`'s `[R, ...]` arrays made where their rows live: a host array put onto the mesh would be sent
     between the processes of a job, which JAX allows only after checking that every process holds it."""
     return jax.jit(make, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
 
@@ -126,8 +126,7 @@ def random_routing(mesh: Mesh, key, sizes: Sizes, masked: float = 0.02):
         weights = jax.random.uniform(k_w, idx.shape, jnp.float32)
         return idx, weights
 
-    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-    return jax.jit(make, out_shardings=(sharding, sharding))()
+    return _made_on_ranks(make, mesh)
 
 
 class Repeated:

@@ -17,10 +17,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from . import baselines, moe
-from .bench import AXIS, Result, Runner, Sizes, _input_sets, _normal_buffer, local_ranks, per_rank, stateless
+from .bench import (AXIS, Result, Runner, Sizes, _input_sets, _made_on_ranks, _normal_buffer, local_ranks, per_rank,
+                    stateless)
 from .sizes import GROUPED_COMBINE_CHANNEL_BYTES
 
 LAYOUTS = ("grouped", "argsort")
@@ -38,7 +39,7 @@ def _expert_params(mesh: Mesh, sizes: Sizes, ffn_hidden: int, seed: int) -> dict
         return {name: params[name].astype(jnp.bfloat16).reshape(sizes.num_ranks, num_local, *params[name].shape[1:])
                 for name in ("w_gate", "w_up", "w_down")}
 
-    return jax.jit(make, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))()
+    return _made_on_ranks(make, mesh)
 
 
 def _buffer_layer(buffer, sizes: Sizes, ffn_hidden: int, grouped: bool):
