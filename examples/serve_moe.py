@@ -13,10 +13,11 @@ block's shared expert is computed while tokens are in flight, `buffer.low_latenc
 the receive, the routed experts run on their `[E_l, R * M, H]` blocks, and `low_latency_combine`
 (again split by the recv hook) brings the results back. With --check every step's logits are
 compared with the same model computed densely on one device of each process, for that process's
-sequences (no dispatch/combine), stepping from the same KV cache, so the comparison measures each step's error rather than 32 steps of drift; and
-each of its MoE layers takes the expert-parallel step's input to that layer, so it measures each
-layer's own error: FP8's rounding steps would otherwise turn ulp-level differences upstream of a
-layer (matmuls of other shapes, sums in another order) into logit differences of about 1e-2.
+sequences (no dispatch/combine), stepping from the same KV cache, so the comparison measures each
+step's error rather than 32 steps of drift; and each of its MoE layers takes the expert-parallel
+step's input to that layer, so it measures each layer's own error: FP8's rounding steps would
+otherwise turn ulp-level differences upstream of a layer (matmuls of other shapes, sums in another
+order) into logit differences of about 1e-2.
 """
 from __future__ import annotations
 

@@ -58,8 +58,7 @@ gpu_test() {  # gpu_test NAME LIMIT_S FILE [PYTEST ARGS...]: one GPU test file; 
   local name=$1 limit file=$3
   limit=$(fit "$2"); shift 3
   JAX_DEEPEP_WORKER_TIMEOUT_S=$((limit - 20)) JAX_DEEPEP_WORKER_LOGS="$LOGS/workers" \
-    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file" "$@"
-  pkill -9 -f "$file" 2>/dev/null  # workers of a run cut short must not hold the GPU for the next step
+    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$file" "$@"  # step kills leftover workers
 }
 
 bench_normal() {  # bench_normal NAME [bench flags...]: the normal bench with a profile, trace kept
