@@ -521,8 +521,10 @@ def _check_baseline(dispatch_fn, combine_fn, ours, combined, inputs, layout, y, 
 def bench_low_latency(runner: Runner, mesh: Mesh, sizes: Sizes, args):
     R, E, M, H = sizes.num_ranks, sizes.num_experts, sizes.num_tokens, sizes.hidden
     sets = _input_sets(mesh, sizes, args)
-    # (token, expert) pairs sent per rank, over this process's ranks (the others' are not addressable here)
-    num_pairs = float(np.mean([np.mean(np.sum(local_ranks(idx) >= 0, axis=(1, 2))) for _, idx, _ in sets]))
+    # (token, expert) pairs sent per rank, averaged over the job: it sets the copy ceiling's shape, and
+    # processes compiling different shapes for one program wait on each other forever
+    local_pairs = [np.mean(np.sum(local_ranks(idx) >= 0, axis=(1, 2))) for _, idx, _ in sets]
+    num_pairs = _mean_over_processes("sent_pairs", float(np.mean(local_pairs)))
     bf16_bytes = num_pairs * H * 2
     fp8_bytes = num_pairs * (H + H // FP8_BLOCK * 4)
 

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jax_deepep as deepep
 from jax_deepep import baselines, bench
-from no_host_collectives import guarded_pythonpath
+from no_host_collectives import guarded_pythonpath, programs_compiled
 
 AXIS = bench.AXIS
 
@@ -187,11 +187,15 @@ def test_low_latency_bench_runs_as_processes_sharing_a_gpu(tmp_path, monkeypatch
     runs a collective between the processes either."""
     monkeypatch.setenv("PYTHONPATH", guarded_pythonpath(tmp_path / "guard"))
     path = tmp_path / "bench.json"
-    bench.main(["--mode", "low_latency", "--spawn", "2", "--shared-gpu", "--num-tokens", "8", "--hidden", "256",
-                "--num-topk", "2", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
+    # 32 tokens of 4 pairs: the ranks' counts of pairs (2% are -1) differ, and the bench must not take a
+    # shape from them
+    bench.main(["--mode", "low_latency", "--spawn", "2", "--shared-gpu", "--num-tokens", "32", "--hidden", "256",
+                "--num-topk", "4", "--num-experts", "8", "--warmup", "1", "--iters", "1", "--batch", "1",
                 "--rotations", "1", "--json", str(path)])
     data = json.loads(path.read_text())
     assert data["meta"]["processes"] == 2 and data["meta"]["sizes"]["num_ranks"] == 2
+    first, second = programs_compiled(tmp_path / "guard")
+    assert first and first == second, "the processes compiled different programs (a GPU hangs there)"
     by_name = {(r["op"], r["impl"], r["dtype"]): r for r in data["results"]}
     assert by_name[("ll_dispatch", "buffer[reference]", "bf16")]["time_us"] > 0
     for op in ("ll_dispatch", "ll_combine"):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from no_host_collectives import guarded_pythonpath
+from no_host_collectives import guarded_pythonpath, programs_compiled
 
 REPO = Path(__file__).parent.parent
 EXAMPLES = REPO / "examples"
@@ -84,7 +84,10 @@ def test_train_moe_two_processes():
 def test_serve_moe_two_processes(tmp_path, monkeypatch):
     """Decoding with the expert axis over two processes' devices, checked against the dense model as in one
     process (both process models of docs/API.md), with no collective outside the decoding step's program
-    (processes sharing one GPU have none)."""
+    (processes sharing one GPU have none) and the same programs compiled by both (where they differ, a GPU
+    hangs)."""
     monkeypatch.setenv("PYTHONPATH", guarded_pythonpath(tmp_path / "guard"))
     for output in run_in_processes("serve_moe.py", "--check_rtol=1e-5"):
         assert "2 processes, 8 x cpu devices" in output and "expert-parallel vs dense" in output
+    first, second = programs_compiled(tmp_path / "guard")
+    assert first and first == second, "the processes compiled different programs (a GPU hangs there)"
