@@ -131,7 +131,8 @@ run_step() {
                          --json "$LOGS/low_latency.json" --png "$LOGS/low_latency.png" \
                          --profile /tmp/jax_deepep_profile_ll ;;
     bench_low_latency_r2) mps_on && TAIL=20 step bench_low_latency_r2 280 "$PY" -m jax_deepep.bench --mode low_latency \
-                            --spawn 2 --json "$LOGS/low_latency_r2.json" --profile /tmp/jax_deepep_profile_ll_r2; mps_off ;;
+                            --spawn 2 --rotations 4 --json "$LOGS/low_latency_r2.json" \
+                            --profile /tmp/jax_deepep_profile_ll_r2; mps_off ;;  # 4 sets: 8 overfill 0.4 of the GPU
     bench_internode) bench_internode bench_internode ;;
     tune) TAIL=30 step tune 420 "$PY" -m jax_deepep.tune --short --output "$LOGS/tuned_configs.json" ;;
     bench_moe) TAIL=25 step bench_moe 300 "$PY" -m jax_deepep.bench --mode moe --iters 10 --json "$LOGS/moe.json" \
