@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .limits import FP8_BLOCK, MAX_TOPK
+from .limits import FP8_BLOCK, LOW_LATENCY_MAX_TOKENS_PER_RANK, MAX_TOPK
 from .sizes import (align, internode_combine_geometry, internode_dispatch_geometry, internode_node_sizes,
                     low_latency_layout)
-from .validation import fail, integer
+from .validation import fail, int32_count, integer, row_hidden
 
 # Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
 MAX_NVL_PEERS = 8  # ranks of one node the NVLink kernels serve (cuda/comm_layout.h kMaxRanks)
@@ -119,9 +119,15 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     """Bytes of symmetric buffer the low-latency kernels need: two halves that calls take in turn,
     each holding one dispatch and one combine receive area plus signals (`sizes.low_latency_layout`).
     More bytes hold more halves, and so allow more sends of one op in flight (docs/API.md)."""
-    sizes = dict(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
-                 num_ranks=num_ranks, num_experts=num_experts)
-    m, hidden, _, num_experts = [integer("Buffer.get_low_latency_rdma_size_hint", name, value, minimum=1)
-                                 for name, value in sizes.items()]
-    # num_ranks is checked only: a half holds every expert's rows whatever the rank count.
+    # The sizes the low-latency ops accept, no others. num_ranks is checked only: a half holds every
+    # expert's rows whatever the rank count.
+    op = "Buffer.get_low_latency_rdma_size_hint"
+    m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
+                maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
+    hidden = integer(op, "hidden", hidden, minimum=1)
+    row_hidden(op, "hidden", hidden)
+    num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
+    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
+    if num_experts % num_ranks:
+        fail(op, f"`num_experts` must be divisible by `num_ranks` ({num_ranks}), got {num_experts}")
     return 2 * low_latency_layout(m, hidden, num_experts).half_bytes

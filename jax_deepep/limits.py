@@ -1,6 +1,8 @@
 """What the CUDA kernels can serve: the limits every backend enforces alike (docs/API.md)."""
 
 MAX_TOPK = 32  # top-k columns the kernels keep per token (shared-memory tables of 32)
+# Expert ids, counts and row indices are int32 everywhere (JAX's default integers, the kernels' ints).
+MAX_INT32 = 2**31 - 1
 FP8_BLOCK = 128  # channels per FP8 scale
 # Counts are rounded up in int32 on the GPU: a larger alignment could wrap (2**32 even divides by zero).
 MAX_EXPERT_ALIGNMENT = 1 << 16

@@ -7,19 +7,13 @@ import jax.numpy as jnp
 from . import checking
 from .backend import LowLatencyOptions, RankContext
 from .config import low_latency_rdma_size_hint
-from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS_PER_RANK, ROW_CHANNELS
+from .limits import FP8_BLOCK, LOGFMT_MAX_DECODED_GROUPS, LOW_LATENCY_MAX_TOKENS_PER_RANK
 from .logfmt import GROUP as LOGFMT_GROUP
 from .no_tokens import NO_TOKENS, NoTokensTransit, serving
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
-from .validation import boolean, expect_array, expect_top_k, fail, index_dtypes, integer, topk_ids
-
-
-def _check_hidden(op: str, name: str, hidden: int):
-    """Rows the kernels move in 16-byte pieces."""
-    if hidden <= 0 or hidden % ROW_CHANNELS:
-        fail(op, f"`{name}` hidden size must be a positive multiple of {ROW_CHANNELS} for the low-latency "
-                 f"kernels, got {hidden}")
+from .validation import (boolean, expect_array, expect_top_k, fail, index_dtypes, int32_count, integer, row_hidden,
+                         topk_ids)
 
 
 def _check_rdma_bytes(op: str, num_rdma_bytes: int, m: int, hidden: int, num_ranks: int, num_experts: int):
@@ -44,14 +38,14 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
                                                      ("use_ue8m0", use_ue8m0), ("return_recv_hook", return_recv_hook)))
     m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
                 maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
-    num_experts = integer(op, "num_experts", num_experts, minimum=1)
+    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
     if num_experts % ctx.num_ranks:
         fail(op, f"`num_experts` must be divisible by the number of ranks ({ctx.num_ranks}), got {num_experts}")
     expect_array(op, "x", x, ndim=2, dtypes=(jnp.bfloat16,))
     num_tokens, hidden = x.shape
     if num_tokens > m:
         fail(op, f"`x` has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={m}")
-    _check_hidden(op, "x", hidden)
+    row_hidden(op, "x", hidden)
     topk_ids(op, topk_idx, num_tokens)
     if use_ue8m0 and not use_fp8:
         fail(op, "`use_ue8m0=True` needs `use_fp8=True`")
@@ -100,7 +94,7 @@ def low_latency_combine(backend, ctx: RankContext, y, topk_idx, topk_weights, ha
     _check_handle(op, handle, ctx)
     m, e = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
     expect_array(op, "y", y, ndim=3, dtypes=(jnp.bfloat16,), shape=(e // ctx.num_ranks, ctx.num_ranks * m, None))
-    _check_hidden(op, "y", y.shape[2])
+    row_hidden(op, "y", y.shape[2])
     expect_array(op, "topk_idx", topk_idx, ndim=2, dtypes=index_dtypes(), shape=handle.send_slot.shape)
     expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=handle.send_slot.shape)
     _check_rdma_bytes(op, num_rdma_bytes, m, y.shape[2], ctx.num_ranks, e)

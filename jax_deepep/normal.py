@@ -24,7 +24,8 @@ from .limits import MAX_EXPERT_ALIGNMENT, ROW_CHANNELS
 from .no_tokens import serving
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
-from .validation import boolean, expect_array, expect_top_k, fail, integer, token_parts, topk_ids
+from .validation import (boolean, expect_array, expect_top_k, fail, int32_count, integer, row_hidden, token_parts,
+                         topk_ids)
 
 _CAPACITY = "num_worst_tokens (the receive capacity N)"  # how errors name it
 
@@ -184,7 +185,7 @@ def _check_topk(op: str, topk_idx, topk_weights, num_tokens: int):
 
 
 def _check_num_experts(op: str, num_experts, ctx: RankContext) -> int:
-    num_experts = integer(op, "num_experts", num_experts, minimum=1)
+    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
     if num_experts % ctx.num_ranks:
         fail(op, f"`num_experts` ({num_experts}) must be divisible by the number of ranks ({ctx.num_ranks})")
     return num_experts
@@ -321,7 +322,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     else:
         _check_layout(op, layout, ctx, num_tokens)
         layout_experts = layout.num_tokens_per_expert.shape[0]
-        if num_experts is not None and integer(op, "num_experts", num_experts, minimum=1) != layout_experts:
+        if num_experts is not None and int32_count(op, "num_experts", num_experts, minimum=1) != layout_experts:
             fail(op, f"`num_experts` ({num_experts}) disagrees with `layout` ({layout_experts} experts)")
         num_experts = _check_num_experts(op, layout_experts, ctx)
         if topk_idx is not None:
@@ -334,7 +335,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         if expert_grouped:
             num_worst_tokens = _grouped_capacity(ctx.num_ranks, num_tokens, topk_idx.shape[1],
                                                 num_experts // ctx.num_ranks, expert_alignment)
-    num_worst_tokens = integer(op, _CAPACITY, num_worst_tokens, minimum=0)
+    num_worst_tokens = int32_count(op, _CAPACITY, num_worst_tokens, minimum=0)
     static = _Static(ops, ctx, config, num_experts, num_worst_tokens, expert_alignment)
     return _dispatch(static, parts, topk_weights, topk_idx, layout)
 
@@ -392,6 +393,7 @@ def combine(backend, ctx: RankContext, config: Config, y, handle: DispatchHandle
     _check_handle(op, handle, ctx)
     num_tokens = handle.is_token_in_rank.shape[0]
     expect_array(op, "y", y, ndim=2, dtypes=(jnp.bfloat16,), shape=(handle.capacity, None))
+    row_hidden(op, "y", y.shape[1])
     _check_nvl_bytes(op, config, ctx, num_nvl_bytes, y.shape[1])
     grouped = isinstance(handle, ExpertGroupedHandle)
     if topk_weights is not None and grouped:

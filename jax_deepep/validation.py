@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .limits import FP8_BLOCK, MAX_TOPK
+from .limits import FP8_BLOCK, MAX_INT32, MAX_TOPK, ROW_CHANNELS
 
 
 class DeepEPError(ValueError):
@@ -36,6 +36,15 @@ def integer(op: str, name: str, value, *, minimum: Optional[int] = None, maximum
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         fail(op, f"`{name}` must be an int{_range_text(minimum, maximum)}, got {value}")
+    return value
+
+
+def int32_count(op: str, name: str, value, *, minimum: int) -> int:
+    """`integer(...)` of an expert count or a row capacity, which must also fit int32 (the ids and row
+    indices it bounds are int32)."""
+    value = integer(op, name, value, minimum=minimum)
+    if value > MAX_INT32:
+        fail(op, f"`{name}` must fit int32 (at most {MAX_INT32}), got {value}")
     return value
 
 
@@ -99,6 +108,14 @@ def topk_ids(op: str, topk_idx, num_tokens: Optional[int] = None):
     expect_top_k(op, "topk_idx", topk_idx)
 
 
+def row_hidden(op: str, name: str, hidden: int):
+    """Rows move in 16-byte pieces on every backend (the kernels' copies): the hidden size of `name` must be
+    a positive multiple of ROW_CHANNELS."""
+    if hidden <= 0 or hidden % ROW_CHANNELS:
+        fail(op, f"`{name}` hidden size must be a positive multiple of {ROW_CHANNELS} (rows move in 16-byte "
+                 f"pieces), got {hidden}")
+
+
 def token_parts(op: str, name: str, x, num_rows=None) -> tuple:
     """Split a bf16 array or an FP8 pair into a tuple of parts; check dtypes and shapes."""
     if isinstance(x, (tuple, list)):
@@ -108,12 +125,13 @@ def token_parts(op: str, name: str, x, num_rows=None) -> tuple:
         values, scales = x
         expect_array(op, f"{name}[0]", values, ndim=2, dtypes=(jnp.float8_e4m3fn,), shape=(num_rows, None))
         rows, hidden = values.shape
-        if hidden % FP8_BLOCK:
-            fail(op, f"`{name}[0]` hidden size must be a multiple of {FP8_BLOCK} for FP8, got {hidden}")
+        if hidden <= 0 or hidden % FP8_BLOCK:
+            fail(op, f"`{name}[0]` hidden size must be a positive multiple of {FP8_BLOCK} for FP8, got {hidden}")
         expect_array(op, f"{name}[1]", scales, ndim=2, dtypes=(jnp.float32,),
                      shape=(rows, hidden // FP8_BLOCK))
         return (values, scales)
     expect_array(op, name, x, ndim=2, dtypes=(jnp.bfloat16,), shape=(num_rows, None))
+    row_hidden(op, name, x.shape[1])
     return (x,)
 
 

@@ -126,6 +126,38 @@ def test_low_latency_sizes_the_kernels_cannot_serve(backend):
         trace(ll, call, *x_idx(), ((T, K), F32), y)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normal_mode_rows_of_whole_16_byte_pieces(backend):
+    """Normal mode refuses on every backend the hidden sizes the CUDA kernels cannot copy (and H = 0)."""
+    b = make_buffer(backend)
+    for hidden in (0, 12):
+        refused(b, lambda x, i: b.dispatch(x, topk_idx=i, num_experts=E).recv_x, ((T, hidden), BF16), ((T, K), I32),
+                names=["`x`", "multiple of 8", str(hidden)])
+
+    def combine(x, i, y):
+        return b.combine(y, b.dispatch(x, topk_idx=i, num_experts=E).handle)
+    refused(b, combine, *x_idx(), ((R * T, 12), BF16), names=["`y`", "multiple of 8", "12"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_beyond_int32_refused(backend):
+    """Expert ids, counts and row indices are int32: larger `num_experts` and capacities are refused by name."""
+    b, ll = make_buffer(backend), low_latency(backend)
+    refused(b, lambda i: b.get_dispatch_layout(i, 2**31).num_tokens_per_rank, ((T, K), I32),
+            names=["num_experts", str(2**31)])
+    refused(b, lambda x, i: b.dispatch(x, topk_idx=i, num_experts=E, num_worst_tokens=2**40).recv_x, *x_idx(),
+            names=["num_worst_tokens", str(2**40)])
+    refused(ll, lambda x, i: ll.low_latency_dispatch(x, i, num_max_dispatch_tokens_per_rank=M, num_experts=2**32,
+                                                     use_fp8=False).recv_x, *x_idx(), names=["num_experts"])
+
+
+@pytest.mark.parametrize("sizes, name", [((8193, H, R, E), "num_max_dispatch_tokens_per_rank"), ((M, 100, R, E), "hidden"),
+                                         ((M, H, R, 7), "num_experts"), ((M, H, 0, E), "num_ranks")])
+def test_low_latency_size_hint_refuses_what_the_ops_refuse(sizes, name):
+    with pytest.raises(deepep.DeepEPError, match=name):
+        deepep.Buffer.get_low_latency_rdma_size_hint(*sizes)
+
+
 def test_low_latency_combine_checks_the_buffer_size():
     ll = deepep.Buffer(make_mesh(R), "ep", low_latency_mode=True,
                        num_rdma_bytes=deepep.Buffer.get_low_latency_rdma_size_hint(M, H, R, E))

@@ -31,7 +31,7 @@ from ..sizes import (INTERNODE_MAX_CHANNELS, INTERNODE_MAX_EXPERTS, internode_co
 from ..types import DispatchHandle, DispatchLayout, ExpertGroupedHandle, pytree_dataclass
 from ..validation import expect_array, fail
 from .ffi_call import ffi_call, optional_operand, optional_result, struct_attribute
-from .intranode import GroupedKernelOps, _bias_operands, _combine_hidden, _received_parts, _sm_count, check_resident
+from .intranode import GroupedKernelOps, _bias_operands, _received_parts, _sm_count, check_resident
 from .nvshmem import SymmetricBuffer
 
 # Token counts and ring positions travel in the 16 bits of a signal (cuda/nvshmem_peers.cuh: call_signal;
@@ -236,7 +236,7 @@ class InternodeBackend:
         combined weights are [T, `top_k`] (0: none): (results, the bias operands, the routing operands,
         attributes). A grouped combine returns f32 rows to the forwarders."""
         route = _route("combine", ctx, handle)
-        num_tokens, hidden = handle.is_token_in_rank.shape[0], _combine_hidden(y)
+        num_tokens, hidden = handle.is_token_in_rank.shape[0], y.shape[1]
         geometry = internode_combine_geometry(ctx.num_ranks, self.ranks_per_node, config, hidden, top_k,
                                               exact_partials=self.exact_combine, f32_returns=grouped)
         attrs = dict(self._geometry_attrs("combine", ctx, config, num_tokens, geometry, grouped),

@@ -78,15 +78,6 @@ def _cached_dispatch_call(target: str, ctx: RankContext, attrs: dict, parts, top
     return recv_parts, (recv_weights if has_weights else None)
 
 
-def _combine_hidden(y) -> int:
-    """The hidden size of a combine's `y`: its rows must be whole 16-byte pieces for the kernels' copies."""
-    hidden = y.shape[1]
-    if hidden % 8:
-        fail("combine", f"`y` rows must be a multiple of 16 bytes for the CUDA kernels (hidden size a "
-                        f"multiple of 8), got hidden size {hidden}")
-    return hidden
-
-
 def _combine_call(target: str, ctx: RankContext, attrs: dict, y, weights: tuple, topk_weights, num_topk: int, bias,
                   tokens: DispatchHandle, *pair_rows):
     """The combine custom call `target` of `y` back along the token-level routing `tokens`: (the combined
@@ -266,7 +257,7 @@ class IntranodeBackend:
                                      (handle.capacity, num_topk), handle)
 
     def combine(self, ctx: RankContext, config: Config, handle: DispatchHandle, y, topk_weights, bias):
-        hidden = _combine_hidden(y)
+        hidden = y.shape[1]
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         # Chunks of at most half the ring: the receiver releases its heads a chunk of tokens at a time,
         # and the sender's next chunk then still fits behind them (cuda/intranode_combine.cu, `lag`).
@@ -336,7 +327,7 @@ class IntranodeGroupedOps(GroupedKernelOps):
         """(bf16 [T, H]: per token, the sum over its pairs of row_weights[row] * y[row] (unweighted without
         `row_weights`) plus `bias`, in f32 and rounded once; f32 [T, K] or None: for each (t, k) the
         `topk_weights [N]` of its pair's row)."""
-        hidden = _combine_hidden(y)
+        hidden = y.shape[1]
         top_k = handle.pair_row.shape[1]
         # As the plain combine: chunks of at most half the ring (IntranodeBackend.combine says why).
         attrs = self.backend._ring("combine", ctx, config, grouped_combine_slot(hidden, top_k),
