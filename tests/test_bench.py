@@ -203,6 +203,22 @@ def test_low_latency_bench_runs_as_processes_sharing_a_gpu(tmp_path, monkeypatch
         assert skipped["time_us"] is None and "no XLA collectives" in skipped["note"], skipped
 
 
+@pytest.mark.parametrize("mode, sizes", [("normal", ["--num-tokens", "32", "--num-topk", "4"]),
+                                         ("moe", ["--num-tokens", "32", "--num-topk", "2", "--moe-ffn", "128"])])
+def test_bench_as_processes_sharing_a_gpu_compiles_the_same_programs(tmp_path, monkeypatch, mode, sizes):
+    """Normal mode and the MoE layer as `--spawn` runs them on one GPU: no collective between the
+    processes outside the ops, and both processes compile the same programs (where they differ, a GPU
+    hangs in the compile)."""
+    monkeypatch.setenv("PYTHONPATH", guarded_pythonpath(tmp_path / "guard"))
+    path = tmp_path / "bench.json"
+    bench.main(["--mode", mode, "--spawn", "2", "--shared-gpu", "--hidden", "256", "--num-experts", "8",
+                "--warmup", "1", "--iters", "1", "--batch", "1", "--rotations", "1", "--only", "buffer",
+                "--json", str(path), *sizes])
+    assert json.loads(path.read_text())["meta"]["processes"] == 2
+    first, second = programs_compiled(tmp_path / "guard")
+    assert first and first == second, "the processes compiled different programs (a GPU hangs there)"
+
+
 def test_low_latency_bench_runs_as_a_job_of_two_processes(tmp_path):
     """Two processes of one job, each with its own device: every array is made where its rows live and
     the JAX-native baseline is checked against the Buffer on each process's own ranks (a process cannot
