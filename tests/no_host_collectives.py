@@ -9,7 +9,7 @@ ever; on CPU, where a test job's processes do have collectives, it simply works.
 On a GPU, compiling a program over several processes also waits for the others to compile the same
 program (they share autotuning results), so processes that compile different ones (a shape taken from a
 process's own data) hang there. The guard records a digest of every such program each process
-compiles; `programs_compiled(folder)` gives them, one list per process, to compare.
+compiles; `assert_same_programs(folder)` compares them.
 """
 import os
 import pathlib
@@ -61,3 +61,9 @@ def programs_compiled(folder: pathlib.Path) -> list:
     compiled, in the order it compiled them."""
     files = sorted(folder.glob("compiled_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
     return [p.read_text().split() for p in files]
+
+
+def assert_same_programs(folder: pathlib.Path):
+    """The guarded job's two processes compiled programs over both, and the same ones."""
+    first, second = programs_compiled(folder)
+    assert first and first == second, "the processes compiled different programs (a GPU hangs there)"
