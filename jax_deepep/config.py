@@ -6,7 +6,7 @@ import dataclasses
 from .limits import FP8_BLOCK, LOW_LATENCY_MAX_TOKENS_PER_RANK, MAX_TOPK
 from .sizes import (align, internode_combine_geometry, internode_dispatch_geometry, internode_node_sizes,
                     low_latency_layout)
-from .validation import fail, int32_count, integer, row_hidden
+from .validation import expert_count, fail, integer, row_hidden
 
 # Upper bounds the kernels are built for; the hints size buffers for them (and for MAX_TOPK).
 MAX_NVL_PEERS = 8  # ranks of one node the NVLink kernels serve (cuda/comm_layout.h kMaxRanks)
@@ -124,10 +124,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     op = "Buffer.get_low_latency_rdma_size_hint"
     m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
                 maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
-    hidden = integer(op, "hidden", hidden, minimum=1)
+    hidden = integer(op, "hidden", hidden)
     row_hidden(op, "hidden", hidden)
-    num_ranks = integer(op, "num_ranks", num_ranks, minimum=1)
-    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
-    if num_experts % num_ranks:
-        fail(op, f"`num_experts` must be divisible by `num_ranks` ({num_ranks}), got {num_experts}")
+    num_experts = expert_count(op, num_experts, integer(op, "num_ranks", num_ranks, minimum=1))
     return 2 * low_latency_layout(m, hidden, num_experts).half_bytes

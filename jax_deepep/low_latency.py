@@ -12,7 +12,7 @@ from .logfmt import GROUP as LOGFMT_GROUP
 from .no_tokens import NO_TOKENS, NoTokensTransit, serving
 from .trace_names import named, scoped
 from .types import LowLatencyDispatchOutput, LowLatencyHandle, PendingLowLatencyCombine
-from .validation import (boolean, expect_array, expect_top_k, fail, index_dtypes, int32_count, integer, row_hidden,
+from .validation import (boolean, expect_array, expect_top_k, expert_count, fail, index_dtypes, integer, row_hidden,
                          topk_ids)
 
 
@@ -38,9 +38,7 @@ def low_latency_dispatch(backend, ctx: RankContext, x, topk_idx, *, num_max_disp
                                                      ("use_ue8m0", use_ue8m0), ("return_recv_hook", return_recv_hook)))
     m = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1,
                 maximum=LOW_LATENCY_MAX_TOKENS_PER_RANK)
-    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
-    if num_experts % ctx.num_ranks:
-        fail(op, f"`num_experts` must be divisible by the number of ranks ({ctx.num_ranks}), got {num_experts}")
+    num_experts = expert_count(op, num_experts, ctx.num_ranks)
     expect_array(op, "x", x, ndim=2, dtypes=(jnp.bfloat16,))
     num_tokens, hidden = x.shape
     if num_tokens > m:

@@ -24,8 +24,8 @@ from .limits import MAX_EXPERT_ALIGNMENT, ROW_CHANNELS
 from .no_tokens import serving
 from .trace_names import named, scoped
 from .types import DispatchHandle, DispatchLayout, DispatchOutput, ExpertGroupedHandle
-from .validation import (boolean, expect_array, expect_top_k, fail, int32_count, integer, row_hidden, token_parts,
-                         topk_ids)
+from .validation import (boolean, expect_array, expect_top_k, expert_count, fail, int32_count, integer, row_hidden,
+                         token_parts, topk_ids)
 
 _CAPACITY = "num_worst_tokens (the receive capacity N)"  # how errors name it
 
@@ -184,13 +184,6 @@ def _check_topk(op: str, topk_idx, topk_weights, num_tokens: int):
         expect_array(op, "topk_weights", topk_weights, ndim=2, dtypes=(jnp.float32,), shape=topk_idx.shape)
 
 
-def _check_num_experts(op: str, num_experts, ctx: RankContext) -> int:
-    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
-    if num_experts % ctx.num_ranks:
-        fail(op, f"`num_experts` ({num_experts}) must be divisible by the number of ranks ({ctx.num_ranks})")
-    return num_experts
-
-
 def _check_nvl_bytes(op: str, config: Config, ctx: RankContext, num_nvl_bytes: int, hidden: int):
     """A Buffer's `num_nvl_bytes` (0: the backend sizes it) must hold `config`'s rings for rows of `hidden`."""
     if num_nvl_bytes:
@@ -281,7 +274,7 @@ def _check_grouped_experts(op: str, backend, ops, num_experts: int):
 def get_dispatch_layout(backend, ctx: RankContext, topk_idx, num_experts: int) -> DispatchLayout:
     op = "get_dispatch_layout"
     topk_ids(op, topk_idx)
-    num_experts = _check_num_experts(op, num_experts, ctx)
+    num_experts = expert_count(op, num_experts, ctx.num_ranks)
     checking.check_expert_ids(topk_idx, num_experts)
     return serving(backend, topk_idx.shape[0]).get_dispatch_layout(ctx, topk_idx, num_experts)
 
@@ -316,7 +309,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
     if layout is None:
         if num_experts is None:
             fail(op, "pass `layout` (from get_dispatch_layout) or `num_experts`")
-        num_experts = _check_num_experts(op, num_experts, ctx)
+        num_experts = expert_count(op, num_experts, ctx.num_ranks)
         checking.check_expert_ids(topk_idx, num_experts)
         layout = backend.get_dispatch_layout(ctx, topk_idx, num_experts)
     else:
@@ -324,7 +317,7 @@ def dispatch(backend, ctx: RankContext, config: Config, x, *, topk_idx=None, top
         layout_experts = layout.num_tokens_per_expert.shape[0]
         if num_experts is not None and int32_count(op, "num_experts", num_experts, minimum=1) != layout_experts:
             fail(op, f"`num_experts` ({num_experts}) disagrees with `layout` ({layout_experts} experts)")
-        num_experts = _check_num_experts(op, layout_experts, ctx)
+        num_experts = expert_count(op, layout_experts, ctx.num_ranks)
         if topk_idx is not None:
             checking.check_expert_ids(topk_idx, num_experts)
     if expert_grouped:

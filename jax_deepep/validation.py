@@ -48,6 +48,14 @@ def int32_count(op: str, name: str, value, *, minimum: int) -> int:
     return value
 
 
+def expert_count(op: str, num_experts, num_ranks: int) -> int:
+    """`num_experts` as an int32 count that the `num_ranks` ranks share evenly."""
+    num_experts = int32_count(op, "num_experts", num_experts, minimum=1)
+    if num_experts % num_ranks:
+        fail(op, f"`num_experts` must be divisible by the number of ranks ({num_ranks}), got {num_experts}")
+    return num_experts
+
+
 def boolean(op: str, name: str, value) -> bool:
     """`value` as a Python bool: True or False (numpy bools too); anything else refused."""
     if not isinstance(value, (bool, np.bool_)):
