@@ -45,20 +45,23 @@ __device__ __forceinline__ uint32_t* half_receipt(const LowLatencyCall& c, int k
   return receipt_of(c.mem, kind, static_cast<int>(seq % static_cast<uint32_t>(c.num_halves)), rank);
 }
 
-// Thread 0 of every send block: call `seq` of `kind` reuses the half of call seq - B, so this rank
-// must have received that call already. If it has not, its receive runs after this send on the
-// stream, and neither it nor any peer (every rank runs the same program) can ever hand out the
-// receipt this send would wait for: fail now, naming the limit.
-// (Receipts start at 0, so the first B calls pass; the comparisons are of differences, so the call
-// numbers may wrap.)
-__device__ __forceinline__ void check_in_flight(const LowLatencyCall& c, int kind, uint32_t seq,
-                                                const WaitContext& wait) {
+// Every send block, first: begin_call, then thread 0's check that call `seq` of `kind` may reuse the
+// half of call seq - B, which this rank must have received already. If it has not, its receive runs
+// after this send on the stream, and neither it nor any peer (every rank runs the same program) can
+// ever hand out the receipt this send would wait for: fail now, naming the limit. The half depends on
+// the call number, so the second warp reads this rank's receipt of every half beside thread 0's read
+// of the number: one memory round trip before the send's work, not two. (Receipts start at 0, so the
+// first B calls pass; the comparisons are of differences, so the call numbers may wrap.)
+__device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind, OpKind op) {
+  __shared__ uint32_t own_receipt[kMaxLowLatencyHalves];  // written by this rank's earlier receives
+  const int half = static_cast<int>(threadIdx.x) - kWarpSize;
+  if (half >= 0 && half < c.num_halves) own_receipt[half] = load_relaxed(receipt_of(c.mem, kind, half, c.mem.rank));
+  const uint32_t seq = begin_call(c.mem, kind, c.signature);  // whose barrier covers the receipts too
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
-  if (threadIdx.x != 0) return;
-  const uint32_t own = load_relaxed(half_receipt(c, kind, seq, c.mem.rank));  // written by an earlier receive
-  if (static_cast<int32_t>(own - (seq - halves)) < 0) {
-    fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
+  if (threadIdx.x == 0 && static_cast<int32_t>(own_receipt[seq % halves] - (seq - halves)) < 0) {
+    fail_op(wait_context(c.mem, op, c.signature), WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
   }
+  return seq;
 }
 
 // Whole block, before writing into `dst`'s half of call `seq`: dst has received call seq - B.
@@ -223,7 +226,6 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
-  check_in_flight(c, kDispatchCall, seq, wait);
 
   if (threadIdx.x == 0) matches.running[0] = 0;
   __syncthreads();
@@ -296,11 +298,11 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
 // grid of E blocks ran in two waves); the dispatch receive's grid is one wave of them.
 constexpr int kBlocksPerSm = 2;
 
-// The call numbered (begin_call / end_call) around the block's send.
+// The call numbered (begin_send / end_call) around the block's send.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x, const char* cast_rows, const int* topk_idx,
                          int* send_slot, int* token, bool use_fp8) {
-  const uint32_t seq = begin_call(c.mem, kDispatchCall, c.signature);
+  const uint32_t seq = begin_send(c, kDispatchCall, OpKind::kLowLatencyDispatch);
   dispatch_send_block(c, seq, x, cast_rows, topk_idx, send_slot, use_fp8);
   end_call(c.mem, kDispatchCall, seq, token);
 }
@@ -531,7 +533,6 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
   const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
-  check_in_flight(c, kCombineCall, seq, wait);
   if (dst >= mem.num_ranks) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const int experts_per_rank = c.shape.num_experts / num_ranks;
@@ -598,11 +599,11 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + flag_index, flag, dst);
 }
 
-// The call numbered (begin_call / end_call) around the block's send.
+// The call numbered (begin_send / end_call) around the block's send.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y, const int* recv_layout_range, int* token,
                         bool zero_copy, bool use_logfmt) {
-  const uint32_t seq = begin_call(c.mem, kCombineCall, c.signature);
+  const uint32_t seq = begin_send(c, kCombineCall, OpKind::kLowLatencyCombine);
   combine_send_block(c, seq, y, recv_layout_range, zero_copy, use_logfmt);
   end_call(c.mem, kCombineCall, seq, token);
 }

@@ -58,7 +58,10 @@ __device__ __forceinline__ int lower_bound_row(const int32_t* recv_src_idx, int 
 // One thread of each block of a launch, after the block's work: whether this block is the launch's
 // last to finish, counted in `done` (reset by the last for the next launch). The fences on both sides
 // of the count order every block's work before what the last block does next (as a grid barrier does).
+// A launch of one block is its own last block, with nothing to count or order (its barrier, which
+// every caller passes first, orders its threads' work).
 __device__ __forceinline__ bool last_block_of_launch(uint32_t* done) {
+  if (gridDim.x * gridDim.y * gridDim.z == 1) return true;
   __threadfence();
   if (atomicAdd(done, 1u) != gridDim.x * gridDim.y * gridDim.z - 1) return false;
   __threadfence();
