@@ -45,34 +45,49 @@ __device__ __forceinline__ uint32_t* half_receipt(const LowLatencyCall& c, int k
   return receipt_of(c.mem, kind, static_cast<int>(seq % static_cast<uint32_t>(c.num_halves)), rank);
 }
 
+// This rank's and a send's destination's receipts of every half (B at most), as a send reads them
+// at its start (begin_send).
+struct HalfReceipts {
+  uint32_t own[kMaxLowLatencyHalves];
+  uint32_t dst[kMaxLowLatencyHalves];
+};
+
 // Every send block, first: begin_call, then thread 0's check that call `seq` of `kind` may reuse the
 // half of call seq - B, which this rank must have received already. If it has not, its receive runs
 // after this send on the stream, and neither it nor any peer (every rank runs the same program) can
 // ever hand out the receipt this send would wait for: fail now, naming the limit. The half depends on
-// the call number, so the second warp reads this rank's receipt of every half beside thread 0's read
-// of the number: one memory round trip before the send's work, not two. (Receipts start at 0, so the
+// the call number, so the second warp reads the receipts of every half, this rank's (written by its
+// earlier receives) and `dst`'s (for claim_half; acquired, as its wait does), beside thread 0's read
+// of the number: the memory round trips before a send's work overlap. (Receipts start at 0, so the
 // first B calls pass; the comparisons are of differences, so the call numbers may wrap.)
-__device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind, OpKind op) {
-  __shared__ uint32_t own_receipt[kMaxLowLatencyHalves];  // written by this rank's earlier receives
-  const int half = static_cast<int>(threadIdx.x) - kWarpSize;
-  if (half >= 0 && half < c.num_halves) own_receipt[half] = load_relaxed(receipt_of(c.mem, kind, half, c.mem.rank));
+__device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind, OpKind op, int dst,
+                                               HalfReceipts& receipts) {
+  const int lane = static_cast<int>(threadIdx.x) - kWarpSize, half = lane % kMaxLowLatencyHalves;
+  if (lane >= 0 && lane < kMaxLowLatencyHalves && half < c.num_halves) {
+    receipts.own[half] = load_relaxed(receipt_of(c.mem, kind, half, c.mem.rank));
+  } else if (lane >= kMaxLowLatencyHalves && lane < 2 * kMaxLowLatencyHalves && half < c.num_halves &&
+             dst < c.mem.num_ranks) {
+    receipts.dst[half] = load_acquire(receipt_of(c.mem, kind, half, dst));
+  }
   const uint32_t seq = begin_call(c.mem, kind, c.signature);  // whose barrier covers the receipts too
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
-  if (threadIdx.x == 0 && static_cast<int32_t>(own_receipt[seq % halves] - (seq - halves)) < 0) {
+  if (threadIdx.x == 0 && static_cast<int32_t>(receipts.own[seq % halves] - (seq - halves)) < 0) {
     fail_op(wait_context(c.mem, op, c.signature), WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
   }
   return seq;
 }
 
-// Whole block, before writing into `dst`'s half of call `seq`: dst has received call seq - B.
+// Whole block, before writing into `dst`'s half of call `seq`: dst has received call seq - B, as its
+// receipt read by begin_send already tells or thread 0 waits to see.
 __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, uint32_t seq, int dst,
-                                           const WaitContext& wait) {
+                                           const HalfReceipts& receipts, const WaitContext& wait) {
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
   if (threadIdx.x == 0) {
     const uint32_t previous = seq - halves;
-    wait_until(half_receipt(c, kind, seq, dst),
-               [previous](uint32_t v) { return static_cast<int32_t>(v - previous) >= 0; }, wait, WaitKind::kReceipt,
-               dst, -1);
+    const auto received = [previous](uint32_t v) { return static_cast<int32_t>(v - previous) >= 0; };
+    if (!received(receipts.dst[seq % halves])) {
+      wait_until(half_receipt(c, kind, seq, dst), received, wait, WaitKind::kReceipt, dst, -1);
+    }
   }
   __syncthreads();
 }
@@ -214,17 +229,20 @@ __device__ __forceinline__ bool names_expert_earlier(const int* topk_idx, int i,
 // publishes count tagged with the call number. To this rank's own experts only each slot's header
 // (the token index) goes: the receive reads those rows from x or cast_rows itself, one copy instead
 // of two.
-__device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* x,
+// The block begins the call (begin_send) and gives its number to `seq`.
+__device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, const __nv_bfloat16* x,
                                                     const char* cast_rows, const int* topk_idx, int* send_slot,
-                                                    bool use_fp8) {
+                                                    bool use_fp8, uint32_t& seq) {
   extern __shared__ int slot_token[];  // [M]: the token in each slot
   __shared__ BlockPrefix<1> matches;
+  __shared__ HalfReceipts receipts;
   const PeerMemory& mem = c.mem;
   const LowLatencyShape& s = c.shape;
   const int e = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
+  seq = begin_send(c, kDispatchCall, OpKind::kLowLatencyDispatch, dst, receipts);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
 
   if (threadIdx.x == 0) matches.running[0] = 0;
@@ -247,7 +265,7 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
       send_slot[i] = -1;  // a repeat, and ids outside [0, E), go nowhere
     }
   }
-  claim_half(c, kDispatchCall, seq, dst, wait);  // and slot_token is complete
+  claim_half(c, kDispatchCall, seq, dst, receipts, wait);  // and slot_token is complete
   const int count = min(matches.running[0], s.max_tokens);
 
   const size_t row_bytes = c.layout.dispatch_row_bytes;
@@ -298,12 +316,12 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, uin
 // grid of E blocks ran in two waves); the dispatch receive's grid is one wave of them.
 constexpr int kBlocksPerSm = 2;
 
-// The call numbered (begin_send / end_call) around the block's send.
+// The block's send, which numbers the call (begin_send), and end_call after it.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     dispatch_send_kernel(LowLatencyCall c, const __nv_bfloat16* x, const char* cast_rows, const int* topk_idx,
                          int* send_slot, int* token, bool use_fp8) {
-  const uint32_t seq = begin_send(c, kDispatchCall, OpKind::kLowLatencyDispatch);
-  dispatch_send_block(c, seq, x, cast_rows, topk_idx, send_slot, use_fp8);
+  uint32_t seq;
+  dispatch_send_block(c, x, cast_rows, topk_idx, send_slot, use_fp8, seq);
   end_call(c.mem, kDispatchCall, seq, token);
 }
 
@@ -524,14 +542,18 @@ __device__ __forceinline__ SourceRows source_rows(const int* recv_layout_range, 
 // puts, from a staged copy of the rows (use_logfmt: a put of each encoded row, as long as it came out),
 // or with `zero_copy` straight from y (registered with NVSHMEM by the handler): those rows are
 // contiguous in y and in the destination, so each warp puts one run of them.
-__device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint32_t seq, const __nv_bfloat16* y,
-                                                   const int* recv_layout_range, bool zero_copy, bool use_logfmt) {
+// The block begins the call (begin_send) and gives its number to `seq`.
+__device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, const __nv_bfloat16* y,
+                                                   const int* recv_layout_range, bool zero_copy, bool use_logfmt,
+                                                   uint32_t& seq) {
   __shared__ LogfmtTables tables;
+  __shared__ HalfReceipts receipts;
   const PeerMemory& mem = c.mem;
   const LowLatencyLayout& layout = c.layout;
   // Row y of the grid: the other ranks in order, this rank skipped (R = 1: one block, which only checks).
   const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  seq = begin_send(c, kCombineCall, OpKind::kLowLatencyCombine, dst, receipts);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   if (dst >= mem.num_ranks) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
@@ -540,7 +562,7 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
   const int rows_per_expert = num_ranks * m;
   const auto [offset, count] = source_rows(recv_layout_range, local, dst, num_ranks, m);
   if (use_logfmt) fill_logfmt_tables(tables);
-  claim_half(c, kCombineCall, seq, dst, wait);  // and the tables are filled
+  claim_half(c, kCombineCall, seq, dst, receipts, wait);  // and the tables are filled
 
   const size_t row_bytes = layout.combine_row_bytes;
   const size_t half = half_offset(seq, c);
@@ -599,12 +621,12 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, uint
   if (threadIdx.x == 0) put_value(signals_at(mem.local, seq, c) + flag_index, flag, dst);
 }
 
-// The call numbered (begin_send / end_call) around the block's send.
+// The block's send, which numbers the call (begin_send), and end_call after it.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     combine_send_kernel(LowLatencyCall c, const __nv_bfloat16* y, const int* recv_layout_range, int* token,
                         bool zero_copy, bool use_logfmt) {
-  const uint32_t seq = begin_send(c, kCombineCall, OpKind::kLowLatencyCombine);
-  combine_send_block(c, seq, y, recv_layout_range, zero_copy, use_logfmt);
+  uint32_t seq;
+  combine_send_block(c, y, recv_layout_range, zero_copy, use_logfmt, seq);
   end_call(c.mem, kCombineCall, seq, token);
 }
 
