@@ -185,10 +185,14 @@ __device__ __forceinline__ void write_token_pass(const __nv_bfloat16* x, int hid
 // Grid-stride over (token, pass of kPassChunks chunks): each token's FP8 row as every expert it goes
 // to receives it (header, e4m3 values, f32 scales), into `rows` [T] of `row_bytes`. Cast once per
 // token here, the send copies the row to each of its experts instead of casting it once per expert.
-__global__ void __launch_bounds__(kThreads) cast_tokens_kernel(LowLatencyShape s, const __nv_bfloat16* x, char* rows,
-                                                               size_t row_bytes, bool round_scale) {
-  const int warps = gridDim.x * kWarps, passes = (s.hidden + kPassChannels - 1) / kPassChannels;
-  for (int item = blockIdx.x * kWarps + threadIdx.x / kWarpSize; item < s.num_tokens * passes; item += warps) {
+// Small blocks: a decode step's few tokens (T = 128: 896 items) then reach every SM (in blocks of
+// 512 threads, 56 of an H100's 132), so no SM's share of the memory traffic sets the time.
+constexpr int kCastThreads = 128;
+constexpr int kCastWarps = kCastThreads / kWarpSize;
+__global__ void __launch_bounds__(kCastThreads) cast_tokens_kernel(LowLatencyShape s, const __nv_bfloat16* x,
+                                                                   char* rows, size_t row_bytes, bool round_scale) {
+  const int warps = gridDim.x * kCastWarps, passes = (s.hidden + kPassChannels - 1) / kPassChannels;
+  for (int item = blockIdx.x * kCastWarps + threadIdx.x / kWarpSize; item < s.num_tokens * passes; item += warps) {
     const int t = item / passes;
     write_token_pass(x, s.hidden, t, item % passes * kPassChunks, rows + static_cast<size_t>(t) * row_bytes, true,
                      round_scale);
@@ -809,9 +813,9 @@ cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const L
   const LowLatencyShape& s = call.shape;
   if (a.use_fp8 && s.num_tokens > 0) {
     const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
-    const int blocks = std::min((s.num_tokens * passes + kWarps - 1) / kWarps, 2 * num_sms());
-    cast_tokens_kernel<<<blocks, kThreads, 0, stream>>>(s, a.x, a.cast_rows, call.layout.dispatch_row_bytes,
-                                                        a.round_scale);
+    const int blocks = std::min((s.num_tokens * passes + kCastWarps - 1) / kCastWarps, 8 * num_sms());
+    cast_tokens_kernel<<<blocks, kCastThreads, 0, stream>>>(s, a.x, a.cast_rows, call.layout.dispatch_row_bytes,
+                                                            a.round_scale);
   }
   dispatch_send_kernel<<<s.num_experts, kThreads, s.max_tokens * sizeof(int), stream>>>(
       call, a.x, a.cast_rows, a.topk_idx, a.send_slot, a.token, a.use_fp8);
