@@ -277,13 +277,12 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, con
   const size_t first_row = (static_cast<size_t>(local) * mem.num_ranks + mem.rank) * s.max_tokens;
   const uint64_t signal = call_signal(c.signature, seq, count);
   const int signal_index = local * mem.num_ranks + mem.rank;
-  if (dst == mem.rank) {
+  if (dst == mem.rank) {  // read by this rank's receive, a later kernel of the stream: plain stores suffice
     char* const own = mem.local + half + first_row * row_bytes;
     for (int j = threadIdx.x; j < count; j += kThreads) {
       *reinterpret_cast<int4*>(own + j * row_bytes) = make_int4(slot_token[j], 0, 0, 0);
     }
-    __syncthreads();
-    if (threadIdx.x == 0) store_release(signals_at(mem.local, seq, c) + signal_index, signal);
+    if (threadIdx.x == 0) signals_at(mem.local, seq, c)[signal_index] = signal;
     return;
   }
   char* const peer = mem.peer[dst];
