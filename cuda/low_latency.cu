@@ -104,6 +104,7 @@ __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int
 
 // Whole block, last: the block has read what it needed of call `seq`; the launch's last block to
 // finish gives every PE this rank's receipt of the call (after every block's reads: last_block_of_launch).
+// This rank's own copy is read only by its later sends, later kernels of the stream: a plain store.
 __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind, uint32_t seq) {
   __shared__ bool last;
   __syncthreads();
@@ -111,7 +112,13 @@ __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind
   __syncthreads();
   if (!last) return;
   uint32_t* receipt = half_receipt(c, kind, seq, c.mem.rank);
-  for (int pe = threadIdx.x; pe < c.mem.num_ranks; pe += blockDim.x) store_symmetric(c.mem, receipt, seq, pe);
+  for (int pe = threadIdx.x; pe < c.mem.num_ranks; pe += blockDim.x) {
+    if (pe == c.mem.rank) {
+      *receipt = seq;
+    } else {
+      store_symmetric(c.mem, receipt, seq, pe);
+    }
+  }
 }
 
 // Smallest power of two >= s (s positive and normal), exactly.
