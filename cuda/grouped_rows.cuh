@@ -67,19 +67,48 @@ __device__ __forceinline__ PairLanes pair_lanes(int row, float weight, int num_t
   return p;
 }
 
-// Whole warp: out (the eight channels of vector `i`, when `valid`) += for each owner lane in k
-// order, its `weight` * y[its `row`], each product and sum rounded on its own.
-__device__ __forceinline__ void add_pair_rows(float (&out)[8], const __nv_bfloat16* y, int hidden, unsigned owners,
-                                              int row, float weight, int i, bool valid) {
-  for (unsigned rest = owners; rest; rest &= rest - 1) {
-    const int k = __ffs(rest) - 1;
-    const int r = __shfl_sync(0xffffffffu, row, k);
-    const float w = __shfl_sync(0xffffffffu, weight, k);
-    if (!valid) continue;
-    float f[8];
-    unpack_bf16x8(__ldg(reinterpret_cast<const int4*>(y + static_cast<int64_t>(r) * hidden) + i), f);
+// Vectors of a row each lane sums in one pass of add_pair_rows, and pairs whose loads it issues
+// together: 2 x 2 keeps four 16-byte loads in flight per lane (one at a time left the grouped
+// combine at a third of the plain one's bandwidth); more spills in the internode kernels.
+constexpr int kPairVectors = 2;
+constexpr int kPairBatch = 2;
+
+// Whole warp: out[u] (the eight channels of vector first + 32u, where below `vectors`) += for each
+// owner lane in k order, its `weight` * y[its `row`], each product and sum rounded on its own. The
+// loads of kPairBatch pairs are issued before the first of them is added; the adds keep k order.
+__device__ __forceinline__ void add_pair_rows(float (&out)[kPairVectors][8], const __nv_bfloat16* y, int hidden,
+                                              unsigned owners, int row, float weight, int first, int vectors) {
+  for (unsigned rest = owners; rest;) {
+    int r[kPairBatch];
+    float w[kPairBatch];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) out[c] = __fadd_rn(out[c], __fmul_rn(w, f[c]));
+    for (int p = 0; p < kPairBatch; ++p) {
+      const int k = rest ? __ffs(rest) - 1 : 0;  // owners is the same in every lane
+      r[p] = rest ? __shfl_sync(0xffffffffu, row, k) : -1;
+      w[p] = __shfl_sync(0xffffffffu, weight, k);
+      rest &= rest - 1;
+    }
+    int4 v[kPairBatch][kPairVectors];
+#pragma unroll
+    for (int p = 0; p < kPairBatch; ++p) {
+      const int4* src = reinterpret_cast<const int4*>(y + static_cast<int64_t>(max(r[p], 0)) * hidden);
+#pragma unroll
+      for (int u = 0; u < kPairVectors; ++u) {
+        const int i = first + kWarpSize * u;
+        v[p][u] = r[p] >= 0 && i < vectors ? __ldg(src + i) : make_int4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < kPairBatch; ++p) {
+      if (r[p] < 0) continue;
+#pragma unroll
+      for (int u = 0; u < kPairVectors; ++u) {
+        float f[8];
+        unpack_bf16x8(v[p][u], f);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) out[u][c] = __fadd_rn(out[u][c], __fmul_rn(w[p], f[c]));
+      }
+    }
   }
 }
 

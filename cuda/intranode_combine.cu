@@ -255,17 +255,25 @@ __device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, co
   };
   // Lane r < R: where the token's row from rank r is, loaded one token ahead of its sum: its row
   // in `y` for this rank, else its slot index in r's ring past what this op started with; -1
-  // where it was not sent (or was dropped).
+  // where it was not sent (or was dropped). A grouped combine also reads this rank's own pairs
+  // of the token ahead (two dependent loads: its token-level row's pair rows, then their weights).
+  struct Ahead {
+    int2 at;
+    TokenPairs own;
+  };
   auto position = [&](int t) {
-    int2 at = make_int2(t, -1);
+    Ahead a;
+    a.at = make_int2(t, -1);
     if (lane < num_ranks) {
       const int row = args.send_row[static_cast<int64_t>(t) * num_ranks + lane];
-      if (row >= 0 && row < args.capacity) at.y = lane == me ? row : before(t, lane) - state.sent_first[lane];
+      if (row >= 0 && row < args.capacity) a.at.y = lane == me ? row : before(t, lane) - state.sent_first[lane];
     }
-    return at;
+    if constexpr (kIsGrouped<Args>) a.own = token_pairs(args, __shfl_sync(0xffffffffu, a.at.y, me), lane);
+    return a;
   };
   uint64_t seen = 0;  // lane r < R: the tail of rank r's ring as last read
-  for_each_ahead(range.first + warp, range.last, kWarps, position, [&](int2 at) {
+  for_each_ahead(range.first + warp, range.last, kWarps, position, [&](const Ahead& a) {
+    const int2 at = a.at;
     if (lane < num_ranks && lane != me && at.y >= 0) {
       const uint64_t need = state.base[lane] + at.y + 1;
       if (seen < need)
@@ -287,8 +295,7 @@ __device__ void receive_tokens(const RankInfo& info, const WaitContext& wait, co
       }
     }
     if constexpr (kIsGrouped<Args>) {
-      // This rank's own term: its token-level row.
-      combine_partials(info, args, at.x, __shfl_sync(0xffffffffu, at.y, me), rows.row);
+      combine_partials(info, args, at.x, __shfl_sync(0xffffffffu, at.y, me) >= 0, a.own, rows.row);
     } else {
       combine_token(info, args, rows, pipe);
     }

@@ -115,13 +115,16 @@ __device__ __forceinline__ void write_partial(const GroupedCombineArgs& args, ch
   const TokenPairs t = token_pairs(args, j, lane);
   const int vectors = args.hidden / 8;
   float4* out = reinterpret_cast<float4*>(slot);
-  for (int first = 0; first < vectors; first += kWarpSize) {
-    const int i = first + lane;
-    float acc[8] = {};
-    add_pair_rows(acc, args.y, args.hidden, t.owners, t.row, t.weight, i, i < vectors);
-    if (i < vectors) {
-      out[2 * i] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      out[2 * i + 1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  for (int base = 0; base < vectors; base += kWarpSize * kPairVectors) {
+    const int first = base + lane;
+    float acc[kPairVectors][8] = {};
+    add_pair_rows(acc, args.y, args.hidden, t.owners, t.row, t.weight, first, vectors);
+#pragma unroll
+    for (int u = 0; u < kPairVectors; ++u) {
+      const int i = first + kWarpSize * u;
+      if (i >= vectors) continue;
+      out[2 * i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+      out[2 * i + 1] = make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
     }
   }
   // Every rank of the op combines weights or none (the same shapes); with N = 0 no row has any.
@@ -130,43 +133,55 @@ __device__ __forceinline__ void write_partial(const GroupedCombineArgs& args, ch
 }
 
 // Whole warp, a grouped combine's receiver: token `token`'s sum over ranks (in rank order) of the
-// partials: this rank's from its own pairs (token-level row `own`, -1: none), the peers' from
-// their ring slots `slots[d]` (null: none); then the biases, rounded to bf16 once.
+// partials: this rank's from its own pairs `t` (those of its token-level row, read ahead by the
+// caller; `has_own`: the token has one), the peers' from their ring slots `slots[d]` (null: none);
+// then the biases, rounded to bf16 once.
 __device__ __forceinline__ void combine_partials(const RankInfo& info, const GroupedCombineArgs& args, int token,
-                                                 int own, const char* const (&slots)[kMaxRanks]) {
+                                                 bool has_own, const TokenPairs& t,
+                                                 const char* const (&slots)[kMaxRanks]) {
   const int me = info.rank, lane = threadIdx.x % kWarpSize, vectors = args.hidden / 8;
-  const TokenPairs t = token_pairs(args, own, lane);
   const int64_t at = static_cast<int64_t>(token) * args.hidden;
   const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + at : nullptr);
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + at : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + at);
-  for (int first = 0; first < vectors; first += kWarpSize) {
-    const int i = first + lane;
-    const bool valid = i < vectors;
-    float acc[8] = {};
+  for (int base = 0; base < vectors; base += kWarpSize * kPairVectors) {
+    const int first = base + lane;
+    float acc[kPairVectors][8] = {};
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
       if (d >= info.num_ranks) continue;
-      float part[8] = {};
+      float part[kPairVectors][8] = {};
       if (d == me) {
-        if (own < 0) continue;
-        add_pair_rows(part, args.y, args.hidden, t.owners, t.row, t.weight, i, valid);
+        if (!has_own) continue;
+        add_pair_rows(part, args.y, args.hidden, t.owners, t.row, t.weight, first, vectors);
       } else {
-        if (!slots[d] || !valid) continue;
+        if (!slots[d]) continue;
         const float4* p = reinterpret_cast<const float4*>(slots[d]);
-        const float4 a = __ldcv(p + 2 * i), b = __ldcv(p + 2 * i + 1);
-        const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-        for (int c = 0; c < 8; ++c) part[c] = f[c];
+        for (int u = 0; u < kPairVectors; ++u) {
+          const int i = first + kWarpSize * u;
+          if (i >= vectors) continue;
+          const float4 a = __ldcv(p + 2 * i), b = __ldcv(p + 2 * i + 1);
+          const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int c = 0; c < 8; ++c) part[u][c] = f[c];
+        }
       }
 #pragma unroll
-      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], part[c]);
+      for (int u = 0; u < kPairVectors; ++u) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc[u][c] = __fadd_rn(acc[u][c], part[u][c]);
+      }
     }
-    if (!valid) continue;
-    for (const int4* bias : {bias0, bias1}) {
-      if (bias) accumulate(acc, __ldg(bias + i));
+#pragma unroll
+    for (int u = 0; u < kPairVectors; ++u) {
+      const int i = first + kWarpSize * u;
+      if (i >= vectors) continue;
+      for (const int4* bias : {bias0, bias1}) {
+        if (bias) accumulate(acc[u], __ldg(bias + i));
+      }
+      out[i] = pack_bf16x8<int4>(acc[u]);
     }
-    out[i] = pack_bf16x8<int4>(acc);
   }
   if (args.combined_topk_weights && lane < args.num_topk) {
     float w = 0.0f;
@@ -174,7 +189,7 @@ __device__ __forceinline__ void combine_partials(const RankInfo& info, const Gro
     for (int d = 0; d < kMaxRanks; ++d) {
       if (d >= info.num_ranks) continue;
       if (d == me) {
-        if (own >= 0) w += t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
+        if (has_own) w += t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
       } else if (slots[d]) {
         w += reinterpret_cast<const volatile float*>(slots[d] + args.slot.weights_offset)[lane];
       }

@@ -60,7 +60,7 @@ struct HalfReceipts {
 // earlier receives) and `dst`'s (for claim_half; acquired, as its wait does), beside thread 0's read
 // of the number: the memory round trips before a send's work overlap. (Receipts start at 0, so the
 // first B calls pass; the comparisons are of differences, so the call numbers may wrap.)
-__device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind, OpKind op, int dst,
+__device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind, const WaitContext& wait, int dst,
                                                HalfReceipts& receipts) {
   const int lane = static_cast<int>(threadIdx.x) - kWarpSize, half = lane % kMaxLowLatencyHalves;
   if (lane >= 0 && lane < kMaxLowLatencyHalves && half < c.num_halves) {
@@ -72,7 +72,7 @@ __device__ __forceinline__ uint32_t begin_send(const LowLatencyCall& c, int kind
   const uint32_t seq = begin_call(c.mem, kind, c.signature);  // whose barrier covers the receipts too
   const uint32_t halves = static_cast<uint32_t>(c.num_halves);
   if (threadIdx.x == 0 && static_cast<int32_t>(receipts.own[seq % halves] - (seq - halves)) < 0) {
-    fail_op(wait_context(c.mem, op, c.signature), WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
+    fail_op(wait, WaitKind::kTooManyInFlight, c.mem.rank, -1, 0, c.num_halves);
   }
   return seq;
 }
@@ -253,8 +253,8 @@ __device__ __forceinline__ void dispatch_send_block(const LowLatencyCall& c, con
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const int dst = e / experts_per_rank, local = e % experts_per_rank;
   const int entries = s.num_tokens * s.top_k;
-  seq = begin_send(c, kDispatchCall, OpKind::kLowLatencyDispatch, dst, receipts);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
+  seq = begin_send(c, kDispatchCall, wait, dst, receipts);
 
   if (threadIdx.x == 0) matches.running[0] = 0;
   __syncthreads();
@@ -563,8 +563,8 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, cons
   // Row y of the grid: the other ranks in order, this rank skipped (R = 1: one block, which only checks).
   const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  seq = begin_send(c, kCombineCall, OpKind::kLowLatencyCombine, dst, receipts);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
+  seq = begin_send(c, kCombineCall, wait, dst, receipts);
   if (dst >= mem.num_ranks) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const int experts_per_rank = c.shape.num_experts / num_ranks;
