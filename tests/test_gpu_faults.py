@@ -420,10 +420,12 @@ def scenario_mismatch(w: FaultWorker):
 
 
 def scenario_in_flight(w: FaultWorker):
-    """Three sends before the first receive on two halves: the third send fails at once on every rank."""
+    """Three sends before the first receive on two halves: the third send fails at once on every rank.
+    The message, not the time, shows it was not a timeout: a trapped kernel's error once took 4.4 s
+    to reach JAX with two processes on one GPU under MPS (benchmarks/LOG.md, session 35)."""
     run = w.compiled(w.three_in_flight)
     w.check("three low-latency dispatches in flight on two halves: an error",
-            lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S,
+            lambda: _expect_failure(w, lambda: run(*w.args()), within_s=TIMEOUT_S + BOUND_S,
                                     contains=("low_latency_dispatch", f"rank {w.rank}", "in flight",
                                               "2 halves")))
     return 1 if w.failures else 0
