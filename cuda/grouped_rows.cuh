@@ -69,14 +69,17 @@ __device__ __forceinline__ PairLanes pair_lanes(int row, float weight, int num_t
 
 // Vectors of a row each lane sums in one pass of add_pair_rows, and pairs whose loads it issues
 // together: 2 x 2 keeps four 16-byte loads in flight per lane (one at a time left the grouped
-// combine at a third of the plain one's bandwidth); more spills in the internode kernels.
+// combine at a third of the plain one's bandwidth); more spills in the internode kernels. A
+// one-rank grouped combine holds no rank sum beside its pair sum and passes 4 vectors: eight loads.
 constexpr int kPairVectors = 2;
+constexpr int kSoloPairVectors = 4;
 constexpr int kPairBatch = 2;
 
 // Whole warp: out[u] (the eight channels of vector first + 32u, where below `vectors`) += for each
 // owner lane in k order, its `weight` * y[its `row`], each product and sum rounded on its own. The
 // loads of kPairBatch pairs are issued before the first of them is added; the adds keep k order.
-__device__ __forceinline__ void add_pair_rows(float (&out)[kPairVectors][8], const __nv_bfloat16* y, int hidden,
+template <int kVectors>
+__device__ __forceinline__ void add_pair_rows(float (&out)[kVectors][8], const __nv_bfloat16* y, int hidden,
                                               unsigned owners, int row, float weight, int first, int vectors) {
   for (unsigned rest = owners; rest;) {
     int r[kPairBatch];
@@ -88,12 +91,12 @@ __device__ __forceinline__ void add_pair_rows(float (&out)[kPairVectors][8], con
       w[p] = __shfl_sync(0xffffffffu, weight, k);
       rest &= rest - 1;
     }
-    int4 v[kPairBatch][kPairVectors];
+    int4 v[kPairBatch][kVectors];
 #pragma unroll
     for (int p = 0; p < kPairBatch; ++p) {
       const int4* src = reinterpret_cast<const int4*>(y + static_cast<int64_t>(max(r[p], 0)) * hidden);
 #pragma unroll
-      for (int u = 0; u < kPairVectors; ++u) {
+      for (int u = 0; u < kVectors; ++u) {
         const int i = first + kWarpSize * u;
         v[p][u] = r[p] >= 0 && i < vectors ? __ldg(src + i) : make_int4(0, 0, 0, 0);
       }
@@ -102,7 +105,7 @@ __device__ __forceinline__ void add_pair_rows(float (&out)[kPairVectors][8], con
     for (int p = 0; p < kPairBatch; ++p) {
       if (r[p] < 0) continue;
 #pragma unroll
-      for (int u = 0; u < kPairVectors; ++u) {
+      for (int u = 0; u < kVectors; ++u) {
         float f[8];
         unpack_bf16x8(v[p][u], f);
 #pragma unroll

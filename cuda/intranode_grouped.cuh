@@ -132,6 +132,15 @@ __device__ __forceinline__ void write_partial(const GroupedCombineArgs& args, ch
     reinterpret_cast<float*>(slot + args.slot.weights_offset)[lane] = t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
 }
 
+// Vector `i` of a token's output: its rank sum `acc` plus the biases (null: none), rounded to bf16 once.
+__device__ __forceinline__ void store_token_vector(float (&acc)[8], const int4* bias0, const int4* bias1, int4* out,
+                                                   int i) {
+  for (const int4* bias : {bias0, bias1}) {
+    if (bias) accumulate(acc, __ldg(bias + i));
+  }
+  out[i] = pack_bf16x8<int4>(acc);
+}
+
 // Whole warp, a grouped combine's receiver: token `token`'s sum over ranks (in rank order) of the
 // partials: this rank's from its own pairs `t` (those of its token-level row, read ahead by the
 // caller; `has_own`: the token has one), the peers' from their ring slots `slots[d]` (null: none);
@@ -144,7 +153,22 @@ __device__ __forceinline__ void combine_partials(const RankInfo& info, const Gro
   const int4* bias0 = reinterpret_cast<const int4*>(args.bias[0] ? args.bias[0] + at : nullptr);
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + at : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + at);
-  for (int base = 0; base < vectors; base += kWarpSize * kPairVectors) {
+  // One rank: its pair sum is the only term of the rank sum (which starts at 0, as below).
+  for (int base = 0; info.num_ranks == 1 && base < vectors; base += kWarpSize * kSoloPairVectors) {
+    const int first = base + lane;
+    float part[kSoloPairVectors][8] = {};
+    if (has_own) add_pair_rows(part, args.y, args.hidden, t.owners, t.row, t.weight, first, vectors);
+#pragma unroll
+    for (int u = 0; u < kSoloPairVectors; ++u) {
+      const int i = first + kWarpSize * u;
+      if (i >= vectors) continue;
+      float acc[8];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(0.0f, part[u][c]);
+      store_token_vector(acc, bias0, bias1, out, i);
+    }
+  }
+  for (int base = 0; info.num_ranks > 1 && base < vectors; base += kWarpSize * kPairVectors) {
     const int first = base + lane;
     float acc[kPairVectors][8] = {};
 #pragma unroll
@@ -176,11 +200,7 @@ __device__ __forceinline__ void combine_partials(const RankInfo& info, const Gro
 #pragma unroll
     for (int u = 0; u < kPairVectors; ++u) {
       const int i = first + kWarpSize * u;
-      if (i >= vectors) continue;
-      for (const int4* bias : {bias0, bias1}) {
-        if (bias) accumulate(acc[u], __ldg(bias + i));
-      }
-      out[i] = pack_bf16x8<int4>(acc[u]);
+      if (i < vectors) store_token_vector(acc[u], bias0, bias1, out, i);
     }
   }
   if (args.combined_topk_weights && lane < args.num_topk) {

@@ -162,8 +162,9 @@ def group_by_expert(recv_topk_idx, recv_topk_weights, num_local_experts: int,
     return ExpertGroups(rows=(order // top_k).astype(jnp.int32), weights=weights[order], group_sizes=group_sizes)
 
 
-def grouped_swiglu(w_gate, w_up, w_down, rows, group_sizes):
-    """SwiGLU of each row with its group's expert: `rows [P, H]` sorted by group -> f32 `[P, H]`.
+def grouped_swiglu(w_gate, w_up, w_down, rows, group_sizes, out_dtype=jnp.float32):
+    """SwiGLU of each row with its group's expert: `rows [P, H]` sorted by group -> `[P, H]` of
+    `out_dtype` (the last matmul's f32 sum, rounded once).
 
     Rows past `sum(group_sizes)` give zeros.
     """
@@ -172,7 +173,7 @@ def grouped_swiglu(w_gate, w_up, w_down, rows, group_sizes):
     gate = dot(rows, w_gate.astype(jnp.bfloat16))
     up = dot(rows, w_up.astype(jnp.bfloat16))
     hidden = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
-    return dot(hidden, w_down.astype(jnp.bfloat16))
+    return dot(hidden, w_down.astype(jnp.bfloat16), preferred_element_type=out_dtype)
 
 
 def swiglu(w_gate, w_up, w_down, x):
@@ -272,8 +273,10 @@ def moe_from_routing(params: dict, x, routing: Routing, buffer: Buffer, config: 
     grouped = expert_grouped(buffer, config)
     out = _dispatch(buffer, x, routing, config, grouped)
     if grouped:  # each pair's output goes back as its own bf16 row; combine weights and sums them
+        # (bf16 straight from the matmul, the same values as a cast after it: the backward's matmuls then
+        # take the bf16 cotangent as it is, not widened to f32)
         y = grouped_swiglu(params["w_gate"], params["w_up"], params["w_down"], out.recv_x,
-                           out.num_recv_tokens_per_expert).astype(jnp.bfloat16)
+                           out.num_recv_tokens_per_expert, out_dtype=jnp.bfloat16)
     else:
         y = local_experts(params, out.recv_x, out.recv_topk_idx, out.recv_topk_weights)
     combined, _ = buffer.combine(y, out.handle)
