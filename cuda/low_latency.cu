@@ -139,6 +139,37 @@ __device__ __forceinline__ uint4 load_chunk(const __nv_bfloat16* row, int hidden
   return ch < hidden ? *reinterpret_cast<const uint4*>(row + ch) : make_uint4(0, 0, 0, 0);
 }
 
+// One lane's 8 channels of a chunk cast to e4m3 (a warp's chunk is two blocks of 128 channels, one
+// per half-warp: every lane of a half gets its block's scale).
+struct Fp8Piece {
+  uint2 values;
+  float scale;
+};
+
+// Whole warp: this lane's 8 channels (`raw`: its load_chunk) cast with the scale of its 128-channel
+// block. The arithmetic of jax_deepep/fp8.py (and DeepEP): scale = amax * f32(1 / 448), values
+// times 448 / amax (times 1 / scale, exact, when the scale is a power of two).
+__device__ __forceinline__ Fp8Piece cast_piece(uint4 raw, bool round_scale) {
+  float v[8];
+  unpack_bf16x8(raw, v);
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
+#pragma unroll
+  for (int mask = 8; mask >= 1; mask /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+  amax = fmaxf(amax, kMinAmax);
+  Fp8Piece p;
+  p.scale = amax * kInverseFp8Max;
+  float inverse = kFp8Max / amax;
+  if (round_scale) {
+    p.scale = round_up_pow2(p.scale);
+    inverse = 1.0f / p.scale;
+  }
+  p.values.x = pack_fp8x2(v[0] * inverse, v[1] * inverse) | (pack_fp8x2(v[2] * inverse, v[3] * inverse) << 16);
+  p.values.y = pack_fp8x2(v[4] * inverse, v[5] * inverse) | (pack_fp8x2(v[6] * inverse, v[7] * inverse) << 16);
+  return p;
+}
+
 // Writes chunk `chunk` of a token (`raw`: this lane's load_chunk) into the staged row `dst`: bf16
 // copied, or cast to e4m3 with one scale per 128 channels (16 lanes). The whole warp calls it.
 __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, bool use_fp8, bool round_scale) {
@@ -150,27 +181,10 @@ __device__ void write_token_chunk(uint4 raw, char* dst, int hidden, int chunk, b
     if (valid) *reinterpret_cast<uint4*>(payload + ch * 2) = raw;
     return;
   }
-  float v[8];
-  unpack_bf16x8(raw, v);
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
-#pragma unroll
-  for (int mask = 8; mask >= 1; mask /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
-  // The arithmetic of jax_deepep/fp8.py (and DeepEP): scale = amax * f32(1 / 448), values times
-  // 448 / amax (times 1 / scale, exact, when the scale is a power of two).
-  amax = fmaxf(amax, kMinAmax);
-  float scale = amax * kInverseFp8Max, inverse = kFp8Max / amax;
-  if (round_scale) {
-    scale = round_up_pow2(scale);
-    inverse = 1.0f / scale;
-  }
-  uint2 packed;
-  packed.x = pack_fp8x2(v[0] * inverse, v[1] * inverse) | (pack_fp8x2(v[2] * inverse, v[3] * inverse) << 16);
-  packed.y = pack_fp8x2(v[4] * inverse, v[5] * inverse) | (pack_fp8x2(v[6] * inverse, v[7] * inverse) << 16);
+  const Fp8Piece p = cast_piece(raw, round_scale);
   if (valid) {
-    *reinterpret_cast<uint2*>(payload + ch) = packed;
-    if (lane % 16 == 0) reinterpret_cast<float*>(payload + hidden)[ch / kFp8Block] = scale;
+    *reinterpret_cast<uint2*>(payload + ch) = p.values;
+    if (lane % 16 == 0) reinterpret_cast<float*>(payload + hidden)[ch / kFp8Block] = p.scale;
   }
 }
 
@@ -335,18 +349,77 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   end_call(c.mem, kDispatchCall, seq, token);
 }
 
+// Whole warp: pass `first / kPassChunks` of FP8 row `out_row` (`v`: this lane's pieces) into recv_x
+// and its scales: f32, or UE8M0 bytes (the f32 exponents) four blocks to an int32, lowest block in
+// the lowest byte (H is then a multiple of 512, so a pass holds whole words).
+__device__ __forceinline__ void store_fp8_pass(const Fp8Piece (&v)[kPassChunks], const LowLatencyDispatchRecvArgs& a,
+                                               size_t out_row, int hidden, int first) {
+  const int lane = threadIdx.x % kWarpSize, groups = hidden / kFp8Block;
+#pragma unroll
+  for (int u = 0; u < kPassChunks; ++u) {
+    const int ch = (first + u) * kChunkChannels + lane * 8;
+    if (ch < hidden) *reinterpret_cast<uint2*>(static_cast<uint8_t*>(a.recv_x) + out_row * hidden + ch) = v[u].values;
+    if (!a.use_ue8m0) {
+      if (ch < hidden && lane % 16 == 0) static_cast<float*>(a.recv_scales)[out_row * groups + ch / kFp8Block] = v[u].scale;
+    } else if (u % 2 == 1) {  // chunks u - 1 and u: a chunk's first block is its lanes 0-15, its second 16-31
+      const uint32_t low = __float_as_uint(v[u - 1].scale) >> 23 & 0xffu;
+      const uint32_t high = __float_as_uint(v[u].scale) >> 23 & 0xffu;
+      const uint32_t word = low | __shfl_xor_sync(0xffffffffu, low, 16) << 8 | high << 16 |
+                            __shfl_xor_sync(0xffffffffu, high, 16) << 24;
+      if (ch < hidden && lane == 0)
+        static_cast<int*>(a.recv_scales)[out_row * (groups / 4) + (ch - kChunkChannels) / (4 * kFp8Block)] =
+            static_cast<int>(word);
+    }
+  }
+}
+
+// Whole grid, a one-rank FP8 receive (no cast rows: every row is this rank's own): warps take
+// (token, pass) items, cast the pass of x once and write it to the row of each expert the token
+// went to (its send_slot), instead of casting every (token, expert) row on its own.
+__device__ void pack_own_tokens_fp8(const LowLatencyCall& c, const LowLatencyDispatchRecvArgs& a) {
+  const int lane = threadIdx.x % kWarpSize, hidden = c.shape.hidden, top_k = c.shape.top_k;
+  const int m = c.shape.max_tokens, experts = c.shape.num_experts;  // one rank: every expert is local
+  const int passes = (hidden + kPassChannels - 1) / kPassChannels;
+  // Items go round the blocks before the warps of a block, so that few tokens still reach every SM.
+  const int blocks = gridDim.x * gridDim.y, warps = blocks * kWarps;
+  const int first_warp = threadIdx.x / kWarpSize * blocks + blockIdx.y * gridDim.x + blockIdx.x;
+  for (int item = first_warp; item < c.shape.num_tokens * passes; item += warps) {
+    const int t = item / passes, first = item % passes * kPassChunks;
+    // Lane k < K: the expert and slot of pair (t, k); -1 where it was not sent (repeats, ids out of
+    // range, slots past M), and wherever the send's handle says something no receive could hold.
+    int expert = -1, slot = -1;
+    if (lane < top_k) {
+      expert = a.topk_idx[t * top_k + lane];
+      slot = a.send_slot[t * top_k + lane];
+      if (expert < 0 || expert >= experts || slot < 0 || slot >= m) slot = -1;
+    }
+    uint4 raw[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) raw[u] = load_chunk(a.x + static_cast<size_t>(t) * hidden, hidden, first + u);
+    Fp8Piece v[kPassChunks];
+#pragma unroll
+    for (int u = 0; u < kPassChunks; ++u) v[u] = cast_piece(raw[u], a.round_scale);
+    for (int k = 0; k < top_k; ++k) {
+      const int row = __shfl_sync(0xffffffffu, slot, k);
+      if (row < 0) continue;
+      const size_t out_row = static_cast<size_t>(__shfl_sync(0xffffffffu, expert, k)) * m + row;
+      store_fp8_pass(v, a, out_row, hidden, first);
+      if (first == 0 && lane == 0) a.recv_src_info[out_row] = t;
+    }
+  }
+}
+
 // Blocks (local expert, part): wait for every source rank's count of that expert, then pack the
 // rows in (source rank, slot) order; the parts of one expert share its rows. This rank's own rows
-// come from the send's x (bf16) or cast_rows (FP8), at the token their header names.
+// come from the send's x (bf16) or cast_rows (FP8), at the token their header names; a one-rank FP8
+// receive packs them token by token instead (pack_own_tokens_fp8).
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    dispatch_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* x, const char* cast_rows,
-                         void* recv_x, void* recv_scales, int* recv_count, int* recv_src_info,
-                         int* recv_layout_range, bool use_fp8, bool use_ue8m0) {
+    dispatch_recv_kernel(LowLatencyCall c, LowLatencyDispatchRecvArgs a) {
   extern __shared__ int offsets[];  // [R + 1]
   const PeerMemory& mem = c.mem;
   const int local = blockIdx.x, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
-  const uint32_t seq = static_cast<uint32_t>(token[0]);
+  const uint32_t seq = static_cast<uint32_t>(a.token[0]);
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyDispatch, c.signature);
   check_first_receive(c, kDispatchCall, seq, wait);
   const uint64_t* signals = signals_at(mem.local, seq, c) + local * num_ranks;
@@ -362,18 +435,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const size_t rows_per_expert = static_cast<size_t>(num_ranks) * m;
   if (blockIdx.y == 0) {
     for (int src = threadIdx.x; src < num_ranks; src += kThreads) {
-      recv_layout_range[(local * num_ranks + src) * 2] = offsets[src];
-      recv_layout_range[(local * num_ranks + src) * 2 + 1] = offsets[src + 1] - offsets[src];
+      a.recv_layout_range[(local * num_ranks + src) * 2] = offsets[src];
+      a.recv_layout_range[(local * num_ranks + src) * 2 + 1] = offsets[src + 1] - offsets[src];
     }
-    if (threadIdx.x == 0) recv_count[local] = total;
+    if (threadIdx.x == 0) a.recv_count[local] = total;
     for (size_t i = total + threadIdx.x; i < rows_per_expert; i += kThreads) {
-      recv_src_info[local * rows_per_expert + i] = -1;
+      a.recv_src_info[local * rows_per_expert + i] = -1;
     }
+  }
+  if (a.use_fp8 && num_ranks == 1) {
+    pack_own_tokens_fp8(c, a);
+    finish_receive(c, kDispatchCall, seq);
+    return;
   }
 
   const char* area = mem.local + half_offset(seq, c);
   const int passes = (hidden + kPassChannels - 1) / kPassChannels;
-  const int groups = hidden / kFp8Block;
   for (int item = blockIdx.y * kWarps + warp; item < total * passes; item += gridDim.y * kWarps) {
     const int i = item / passes, first = item % passes * kPassChunks;
     int src = 0;  // the last source rank whose range starts at or before row i: it holds row i
@@ -389,17 +466,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int j = i - offsets[src];
     const char* row = area + ((static_cast<size_t>(local) * num_ranks + src) * m + j) * c.layout.dispatch_row_bytes;
     const size_t out_row = local * rows_per_expert + i;
-    if (first == 0 && lane == 0) recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
+    if (first == 0 && lane == 0) a.recv_src_info[out_row] = *reinterpret_cast<const int*>(row);
     const char* payload = row + kRowHeaderBytes;
     if (src == mem.rank) {  // clamped: the header is this rank's own, but a bad one must not read out of bounds
       const size_t t = min(max(*reinterpret_cast<const int*>(row), 0), c.shape.num_tokens - 1);
-      payload = use_fp8 ? cast_rows + t * c.layout.dispatch_row_bytes + kRowHeaderBytes
-                        : reinterpret_cast<const char*>(x + t * hidden);
+      payload = a.use_fp8 ? a.cast_rows + t * c.layout.dispatch_row_bytes + kRowHeaderBytes
+                          : reinterpret_cast<const char*>(a.x + t * hidden);
     }
     int channel[kPassChunks];
 #pragma unroll
     for (int u = 0; u < kPassChunks; ++u) channel[u] = (first + u) * kChunkChannels + lane * 8;
-    if (!use_fp8) {
+    if (!a.use_fp8) {
       uint4 v[kPassChunks];
 #pragma unroll
       for (int u = 0; u < kPassChunks; ++u)
@@ -407,28 +484,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll
       for (int u = 0; u < kPassChunks; ++u)
         if (channel[u] < hidden)
-          *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(recv_x) + out_row * hidden + channel[u]) = v[u];
+          *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(a.recv_x) + out_row * hidden + channel[u]) = v[u];
       continue;
     }
-    uint2 v[kPassChunks];
-#pragma unroll
-    for (int u = 0; u < kPassChunks; ++u)
-      if (channel[u] < hidden) v[u] = *reinterpret_cast<const uint2*>(payload + channel[u]);
+    Fp8Piece v[kPassChunks] = {};
     const float* scales = reinterpret_cast<const float*>(payload + hidden);
 #pragma unroll
     for (int u = 0; u < kPassChunks; ++u) {
-      const int ch = channel[u];
-      if (ch >= hidden) continue;
-      *reinterpret_cast<uint2*>(static_cast<uint8_t*>(recv_x) + out_row * hidden + ch) = v[u];
-      const int group = ch / kFp8Block;
-      if (!use_ue8m0) {
-        if (lane % 16 == 0) static_cast<float*>(recv_scales)[out_row * groups + group] = scales[group];
-      } else if (group % 4 == 0 && lane % 16 == 0) {
-        uint32_t word = 0;  // four UE8M0 bytes (the f32 exponents), lowest group in the lowest byte
-        for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[group + b]) >> 23) & 0xffu) << (8 * b);
-        static_cast<int*>(recv_scales)[out_row * (groups / 4) + group / 4] = static_cast<int>(word);
-      }
+      if (channel[u] >= hidden) continue;
+      v[u].values = *reinterpret_cast<const uint2*>(payload + channel[u]);
+      v[u].scale = scales[channel[u] / kFp8Block];
     }
+    store_fp8_pass(v, a, out_row, hidden, first);
   }
   finish_receive(c, kDispatchCall, seq);
 }
@@ -817,7 +884,7 @@ __global__ void start_call_kernel(PeerMemory mem, int call_kind, uint32_t stamp,
 cudaError_t launch_low_latency_dispatch_send(const LowLatencyCall& call, const LowLatencyDispatchSendArgs& a,
                                              cudaStream_t stream) {
   const LowLatencyShape& s = call.shape;
-  if (a.use_fp8 && s.num_tokens > 0) {
+  if (a.cast_rows && s.num_tokens > 0) {
     const int passes = (s.hidden + kPassChannels - 1) / kPassChannels;
     const int blocks = std::min((s.num_tokens * passes + kCastWarps - 1) / kCastWarps, 8 * num_sms());
     cast_tokens_kernel<<<blocks, kCastThreads, 0, stream>>>(s, a.x, a.cast_rows, call.layout.dispatch_row_bytes,
@@ -833,9 +900,7 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
   // One wave of blocks; the parts of one expert split its rows.
   const int parts = std::max(1, std::min(32, kBlocksPerSm * num_sms() / experts_per_rank));
-  dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(
-      call, a.token, a.x, a.cast_rows, a.recv_x, a.recv_scales, a.recv_count, a.recv_src_info, a.recv_layout_range,
-      a.use_fp8, a.use_ue8m0);
+  dispatch_recv_kernel<<<dim3(experts_per_rank, parts), kThreads, (num_ranks + 1) * sizeof(int), stream>>>(call, a);
   return cudaGetLastError();
 }
 

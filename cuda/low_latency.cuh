@@ -64,8 +64,9 @@ struct LowLatencyCall {
   uint32_t signature;  // OpSignature of the op and its sizes: ranks must agree on it
 };
 
-// cast_rows (FP8 only, else null): scratch [T] of layout.dispatch_row_bytes, each token's row cast
-// once before the send copies it to every expert it goes to.
+// cast_rows (FP8 with other ranks, else null): scratch [T] of layout.dispatch_row_bytes, each token's
+// row cast once before the send copies it to every expert it goes to. With one rank every row is
+// this rank's own, which the receive casts from x as it packs it: no cast kernel.
 struct LowLatencyDispatchSendArgs {
   const __nv_bfloat16* x;  // [T, H]
   const int* topk_idx;     // [T, K]
@@ -76,17 +77,21 @@ struct LowLatencyDispatchSendArgs {
 };
 
 // recv_scales is f32 [E_l, R*M, H/128], or int32 [E_l, R*M, H/512] of UE8M0 bytes when use_ue8m0.
-// x and cast_rows are the send's (this rank's own rows are read there); the call's shape.num_tokens is T.
+// x, topk_idx, send_slot and cast_rows are the send's (this rank's own rows are read there; a
+// one-rank FP8 receive casts them from x with the send's round_scale); the call's shape.num_tokens
+// is T and shape.top_k is K.
 struct LowLatencyDispatchRecvArgs {
   const int* token;        // [1]
   const __nv_bfloat16* x;  // [T, H]
-  const char* cast_rows;   // FP8: [T] rows of layout.dispatch_row_bytes, else null
+  const int* topk_idx;     // [T, K]: the send's expert ids
+  const int* send_slot;    // [T, K]
+  const char* cast_rows;   // FP8 with other ranks: [T] rows of layout.dispatch_row_bytes, else null
   void* recv_x;            // [E_l, R*M, H]
   void* recv_scales;       // null for bf16 rows
   int* recv_count;         // [E_l]
   int* recv_src_info;      // [E_l, R*M]
   int* recv_layout_range;  // [E_l, R, 2]
-  bool use_fp8, use_ue8m0;
+  bool use_fp8, use_ue8m0, round_scale;
 };
 
 // zero_copy: nvshmem puts read y itself, which must lie in memory registered with NVSHMEM,

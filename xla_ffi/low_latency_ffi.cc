@@ -45,10 +45,12 @@ struct DispatchSendAttrs {
   int64_t call_site;
 };
 
+// round_scale: the send's (a one-rank FP8 receive casts this rank's own rows itself).
 struct DispatchRecvAttrs {
   LowLatencySizes sizes;
   LowLatencyLayout layout;
   bool use_ue8m0;
+  bool round_scale;
 };
 
 // use_logfmt: rows to other ranks travel as LogFMT rows (cuda/logfmt.cuh); a combine with it and one
@@ -86,7 +88,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchSendAttrs,
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::DispatchRecvAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
-                                      StructMember<bool>("use_ue8m0"));
+                                      StructMember<bool>("use_ue8m0"), StructMember<bool>("round_scale"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_deepep::CombineSendAttrs,
                                       StructMember<jax_deepep::LowLatencySizes>("sizes"),
                                       StructMember<jax_deepep::LowLatencyLayout>("layout"),
@@ -191,16 +193,18 @@ bool is_expert_rows(ffi::Span<const int64_t> dims, const LowLatencySizes& sizes)
 
 ffi::Error launched(cudaError_t status, const char* what) { return launch_status(status, "low-latency", what); }
 
-// The FP8 cast rows of a dispatch's T tokens (u8 [T, dispatch_row_bytes]): given exactly when use_fp8.
-ffi::Error check_cast_rows(const ffi::AnyBuffer& cast_rows, bool use_fp8, int64_t num_tokens,
+// The FP8 cast rows of a dispatch's T tokens (u8 [T, dispatch_row_bytes]): given exactly when use_fp8
+// with other ranks to send to (with one rank the receive casts every row itself).
+ffi::Error check_cast_rows(const ffi::AnyBuffer& cast_rows, bool use_fp8, int64_t num_ranks, int64_t num_tokens,
                            const LowLatencyLayout& layout, const char* op) {
-  const uint64_t bytes = use_fp8 ? num_tokens * layout.dispatch_row_bytes : 0;
-  if (given(cast_rows) == use_fp8 && (!use_fp8 || cast_rows.size_bytes() == bytes)) return ffi::Error::Success();
+  const bool wanted = use_fp8 && num_ranks > 1;
+  const uint64_t bytes = wanted ? num_tokens * layout.dispatch_row_bytes : 0;
+  if (given(cast_rows) == wanted && (!wanted || cast_rows.size_bytes() == bytes)) return ffi::Error::Success();
   return invalid(std::string(op) + " expects FP8 cast rows of " + std::to_string(bytes) + " bytes, got " +
                  std::to_string(given(cast_rows) ? cast_rows.size_bytes() : 0));
 }
 
-// cast_rows: FP8 only, u8 [T, dispatch_row_bytes] of scratch; absent for bf16.
+// cast_rows: FP8 with other ranks only, u8 [T, dispatch_row_bytes] of scratch; else absent.
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_idx, ffi::Result<I32> send_slot,
                         ffi::Result<I32> token, ffi::Result<ffi::AnyBuffer> cast_rows, DispatchSendAttrs attrs) {
   const auto x_dims = x.dimensions();
@@ -215,7 +219,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
     return invalid("more tokens than num_max_dispatch_tokens_per_rank");
   }
   if (attrs.use_fp8 && x_dims[1] % kFp8Block) return invalid("FP8 needs a hidden size that is a multiple of 128");
-  ffi::Error bad = check_cast_rows(*cast_rows, attrs.use_fp8, x_dims[0], attrs.layout, "dispatch send");
+  ffi::Error bad = check_cast_rows(*cast_rows, attrs.use_fp8, attrs.sizes.num_ranks, x_dims[0], attrs.layout, "dispatch send");
   if (bad.failure()) return bad;
   const LowLatencyCall call = call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0],
                                       idx_dims[1], x_dims[1], attrs.use_fp8);
@@ -229,9 +233,10 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, BF16 x, I32 topk_id
   return launched(launch_low_latency_dispatch_send(call, args, stream), "dispatch send");
 }
 
-// x and cast_rows are the send's operand and scratch (this rank's own rows are read from them;
-// cast_rows absent for bf16); recv_scales is absent for bf16 rows.
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, ffi::AnyBuffer cast_rows,
+// x, topk_idx, send_slot and cast_rows are the send's (this rank's own rows are read from them;
+// cast_rows absent where the send has none); recv_scales is absent for bf16 rows.
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, I32 topk_idx, I32 send_slot,
+                        ffi::AnyBuffer cast_rows,
                         ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::AnyBuffer> recv_scales,
                         ffi::Result<I32> recv_count, ffi::Result<I32> recv_src_info,
                         ffi::Result<I32> recv_layout_range, DispatchRecvAttrs attrs) {
@@ -242,6 +247,12 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, 
       x_dims[1] != dims[2]) {
     return invalid("dispatch recv expects the send's x [T, H] (1 <= T <= num_max_dispatch_tokens_per_rank)");
   }
+  const auto idx_dims = topk_idx.dimensions();
+  const auto slot_dims = send_slot.dimensions();
+  if (idx_dims.size() != 2 || idx_dims[0] != x_dims[0] || idx_dims[1] > kMaxTopk || slot_dims.size() != 2 ||
+      slot_dims[0] != idx_dims[0] || slot_dims[1] != idx_dims[1]) {
+    return invalid("dispatch recv expects the send's topk_idx and send_slot [T, K <= 32]");
+  }
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (!rt) return error;
@@ -249,10 +260,12 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, 
   if (attrs.use_ue8m0 && dims[2] % (4 * kFp8Block)) {
     return invalid("UE8M0 scales need a hidden size that is a multiple of 512");
   }
-  ffi::Error bad = check_cast_rows(cast_rows, use_fp8, x_dims[0], attrs.layout, "dispatch recv");
+  ffi::Error bad = check_cast_rows(cast_rows, use_fp8, attrs.sizes.num_ranks, x_dims[0], attrs.layout, "dispatch recv");
   if (bad.failure()) return bad;
   const LowLatencyDispatchRecvArgs args{token.typed_data(),
                                         reinterpret_cast<const __nv_bfloat16*>(x.typed_data()),
+                                        topk_idx.typed_data(),
+                                        send_slot.typed_data(),
                                         data_or_null<const char>(cast_rows),
                                         recv_x->untyped_data(),
                                         data_or_null<void>(*recv_scales),
@@ -260,9 +273,10 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32 token, BF16 x, 
                                         recv_src_info->typed_data(),
                                         recv_layout_range->typed_data(),
                                         use_fp8,
-                                        attrs.use_ue8m0};
+                                        attrs.use_ue8m0,
+                                        attrs.round_scale};
   const LowLatencyCall call =
-      call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0], 0, dims[2], use_fp8);
+      call_of(*rt, OpKind::kLowLatencyDispatch, attrs.sizes, attrs.layout, x_dims[0], idx_dims[1], dims[2], use_fp8);
   return launched(launch_low_latency_dispatch_recv(call, args, stream), "dispatch recv");
 }
 
@@ -339,6 +353,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_dispatch_recv, jd::DispatchRecv,
                               jd::bind_on_device()
                                   .Arg<jd::I32>()         // token [1]
                                   .Arg<jd::BF16>()        // the send's x [T, H]
+                                  .Arg<jd::I32>()         // the send's topk_idx [T, K]
+                                  .Arg<jd::I32>()         // the send's send_slot [T, K]
                                   .Arg<ffi::AnyBuffer>()  // the send's FP8 rows u8 [T, row bytes], or absent
                                   .Ret<ffi::AnyBuffer>()  // recv_x [E / R, R * M, H] (bf16 or e4m3)
                                   .Ret<ffi::AnyBuffer>()  // FP8 scales [E / R, R * M, S] or absent

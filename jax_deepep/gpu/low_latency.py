@@ -113,8 +113,10 @@ class LowLatencyBackend:
         idx = _kernel_ids(topk_idx, opts.num_experts)  # the kernel also sends a token's repeats nowhere
         row_bytes = low_latency_layout(opts.num_max_dispatch_tokens_per_rank, x.shape[1],
                                        opts.num_experts).dispatch_row_bytes
-        # FP8: scratch for each token's row, cast once before it goes to its experts (cuda/low_latency.cu).
-        cast_rows = optional_result((x.shape[0], row_bytes) if opts.use_fp8 else None, jnp.uint8)
+        # FP8 with other ranks: scratch for each token's row, cast once before it goes to its experts (with
+        # one rank the receive casts each token once as it packs its rows: cuda/low_latency.cu).
+        has_cast_rows = opts.use_fp8 and ctx.num_ranks > 1
+        cast_rows = optional_result((x.shape[0], row_bytes) if has_cast_rows else None, jnp.uint8)
         send_slot, token, cast = ffi_call(
             self.targets + "dispatch_send",
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cast_rows),
@@ -123,10 +125,11 @@ class LowLatencyBackend:
             use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0),
             call_site=np.int64(next(_call_sites)))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
-        # x and the cast rows go on to the receive, which reads this rank's own rows there (cuda/low_latency.cu).
-        # (bf16: None, an absent operand made in the receive: a (0,) operand crossing programs crashed the GPU compile)
-        return {"token": token, "x": x, "cast_rows": cast if opts.use_fp8 else None, "send_slot": send_slot,
-                "sizes": sizes}
+        # x, the ids, the slots and the cast rows go on to the receive, which reads this rank's own rows there
+        # (cuda/low_latency.cu).
+        # (none: None, an absent operand made in the receive: a (0,) operand crossing programs crashed the GPU compile)
+        return {"token": token, "x": x, "topk_idx": idx, "cast_rows": cast if has_cast_rows else None,
+                "send_slot": send_slot, "sizes": sizes}
 
     def low_latency_dispatch_recv(self, ctx: RankContext, opts: LowLatencyOptions, transit: dict) -> tuple:
         num_experts, m, hidden = transit["sizes"].shape[1:]
@@ -138,8 +141,10 @@ class LowLatencyBackend:
             (recv_x, scales, jax.ShapeDtypeStruct((experts_per_rank,), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, rows), jnp.int32),
              jax.ShapeDtypeStruct((experts_per_rank, ctx.num_ranks, 2), jnp.int32)),
-            transit["token"], transit["x"], optional_operand(transit["cast_rows"], jnp.uint8), axis_name=ctx.axis_name,
-            **self._sizes(ctx, m, num_experts, hidden), use_ue8m0=bool(opts.use_ue8m0))
+            transit["token"], transit["x"], transit["topk_idx"], transit["send_slot"],
+            optional_operand(transit["cast_rows"], jnp.uint8), axis_name=ctx.axis_name,
+            **self._sizes(ctx, m, num_experts, hidden), use_ue8m0=bool(opts.use_ue8m0),
+            round_scale=bool(opts.round_scale or opts.use_ue8m0))
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
