@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -40,45 +41,85 @@ def worker_env(num_ranks: int, mem_fraction: float) -> dict:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A port free on every address, as jax.distributed's coordinator binds it ([::], IPv4 too)."""
+    with _listen_everywhere() as s:
         return s.getsockname()[1]
+
+
+def _listen_everywhere() -> socket.socket:
+    """A server socket on a free port of every address ([::] and IPv4 where the host has IPv6)."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("", 0))
+
+
+# What rank 0 prints when its coordinator cannot bind the port (taken between _free_port and the
+# bind): the other ranks would wait for it until they time out, so the job is started again.
+_PORT_TAKEN = "Failed to add port to server"
+_LAUNCH_ATTEMPTS = 3
+
+
+def _run_once(script: str, num_ranks: int, env: dict, logs, deadline: float):
+    """One launch of every rank on a fresh port, each writing to its file of `logs`. Returns the
+    processes once all have exited, or None (every rank killed) when rank 0 could not bind the port;
+    at `deadline` every rank still running is killed."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--num-ranks", str(num_ranks),
+                               "--port", str(port)], env=env, stdout=logs[r], stderr=subprocess.STDOUT,
+                              text=True) for r in range(num_ranks)]
+    while any(p.poll() is None for p in procs):
+        if procs[0].poll() not in (None, 0) and num_ranks > 1 and _PORT_TAKEN in _read(logs[0]):
+            for p in procs:
+                p.kill()
+                p.wait()
+            return None
+        if time.time() > deadline:
+            for p, log in zip(procs, logs):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                    log.write("\n[killed: worker timed out]")
+            break
+        time.sleep(0.2)
+    return procs
+
+
+def _read(log) -> str:
+    log.flush()
+    log.seek(0)
+    text = log.read()
+    log.seek(0, os.SEEK_END)
+    return text
 
 
 def run_workers(script: str, num_ranks: int, env: dict, tag: str = "", timeout_s: float = WORKER_TIMEOUT_S,
                 exit_codes=None):
     """Run `script --rank r --num-ranks R --port P` for every rank; fail unless every worker exits with
     its code of `exit_codes` (default all 0; an entry may be a set of codes) within `timeout_s` (the
-    workers are killed then). Returns (exit codes, outputs), one of each per rank.
+    workers are killed then). Returns (exit codes, outputs), one of each per rank. A job whose port was
+    taken before rank 0 bound it is started again on another port.
 
-    With JAX_DEEPEP_WORKER_LOGS set, each worker writes its output to a file in that folder as it
-    goes, so a run cut short from outside still leaves what every rank printed (`tag` tells
+    Each worker writes its output to a file as it goes: with JAX_DEEPEP_WORKER_LOGS set, in that
+    folder, so that a run cut short from outside still leaves what every rank printed (`tag` tells
     variants with the same R apart there).
     """
-    port = _free_port()
     log_dir = os.environ.get("JAX_DEEPEP_WORKER_LOGS")
-    if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
-        stem = f"{pathlib.Path(log_dir) / pathlib.Path(script).stem}_R{num_ranks}{tag}"
-        logs = [open(f"{stem}_rank{r}.log", "w+") for r in range(num_ranks)]
-    else:
-        logs = [subprocess.PIPE] * num_ranks
-    procs = [subprocess.Popen([sys.executable, script, "--rank", str(r), "--num-ranks", str(num_ranks),
-                               "--port", str(port)], env=env, stdout=logs[r], stderr=subprocess.STDOUT,
-                              text=True) for r in range(num_ranks)]
-    outputs, deadline = [], time.time() + timeout_s
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0] or "")
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            outputs.append((p.communicate()[0] or "") + "\n[killed: worker timed out]")
-    for r, log in enumerate(logs):
-        if log is not subprocess.PIPE:
-            log.seek(0)
-            outputs[r] = log.read() + outputs[r]
-            log.close()
+    deadline = time.time() + timeout_s
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = pathlib.Path(log_dir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{folder / pathlib.Path(script).stem}_R{num_ranks}{tag}"
+        for attempt in range(_LAUNCH_ATTEMPTS):
+            logs = [open(f"{stem}_rank{r}.log", "w+") for r in range(num_ranks)]
+            procs = _run_once(script, num_ranks, env, logs, deadline)
+            outputs = [_read(log) for log in logs]
+            for log in logs:
+                log.close()
+            if procs is not None:
+                break
+            print(f"---- attempt {attempt + 1}: rank 0 could not bind its port; starting the job again ----")
+        else:
+            raise AssertionError(f"rank 0 found its port taken {_LAUNCH_ATTEMPTS} times (R={num_ranks}):\n{outputs[0]}")
     for r, (p, out) in enumerate(zip(procs, outputs)):
         print(f"---- rank {r} of {num_ranks}: exit {p.returncode} ----\n{out}")
     want = [c if isinstance(c, (set, frozenset)) else {c} for c in (exit_codes or [0] * num_ranks)]
