@@ -133,4 +133,22 @@ __device__ __forceinline__ TokenPairs token_pairs(const int32_t* pair_row, const
   return t;
 }
 
+// Whole warp: each of this lane's vectors i (of the row's hidden / 8) of the pair sum of `t`
+// (add_pair_rows, kVectors vectors a pass), handed to store(i, sum) where i is below hidden / 8.
+template <int kVectors, typename Store>
+__device__ __forceinline__ void for_each_pair_sum(const __nv_bfloat16* y, int hidden, const TokenPairs& t,
+                                                  Store&& store) {
+  const int lane = threadIdx.x % kWarpSize, vectors = hidden / 8;
+  for (int base = 0; base < vectors; base += kWarpSize * kVectors) {
+    const int first = base + lane;
+    float sum[kVectors][8] = {};
+    add_pair_rows(sum, y, hidden, t.owners, t.row, t.weight, first, vectors);
+#pragma unroll
+    for (int u = 0; u < kVectors; ++u) {
+      const int i = first + kWarpSize * u;
+      if (i < vectors) store(i, sum[u]);
+    }
+  }
+}
+
 }  // namespace jax_deepep

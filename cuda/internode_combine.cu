@@ -166,17 +166,9 @@ __device__ void return_pair_sum(const InternodeCombineShape& s, const InternodeC
                                 int lane) {
   const TokenPairs t = token_pairs(in.pair_row, in.row_weights, s.pair_top_k, j, lane);
   const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(in.y);
-  const int vectors = s.hidden / 8;
-  for (int base = 0; base < vectors; base += kWarpSize * kPairVectors) {
-    const int first = base + lane;
-    float acc[kPairVectors][8] = {};
-    add_pair_rows(acc, y, s.hidden, t.owners, t.row, t.weight, first, vectors);
-#pragma unroll
-    for (int u = 0; u < kPairVectors; ++u) {
-      const int i = first + kWarpSize * u;
-      if (i < vectors) RowValues<true>::store(dst + static_cast<size_t>(i) * 8 * RowValues<true>::kBytes, acc[u]);
-    }
-  }
+  for_each_pair_sum<kPairVectors>(y, s.hidden, t, [&](int i, float (&sum)[8]) {
+    RowValues<true>::store(dst + static_cast<size_t>(i) * 8 * RowValues<true>::kBytes, sum);
+  });
   // With N = 0 grouped rows no pair has a row, and topk_weights may read as absent.
   if (lane < s.top_k)
     reinterpret_cast<float*>(dst + s.hidden * RowValues<true>::kBytes)[lane] =

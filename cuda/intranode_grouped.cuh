@@ -113,20 +113,11 @@ __device__ __forceinline__ TokenPairs token_pairs(const GroupedCombineArgs& args
 // slot: f32 [H], then each k's topk_weights at its pair's row, 0 for none).
 __device__ __forceinline__ void write_partial(const GroupedCombineArgs& args, char* slot, int j, int lane) {
   const TokenPairs t = token_pairs(args, j, lane);
-  const int vectors = args.hidden / 8;
   float4* out = reinterpret_cast<float4*>(slot);
-  for (int base = 0; base < vectors; base += kWarpSize * kPairVectors) {
-    const int first = base + lane;
-    float acc[kPairVectors][8] = {};
-    add_pair_rows(acc, args.y, args.hidden, t.owners, t.row, t.weight, first, vectors);
-#pragma unroll
-    for (int u = 0; u < kPairVectors; ++u) {
-      const int i = first + kWarpSize * u;
-      if (i >= vectors) continue;
-      out[2 * i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-      out[2 * i + 1] = make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
-    }
-  }
+  for_each_pair_sum<kPairVectors>(args.y, args.hidden, t, [&](int i, float (&sum)[8]) {
+    out[2 * i] = make_float4(sum[0], sum[1], sum[2], sum[3]);
+    out[2 * i + 1] = make_float4(sum[4], sum[5], sum[6], sum[7]);
+  });
   // Every rank of the op combines weights or none (the same shapes); with N = 0 no row has any.
   if (args.combined_topk_weights && lane < args.num_topk)
     reinterpret_cast<float*>(slot + args.slot.weights_offset)[lane] = t.row >= 0 ? args.topk_weights[t.row] : 0.0f;
