@@ -65,6 +65,11 @@ class LowLatencyOptions:
     round_scale: bool
     use_ue8m0: bool
 
+    @property
+    def power_of_two_scales(self) -> bool:
+        """Whether FP8 scales round up to powers of two: `round_scale`, or UE8M0 (which stores only exponents)."""
+        return bool(self.round_scale or self.use_ue8m0)
+
     def recv_x_parts(self, num_ranks: int, hidden: int) -> tuple:
         """The shapes and dtypes of a dispatch's `recv_x` [E_l, R * M, H]: (bf16,), or the FP8 values and
         their scales (f32 per 128 channels, or with UE8M0 int32 per 512)."""

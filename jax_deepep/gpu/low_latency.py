@@ -122,7 +122,7 @@ class LowLatencyBackend:
             (jax.ShapeDtypeStruct(idx.shape, jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cast_rows),
             x, idx, axis_name=ctx.axis_name,
             **self._sizes(ctx, opts.num_max_dispatch_tokens_per_rank, opts.num_experts, x.shape[1]),
-            use_fp8=bool(opts.use_fp8), round_scale=bool(opts.round_scale or opts.use_ue8m0),
+            use_fp8=bool(opts.use_fp8), round_scale=opts.power_of_two_scales,
             call_site=np.int64(next(_call_sites)))
         sizes = _static_sizes(opts.num_experts, opts.num_max_dispatch_tokens_per_rank, x.shape[1])
         # x, the ids, the slots and the cast rows go on to the receive, which reads this rank's own rows there
@@ -144,7 +144,7 @@ class LowLatencyBackend:
             transit["token"], transit["x"], transit["topk_idx"], transit["send_slot"],
             optional_operand(transit["cast_rows"], jnp.uint8), axis_name=ctx.axis_name,
             **self._sizes(ctx, m, num_experts, hidden), use_ue8m0=bool(opts.use_ue8m0),
-            round_scale=bool(opts.round_scale or opts.use_ue8m0))
+            round_scale=opts.power_of_two_scales)
         recv = (x, x_scales) if opts.use_fp8 else x
         return recv, recv_count, recv_src_info, layout_range, transit["send_slot"]
 
