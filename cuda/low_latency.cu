@@ -92,12 +92,19 @@ __device__ __forceinline__ void claim_half(const LowLatencyCall& c, int kind, ui
   __syncthreads();
 }
 
-// The last thread of every receive block, before reading: this rank has not received call `seq` yet
-// (a second receive of one call could read a half that its senders already reuse). The last thread,
-// so that the first ones (a token's top-k pairs, the signals of the first ranks) read meanwhile.
+// With one rank a receipt's only reader is this rank's later sends, kernels after the whole receive
+// on the stream: the first block alone checks it and then writes it, with no count of finished blocks.
+__device__ __forceinline__ bool is_solo_receipt_block(const LowLatencyCall& c) {
+  return c.mem.num_ranks == 1 && blockIdx.x == 0 && blockIdx.y == 0;
+}
+
+// The last thread of every receive block (with one rank, of the first block), before reading: this
+// rank has not received call `seq` yet (a second receive of one call could read a half that its
+// senders already reuse). The last thread, so that the first ones (a token's top-k pairs, the signals
+// of the first ranks) read meanwhile.
 __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int kind, uint32_t seq,
                                                     const WaitContext& wait) {
-  if (threadIdx.x != blockDim.x - 1) return;
+  if (threadIdx.x != blockDim.x - 1 || (c.mem.num_ranks == 1 && !is_solo_receipt_block(c))) return;
   const uint32_t own = load_relaxed(half_receipt(c, kind, seq, c.mem.rank));  // written by an earlier receive
   if (static_cast<int32_t>(own - seq) >= 0) fail_op(wait, WaitKind::kRepeatedReceive, c.mem.rank, -1);
 }
@@ -107,7 +114,11 @@ __device__ __forceinline__ void check_first_receive(const LowLatencyCall& c, int
 // This rank's own copy is read only by its later sends, later kernels of the stream: a plain store.
 __device__ __forceinline__ void finish_receive(const LowLatencyCall& c, int kind, uint32_t seq) {
   __shared__ bool last;
-  __syncthreads();
+  __syncthreads();  // with one rank: after the first block's check_first_receive
+  if (c.mem.num_ranks == 1) {
+    if (is_solo_receipt_block(c) && threadIdx.x == 0) *half_receipt(c, kind, seq, c.mem.rank) = seq;
+    return;
+  }
   if (threadIdx.x == 0) last = last_block_of_launch(c.mem.receive_blocks_done + kind);
   __syncthreads();
   if (!last) return;
@@ -837,7 +848,8 @@ constexpr int kCombineRecvThreads = 256;
 // Blocks (token, part of the channels) (one block when T = 0, to receive the call all the same):
 // read the token's pairs (before any wait: they come from the op's inputs), wait until every other
 // rank's experts have flagged this call, then reduce the token's top-k rows (this rank's experts' rows
-// straight from y) with its weights in f32 and round to bf16 once.
+// straight from y) with its weights in f32 and round to bf16 once. With one rank (no token: no send
+// ran) only the reduction.
 // Dynamic shared memory: use_logfmt's LogfmtRowGroup per (k, group).
 __global__ void __launch_bounds__(kCombineRecvThreads)
     combine_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
@@ -851,6 +863,10 @@ __global__ void __launch_bounds__(kCombineRecvThreads)
   TopkRow mine{nullptr, -1, 0.0f};
   if (t < s.num_tokens && threadIdx.x < s.top_k) {
     mine = topk_row(c, t, threadIdx.x, y, recv_layout_range, topk_idx, topk_weights, send_slot);
+  }
+  if (token == nullptr) {  // one rank: every row is this rank's own, in y; no call, half or receipt
+    if (t < s.num_tokens) reduce_token(c, t, 0, mine, out, use_logfmt, tables, logfmt_params);
+    return;
   }
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int experts_per_rank = s.num_experts / mem.num_ranks;

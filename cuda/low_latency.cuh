@@ -104,8 +104,10 @@ struct LowLatencyCombineSendArgs {
   bool zero_copy, use_logfmt;
 };
 
+// token: the send's call number; null with one rank, whose combine has no send (its receive moves
+// nothing and numbers no call).
 struct LowLatencyCombineRecvArgs {
-  const int* token;              // [1]
+  const int* token;              // [1], or null
   const __nv_bfloat16* y;        // [E_l, R*M, H]
   const int* recv_layout_range;  // [E_l, R, 2]
   const int* topk_idx;           // [T, K]

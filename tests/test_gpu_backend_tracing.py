@@ -300,6 +300,31 @@ def test_low_latency_combine_carries_use_logfmt(use_logfmt):
         assert attributes["use_logfmt"] == str(use_logfmt).lower(), (target, attributes["use_logfmt"])
 
 
+@pytest.mark.parametrize("hook", [False, True])
+def test_one_rank_low_latency_combine_is_its_receive_alone(hook):
+    """With one rank the combine moves nothing: its receive call sums y alone, taking no token (absent, shape
+    (0,)), and no send call numbers it; the dispatch keeps both calls."""
+    mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    buffer = buffer_with_cuda_backends(mesh, "expert", low_latency_mode=True, num_rdma_bytes=1 << 30)
+    x, idx, w = jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2), jnp.float32)
+
+    def body(x, idx, w):
+        ll = buffer.low_latency_dispatch(x, idx, num_max_dispatch_tokens_per_rank=8, num_experts=16, use_fp8=False)
+        out = buffer.low_latency_combine(ll.recv_x, idx, w, ll.handle, return_recv_hook=hook)
+        return buffer.low_latency_recv(out) if hook else out
+
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+    text = step.trace(x, idx, w).lower(lowering_platforms=("cuda",)).as_text()
+    calls = _custom_call_attributes(text)
+    assert sorted(target for target, _ in calls) == ["jax_deepep_ll_combine_recv",
+                                                     "jax_deepep_ll_dispatch_recv",
+                                                     "jax_deepep_ll_dispatch_send"], calls
+    for target, attributes in calls:
+        _check_decodable(attributes, handler_attrs_struct(target), target)
+    receive = re.search(r"custom_call @jax_deepep_ll_combine_recv\(.*?\) \{.*?\} : \((tensor<[^>]*>)", text)
+    assert receive and receive.group(1) == "tensor<0xi32>", receive and receive.group(1)
+
+
 def _internode_round_trip(buffer, grouped: bool, num_experts: int, dispatch_config, combine_config):
     """A shard_map step of every internode op on one Buffer: dispatch of bf16 and of FP8 rows, cached dispatch,
     combine with weights (`grouped`: their expert-grouped twins)."""

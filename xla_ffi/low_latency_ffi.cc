@@ -3,7 +3,8 @@
 // links its own find_low_latency_memory and target names (xla_ffi/low_latency_memory.h).
 //
 // The send and recv halves of each op are separate custom calls so that XLA may schedule other
-// work between them (docs/API.md's return_recv_hook). The send launch numbers the op on the device (a
+// work between them (docs/API.md's return_recv_hook); a one-rank combine moves nothing and is its recv
+// call alone. The send launch numbers the op on the device (a
 // counter per kind and process: every rank runs the same program, so the same sequence of ops) and
 // writes that number into a small `token` output; the recv call takes the token as an input, which
 // both orders the two calls and tells the recv kernels which buffer half and signal tag to wait for.
@@ -284,6 +285,7 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, BF16 y, I32 recv_lay
                        CombineSendAttrs attrs) {
   const auto dims = y.dimensions();
   if (!is_expert_rows(dims, attrs.sizes)) return invalid("combine y must be [E / R, R * M, H]");
+  if (attrs.sizes.num_ranks == 1) return invalid("a one-rank combine has no send call: its receive sums y alone");
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, dims[2], &error);
   if (!rt) return error;
@@ -316,13 +318,16 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32 token, BF16 y, I
       static_cast<int64_t>(recv_layout_range.element_count()) != y_dims[0] * attrs.sizes.num_ranks * 2) {
     return invalid("combine recv expects y [E / R, R * M, H] and recv_layout_range [E / R, R, 2]");
   }
+  if (given(token) != (attrs.sizes.num_ranks > 1) || (given(token) && token.element_count() != 1)) {
+    return invalid("combine recv expects the send's token [1] with several ranks, and none with one");
+  }
   ffi::Error error;
   std::optional<LowLatencyMemory> rt = checked_memory(device, attrs.sizes, attrs.layout, out_dims[1], &error);
   if (!rt) return error;
   if (attrs.use_logfmt) {
     if (ffi::Error bad = check_logfmt(attrs.layout, out_dims[1], idx_dims[1]); bad.failure()) return bad;
   }
-  const LowLatencyCombineRecvArgs args{token.typed_data(),
+  const LowLatencyCombineRecvArgs args{data_or_null<const int>(token),
                                        reinterpret_cast<const __nv_bfloat16*>(y.typed_data()),
                                        recv_layout_range.typed_data(),
                                        topk_idx.typed_data(),
@@ -372,7 +377,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_send, jd::CombineSend,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_deepep_ll_combine_recv, jd::CombineRecv,
                               jd::bind_on_device()
-                                  .Arg<jd::I32>()   // token [1]
+                                  .Arg<jd::I32>()   // token [1], absent with one rank (no send)
                                   .Arg<jd::BF16>()  // y [E / R, R * M, H]
                                   .Arg<jd::I32>()   // recv_layout_range [E / R, R, 2]
                                   .Arg<jd::I32>()   // topk_idx [T, K]

@@ -7,7 +7,8 @@
 
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
-which buffer half to read. `sizes` is a zero-size array whose shape carries the static sizes
+which buffer half to read. A one-rank combine is its receive call alone, with no token: it moves
+nothing, and sums the rows of `y` where they are. `sizes` is a zero-size array whose shape carries the static sizes
 (E, M, H; and for combine whether rows travel as LogFMT) to the recv call, since `transit` holds
 arrays only. Every send gets a `call_site` number
 of its own, which only keeps XLA from merging two equal sends (xla_ffi/low_latency_ffi.cc).
@@ -151,11 +152,13 @@ class LowLatencyBackend:
     def low_latency_combine_send(self, ctx: RankContext, y, topk_idx, topk_weights, handle, use_logfmt: bool,
                                  zero_copy: bool) -> dict:
         m, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.num_experts
-        token = ffi_call(
-            self.targets + "combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
-            y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
-            use_logfmt=bool(use_logfmt), call_site=np.int64(next(_call_sites)),
-            **self._sizes(ctx, m, num_experts, y.shape[2]))
+        token = None  # one rank sends nothing: its receive sums the rows of y alone, numbering no call
+        if ctx.num_ranks > 1:
+            token = ffi_call(
+                self.targets + "combine_send", jax.ShapeDtypeStruct((1,), jnp.int32),
+                y, handle.recv_layout_range, axis_name=ctx.axis_name, zero_copy=bool(zero_copy),
+                use_logfmt=bool(use_logfmt), call_site=np.int64(next(_call_sites)),
+                **self._sizes(ctx, m, num_experts, y.shape[2]))
         return {"token": token, "y": y, "recv_layout_range": handle.recv_layout_range,
                 "topk_idx": _kernel_ids(topk_idx, num_experts),
                 "topk_weights": topk_weights.astype(jnp.float32), "send_slot": handle.send_slot,
@@ -166,6 +169,6 @@ class LowLatencyBackend:
         num_tokens = transit["topk_idx"].shape[0]
         return ffi_call(
             self.targets + "combine_recv", jax.ShapeDtypeStruct((num_tokens, hidden), jnp.bfloat16),
-            transit["token"], transit["y"], transit["recv_layout_range"], transit["topk_idx"],
-            transit["topk_weights"], transit["send_slot"],
+            optional_operand(transit["token"], jnp.int32), transit["y"], transit["recv_layout_range"],
+            transit["topk_idx"], transit["topk_weights"], transit["send_slot"],
             axis_name=ctx.axis_name, use_logfmt=bool(use_logfmt), **self._sizes(ctx, m, num_experts, hidden))
