@@ -840,6 +840,46 @@ __device__ __forceinline__ void reduce_token(const LowLatencyCall& c, int t, uin
   }
 }
 
+// One rank, every thread: token t's output as reduce_token sums it (every row is this rank's own, in
+// y). With one source rank each expert's rows start at row 0 of its block (recv_layout_range's
+// offsets are 0; a handle that says otherwise did not come from a one-rank dispatch and is read as
+// if they were), so a thread finds a pair's row from the pair alone and loads it beside its expert's
+// count and its weight: one memory round trip, and no barrier, before the rows go out. The loads are
+// unconditional (a pair with no row reads expert 0's first row, unused) so that all of them are in
+// flight at once; a row past its expert's count is skipped.
+__device__ __forceinline__ void reduce_own_token(const LowLatencyShape& s, int t, const __nv_bfloat16* y,
+                                                 const int* recv_layout_range, const int* topk_idx,
+                                                 const float* topk_weights, const int* send_slot,
+                                                 __nv_bfloat16* out) {
+  const int top_k = s.top_k, hidden = s.hidden, m = s.max_tokens;
+  const int first_ch = (blockIdx.y * blockDim.x + threadIdx.x) * 8, ch_stride = gridDim.y * blockDim.x * 8;
+  constexpr int kBatch = 8;
+  for (int ch = first_ch; ch < hidden; ch += ch_stride) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < top_k; k0 += kBatch) {
+      uint4 v[kBatch];
+      int slot[kBatch], count[kBatch];  // slot -1: the pair has no row
+      float weight[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = t * top_k + min(k0 + u, top_k - 1), expert = topk_idx[i];
+        slot[u] = send_slot[i];
+        const bool named = k0 + u < top_k && expert >= 0 && expert < s.num_experts && slot[u] >= 0 && slot[u] < m;
+        const int e = named ? expert : 0;
+        slot[u] = named ? slot[u] : -1;
+        v[u] = *reinterpret_cast<const uint4*>(y + (static_cast<size_t>(e) * m + max(slot[u], 0)) * hidden + ch);
+        count[u] = recv_layout_range[e * 2 + 1];
+        weight[u] = topk_weights[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (slot[u] >= 0 && slot[u] < count[u]) accumulate(acc, v[u], weight[u]);
+      }
+    }
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(t) * hidden + ch) = pack_bf16x8<uint4>(acc);
+  }
+}
+
 // A token's channels split over blocks of at most this many threads (8 channels each): with one
 // block per token there are about as many blocks as SMs, too few warps per SM to keep the rows'
 // loads in flight.
@@ -848,8 +888,7 @@ constexpr int kCombineRecvThreads = 256;
 // Blocks (token, part of the channels) (one block when T = 0, to receive the call all the same):
 // read the token's pairs (before any wait: they come from the op's inputs), wait until every other
 // rank's experts have flagged this call, then reduce the token's top-k rows (this rank's experts' rows
-// straight from y) with its weights in f32 and round to bf16 once. With one rank (no token: no send
-// ran) only the reduction.
+// straight from y) with its weights in f32 and round to bf16 once.
 // Dynamic shared memory: use_logfmt's LogfmtRowGroup per (k, group).
 __global__ void __launch_bounds__(kCombineRecvThreads)
     combine_recv_kernel(LowLatencyCall c, const int* token, const __nv_bfloat16* y, const int* recv_layout_range,
@@ -864,10 +903,6 @@ __global__ void __launch_bounds__(kCombineRecvThreads)
   if (t < s.num_tokens && threadIdx.x < s.top_k) {
     mine = topk_row(c, t, threadIdx.x, y, recv_layout_range, topk_idx, topk_weights, send_slot);
   }
-  if (token == nullptr) {  // one rank: every row is this rank's own, in y; no call, half or receipt
-    if (t < s.num_tokens) reduce_token(c, t, 0, mine, out, use_logfmt, tables, logfmt_params);
-    return;
-  }
   const uint32_t seq = static_cast<uint32_t>(token[0]);
   const int experts_per_rank = s.num_experts / mem.num_ranks;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
@@ -879,6 +914,16 @@ __global__ void __launch_bounds__(kCombineRecvThreads)
   }
   if (t < s.num_tokens) reduce_token(c, t, seq, mine, out, use_logfmt, tables, logfmt_params);
   finish_receive(c, kCombineCall, seq);
+}
+
+// One rank's combine, its receive call alone (no send, token, call number or half): blocks (token, part of
+// the channels) as combine_recv_kernel's, each thread reducing its channels of the token (reduce_own_token).
+__global__ void __launch_bounds__(kCombineRecvThreads)
+    combine_own_kernel(LowLatencyShape s, const __nv_bfloat16* y, const int* recv_layout_range, const int* topk_idx,
+                       const float* topk_weights, const int* send_slot, __nv_bfloat16* out) {
+  if (static_cast<int>(blockIdx.x) < s.num_tokens) {
+    reduce_own_token(s, blockIdx.x, y, recv_layout_range, topk_idx, topk_weights, send_slot, out);
+  }
 }
 
 int num_sms() {
@@ -935,6 +980,11 @@ cudaError_t launch_low_latency_combine_recv(const LowLatencyCall& call, const Lo
   const int lanes = std::max(1, (s.hidden + 7) / 8);
   const int parts = (lanes + kCombineRecvThreads - 1) / kCombineRecvThreads;
   const int threads = std::max(kWarpSize, ((lanes + parts - 1) / parts + kWarpSize - 1) / kWarpSize * kWarpSize);
+  if (a.token == nullptr) {
+    combine_own_kernel<<<dim3(std::max(s.num_tokens, 1), parts), threads, 0, stream>>>(
+        s, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out);
+    return cudaGetLastError();
+  }
   const size_t logfmt_bytes = a.use_logfmt ? sizeof(LogfmtRowGroup) * s.top_k * (s.hidden / kLogfmtGroup) : 0;
   combine_recv_kernel<<<dim3(std::max(s.num_tokens, 1), parts), threads, logfmt_bytes, stream>>>(
       call, a.token, a.y, a.recv_layout_range, a.topk_idx, a.topk_weights, a.send_slot, a.out, a.use_logfmt);
