@@ -8,10 +8,10 @@
 Each op is two custom calls. The send call returns a `token` (int32[1], the op's call number)
 that the recv call takes as input: that orders the two calls for XLA and tells the recv kernel
 which buffer half to read. A one-rank combine is its receive call alone, with no token: it moves
-nothing, and sums the rows of `y` where they are. `sizes` is a zero-size array whose shape carries the static sizes
-(E, M, H; and for combine whether rows travel as LogFMT) to the recv call, since `transit` holds
-arrays only. Every send gets a `call_site` number
-of its own, which only keeps XLA from merging two equal sends (xla_ffi/low_latency_ffi.cc).
+nothing, and sums the rows of `y` where they are. `sizes` is a zero-size array whose shape carries
+the static sizes (E, M, H; and for combine whether rows travel as LogFMT) to the recv call, since
+`transit` holds arrays only. Every send gets a `call_site` number of its own, which only keeps XLA
+from merging two equal sends (xla_ffi/low_latency_ffi.cc).
 """
 from __future__ import annotations
 
