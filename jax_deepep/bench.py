@@ -18,10 +18,11 @@ tokens a rank receives (the ones staying on the rank included) over the time; FP
 device copy of the same bytes (1.0 = as fast as a copy).
 
 Timing: one executable applies the op to several independent random input sets (tokens and
-routing) in turn; it is compiled and warmed up first, then timed as batches of back-to-back
-calls with `block_until_ready` after each batch. `time us` is the median over batches of the
-wall time per op (host work included: for ops of tens of microseconds the host's launches can
-dominate). With --profile each op runs once more under the profiler: `kernel us` is the sum of
+routing) in turn; every op is compiled and warmed up first, then the ops are timed in turns: each
+of `--iters` rounds times a batch of back-to-back calls of every op, with `block_until_ready` after
+each batch, so that a slow spell of the host falls on every op alike. `time us` is the median over
+rounds of the wall time per op (host work included: for ops of tens of microseconds the host's
+launches can dominate). With --profile each op runs once more under the profiler: `kernel us` is the sum of
 its GPU kernel times (DeepEP's way of timing, and then the time GB/s is computed from), `span us`
 the time from its first kernel's start to its last kernel's end (gaps between kernels included).
 """
@@ -174,26 +175,38 @@ def stateless(op):
     return lambda *args: (op(*args[:-1]), args[-1])
 
 
+def warm_up(call: Repeated, warmup: int):
+    """Compile `call` and run it `warmup` times more."""
+    for _ in range(1 + warmup):
+        jax.block_until_ready(call())
+
+
+def timed_round(call: Repeated, batch: int) -> tuple:
+    """(per-op time of `batch` back-to-back calls, per-op time of one blocked call), in seconds."""
+    t0 = time.perf_counter()
+    outs = [call() for _ in range(batch)]
+    jax.block_until_ready(outs)
+    per_op = (time.perf_counter() - t0) / (batch * call.reps)
+    del outs
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    return per_op, (time.perf_counter() - t0) / call.reps
+
+
+def medians_us(rounds: list) -> tuple:
+    """(median per-op time, median single-call time) over `timed_round` results, in us."""
+    return statistics.median(r[0] for r in rounds) * 1e6, statistics.median(r[1] for r in rounds) * 1e6
+
+
 def measure(call: Repeated, *, warmup: int, iters: int, batch: int):
     """(median per-op time over batches, median per-op time of single blocked calls), in us."""
-    jax.block_until_ready(call())  # compile
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    per_op, latency = [], []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        outs = [call() for _ in range(batch)]
-        jax.block_until_ready(outs)
-        per_op.append((time.perf_counter() - t0) / (batch * call.reps))
-        del outs
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        latency.append((time.perf_counter() - t0) / call.reps)
-    return statistics.median(per_op) * 1e6, statistics.median(latency) * 1e6
+    warm_up(call, warmup)
+    return medians_us([timed_round(call, batch) for _ in range(iters)])
 
 
 class Runner:
-    """Times ops one after another, keeps going when one fails, and fills in bandwidths."""
+    """Compiles and warms up ops one after another, then times them in turns (`time_all`), keeps going
+    when one fails, and fills in bandwidths."""
 
     def __init__(self, mesh: Mesh, args):
         self.mesh = mesh
@@ -205,7 +218,8 @@ class Runner:
         return not self.args.only or self.args.only in f"{result.op} {result.impl} {result.dtype}"
 
     def run(self, result: Result, op=None, arg_sets=None, state=None, skip: str = ""):
-        """Time `op` (in `Repeated`'s form) over `arg_sets`, or record why it was skipped."""
+        """Compile and warm up `op` (in `Repeated`'s form) over `arg_sets` for `time_all`, or record why it
+        was skipped."""
         if not self.wanted(result):
             return result
         if skip:
@@ -213,18 +227,38 @@ class Runner:
         else:
             try:
                 call = Repeated(self.mesh, op, arg_sets, state)
-                result.time_us, result.latency_us = measure(call, warmup=self.args.warmup, iters=self.args.iters,
-                                                            batch=self.args.batch)
+                warm_up(call, self.args.warmup)
                 self.timed.append((result, call))
             except Exception as e:  # keep the other measurements; the table says what failed
-                result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if self.args.verbose:
-                    traceback.print_exc()
+                self._failed(result, e)
         self.results.append(result)
-        if jax.process_index() == 0:
-            print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
-                  f"{result.note}", file=sys.stderr, flush=True)
         return result
+
+    def time_all(self):
+        """Time every warmed-up op in turns: each of `iters` rounds times one batch of every op, so that a slow
+        spell of the host (wall times of tens of microseconds are mostly host work) falls on all of them alike."""
+        rounds = [[] for _ in self.timed]
+        for _ in range(self.args.iters):
+            for i, (result, call) in enumerate(self.timed):
+                try:
+                    if rounds[i] is not None:
+                        rounds[i].append(timed_round(call, self.args.batch))
+                except Exception as e:
+                    self._failed(result, e)
+                    rounds[i] = None
+        kept = [(timed, times) for timed, times in zip(self.timed, rounds) if times is not None]
+        self.timed = [timed for timed, _ in kept]
+        for (result, _), times in kept:
+            result.time_us, result.latency_us = medians_us(times)
+        if jax.process_index() == 0:
+            for result in self.results:
+                print(f"  {result.op} {result.impl} {result.dtype}: {result.time_us and round(result.time_us, 1)} us "
+                      f"{result.note}", file=sys.stderr, flush=True)
+
+    def _failed(self, result: Result, e: Exception):
+        result.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if self.args.verbose:
+            traceback.print_exc()
 
     def profile(self, path: str):
         """Run each timed op once more under the profiler and record its kernels (per op)."""
@@ -688,7 +722,7 @@ def parse_args(argv=None):
     p.add_argument("--num-experts", type=int, default=None, help="256; 8 per rank in moe")
     p.add_argument("--num-ranks", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20, help="timed batches (the median is reported)")
+    p.add_argument("--iters", type=int, default=20, help="timed rounds, each a batch of every op (the median is reported)")
     p.add_argument("--batch", type=int, default=5, help="back-to-back executables per timed batch")
     p.add_argument("--rotations", type=int, default=None,
                    help="independent input sets, each run once per executable (4; 8 in low_latency)")
@@ -813,6 +847,7 @@ def main(argv=None):
     runner = Runner(mesh, args)
     # The Buffers outlive the profile, which runs their ops once more.
     buffers = _BENCHES[args.mode](runner, mesh, sizes, args)
+    runner.time_all()
     leader = jax.process_index() == 0
     if args.profile:
         # Every process runs the profiled ops (internode ops wait for their peers), each into its own folder.
