@@ -232,11 +232,15 @@ class Runner:
             except Exception as e:  # keep the other measurements; the table says what failed
                 self._failed(result, e)
         self.results.append(result)
+        if jax.process_index() == 0:
+            print(f"  {result.op} {result.impl} {result.dtype}: {result.note or 'compiled'}", file=sys.stderr, flush=True)
         return result
 
     def time_all(self):
         """Time every warmed-up op in turns: each of `iters` rounds times one batch of every op, so that a slow
         spell of the host (wall times of tens of microseconds are mostly host work) falls on all of them alike."""
+        if jax.process_index() == 0:
+            print(f"timing {len(self.timed)} ops in turns, {self.args.iters} rounds", file=sys.stderr, flush=True)
         rounds = [[] for _ in self.timed]
         for _ in range(self.args.iters):
             for i, (result, call) in enumerate(self.timed):
