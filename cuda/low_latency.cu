@@ -638,7 +638,7 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, cons
   __shared__ HalfReceipts receipts;
   const PeerMemory& mem = c.mem;
   const LowLatencyLayout& layout = c.layout;
-  // Row y of the grid: the other ranks in order, this rank skipped (R = 1: one block, which only checks).
+  // Row y of the grid: the other ranks in order, this rank skipped.
   const int local = blockIdx.x, dst = blockIdx.y + (blockIdx.y >= mem.rank ? 1 : 0);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
