@@ -145,19 +145,15 @@ __device__ __forceinline__ void combine_partials(const RankInfo& info, const Gro
   const int4* bias1 = reinterpret_cast<const int4*>(args.bias[1] ? args.bias[1] + at : nullptr);
   int4* out = reinterpret_cast<int4*>(args.combined_x + at);
   // One rank: its pair sum is the only term of the rank sum (which starts at 0, as below).
-  for (int base = 0; info.num_ranks == 1 && base < vectors; base += kWarpSize * kSoloPairVectors) {
-    const int first = base + lane;
-    float part[kSoloPairVectors][8] = {};
-    if (has_own) add_pair_rows(part, args.y, args.hidden, t.owners, t.row, t.weight, first, vectors);
-#pragma unroll
-    for (int u = 0; u < kSoloPairVectors; ++u) {
-      const int i = first + kWarpSize * u;
-      if (i >= vectors) continue;
+  if (info.num_ranks == 1) {
+    TokenPairs own = t;
+    if (!has_own) own.owners = 0;
+    for_each_pair_sum<kSoloPairVectors>(args.y, args.hidden, own, [&](int i, float (&sum)[8]) {
       float acc[8];
 #pragma unroll
-      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(0.0f, part[u][c]);
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(0.0f, sum[c]);
       store_token_vector(acc, bias0, bias1, out, i);
-    }
+    });
   }
   for (int base = 0; info.num_ranks > 1 && base < vectors; base += kWarpSize * kPairVectors) {
     const int first = base + lane;

@@ -643,7 +643,6 @@ __device__ __forceinline__ void combine_send_block(const LowLatencyCall& c, cons
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const WaitContext wait = wait_context(mem, OpKind::kLowLatencyCombine, c.signature);
   seq = begin_send(c, kCombineCall, wait, dst, receipts);
-  if (dst >= mem.num_ranks) return;
   const int num_ranks = mem.num_ranks, m = c.shape.max_tokens, hidden = c.shape.hidden;
   const int experts_per_rank = c.shape.num_experts / num_ranks;
   const int e = mem.rank * experts_per_rank + local;
@@ -968,8 +967,8 @@ cudaError_t launch_low_latency_dispatch_recv(const LowLatencyCall& call, const L
 cudaError_t launch_low_latency_combine_send(const LowLatencyCall& call, const LowLatencyCombineSendArgs& a,
                                             cudaStream_t stream) {
   const int num_ranks = call.mem.num_ranks, experts_per_rank = call.shape.num_experts / num_ranks;
-  const dim3 blocks = num_ranks > 1 ? dim3(experts_per_rank, num_ranks - 1) : dim3(1, 1);
-  combine_send_kernel<<<blocks, kThreads, 0, stream>>>(
+  // Only a call of several ranks sends (the handler refuses one rank).
+  combine_send_kernel<<<dim3(experts_per_rank, num_ranks - 1), kThreads, 0, stream>>>(
       call, a.y, a.recv_layout_range, a.token, a.zero_copy, a.use_logfmt);
   return cudaGetLastError();
 }
